@@ -1,0 +1,167 @@
+"""Attention: RoPE (plain or DeepSeek-V2 YaRN), Multi-head Latent Attention, multi-head/GQA.
+
+Letters: B batch, L length, H heads, R rope dims, C latent (kv_lora_rank).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mohge_jax.config import ModelConfig
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, *, eps: float, dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...]).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq(m: ModelConfig, dim: int) -> tuple[np.ndarray, float]:
+  """Inverse frequencies [dim/2] and the attention-score multiplier (YaRN's mscale^2)."""
+  base = m.rope_theta
+  inv_freq = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+  if m.rope_scaling == "none":
+    return inv_freq, 1.0
+  # DeepSeek-V2 YaRN: interpolate low frequencies by `factor`, keep high ones (linear ramp
+  # between the dims that rotate beta_fast and beta_slow times over the original context).
+  def correction_dim(rotations: float) -> float:
+    return dim * math.log(m.yarn_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low = max(math.floor(correction_dim(m.yarn_beta_fast)), 0)
+  high = min(math.ceil(correction_dim(m.yarn_beta_slow)), dim - 1)
+  ramp = (np.arange(dim // 2, dtype=np.float64) - low) / max(high - low, 1e-3)
+  keep = 1.0 - np.clip(ramp, 0.0, 1.0)  # 1: extrapolate (keep), 0: interpolate
+  inv_freq = inv_freq / m.yarn_factor * (1 - keep) + inv_freq * keep
+  cos_sin_scale = (_yarn_mscale(m.yarn_factor, m.yarn_mscale)
+                   / _yarn_mscale(m.yarn_factor, m.yarn_mscale_all_dim))
+  if abs(cos_sin_scale - 1.0) > 1e-12:
+    raise NotImplementedError("yarn_mscale != yarn_mscale_all_dim is not supported")
+  return inv_freq, _yarn_mscale(m.yarn_factor, m.yarn_mscale_all_dim) ** 2
+
+
+def apply_rope(x_BxLxHxR: jax.Array, positions_BxL: jax.Array, inv_freq) -> jax.Array:
+  """Rotate halves: pairs (i, i + R/2), in float32."""
+  angles_BxLxR2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+  cos, sin = jnp.cos(angles_BxLxR2)[:, :, None, :], jnp.sin(angles_BxLxR2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxHxR.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxR.dtype)
+
+
+# ----------------------------------------------------------------------------- core
+
+
+def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxV: jax.Array, *, scale: float,
+           segment_ids_BxL: jax.Array | None, impl: str) -> jax.Array:
+  """Causal attention through `jax.nn.dot_product_attention` (cuDNN flash on GPU).
+
+  Value heads narrower than query/key heads (MLA: 128 vs 192) are zero-padded, as the
+  fused kernels need one head size; the padding is sliced off the output.
+  """
+  dv, dk = v_BxSxGxV.shape[-1], q_BxLxHxK.shape[-1]
+  if dv < dk:
+    v_BxSxGxV = jnp.pad(v_BxSxGxV, [(0, 0)] * 3 + [(0, dk - dv)])
+  mask = None
+  if segment_ids_BxL is not None:
+    mask = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
+  out = jax.nn.dot_product_attention(
+      q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, mask=mask, scale=scale, is_causal=True,
+      implementation=None if impl == "auto" else impl)
+  return out[..., :dv]
+
+
+class MLA(nnx.Module):
+  """DeepSeek-V2 Multi-head Latent Attention (training form: keys/values decompressed)."""
+
+  def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
+    D, H, std = m.d_model, m.num_heads, m.init_std
+    self.m, self.dtype = m, jnp.dtype(m.dtype)
+    dq = m.qk_nope_head_dim + m.qk_rope_head_dim
+    normal = lambda *shape: nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
+    if m.q_lora_rank:
+      self.w_dq = normal(D, m.q_lora_rank)
+      self.q_norm = RMSNorm(m.q_lora_rank, eps=m.norm_eps, dtype=self.dtype)
+      self.w_uq = normal(m.q_lora_rank, H * dq)
+    else:
+      self.w_q = normal(D, H * dq)
+    self.w_dkv = normal(D, m.kv_lora_rank + m.qk_rope_head_dim)  # [c_kv ; k_rope]
+    self.kv_norm = RMSNorm(m.kv_lora_rank, eps=m.norm_eps, dtype=self.dtype)
+    self.w_ukv = normal(m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim))
+    self.w_o = normal(H * m.v_head_dim, D)
+    inv_freq, mscale2 = rope_inv_freq(m, m.qk_rope_head_dim)
+    self.inv_freq = tuple(inv_freq.tolist())  # static: modules keep arrays only in Variables
+    self.scale = mscale2 / math.sqrt(dq)
+
+  def _mm(self, x: jax.Array, w: nnx.Param) -> jax.Array:
+    return jnp.dot(x, w[...].astype(self.dtype),
+                   preferred_element_type=jnp.float32).astype(self.dtype)
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
+    m = self.m
+    B, L, _ = x_BxLxD.shape
+    H, P, R, V = m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+    if m.q_lora_rank:
+      q = self._mm(self.q_norm(self._mm(x_BxLxD, self.w_dq)), self.w_uq)
+    else:
+      q = self._mm(x_BxLxD, self.w_q)
+    q_BxLxHxPR = q.reshape(B, L, H, P + R)
+    q_rope = apply_rope(q_BxLxHxPR[..., P:], positions_BxL, self.inv_freq)
+    q_BxLxHxPR = jnp.concatenate([q_BxLxHxPR[..., :P], q_rope], axis=-1)
+
+    ckv_kr_BxLxCR = self._mm(x_BxLxD, self.w_dkv)
+    c_BxLxC = self.kv_norm(ckv_kr_BxLxCR[..., :m.kv_lora_rank])
+    k_rope_BxLx1xR = apply_rope(ckv_kr_BxLxCR[..., None, m.kv_lora_rank:], positions_BxL,
+                                self.inv_freq)
+    kv_BxLxHxPV = self._mm(c_BxLxC, self.w_ukv).reshape(B, L, H, P + V)
+    k_BxLxHxPR = jnp.concatenate(
+        [kv_BxLxHxPV[..., :P], jnp.broadcast_to(k_rope_BxLx1xR, (B, L, H, R))], axis=-1)
+    v_BxLxHxV = kv_BxLxHxPV[..., P:]
+    o_BxLxHxV = attend(q_BxLxHxPR, k_BxLxHxPR, v_BxLxHxV, scale=self.scale,
+                       segment_ids_BxL=segment_ids_BxL, impl=m.attention_impl)
+    return self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o)
+
+
+class MHA(nnx.Module):
+  """Multi-head attention with grouped-query heads (num_kv_heads) and RoPE."""
+
+  def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
+    D, H, G, K, std = m.d_model, m.num_heads, m.kv_heads, m.head_dim, m.init_std
+    self.m, self.dtype = m, jnp.dtype(m.dtype)
+    normal = lambda *shape: nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
+    self.w_q = normal(D, H * K)
+    self.w_kv = normal(D, 2 * G * K)
+    self.w_o = normal(H * K, D)
+    inv_freq, mscale2 = rope_inv_freq(m, K)
+    self.inv_freq = tuple(inv_freq.tolist())
+    self.scale = mscale2 / math.sqrt(K)
+
+  _mm = MLA._mm
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
+    m = self.m
+    B, L, _ = x_BxLxD.shape
+    H, G, K = m.num_heads, m.kv_heads, m.head_dim
+    q_BxLxHxK = apply_rope(self._mm(x_BxLxD, self.w_q).reshape(B, L, H, K), positions_BxL,
+                           self.inv_freq)
+    kv_BxLx2GxK = self._mm(x_BxLxD, self.w_kv).reshape(B, L, 2 * G, K)
+    k_BxLxGxK = apply_rope(kv_BxLx2GxK[:, :, :G], positions_BxL, self.inv_freq)
+    o_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, kv_BxLx2GxK[:, :, G:], scale=self.scale,
+                       segment_ids_BxL=segment_ids_BxL, impl=m.attention_impl)
+    return self._mm(o_BxLxHxK.reshape(B, L, H * K), self.w_o)

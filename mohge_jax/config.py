@@ -1,0 +1,348 @@
+"""Typed configuration: dataclasses filled from YAML files and `key=value` overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["model.top_k=4", "train.steps=100"])
+
+Every value is type-checked against its field annotation; unknown keys and values that
+break the model's invariants raise `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+FFN_KINDS = ("mohge", "moe", "dense")
+COMBINE_MODES = ("softmax", "renormalize", "raw")
+EXPERT_BACKENDS = ("auto", "reference", "ragged_dot", "pallas")
+ATTENTION_KINDS = ("mla", "mha")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ROPE_SCALINGS = ("none", "yarn")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The decoder. Field letters: D model width, L layers, H heads, V vocabulary."""
+
+  vocab_size: int = 257  # tokenizer's vocabulary; matrices are padded (vocab_pad_multiple)
+  vocab_pad_multiple: int = 128
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  max_seq_len: int = 4096  # longest sequence the model accepts (RoPE tables)
+
+  # Attention: "mla" (DeepSeek-V2 latent attention) or "mha" (multi-head, GQA via num_kv_heads).
+  attention: str = "mla"
+  attention_impl: str = "auto"  # jax.nn.dot_product_attention implementation
+  doc_attention_mask: bool = False  # mask attention across packed documents
+  q_lora_rank: int = 0  # 0: no query compression (MoHGE-3B)
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+  head_dim: int = 64  # mha only
+  num_kv_heads: int = 0  # mha only; 0 means num_heads
+  rope_theta: float = 10000.0
+  rope_scaling: str = "none"  # "yarn": DeepSeek-V2's YaRN
+  yarn_factor: float = 40.0
+  yarn_original_max_len: int = 4096
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  yarn_mscale: float = 0.707
+  yarn_mscale_all_dim: float = 0.707
+
+  # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.
+  # `layer_ffn` (one entry per layer) overrides both when given.
+  ffn: str = "mohge"
+  first_dense_layers: int = 1
+  layer_ffn: tuple[str, ...] = ()
+  dense_ffn_width: int = 512
+
+  # Routed experts: G groups (one width each, strictly increasing for mohge) x N experts.
+  group_widths: tuple[int, ...] = (64, 96, 128, 160)
+  experts_per_group: int = 4
+  top_k_groups: int = 2  # Kg (mohge only)
+  top_k: int = 3  # K
+  combine_weights: str = "softmax"
+  num_shared_experts: int = 2
+  shared_expert_width: int = 64  # width of each shared expert (fused into one SwiGLU)
+  expert_backend: str = "auto"
+
+  norm_eps: float = 1e-6
+  init_std: float = 0.008
+  dtype: str = "float32"  # compute dtype; parameters are float32
+  remat: str = "none"
+
+  @property
+  def padded_vocab(self) -> int:
+    m = self.vocab_pad_multiple
+    return -(-self.vocab_size // m) * m
+
+  @property
+  def num_groups(self) -> int:
+    return len(self.group_widths)
+
+  @property
+  def num_experts(self) -> int:
+    return self.num_groups * self.experts_per_group
+
+  @property
+  def ffn_kinds(self) -> tuple[str, ...]:
+    if self.layer_ffn:
+      return tuple(self.layer_ffn)
+    n_dense = min(self.first_dense_layers, self.num_layers)
+    return ("dense",) * n_dense + (self.ffn,) * (self.num_layers - n_dense)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  group_aux_coef: float = 1e-5  # alpha_g of the Group-Wise Auxiliary Loss
+  group_aux_delta: float = 1024.0  # Delta: width interval of the size weights
+  group_aux_start_step: int = -1  # -1: train.steps // 2, as the reference
+  expert_aux_coef: float = 5e-3  # alpha of the Intra-Group loss (mohge) / Switch loss (moe)
+  z_loss_coef: float = 0.0  # router z-loss, off by default
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "embedded"  # "embedded" or comma-separated paths/globs (.txt, .jsonl, .parquet)
+  tokenizer: str = "byte"  # "byte" or a Hugging Face tokenizers JSON file
+  eos_token: str = ""  # separator token name for HF tokenizers without a known eos
+  val_permille: int = 10
+  cache_dir: str = ""  # "" means ~/.cache/mohge_jax/tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 100
+  batch_size: int = 8  # global batch, sequences
+  seq_len: int = 128
+  grad_accum: int = 1
+  lr: float = 3e-4
+  min_lr: float = 3e-5
+  warmup_steps: int = 10
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 4
+  ckpt_every: int = 100
+  keep_checkpoints: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  loss: LossConfig = LossConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+
+  @property
+  def group_aux_start(self) -> int:
+    s = self.loss.group_aux_start_step
+    return self.train.steps // 2 if s < 0 else s
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+  return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+  """Checks `value` against annotation `tp`; ints are accepted for floats, lists for tuples."""
+  origin = typing.get_origin(tp)
+  if origin is tuple:
+    (item_tp, _) = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{where}: expected a list of {_type_name(item_tp)}, got {value!r}")
+    return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    return value
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+  if tp is str:
+    if not isinstance(value, str):
+      raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+  raise TypeError(f"unsupported annotation {tp} for {where}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+  if not isinstance(values, dict):
+    raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ConfigError(
+        f"unknown key(s) {', '.join(repr(f'{where}{k}') for k in unknown)}; "
+        f"valid keys of {where.rstrip('.') or 'the config'}: {', '.join(fields)}")
+  kwargs = {}
+  for name, value in values.items():
+    tp = hints[name]
+    if dataclasses.is_dataclass(tp):
+      kwargs[name] = _build(tp, value, f"{where}{name}.")
+    else:
+      kwargs[name] = _coerce(value, tp, f"{where}{name}")
+  return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split(".")
+  for p in parents:
+    tree = tree.setdefault(p, {})
+    if not isinstance(tree, dict):
+      raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+  tree[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+  return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+  out = dict(base)
+  for k, v in extra.items():
+    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+  cfg = _build(Config, values, "")
+  validate(cfg)
+  return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+  values: dict[str, Any] = {}
+  if path is not None:
+    path = Path(path)
+    if not path.is_file():
+      raise ConfigError(f"config file {str(path)!r} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+  return from_dict(_merge(values, parse_overrides(overrides or [])))
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+  """Returns cfg with some fields of some sections replaced, validated again."""
+  return from_dict(_merge(cfg.to_dict(), sections))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ConfigError(msg)
+
+
+def _one_of(value: str, options: tuple[str, ...], where: str) -> None:
+  _require(value in options, f"{where}={value!r}: must be one of {', '.join(options)}")
+
+
+def validate(cfg: Config) -> None:
+  m, lo, t = cfg.model, cfg.loss, cfg.train
+  for name in ("vocab_size", "vocab_pad_multiple", "d_model", "num_layers", "num_heads",
+               "max_seq_len", "experts_per_group", "top_k"):
+    _require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)}: must be >= 1")
+  _one_of(m.attention, ATTENTION_KINDS, "model.attention")
+  _one_of(m.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
+  _one_of(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
+  _one_of(m.ffn, FFN_KINDS, "model.ffn")
+  _one_of(m.combine_weights, COMBINE_MODES, "model.combine_weights")
+  _one_of(m.expert_backend, EXPERT_BACKENDS, "model.expert_backend")
+  _one_of(m.dtype, DTYPES, "model.dtype")
+  _one_of(m.remat, REMAT_POLICIES, "model.remat")
+  for i, kind in enumerate(m.layer_ffn):
+    _one_of(kind, FFN_KINDS, f"model.layer_ffn[{i}]")
+  _require(not m.layer_ffn or len(m.layer_ffn) == m.num_layers,
+           f"model.layer_ffn has {len(m.layer_ffn)} entries; model.num_layers={m.num_layers}")
+  _require(m.first_dense_layers >= 0, "model.first_dense_layers must be >= 0")
+  if m.attention == "mla":
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+      _require(getattr(m, name) >= 1, f"model.{name} must be >= 1 for MLA")
+    _require(m.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim must be even (RoPE pairs)")
+    _require(m.q_lora_rank >= 0, "model.q_lora_rank must be >= 0 (0: no query compression)")
+  else:
+    _require(m.head_dim >= 2 and m.head_dim % 2 == 0, "model.head_dim must be even and >= 2")
+    _require(m.num_heads % m.kv_heads == 0,
+             f"model.num_kv_heads={m.kv_heads} must divide model.num_heads={m.num_heads}")
+  kinds = m.ffn_kinds
+  if "dense" in kinds:
+    _require(m.dense_ffn_width >= 1, "model.dense_ffn_width must be >= 1")
+  if "mohge" in kinds or "moe" in kinds:
+    g, n = m.num_groups, m.experts_per_group
+    _require(g >= 1, "model.group_widths must list at least one width")
+    _require(all(w >= 1 for w in m.group_widths), "model.group_widths must be positive")
+    _require(m.num_shared_experts >= 0, "model.num_shared_experts must be >= 0")
+    _require(m.num_shared_experts == 0 or m.shared_expert_width >= 1,
+             "model.shared_expert_width must be >= 1 when there are shared experts")
+  if "mohge" in kinds:
+    widths = m.group_widths
+    _require(all(a < b for a, b in zip(widths, widths[1:])),
+             f"model.group_widths={list(widths)}: widths must be strictly increasing")
+    _require(1 <= m.top_k_groups <= g,
+             f"model.top_k_groups={m.top_k_groups}: must be between 1 and the number of "
+             f"groups G={g}")
+    _require(m.top_k <= m.top_k_groups * n,
+             f"model.top_k={m.top_k}: must be <= top_k_groups*experts_per_group = "
+             f"{m.top_k_groups}*{n} = {m.top_k_groups * n}")
+  if "moe" in kinds:
+    _require(len(set(m.group_widths)) == 1,
+             f"model.group_widths={list(m.group_widths)}: a homogeneous 'moe' layer needs "
+             "all widths equal (usually one group)")
+    _require(m.top_k <= m.num_experts,
+             f"model.top_k={m.top_k}: must be <= the number of experts {m.num_experts}")
+  _require(lo.group_aux_delta > 0, "loss.group_aux_delta must be > 0")
+  for name in ("group_aux_coef", "expert_aux_coef", "z_loss_coef"):
+    _require(getattr(lo, name) >= 0, f"loss.{name} must be >= 0")
+  for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+               "ckpt_every", "keep_checkpoints"):
+    _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)}: must be >= 1")
+  _require(t.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+  _require(t.eval_batches >= 0, "train.eval_batches must be >= 0")
+  _require(t.batch_size % t.grad_accum == 0,
+           f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+  _require(t.seq_len <= m.max_seq_len,
+           f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+  _require(0 < t.min_lr <= t.lr or t.min_lr == 0, "train.min_lr must be in [0, train.lr]")
+  _require(math.isfinite(t.lr) and t.lr > 0, "train.lr must be > 0")
+  _require(0 <= cfg.data.val_permille < 1000, "data.val_permille must be in [0, 1000)")
+

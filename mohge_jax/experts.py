@@ -1,0 +1,198 @@
+"""Feed-forward layers: dense SwiGLU and the routed (MoHGE / homogeneous MoE) layer.
+
+The routed layer reads route -> dispatch (sort token-expert pairs by expert) -> grouped
+experts of every width (`grouped_ffn`, the one backend-choosing function) -> combine.
+Dropless: no capacity, every token-expert pair is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mohge_jax import losses, routing
+from mohge_jax.config import Config
+
+BACKENDS = ("reference", "ragged_dot", "pallas")
+
+
+def swiglu(h_MxF2: jax.Array) -> jax.Array:
+  """silu(gate) * up for fused [..., 2W] activations (gate first)."""
+  gate, up = jnp.split(h_MxF2, 2, axis=-1)
+  return jax.nn.silu(gate) * up
+
+
+def _group_row_spans(group_sizes_E: jax.Array, num_groups: int):
+  """Start row and per-expert sizes of each group's contiguous block of sorted rows."""
+  N = group_sizes_E.shape[0] // num_groups
+  ends_E = jnp.cumsum(group_sizes_E)
+  starts_E = ends_E - group_sizes_E
+  return [(starts_E[g * N], group_sizes_E[g * N:(g + 1) * N]) for g in range(num_groups)]
+
+
+def _ffn_reference(x_MxD, group_sizes_E, w_gate_up, w_down):
+  """Every row against every expert of each group, then keep its own expert's result.
+
+  Simple and obviously right; N times the FLOPs. For tests and tiny models.
+  """
+  M = x_MxD.shape[0]
+  N = w_gate_up[0].shape[0]
+  ends_E = jnp.cumsum(group_sizes_E)
+  expert_of_row_M = jnp.searchsorted(ends_E, jnp.arange(M), side="right")  # E for padding
+  y_MxD = jnp.zeros((M, x_MxD.shape[1]), jnp.float32)
+  for g, (wgu_NxDxF2, wd_NxFxD) in enumerate(zip(w_gate_up, w_down)):
+    local_M = expert_of_row_M - g * N
+    in_group_M = (local_M >= 0) & (local_M < N)
+    onehot_MxN = jax.nn.one_hot(jnp.where(in_group_M, local_M, -1), N, dtype=x_MxD.dtype)
+    h_MxNxF2 = jnp.einsum("md,ndf->mnf", x_MxD, wgu_NxDxF2, preferred_element_type=jnp.float32)
+    a_MxNxF = swiglu(h_MxNxF2).astype(x_MxD.dtype) * onehot_MxN[:, :, None]
+    y_MxD += jnp.einsum("mnf,nfd->md", a_MxNxF, wd_NxFxD, preferred_element_type=jnp.float32)
+  return y_MxD.astype(x_MxD.dtype)
+
+
+def _ffn_ragged_dot(x_MxD, group_sizes_E, w_gate_up, w_down):
+  """`jax.lax.ragged_dot` per group: roll the group's rows to the front, two ragged matmuls."""
+  y_MxD = jnp.zeros(x_MxD.shape, jnp.float32)
+  for (start, sizes_N), wgu_NxDxF2, wd_NxFxD in zip(
+      _group_row_spans(group_sizes_E, len(w_gate_up)), w_gate_up, w_down):
+    x_g_MxD = jnp.roll(x_MxD, -start, axis=0)
+    h_MxF2 = jax.lax.ragged_dot(x_g_MxD, wgu_NxDxF2, sizes_N,
+                                preferred_element_type=jnp.float32)
+    a_MxF = swiglu(h_MxF2).astype(x_MxD.dtype)
+    o_MxD = jax.lax.ragged_dot(a_MxF, wd_NxFxD, sizes_N, preferred_element_type=jnp.float32)
+    y_MxD += jnp.roll(o_MxD, start, axis=0)
+  return y_MxD.astype(x_MxD.dtype)
+
+
+def _ffn_pallas(x_MxD, group_sizes_E, w_gate_up, w_down):
+  try:
+    import pallas_kernels
+  except ImportError as e:  # pragma: no cover - the package ships with the library
+    raise RuntimeError("expert_backend='pallas' needs the pallas_kernels package") from e
+  return pallas_kernels.expert_ffn(x_MxD, group_sizes_E, tuple(w_gate_up), tuple(w_down))
+
+
+def resolve_backend(backend: str) -> str:
+  """'auto': the Pallas kernels on GPU/TPU, ragged_dot on CPU."""
+  if backend == "auto":
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "ragged_dot"
+  if backend not in BACKENDS:
+    raise ValueError(f"expert backend {backend!r}: must be auto or one of {', '.join(BACKENDS)}")
+  return backend
+
+
+def grouped_ffn(x_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_up: Sequence[jax.Array],
+                w_down: Sequence[jax.Array], *, backend: str = "auto") -> jax.Array:
+  """SwiGLU experts of every width over rows sorted by expert (group-major).
+
+  x_MxD: rows sorted by expert; group_sizes_E: int32 rows per expert (sum <= M, later rows
+  are padding and give 0); w_gate_up[g]: [N, D, 2*W_g] (gate columns first); w_down[g]:
+  [N, W_g, D]. Returns [M, D] in x's dtype, accumulated in float32.
+  """
+  fn = {"reference": _ffn_reference, "ragged_dot": _ffn_ragged_dot,
+        "pallas": _ffn_pallas}[resolve_backend(backend)]
+  return fn(x_MxD, group_sizes_E, tuple(w_gate_up), tuple(w_down))
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> nnx.Param:
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
+
+
+class SwiGLU(nnx.Module):
+  """Dense SwiGLU FFN with fused gate/up: [D, 2F] and [F, D]."""
+
+  def __init__(self, d_model: int, width: int, *, init_std: float, dtype, rngs: nnx.Rngs):
+    self.w_gate_up = _normal(rngs, (d_model, 2 * width), init_std)
+    self.w_down = _normal(rngs, (width, d_model), init_std)
+    self.dtype = dtype
+
+  def __call__(self, x_TxD: jax.Array) -> jax.Array:
+    h_TxF2 = jnp.dot(x_TxD, self.w_gate_up[...].astype(self.dtype),
+                     preferred_element_type=jnp.float32)
+    a_TxF = swiglu(h_TxF2).astype(self.dtype)
+    return jnp.dot(a_TxF, self.w_down[...].astype(self.dtype),
+                   preferred_element_type=jnp.float32).astype(self.dtype)
+
+
+class RoutedFFN(nnx.Module):
+  """MoHGE layer (kind 'mohge': two-level router) or homogeneous MoE (kind 'moe': top-K)."""
+
+  def __init__(self, cfg: Config, kind: str, *, rngs: nnx.Rngs):
+    m = cfg.model
+    self.kind, self.cfg = kind, cfg
+    self.dtype = jnp.dtype(m.dtype)
+    G, N, D = m.num_groups, m.experts_per_group, m.d_model
+    if kind == "mohge":
+      self.group_router = _normal(rngs, (D, G), m.init_std)
+    self.expert_router = _normal(rngs, (D, G * N), m.init_std)
+    self.w_gate_up = nnx.List([_normal(rngs, (N, D, 2 * w), m.init_std) for w in m.group_widths])
+    self.w_down = nnx.List([_normal(rngs, (N, w, D), m.init_std) for w in m.group_widths])
+    self.shared = (SwiGLU(D, m.num_shared_experts * m.shared_expert_width,
+                          init_std=m.init_std, dtype=self.dtype, rngs=rngs)
+                   if m.num_shared_experts else None)
+
+  def route(self, x_TxD: jax.Array) -> tuple[routing.Routing, dict[str, jax.Array]]:
+    m, lo = self.cfg.model, self.cfg.loss
+    x32_TxD = x_TxD.astype(jnp.float32)
+    v_TxE = x32_TxD @ self.expert_router[...]
+    if self.kind == "mohge":
+      u_TxG = x32_TxD @ self.group_router[...]
+      r = routing.two_level_route(u_TxG, v_TxE, num_groups=m.num_groups,
+                                  top_k_groups=m.top_k_groups, top_k=m.top_k,
+                                  combine_weights=m.combine_weights)
+      aux = {
+          "group_aux": losses.group_wise_aux_loss(
+              r.group_softmax, r.group_ids, widths=m.group_widths,
+              delta=lo.group_aux_delta, coef=lo.group_aux_coef),
+          "expert_aux": losses.intra_group_aux_loss(
+              r.expert_probs, r.expert_ids, experts_per_group=m.experts_per_group,
+              top_k_groups=m.top_k_groups, coef=lo.expert_aux_coef),
+      }
+      z_logits = (u_TxG, v_TxE)
+    else:
+      r = routing.topk_route(v_TxE, top_k=m.top_k, combine_weights=m.combine_weights)
+      aux = {
+          "group_aux": jnp.zeros((), jnp.float32),
+          "expert_aux": losses.switch_aux_loss(r.router_probs, r.expert_ids,
+                                               coef=lo.expert_aux_coef),
+      }
+      z_logits = (v_TxE,)
+    aux["z_loss"] = sum((losses.z_loss(z, coef=lo.z_loss_coef) for z in z_logits),
+                        jnp.zeros((), jnp.float32))
+    expert_tokens_E = losses.counts(r.expert_ids, m.num_experts)
+    aux["expert_tokens"] = expert_tokens_E
+    aux["group_tokens"] = expert_tokens_E.reshape(m.num_groups, -1).sum(-1)
+    return r, aux
+
+  def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    B, L, D = x_BxLxD.shape
+    x_TxD = x_BxLxD.reshape(B * L, D)
+    r, aux = self.route(x_TxD)
+    T, K = r.expert_ids.shape
+    E = self.cfg.model.num_experts
+
+    # Dispatch: sort the T*K token-expert pairs by expert (group-major order).
+    expert_of_pair_M = r.expert_ids.reshape(T * K)
+    order_M = jnp.argsort(expert_of_pair_M, stable=True)
+    x_sorted_MxD = x_TxD[order_M // K]
+    group_sizes_E = jnp.zeros((E,), jnp.int32).at[expert_of_pair_M].add(1)
+
+    y_sorted_MxD = grouped_ffn(
+        x_sorted_MxD, group_sizes_E,
+        [w[...].astype(self.dtype) for w in self.w_gate_up],
+        [w[...].astype(self.dtype) for w in self.w_down],
+        backend=self.cfg.model.expert_backend)
+
+    # Combine: unsort (gather through the inverse permutation), weight, sum over K.
+    inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(T * K, dtype=order_M.dtype))
+    y_TxKxD = y_sorted_MxD[inverse_M].reshape(T, K, D)
+    y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), r.weights)
+    if self.shared is not None:
+      y_TxD = y_TxD + self.shared(x_TxD).astype(jnp.float32)
+    return y_TxD.astype(self.dtype).reshape(B, L, D), aux

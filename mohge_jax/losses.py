@@ -1,0 +1,72 @@
+"""Losses (spec §3): masked LM cross-entropy, Group-Wise and Intra-Group auxiliary losses,
+the Switch loss of the homogeneous baseline, and the router z-loss. All in float32.
+
+Token counts (c_g, c_e) are integer counts and carry no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def counts(ids_TxK: jax.Array, num: int) -> jax.Array:
+  """How many tokens chose each of `num` ids: [num] float32 (no gradient)."""
+  return jnp.zeros((num,), jnp.float32).at[ids_TxK.reshape(-1)].add(1.0)
+
+
+def size_weights(widths: Sequence[int], delta: float) -> jax.Array:
+  """w_g = (W_g - W_min + Delta) / Delta."""
+  widths_G = jnp.asarray(widths, jnp.float32)
+  return (widths_G - jnp.min(widths_G) + delta) / delta
+
+
+def group_wise_aux_loss(group_softmax_TxG: jax.Array, group_ids_TxKg: jax.Array, *,
+                        widths: Sequence[int], delta: float, coef: float) -> jax.Array:
+  """L_GW = coef * G * sum_g w_g * mean_t(S_tg) * c_g / (T*Kg)."""
+  T, G = group_softmax_TxG.shape
+  Kg = group_ids_TxKg.shape[-1]
+  c_G = counts(group_ids_TxKg, G)
+  s_mean_G = jnp.mean(group_softmax_TxG.astype(jnp.float32), axis=0)
+  return coef * G * jnp.sum(size_weights(widths, delta) * s_mean_G * c_G / (T * Kg))
+
+
+def intra_group_aux_loss(expert_probs_TxE: jax.Array, expert_ids_TxK: jax.Array, *,
+                         experts_per_group: int, top_k_groups: int, coef: float) -> jax.Array:
+  """L_IG = coef * (N*Kg) * sum_e mean_t(P_te) * c_e / (T*K): one sum over all E experts."""
+  T, E = expert_probs_TxE.shape
+  K = expert_ids_TxK.shape[-1]
+  c_E = counts(expert_ids_TxK, E)
+  p_mean_E = jnp.mean(expert_probs_TxE.astype(jnp.float32), axis=0)
+  return coef * (experts_per_group * top_k_groups) * jnp.sum(p_mean_E * c_E / (T * K))
+
+
+def switch_aux_loss(router_probs_TxE: jax.Array, expert_ids_TxK: jax.Array, *,
+                    coef: float) -> jax.Array:
+  """Switch load balancing: coef * E * sum_e f_e * mean_t(P_te), f_e = c_e / (T*K)."""
+  T, E = router_probs_TxE.shape
+  K = expert_ids_TxK.shape[-1]
+  f_E = counts(expert_ids_TxK, E) / (T * K)
+  return coef * E * jnp.sum(f_E * jnp.mean(router_probs_TxE.astype(jnp.float32), axis=0))
+
+
+def z_loss(logits_TxX: jax.Array, *, coef: float) -> jax.Array:
+  """Router z-loss: coef * mean_t logsumexp(logits_t)^2."""
+  lse_T = jax.nn.logsumexp(logits_TxX.astype(jnp.float32), axis=-1)
+  return coef * jnp.mean(jnp.square(lse_T))
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
+                  mask_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Mean token negative log-likelihood over mask; returns (loss, number of tokens)."""
+  logits = logits_BxLxV.astype(jnp.float32)
+  lse_BxL = jax.nn.logsumexp(logits, axis=-1)
+  target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+  nll_BxL = lse_BxL - target_logit_BxL
+  if mask_BxL is None:
+    mask_BxL = jnp.ones_like(nll_BxL)
+  mask_BxL = mask_BxL.astype(jnp.float32)
+  n = jnp.sum(mask_BxL)
+  return jnp.sum(nll_BxL * mask_BxL) / jnp.maximum(n, 1.0), n

@@ -1,0 +1,102 @@
+"""Routing: MoHGE's two-level router (spec §2) and the homogeneous top-K baseline.
+
+All router math runs in float32. Letters: T tokens, G groups, N experts per group,
+E = G*N experts (group-major: expert n of group g is g*N + n), Kg groups and K experts
+chosen per token.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+  expert_ids: jax.Array  # [T, K] int32, logical expert ids (group-major)
+  weights: jax.Array  # [T, K] float32 combine weights
+  group_ids: jax.Array  # [T, Kg] int32 chosen groups
+  group_probs: jax.Array  # [T, G] float32 p: renormalised sigmoid scores, 0 if unselected
+  group_softmax: jax.Array  # [T, G] float32 S = softmax(u) (Group-Wise loss)
+  expert_probs: jax.Array  # [T, E] float32 P: combine weight if chosen, else 0 (Intra-Group loss)
+  router_probs: jax.Array  # [T, E] float32 r: masked combined scores (full softmax for MoE)
+
+
+def combine(scores_TxK: jax.Array, mode: str) -> jax.Array:
+  """Final combine weights from the selected scores (spec §2 step 5)."""
+  if mode == "softmax":
+    return jax.nn.softmax(scores_TxK, axis=-1)
+  if mode == "renormalize":
+    return scores_TxK / jnp.sum(scores_TxK, axis=-1, keepdims=True)
+  if mode == "raw":
+    return scores_TxK
+  raise ValueError(f"combine_weights={mode!r}: must be softmax, renormalize or raw")
+
+
+def _scatter_TxE(values_TxK: jax.Array, ids_TxK: jax.Array, num: int) -> jax.Array:
+  """Dense [T, num] with values at ids (ids distinct per row), zero elsewhere."""
+  one_hot_TxKxE = jax.nn.one_hot(ids_TxK, num, dtype=values_TxK.dtype)
+  return jnp.einsum("tk,tke->te", values_TxK, one_hot_TxKxE)
+
+
+def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_groups: int,
+                    top_k_groups: int, top_k: int, combine_weights: str = "softmax") -> Routing:
+  """MoHGE routing: sigmoid group gate (top-Kg), per-group softmax expert gate, global top-K.
+
+  group_logits: [T, G]; expert_logits: [T, G*N]. Ties go to the lower index.
+  """
+  u_TxG = group_logits.astype(jnp.float32)
+  v_TxE = expert_logits.astype(jnp.float32)
+  T, G = u_TxG.shape
+  if G != num_groups or v_TxE.shape[-1] % G:
+    raise ValueError(f"group_logits {u_TxG.shape} and expert_logits {v_TxE.shape} do not "
+                     f"match num_groups={num_groups}")
+  N = v_TxE.shape[-1] // G
+  if not (1 <= top_k_groups <= G and 1 <= top_k <= top_k_groups * N):
+    raise ValueError(f"need 1 <= top_k_groups={top_k_groups} <= G={G} and "
+                     f"1 <= top_k={top_k} <= top_k_groups*N={top_k_groups * N}")
+
+  # 1. Group gate: sigmoid scores, top-Kg, renormalised over the selected groups.
+  s_TxG = jax.nn.sigmoid(u_TxG)
+  _, group_ids = jax.lax.top_k(s_TxG, top_k_groups)
+  selected_TxG = jnp.sum(jax.nn.one_hot(group_ids, G, dtype=jnp.float32), axis=1)
+  masked_TxG = s_TxG * selected_TxG
+  p_TxG = masked_TxG / jnp.sum(masked_TxG, axis=-1, keepdims=True)
+
+  # 2-3. Expert gate: softmax within each group, scaled by the group probability.
+  q_TxGxN = jax.nn.softmax(v_TxE.reshape(T, G, N), axis=-1)
+  r_TxE = (p_TxG[:, :, None] * q_TxGxN).reshape(T, G * N)
+  r_TxE = r_TxE / jnp.sum(r_TxE, axis=-1, keepdims=True)
+
+  # 4-5. Global top-K over the masked scores, then the combine weights.
+  r_sel_TxK, expert_ids = jax.lax.top_k(r_TxE, top_k)
+  weights_TxK = combine(r_sel_TxK, combine_weights)
+  return Routing(
+      expert_ids=expert_ids.astype(jnp.int32),
+      weights=weights_TxK,
+      group_ids=group_ids.astype(jnp.int32),
+      group_probs=p_TxG,
+      group_softmax=jax.nn.softmax(u_TxG, axis=-1),
+      expert_probs=_scatter_TxE(weights_TxK, expert_ids, G * N),
+      router_probs=r_TxE,
+  )
+
+
+def topk_route(logits: jax.Array, *, top_k: int, combine_weights: str = "raw") -> Routing:
+  """Homogeneous MoE baseline: softmax over all E experts, top-K (one group of E experts)."""
+  logits_TxE = logits.astype(jnp.float32)
+  T, E = logits_TxE.shape
+  probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
+  probs_sel_TxK, expert_ids = jax.lax.top_k(probs_TxE, top_k)
+  weights_TxK = combine(probs_sel_TxK, combine_weights)
+  ones_Tx1 = jnp.ones((T, 1), jnp.float32)
+  return Routing(
+      expert_ids=expert_ids.astype(jnp.int32),
+      weights=weights_TxK,
+      group_ids=jnp.zeros((T, 1), jnp.int32),
+      group_probs=ones_Tx1,
+      group_softmax=ones_Tx1,
+      expert_probs=_scatter_TxE(weights_TxK, expert_ids, E),
+      router_probs=probs_TxE,
+  )
