@@ -180,6 +180,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
       raise ConfigError(f"{where}: expected a list of {_type_name(item_tp)}, got {value!r}")
     return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
   if tp is float:
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+      try:
+        value = float(value)
+      except ValueError:
+        pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{where}: expected a number, got {value!r}")
     return float(value)

@@ -1,0 +1,48 @@
+import pytest
+
+from mohge_jax.config import ConfigError, load_config, parse_overrides
+
+
+def test_overrides_and_defaults(tmp_path):
+  cfg = load_config("configs/tiny.yaml", ["model.top_k=2", "train.lr=1e-3",
+                                          "model.group_widths=[8, 16, 32, 64]"])
+  assert cfg.model.top_k == 2 and cfg.train.lr == 1e-3
+  assert cfg.model.group_widths == (8, 16, 32, 64)
+  assert cfg.group_aux_start == cfg.train.steps // 2
+  assert load_config("configs/tiny.yaml", ["loss.group_aux_start_step=7"]).group_aux_start == 7
+  assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.top_k=9", "model.top_k=9: must be <= top_k_groups"),
+    ("model.top_k_groups=5", "model.top_k_groups=5"),
+    ("model.group_widths=[64,64,128,160]", "strictly increasing"),
+    ("model.tok_k=3", "unknown key.*'model.tok_k'.*valid keys of model:.*top_k"),
+    ("modle.top_k=3", "unknown key.*'modle'"),
+    ("model.top_k=three", "model.top_k: expected an integer"),
+    ("model.d_model=1.5", "model.d_model: expected an integer"),
+    ("model.group_widths=64", "model.group_widths: expected a list"),
+    ("model.combine_weights=max", "model.combine_weights='max': must be one of"),
+    ("model.ffn=switch", "model.ffn='switch'"),
+    ("train.seq_len=512", "train.seq_len=512 exceeds model.max_seq_len"),
+    ("model.attention=gqa", "model.attention"),
+    ("train.batch_size=10", "divisible by train.grad_accum"),
+    ("train.lr=0", "train.lr"),
+    ("model.doc_attention_mask=1", "expected true or false"),
+])
+def test_validation_errors_name_the_field(override, message):
+  extra = ["train.grad_accum=4"] if "batch_size" in override else []
+  with pytest.raises(ConfigError, match=message):
+    load_config("configs/tiny.yaml", [override] + extra)
+
+
+def test_moe_needs_equal_widths():
+  with pytest.raises(ConfigError, match="homogeneous 'moe'"):
+    load_config("configs/tiny.yaml", ["model.ffn=moe"])
+
+
+def test_missing_file_and_bad_override():
+  with pytest.raises(ConfigError, match="does not exist"):
+    load_config("configs/nope.yaml")
+  with pytest.raises(ConfigError, match="not of the form"):
+    load_config("configs/tiny.yaml", ["model.top_k"])

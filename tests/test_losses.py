@@ -1,0 +1,100 @@
+"""Every loss against a float64 numpy transcription of spec §3."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mohge_jax import losses, routing
+from test_routing import np_two_level, softmax
+
+
+def np_counts(ids, num):
+  return np.bincount(ids.reshape(-1), minlength=num).astype(np.float64)
+
+
+def test_group_wise_aux_loss(rng):
+  T, G, N, Kg, K = 83, 8, 4, 3, 5
+  widths = [384, 512, 640, 768, 896, 1024, 1152, 1280]
+  u = rng.normal(size=(T, G)).astype(np.float32)
+  v = rng.normal(size=(T, G * N)).astype(np.float32)
+  r = routing.two_level_route(jnp.asarray(u), jnp.asarray(v), num_groups=G, top_k_groups=Kg,
+                              top_k=K)
+  coef, delta = 1e-2, 1024.0
+  got = losses.group_wise_aux_loss(r.group_softmax, r.group_ids, widths=widths, delta=delta,
+                                   coef=coef)
+  ref = np_two_level(u, v, G, Kg, K, "softmax")
+  w = (np.array(widths) - min(widths) + delta) / delta
+  np.testing.assert_allclose(w, [1.0, 1.125, 1.25, 1.375, 1.5, 1.625, 1.75, 1.875])
+  c = np_counts(ref["group_ids"], G)
+  want = coef * G * np.sum(w * softmax(u.astype(np.float64)).mean(0) * c / (T * Kg))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_intra_group_aux_loss(rng):
+  T, G, N, Kg, K = 71, 4, 6, 2, 7
+  u = rng.normal(size=(T, G)).astype(np.float32)
+  v = rng.normal(size=(T, G * N)).astype(np.float32)
+  r = routing.two_level_route(jnp.asarray(u), jnp.asarray(v), num_groups=G, top_k_groups=Kg,
+                              top_k=K)
+  coef = 5e-3
+  got = losses.intra_group_aux_loss(r.expert_probs, r.expert_ids, experts_per_group=N,
+                                    top_k_groups=Kg, coef=coef)
+  ref = np_two_level(u, v, G, Kg, K, "softmax")
+  c = np_counts(ref["expert_ids"], G * N)
+  want = coef * (N * Kg) * np.sum(ref["expert_probs"].mean(0) * c / (T * K))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_switch_loss(rng):
+  T, E, K = 64, 16, 2
+  logits = rng.normal(size=(T, E)).astype(np.float32)
+  r = routing.topk_route(jnp.asarray(logits), top_k=K)
+  got = losses.switch_aux_loss(r.router_probs, r.expert_ids, coef=0.01)
+  p = softmax(logits.astype(np.float64))
+  ids = np.argsort(-p, axis=1, kind="stable")[:, :K]
+  want = 0.01 * E * np.sum(np_counts(ids, E) / (T * K) * p.mean(0))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # Perfect balance gives coef (f = P = 1/E).
+  uniform = losses.switch_aux_loss(jnp.full((E, E), 1 / E), jnp.arange(E)[:, None], coef=0.01)
+  np.testing.assert_allclose(float(uniform), 0.01, rtol=1e-6)
+
+
+def test_z_loss(rng):
+  x = rng.normal(size=(33, 12)).astype(np.float32) * 3
+  m = x.astype(np.float64).max(-1)
+  lse = m + np.log(np.exp(x - m[:, None]).sum(-1))
+  np.testing.assert_allclose(float(losses.z_loss(jnp.asarray(x), coef=0.1)),
+                             0.1 * np.mean(lse ** 2), rtol=1e-5)
+
+
+def test_cross_entropy_masked(rng):
+  B, L, V = 3, 11, 37
+  logits = rng.normal(size=(B, L, V)).astype(np.float32) * 2
+  targets = rng.integers(0, V, size=(B, L))
+  mask = (rng.random((B, L)) > 0.3).astype(np.float32)
+  got, n = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  lp = np.log(softmax(logits.astype(np.float64)))
+  nll = -np.take_along_axis(lp, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(float(got), (nll * mask).sum() / mask.sum(), rtol=1e-5)
+  assert float(n) == mask.sum()
+
+
+def test_aux_losses_differentiate_through_both_routers(rng):
+  T, G, N, Kg, K, D = 64, 4, 4, 2, 3, 16
+  x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
+  wg = jnp.asarray(rng.normal(size=(D, G)), jnp.float32)
+  we = jnp.asarray(rng.normal(size=(D, G * N)), jnp.float32)
+
+  def total(wg, we):
+    r = routing.two_level_route(x @ wg, x @ we, num_groups=G, top_k_groups=Kg, top_k=K)
+    return (losses.intra_group_aux_loss(r.expert_probs, r.expert_ids, experts_per_group=N,
+                                        top_k_groups=Kg, coef=1.0),
+            losses.group_wise_aux_loss(r.group_softmax, r.group_ids, widths=[1, 2, 3, 4],
+                                       delta=1.0, coef=1.0))
+
+  g_ig = jax.grad(lambda a, b: total(a, b)[0], argnums=(0, 1))(wg, we)
+  g_gw = jax.grad(lambda a, b: total(a, b)[1], argnums=(0, 1))(wg, we)
+  assert np.abs(np.asarray(g_ig[0])).sum() > 0 and np.abs(np.asarray(g_ig[1])).sum() > 0
+  assert np.abs(np.asarray(g_gw[0])).sum() > 0
+  np.testing.assert_array_equal(np.asarray(g_gw[1]), 0)  # L_GW does not see the expert gate

@@ -1,0 +1,127 @@
+"""Routing against a float64 numpy transcription of the spec (§2)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mohge_jax import routing
+
+
+def softmax(x, axis=-1):
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def top_k_stable(x, k):
+  """Largest k per row, ties to the lower index."""
+  return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+
+
+def np_combine(r_sel, mode):
+  return {"softmax": lambda r: softmax(r),
+          "renormalize": lambda r: r / r.sum(-1, keepdims=True),
+          "raw": lambda r: r}[mode](r_sel)
+
+
+def np_two_level(u, v, G, Kg, K, mode):
+  u, v = u.astype(np.float64), v.astype(np.float64)
+  T, E = v.shape
+  N = E // G
+  s = 1 / (1 + np.exp(-u))
+  gids = top_k_stable(s, Kg)
+  sel = np.zeros_like(s)
+  np.put_along_axis(sel, gids, 1.0, axis=1)
+  p = s * sel / (s * sel).sum(-1, keepdims=True)
+  q = softmax(v.reshape(T, G, N))
+  r = (p[:, :, None] * q).reshape(T, E)
+  r = r / r.sum(-1, keepdims=True)
+  eids = top_k_stable(r, K)
+  w = np_combine(np.take_along_axis(r, eids, 1), mode)
+  P = np.zeros_like(r)
+  np.put_along_axis(P, eids, w, axis=1)
+  return dict(expert_ids=eids, weights=w, group_ids=gids, group_probs=p,
+              group_softmax=softmax(u), expert_probs=P, router_probs=r)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "renormalize", "raw"])
+@pytest.mark.parametrize("G,N,Kg,K", [(8, 8, 4, 6), (4, 4, 2, 8), (3, 5, 3, 7), (2, 2, 1, 2)])
+def test_two_level_matches_numpy(rng, mode, G, N, Kg, K):
+  T = 97
+  u = rng.normal(size=(T, G)).astype(np.float32) * 2
+  v = rng.normal(size=(T, G * N)).astype(np.float32) * 2
+  got = routing.two_level_route(jnp.asarray(u), jnp.asarray(v), num_groups=G,
+                                top_k_groups=Kg, top_k=K, combine_weights=mode)
+  want = np_two_level(u, v, G, Kg, K, mode)
+  np.testing.assert_array_equal(np.asarray(got.group_ids), want["group_ids"])
+  np.testing.assert_array_equal(np.asarray(got.expert_ids), want["expert_ids"])
+  for name in ("weights", "group_probs", "group_softmax", "expert_probs", "router_probs"):
+    np.testing.assert_allclose(np.asarray(getattr(got, name)), want[name], rtol=2e-5,
+                               atol=1e-6, err_msg=name)
+  assert got.expert_ids.dtype == jnp.int32 and got.weights.dtype == jnp.float32
+  # Chosen experts lie in chosen groups; K > N forces several groups per token.
+  chosen_group_TxK = np.asarray(got.expert_ids) // N
+  assert (chosen_group_TxK[:, :, None] == np.asarray(got.group_ids)[:, None, :]).any(-1).all()
+  if K > N:
+    assert np.all([len(set(row)) > 1 for row in np.asarray(got.expert_ids) // N])
+
+
+def test_ties_go_to_lower_index():
+  # Equal group logits in every row, and every group's expert logits identical: all
+  # scores tie exactly, so the lowest group and expert indices must win.
+  T, G, N, Kg, K = 5, 4, 3, 2, 4
+  u = np.zeros((T, G), np.float32)
+  v = np.tile(np.array([0.5, 0.5, 0.1], np.float32), (T, G))
+  got = routing.two_level_route(jnp.asarray(u), jnp.asarray(v), num_groups=G,
+                                top_k_groups=Kg, top_k=K)
+  np.testing.assert_array_equal(np.asarray(got.group_ids), np.tile([0, 1], (T, 1)))
+  # r: groups 0 and 1 equal; experts 0,1 tie (0.5) above expert 2 -> ids 0,1,3,4.
+  np.testing.assert_array_equal(np.asarray(got.expert_ids), np.tile([0, 1, 3, 4], (T, 1)))
+
+
+def test_near_ties_resolved_by_value(rng):
+  T, G, N = 64, 4, 4
+  base = rng.normal(size=(T, 1)).astype(np.float32)
+  eps = np.float32(1e-3)
+  # Group 3 beats group 0 by a hair; groups 1, 2 far below.
+  u = np.concatenate([base, base - 5, base - 5, base + eps], axis=1)
+  v = rng.normal(size=(T, G * N)).astype(np.float32)
+  got = routing.two_level_route(jnp.asarray(u), jnp.asarray(v), num_groups=G,
+                                top_k_groups=1, top_k=2)
+  np.testing.assert_array_equal(np.asarray(got.group_ids)[:, 0], 3)
+  want = np_two_level(u, v, G, 1, 2, "softmax")
+  np.testing.assert_array_equal(np.asarray(got.expert_ids), want["expert_ids"])
+
+
+@pytest.mark.parametrize("mode", ["softmax", "renormalize", "raw"])
+def test_topk_route_matches_numpy(rng, mode):
+  T, E, K = 50, 16, 4
+  logits = rng.normal(size=(T, E)).astype(np.float32)
+  got = routing.topk_route(jnp.asarray(logits), top_k=K, combine_weights=mode)
+  probs = softmax(logits.astype(np.float64))
+  ids = top_k_stable(probs, K)
+  np.testing.assert_array_equal(np.asarray(got.expert_ids), ids)
+  np.testing.assert_allclose(np.asarray(got.weights),
+                             np_combine(np.take_along_axis(probs, ids, 1), mode), rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(got.router_probs), probs, rtol=2e-5, atol=1e-7)
+
+
+def test_one_group_equals_topk_softmax(rng):
+  T, N, K = 40, 8, 3
+  v = rng.normal(size=(T, N)).astype(np.float32)
+  u = rng.normal(size=(T, 1)).astype(np.float32)
+  two = routing.two_level_route(jnp.asarray(u), jnp.asarray(v), num_groups=1, top_k_groups=1,
+                                top_k=K, combine_weights="renormalize")
+  one = routing.topk_route(jnp.asarray(v), top_k=K, combine_weights="renormalize")
+  np.testing.assert_array_equal(np.asarray(two.expert_ids), np.asarray(one.expert_ids))
+  np.testing.assert_allclose(np.asarray(two.weights), np.asarray(one.weights), rtol=1e-6)
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="top_k"):
+    routing.two_level_route(jnp.zeros((2, 4)), jnp.zeros((2, 8)), num_groups=4,
+                            top_k_groups=2, top_k=5)
+  with pytest.raises(ValueError, match="num_groups"):
+    routing.two_level_route(jnp.zeros((2, 4)), jnp.zeros((2, 8)), num_groups=3,
+                            top_k_groups=2, top_k=1)
+  with pytest.raises(ValueError, match="combine_weights"):
+    routing.combine(jnp.ones((2, 2)), "max")
