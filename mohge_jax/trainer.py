@@ -1,0 +1,328 @@
+"""Training: the jit-compiled step and the loop around it.
+
+    state = {"params": nnx.State, "opt_state": optax state, "step": int32[], "rng": key data}
+    step(state, batch) -> (state, metrics)       # one jit, buffers donated
+
+The loop reads data, evaluates, checkpoints (every N steps, on SIGTERM/SIGINT, at the end),
+logs, and resumes from the latest complete checkpoint of the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mohge_jax import data, losses
+from mohge_jax.checkpoint import Checkpointer, CheckpointError
+from mohge_jax.config import Config
+from mohge_jax.metrics import MetricsLog, Progress
+from mohge_jax.model import Transformer
+from mohge_jax.optimizer import lr_schedule, make_optimizer
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (bad input, divergence); the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def graph_def(cfg: Config) -> nnx.GraphDef:
+  """The model's structure without its parameters (built abstractly)."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  return graphdef
+
+
+def make_init_fn(cfg: Config):
+  """A pure function building the initial training state (jit it with out_shardings)."""
+  tx = make_optimizer(cfg.train)
+
+  def init():
+    _, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(cfg.train.seed)))
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1))}
+  return init
+
+
+def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
+  def loss_fn(params, batch, group_aux_on):
+    model = nnx.merge(graphdef, params)
+    logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    lm_loss, _ = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    group_aux = aux["group_aux"] * group_aux_on  # switched on at loss.group_aux_start_step
+    total = lm_loss + group_aux + aux["expert_aux"] + aux["z_loss"]
+    metrics = {"loss": total, "lm_loss": lm_loss, "group_aux": group_aux,
+               "group_aux_raw": aux["group_aux"], "expert_aux": aux["expert_aux"],
+               "z_loss": aux["z_loss"]}
+    if "group_tokens" in aux:
+      metrics["group_tokens"] = aux["group_tokens"]
+    return total, metrics
+  return loss_fn
+
+
+def make_train_step(cfg: Config, graphdef: nnx.GraphDef):
+  tx = make_optimizer(cfg.train)
+  schedule = lr_schedule(cfg.train)
+  grad_fn = jax.value_and_grad(make_loss_fn(cfg, graphdef), has_aux=True)
+  accum = cfg.train.grad_accum
+  start = cfg.group_aux_start
+
+  def step(state, batch_AxBxL):
+    """batch leaves: [grad_accum, batch/grad_accum, seq_len]."""
+    group_aux_on = (state["step"] >= start).astype(jnp.float32)
+
+    def micro(grads, batch_BxL):
+      (_, metrics), g = grad_fn(state["params"], batch_BxL, group_aux_on)
+      return jax.tree.map(jnp.add, grads, g), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    grads, metrics_A = jax.lax.scan(micro, zeros, batch_AxBxL)
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics_A)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["lr"] = schedule(state["step"])
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": state["rng"]}
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(cfg: Config, graphdef: nnx.GraphDef):
+  def eval_step(params, batch_BxL):
+    model = nnx.merge(graphdef, params)
+    logits, _ = model(batch_BxL["inputs"], batch_BxL["positions"], batch_BxL["segment_ids"])
+    loss, n = losses.cross_entropy(logits, batch_BxL["targets"], batch_BxL["loss_mask"])
+    return loss * n, n
+  return jax.jit(eval_step)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int
+  loss: float | None
+  val_loss: float | None
+  stopped_by_signal: bool
+
+
+def _check_workdir(workdir: Path) -> None:
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / ".write_probe"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise TrainingError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+def _check_data_fits(cfg: Config, prepared: data.Prepared) -> None:
+  m, t = cfg.model, cfg.train
+  if prepared.tokenizer.vocab_size > m.vocab_size:
+    raise TrainingError(
+        f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
+        f"({prepared.tokenizer.vocab_size} ids, {cfg.data.tokenizer!r}); set "
+        f"model.vocab_size={prepared.tokenizer.vocab_size} or larger")
+  needed = t.batch_size * t.seq_len + 1
+  if len(prepared.train_tokens) < needed:
+    raise TrainingError(
+        f"the training data ({len(prepared.train_tokens):,} tokens from {cfg.data.source!r}) "
+        f"is smaller than one batch (train.batch_size={t.batch_size} x train.seq_len="
+        f"{t.seq_len} = {needed - 1:,} tokens); add data or lower those values")
+
+
+def _diff_config(saved: dict, now: dict, prefix: str = "") -> list[str]:
+  out = []
+  for k in sorted(set(saved) | set(now)):
+    a, b = saved.get(k), now.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff_config(a, b, f"{prefix}{k}.")
+    elif (list(a) if isinstance(a, (list, tuple)) else a) != (
+        list(b) if isinstance(b, (list, tuple)) else b):
+      out.append(f"{prefix}{k} (checkpoint {a!r}, now {b!r})")
+  return out
+
+
+class _StopFlag:
+  """SIGTERM/SIGINT ask the loop to checkpoint and stop; a second SIGINT stops at once."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _data_mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _put_batch(batch: dict[str, np.ndarray], accum: int, mesh) -> dict[str, jax.Array]:
+  B = next(iter(batch.values())).shape[0]
+  shard = (B // accum) % mesh.devices.size == 0
+  sharding = NamedSharding(mesh, P(None, "data") if shard else P())
+  return {k: jax.device_put(v.reshape(accum, B // accum, *v.shape[1:]), sharding)
+          for k, v in batch.items()}
+
+
+def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
+  workdir = Path(workdir)
+  _check_workdir(workdir)
+  t = cfg.train
+  prepared = data.prepare(cfg.data.source, cfg.data.tokenizer, val_permille=cfg.data.val_permille,
+                          cache_dir=cfg.data.cache_dir or None,
+                          eos_token=cfg.data.eos_token or None)
+  _check_data_fits(cfg, prepared)
+  eos = prepared.tokenizer.eos_id
+
+  ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    saved = ckpt.restore_meta(latest)["config"]
+    diffs = _diff_config(saved["model"], cfg.to_dict()["model"])
+    if diffs:
+      raise TrainingError(
+          f"the checkpoint at {ckpt.directory}/{latest} was written with a different model "
+          f"config: {'; '.join(diffs[:6])}. Use another --workdir, or the same config.")
+  (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+  mesh = _data_mesh()
+  init = make_init_fn(cfg)
+  replicated = NamedSharding(mesh, P())
+  abstract = jax.eval_shape(init)
+  shardings = jax.tree.map(lambda _: replicated, abstract)
+  graphdef = graph_def(cfg)
+
+  iterator = data.BatchIterator(prepared.train_tokens, seq_len=t.seq_len,
+                                global_batch=t.batch_size, seed=t.seed, eos_id=eos,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  if latest is None:
+    state = jax.jit(init, out_shardings=shardings)()
+    log(f"initialised a new model in {workdir}")
+  else:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    state, meta = ckpt.restore(latest, target)
+    iterator.restore(meta["data"])
+    log(f"resumed from step {latest} ({ckpt.directory}/{latest})")
+  step = int(state["step"])
+  if step != iterator.step:
+    raise CheckpointError(f"checkpoint step {step} and data position {iterator.step} disagree")
+
+  train_step = make_train_step(cfg, graphdef)
+  eval_step = make_eval_step(cfg, graphdef)
+  metrics_log = MetricsLog(workdir, resume_step=step)
+  progress = Progress(t.steps, step)
+  tokens_per_step = t.batch_size * t.seq_len
+
+  def save(at_step: int) -> None:
+    meta = {"data": iterator.state(), "config": cfg.to_dict(), "step": at_step}
+    ckpt.save(at_step, state, meta)
+
+  def evaluate() -> float | None:
+    if t.eval_batches == 0 or len(prepared.val_tokens) <= t.seq_len:
+      return None
+    total, count = 0.0, 0.0
+    for batch in data.eval_batches(prepared.val_tokens, seq_len=t.seq_len,
+                                   batch=t.batch_size // t.grad_accum, eos_id=eos,
+                                   max_batches=t.eval_batches):
+      s, n = eval_step(state["params"], {k: jnp.asarray(v) for k, v in batch.items()})
+      total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+  pending: dict[str, jax.Array] | None = None
+  last_row: dict[str, Any] = {}
+  val_loss = None
+  stopped = False
+  t_last, step_last, t_start = time.perf_counter(), step, time.perf_counter()
+  with _StopFlag() as stop:
+    try:
+      while step < t.steps:
+        batch = _put_batch(next(iterator), t.grad_accum, mesh)
+        state, pending = train_step(state, batch)
+        step += 1
+        progress.advance()
+        due_log = step % t.log_every == 0 or step == t.steps
+        due_ckpt = step % t.ckpt_every == 0 or step == t.steps
+        due_eval = step % t.eval_every == 0 or step == t.steps
+        if due_log or due_ckpt or due_eval or stop.signal is not None:
+          host = jax.device_get(pending)
+          if not (math.isfinite(float(host["loss"])) and math.isfinite(float(host["grad_norm"]))):
+            good = ckpt.latest_step()
+            raise TrainingError(
+                f"loss is {float(host['loss'])} (grad norm {float(host['grad_norm'])}) at step "
+                f"{step}: training diverged. The last good checkpoint is "
+                f"{'step ' + str(good) if good is not None else 'none'} in {ckpt.directory}; "
+                "lower train.lr or raise train.warmup_steps, then re-run to resume from it.")
+          now = time.perf_counter()
+          row = {k: v for k, v in host.items() if k != "group_tokens"}
+          row["tokens_per_s"] = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+          if "group_tokens" in host:
+            g = np.asarray(host["group_tokens"], np.float64)  # [layers, G]
+            row["group_share"] = (g.sum(0) / g.sum()).tolist()
+            row["group_share_by_layer"] = (g / g.sum(1, keepdims=True)).tolist()
+          if due_eval:
+            val_loss = evaluate()
+            if val_loss is not None:
+              row["val_loss"], row["val_ppl"] = val_loss, math.exp(min(val_loss, 50.0))
+          row["elapsed_s"] = now - t_start
+          last_row = metrics_log.write(step, row)
+          eta = (t.steps - step) * (now - t_last) / max(step - step_last, 1)
+          progress.show(step, last_row, eta)
+          t_last, step_last = time.perf_counter(), step
+        if due_ckpt or stop.signal is not None:
+          save(step)
+        if stop.signal is not None:
+          stopped = True
+          progress.note(f"received {signal.Signals(stop.signal).name}: saved step {step}; "
+                        "re-run the same command to resume")
+          break
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      metrics_log.close()
+      progress.close()
+
+  loss = last_row.get("loss")
+  summary = {"step": step, "loss": loss, "val_loss": val_loss, "stopped_by_signal": stopped,
+             "wall_s": time.perf_counter() - t_start, "checkpoints": str(ckpt.directory),
+             "metrics": str(metrics_log.path)}
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  if not stopped:
+    log(f"done: step {step}, loss {loss:.4f}"
+        + (f", validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})"
+           if val_loss is not None else "")
+        + f"; checkpoints in {ckpt.directory}, metrics in {metrics_log.path}")
+  return RunResult(step=step, loss=loss, val_loss=val_loss, stopped_by_signal=stopped)
+
