@@ -57,6 +57,14 @@ def make_init_fn(cfg: Config):
   return init
 
 
+def abstract_state(cfg: Config, mesh: jax.sharding.Mesh | None = None):
+  """The training state's shapes and dtypes, replicated over `mesh` (default: all devices):
+  the restore target for checkpoints, whatever device count wrote them."""
+  replicated = NamedSharding(mesh or _data_mesh(), P())
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                      jax.eval_shape(make_init_fn(cfg)))
+
+
 def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
   def loss_fn(params, batch, group_aux_on):
     model = nnx.merge(graphdef, params)
@@ -217,10 +225,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
   (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
   mesh = _data_mesh()
-  init = make_init_fn(cfg)
-  replicated = NamedSharding(mesh, P())
-  abstract = jax.eval_shape(init)
-  shardings = jax.tree.map(lambda _: replicated, abstract)
+  target = abstract_state(cfg, mesh)
   graphdef = graph_def(cfg)
 
   iterator = data.BatchIterator(prepared.train_tokens, seq_len=t.seq_len,
@@ -228,11 +233,9 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
   if latest is None:
-    state = jax.jit(init, out_shardings=shardings)()
+    state = jax.jit(make_init_fn(cfg), out_shardings=jax.tree.map(lambda a: a.sharding, target))()
     log(f"initialised a new model in {workdir}")
   else:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
     state, meta = ckpt.restore(latest, target)
     iterator.restore(meta["data"])
     log(f"resumed from step {latest} ({ckpt.directory}/{latest})")

@@ -1,0 +1,109 @@
+"""Export trained parameters: `python -m mohge_jax.export WORKDIR OUT [--dtype bf16|f32]`.
+
+Writes OUT/model.safetensors (parameters only, named like `blocks.1.ffn.w_gate_up.0`) and
+OUT/config.json (the model's full config). Load back for inference with
+
+    model, cfg = mohge_jax.export.load("OUT")
+    logits, _ = model(tokens_BxL)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.flax import load_file, save_file
+
+from mohge_jax.checkpoint import Checkpointer, CheckpointError
+from mohge_jax.config import Config, from_dict
+from mohge_jax.model import Transformer
+from mohge_jax.trainer import abstract_state
+
+DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
+
+
+def _name(path: tuple) -> str:
+  return ".".join(str(k) for k in path)
+
+
+def params_to_flat(params: nnx.State, dtype) -> dict[str, jax.Array]:
+  return {_name(path): jnp.asarray(v[...] if hasattr(v, "get_value") else v, dtype)
+          for path, v in nnx.to_flat_state(params)}
+
+
+def export_params(params: nnx.State, cfg: Config, out: str | Path, dtype: str = "bf16") -> Path:
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  flat = params_to_flat(params, DTYPES[dtype])
+  save_file(flat, str(out / "model.safetensors"), metadata={"format": "mohge_jax", "dtype": dtype})
+  (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+  return out
+
+
+def export_workdir(workdir: str | Path, out: str | Path, *, dtype: str = "bf16",
+                   step: int | None = None) -> Path:
+  ckpt_dir = Path(workdir) / "checkpoints"
+  if not ckpt_dir.is_dir():
+    raise CheckpointError(f"no checkpoints in {workdir} (expected {ckpt_dir})")
+  ckpt = Checkpointer(ckpt_dir, async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no complete checkpoint in {ckpt_dir}")
+    cfg = from_dict(ckpt.restore_meta(step)["config"])
+    state, _ = ckpt.restore(step, abstract_state(cfg))
+  finally:
+    ckpt.close()
+  return export_params(state["params"], cfg, out, dtype)
+
+
+def load(path: str | Path, *, dtype=jnp.float32) -> tuple[Transformer, Config]:
+  """Builds the model from OUT/config.json and fills it from OUT/model.safetensors."""
+  path = Path(path)
+  for f in ("config.json", "model.safetensors"):
+    if not (path / f).is_file():
+      raise FileNotFoundError(f"{path / f} does not exist: not an exported model directory")
+  cfg = from_dict(json.loads((path / "config.json").read_text()))
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract = nnx.split(model)
+  tensors = load_file(str(path / "model.safetensors"))
+  flat = []
+  for p, v in nnx.to_flat_state(abstract):
+    name = _name(p)
+    if name not in tensors:
+      raise ValueError(f"{path}/model.safetensors lacks parameter {name}")
+    if tuple(tensors[name].shape) != tuple(v.shape):
+      raise ValueError(f"parameter {name}: file shape {tuple(tensors[name].shape)}, "
+                       f"model shape {tuple(v.shape)}")
+    flat.append((p, v.replace(jnp.asarray(tensors[name], dtype))))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
+
+
+def main(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("workdir")
+  p.add_argument("out")
+  p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  args = p.parse_args(argv)
+  try:
+    out = export_workdir(args.workdir, args.out, dtype=args.dtype, step=args.step)
+  except (CheckpointError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  n = sum(int(np.prod(t.shape)) for t in load_file(str(out / "model.safetensors")).values())
+  print(f"exported {n:,} parameters ({args.dtype}) to {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

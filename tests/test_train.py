@@ -1,0 +1,194 @@
+"""train.py end to end: kill-and-resume is bitwise exact, device-count changes, export,
+divergence, and bad input. Runs train.py in subprocesses as a user would."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mohge_jax import export
+from mohge_jax.checkpoint import Checkpointer
+from mohge_jax.config import load_config
+from mohge_jax.model import Transformer
+from mohge_jax.trainer import abstract_state, make_init_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = ["model.d_model=32", "model.num_heads=2", "model.kv_lora_rank=16",
+         "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
+         "model.dense_ffn_width=48", "model.group_widths=[8,16,24]",
+         "model.experts_per_group=2", "model.top_k_groups=2", "model.top_k=3",
+         "model.shared_expert_width=8", "model.num_layers=2", "train.batch_size=8",
+         "train.seq_len=32", "train.warmup_steps=2", "train.log_every=2", "train.eval_every=6",
+         "train.eval_batches=1"]
+
+
+def run_train(workdir, steps, extra=(), devices=1, cache=None, wait=True):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+         "--workdir", str(workdir), "--steps", str(steps), *MICRO,
+         f"data.cache_dir={cache or Path(workdir).parent / 'cache'}", *extra]
+  if not wait:
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def final_params(workdir):
+  cfg = load_config(Path(workdir) / "config.yaml")
+  ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
+  state, meta = ckpt.restore(None, abstract_state(cfg))
+  ckpt.close()
+  return state, meta
+
+
+def test_sigkill_and_rerun_equals_uninterrupted_run_bitwise(tmp_path, rng):
+  steps = 24
+  clean = run_train(tmp_path / "clean", steps, ["train.ckpt_every=4"])
+  assert clean.returncode == 0, clean.stdout + clean.stderr
+
+  work = tmp_path / "killed"
+  proc = run_train(work, steps, ["train.ckpt_every=4"], wait=False)
+  deadline = time.time() + 300
+  while not any((work / "checkpoints").glob("[0-9]*")) and time.time() < deadline:
+    time.sleep(0.05)
+  time.sleep(float(rng.uniform(0, 1.5)))  # a random point after the first save started
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])["step"] if (
+      work / "metrics.jsonl").exists() and (work / "metrics.jsonl").read_text() else 0
+  assert killed_at < steps, "the run finished before it was killed: test proves nothing"
+
+  resumed = run_train(work, steps, ["train.ckpt_every=4"])
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert "resumed from step" in resumed.stdout or "initialised" in resumed.stdout
+
+  a, _ = final_params(tmp_path / "clean")
+  b, _ = final_params(work)
+  assert int(a["step"]) == int(b["step"]) == steps
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  sa = json.loads((tmp_path / "clean" / "summary.json").read_text())
+  sb = json.loads((work / "summary.json").read_text())
+  assert sa["loss"] == sb["loss"]
+  # The metrics file has each step once, in order, after the resume.
+  logged = [json.loads(l)["step"] for l in (work / "metrics.jsonl").read_text().splitlines()]
+  assert logged == sorted(set(logged)) and logged[-1] == steps
+
+
+def test_restore_on_another_device_count(tmp_path):
+  """A checkpoint written on 4 devices resumes on 2 and on 1 to the same state: the first
+  loss after the resume (a forward pass of the restored parameters) agrees to rounding."""
+  first = run_train(tmp_path / "four", 3, ["train.ckpt_every=3"], devices=4)
+  assert first.returncode == 0, first.stdout + first.stderr
+  shutil.copytree(tmp_path / "four", tmp_path / "copy")
+  losses = {}
+  for name, devices in (("four", 2), ("copy", 1)):
+    out = run_train(tmp_path / name, 4, ["train.ckpt_every=3", "train.log_every=1"],
+                    devices=devices)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "resumed from step 3" in out.stdout
+    rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    losses[name] = [r["loss"] for r in rows if r["step"] == 4][0]
+  assert abs(losses["four"] - losses["copy"]) < 1e-5 * losses["copy"], losses
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+  out = run_train(tmp_path / "nan", 30, ["train.lr=1e4", "train.warmup_steps=0",
+                                         "train.ckpt_every=1", "train.log_every=1",
+                                         "train.min_lr=0"])
+  assert out.returncode == 2, out.stdout + out.stderr
+  assert "training diverged" in out.stderr
+  state, meta = final_params(tmp_path / "nan")
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+  assert int(state["step"]) < 30
+
+
+def test_export_round_trip(tmp_path, rng):
+  cfg = load_config("configs/tiny.yaml", MICRO)
+  params = jax.jit(make_init_fn(cfg))()["params"]
+  model = nnx.merge(nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[0], params)
+  tokens = jnp.asarray(rng.integers(0, 257, size=(2, 16)))
+  want, _ = model(tokens)
+  export.export_params(params, cfg, tmp_path / "f32", dtype="f32")
+  loaded, cfg2 = export.load(tmp_path / "f32")
+  assert cfg2 == cfg
+  np.testing.assert_array_equal(np.asarray(loaded(tokens)[0]), np.asarray(want))
+  # bf16: the same as the model with its parameters rounded to bf16.
+  export.export_params(params, cfg, tmp_path / "bf16", dtype="bf16")
+  loaded16, _ = export.load(tmp_path / "bf16")
+  rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
+  model16 = nnx.merge(nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[0], rounded)
+  np.testing.assert_array_equal(np.asarray(loaded16(tokens)[0]), np.asarray(model16(tokens)[0]))
+  assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < (
+      tmp_path / "f32" / "model.safetensors").stat().st_size * 0.6
+
+
+def test_export_cli_from_a_training_workdir(tmp_path):
+  out = run_train(tmp_path / "w", 2, ["train.ckpt_every=2"])
+  assert out.returncode == 0, out.stdout + out.stderr
+  cli = subprocess.run([sys.executable, "-m", "mohge_jax.export", str(tmp_path / "w"),
+                        str(tmp_path / "exp"), "--dtype", "f32"], capture_output=True,
+                       text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert cli.returncode == 0, cli.stderr
+  state, _ = final_params(tmp_path / "w")
+  model, _ = export.load(tmp_path / "exp")
+  for x, y in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  plot = subprocess.run([sys.executable, "-m", "mohge_jax.plot", str(tmp_path / "w")],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert plot.returncode == 0, plot.stderr
+  assert (tmp_path / "w" / "plots.png").stat().st_size > 10_000
+  bad = subprocess.run([sys.executable, "-m", "mohge_jax.export", str(tmp_path / "none"),
+                        str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)
+  assert bad.returncode == 2 and "no checkpoints" in bad.stderr
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+  out = run_train(tmp_path / "w", 2, ["train.ckpt_every=2"])
+  assert out.returncode == 0, out.stdout + out.stderr
+  again = run_train(tmp_path / "w", 4, ["model.top_k=2"])
+  assert again.returncode == 2
+  assert "different model config: top_k (checkpoint 3, now 2)" in again.stderr
+  assert "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["model.tok_k=1"], "unknown key(s) 'model.tok_k'"),
+    (["data.source=/no/such/dir/*.txt"], "matches no files"),
+    (["data.source=/no/such/file.txt"], "/no/such/file.txt"),
+    (["data.tokenizer=/no/tokenizer.json"], "/no/tokenizer.json"),
+    (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the tokenizer's"),
+    (["train.seq_len=512"], "train.seq_len=512 exceeds model.max_seq_len"),
+])
+def test_bad_input_gets_a_clear_error(tmp_path, extra, message, capsys):
+  import train
+  code = train.main(["--config", str(ROOT / "configs/tiny.yaml"), "--workdir",
+                     str(tmp_path / "w"), *MICRO, f"data.cache_dir={tmp_path / 'c'}", *extra])
+  err = capsys.readouterr().err
+  assert code == 2 and message in err, err
+
+
+def test_unwritable_workdir(tmp_path, capsys):
+  import train
+  (tmp_path / "file").write_text("x")
+  code = train.main(["--config", str(ROOT / "configs/tiny.yaml"), "--workdir",
+                     str(tmp_path / "file" / "w"), *MICRO])
+  assert code == 2 and "is not writable" in capsys.readouterr().err
+
+
+def test_help_documents_everything():
+  out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
+                       text=True)
+  assert out.returncode == 0
+  for word in ("--config", "--workdir", "--steps", "key=value", "resume", "SIGTERM", "export"):
+    assert word in out.stdout
