@@ -16,7 +16,7 @@ from flax import nnx
 from mohge_jax import losses, routing
 from mohge_jax.config import Config
 
-BACKENDS = ("reference", "ragged_dot", "pallas")
+BACKENDS = ("reference", "ragged_dot", "tiled", "pallas")
 
 
 def swiglu(h_MxF2: jax.Array) -> jax.Array:
@@ -67,6 +67,58 @@ def _ffn_ragged_dot(x_MxD, group_sizes_E, w_gate_up, w_down):
   return y_MxD.astype(x_MxD.dtype)
 
 
+def _pad_to_width(w_gate_up, w_down, width: int):
+  """Zero-pad every group's experts to `width` (gate and up halves separately): the padded
+  columns give silu(0) * 0 = 0, so results are exact."""
+  gu, dn = [], []
+  for wgu_NxDxF2, wd_NxFxD in zip(w_gate_up, w_down):
+    pad = width - wd_NxFxD.shape[1]
+    gate, up = jnp.split(wgu_NxDxF2, 2, axis=-1)
+    gu.append(jnp.pad(jnp.concatenate([jnp.pad(gate, ((0, 0), (0, 0), (0, pad))),
+                                       jnp.pad(up, ((0, 0), (0, 0), (0, pad)))], -1), 0))
+    dn.append(jnp.pad(wd_NxFxD, ((0, 0), (0, pad), (0, 0))))
+  return jnp.concatenate(gu), jnp.concatenate(dn)  # [E, D, 2*width], [E, width, D]
+
+
+def _ffn_tiled(x_MxD, group_sizes_E, w_gate_up, w_down, tile: int = 128):
+  """Block-sparse pure JAX: row tiles x experts as batched dense matmuls.
+
+  Every (row tile, expert) pair that overlaps is one work item (at most M/tile + E of
+  them, as megablox counts them); each multiplies its tile by its expert's weights, masked
+  to the expert's rows. Weights are zero-padded to the widest group, so it does about
+  W_max/W_mean times the ideal FLOPs: a portable fallback (CPU, non-Hopper GPUs) that runs
+  at dense-matmul speed, unlike XLA's ragged_dot.
+  """
+  M, D = x_MxD.shape
+  E = group_sizes_E.shape[0]
+  width = max(w.shape[1] for w in w_down)
+  wgu_ExDxF2, wd_ExFxD = _pad_to_width(w_gate_up, w_down, width)
+  num_tiles = -(-M // tile)
+  items = num_tiles + E - 1  # static bound on overlapping (tile, expert) pairs
+
+  ends_E = jnp.cumsum(group_sizes_E)
+  starts_E = ends_E - group_sizes_E
+  first_tile_E = starts_E // tile
+  tiles_E = jnp.where(group_sizes_E > 0, (ends_E - 1) // tile - first_tile_E + 1, 0)
+  item_end_E = jnp.cumsum(tiles_E)
+  item_I = jnp.arange(items)
+  expert_I = jnp.minimum(jnp.searchsorted(item_end_E, item_I, side="right"), E - 1)
+  tile_I = first_tile_E[expert_I] + item_I - (item_end_E[expert_I] - tiles_E[expert_I])
+  valid_I = item_I < item_end_E[-1]
+  rows_IxT = jnp.clip(tile_I, 0, num_tiles - 1)[:, None] * tile + jnp.arange(tile)
+  mask_IxT = (valid_I[:, None] & (rows_IxT >= starts_E[expert_I][:, None])
+              & (rows_IxT < ends_E[expert_I][:, None]))
+
+  x_IxTxD = jnp.pad(x_MxD, ((0, num_tiles * tile - M), (0, 0)))[rows_IxT]
+  h_IxTxF2 = jnp.einsum("itd,idf->itf", x_IxTxD, wgu_ExDxF2[expert_I],
+                        preferred_element_type=jnp.float32)
+  a_IxTxF = (swiglu(h_IxTxF2) * mask_IxT[..., None]).astype(x_MxD.dtype)
+  o_IxTxD = jnp.einsum("itf,ifd->itd", a_IxTxF, wd_ExFxD[expert_I],
+                       preferred_element_type=jnp.float32)
+  y_MxD = jnp.zeros((num_tiles * tile, D), jnp.float32).at[rows_IxT].add(o_IxTxD)
+  return y_MxD[:M].astype(x_MxD.dtype)
+
+
 def _ffn_pallas(x_MxD, group_sizes_E, w_gate_up, w_down):
   try:
     import pallas_kernels
@@ -76,9 +128,12 @@ def _ffn_pallas(x_MxD, group_sizes_E, w_gate_up, w_down):
 
 
 def resolve_backend(backend: str) -> str:
-  """'auto': the Pallas kernels on GPU/TPU, ragged_dot on CPU."""
+  """'auto': the Pallas kernels on Hopper GPUs and TPUs, `tiled` elsewhere."""
   if backend == "auto":
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "ragged_dot"
+    if jax.default_backend() == "cpu":
+      return "tiled"
+    import pallas_kernels
+    return "pallas" if pallas_kernels.resolve_backend("auto") != "reference" else "tiled"
   if backend not in BACKENDS:
     raise ValueError(f"expert backend {backend!r}: must be auto or one of {', '.join(BACKENDS)}")
   return backend
@@ -92,7 +147,7 @@ def grouped_ffn(x_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_up: Sequence[
   are padding and give 0); w_gate_up[g]: [N, D, 2*W_g] (gate columns first); w_down[g]:
   [N, W_g, D]. Returns [M, D] in x's dtype, accumulated in float32.
   """
-  fn = {"reference": _ffn_reference, "ragged_dot": _ffn_ragged_dot,
+  fn = {"reference": _ffn_reference, "ragged_dot": _ffn_ragged_dot, "tiled": _ffn_tiled,
         "pallas": _ffn_pallas}[resolve_backend(backend)]
   return fn(x_MxD, group_sizes_E, tuple(w_gate_up), tuple(w_down))
 

@@ -9,6 +9,7 @@ from flax import nnx
 from mohge_jax import experts
 from mohge_jax.config import load_config
 
+BACKENDS = ("reference", "ragged_dot", "tiled")
 SMALL = ["model.d_model=32", "model.group_widths=[8,16,24]", "model.experts_per_group=3",
          "model.top_k_groups=2", "model.top_k=4", "model.num_shared_experts=2",
          "model.shared_expert_width=8", "model.dtype=float32"]
@@ -39,7 +40,7 @@ def naive_layer(layer, x_TxD):
   return y
 
 
-@pytest.mark.parametrize("backend", ["reference", "ragged_dot"])
+@pytest.mark.parametrize("backend", ["reference", "ragged_dot", "tiled"])
 @pytest.mark.parametrize("combine", ["softmax", "renormalize", "raw"])
 def test_mohge_layer_equals_per_token_loop(rng, backend, combine):
   cfg = load_config(None, SMALL + [f"model.expert_backend={backend}",
@@ -129,7 +130,7 @@ def test_grouped_ffn_backends_agree_with_padding_and_empty_experts(rng, dtype):
       row += 1
   tol = dict(rtol=1e-4, atol=1e-5) if dtype == jnp.float32 else dict(rtol=5e-2, atol=5e-2)
   outs = {}
-  for backend in ("reference", "ragged_dot"):
+  for backend in BACKENDS:
     f = jax.jit(lambda *a, b=backend: experts.grouped_ffn(*a, backend=b))
     outs[backend] = f(x, gs, wgu, wd)
     assert outs[backend].dtype == dtype
@@ -139,9 +140,11 @@ def test_grouped_ffn_backends_agree_with_padding_and_empty_experts(rng, dtype):
   ct = jnp.asarray(rng.normal(size=(M, D)), dtype)
   grads = {b: jax.grad(lambda x, a, c, b=b: jnp.sum(
       experts.grouped_ffn(x, gs, a, c, backend=b).astype(jnp.float32) * ct), argnums=(0, 1, 2))(
-          x, wgu, wd) for b in ("reference", "ragged_dot")}
-  for a, b in zip(jax.tree.leaves(grads["reference"]), jax.tree.leaves(grads["ragged_dot"])):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+          x, wgu, wd) for b in BACKENDS}
+  for b in BACKENDS[1:]:
+    for want_g, got_g in zip(jax.tree.leaves(grads["reference"]), jax.tree.leaves(grads[b])):
+      np.testing.assert_allclose(np.asarray(got_g, np.float32), np.asarray(want_g, np.float32),
+                                 **tol, err_msg=b)
 
 
 def test_unknown_backend():
