@@ -1,0 +1,191 @@
+"""pallas_kernels on CPU: references, the custom_vjp, and the Mosaic TPU kernels run by the
+Pallas interpreter, on fresh random inputs (empty experts, one-row experts, ragged tiles,
+padding rows)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import metadata
+from pallas_kernels import reference as R
+
+TILES = dict(tm=16, tk=32, tn=32)  # small tiles: many ragged tiles at test sizes
+
+
+def _sizes(rng, e, m, padding):
+  """Random group sizes with empty and one-row experts, summing to m - padding."""
+  total = m - padding
+  sizes = rng.multinomial(total, rng.dirichlet(np.full(e, 0.7)))
+  zero, one, big = rng.choice(e, 3, replace=False)
+  sizes[big] += sizes[zero] + sizes[one] - 1
+  sizes[zero], sizes[one] = 0, 1
+  assert sizes.sum() == total and (sizes == 0).any() and (sizes == 1).any()
+  return jnp.asarray(sizes, jnp.int32)
+
+
+def _problem(seed, dtype, widths=(32, 64, 96), n=2, d=64, m=100, padding=7):
+  rng = np.random.default_rng(seed)
+  gs = _sizes(rng, len(widths) * n, m, padding)
+  nrm = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  x = nrm(m, d).astype(dtype)
+  wgu = tuple((nrm(n, d, 2 * w) / np.sqrt(d)).astype(dtype) for w in widths)
+  wd = tuple((nrm(n, w, d) / np.sqrt(w)).astype(dtype) for w in widths)
+  return rng, gs, x, wgu, wd
+
+
+def _row_width(gs, widths, n, m):
+  """Width of each row's group (0 for padding rows)."""
+  w_e = np.repeat(np.asarray(widths), n)
+  rows = np.repeat(w_e, np.asarray(gs))
+  return np.concatenate([rows, np.zeros(m - rows.size, int)])
+
+
+def _close(a, b, tol):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  assert np.isfinite(a).all()
+  err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+  assert err < tol, err
+
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def test_row_items_cover_every_row_once():
+  rng = np.random.default_rng(1)
+  for _ in range(5):
+    e, m, tm = 8, int(rng.integers(1, 300)), 16
+    pad = int(rng.integers(0, m))
+    gs = _sizes(rng, e, m, pad) if m - pad >= 2 else jnp.zeros(e, jnp.int32).at[0].set(m - pad)
+    it = metadata.row_items(gs, m, tm, 2, include_empty=False, include_padding=True)
+    k = int(it.num_items)
+    seen = np.zeros(m, int)
+    for t in range(k):
+      seen[int(it.row_start[t]):int(it.row_end[t])] += 1
+      assert int(it.row_start[t]) // tm == int(it.tile[t]) or it.row_start[t] == it.row_end[t]
+    assert (seen == 1).all()
+    assert k <= it.bound
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_hgmm_interpret_up_and_dx(dtype):
+  widths, n, m = (32, 64, 96), 2, 100
+  _, gs, x, wgu, _ = _problem(0, dtype)
+  wmax = max(widths)
+  gu = pk.hgmm(x, wgu, gs, backend="interpret", out_split=True, **TILES)
+  gu_ref = R.hgmm_ref(x, wgu, gs, out_split=True)
+  rw = _row_width(gs, widths, n, m)
+  cols = np.arange(2 * wmax)
+  used = (cols[None] % wmax) < rw[:, None]
+  _close(np.where(used, gu, 0), gu_ref, TOL[dtype])
+  assert not np.asarray(gu[rw == 0]).any()  # padding rows are 0
+  # transposed rhs reading a split-layout lhs (the dx product)
+  lhs = jnp.where(used, gu_ref, jnp.nan)  # unused columns must never be read
+  dx = pk.hgmm(lhs, wgu, gs, backend="interpret", transpose_rhs=True, lhs_split=True,
+               out_cols=x.shape[1], **TILES)
+  _close(dx, R.hgmm_ref(gu_ref, wgu, gs, transpose_rhs=True, lhs_split=True,
+                        out_cols=x.shape[1]), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tgmm_interpret(dtype):
+  widths, n, m = (32, 64, 96), 2, 100
+  rng, gs, x, wgu, wd = _problem(1, dtype)
+  wmax = max(widths)
+  rw = _row_width(gs, widths, n, m)
+  dgu = jnp.asarray(rng.normal(size=(m, 2 * wmax)), dtype)
+  used = (np.arange(2 * wmax)[None] % wmax) < rw[:, None]
+  dgu_nan = jnp.where(used, dgu, jnp.nan)  # unused columns must never be read
+  shapes = [w.shape for w in wgu]
+  got = pk.tgmm(x, dgu_nan, gs, shapes, backend="interpret", rhs_split=True, **TILES)
+  want = R.tgmm_ref(x, dgu, gs, shapes, rhs_split=True)
+  for a, b in zip(got, want):
+    _close(a, b, TOL[dtype])
+  h = jnp.asarray(rng.normal(size=(m, wmax)), dtype)
+  got = pk.tgmm(h, x, gs, [w.shape for w in wd], backend="interpret", **TILES)
+  for a, b in zip(got, R.tgmm_ref(h, x, gs, [w.shape for w in wd])):
+    _close(a, b, TOL[dtype])
+  empty = int(np.argmin(np.asarray(gs)))
+  assert not np.asarray(got[empty // n][empty % n]).any()
+
+
+def _ffn_and_grads(backend, x, gs, wgu, wd, ct, **tuning):
+  def loss(x, wgu, wd):
+    if backend == "ref":
+      y = R.expert_ffn_ref(x, gs, wgu, wd)
+    else:
+      y = pk.expert_ffn(x, gs, wgu, wd, backend=backend, **tuning)
+    return jnp.sum(y.astype(jnp.float32) * ct), y
+  (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+      x, wgu, wd)
+  return y, grads
+
+
+@pytest.mark.parametrize("backend,dtype", [("reference", jnp.float32),
+                                           ("reference", jnp.bfloat16),
+                                           ("interpret", jnp.float32),
+                                           ("interpret", jnp.bfloat16)])
+def test_expert_ffn_forward_and_grads(backend, dtype):
+  rng, gs, x, wgu, wd = _problem(2 + (dtype == jnp.bfloat16), dtype)
+  ct = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  tuning = TILES if backend == "interpret" else {}
+  y, grads = _ffn_and_grads(backend, x, gs, wgu, wd, ct, **tuning)
+  y_ref, grads_ref = _ffn_and_grads("ref", x, gs, wgu, wd, ct)
+  _close(y, y_ref, TOL[dtype])
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    _close(a, b, 3 * TOL[dtype])
+  total = int(gs.sum())
+  assert not np.asarray(y[total:]).any()            # padding rows: output 0
+  assert not np.asarray(grads[0][total:]).any()     # ... and gradient 0
+
+
+def test_expert_ffn_moe_equal_widths_under_shard_map():
+  rng, gs, x, wgu, wd = _problem(4, jnp.float32, widths=(64,), n=4, m=64, padding=3)
+  mesh = jax.make_mesh((1,), ("ep",))
+  spec = jax.sharding.PartitionSpec()
+
+  @jax.jit
+  def run(x, wgu, wd):
+    f = jax.shard_map(lambda x, wgu, wd: pk.expert_ffn(x, gs, wgu, wd, backend="reference"),
+                      mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
+    return jax.value_and_grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1))(x, wgu, wd)
+
+  (val, (dx, dw)) = run(x, wgu, wd)
+  ref = lambda x, wgu: jnp.sum(R.expert_ffn_ref(x, gs, wgu, wd) ** 2)
+  val_ref, (dx_ref, dw_ref) = jax.value_and_grad(ref, argnums=(0, 1))(x, wgu)
+  _close(val, val_ref, 1e-5)
+  _close(dx, dx_ref, 1e-5)
+  _close(dw[0], dw_ref[0], 1e-5)
+
+
+def test_dispatch():
+  assert pk.resolve_backend("auto") == "reference"  # CPU
+  with pytest.raises(ValueError):
+    pk.resolve_backend("cuda")
+  _, gs, x, wgu, wd = _problem(5, jnp.float32)
+  with pytest.raises(ValueError):
+    pk.expert_ffn(x, gs, wgu[:2], wd, backend="reference")
+
+
+def test_mosaic_gpu_kernels_interpreted():
+  """The Mosaic GPU kernels (fused SwiGLU up projection, weight gradient) run by the GPU
+  interpreter on CPU."""
+  from pallas_kernels import gpu
+  widths, n, m, d = (64, 128), 2, 150, 128
+  rng, gs, x, wgu, _ = _problem(6, jnp.bfloat16, widths=widths, n=n, d=d, m=m, padding=9)
+  cfg = gpu.Config(bm=64, bn=64, bk=64, bn_up=64, bm_t=64, bn_t=64, bt=64, steps=2,
+                   steps_t=2, interpret=True)
+  wmax = max(widths)
+  rw = _row_width(gs, widths, n, m)
+  used2 = (np.arange(2 * wmax)[None] % wmax) < rw[:, None]
+  h, gu = gpu.hgmm(x, wgu, gs, epilogue="swiglu", save_gu=True, cfg=cfg)
+  gu_ref = R.hgmm_ref(x, wgu, gs, out_split=True)
+  _close(np.where(used2, np.asarray(gu, np.float32), 0), gu_ref, 1e-2)
+  _close(np.where(np.arange(wmax)[None] < rw[:, None], np.asarray(h, np.float32), 0),
+         R.swiglu_ref(gu_ref), 1e-2)
+  dgu = jnp.asarray(rng.normal(size=(m, 2 * wmax)), jnp.bfloat16)
+  shapes = [w.shape for w in wgu]
+  got = gpu.tgmm(x, jnp.where(used2, dgu, jnp.nan).astype(jnp.bfloat16), gs, shapes,
+                 rhs_split=True, cfg=cfg)
+  for a, b in zip(got, R.tgmm_ref(x, dgu, gs, shapes, rhs_split=True)):
+    _close(a, b, 1e-2)
