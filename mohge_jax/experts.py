@@ -7,6 +7,7 @@ Dropless: no capacity, every token-expert pair is computed.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -127,16 +128,27 @@ def _ffn_pallas(x_MxD, group_sizes_E, w_gate_up, w_down):
   return pallas_kernels.expert_ffn(x_MxD, group_sizes_E, tuple(w_gate_up), tuple(w_down))
 
 
-def resolve_backend(backend: str) -> str:
-  """'auto': the Pallas kernels on Hopper GPUs and TPUs, `tiled` elsewhere."""
-  if backend == "auto":
-    if jax.default_backend() == "cpu":
-      return "tiled"
-    import pallas_kernels
-    return "pallas" if pallas_kernels.resolve_backend("auto") != "reference" else "tiled"
-  if backend not in BACKENDS:
+def resolve_backend(backend: str, widths: Sequence[int] = (), d_model: int = 0) -> str:
+  """'auto': the Pallas kernels on Hopper GPUs and TPUs when they support these shapes,
+  `tiled` elsewhere. An explicit 'pallas' that cannot run these shapes is an error."""
+  if backend not in BACKENDS + ("auto",):
     raise ValueError(f"expert backend {backend!r}: must be auto or one of {', '.join(BACKENDS)}")
-  return backend
+  if backend not in ("auto", "pallas"):
+    return backend
+  if jax.default_backend() == "cpu":
+    if backend == "pallas":
+      return backend  # the kernels' own dispatch falls back to their reference on CPU
+    return "tiled"
+  import pallas_kernels
+  if pallas_kernels.resolve_backend("auto") == "reference":
+    return "tiled" if backend == "auto" else backend
+  reason = pallas_kernels.unsupported_reason(widths, d_model) if widths else None
+  if reason and backend == "pallas":
+    raise ValueError(f"model.expert_backend=pallas: {reason}")
+  if reason:
+    warnings.warn(f"expert backend 'auto' uses 'tiled': {reason}", stacklevel=2)
+    return "tiled"
+  return "pallas"
 
 
 def grouped_ffn(x_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_up: Sequence[jax.Array],
@@ -147,8 +159,9 @@ def grouped_ffn(x_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_up: Sequence[
   are padding and give 0); w_gate_up[g]: [N, D, 2*W_g] (gate columns first); w_down[g]:
   [N, W_g, D]. Returns [M, D] in x's dtype, accumulated in float32.
   """
+  widths = [w.shape[1] for w in w_down]
   fn = {"reference": _ffn_reference, "ragged_dot": _ffn_ragged_dot, "tiled": _ffn_tiled,
-        "pallas": _ffn_pallas}[resolve_backend(backend)]
+        "pallas": _ffn_pallas}[resolve_backend(backend, widths, x_MxD.shape[1])]
   return fn(x_MxD, group_sizes_E, tuple(w_gate_up), tuple(w_down))
 
 

@@ -42,6 +42,14 @@ def resolve_backend(backend="auto"):
   return "reference"
 
 
+def unsupported_reason(widths, d_model, backend="auto") -> str | None:
+  """None if `backend` runs expert widths `widths` with model width `d_model`, else why not."""
+  if resolve_backend(backend) == "mosaic_gpu":
+    from pallas_kernels import gpu
+    return gpu.unsupported_reason(widths, d_model)
+  return None
+
+
 def get_ops(backend="auto", **tuning) -> Ops:
   backend = resolve_backend(backend)
   if backend == "reference":
@@ -74,5 +82,6 @@ def tgmm(lhs, rhs, group_sizes, shapes, *, backend="auto", **kw):
   return get_ops(backend).tgmm(lhs, rhs, group_sizes, [tuple(s) for s in shapes], **kw)
 
 
-__all__ = ["expert_ffn", "hgmm", "tgmm", "get_ops", "resolve_backend", "reference",
+__all__ = ["expert_ffn", "hgmm", "tgmm", "get_ops", "resolve_backend", "unsupported_reason",
+           "reference",
            "BACKENDS"]

@@ -48,6 +48,19 @@ class Config:
   interpret: bool = False
 
 
+def unsupported_reason(widths, d_model, cfg: Config = Config()) -> str | None:
+  """Why these shapes cannot run with `cfg`'s tiles (None when they can): every width W_g
+  and d must be a multiple of every tile edge they meet (rows/columns of the up, down, dh
+  and weight-gradient kernels)."""
+  import math
+  unit = math.lcm(cfg.bn, cfg.bn_up, cfg.bk, cfg.bm_t, cfg.bn_t)
+  bad = [w for w in widths if w % unit]
+  if bad or d_model % unit:
+    return (f"the Mosaic GPU kernels need expert widths and d_model to be multiples of "
+            f"{unit}; got widths {list(widths)}, d_model {d_model}")
+  return None
+
+
 def _num_sms(cfg):
   if cfg.num_sms:
     return cfg.num_sms

@@ -150,3 +150,23 @@ def test_grouped_ffn_backends_agree_with_padding_and_empty_experts(rng, dtype):
 def test_unknown_backend():
   with pytest.raises(ValueError, match="expert backend"):
     experts.resolve_backend("cutlass")
+
+
+def test_auto_backend_choice_on_hopper(monkeypatch):
+  """On a Hopper GPU, 'auto' takes the Pallas kernels when they tile the shapes and falls
+  back to 'tiled' (with a warning) when they do not; an explicit 'pallas' then errors."""
+  import pallas_kernels
+  from pallas_kernels import gpu
+  assert gpu.unsupported_reason([128, 256, 1280], 1024) is None
+  assert "multiples of 128" in gpu.unsupported_reason([128, 192], 512)
+  assert "d_model 320" in gpu.unsupported_reason([128], 320)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  real = pallas_kernels.resolve_backend
+  monkeypatch.setattr(pallas_kernels, "resolve_backend",
+                      lambda b="auto": "mosaic_gpu" if b == "auto" else real(b))
+  assert experts.resolve_backend("auto", [256, 384], 512) == "pallas"
+  with pytest.warns(UserWarning, match="uses 'tiled'"):
+    assert experts.resolve_backend("auto", [128, 192], 512) == "tiled"
+  with pytest.raises(ValueError, match="expert_backend=pallas: .*multiples of 128"):
+    experts.resolve_backend("pallas", [128, 192], 512)
+  assert experts.resolve_backend("ragged_dot", [128, 192], 512) == "ragged_dot"
