@@ -149,11 +149,29 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh: data x fsdp x expert x tensor must equal the device count (one -1 = rest).
+
+  The batch is sharded over data, fsdp and expert; parameters over fsdp (and tensor);
+  each group's experts over expert (the All-size Group-decoupling Allocation: with
+  expert = experts_per_group every device holds one expert of every width).
+  """
+
+  data: int = -1
+  fsdp: int = 1
+  expert: int = 1
+  tensor: int = 1
+  expert_comm: str = "all_to_all"  # "all_to_all" (ragged, dropless) or "all_gather"
+  placement: str = "all_size"  # "all_size" or "naive" (the contrast, for balance metrics)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
   loss: LossConfig = LossConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
 
   @property
   def group_aux_start(self) -> int:
@@ -350,4 +368,19 @@ def validate(cfg: Config) -> None:
   _require(0 < t.min_lr <= t.lr or t.min_lr == 0, "train.min_lr must be in [0, train.lr]")
   _require(math.isfinite(t.lr) and t.lr > 0, "train.lr must be > 0")
   _require(0 <= cfg.data.val_permille < 1000, "data.val_permille must be in [0, 1000)")
+  mesh = cfg.mesh
+  sizes = {k: getattr(mesh, k) for k in ("data", "fsdp", "expert", "tensor")}
+  for k, v in sizes.items():
+    _require(v >= 1 or v == -1, f"mesh.{k}={v}: must be >= 1, or -1 for the remaining devices")
+  _require(list(sizes.values()).count(-1) <= 1, "mesh: at most one axis may be -1")
+  _one_of(mesh.expert_comm, ("all_to_all", "all_gather"), "mesh.expert_comm")
+  _one_of(mesh.placement, ("all_size", "naive"), "mesh.placement")
+  if mesh.expert > 1 and any(k in ("mohge", "moe") for k in kinds):
+    _require(m.experts_per_group % mesh.expert == 0,
+             f"mesh.expert={mesh.expert} must divide model.experts_per_group="
+             f"{m.experts_per_group}: each group's experts are split evenly over the "
+             "expert axis (All-size allocation)")
+    _require(mesh.placement == "all_size",
+             "mesh.placement='naive' is a measurement contrast (balance metrics); the "
+             "expert-parallel compute layout is the All-size allocation")
 

@@ -188,6 +188,21 @@ class SwiGLU(nnx.Module):
                    preferred_element_type=jnp.float32).astype(self.dtype)
 
 
+def dispatch_and_combine(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down,
+                         num_experts: int, *, backend: str) -> jax.Array:
+  """Sort the T*K token-expert pairs by expert, run the grouped experts, unsort (gather
+  through the inverse permutation), weight and sum over K. Float32 [T, D]."""
+  T, K = expert_ids_TxK.shape
+  expert_of_pair_M = expert_ids_TxK.reshape(T * K)
+  order_M = jnp.argsort(expert_of_pair_M, stable=True)
+  group_sizes_E = jnp.zeros((num_experts,), jnp.int32).at[expert_of_pair_M].add(1)
+  y_sorted_MxD = grouped_ffn(x_TxD[order_M // K], group_sizes_E, w_gate_up, w_down,
+                             backend=backend)
+  inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(T * K, dtype=order_M.dtype))
+  y_TxKxD = y_sorted_MxD[inverse_M].reshape(T, K, -1)
+  return jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), weights_TxK)
+
+
 class RoutedFFN(nnx.Module):
   """MoHGE layer (kind 'mohge': two-level router) or homogeneous MoE (kind 'moe': top-K)."""
 
@@ -242,25 +257,20 @@ class RoutedFFN(nnx.Module):
     B, L, D = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(B * L, D)
     r, aux = self.route(x_TxD)
-    T, K = r.expert_ids.shape
     E = self.cfg.model.num_experts
 
-    # Dispatch: sort the T*K token-expert pairs by expert (group-major order).
-    expert_of_pair_M = r.expert_ids.reshape(T * K)
-    order_M = jnp.argsort(expert_of_pair_M, stable=True)
-    x_sorted_MxD = x_TxD[order_M // K]
-    group_sizes_E = jnp.zeros((E,), jnp.int32).at[expert_of_pair_M].add(1)
-
-    y_sorted_MxD = grouped_ffn(
-        x_sorted_MxD, group_sizes_E,
-        [w[...].astype(self.dtype) for w in self.w_gate_up],
-        [w[...].astype(self.dtype) for w in self.w_down],
-        backend=self.cfg.model.expert_backend)
-
-    # Combine: unsort (gather through the inverse permutation), weight, sum over K.
-    inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(T * K, dtype=order_M.dtype))
-    y_TxKxD = y_sorted_MxD[inverse_M].reshape(T, K, D)
-    y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), r.weights)
+    w_gate_up = [w[...].astype(self.dtype) for w in self.w_gate_up]
+    w_down = [w[...].astype(self.dtype) for w in self.w_down]
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.shape.get("expert", 1) > 1:
+      from mohge_jax import expert_parallel  # imports this module: import at use
+      y_TxD = expert_parallel.routed_experts(
+          x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, mesh=mesh,
+          experts_per_group=self.cfg.model.experts_per_group, comm=self.cfg.mesh.expert_comm,
+          backend=self.cfg.model.expert_backend)
+    else:
+      y_TxD = dispatch_and_combine(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, E,
+                                   backend=self.cfg.model.expert_backend)
     if self.shared is not None:
       y_TxD = y_TxD + self.shared(x_TxD).astype(jnp.float32)
     return y_TxD.astype(self.dtype).reshape(B, L, D), aux

@@ -23,9 +23,8 @@ import numpy as np
 import optax
 import yaml
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mohge_jax import data, losses
+from mohge_jax import data, losses, sharding
 from mohge_jax.checkpoint import Checkpointer, CheckpointError
 from mohge_jax.config import Config
 from mohge_jax.metrics import MetricsLog, Progress
@@ -58,11 +57,12 @@ def make_init_fn(cfg: Config):
 
 
 def abstract_state(cfg: Config, mesh: jax.sharding.Mesh | None = None):
-  """The training state's shapes and dtypes, replicated over `mesh` (default: all devices):
-  the restore target for checkpoints, whatever device count wrote them."""
-  replicated = NamedSharding(mesh or _data_mesh(), P())
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                      jax.eval_shape(make_init_fn(cfg)))
+  """The training state's shapes, dtypes and shardings on `mesh` (default: cfg.mesh over
+  all devices): the restore target for checkpoints, whatever device count wrote them."""
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  shapes = jax.eval_shape(make_init_fn(cfg))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, sharding.state_shardings(shapes, mesh))
 
 
 def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
@@ -190,16 +190,11 @@ class _StopFlag:
       signal.signal(sig, old)
 
 
-def _data_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def _put_batch(batch: dict[str, np.ndarray], accum: int, mesh) -> dict[str, jax.Array]:
+  """[B, L] host rows -> [accum, B/accum, L] device arrays, B sharded over the batch axes."""
   B = next(iter(batch.values())).shape[0]
-  shard = (B // accum) % mesh.devices.size == 0
-  sharding = NamedSharding(mesh, P(None, "data") if shard else P())
-  return {k: jax.device_put(v.reshape(accum, B // accum, *v.shape[1:]), sharding)
+  target = sharding.batch_sharding(mesh, leading=1)
+  return {k: jax.device_put(v.reshape(accum, B // accum, *v.shape[1:]), target)
           for k, v in batch.items()}
 
 
@@ -224,7 +219,12 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
           f"config: {'; '.join(diffs[:6])}. Use another --workdir, or the same config.")
   (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-  mesh = _data_mesh()
+  mesh = sharding.make_mesh(cfg.mesh)
+  if not sharding.batch_size_divides(t.batch_size // t.grad_accum, mesh):
+    raise TrainingError(
+        f"train.batch_size/train.grad_accum = {t.batch_size // t.grad_accum} sequences must "
+        f"divide evenly over the mesh's batch axes (data x fsdp x expert = "
+        f"{mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']})")
   target = abstract_state(cfg, mesh)
   graphdef = graph_def(cfg)
 
@@ -269,7 +269,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
   val_loss = None
   stopped = False
   t_last, step_last, t_start = time.perf_counter(), step, time.perf_counter()
-  with _StopFlag() as stop:
+  with _StopFlag() as stop, jax.set_mesh(mesh):
     try:
       while step < t.steps:
         batch = _put_batch(next(iterator), t.grad_accum, mesh)

@@ -1,0 +1,116 @@
+"""Expert parallelism: the routed experts under `jax.shard_map` over the mesh's expert axis.
+
+Routing and the auxiliary losses run outside (GSPMD sees global statistics); this module
+takes each device's tokens with their chosen experts and weights and returns the weighted
+sum of their experts' outputs. Each group's N experts are split evenly over the expert
+axis, so device r holds experts [r*N/EP, (r+1)*N/EP) of every group: the All-size
+Group-decoupling Allocation (spec §4; `allocation.place(..., "all_size")` is the same
+layout). Local experts are ordered group-major, as `experts.grouped_ffn` expects.
+
+Two exchanges, both dropless:
+- `all_to_all`: send each token-expert pair to the device owning its expert
+  (ragged all-to-all), compute, send the results back. Traffic ~ 2*T*K*d.
+- `all_gather`: gather the expert group's tokens, compute the pairs of local experts,
+  reduce-scatter the partial outputs. Traffic ~ 2*EP*T*d: cheaper when EP < K.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mohge_jax import collectives
+from mohge_jax.experts import grouped_ffn
+from mohge_jax.sharding import BATCH_AXES
+
+AXIS = "expert"
+
+
+def _inverse(order_M: jax.Array) -> jax.Array:
+  return jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
+
+
+def _owner_and_local(expert_ids, *, experts_per_group: int, ep: int):
+  """Logical expert id -> (owning rank on the expert axis, local id group-major)."""
+  n_local = experts_per_group // ep
+  group, n = expert_ids // experts_per_group, expert_ids % experts_per_group
+  return n // n_local, group * n_local + n % n_local
+
+
+def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, ep, backend):
+  T, K = ids_TxK.shape
+  M = T * K
+  E_l = len(w_gate_up) * (experts_per_group // ep)
+  owner_M, local_M = _owner_and_local(ids_TxK.reshape(M), experts_per_group=experts_per_group,
+                                      ep=ep)
+  key_M = owner_M * E_l + local_M  # by destination rank, then local expert
+  order_M = jnp.argsort(key_M, stable=True)
+  x_send_MxD = x_TxD[order_M // K]
+  counts_RxEl = jnp.zeros((ep * E_l,), jnp.int32).at[key_M].add(1).reshape(ep, E_l)
+  send_R = counts_RxEl.sum(1)
+  send_off_R = jnp.cumsum(send_R) - send_R
+  recv_R, out_off_R = collectives.exchange_sizes(send_R, axis_name=AXIS)
+  recv_counts_RxEl = jax.lax.all_to_all(counts_RxEl, AXIS, 0, 0, tiled=True)
+
+  # Received rows: by source rank, each source's rows sorted by local expert.
+  cap = ep * M  # dropless: one device may receive every pair of its expert group
+  x_recv = collectives.ragged_all_to_all(
+      x_send_MxD, jnp.zeros((cap, x_TxD.shape[1]), x_TxD.dtype), send_off_R, send_R,
+      out_off_R, recv_R, axis_name=AXIS)
+  local_ids = jnp.tile(jnp.arange(E_l, dtype=jnp.int32), ep)
+  local_row = jnp.repeat(local_ids, recv_counts_RxEl.reshape(-1), total_repeat_length=cap)
+  local_row = jnp.where(jnp.arange(cap) < recv_R.sum(), local_row, E_l)  # padding last
+  order_C = jnp.argsort(local_row, stable=True)
+  y_sorted = grouped_ffn(x_recv[order_C], recv_counts_RxEl.sum(0), w_gate_up, w_down,
+                         backend=backend)
+  y_recv = y_sorted[_inverse(order_C)]
+
+  # Return trip: each source's rows back to where it sent them from.
+  recv_off_R = jnp.cumsum(recv_R) - recv_R  # sources' rows in this buffer, in rank order
+  back_out_off_R = jax.lax.all_to_all(send_off_R, AXIS, 0, 0, tiled=True)
+  y_back_MxD = collectives.ragged_all_to_all(
+      y_recv, jnp.zeros((M, x_TxD.shape[1]), y_recv.dtype), recv_off_R, recv_R,
+      back_out_off_R, send_R, axis_name=AXIS)
+  y_TxKxD = y_back_MxD[_inverse(order_M)].reshape(T, K, -1)
+  return jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), w_TxK)
+
+
+def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, ep,
+                      backend):
+  x_all = jax.lax.all_gather(x_TxD, AXIS, tiled=True)  # the expert group's tokens
+  ids_all = jax.lax.all_gather(ids_TxK, AXIS, tiled=True)
+  w_all = jax.lax.all_gather(w_TxK, AXIS, tiled=True)
+  T, K = ids_all.shape
+  E_l = len(w_gate_up) * (experts_per_group // ep)
+  owner_M, local_M = _owner_and_local(ids_all.reshape(T * K),
+                                      experts_per_group=experts_per_group, ep=ep)
+  local_M = jnp.where(owner_M == jax.lax.axis_index(AXIS), local_M, E_l)  # others' last
+  order_M = jnp.argsort(local_M, stable=True)
+  sizes_El = jnp.zeros((E_l + 1,), jnp.int32).at[local_M].add(1)[:E_l]
+  y_sorted = grouped_ffn(x_all[order_M // K], sizes_El, w_gate_up, w_down, backend=backend)
+  y_TxKxD = y_sorted[_inverse(order_M)].reshape(T, K, -1)
+  partial_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), w_all)
+  return jax.lax.psum_scatter(partial_TxD, AXIS, scatter_dimension=0, tiled=True)
+
+
+def routed_experts(x_TxD: jax.Array, expert_ids_TxK: jax.Array, weights_TxK: jax.Array,
+                   w_gate_up, w_down, *, mesh, experts_per_group: int, comm: str,
+                   backend: str) -> jax.Array:
+  """Sum_k weights[t,k] * expert_{ids[t,k]}(x[t]) with experts split over `mesh`'s expert
+  axis. Returns float32 [T, D] sharded like x."""
+  ep = mesh.shape[AXIS]
+  if experts_per_group % ep:
+    raise ValueError(f"expert axis of size {ep} must divide experts_per_group={experts_per_group}")
+  local = {"all_to_all": _a2a_local, "all_gather": _all_gather_local}[comm]
+  batch = P(BATCH_AXES, None)
+  expert_w = P(AXIS, None, None)
+
+  def body(x, ids, w, wgu, wd):
+    return local(x, ids, w, list(wgu), list(wd), experts_per_group=experts_per_group, ep=ep,
+                 backend=backend)
+
+  return jax.shard_map(
+      body, mesh=mesh, in_specs=(batch, batch, batch, (expert_w,) * len(w_gate_up),
+                                 (expert_w,) * len(w_down)),
+      out_specs=batch)(x_TxD, expert_ids_TxK, weights_TxK, tuple(w_gate_up), tuple(w_down))

@@ -1,0 +1,126 @@
+"""The expert-parallel layer and a full training step equal the single-device model
+(8 fake CPU devices, set up in conftest.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mohge_jax import allocation, expert_parallel, losses, sharding
+from mohge_jax.config import ConfigError, MeshConfig, load_config
+from mohge_jax.experts import RoutedFFN
+from mohge_jax.model import Transformer
+
+LAYER = ["model.d_model=16", "model.group_widths=[8,16,24]", "model.experts_per_group=8",
+         "model.top_k_groups=2", "model.top_k=5", "model.num_shared_experts=1",
+         "model.shared_expert_width=8", "model.init_std=0.3", "model.expert_backend=tiled"]
+CASES = [  # (data, fsdp, expert), exchange: EP 2, 4, 8 and mixed meshes, both exchanges
+    ((1, 1, 2), "all_to_all"), ((1, 1, 4), "all_gather"), ((1, 1, 8), "all_to_all"),
+    ((2, 1, 4), "all_to_all"), ((4, 1, 2), "all_gather"), ((2, 2, 2), "all_to_all")]
+
+
+def mesh_of(data, fsdp, expert, comm="all_to_all"):
+  m = MeshConfig(data=data, fsdp=fsdp, expert=expert, expert_comm=comm)
+  return sharding.make_mesh(m, jax.devices()[:data * fsdp * expert]), m
+
+
+@pytest.mark.parametrize("shape,comm", CASES)
+def test_sharded_layer_equals_single_device(rng, shape, comm):
+  mesh, mcfg = mesh_of(*shape, comm)
+  cfg = load_config(None, LAYER + [f"mesh.expert={shape[2]}", f"mesh.expert_comm={comm}"])
+  layer = RoutedFFN(cfg, "mohge", rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  x = jnp.asarray(rng.normal(size=(8, 6, 16)), jnp.float32)
+  graphdef, params = nnx.split(layer)
+
+  def loss(params, x):
+    y, aux = nnx.merge(graphdef, params)(x)
+    return jnp.sum(y * jnp.sin(y)) + aux["expert_aux"] + aux["group_aux"], (y, aux)
+
+  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  (want_l, (want_y, want_aux)), want_g = f(params, x)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P(sharding.BATCH_AXES)))
+    ps = jax.device_put(params, sharding.state_shardings(params, mesh))
+    (got_l, (got_y, got_aux)), got_g = f(ps, xs)
+    hlo = f.lower(ps, xs).as_text()
+  assert ("all_to_all" in hlo or "all-to-all" in hlo) if comm == "all_to_all" else (
+      "reduce_scatter" in hlo or "reduce-scatter" in hlo)
+  np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(got_l), float(want_l), rtol=1e-5)
+  for k in ("expert_aux", "group_aux", "expert_tokens"):
+    np.testing.assert_allclose(np.asarray(got_aux[k]), np.asarray(want_aux[k]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_local_layout_is_the_all_size_allocation():
+  """Device r holds experts [r*N/EP, (r+1)*N/EP) of every group: allocation.place's blocks."""
+  G, N = 8, 8
+  widths = tuple(range(384, 1281, 128))
+  for ep in (1, 2, 4, 8):
+    owner, local = expert_parallel._owner_and_local(jnp.arange(G * N), experts_per_group=N,
+                                                    ep=ep)
+    placement = allocation.place(widths, N, ep)
+    assert [sorted(ids) for ids in placement.experts_by_rank] == [
+        sorted(np.flatnonzero(np.asarray(owner) == r).tolist()) for r in range(ep)]
+    # local ids are group-major and dense on every device
+    for r in range(ep):
+      mine = np.flatnonzero(np.asarray(owner) == r)
+      np.testing.assert_array_equal(np.asarray(local)[mine], np.arange(G * N // ep))
+
+
+@pytest.mark.parametrize("shape,comm", [((1, 1, 8), "all_to_all"), ((2, 2, 2), "all_gather")])
+def test_full_training_step_equals_single_device(rng, shape, comm):
+  from mohge_jax.trainer import make_init_fn, make_train_step, graph_def
+  cfg = load_config("configs/tiny.yaml", [
+      "model.d_model=32", "model.num_heads=2", "model.kv_lora_rank=16",
+      "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
+      "model.dense_ffn_width=32", "model.group_widths=[8,16]", "model.experts_per_group=8",
+      "model.top_k_groups=2", "model.top_k=3", "model.num_layers=2", "train.batch_size=8",
+      "train.seq_len=16", f"mesh.expert={shape[2]}", f"mesh.fsdp={shape[1]}",
+      f"mesh.expert_comm={comm}", "model.expert_backend=tiled", "loss.group_aux_start_step=0"])
+  tokens = rng.integers(0, 257, size=(1, 8, 17))
+  batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+           "loss_mask": np.ones((1, 8, 16), np.float32),
+           "segment_ids": np.zeros((1, 8, 16), np.int32),
+           "positions": np.broadcast_to(np.arange(16), (1, 8, 16)).astype(np.int32)}
+  step = make_train_step(cfg, graph_def(cfg))
+  state = jax.jit(make_init_fn(cfg))()
+  want_state, want_m = step(jax.tree.map(jnp.copy, state), batch)
+  mesh = sharding.make_mesh(cfg.mesh)
+  with jax.set_mesh(mesh):
+    st = jax.device_put(state, sharding.state_shardings(state, mesh))
+    b = jax.device_put(batch, sharding.batch_sharding(mesh, leading=1))
+    got_state, got_m = step(st, b)
+  for k in ("loss", "lm_loss", "group_aux", "expert_aux", "grad_norm"):
+    np.testing.assert_allclose(float(got_m[k]), float(want_m[k]), rtol=2e-5, err_msg=k)
+  for a, b_ in zip(jax.tree.leaves(got_state["params"]), jax.tree.leaves(want_state["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-4, atol=1e-6)
+
+
+def test_parameter_shardings_follow_the_rules():
+  cfg = load_config("configs/tiny.yaml", ["mesh.expert=4", "mesh.fsdp=2"])
+  mesh = sharding.make_mesh(cfg.mesh)
+  from mohge_jax.trainer import abstract_state
+  st = abstract_state(cfg, mesh)
+  params = st["params"]
+  routed = params["blocks"][1]["ffn"]
+  assert routed["w_gate_up"][0].sharding.spec == jax.P("expert", "fsdp", None)
+  assert routed["w_down"][2].sharding.spec == jax.P("expert", None, "fsdp")
+  assert params["blocks"][0]["ffn"]["w_gate_up"].sharding.spec == jax.P("fsdp", None)
+  assert params["embed"].sharding.spec == jax.P(None, "fsdp")
+  # Adam moments mirror the parameters.
+  mu = st["opt_state"][1][0].mu
+  assert mu["blocks"][1]["ffn"]["w_gate_up"][0].sharding.spec == jax.P("expert", "fsdp", None)
+
+
+def test_mesh_errors():
+  with pytest.raises(ConfigError, match="does not match the 8 devices"):
+    sharding.make_mesh(MeshConfig(data=2, expert=2))
+  with pytest.raises(ConfigError, match="cannot be split"):
+    sharding.make_mesh(MeshConfig(data=-1, expert=3))
+  with pytest.raises(ConfigError, match="mesh.expert=3 must divide model.experts_per_group=4"):
+    load_config("configs/tiny.yaml", ["mesh.expert=3"])
+  with pytest.raises(ConfigError, match="at most one axis may be -1"):
+    load_config("configs/tiny.yaml", ["mesh.fsdp=-1"])
