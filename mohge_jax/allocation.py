@@ -112,3 +112,19 @@ def imbalance(per_rank: np.ndarray) -> float:
   per_rank = np.asarray(per_rank, np.float64)
   mean = per_rank.mean()
   return float(per_rank.max() / mean) if mean > 0 else 1.0
+
+
+def balance_report(expert_tokens_LxE: np.ndarray, widths: Sequence[int], experts_per_group: int,
+                   ep: int, d_model: int, strategy: str = "all_size") -> dict[str, list]:
+  """Per-rank load of routed layers for a placement: token-expert pairs and routed FLOPs
+  per rank (summed over layers) and the max/mean imbalance of each layer."""
+  p = place(widths, experts_per_group, ep, strategy)
+  tokens_LxR = np.stack([rank_tokens(p, t) for t in expert_tokens_LxE])
+  flops_LxR = np.stack([rank_flops(p, widths, experts_per_group, t, d_model)
+                        for t in expert_tokens_LxE])
+  return {
+      "rank_tokens": tokens_LxR.sum(0).tolist(),
+      "rank_flops": flops_LxR.sum(0).tolist(),
+      "token_imbalance": [imbalance(t) for t in tokens_LxR],
+      "flop_imbalance": [imbalance(f) for f in flops_LxR],
+  }

@@ -38,7 +38,8 @@ def _owner_and_local(expert_ids, *, experts_per_group: int, ep: int):
   return n // n_local, group * n_local + n % n_local
 
 
-def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, ep, backend):
+def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, ep, backend,
+               a2a_impl="auto"):
   T, K = ids_TxK.shape
   M = T * K
   E_l = len(w_gate_up) * (experts_per_group // ep)
@@ -57,7 +58,7 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
   cap = ep * M  # dropless: one device may receive every pair of its expert group
   x_recv = collectives.ragged_all_to_all(
       x_send_MxD, jnp.zeros((cap, x_TxD.shape[1]), x_TxD.dtype), send_off_R, send_R,
-      out_off_R, recv_R, axis_name=AXIS)
+      out_off_R, recv_R, axis_name=AXIS, impl=a2a_impl)
   local_ids = jnp.tile(jnp.arange(E_l, dtype=jnp.int32), ep)
   local_row = jnp.repeat(local_ids, recv_counts_RxEl.reshape(-1), total_repeat_length=cap)
   local_row = jnp.where(jnp.arange(cap) < recv_R.sum(), local_row, E_l)  # padding last
@@ -71,13 +72,14 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
   back_out_off_R = jax.lax.all_to_all(send_off_R, AXIS, 0, 0, tiled=True)
   y_back_MxD = collectives.ragged_all_to_all(
       y_recv, jnp.zeros((M, x_TxD.shape[1]), y_recv.dtype), recv_off_R, recv_R,
-      back_out_off_R, send_R, axis_name=AXIS)
+      back_out_off_R, send_R, axis_name=AXIS, impl=a2a_impl)
   y_TxKxD = y_back_MxD[_inverse(order_M)].reshape(T, K, -1)
   return jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), w_TxK)
 
 
 def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, ep,
-                      backend):
+                      backend, a2a_impl=None):
+  del a2a_impl  # no ragged exchange here
   x_all = jax.lax.all_gather(x_TxD, AXIS, tiled=True)  # the expert group's tokens
   ids_all = jax.lax.all_gather(ids_TxK, AXIS, tiled=True)
   w_all = jax.lax.all_gather(w_TxK, AXIS, tiled=True)
@@ -96,7 +98,7 @@ def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_g
 
 def routed_experts(x_TxD: jax.Array, expert_ids_TxK: jax.Array, weights_TxK: jax.Array,
                    w_gate_up, w_down, *, mesh, experts_per_group: int, comm: str,
-                   backend: str) -> jax.Array:
+                   backend: str, a2a_impl: str = "auto") -> jax.Array:
   """Sum_k weights[t,k] * expert_{ids[t,k]}(x[t]) with experts split over `mesh`'s expert
   axis. Returns float32 [T, D] sharded like x."""
   ep = mesh.shape[AXIS]
@@ -108,7 +110,7 @@ def routed_experts(x_TxD: jax.Array, expert_ids_TxK: jax.Array, weights_TxK: jax
 
   def body(x, ids, w, wgu, wd):
     return local(x, ids, w, list(wgu), list(wd), experts_per_group=experts_per_group, ep=ep,
-                 backend=backend)
+                 backend=backend, a2a_impl=a2a_impl)
 
   return jax.shard_map(
       body, mesh=mesh, in_specs=(batch, batch, batch, (expert_w,) * len(w_gate_up),

@@ -1,7 +1,8 @@
 """Plot a run: `python -m mohge_jax.plot WORKDIR [--out FILE.png]`.
 
 Draws, from WORKDIR/metrics.jsonl: training and validation loss, the auxiliary losses,
-and the share of routed tokens per expert group over training. Default output:
+the share of routed tokens per expert group, and the routed FLOPs of every expert-parallel
+rank (relative to the mean) over training. Default output:
 WORKDIR/plots.png.
 """
 
@@ -37,7 +38,7 @@ def plot(workdir: str | Path, out: str | Path | None = None) -> Path:
   workdir = Path(workdir)
   rows = read_metrics(workdir)
   out = Path(out) if out else workdir / "plots.png"
-  fig, (ax_loss, ax_aux, ax_share) = plt.subplots(1, 3, figsize=(16, 4.5))
+  fig, (ax_loss, ax_aux, ax_share, ax_rank) = plt.subplots(1, 4, figsize=(21, 4.5))
 
   for key, label in (("loss", "train loss (total)"), ("lm_loss", "train LM loss"),
                      ("val_loss", "validation loss")):
@@ -67,6 +68,22 @@ def plot(workdir: str | Path, out: str | Path | None = None) -> Path:
     ax_share.legend(loc="upper left", fontsize="small", ncol=2)
   else:
     ax_share.set_title("no routed layers")
+  loads = [(r["step"], r["ep_rank_flops"]) for r in rows if "ep_rank_flops" in r]
+  if loads:
+    steps = [s for s, _ in loads]
+    R = len(loads[0][1])
+    for rank in range(R):
+      ax_rank.plot(steps, [v[rank] / (sum(v) / R) for _, v in loads], label=f"rank {rank}")
+    naive = [(r["step"], max(r["ep_naive_flop_imbalance"])) for r in rows
+             if "ep_naive_flop_imbalance" in r]
+    if naive:
+      ax_rank.plot(*zip(*naive), "k--", label="naive: worst layer max/mean")
+    ax_rank.axhline(1.0, color="grey", lw=0.5)
+    ax_rank.set(xlabel="step", ylabel="routed FLOPs / mean",
+                title=f"Per-rank expert load (EP={R})")
+    ax_rank.legend(fontsize="small", ncol=2)
+  else:
+    ax_rank.set_title("no routed layers")
   fig.tight_layout()
   fig.savefig(out, dpi=110)
   plt.close(fig)

@@ -24,7 +24,7 @@ import optax
 import yaml
 from flax import nnx
 
-from mohge_jax import data, losses, sharding
+from mohge_jax import allocation, data, losses, sharding
 from mohge_jax.checkpoint import Checkpointer, CheckpointError
 from mohge_jax.config import Config
 from mohge_jax.metrics import MetricsLog, Progress
@@ -77,6 +77,7 @@ def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
                "z_loss": aux["z_loss"]}
     if "group_tokens" in aux:
       metrics["group_tokens"] = aux["group_tokens"]
+      metrics["expert_tokens"] = aux["expert_tokens"]
     return total, metrics
   return loss_fn
 
@@ -99,7 +100,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef):
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     grads, metrics_A = jax.lax.scan(micro, zeros, batch_AxBxL)
     grads = jax.tree.map(lambda g: g / accum, grads)
-    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics_A)
+    metrics = {k: jnp.sum(v, 0) if k.endswith("_tokens") else jnp.mean(v, 0)
+               for k, v in metrics_A.items()}
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.global_norm(grads)
@@ -165,6 +167,22 @@ def _diff_config(saved: dict, now: dict, prefix: str = "") -> list[str]:
     elif (list(a) if isinstance(a, (list, tuple)) else a) != (
         list(b) if isinstance(b, (list, tuple)) else b):
       out.append(f"{prefix}{k} (checkpoint {a!r}, now {b!r})")
+  return out
+
+
+def _balance(cfg: Config, expert_tokens_LxE: np.ndarray) -> dict[str, Any]:
+  """Per expert-parallel rank load (the mesh's expert axis; N ranks if it is 1, to show
+  what the placement would give), for the configured placement and the naive contrast."""
+  m = cfg.model
+  ep = cfg.mesh.expert if cfg.mesh.expert > 1 else m.experts_per_group
+  out: dict[str, Any] = {"ep_size": ep}
+  for strategy in ("all_size", "naive"):
+    if m.num_experts % ep:
+      break
+    rep = allocation.balance_report(expert_tokens_LxE, m.group_widths, m.experts_per_group, ep,
+                                    m.d_model, strategy)
+    prefix = "ep_" if strategy == cfg.mesh.placement else f"ep_{strategy}_"
+    out.update({prefix + k: v for k, v in rep.items()})
   return out
 
 
@@ -289,12 +307,13 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
                 f"{'step ' + str(good) if good is not None else 'none'} in {ckpt.directory}; "
                 "lower train.lr or raise train.warmup_steps, then re-run to resume from it.")
           now = time.perf_counter()
-          row = {k: v for k, v in host.items() if k != "group_tokens"}
+          row = {k: v for k, v in host.items() if not k.endswith("_tokens")}
           row["tokens_per_s"] = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
           if "group_tokens" in host:
             g = np.asarray(host["group_tokens"], np.float64)  # [layers, G]
             row["group_share"] = (g.sum(0) / g.sum()).tolist()
             row["group_share_by_layer"] = (g / g.sum(1, keepdims=True)).tolist()
+            row.update(_balance(cfg, np.asarray(host["expert_tokens"])))
           if due_eval:
             val_loss = evaluate()
             if val_loss is not None:
