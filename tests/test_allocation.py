@@ -48,3 +48,19 @@ def test_errors():
     allocation.place(WIDTHS_3B, 8, ep=3)
   with pytest.raises(ValueError, match="strategy"):
     allocation.place(WIDTHS_3B, 8, ep=8, strategy="random")
+
+
+def test_balance_report(rng):
+  widths, N, ep, d = (10, 20, 30, 40), 4, 4, 8
+  tokens_LxE = rng.integers(0, 50, size=(3, 16))
+  rep = allocation.balance_report(tokens_LxE, widths, N, ep, d, "naive")
+  p = allocation.place(widths, N, ep, "naive")
+  for layer in range(3):
+    per_rank = [tokens_LxE[layer][list(ids)].sum() for ids in p.experts_by_rank]
+    assert rep["token_imbalance"][layer] == pytest.approx(max(per_rank) / np.mean(per_rank))
+  assert rep["rank_tokens"] == [sum(tokens_LxE[l][list(ids)].sum() for l in range(3))
+                                for ids in p.experts_by_rank]
+  # Uniform routing: all-size is balanced in FLOPs, naive is not.
+  uniform = np.full((1, 16), 7)
+  assert allocation.balance_report(uniform, widths, N, ep, d)["flop_imbalance"] == [1.0]
+  assert allocation.balance_report(uniform, widths, N, ep, d, "naive")["flop_imbalance"][0] > 1.5
