@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
   overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
   workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
   try:
+    from mohge_jax import distributed
+    distributed.maybe_initialize()  # multi-host launches (env vars, SLURM, TPU pods)
     cfg = load_config(args.config, overrides)
     result = train(cfg, workdir)
   except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as e:

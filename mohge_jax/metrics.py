@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
   value = np.asarray(value)
   if value.ndim == 0:
     v = value.item()
@@ -39,7 +39,7 @@ class MetricsLog:
       self._tb = None
 
   def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+    row = {"step": step, **{k: plain(v) for k, v in metrics.items()}}
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:

@@ -24,10 +24,10 @@ import optax
 import yaml
 from flax import nnx
 
-from mohge_jax import allocation, data, losses, sharding
+from mohge_jax import allocation, data, distributed, losses, sharding
 from mohge_jax.checkpoint import Checkpointer, CheckpointError
 from mohge_jax.config import Config
-from mohge_jax.metrics import MetricsLog, Progress
+from mohge_jax.metrics import MetricsLog, Progress, plain
 from mohge_jax.model import Transformer
 from mohge_jax.optimizer import lr_schedule, make_optimizer
 
@@ -136,7 +136,7 @@ class RunResult:
 def _check_workdir(workdir: Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write_probe"
+    probe = workdir / f".write_probe.{jax.process_index()}"  # hosts may share the workdir
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
@@ -212,12 +212,26 @@ def _put_batch(batch: dict[str, np.ndarray], accum: int, mesh) -> dict[str, jax.
   """[B, L] host rows -> [accum, B/accum, L] device arrays, B sharded over the batch axes."""
   B = next(iter(batch.values())).shape[0]
   target = sharding.batch_sharding(mesh, leading=1)
-  return {k: jax.device_put(v.reshape(accum, B // accum, *v.shape[1:]), target)
-          for k, v in batch.items()}
+  return distributed.global_batch(
+      {k: v.reshape(accum, B // accum, *v.shape[1:]) for k, v in batch.items()}, target)
+
+
+class _Quiet:
+  """Stands in for the metrics log and progress bar on hosts other than the first."""
+  path = None
+
+  def write(self, step, row):
+    return {"step": step, **{k: plain(v) for k, v in row.items()}}
+
+  def __getattr__(self, name):
+    return lambda *a, **k: None
 
 
 def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
   workdir = Path(workdir)
+  main = distributed.is_main_process()
+  if not main:
+    log = lambda *a, **k: None  # noqa: E731
   _check_workdir(workdir)
   t = cfg.train
   prepared = data.prepare(cfg.data.source, cfg.data.tokenizer, val_permille=cfg.data.val_permille,
@@ -235,7 +249,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
       raise TrainingError(
           f"the checkpoint at {ckpt.directory}/{latest} was written with a different model "
           f"config: {'; '.join(diffs[:6])}. Use another --workdir, or the same config.")
-  (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+  if main:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
   mesh = sharding.make_mesh(cfg.mesh)
   if not sharding.batch_size_divides(t.batch_size // t.grad_accum, mesh):
@@ -263,8 +278,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
 
   train_step = make_train_step(cfg, graphdef)
   eval_step = make_eval_step(cfg, graphdef)
-  metrics_log = MetricsLog(workdir, resume_step=step)
-  progress = Progress(t.steps, step)
+  metrics_log = MetricsLog(workdir, resume_step=step) if main else _Quiet()
+  progress = Progress(t.steps, step) if main else _Quiet()
   tokens_per_step = t.batch_size * t.seq_len
 
   def save(at_step: int) -> None:
@@ -297,7 +312,11 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
         due_log = step % t.log_every == 0 or step == t.steps
         due_ckpt = step % t.ckpt_every == 0 or step == t.steps
         due_eval = step % t.eval_every == 0 or step == t.steps
-        if due_log or due_ckpt or due_eval or stop.signal is not None:
+        # All hosts must agree to stop (a signal reaches each at a different step); with
+        # several hosts that costs a host sync, so they compare only at log boundaries.
+        check = jax.process_count() == 1 or due_log or due_ckpt or due_eval
+        stop_now = check and distributed.any_process(stop.signal is not None)
+        if due_log or due_ckpt or due_eval or stop_now:
           host = jax.device_get(pending)
           if not (math.isfinite(float(host["loss"])) and math.isfinite(float(host["grad_norm"]))):
             good = ckpt.latest_step()
@@ -323,12 +342,12 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
           eta = (t.steps - step) * (now - t_last) / max(step - step_last, 1)
           progress.show(step, last_row, eta)
           t_last, step_last = time.perf_counter(), step
-        if due_ckpt or stop.signal is not None:
+        if due_ckpt or stop_now:
           save(step)
-        if stop.signal is not None:
+        if stop_now:
           stopped = True
-          progress.note(f"received {signal.Signals(stop.signal).name}: saved step {step}; "
-                        "re-run the same command to resume")
+          why = signal.Signals(stop.signal).name if stop.signal else "a stop on another host"
+          progress.note(f"received {why}: saved step {step}; re-run the same command to resume")
           break
     finally:
       ckpt.wait()
@@ -340,7 +359,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
   summary = {"step": step, "loss": loss, "val_loss": val_loss, "stopped_by_signal": stopped,
              "wall_s": time.perf_counter() - t_start, "checkpoints": str(ckpt.directory),
              "metrics": str(metrics_log.path)}
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  if main:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   if not stopped:
     log(f"done: step {step}, loss {loss:.4f}"
         + (f", validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})"
