@@ -162,7 +162,7 @@ class MeshConfig:
   expert: int = 1
   tensor: int = 1
   expert_comm: str = "all_to_all"  # "all_to_all" (ragged, dropless) or "all_gather"
-  placement: str = "all_size"  # "all_size" or "naive" (the contrast, for balance metrics)
+  placement: str = "all_size"  # "all_size" or "naive" (whole groups per rank: the contrast)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,11 +376,13 @@ def validate(cfg: Config) -> None:
   _one_of(mesh.expert_comm, ("all_to_all", "all_gather"), "mesh.expert_comm")
   _one_of(mesh.placement, ("all_size", "naive"), "mesh.placement")
   if mesh.expert > 1 and any(k in ("mohge", "moe") for k in kinds):
-    _require(m.experts_per_group % mesh.expert == 0,
-             f"mesh.expert={mesh.expert} must divide model.experts_per_group="
-             f"{m.experts_per_group}: each group's experts are split evenly over the "
-             "expert axis (All-size allocation)")
-    _require(mesh.placement == "all_size",
-             "mesh.placement='naive' is a measurement contrast (balance metrics); the "
-             "expert-parallel compute layout is the All-size allocation")
+    if mesh.placement == "all_size":
+      _require(m.experts_per_group % mesh.expert == 0,
+               f"mesh.expert={mesh.expert} must divide model.experts_per_group="
+               f"{m.experts_per_group}: each group's experts are split evenly over the "
+               "expert axis (All-size allocation)")
+    else:
+      _require(m.num_groups % mesh.expert == 0,
+               f"mesh.expert={mesh.expert} must divide the number of groups "
+               f"{m.num_groups} for mesh.placement='naive' (whole groups per rank)")
 

@@ -31,20 +31,49 @@ def _inverse(order_M: jax.Array) -> jax.Array:
   return jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
 
 
-def _owner_and_local(expert_ids, *, experts_per_group: int, ep: int):
-  """Logical expert id -> (owning rank on the expert axis, local id group-major)."""
-  n_local = experts_per_group // ep
-  group, n = expert_ids // experts_per_group, expert_ids % experts_per_group
+def _owner_and_local(expert_ids, *, experts_per_group: int, ep: int,
+                     num_groups: int = 0, placement: str = "all_size"):
+  """Logical expert id -> (owning rank on the expert axis, local id group-major).
+
+  all_size: rank r owns experts [r*N/EP, (r+1)*N/EP) of every group.
+  naive: rank r owns whole groups [r*G/EP, (r+1)*G/EP) (needs num_groups).
+  """
+  N = experts_per_group
+  group, n = expert_ids // N, expert_ids % N
+  if placement == "naive":
+    groups_per_rank = num_groups // ep
+    owner = group // groups_per_rank
+    return owner, expert_ids - owner * groups_per_rank * N
+  n_local = N // ep
   return n // n_local, group * n_local + n % n_local
 
 
+def _local_ffn(x, sizes, w_gate_up, w_down, *, placement, ep, backend):
+  """The grouped experts this rank owns. all_size: the weights given are this rank's
+  shards. naive: all groups' weights are given; each rank runs its own groups (a switch
+  on the rank: every branch has its own static widths)."""
+  if placement == "all_size":
+    return grouped_ffn(x, sizes, w_gate_up, w_down, backend=backend)
+  per = len(w_gate_up) // ep
+  # Mark the replicated weights as varying over the axis first, so that the psum of their
+  # gradients is placed here, not inside the switch (where only one branch's ranks would
+  # join it and the collective would hang).
+  w_gate_up = [jax.lax.pcast(w, AXIS, to="varying") for w in w_gate_up]
+  w_down = [jax.lax.pcast(w, AXIS, to="varying") for w in w_down]
+  branches = [
+      (lambda x, sizes, r=r: grouped_ffn(x, sizes, w_gate_up[r * per:(r + 1) * per],
+                                         w_down[r * per:(r + 1) * per], backend=backend))
+      for r in range(ep)]
+  return jax.lax.switch(jax.lax.axis_index(AXIS), branches, x, sizes)
+
+
 def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, ep, backend,
-               a2a_impl="auto"):
+               placement, a2a_impl="auto"):
   T, K = ids_TxK.shape
   M = T * K
-  E_l = len(w_gate_up) * (experts_per_group // ep)
+  E_l = len(w_gate_up) * experts_per_group // ep
   owner_M, local_M = _owner_and_local(ids_TxK.reshape(M), experts_per_group=experts_per_group,
-                                      ep=ep)
+                                      ep=ep, num_groups=len(w_gate_up), placement=placement)
   key_M = owner_M * E_l + local_M  # by destination rank, then local expert
   order_M = jnp.argsort(key_M, stable=True)
   x_send_MxD = x_TxD[order_M // K]
@@ -63,8 +92,8 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
   local_row = jnp.repeat(local_ids, recv_counts_RxEl.reshape(-1), total_repeat_length=cap)
   local_row = jnp.where(jnp.arange(cap) < recv_R.sum(), local_row, E_l)  # padding last
   order_C = jnp.argsort(local_row, stable=True)
-  y_sorted = grouped_ffn(x_recv[order_C], recv_counts_RxEl.sum(0), w_gate_up, w_down,
-                         backend=backend)
+  y_sorted = _local_ffn(x_recv[order_C], recv_counts_RxEl.sum(0), w_gate_up, w_down,
+                        placement=placement, ep=ep, backend=backend)
   y_recv = y_sorted[_inverse(order_C)]
 
   # Return trip: each source's rows back to where it sent them from.
@@ -78,19 +107,21 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
 
 
 def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, ep,
-                      backend, a2a_impl=None):
+                      backend, placement, a2a_impl=None):
   del a2a_impl  # no ragged exchange here
   x_all = jax.lax.all_gather(x_TxD, AXIS, tiled=True)  # the expert group's tokens
   ids_all = jax.lax.all_gather(ids_TxK, AXIS, tiled=True)
   w_all = jax.lax.all_gather(w_TxK, AXIS, tiled=True)
   T, K = ids_all.shape
-  E_l = len(w_gate_up) * (experts_per_group // ep)
+  E_l = len(w_gate_up) * experts_per_group // ep
   owner_M, local_M = _owner_and_local(ids_all.reshape(T * K),
-                                      experts_per_group=experts_per_group, ep=ep)
+                                      experts_per_group=experts_per_group, ep=ep,
+                                      num_groups=len(w_gate_up), placement=placement)
   local_M = jnp.where(owner_M == jax.lax.axis_index(AXIS), local_M, E_l)  # others' last
   order_M = jnp.argsort(local_M, stable=True)
   sizes_El = jnp.zeros((E_l + 1,), jnp.int32).at[local_M].add(1)[:E_l]
-  y_sorted = grouped_ffn(x_all[order_M // K], sizes_El, w_gate_up, w_down, backend=backend)
+  y_sorted = _local_ffn(x_all[order_M // K], sizes_El, w_gate_up, w_down,
+                        placement=placement, ep=ep, backend=backend)
   y_TxKxD = y_sorted[_inverse(order_M)].reshape(T, K, -1)
   partial_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), w_all)
   return jax.lax.psum_scatter(partial_TxD, AXIS, scatter_dimension=0, tiled=True)
@@ -98,19 +129,28 @@ def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_g
 
 def routed_experts(x_TxD: jax.Array, expert_ids_TxK: jax.Array, weights_TxK: jax.Array,
                    w_gate_up, w_down, *, mesh, experts_per_group: int, comm: str,
-                   backend: str, a2a_impl: str = "auto") -> jax.Array:
+                   backend: str, placement: str = "all_size",
+                   a2a_impl: str = "auto") -> jax.Array:
   """Sum_k weights[t,k] * expert_{ids[t,k]}(x[t]) with experts split over `mesh`'s expert
-  axis. Returns float32 [T, D] sharded like x."""
+  axis. Returns float32 [T, D] sharded like x.
+
+  placement="naive" (whole groups per rank, the paper's contrast) keeps every group's
+  weights on every expert rank (gathered at the shard_map boundary) and runs only the
+  owned groups: its compute and traffic are naive's, its weight memory is not.
+  """
   ep = mesh.shape[AXIS]
-  if experts_per_group % ep:
+  G = len(w_gate_up)
+  if placement == "all_size" and experts_per_group % ep:
     raise ValueError(f"expert axis of size {ep} must divide experts_per_group={experts_per_group}")
+  if placement == "naive" and G % ep:
+    raise ValueError(f"naive placement: expert axis of size {ep} must divide the {G} groups")
   local = {"all_to_all": _a2a_local, "all_gather": _all_gather_local}[comm]
   batch = P(BATCH_AXES, None)
-  expert_w = P(AXIS, None, None)
+  expert_w = P(AXIS, None, None) if placement == "all_size" else P()
 
   def body(x, ids, w, wgu, wd):
     return local(x, ids, w, list(wgu), list(wd), experts_per_group=experts_per_group, ep=ep,
-                 backend=backend, a2a_impl=a2a_impl)
+                 backend=backend, placement=placement, a2a_impl=a2a_impl)
 
   return jax.shard_map(
       body, mesh=mesh, in_specs=(batch, batch, batch, (expert_w,) * len(w_gate_up),

@@ -267,7 +267,7 @@ class RoutedFFN(nnx.Module):
       y_TxD = expert_parallel.routed_experts(
           x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, mesh=mesh,
           experts_per_group=self.cfg.model.experts_per_group, comm=self.cfg.mesh.expert_comm,
-          backend=self.cfg.model.expert_backend)
+          backend=self.cfg.model.expert_backend, placement=self.cfg.mesh.placement)
     else:
       y_TxD = dispatch_and_combine(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, E,
                                    backend=self.cfg.model.expert_backend)

@@ -12,12 +12,14 @@ from mohge_jax.config import ConfigError, MeshConfig, load_config
 from mohge_jax.experts import RoutedFFN
 from mohge_jax.model import Transformer
 
-LAYER = ["model.d_model=16", "model.group_widths=[8,16,24]", "model.experts_per_group=8",
+LAYER = ["model.d_model=16", "model.group_widths=[8,16,24,32]", "model.experts_per_group=8",
          "model.top_k_groups=2", "model.top_k=5", "model.num_shared_experts=1",
          "model.shared_expert_width=8", "model.init_std=0.3", "model.expert_backend=tiled"]
-CASES = [  # (data, fsdp, expert), exchange: EP 2, 4, 8 and mixed meshes, both exchanges
-    ((1, 1, 2), "all_to_all"), ((1, 1, 4), "all_gather"), ((1, 1, 8), "all_to_all"),
-    ((2, 1, 4), "all_to_all"), ((4, 1, 2), "all_gather"), ((2, 2, 2), "all_to_all")]
+CASES = [  # (data, fsdp, expert), exchange, placement: EP 2, 4, 8, mixed meshes
+    ((1, 1, 2), "all_to_all", "all_size"), ((1, 1, 4), "all_gather", "all_size"),
+    ((1, 1, 8), "all_to_all", "all_size"), ((2, 1, 4), "all_to_all", "all_size"),
+    ((4, 1, 2), "all_gather", "all_size"), ((2, 2, 2), "all_to_all", "all_size"),
+    ((1, 1, 4), "all_to_all", "naive"), ((2, 1, 2), "all_gather", "naive")]
 
 
 def mesh_of(data, fsdp, expert, comm="all_to_all"):
@@ -25,10 +27,11 @@ def mesh_of(data, fsdp, expert, comm="all_to_all"):
   return sharding.make_mesh(m, jax.devices()[:data * fsdp * expert]), m
 
 
-@pytest.mark.parametrize("shape,comm", CASES)
-def test_sharded_layer_equals_single_device(rng, shape, comm):
+@pytest.mark.parametrize("shape,comm,placement", CASES)
+def test_sharded_layer_equals_single_device(rng, shape, comm, placement):
   mesh, mcfg = mesh_of(*shape, comm)
-  cfg = load_config(None, LAYER + [f"mesh.expert={shape[2]}", f"mesh.expert_comm={comm}"])
+  cfg = load_config(None, LAYER + [f"mesh.expert={shape[2]}", f"mesh.expert_comm={comm}",
+                                   f"mesh.placement={placement}"])
   layer = RoutedFFN(cfg, "mohge", rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   x = jnp.asarray(rng.normal(size=(8, 6, 16)), jnp.float32)
   graphdef, params = nnx.split(layer)
@@ -122,5 +125,7 @@ def test_mesh_errors():
     sharding.make_mesh(MeshConfig(data=-1, expert=3))
   with pytest.raises(ConfigError, match="mesh.expert=3 must divide model.experts_per_group=4"):
     load_config("configs/tiny.yaml", ["mesh.expert=3"])
+  with pytest.raises(ConfigError, match="must divide the number of groups 4"):
+    load_config("configs/tiny.yaml", ["mesh.expert=8", "mesh.placement=naive"])
   with pytest.raises(ConfigError, match="at most one axis may be -1"):
     load_config("configs/tiny.yaml", ["mesh.fsdp=-1"])
