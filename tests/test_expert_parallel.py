@@ -73,8 +73,10 @@ def test_local_layout_is_the_all_size_allocation():
       np.testing.assert_array_equal(np.asarray(local)[mine], np.arange(G * N // ep))
 
 
-@pytest.mark.parametrize("shape,comm", [((1, 1, 8), "all_to_all"), ((2, 2, 2), "all_gather")])
-def test_full_training_step_equals_single_device(rng, shape, comm):
+@pytest.mark.parametrize("shape,comm,tensor", [((1, 1, 8), "all_to_all", 1),
+                                               ((2, 2, 2), "all_gather", 1),
+                                               ((1, 2, 2), "all_to_all", 2)])
+def test_full_training_step_equals_single_device(rng, shape, comm, tensor):
   from mohge_jax.trainer import make_init_fn, make_train_step, graph_def
   cfg = load_config("configs/tiny.yaml", [
       "model.d_model=32", "model.num_heads=2", "model.kv_lora_rank=16",
@@ -82,7 +84,8 @@ def test_full_training_step_equals_single_device(rng, shape, comm):
       "model.dense_ffn_width=32", "model.group_widths=[8,16]", "model.experts_per_group=8",
       "model.top_k_groups=2", "model.top_k=3", "model.num_layers=2", "train.batch_size=8",
       "train.seq_len=16", f"mesh.expert={shape[2]}", f"mesh.fsdp={shape[1]}",
-      f"mesh.expert_comm={comm}", "model.expert_backend=tiled", "loss.group_aux_start_step=0"])
+      f"mesh.expert_comm={comm}", f"mesh.tensor={tensor}", "model.expert_backend=tiled",
+      "loss.group_aux_start_step=0"])
   tokens = rng.integers(0, 257, size=(1, 8, 17))
   batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
            "loss_mask": np.ones((1, 8, 16), np.float32),
