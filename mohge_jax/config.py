@@ -133,6 +133,7 @@ class TrainConfig:
   batch_size: int = 8  # global batch, sequences
   seq_len: int = 128
   grad_accum: int = 1
+  logits_chunk: int = 0  # >0: compute the LM loss in chunks of this many positions
   lr: float = 3e-4
   min_lr: float = 3e-5
   warmup_steps: int = 10
@@ -360,6 +361,7 @@ def validate(cfg: Config) -> None:
                "ckpt_every", "keep_checkpoints"):
     _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)}: must be >= 1")
   _require(t.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+  _require(t.logits_chunk >= 0, "train.logits_chunk must be >= 0 (0: off)")
   _require(t.eval_batches >= 0, "train.eval_batches must be >= 0")
   _require(t.batch_size % t.grad_accum == 0,
            f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")

@@ -70,3 +70,35 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
   mask_BxL = mask_BxL.astype(jnp.float32)
   n = jnp.sum(mask_BxL)
   return jnp.sum(nll_BxL * mask_BxL) / jnp.maximum(n, 1.0), n
+
+
+def chunked_cross_entropy(x_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax.Array,
+                          mask_BxL: jax.Array, *, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy(x @ w, ...)` without materialising the [B, L, V] float32 logits: the
+  sequence is cut into chunks of `chunk` positions, scanned, and each chunk's logits are
+  recomputed in the backward pass (jax.checkpoint). Same value and gradients; peak memory
+  of the output layer falls from B*L*V to B*chunk*V floats."""
+  B, L, D = x_BxLxD.shape
+  n = -(-L // chunk)
+  pad = n * chunk - L
+  if pad:
+    x_BxLxD = jnp.pad(x_BxLxD, ((0, 0), (0, pad), (0, 0)))
+    targets_BxL = jnp.pad(targets_BxL, ((0, 0), (0, pad)))
+    mask_BxL = jnp.pad(mask_BxL, ((0, 0), (0, pad)))
+  mask_BxL = mask_BxL.astype(jnp.float32)
+  to_chunks = lambda a: jnp.moveaxis(a.reshape(B, n, chunk, *a.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk_nll(x_BxCxD, t_BxC, m_BxC):
+    logits_BxCxV = jnp.dot(x_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    tgt_BxC = jnp.take_along_axis(logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse_BxC - tgt_BxC) * m_BxC)
+
+  def body(total, xs):
+    return total + chunk_nll(*xs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                          (to_chunks(x_BxLxD), to_chunks(targets_BxL), to_chunks(mask_BxL)))
+  n_tok = jnp.sum(mask_BxL)
+  return total / jnp.maximum(n_tok, 1.0), n_tok

@@ -63,7 +63,9 @@ class Transformer(nnx.Module):
     self.head = nnx.Param(m.init_std * jax.random.normal(rngs.params(), (D, V), jnp.float32))
 
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-               segment_ids_BxL: jax.Array | None = None):
+               segment_ids_BxL: jax.Array | None = None, *, return_hidden: bool = False):
+    """Logits [B, L, V] float32 and the aux dict; with return_hidden, the final normed
+    hidden states [B, L, D] instead of logits (for a chunked loss: see `head_weight`)."""
     m = self.cfg.model
     B, L = tokens_BxL.shape
     if L > m.max_seq_len:
@@ -85,9 +87,16 @@ class Transformer(nnx.Module):
         routed_aux.append(aux)
 
     x_BxLxD = self.final_norm(x_BxLxD)
+    if return_hidden:
+      return x_BxLxD, _collect_aux(routed_aux)
     logits_BxLxV = jnp.dot(x_BxLxD, self.head[...].astype(self.dtype),
                            preferred_element_type=jnp.float32)
     return logits_BxLxV, _collect_aux(routed_aux)
+
+
+def head_weight(model: Transformer) -> jax.Array:
+  """The output layer [D, V] in the compute dtype (what __call__ multiplies by)."""
+  return model.head[...].astype(model.dtype)
 
 
 def _call_block(block, x_BxLxD, positions_BxL, segment_ids_BxL):

@@ -28,7 +28,7 @@ from mohge_jax import allocation, data, distributed, losses, sharding
 from mohge_jax.checkpoint import Checkpointer, CheckpointError
 from mohge_jax.config import Config
 from mohge_jax.metrics import MetricsLog, Progress, plain
-from mohge_jax.model import Transformer
+from mohge_jax.model import Transformer, head_weight
 from mohge_jax.optimizer import lr_schedule, make_optimizer
 
 
@@ -68,8 +68,14 @@ def abstract_state(cfg: Config, mesh: jax.sharding.Mesh | None = None):
 def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
   def loss_fn(params, batch, group_aux_on):
     model = nnx.merge(graphdef, params)
-    logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    lm_loss, _ = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    if cfg.train.logits_chunk:
+      h, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                     return_hidden=True)
+      lm_loss, _ = losses.chunked_cross_entropy(h, head_weight(model), batch["targets"],
+                                                batch["loss_mask"], chunk=cfg.train.logits_chunk)
+    else:
+      logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+      lm_loss, _ = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
     group_aux = aux["group_aux"] * group_aux_on  # switched on at loss.group_aux_start_step
     total = lm_loss + group_aux + aux["expert_aux"] + aux["z_loss"]
     metrics = {"loss": total, "lm_loss": lm_loss, "group_aux": group_aux,

@@ -98,3 +98,17 @@ def test_aux_losses_differentiate_through_both_routers(rng):
   assert np.abs(np.asarray(g_ig[0])).sum() > 0 and np.abs(np.asarray(g_ig[1])).sum() > 0
   assert np.abs(np.asarray(g_gw[0])).sum() > 0
   np.testing.assert_array_equal(np.asarray(g_gw[1]), 0)  # L_GW does not see the expert gate
+
+
+@pytest.mark.parametrize("L,chunk", [(12, 4), (13, 5), (7, 16)])
+def test_chunked_cross_entropy_equals_plain(rng, L, chunk):
+  B, D, V = 3, 8, 29
+  x = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+  t = jnp.asarray(rng.integers(0, V, size=(B, L)))
+  m = jnp.asarray(rng.random((B, L)) > 0.2, jnp.float32)
+  plain = lambda x, w: losses.cross_entropy(x @ w, t, m)[0]
+  chunked = lambda x, w: losses.chunked_cross_entropy(x, w, t, m, chunk=chunk)[0]
+  np.testing.assert_allclose(float(chunked(x, w)), float(plain(x, w)), rtol=1e-5)
+  for a, b in zip(jax.grad(chunked, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

@@ -192,3 +192,20 @@ def test_help_documents_everything():
   assert out.returncode == 0
   for word in ("--config", "--workdir", "--steps", "key=value", "resume", "SIGTERM", "export"):
     assert word in out.stdout
+
+
+def test_chunked_logits_step_equals_plain_step(rng):
+  from mohge_jax.trainer import graph_def, make_train_step
+  tokens = rng.integers(0, 257, size=(1, 8, 33))
+  batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+           "loss_mask": (rng.random((1, 8, 32)) > 0.1).astype(np.float32),
+           "segment_ids": np.zeros((1, 8, 32), np.int32),
+           "positions": np.broadcast_to(np.arange(32), (1, 8, 32)).astype(np.int32)}
+  out = {}
+  for chunk in (0, 12):
+    cfg = load_config("configs/tiny.yaml", MICRO + [f"train.logits_chunk={chunk}"])
+    state = jax.jit(make_init_fn(cfg))()
+    out[chunk] = make_train_step(cfg, graph_def(cfg))(state, batch)
+  np.testing.assert_allclose(float(out[12][1]["lm_loss"]), float(out[0][1]["lm_loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(out[12][0]["params"]), jax.tree.leaves(out[0][0]["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
