@@ -209,3 +209,36 @@ def test_chunked_logits_step_equals_plain_step(rng):
   np.testing.assert_allclose(float(out[12][1]["lm_loss"]), float(out[0][1]["lm_loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(out[12][0]["params"]), jax.tree.leaves(out[0][0]["params"])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_one_big_batch(rng):
+  """With the auxiliary losses off (they use per-micro-batch statistics by design), two
+  micro-batches of 4 give the update of one batch of 8."""
+  from mohge_jax.trainer import graph_def, make_train_step
+  tokens = rng.integers(0, 257, size=(8, 33))
+  full = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "loss_mask": np.ones((8, 32), np.float32), "segment_ids": np.zeros((8, 32), np.int32),
+          "positions": np.broadcast_to(np.arange(32), (8, 32)).astype(np.int32)}
+  out = {}
+  for accum in (1, 2):
+    cfg = load_config("configs/tiny.yaml", MICRO + [
+        f"train.grad_accum={accum}", "loss.expert_aux_coef=0", "loss.group_aux_coef=0"])
+    state = jax.jit(make_init_fn(cfg))()
+    batch = {k: v.reshape(accum, 8 // accum, *v.shape[1:]) for k, v in full.items()}
+    out[accum] = make_train_step(cfg, graph_def(cfg))(state, batch)
+  np.testing.assert_allclose(float(out[2][1]["lm_loss"]), float(out[1][1]["lm_loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(out[2][1]["grad_norm"]), float(out[1][1]["grad_norm"]),
+                             rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(out[2][0]["params"]), jax.tree.leaves(out[1][0]["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_weight_decay_skips_norms_and_embedding():
+  from mohge_jax.optimizer import decay_mask
+  cfg = load_config("configs/tiny.yaml", MICRO)
+  params = jax.eval_shape(make_init_fn(cfg))["params"]
+  mask = decay_mask(params)
+  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert any("embed" in k for k in flat) and any("scale" in k for k in flat)
+  assert all(not v for k, v in flat.items() if "scale" in k or "embed" in k)
+  assert all(v for k, v in flat.items() if "w_" in k or "head" in k or "router" in k)
