@@ -21,14 +21,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mohge_jax import collectives
-from mohge_jax.experts import grouped_ffn
+from mohge_jax.experts import grouped_ffn, inverse_permutation
 from mohge_jax.sharding import BATCH_AXES
 
 AXIS = "expert"
-
-
-def _inverse(order_M: jax.Array) -> jax.Array:
-  return jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
 
 
 def _owner_and_local(expert_ids, *, experts_per_group: int, ep: int,
@@ -94,7 +90,7 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
   order_C = jnp.argsort(local_row, stable=True)
   y_sorted = _local_ffn(x_recv[order_C], recv_counts_RxEl.sum(0), w_gate_up, w_down,
                         placement=placement, ep=ep, backend=backend)
-  y_recv = y_sorted[_inverse(order_C)]
+  y_recv = y_sorted[inverse_permutation(order_C)]
 
   # Return trip: each source's rows back to where it sent them from.
   recv_off_R = jnp.cumsum(recv_R) - recv_R  # sources' rows in this buffer, in rank order
@@ -102,7 +98,7 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
   y_back_MxD = collectives.ragged_all_to_all(
       y_recv, jnp.zeros((M, x_TxD.shape[1]), y_recv.dtype), recv_off_R, recv_R,
       back_out_off_R, send_R, axis_name=AXIS, impl=a2a_impl)
-  y_TxKxD = y_back_MxD[_inverse(order_M)].reshape(T, K, -1)
+  y_TxKxD = y_back_MxD[inverse_permutation(order_M)].reshape(T, K, -1)
   return jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), w_TxK)
 
 
@@ -122,7 +118,7 @@ def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_g
   sizes_El = jnp.zeros((E_l + 1,), jnp.int32).at[local_M].add(1)[:E_l]
   y_sorted = _local_ffn(x_all[order_M // K], sizes_El, w_gate_up, w_down,
                         placement=placement, ep=ep, backend=backend)
-  y_TxKxD = y_sorted[_inverse(order_M)].reshape(T, K, -1)
+  y_TxKxD = y_sorted[inverse_permutation(order_M)].reshape(T, K, -1)
   partial_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), w_all)
   return jax.lax.psum_scatter(partial_TxD, AXIS, scatter_dimension=0, tiled=True)
 

@@ -188,6 +188,11 @@ class SwiGLU(nnx.Module):
                    preferred_element_type=jnp.float32).astype(self.dtype)
 
 
+def inverse_permutation(order_M: jax.Array) -> jax.Array:
+  """inv with inv[order[i]] = i: gathering through it undoes the gather through `order`."""
+  return jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
+
+
 def dispatch_and_combine(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down,
                          num_experts: int, *, backend: str) -> jax.Array:
   """Sort the T*K token-expert pairs by expert, run the grouped experts, unsort (gather
@@ -198,8 +203,7 @@ def dispatch_and_combine(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down,
   group_sizes_E = jnp.zeros((num_experts,), jnp.int32).at[expert_of_pair_M].add(1)
   y_sorted_MxD = grouped_ffn(x_TxD[order_M // K], group_sizes_E, w_gate_up, w_down,
                              backend=backend)
-  inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(T * K, dtype=order_M.dtype))
-  y_TxKxD = y_sorted_MxD[inverse_M].reshape(T, K, -1)
+  y_TxKxD = y_sorted_MxD[inverse_permutation(order_M)].reshape(T, K, -1)
   return jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), weights_TxK)
 
 
