@@ -107,6 +107,9 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=None)
   ap.add_argument("--find-batch", default="16,8,4,2,1")
   ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--contrast", action="store_true",
+                  help="also time each config with experts computed one at a time "
+                       "(model.expert_backend=per_expert, the paper's reference's way)")
   ap.add_argument("--out", default=None)
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args()
@@ -128,6 +131,12 @@ def main() -> None:
         continue
       row.update(config=path, mfu=row["tflops"] / PEAK_TFLOPS,
                  mfu_vs_measured_dense=row["tflops"] / dense)
+      if args.contrast:
+        slow = run_one(load_config(path, [f"train.seq_len={args.seq}", f"train.batch_size={b}",
+                                          "train.grad_accum=1", *args.overrides,
+                                          "model.expert_backend=per_expert"]), b, args.reps)
+        row["per_expert_tokens_per_s"] = slow["tokens_per_s"]
+        row["speedup_vs_per_expert"] = row["tokens_per_s"] / slow["tokens_per_s"]
       rows.append(row)
       print(json.dumps(row), flush=True)
       break
@@ -136,7 +145,9 @@ def main() -> None:
   for r in rows:
     print(f"{r['config']:<24}{r['batch']:>6}{r['step_ms']:>10.1f}{r['tokens_per_s']:>11,.0f}"
           f"{r['tflops']:>9.1f}{r['mfu']:>7.1%}{r['mfu_vs_measured_dense']:>9.1%}"
-          f"{r['peak_mem_gb']:>9.1f}")
+          f"{r['peak_mem_gb']:>9.1f}"
+          + (f"  {r['speedup_vs_per_expert']:.1f}x per-expert" if "speedup_vs_per_expert" in r
+             else ""))
   if args.out:
     with open(args.out, "w") as fh:
       json.dump({"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 FFN_KINDS = ("mohge", "moe", "dense")
 COMBINE_MODES = ("softmax", "renormalize", "raw")
-EXPERT_BACKENDS = ("auto", "reference", "ragged_dot", "tiled", "pallas")
+EXPERT_BACKENDS = ("auto", "reference", "ragged_dot", "tiled", "pallas", "per_expert")
 ATTENTION_KINDS = ("mla", "mha")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 ROPE_SCALINGS = ("none", "yarn")

@@ -1,0 +1,173 @@
+"""benchmarks.profile_summary: device-event selection, name grouping, shares and busy time on
+hand-written traces, then a real CPU capture."""
+
+import gzip
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import profile_summary as ps
+
+
+def _meta(pid, pname, threads):
+  out = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": pname}}]
+  out += [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": n}}
+          for tid, n in threads.items()]
+  return out
+
+
+def _x(pid, tid, ts, dur, name, **args):
+  return {"ph": "X", "pid": pid, "tid": tid, "ts": float(ts), "dur": float(dur), "name": name,
+          "args": {k: str(v) for k, v in args.items()}}
+
+
+def _write(path, events):
+  with gzip.open(path, "wt") as fh:
+    json.dump({"displayTimeUnit": "ns", "metadata": {}, "traceEvents": events}, fh)
+  return str(path)
+
+
+def _union(spans):
+  total, end = 0.0, -np.inf
+  for s, e in sorted(spans):
+    total += max(0.0, e - max(s, end))
+    end = max(end, e)
+  return total
+
+
+def test_normalise_and_category():
+  assert ps.normalise("fusion.123") == "fusion"
+  assert ps.normalise("loop_add_fusion_3") == "loop_add_fusion"
+  assert ps.normalise("all-reduce-start.1.2") == "all-reduce-start"
+  assert ps.normalise("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)") \
+      == "ncclDevKernel_AllReduce_Sum_f32_RING_LL"
+  assert ps.normalise("void cutlass::Kernel2<x>(P)") == "cutlass::Kernel2<x>"
+  assert ps.normalise("reduce_f32") == "reduce_f32"  # a dtype is not an instance number
+  assert ps.category("nvjet_hsh_256x128", "custom-call.7") == "matmul"
+  assert ps.category("ncclDevKernel_AllGather", "all-gather-start.2") == "collective"
+  assert ps.category("loop_add_fusion_3", "loop_add_fusion.3") == "fusion"
+  assert ps.category("while.5", "while.5") == "control-flow"
+  assert ps.category("MemcpyD2D") == "memcpy"
+
+
+def test_synthetic_gpu_trace(tmp_path, rng):
+  """Device streams only (host events, even with hlo_op, and CUPTI overhead are ignored);
+  kernel instances grouped by name without their numbers; shares sum to 1; rows sorted."""
+  H, D = 7, 1  # host and device pids
+  ev = _meta(H, "/host:CPU", {11: "python", 12: "Host Threads/12"})
+  ev += _meta(D, "/device:GPU:0", {1: "Stream #7(Kernel)", 2: "Stream #13(Kernel,MemcpyD2D)",
+                                   3: "CUPTI overhead"})
+  kernels = {"loop_add_fusion_%d": "loop_add_fusion.%d", "input_reduce_fusion_%d":
+             "input_reduce_fusion.%d", "nvjet_hsh_256x128_%d": "custom-call.%d"}
+  want = {"loop_add_fusion": 0.0, "input_reduce_fusion": 0.0, "nvjet_hsh_256x128": 0.0,
+          "ncclDevKernel_AllReduce_Sum_f32_RING_LL": 0.0, "MemcpyD2D": 0.0}
+  counts = dict.fromkeys(want, 0)
+  spans = []
+  steps = 2
+  t = 0.0
+  for step in range(steps):
+    ev.append(_x(H, 11, t, 5000.0, "train", step_num=step))  # StepTraceAnnotation
+    ev.append(_x(H, 11, t, 4000.0, "PjitFunction(train_step)"))
+    for i in range(int(rng.integers(5, 12))):
+      fmt = list(kernels)[int(rng.integers(len(kernels)))]
+      n = int(rng.integers(0, 40))
+      dur = float(rng.uniform(1, 100))
+      ev.append(_x(D, 1, t, dur, fmt % n, hlo_op=kernels[fmt] % n, hlo_module="jit_train_step"))
+      ev.append(_x(H, 12, t - 5, 3.0, "cuLaunchKernel", hlo_op=kernels[fmt] % n))
+      want[ps.normalise(fmt % n)] += dur
+      counts[ps.normalise(fmt % n)] += 1
+      spans.append((t, t + dur))
+      if i == 2:  # a collective overlapping the compute stream, then a copy after it
+        d2 = float(rng.uniform(50, 300))
+        name = "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)"
+        ev.append(_x(D, 2, t + 1, d2, name, hlo_op=f"all-reduce-start.{step}"))
+        ev.append(_x(D, 2, t + 1 + d2, 4.0, "MemcpyD2D", memcpy_details="size:64"))
+        ev.append(_x(D, 3, t, 9999.0, "CUPTI overhead"))
+        want[name.split("(")[0]] += d2
+        want["MemcpyD2D"] += 4.0
+        counts[name.split("(")[0]] += 1
+        counts["MemcpyD2D"] += 1
+        spans += [(t + 1, t + 1 + d2), (t + 1 + d2, t + 5 + d2)]
+      t += dur + float(rng.uniform(0, 20))
+    t += 500.0
+  path = _write(tmp_path / "h.trace.json.gz", ev)
+
+  rows = ps.summarise(path, top=None)
+  assert {r["name"]: r["count"] for r in rows} == {k: v for k, v in counts.items() if v}
+  for r in rows:
+    np.testing.assert_allclose(r["total_ms"], want[r["name"]] / 1e3, rtol=1e-9)
+  assert [r["total_ms"] for r in rows] == sorted((r["total_ms"] for r in rows), reverse=True)
+  np.testing.assert_allclose(sum(r["share"] for r in rows), 1.0, rtol=1e-9)
+  cats = {r["name"]: r["category"] for r in rows}
+  assert cats.get("nvjet_hsh_256x128", "matmul") == "matmul"
+  assert cats["ncclDevKernel_AllReduce_Sum_f32_RING_LL"] == "collective"
+  assert len(ps.summarise(path, top=2)) == 2
+  by_op = {r["name"] for r in ps.summarise(path, top=None, by="op")}
+  assert "all-reduce-start" in by_op and not any(n[-1].isdigit() for n in by_op)
+
+  tot = ps.totals(path)
+  assert tot["steps"] == steps and tot["devices"] == 1
+  np.testing.assert_allclose(tot["op_ms"], sum(want.values()) / 1e3, rtol=1e-9)
+  np.testing.assert_allclose(tot["busy_ms"], _union(spans) / 1e3, rtol=1e-9)
+  assert tot["busy_ms"] < tot["op_ms"]  # the collective overlapped compute
+  # A thread regex overrides the rule: the host launch events alone.
+  host = ps.summarise(path, top=None, threads=r"^/host:CPU/Host Threads")
+  assert [r["name"] for r in host] == ["cuLaunchKernel"]
+
+
+def test_synthetic_cpu_trace_self_time(tmp_path, rng):
+  """No device process: ops are the host events carrying hlo_op; a while loop's body ops on
+  its thread are subtracted from its time, and "end:" markers are dropped."""
+  H = 3
+  ev = _meta(H, "/host:CPU", {1: "python", 2: "tf_XLAEigen/1", 3: "tf_XLAPjRtCpuClient/2"})
+  body = rng.uniform(10, 50, size=3)
+  w0, gap = 100.0, 2.0
+  loop = float(body.sum() + gap * 4)
+  ev.append(_x(H, 1, 0, 1000, "$train.py:10 step"))
+  ev.append(_x(H, 3, w0, loop, "while.5", hlo_op="while.5", hlo_module="jit_f", device_ordinal=0))
+  t = w0 + gap
+  for i, d in enumerate(body):
+    ev.append(_x(H, 3, t, d, f"ynn_fusion.{i}", hlo_op=f"ynn_fusion.{i}", device_ordinal=0))
+    ev.append(_x(H, 3, t + d, 0.3, f"end: ynn_fusion.{i}"))
+    t += d + gap
+  ev.append(_x(H, 2, w0 + loop + 1, 7.0, "copy.6", hlo_op="copy.6", device_ordinal=0))
+  ev.append(_x(H, 3, w0 - 50, 500, "ThunkExecutor::Execute (wait for completion)",
+               device_ordinal=0))
+  path = _write(tmp_path / "c.trace.json.gz", ev)
+  rows = {r["name"]: r for r in ps.summarise(path, top=None)}
+  assert set(rows) == {"ynn_fusion", "while", "copy"}
+  np.testing.assert_allclose(rows["ynn_fusion"]["total_ms"] * 1e3, body.sum(), rtol=1e-9)
+  np.testing.assert_allclose(rows["while"]["total_ms"] * 1e3, gap * 4, rtol=1e-6)
+  assert rows["ynn_fusion"]["count"] == 3 and rows["while"]["category"] == "control-flow"
+  tot = ps.totals(path, steps=1)
+  np.testing.assert_allclose(tot["busy_ms"] * 1e3, loop + 7.0, rtol=1e-9)
+
+
+def test_real_cpu_capture(tmp_path, rng):
+  """jax.profiler on CPU writes a perfetto trace whose XLA op events summarise to fusions."""
+  @jax.jit
+  def f(x, w):
+    return jax.nn.softmax(x @ w, axis=-1).sum()
+
+  step = jax.jit(lambda s, x: (s + x @ s, (x @ s).sum()), donate_argnums=0)
+  x = jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)
+
+  path = ps.capture(f, x, w, logdir=str(tmp_path / "a"), warmup=1, steps=2)
+  assert path.endswith("perfetto_trace.json.gz")
+  rows = ps.summarise(path, top=None)
+  assert rows, "no device events"
+  names = [r["name"] for r in rows]
+  assert any("fusion" in n or "dot" in n for n in names[:3]), names
+  assert not any(n.startswith(("$", "PjitFunction", "end: ", "ThunkExecutor")) for n in names)
+  np.testing.assert_allclose(sum(r["share"] for r in rows), 1.0, rtol=1e-9)
+  tot = ps.totals(path)
+  assert tot["steps"] == 2 and 0 < tot["busy_ms"] and tot["op_ms"] > 0
+  assert "ms/step" in ps.format_table(rows, tot)
+
+  # A donated train-step-like function runs only with carry=True (state fed back).
+  s = jnp.asarray(rng.normal(size=(64, 64)) / 64, jnp.float32)
+  path = ps.capture(step, s, x, logdir=str(tmp_path / "b"), steps=2, carry=True)
+  assert ps.summarise(path) and ps.totals(path)["steps"] == 2
