@@ -1,0 +1,313 @@
+"""Top device operations by time from a `jax.profiler` trace, without TensorBoard.
+
+    python -m benchmarks.profile_summary TRACE_OR_LOGDIR [--top 25] [--by name|op|category|module]
+        [--raw] [--steps N] [--threads REGEX] [--json OUT]
+    python -m benchmarks.profile_summary --demo [--logdir DIR]   # profile a toy program here
+
+`capture` profiles a function and returns the trace file that jax writes; `summarise` groups
+that trace's device-side complete events ("ph": "X") by op and ranks them by time.
+
+What jax 0.11.2 writes: `stop_trace` exports `LOGDIR/plugins/profile/<date>/<host>.xplane.pb`
+(for TensorBoard) and `<host>.trace.json.gz` (Chrome trace: {"traceEvents": [...]}, `ts`/`dur`
+in microseconds); `create_perfetto_trace=True` adds `perfetto_trace.json.gz`, the same events
+without the "metadata" key. The JSON holds the host plane (process "/host:CPU") and, on GPU or
+TPU, one process per device plane ("/device:GPU:0", ...). It is capped at 5,000,000 events.
+
+Device-event rule (`device_events`, overridable with a process/thread-name regex):
+  * GPU/TPU: processes named "/device:*". Within each, the "XLA Ops" thread if there is one
+    (TPU; op level), else the "Stream #*" threads (CUPTI kernels, memcpys, memsets; one per
+    CUDA stream). Events there carry args hlo_op, hlo_module, tf_op, kernel_details.
+    "CUPTI overhead", counter and derived lines ("XLA Modules", "Steps") are left out because
+    they repeat the same time.
+  * CPU (no "/device:" process): XLA runs ops on host threads (tf_XLAEigen/...,
+    tf_XLAPjRtCpuClient/...), so the rule is "events whose args carry `hlo_op`": those are
+    the thunk executions, with args hlo_op, hlo_module, device_ordinal, run_id. Python
+    frames ("$file.py:12 f"), PjRt bookkeeping, "ThunkExecutor::Execute (wait ...)" and
+    the "end: <op>" markers carry no hlo_op and are dropped.
+Times are self (exclusive) times: a control-flow thunk (CPU `while.5`) encloses its body's
+ops on the same thread, so children are subtracted to avoid counting them twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+from typing import Any, Callable
+
+_SUFFIX = re.compile(r"(?:[._]\d+)+$")
+# First match wins; tested against "<hlo_op> <event name>" in lower case.
+_CATEGORIES = (
+  ("collective", r"nccl|all-reduce|all-gather|reduce-scatter|all-to-all|collective"
+                 r"|\bsend\b|\brecv\b|allreduce|allgather|reducescatter"),
+  ("matmul", r"gemm|\bdot|_dot|matmul|cublas|xmma|cutlass|nvjet|convolution|cudnn"),
+  ("memcpy", r"memcpy|memset|copy-start|copy-done"),
+  ("copy/transpose", r"^(copy|transpose)\b"),
+  ("control-flow", r"^(while|conditional|call)\b"),
+  ("custom-call", r"custom-call|custom_call|triton|pallas|mosaic"),
+  ("fusion", r"fusion|^wrapped_"),
+)
+
+
+def normalise(name: str) -> str:
+  """Op name without its instance number: `fusion.123` -> `fusion`, `loop_add_fusion_3` ->
+  `loop_add_fusion`, `ncclDevKernel_X(args)` -> `ncclDevKernel_X`; the op kind stays."""
+  name = name.strip()
+  if name.startswith("void "):
+    name = name[5:]
+  if "(" in name[1:]:
+    name = name[:name.index("(", 1)]
+  return _SUFFIX.sub("", name) or name
+
+
+def category(name: str, hlo_op: str = "") -> str:
+  """Coarse class of an op (matmul, collective, fusion, ...) from its HLO op and event name."""
+  text = f"{hlo_op} {name}".strip().lower()
+  for cat, pattern in _CATEGORIES:
+    if re.search(pattern, text):
+      return cat
+  return "other"
+
+
+def find_trace(path: str) -> str:
+  """The trace file itself, or the newest `*.trace.json.gz`/`perfetto_trace.json.gz` under a
+  log directory (jax writes one `plugins/profile/<date>/` folder per trace)."""
+  if os.path.isfile(path):
+    return path
+  found = [p for pat in ("**/perfetto_trace.json.gz", "**/*.trace.json.gz", "**/*.trace.json")
+           for p in glob.glob(os.path.join(path, pat), recursive=True)]
+  if not found:
+    pb = glob.glob(os.path.join(path, "**/*.xplane.pb"), recursive=True)
+    raise FileNotFoundError(f"no trace JSON under {path}"
+                            + (f" (only {pb[0]}: open it with xprof)" if pb else ""))
+  return max(found, key=lambda p: (os.path.getmtime(os.path.dirname(p)), "perfetto" in p))
+
+
+def load_trace(path: str) -> dict:
+  """The parsed trace ({"traceEvents": [...]}) of a file or log directory (see find_trace)."""
+  path = find_trace(path)
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as fh:
+    trace = json.load(fh)
+  return {"traceEvents": trace} if isinstance(trace, list) else trace
+
+
+def _as_trace(trace: str | dict) -> dict:
+  return load_trace(trace) if isinstance(trace, (str, os.PathLike)) else trace
+
+
+def _names(events: list[dict]) -> tuple[dict, dict]:
+  procs, threads = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      procs[e["pid"]] = e.get("args", {}).get("name", "")
+    elif e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e.get("tid"))] = e.get("args", {}).get("name", "")
+  return procs, threads
+
+
+def device_events(trace: str | dict, threads: str | None = None) -> list[dict]:
+  """Complete events that ran on a device, by the module docstring's rule; or, with
+  `threads`, those whose "<process name>/<thread name>" matches that regex."""
+  events = _as_trace(trace)["traceEvents"]
+  procs, names = _names(events)
+  xs = [e for e in events if e.get("ph") == "X" and "dur" in e]
+  if threads is not None:
+    rx = re.compile(threads)
+    return [e for e in xs
+            if rx.search(f"{procs.get(e['pid'], '')}/{names.get((e['pid'], e.get('tid')), '')}")]
+  devices = {pid for pid, n in procs.items() if n.startswith("/device:")}
+  if not devices:
+    return [e for e in xs if "hlo_op" in e.get("args", {})]
+  keep = set()
+  for pid in devices:
+    lines = {k: n for k, n in names.items() if k[0] == pid}
+    ops = {k for k, n in lines.items() if n == "XLA Ops"}
+    keep |= ops or {k for k, n in lines.items() if n.startswith("Stream")}
+  return [e for e in xs if (e["pid"], e.get("tid")) in keep]
+
+
+def self_times(events: list[dict]) -> list[float]:
+  """Each event's duration (us) less that of the events nested directly in it on its thread."""
+  out = [float(e["dur"]) for e in events]
+  by_thread = collections.defaultdict(list)
+  for i, e in enumerate(events):
+    by_thread[(e["pid"], e.get("tid"))].append(i)
+  eps = 1e-3
+  for idx in by_thread.values():
+    idx.sort(key=lambda i: (events[i]["ts"], -events[i]["dur"]))
+    stack: list[tuple[float, int]] = []  # (end, index)
+    for i in idx:
+      start, end = events[i]["ts"], events[i]["ts"] + events[i]["dur"]
+      while stack and (start >= stack[-1][0] - eps or end > stack[-1][0] + eps):
+        stack.pop()
+      if stack:
+        out[stack[-1][1]] -= float(events[i]["dur"])
+      stack.append((end, i))
+  return [max(t, 0.0) for t in out]
+
+
+def _device_key(e: dict) -> tuple:
+  return (e["pid"], e.get("args", {}).get("device_ordinal"))
+
+
+def _busy_us(events: list[dict]) -> float:
+  """Union of the events' intervals, summed over devices: time a device was running something."""
+  per_device = collections.defaultdict(list)
+  for e in events:
+    per_device[_device_key(e)].append((e["ts"], e["ts"] + e["dur"]))
+  total = 0.0
+  for spans in per_device.values():
+    spans.sort()
+    cur_s, cur_e = spans[0]
+    for s, t in spans[1:]:
+      if s > cur_e:
+        total += cur_e - cur_s
+        cur_s, cur_e = s, t
+      else:
+        cur_e = max(cur_e, t)
+    total += cur_e - cur_s
+  return total
+
+
+def _group_key(e: dict, by: str, raw: bool) -> str:
+  args = e.get("args", {})
+  norm = (lambda s: s) if raw else normalise
+  if by == "name":
+    return norm(e["name"])
+  if by == "op":
+    return norm(args.get("hlo_op") or e["name"])
+  if by == "category":
+    return category(e["name"], args.get("hlo_op", ""))
+  if by == "module":
+    return norm(args.get("hlo_module") or "?")
+  raise ValueError(f"by must be name, op, category or module, not {by!r}")
+
+
+def summarise(trace_path: str | dict, top: int | None = 25, by: str = "name",
+              raw: bool = False, threads: str | None = None) -> list[dict]:
+  """Device ops grouped by `by` (normalised event name, normalised `hlo_op` arg, category or
+  `hlo_module`; `raw` keeps instance numbers), ranked by self time. Rows: {name, category,
+  total_ms (all steps, all devices), count, share (of all device op time; the shares of all
+  rows sum to 1)}; the first `top` rows (all if None). `trace_path`: file, logdir or loaded."""
+  events = device_events(trace_path, threads)
+  times = self_times(events)
+  total: dict[str, float] = collections.defaultdict(float)
+  count: dict[str, int] = collections.Counter()
+  cats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for e, t in zip(events, times):
+    key = _group_key(e, by, raw)
+    total[key] += t
+    count[key] += 1
+    cats[key][category(e["name"], e.get("args", {}).get("hlo_op", ""))] += t
+  all_us = sum(total.values()) or 1.0
+  rows = [{"name": k, "category": cats[k].most_common(1)[0][0], "total_ms": v / 1e3,
+           "count": count[k], "share": v / all_us}
+          for k, v in sorted(total.items(), key=lambda kv: -kv[1])]
+  return rows if top is None else rows[:top]
+
+
+def totals(trace_path: str | dict, steps: int | None = None, threads: str | None = None) -> dict:
+  """Whole-trace numbers: devices, steps (given, else the distinct `step_num`s of
+  StepTraceAnnotation events as `capture` writes, else 1), summed op self time and device
+  busy time (union of op intervals), in ms, and both per step per device."""
+  trace = _as_trace(trace_path)
+  events = device_events(trace, threads)
+  if steps is None:
+    nums = {e["args"]["step_num"] for e in trace["traceEvents"]
+            if e.get("ph") == "X" and "step_num" in e.get("args", {})}
+    steps = len(nums) or 1
+  devices = len({_device_key(e) for e in events}) or 1
+  op_ms = sum(self_times(events)) / 1e3
+  busy_ms = _busy_us(events) / 1e3 if events else 0.0
+  return {"events": len(events), "devices": devices, "steps": steps, "op_ms": op_ms,
+          "busy_ms": busy_ms, "op_ms_per_step": op_ms / steps / devices,
+          "busy_ms_per_step": busy_ms / steps / devices}
+
+
+def capture(fn: Callable, *args: Any, logdir: str, warmup: int = 1, steps: int = 3,
+            carry: bool = False) -> str:
+  """Profile `steps` calls of `fn(*args)` after `warmup` unprofiled ones (compilation), each
+  blocked until ready and wrapped in a StepTraceAnnotation("profile_step", step_num=i);
+  returns the trace file written under `logdir`. `carry=True` feeds `fn`'s first output
+  back as its first argument (a train step `state, metrics = step(state, batch)` whose
+  state is donated cannot be called twice on the same arrays)."""
+  import jax
+
+  def call(args: tuple) -> tuple:
+    out = jax.block_until_ready(fn(*args))
+    return (out[0], *args[1:]) if carry else args
+
+  for _ in range(warmup):
+    args = call(args)
+  with jax.profiler.trace(logdir, create_perfetto_trace=True):
+    for i in range(steps):
+      with jax.profiler.StepTraceAnnotation("profile_step", step_num=i):
+        args = call(args)
+  return find_trace(logdir)
+
+
+def format_table(rows: list[dict], tot: dict | None = None) -> str:
+  """Fixed-width table of `summarise` rows, with per-step times when `totals` is given."""
+  per = (tot["steps"] * tot["devices"]) if tot else 1
+  lines = [f"{'#':>3} {'ms/step' if tot else 'total ms':>10} {'share':>7} {'count':>7}  "
+           f"{'category':<15} name"]
+  for i, r in enumerate(rows, 1):
+    lines.append(f"{i:>3} {r['total_ms'] / per:>10.3f} {r['share']:>7.1%} {r['count']:>7}  "
+                 f"{r['category']:<15} {r['name'][:90]}")
+  if tot:
+    lines.append(f"device busy {tot['busy_ms_per_step']:.3f} ms/step, op time "
+                 f"{tot['op_ms_per_step']:.3f} ms/step (per device; {tot['steps']} steps, "
+                 f"{tot['devices']} device(s), {tot['events']} events)")
+  return "\n".join(lines)
+
+
+def demo(logdir: str | None = None) -> str:
+  """Profile a small jitted matmul + softmax + scan on the default backend; its trace path."""
+  import jax
+  import jax.numpy as jnp
+
+  @jax.jit
+  def f(x, w):
+    y = jax.nn.softmax(x @ w, axis=-1)
+    c, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), y, None, length=4)
+    return c.sum()
+
+  kx, kw = jax.random.split(jax.random.key(int.from_bytes(os.urandom(4), "little")))
+  x, w = jax.random.normal(kx, (512, 512)), jax.random.normal(kw, (512, 512)) / 512**0.5
+  return capture(f, x, w, logdir=logdir or tempfile.mkdtemp(prefix="profile_demo_"))
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("trace", nargs="?", help="trace file (.json.gz) or jax.profiler log dir")
+  ap.add_argument("--top", type=int, default=25)
+  ap.add_argument("--by", default="name", choices=("name", "op", "category", "module"))
+  ap.add_argument("--raw", action="store_true", help="keep instance numbers (fusion.123)")
+  ap.add_argument("--steps", type=int, default=None)
+  ap.add_argument("--threads", default=None, help="regex on 'process/thread' names")
+  ap.add_argument("--json", default=None, help="write {trace, totals, rows} here")
+  ap.add_argument("--demo", action="store_true", help="profile a toy program first")
+  ap.add_argument("--logdir", default=None, help="with --demo: where the trace goes")
+  args = ap.parse_args()
+  if args.demo == bool(args.trace):
+    ap.error("give a TRACE_OR_LOGDIR or --demo")
+  path = demo(args.logdir) if args.demo else find_trace(args.trace)
+  trace = load_trace(path)
+  rows = summarise(trace, args.top, args.by, args.raw, args.threads)
+  tot = totals(trace, args.steps, args.threads)
+  print(path)
+  print(format_table(rows, tot))
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump({"trace": path, "by": args.by, "totals": tot, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()
