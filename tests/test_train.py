@@ -1,12 +1,14 @@
 """train.py end to end: kill-and-resume is bitwise exact, device-count changes, export,
 divergence, and bad input. Runs train.py in subprocesses as a user would."""
 
+import atexit
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,9 +34,18 @@ MICRO = ["model.d_model=32", "model.num_heads=2", "model.kv_lora_rank=16",
          "train.eval_batches=1"]
 
 
+# Runs of the same program share XLA's persistent compilation cache: only the first
+# compiles (the suite's time is mostly compilation). One cache per test process.
+XLA_CACHE = tempfile.mkdtemp(prefix="mohge_test_xla_cache_")
+atexit.register(shutil.rmtree, XLA_CACHE, True)
+
+
 def run_train(workdir, steps, extra=(), devices=1, cache=None, wait=True):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.yaml"),
          "--workdir", str(workdir), "--steps", str(steps), *MICRO,
          f"data.cache_dir={cache or Path(workdir).parent / 'cache'}", *extra]
