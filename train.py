@@ -2,8 +2,10 @@
 
     python train.py --config configs/tiny.yaml [--workdir DIR] [--steps N] [key=value ...]
 
-Overrides are `section.key=value` (sections: model, loss, data, train), e.g.
-`train.lr=1e-3 model.top_k=4 data.source=~/corpus/*.jsonl data.tokenizer=tokenizer.json`.
+Overrides are `section.key=value` (sections: model, loss, data, train, mesh), e.g.
+`train.lr=1e-3 model.top_k=4 data.source=~/corpus/*.jsonl data.tokenizer=tokenizer.json
+mesh.expert=8`. Multi-host launches (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS/
+JAX_NUM_PROCESSES/JAX_PROCESS_ID) initialise jax.distributed automatically.
 Re-running the same command resumes from the latest complete checkpoint in the workdir.
 SIGTERM or Ctrl-C saves a checkpoint and stops; a second Ctrl-C stops at once.
 
