@@ -12,8 +12,9 @@ import pytest
 
 @pytest.fixture
 def rng(request):
-  """Fresh random inputs every run; the seed is printed on failure to reproduce."""
-  seed = int.from_bytes(os.urandom(4), "little")
+  """Fresh random inputs every run; the seed is printed on failure. To reproduce a failure,
+  rerun with MOHGE_TEST_SEED=<seed>."""
+  seed = int(os.environ.get("MOHGE_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
   request.node.user_properties.append(("seed", seed))
   print(f"random seed: {seed}")
   return np.random.default_rng(seed)

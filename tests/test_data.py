@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import json
 import os
-import secrets
 
 import numpy as np
 import pyarrow as pa
@@ -16,13 +15,6 @@ import pytest
 from mohge_jax import data
 
 EOS = 256  # ByteTokenizer's separator.
-
-
-@pytest.fixture
-def rng():
-  seed = secrets.randbits(32)
-  print(f"rng seed: {seed}")  # Shown by pytest when a test fails, to reproduce it.
-  return np.random.default_rng(seed)
 
 
 def random_text(rng, n: int) -> str:
@@ -438,6 +430,6 @@ def test_eval_batches_are_sequential_and_padded(rng):
   for whole, lo, hi in zip(batches, *halves):
     np.testing.assert_array_equal(np.concatenate([lo["inputs"], hi["inputs"]]), whole["inputs"])
   capped = data.eval_batches(tokens, seq_len=seq_len, batch=1, eos_id=EOS, max_batches=2)
-  assert len(list(capped)) == 2
+  assert len(list(capped)) == min(num_windows, 2)  # The cap never invents batches.
   with pytest.raises(ValueError, match="data too small"):
     next(data.eval_batches(tokens[:seq_len], seq_len=seq_len, batch=batch, eos_id=EOS))
