@@ -42,7 +42,7 @@ def test_causal(rng, extra):
 
 def test_jit_and_eager_agree_and_loss_terms(rng):
   cfg = load_config("configs/tiny.yaml", TINY)
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  model = Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   tokens = jnp.asarray(rng.integers(0, 257, size=(2, 16)))
   eager = model(tokens)
   jitted = nnx.jit(lambda m, t: m(t))(model, tokens)
@@ -56,7 +56,7 @@ def test_jit_and_eager_agree_and_loss_terms(rng):
 
 def test_bf16_compute_keeps_float32_params_and_logits(rng):
   cfg = load_config("configs/tiny.yaml", TINY + ["model.dtype=bfloat16"])
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  model = Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(x.dtype == jnp.float32 for x in leaves)
   logits, _ = model(jnp.asarray(rng.integers(0, 257, size=(2, 8))))
@@ -65,7 +65,7 @@ def test_bf16_compute_keeps_float32_params_and_logits(rng):
 
 def test_doc_attention_mask_isolates_documents(rng):
   cfg = load_config("configs/tiny.yaml", TINY + ["model.doc_attention_mask=true"])
-  model = Transformer(cfg, rngs=nnx.Rngs(1))
+  model = Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   tokens = rng.integers(0, 257, size=(1, 20))
   seg = np.array([[0] * 8 + [1] * 12])
   pos = np.array([list(range(8)) + list(range(12))])

@@ -16,9 +16,9 @@ if not pk.resolve_backend("auto") == "mosaic_gpu":
 
 def _problem(rng, widths=(256, 384, 512), n=4, d=512, m=3000, padding=123):
   e = len(widths) * n
-  sizes = rng.multinomial(m - padding, rng.dirichlet(np.full(e, 0.5)))
-  zero, one, big = rng.choice(e, 3, replace=False)
-  sizes[big] += sizes[zero] + sizes[one] - 1
+  sizes = rng.multinomial(m - padding - 1, rng.dirichlet(np.full(e, 0.5)))
+  zero, one, big = rng.choice(e, 3, replace=False)  # one empty, one one-row expert
+  sizes[big] += sizes[zero] + sizes[one]
   sizes[zero], sizes[one] = 0, 1
   gs = jnp.asarray(sizes, jnp.int32)
   nrm = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
