@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import reference
 
@@ -98,6 +99,15 @@ def check_args(x_MxD, group_sizes_E, w_gate_up, w_down):
       raise ValueError("weights must have the dtype of x")
   if group_sizes_E.shape != (n * len(w_gate_up),):
     raise ValueError(f"group_sizes has shape {group_sizes_E.shape}, want ({n * len(w_gate_up)},)")
+  if not isinstance(group_sizes_E, jax.core.Tracer):
+    # Concrete sizes are checked here; traced ones (inside jit) cannot be, and sizes that
+    # are negative or sum past M give undefined results there.
+    sizes = np.asarray(group_sizes_E)
+    if (sizes < 0).any():
+      raise ValueError(f"group_sizes must be >= 0; expert {int(np.argmin(sizes))} has "
+                       f"{int(sizes.min())}")
+    if sizes.sum() > m:
+      raise ValueError(f"group_sizes sum to {int(sizes.sum())} rows but x has only {m}")
 
 
 def expert_ffn_with(ops, x_MxD, group_sizes_E, w_gate_up, w_down):

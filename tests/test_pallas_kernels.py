@@ -163,6 +163,13 @@ def test_dispatch(rng):
   _, gs, x, wgu, wd = _problem(rng, jnp.float32)
   with pytest.raises(ValueError):
     pk.expert_ffn(x, gs, wgu[:2], wd, backend="reference")
+  bad = np.asarray(gs).copy()
+  i, j = rng.choice(len(bad), 2, replace=False)
+  bad[i], bad[j] = -1, bad[j] + bad[i] + 1  # same sum, one negative size
+  with pytest.raises(ValueError, match=f"expert {i} has -1"):
+    pk.expert_ffn(x, jnp.asarray(bad), wgu, wd, backend="reference")
+  with pytest.raises(ValueError, match="sum to 101 rows but x has only 100"):
+    pk.expert_ffn(x, gs.at[i].add(101 - int(gs.sum())), wgu, wd, backend="reference")
 
 
 def test_mosaic_gpu_kernels_interpreted(rng):
