@@ -66,7 +66,8 @@ def expert_ffn(x_MxD, group_sizes_E, w_gate_up, w_down, *, backend="auto", **tun
 
   x_MxD: [M, d] rows sorted by expert (group-major expert order); group_sizes_E: int32
   [G·N]; w_gate_up: G arrays [N, d, 2·W_g] (gate ‖ up); w_down: G arrays [N, W_g, d].
-  Differentiable in x and the weights (custom_vjp).
+  Differentiable in x and the weights (custom_vjp). Group sizes must be >= 0 and sum to at
+  most M: checked when they are concrete, undefined when they are traced inside jit.
   """
   return expert_ffn_with(get_ops(backend, **tuning), x_MxD, group_sizes_E, w_gate_up,
                          w_down)
