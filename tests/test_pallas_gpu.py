@@ -8,6 +8,7 @@ import pytest
 import pallas_kernels as pk
 from pallas_kernels import gpu
 from pallas_kernels import reference as R
+from test_pallas_kernels import _sizes
 
 pytestmark = pytest.mark.gpu
 if not pk.resolve_backend("auto") == "mosaic_gpu":
@@ -15,12 +16,7 @@ if not pk.resolve_backend("auto") == "mosaic_gpu":
 
 
 def _problem(rng, widths=(256, 384, 512), n=4, d=512, m=3000, padding=123):
-  e = len(widths) * n
-  sizes = rng.multinomial(m - padding - 1, rng.dirichlet(np.full(e, 0.5)))
-  zero, one, big = rng.choice(e, 3, replace=False)  # one empty, one one-row expert
-  sizes[big] += sizes[zero] + sizes[one]
-  sizes[zero], sizes[one] = 0, 1
-  gs = jnp.asarray(sizes, jnp.int32)
+  gs = _sizes(rng, len(widths) * n, m, padding, concentration=0.5)
   nrm = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
   x = nrm(m, d).astype(jnp.bfloat16)
   wgu = tuple((nrm(n, d, 2 * w) / np.sqrt(d)).astype(jnp.bfloat16) for w in widths)

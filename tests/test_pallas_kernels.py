@@ -13,10 +13,11 @@ from pallas_kernels import reference as R
 TILES = dict(tm=16, tk=32, tn=32)  # small tiles: many ragged tiles at test sizes
 
 
-def _sizes(rng, e, m, padding):
-  """Random group sizes with empty and one-row experts, summing to m - padding."""
+def _sizes(rng, e, m, padding, concentration=0.7):
+  """Random group sizes with empty and one-row experts, summing to m - padding (also used by
+  test_pallas_gpu.py)."""
   total = m - padding
-  sizes = rng.multinomial(total - 1, rng.dirichlet(np.full(e, 0.7)))
+  sizes = rng.multinomial(total - 1, rng.dirichlet(np.full(e, concentration)))
   zero, one, big = rng.choice(e, 3, replace=False)
   sizes[big] += sizes[zero] + sizes[one]  # never negative
   sizes[zero], sizes[one] = 0, 1
@@ -30,7 +31,7 @@ def _problem(rng, dtype, widths=(32, 64, 96), n=2, d=64, m=100, padding=7):
   x = nrm(m, d).astype(dtype)
   wgu = tuple((nrm(n, d, 2 * w) / np.sqrt(d)).astype(dtype) for w in widths)
   wd = tuple((nrm(n, w, d) / np.sqrt(w)).astype(dtype) for w in widths)
-  return rng, gs, x, wgu, wd
+  return gs, x, wgu, wd
 
 
 def _row_width(gs, widths, n, m):
@@ -68,7 +69,7 @@ def test_row_items_cover_every_row_once(rng):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_hgmm_interpret_up_and_dx(rng, dtype):
   widths, n, m = (32, 64, 96), 2, 100
-  _, gs, x, wgu, _ = _problem(rng, dtype)
+  gs, x, wgu, _ = _problem(rng, dtype)
   wmax = max(widths)
   gu = pk.hgmm(x, wgu, gs, backend="interpret", out_split=True, **TILES)
   gu_ref = R.hgmm_ref(x, wgu, gs, out_split=True)
@@ -88,7 +89,7 @@ def test_hgmm_interpret_up_and_dx(rng, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_tgmm_interpret(rng, dtype):
   widths, n, m = (32, 64, 96), 2, 100
-  rng, gs, x, wgu, wd = _problem(rng, dtype)
+  gs, x, wgu, wd = _problem(rng, dtype)
   wmax = max(widths)
   rw = _row_width(gs, widths, n, m)
   dgu = jnp.asarray(rng.normal(size=(m, 2 * wmax)), dtype)
@@ -124,7 +125,7 @@ def _ffn_and_grads(backend, x, gs, wgu, wd, ct, **tuning):
                                            ("interpret", jnp.float32),
                                            ("interpret", jnp.bfloat16)])
 def test_expert_ffn_forward_and_grads(rng, backend, dtype):
-  rng, gs, x, wgu, wd = _problem(rng, dtype)
+  gs, x, wgu, wd = _problem(rng, dtype)
   ct = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
   tuning = TILES if backend == "interpret" else {}
   y, grads = _ffn_and_grads(backend, x, gs, wgu, wd, ct, **tuning)
@@ -138,7 +139,7 @@ def test_expert_ffn_forward_and_grads(rng, backend, dtype):
 
 
 def test_expert_ffn_moe_equal_widths_under_shard_map(rng):
-  rng, gs, x, wgu, wd = _problem(rng, jnp.float32, widths=(64,), n=4, m=64, padding=3)
+  gs, x, wgu, wd = _problem(rng, jnp.float32, widths=(64,), n=4, m=64, padding=3)
   mesh = jax.make_mesh((1,), ("ep",))
   spec = jax.sharding.PartitionSpec()
 
@@ -160,7 +161,7 @@ def test_dispatch(rng):
   assert pk.resolve_backend("auto") == "reference"  # CPU
   with pytest.raises(ValueError):
     pk.resolve_backend("cuda")
-  _, gs, x, wgu, wd = _problem(rng, jnp.float32)
+  gs, x, wgu, wd = _problem(rng, jnp.float32)
   with pytest.raises(ValueError):
     pk.expert_ffn(x, gs, wgu[:2], wd, backend="reference")
   bad = np.asarray(gs).copy()
@@ -177,7 +178,7 @@ def test_mosaic_gpu_kernels_interpreted(rng):
   interpreter on CPU."""
   from pallas_kernels import gpu
   widths, n, m, d = (64, 128), 2, 150, 128
-  rng, gs, x, wgu, _ = _problem(rng, jnp.bfloat16, widths=widths, n=n, d=d, m=m, padding=9)
+  gs, x, wgu, _ = _problem(rng, jnp.bfloat16, widths=widths, n=n, d=d, m=m, padding=9)
   cfg = gpu.Config(bm=64, bn=64, bk=64, bn_up=64, bm_t=64, bn_t=64, bt=64, steps=2,
                    steps_t=2, interpret=True)
   wmax = max(widths)
