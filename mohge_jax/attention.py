@@ -135,8 +135,10 @@ class MLA(nnx.Module):
     self.scale = mscale2 / math.sqrt(dq)
 
   def _mm(self, x: jax.Array, w: nnx.Param) -> jax.Array:
-    return jnp.dot(x, w[...].astype(self.dtype),
-                   preferred_element_type=jnp.float32).astype(self.dtype)
+    # Compute dtype in and out (GPUs and TPUs accumulate in float32 inside the matmul).
+    # A float32 output cast back down would make both backward matmuls float32 x bf16,
+    # which XLA runs as slow float32 (TF32) GEMMs.
+    return jnp.dot(x, w[...].astype(self.dtype))
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
     m = self.m

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mohge_jax import collectives
-from mohge_jax.experts import grouped_ffn, inverse_permutation
+from mohge_jax.experts import combine, grouped_ffn, inverse_permutation
 from mohge_jax.sharding import BATCH_AXES
 
 AXIS = "expert"
@@ -99,7 +99,7 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
       y_recv, jnp.zeros((M, x_TxD.shape[1]), y_recv.dtype), recv_off_R, recv_R,
       back_out_off_R, send_R, axis_name=AXIS, impl=a2a_impl)
   y_TxKxD = y_back_MxD[inverse_permutation(order_M)].reshape(T, K, -1)
-  return jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), w_TxK)
+  return combine(y_TxKxD, w_TxK)
 
 
 def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, ep,
@@ -119,7 +119,7 @@ def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_g
   y_sorted = _local_ffn(x_all[order_M // K], sizes_El, w_gate_up, w_down,
                         placement=placement, ep=ep, backend=backend)
   y_TxKxD = y_sorted[inverse_permutation(order_M)].reshape(T, K, -1)
-  partial_TxD = jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), w_all)
+  partial_TxD = combine(y_TxKxD, w_all)
   return jax.lax.psum_scatter(partial_TxD, AXIS, scatter_dimension=0, tiled=True)
 
 

@@ -111,12 +111,13 @@ def _ffn_tiled(x_MxD, group_sizes_E, w_gate_up, w_down, tile: int = 128):
               & (rows_IxT < ends_E[expert_I][:, None]))
 
   x_IxTxD = jnp.pad(x_MxD, ((0, num_tiles * tile - M), (0, 0)))[rows_IxT]
-  h_IxTxF2 = jnp.einsum("itd,idf->itf", x_IxTxD, wgu_ExDxF2[expert_I],
-                        preferred_element_type=jnp.float32)
-  a_IxTxF = (swiglu(h_IxTxF2) * mask_IxT[..., None]).astype(x_MxD.dtype)
-  o_IxTxD = jnp.einsum("itf,ifd->itd", a_IxTxF, wd_ExFxD[expert_I],
-                       preferred_element_type=jnp.float32)
-  y_MxD = jnp.zeros((num_tiles * tile, D), jnp.float32).at[rows_IxT].add(o_IxTxD)
+  # Matmuls in x's dtype (float32 accumulation inside): a float32 output would make the
+  # backward matmuls float32 x bf16 (slow TF32 GEMMs on GPUs).
+  h_IxTxF2 = jnp.einsum("itd,idf->itf", x_IxTxD, wgu_ExDxF2[expert_I])
+  a_IxTxF = (swiglu(h_IxTxF2.astype(jnp.float32)) * mask_IxT[..., None]).astype(x_MxD.dtype)
+  o_IxTxD = jnp.einsum("itf,ifd->itd", a_IxTxF, wd_ExFxD[expert_I])
+  y_MxD = jnp.zeros((num_tiles * tile, D), jnp.float32).at[rows_IxT].add(
+      o_IxTxD.astype(jnp.float32))
   return y_MxD[:M].astype(x_MxD.dtype)
 
 
@@ -264,16 +265,23 @@ class SwiGLU(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x_TxD: jax.Array) -> jax.Array:
-    h_TxF2 = jnp.dot(x_TxD, self.w_gate_up[...].astype(self.dtype),
-                     preferred_element_type=jnp.float32)
-    a_TxF = swiglu(h_TxF2).astype(self.dtype)
-    return jnp.dot(a_TxF, self.w_down[...].astype(self.dtype),
-                   preferred_element_type=jnp.float32).astype(self.dtype)
+    # Matmuls in the compute dtype (float32 accumulation inside; see attention.MLA._mm),
+    # the activation in float32.
+    h_TxF2 = jnp.dot(x_TxD, self.w_gate_up[...].astype(self.dtype))
+    a_TxF = swiglu(h_TxF2.astype(jnp.float32)).astype(self.dtype)
+    return jnp.dot(a_TxF, self.w_down[...].astype(self.dtype))
 
 
 def inverse_permutation(order_M: jax.Array) -> jax.Array:
   """inv with inv[order[i]] = i: gathering through it undoes the gather through `order`."""
   return jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
+
+
+def combine(y_TxKxD: jax.Array, weights_TxK: jax.Array) -> jax.Array:
+  """sum_k weights[t, k] * y[t, k] in float32 [T, D]. Written as a multiply and a sum (one
+  fused memory-bound pass), not an einsum: that is a dot with batch dimension T, which GPUs
+  run as T tiny batched GEMMs."""
+  return jnp.sum(y_TxKxD.astype(jnp.float32) * weights_TxK[..., None], axis=1)
 
 
 def dispatch_and_combine(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down,
@@ -287,7 +295,7 @@ def dispatch_and_combine(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down,
   y_sorted_MxD = grouped_ffn(x_TxD[order_M // K], group_sizes_E, w_gate_up, w_down,
                              backend=backend)
   y_TxKxD = y_sorted_MxD[inverse_permutation(order_M)].reshape(T, K, -1)
-  return jnp.einsum("tkd,tk->td", y_TxKxD.astype(jnp.float32), weights_TxK)
+  return combine(y_TxKxD, weights_TxK)
 
 
 class RoutedFFN(nnx.Module):
