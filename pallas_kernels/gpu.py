@@ -1,37 +1,38 @@
 """Mosaic GPU kernels (NVIDIA Hopper: wgmma, pipelined TMA copies), persistent over the SMs.
 
-One code path serves every group width. Compile cost was the reason: the first version
-gave every group's weights their own kernel operand and every kernel one `pl.when` branch
-per group, each with its own pipeline, epilogue and ladder of TMA stores, so a MoHGE layer
-(8 groups) lowered ~8× the code of one matmul (22 s lower + 49 s compile on the H200 for
-one fwd+bwd). Now:
+One code path serves every group width, for compile cost: the first version gave every
+group's weights their own kernel operand and every kernel one `pl.when` branch per group,
+each with its own pipeline, epilogue and ladder of TMA stores, so the MoHGE-3B layer (8
+groups) lowered ~7× the code of this version (326k vs 45k Mosaic GPU ops for fwd+bwd;
+22 s lower + 49 s compile on the H200). Now:
 
-- Weights are *stacked* into one 2-D operand per call (`stack_weights`): per-expert
+- Weights are *stacked* into one 2-D operand per call (`stack_weights`): the experts'
   matrices [P_g, Q_g] one below the other ([ΣP, Q]) when all Q are equal (w_down
-  [N, W_g, d] → [ΣW, d]: a reshape, plus a concat over groups), else side by side
-  ([P, ΣQ]) when all P are equal (w_gate_up [N, d, 2W_g] → [d, Σ2W]: a strided copy).
-  Expert e's block starts at a run-time block offset, and its K-loop length is a run-time
-  value: Mosaic GPU's `emit_pipeline` takes a traced grid length. Widths and d are
-  multiples of the tile edges, so every offset is a whole number of blocks and TMA block
-  indices stay integral. The stacking is a memory-bound copy of the weights (0.33 GB
-  bf16 for the MoHGE-3B layer, read + written: ≈ 0.15–0.2 ms at H200 bandwidth per
-  fwd+bwd, as the forward's and backward's copies are the same HLO and XLA CSEs them);
-  in the model, whose parameters are float32 and cast to bf16 per step, XLA fuses it
-  into that cast.
+  [N, W_g, d] → [ΣW, d]: reshapes and a concat), else side by side ([P, ΣQ]) when all P
+  are equal (w_gate_up [N, d, 2W_g] → [d, Σ2W]: a copy moving contiguous rows of 2W_g).
+  A work item reads its expert's block offset and K-loop length at run time (Mosaic
+  GPU's `emit_pipeline` takes a traced grid length). Widths and d are multiples of the
+  tile edges, so every offset is a whole number of blocks and TMA block indices stay
+  integral. Cost: a memory-bound copy of the bf16 weights (0.33 GB for MoHGE-3B, read
+  and written once per fwd+bwd: the backward's stacking is the same HLO as the
+  forward's and XLA CSEs it; ≈ 0.65 GB of traffic, benchmarks/kernel_compile.py times
+  it). In the model, which casts float32 parameters to bf16 right before the layer, XLA
+  fuses the stacking into that cast.
 - hgmm: a flat work list of (row item, column tile) pairs is built from the group sizes
-  at run time (metadata.py) together with each pair's weight block offsets, K-loop length
-  and output column block (one int32 row per pair); each SM walks it with stride #SMs.
-  An item computes a (bm × bn) tile over its row tile with a TMA/wgmma pipeline along K,
+  at run time (metadata.py), with each pair's weight block offsets, K-loop length and
+  output column block (one int32 row per pair); each SM walks it with stride #SMs. An
+  item computes a (bm × bn) tile over its row tile with a TMA/wgmma pipeline along K,
   then stores only its own rows: TMA stores of 2^i rows (a "ladder" of static sizes at
   run-time offsets: a TMA box has a static shape). Rows past sum(group_sizes) are written
   as zeros by items of a padding pseudo-expert, which run no K steps.
 - tgmm (weight gradient): a static list of (expert, K tile, F tile) items over all
-  groups; the item's group and tile come from a few scalar selects over the groups' item
-  offsets (the approach of jax's ragged_dot_mgpu example), its row range from run-time
+  groups; an item finds its group with a few scalar selects over the groups' static item
+  offsets (as jax's ragged_dot_mgpu example finds its group), its rows from run-time
   tables. It writes each group's gradient array directly ([N·K_g, F_g], reshaped for
-  free to [N, K_g, F_g]): the only per-group code left is one TMA store per group.
-- Every kernel entry is wrapped in `jax.jit`, so identical calls (e.g. the layers of a
-  model that does not scan) reuse one trace and one lowering of the kernel.
+  free to [N, K_g, F_g]), so no copy follows: one TMA store per group is the only
+  per-group code left.
+- Every kernel entry is wrapped in `jax.jit`: identical calls (e.g. the layers of a model
+  that does not scan) share one trace and one lowering of each kernel.
 
 Epilogues: "plain"; "swiglu" (the up projection: gate and up tiles in two accumulators,
 h = silu(gate)·up written, and gate/up saved for the backward pass when asked);
@@ -173,19 +174,16 @@ def _sigmoid(x):
   return 1.0 / (1.0 + jnp.exp(-x))
 
 
-# Columns of the hgmm work table, one int32 row per work item (one row: one cache line
-# of scalar loads per item): row tile, first row, row count, K steps, the weight's first
-# K block, its F block (and the second one: the up half of w_gate_up), output col block.
-_TILE, _RS, _NROWS, _NK, _K0, _F0, _F1, _OB = range(8)
-
-
 def _hgmm_work(group_sizes, m, bm, num_groups, per_expert, out_half_blocks):
   """The work table [bound, 8] (run-time) and its number of live rows [1].
 
-  Work items are (row item, column tile) pairs, row items outer. per_expert: numpy int
-  [E + 1, 6] (last row: the padding pseudo-expert) of (column tiles, K steps, first K
-  block, first F block, second F block, gate-half column tiles of a split-layout output
-  or 0). Rows of the table past the count repeat the last item.
+  Work items are (row item, column tile) pairs, row items outer; a table row holds
+  (row tile, first row, row count, K steps, the weight's first K block, its F block, its
+  second F block (the up half of w_gate_up), output column block): the kernel reads a
+  work item's scalars from one 32-byte row. per_expert: numpy int [E + 1, 6] (last row:
+  the padding pseudo-expert) of (column tiles, K steps, first K block, first F block,
+  second F block, gate-half column tiles of a split-layout output or 0). Rows of the
+  table past the count repeat the last item.
   """
   items = metadata.row_items(group_sizes, m, bm, num_groups, include_empty=False,
                              include_padding=True)
@@ -289,6 +287,7 @@ def _hgmm(lhs, rhs_flat, group_sizes, gu, *, st, transpose_rhs, lhs_split, out_s
       w = info.index[0]
       tile, rs, nrows, nk, k0, f0, f1, ob = (work_ref[w, i] for i in range(8))
       tile_row0 = tile * bm
+      nkh = lax.div(nk, 2)  # lhs_split: K blocks of the gate half
 
       def store(vals_and_dests):
         """vals_and_dests: [(f32 value (bm, bn), out gmem, column block)]."""
@@ -305,7 +304,6 @@ def _hgmm(lhs, rhs_flat, group_sizes, gu, *, st, transpose_rhs, lhs_split, out_s
 
       def lhs_map(kk):
         if lhs_split:  # logical K = gate ‖ up of this group's width; physical split layout
-          nkh = lax.div(nk, 2)
           kk = jnp.where(kk < nkh, kk, kk + (kl_half_blocks - nkh))
         return tile, kk
 
@@ -357,6 +355,8 @@ def _hgmm(lhs, rhs_flat, group_sizes, gu, *, st, transpose_rhs, lhs_split, out_s
             plgpu.copy_gmem_to_smem(
                 gu_gmem.at[pl.ds(tile_row0, bm), pl.ds(cb * bn, bn)],
                 gu_smem.at[i], bar.at[i])
+          # padding items: dh = 0 and their gate/up rows are zeros (the up kernel's
+          # padding items wrote them), so d[gate | up] = 0 there
           dh = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
           dh = dh.astype(dtype).astype(jnp.float32)
           plgpu.barrier_wait(bar.at[0])
