@@ -287,7 +287,7 @@ def _hgmm(lhs, rhs_flat, group_sizes, gu, *, st, transpose_rhs, lhs_split, out_s
       w = info.index[0]
       tile, rs, nrows, nk, k0, f0, f1, ob = (work_ref[w, i] for i in range(8))
       tile_row0 = tile * bm
-      nkh = lax.div(nk, 2)  # lhs_split: K blocks of the gate half
+      nkh = lax.div(nk, 2) if lhs_split else None  # K blocks of the gate half
 
       def store(vals_and_dests):
         """vals_and_dests: [(f32 value (bm, bn), out gmem, column block)]."""
