@@ -39,9 +39,14 @@ def _fb(backend, gs, **tuning):
   return jax.jit(run)
 
 
-@pytest.mark.parametrize("cfg", [{}, dict(bm=64, bn=128, bn_up=128), dict(bt=128, steps_t=3)])
-def test_expert_ffn_matches_reference(rng, cfg):
-  gs, x, wgu, wd, ct = _problem(rng)
+@pytest.mark.parametrize("widths,n,cfg", [
+    ((256, 384, 512), 4, {}),
+    ((256, 384, 512), 4, dict(bm=64, bn=128, bn_up=128)),
+    ((256, 384, 512), 4, dict(bt=128, steps_t=3)),
+    ((512,), 6, {}),  # one group: weights stacked by rows (the other orientation)
+])
+def test_expert_ffn_matches_reference(rng, widths, n, cfg):
+  gs, x, wgu, wd, ct = _problem(rng, widths=widths, n=n)
   y, grads = _fb("mosaic_gpu", gs, **cfg)(ct, x, wgu, wd)
   y_r, grads_r = _fb("reference", gs)(ct, x, wgu, wd)
   assert _err(y, y_r) < 1e-2
