@@ -23,6 +23,11 @@ from jax.sharding import PartitionSpec as P
 
 from mohge_jax.checkpoint import CheckpointError, Checkpointer
 
+# Scripts run from tests/ must import this checkout's package, not an installed copy.
+SCRIPT_ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
+              "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                             os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
 
 class TinyMLP(nnx.Module):
   def __init__(self, rngs: nnx.Rngs):
@@ -59,8 +64,7 @@ def _assert_trees_equal(got, want) -> None:
 
 
 def _run_script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run([sys.executable, __file__, *args], env=SCRIPT_ENV, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
@@ -143,10 +147,9 @@ def test_unfinished_step_directory_is_ignored(tmp_path: Path):
 
 def test_kill_during_async_save_keeps_previous_checkpoint(tmp_path: Path):
   seed = random.randrange(2**31)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   writer = subprocess.Popen(
     [sys.executable, __file__, "crash_writer", "1", str(tmp_path), str(seed)],
-    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
   try:
     line = writer.stdout.readline()

@@ -103,7 +103,8 @@ def _free_port() -> int:
 def _env(devices: int, **extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items()
          if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "TPU_", "MEGASCALE_"))}
-  return {**env, "JAX_PLATFORMS": "cpu",
+  root = str(Path(__file__).resolve().parents[1])  # this checkout's package, not an installed one
+  return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root,
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
 
 
