@@ -176,12 +176,12 @@ class Checkpointer:
       self._intact.add(step)
     return problem
 
-  def newest_intact_step(self) -> tuple[int | None, dict[int, str]]:
+  def newest_intact_step(self, *, recheck: bool = False) -> tuple[int | None, dict[int, str]]:
     """The newest step that verifies (None if none does), and what is wrong with each
     newer step, newest first. Reads only as far back as the first intact step."""
     damaged = {}
     for step in reversed(self.all_steps()):
-      problem = self.verify(step)
+      problem = self.verify(step, recheck=recheck)
       if problem is None:
         return step, damaged
       damaged[step] = problem

@@ -239,7 +239,7 @@ def _divergence_message(ckpt: Checkpointer, step: int, host: dict,
   if the run did not start from a checkpoint that fails verification."""
   head = (f"loss is {float(host['loss'])} (grad norm {float(host['grad_norm'])}) at step "
           f"{step}: training diverged")
-  good, _ = ckpt.newest_intact_step()
+  good, _ = ckpt.newest_intact_step(recheck=True)  # damage may have come since the resume
   last_good = (f"The last good (verified) checkpoint is "
                f"{'step ' + str(good) if good is not None else 'none'} in {ckpt.directory}")
   if resumed_from is not None and resumed_from in ckpt.all_steps():

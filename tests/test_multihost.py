@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mohge_jax import distributed
+from mohge_jax import distributed, integrity
 
 ACCUM, ROWS, D = 2, 8, 3       # batch [accum, rows, D], rows split over processes then devices
 STEPS, LR = 5, 0.1
@@ -167,6 +167,11 @@ def test_two_processes_equal_one_and_checkpoint_restores_in_one(tmp_path):
   assert single["restored_w"] == procs[0]["w"]
   assert single["restored_x_equal"]
   assert single["restored_meta"] == {"step": STEPS, "processes": 2}
+  # Process 0 sealed the step with checksums of every file, process 1's included.
+  step_dir = Path(ckpt_dir) / str(STEPS)
+  listed = set(json.loads((step_dir / integrity.MANIFEST).read_text())["files"])
+  on_disk = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()}
+  assert listed == on_disk - integrity.NOT_COVERED and any("process_1" in n for n in listed)
 
 
 def test_single_process_does_nothing(monkeypatch):
