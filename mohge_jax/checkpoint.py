@@ -141,7 +141,9 @@ class Checkpointer:
     `target` is a pytree of `jax.ShapeDtypeStruct` (with `.sharding` on the current
     mesh) or of arrays; restoring onto another mesh or device count is passing shardings
     for the current one. Dtypes are cast to the target's. Raises CheckpointError if
-    there is no such checkpoint or its structure or shapes differ from `target`.
+    there is no such checkpoint or its structure or shapes differ from `target`, and
+    CheckpointDamaged if its files are not those written (checked before reading them:
+    orbax would return changed values or fail naming no file).
     """
     step = self._existing_step(step)
     self._check_intact(step)
@@ -308,28 +310,28 @@ def _step_dirs(directory: Path) -> tuple[list[int], list[str]]:
   return sorted(steps), sorted(others)
 
 
-def verify_cli(workdir: str | Path, out=print) -> int:
+def verify_cli(workdir: str | Path) -> int:
   """Lists each checkpoint of `workdir` (or of a checkpoints directory) as intact or damaged.
   Reads only. 0: the newest is intact; 1: the newest is damaged; 2: no checkpoints."""
   workdir = Path(workdir)
   directory = workdir / "checkpoints" if (workdir / "checkpoints").is_dir() else workdir
   steps, others = _step_dirs(directory) if directory.is_dir() else ([], [])
   if not steps:
-    out(f"error: no checkpoints in {directory}")
+    print(f"error: no checkpoints in {directory}", file=sys.stderr)
     return 2
-  out(f"checkpoints in {directory}:")
+  print(f"checkpoints in {directory}:")
   problems = {}
   for step in steps:
     problems[step] = integrity.verify_manifest(directory / str(step))
-    out(f"  step {step}: " + (f"DAMAGED: {problems[step]}" if problems[step] else "intact"))
+    print(f"  step {step}: " + (f"DAMAGED: {problems[step]}" if problems[step] else "intact"))
   for name in others:
     why = "moved aside as damaged" if ".damaged-" in name else "unfinished save, never listed"
-    out(f"  {name}: {why} (not checked)")
+    print(f"  {name}: {why} (not checked)")
   newest = steps[-1]
   if not problems[newest]:
     return 0
   intact = [s for s in steps if not problems[s]]
-  out(f"the newest checkpoint, step {newest}, is damaged; resuming would move the damaged "
+  print(f"the newest checkpoint, step {newest}, is damaged; resuming would move the damaged "
       f"newer steps aside and start from "
       + (f"step {intact[-1]}" if intact else "nothing: no checkpoint is intact"))
   return 1

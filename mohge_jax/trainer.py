@@ -4,7 +4,7 @@
     step(state, batch) -> (state, metrics)       # one jit, buffers donated
 
 The loop reads data, evaluates, checkpoints (every N steps, on SIGTERM/SIGINT, at the end),
-logs, and resumes from the latest complete checkpoint of the workdir.
+logs, and resumes from the newest intact checkpoint of the workdir (damaged ones moved aside).
 """
 
 from __future__ import annotations
