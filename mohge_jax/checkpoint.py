@@ -331,9 +331,11 @@ def verify_cli(workdir: str | Path) -> int:
   if not problems[newest]:
     return 0
   intact = [s for s in steps if not problems[s]]
-  print(f"the newest checkpoint, step {newest}, is damaged; resuming would move the damaged "
-      f"newer steps aside and start from "
-      + (f"step {intact[-1]}" if intact else "nothing: no checkpoint is intact"))
+  if intact:
+    print(f"the newest checkpoint, step {newest}, is damaged: resuming moves the damaged steps "
+          f"newer than step {intact[-1]} aside and starts from step {intact[-1]}")
+  else:
+    print("no checkpoint is intact: resuming stops and touches nothing")
   return 1
 
 

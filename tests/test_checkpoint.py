@@ -371,11 +371,15 @@ def test_verify_command_lists_each_checkpoint(tmp_path: Path, rng, capsys):
   newest = _damage(workdir / "checkpoints" / "3", str(rng.choice(DAMAGE_KINDS)), rng)
   code, out = verify()
   assert code == 1 and f"step 3: DAMAGED: {newest}" in out and "step 2: intact" in out, out
-  assert "start from step 2" in out
+  assert "starts from step 2" in out
   with Checkpointer(workdir / "checkpoints") as ckpt:
     assert ckpt.resume_step(lambda line: None) == 2
   code, out = verify()
   assert code == 0 and "3.damaged-" in out and "moved aside" in out, out
+  _damage(workdir / "checkpoints" / "2", "truncate", rng)
+  _damage(workdir / "checkpoints" / "1", "delete", rng)  # none intact now
+  code, out = verify()
+  assert code == 1 and "no checkpoint is intact: resuming stops and touches nothing" in out, out
   assert checkpoint.main(["verify", str(tmp_path / "nothing")]) == 2
 
 
