@@ -6,7 +6,8 @@ Overrides are `section.key=value` (sections: model, loss, data, train, mesh), e.
 `train.lr=1e-3 model.top_k=4 data.source=~/corpus/*.jsonl data.tokenizer=tokenizer.json
 mesh.expert=8`. Multi-host launches (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS/
 JAX_NUM_PROCESSES/JAX_PROCESS_ID) initialise jax.distributed automatically.
-Re-running the same command resumes from the latest complete checkpoint in the workdir.
+Re-running the same command resumes from the latest intact checkpoint in the workdir
+(damaged ones are reported and moved aside; `python -m mohge_jax.checkpoint verify WORKDIR`).
 SIGTERM or Ctrl-C saves a checkpoint and stops; a second Ctrl-C stops at once.
 
 Writes to the workdir: checkpoints/ (orbax, last train.keep_checkpoints kept),

@@ -2,7 +2,8 @@
 
 Writes OUT/model.safetensors (parameters only, one tensor per layer, named like
 `blocks.1.ffn.w_gate_up.0`, whatever stacks the model scans) and OUT/config.json (the
-model's full config). Load back for inference with
+model's full config, and under "checksums" the size and sha256 of model.safetensors,
+checked by `load`). Load back for inference with
 
     model, cfg = mohge_jax.export.load("OUT")
     logits, _ = model(tokens_BxL)
@@ -21,6 +22,7 @@ import numpy as np
 from flax import nnx
 from safetensors.flax import load_file, save_file
 
+from mohge_jax import integrity
 from mohge_jax.checkpoint import Checkpointer, CheckpointError
 from mohge_jax.config import Config, from_dict
 from mohge_jax.model import Transformer, layer_runs
@@ -69,8 +71,29 @@ def export_params(params: nnx.State, cfg: Config, out: str | Path, dtype: str = 
   out.mkdir(parents=True, exist_ok=True)
   flat = params_to_flat(params, cfg, DTYPES[dtype])
   save_file(flat, str(out / "model.safetensors"), metadata={"format": "mohge_jax", "dtype": dtype})
-  (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+  # Written last: a crash while writing the tensors leaves a mismatch that load() reports.
+  config = {**cfg.to_dict(), "checksums": _checksums(out, ["model.safetensors"])}
+  (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
   return out
+
+
+def _checksums(out: Path, names: list[str]) -> dict[str, dict]:
+  return {n: {"bytes": (out / n).stat().st_size, "sha256": integrity.file_sha256(out / n)}
+          for n in names}
+
+
+def _verify_checksums(path: Path, checksums: dict | None) -> None:
+  """Raises ValueError naming the file whose size or sha256 differs from config.json's."""
+  if not isinstance(checksums, dict) or not checksums:
+    raise ValueError(f"{path / 'config.json'} has no checksums, so {path} cannot be verified "
+                     "(exported by an older version?): export it again")
+  for name, want in checksums.items():
+    got = _checksums(path, [name])[name]
+    if got != want:
+      what = (f"{got['bytes']:,} bytes, {want['bytes']:,} written" if got["bytes"] != want["bytes"]
+              else "sha256 mismatch")
+      raise ValueError(f"{path / name} is damaged: it is not the file that was exported "
+                       f"({what}); export it again")
 
 
 def export_workdir(workdir: str | Path, out: str | Path, *, dtype: str = "bf16",
@@ -96,7 +119,12 @@ def load(path: str | Path, *, dtype=jnp.float32) -> tuple[Transformer, Config]:
   for f in ("config.json", "model.safetensors"):
     if not (path / f).is_file():
       raise FileNotFoundError(f"{path / f} does not exist: not an exported model directory")
-  cfg = from_dict(json.loads((path / "config.json").read_text()))
+  try:
+    config = json.loads((path / "config.json").read_text())
+  except ValueError as e:  # includes UnicodeDecodeError
+    raise ValueError(f"{path / 'config.json'} is damaged: not JSON ({e})") from None
+  _verify_checksums(path, config.pop("checksums", None))
+  cfg = from_dict(config)
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract = nnx.split(model)
   tensors = load_file(str(path / "model.safetensors"))

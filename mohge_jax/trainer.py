@@ -4,7 +4,7 @@
     step(state, batch) -> (state, metrics)       # one jit, buffers donated
 
 The loop reads data, evaluates, checkpoints (every N steps, on SIGTERM/SIGINT, at the end),
-logs, and resumes from the latest complete checkpoint of the workdir.
+logs, and resumes from the newest intact checkpoint of the workdir (damaged ones moved aside).
 """
 
 from __future__ import annotations
@@ -255,6 +255,26 @@ class _Quiet:
     return lambda *a, **k: None
 
 
+def _divergence_message(ckpt: Checkpointer, step: int, host: dict,
+                        resumed_from: int | None) -> str:
+  """Names as good only a checkpoint that verifies now, and blames the learning rate only
+  if the run did not start from a checkpoint that fails verification."""
+  head = (f"loss is {float(host['loss'])} (grad norm {float(host['grad_norm'])}) at step "
+          f"{step}: training diverged")
+  good, _ = ckpt.newest_intact_step(recheck=True)  # damage may have come since the resume
+  last_good = (f"The last good (verified) checkpoint is "
+               f"{'step ' + str(good) if good is not None else 'none'} in {ckpt.directory}")
+  if resumed_from is not None and resumed_from in ckpt.all_steps():
+    problem = ckpt.verify(resumed_from, recheck=True)
+    if problem:
+      return (f"{head} after resuming from {ckpt.step_dir(resumed_from)}, which fails "
+              f"verification now ({problem}): the run may have started from damaged "
+              f"parameters, which says nothing about train.lr. {last_good}; re-run the same "
+              "command to move damaged checkpoints aside and resume from the newest intact one.")
+  return (f"{head}. {last_good}; lower train.lr or raise train.warmup_steps, then re-run "
+          "to resume from it.")
+
+
 def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
   t_start = time.perf_counter()
   workdir = Path(workdir)
@@ -271,7 +291,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
 
   cache_dir = use_compile_cache(t.compile_cache)
   ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-  latest = ckpt.latest_step()
+  latest = ckpt.resume_step(log)  # the newest intact step; damaged newer ones moved aside
   if latest is not None:
     saved_meta = ckpt.restore_meta(latest)
     if saved_meta.get("param_layout") != PARAM_LAYOUT:
@@ -380,12 +400,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
         if due_log or due_ckpt or due_eval or stop_now:
           host = jax.device_get(pending)
           if not (math.isfinite(float(host["loss"])) and math.isfinite(float(host["grad_norm"]))):
-            good = ckpt.latest_step()
-            raise TrainingError(
-                f"loss is {float(host['loss'])} (grad norm {float(host['grad_norm'])}) at step "
-                f"{step}: training diverged. The last good checkpoint is "
-                f"{'step ' + str(good) if good is not None else 'none'} in {ckpt.directory}; "
-                "lower train.lr or raise train.warmup_steps, then re-run to resume from it.")
+            raise TrainingError(_divergence_message(ckpt, step, host, resumed_from=latest))
           now = time.perf_counter()
           row = {k: v for k, v in host.items() if not k.endswith("_tokens")}
           row["tokens_per_s"] = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)

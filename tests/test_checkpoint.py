@@ -1,4 +1,5 @@
-"""Tests for mohge_jax.checkpoint: round trips, keep-last-k, crash safety, resharding.
+"""Tests for mohge_jax.checkpoint: round trips, keep-last-k, crash safety, resharding,
+damage detection and fallback.
 
 Tests that need a different number of fake CPU devices, or a process to kill, run this
 file as a script in a subprocess (see `__main__` at the bottom).
@@ -21,7 +22,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mohge_jax.checkpoint import CheckpointError, Checkpointer
+from mohge_jax import checkpoint
+from mohge_jax.checkpoint import CheckpointDamaged, CheckpointError, Checkpointer
+
+# Scripts run from tests/ must import this checkout's package, not an installed copy.
+SCRIPT_ENV = {**os.environ, "JAX_PLATFORMS": "cpu",
+              "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                             os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
 class TinyMLP(nnx.Module):
@@ -59,8 +66,7 @@ def _assert_trees_equal(got, want) -> None:
 
 
 def _run_script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run([sys.executable, __file__, *args], env=SCRIPT_ENV, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
@@ -117,6 +123,7 @@ def test_keeps_last_k_and_existing_step_is_noop(tmp_path: Path, async_save: bool
     assert ckpt.all_steps() == [4, 5]
     assert not ckpt.save(5, _random_tree(0), {"step": "again"})  # e.g. SIGTERM right after a save
     state, meta = ckpt.restore(4, _random_tree(0))  # arrays work as a target too
+    assert ckpt.newest_intact_step() == (5, {})  # every step was sealed with its checksums
   assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["4", "5"]
   _assert_trees_equal(state, _random_tree(seeds[3]))
   assert meta == {"step": 4}
@@ -143,10 +150,9 @@ def test_unfinished_step_directory_is_ignored(tmp_path: Path):
 
 def test_kill_during_async_save_keeps_previous_checkpoint(tmp_path: Path):
   seed = random.randrange(2**31)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   writer = subprocess.Popen(
     [sys.executable, __file__, "crash_writer", "1", str(tmp_path), str(seed)],
-    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    env=SCRIPT_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
   try:
     line = writer.stdout.readline()
@@ -160,6 +166,7 @@ def test_kill_during_async_save_keeps_previous_checkpoint(tmp_path: Path):
   # This test process is the "new process" that resumes.
   with Checkpointer(tmp_path) as ckpt:
     assert ckpt.latest_step() == (1 if killed_mid_save else 2)
+    assert ckpt.newest_intact_step() == (ckpt.latest_step(), {})  # a listed step is sealed
     state, meta = ckpt.restore(1, _abstract(_random_tree(0)))
     _assert_trees_equal(state, _random_tree(seed))
     assert meta == {"step": 1}
@@ -245,6 +252,135 @@ def test_unwritable_directory_is_a_clear_error(tmp_path: Path):
   path = tmp_path / "afile" / "ckpt"
   with pytest.raises(CheckpointError, match=f"cannot create or write checkpoint directory {path}"):
     Checkpointer(path)
+
+
+# ----------------------------------------------------------------------------- damage
+
+
+def _fresh_tree(rng: np.random.Generator) -> dict:
+  """Like _random_tree, with a 16 KB array, so that the largest file holds array bytes."""
+  return {"x_N": jnp.asarray(rng.standard_normal(4096, dtype=np.float32)),
+          "w_DxF": jnp.asarray(rng.standard_normal((4, 8), dtype=np.float32)),
+          "layers": [jnp.asarray(rng.integers(0, 99, (5,), dtype=np.int32)), (jnp.bfloat16(rng.random()),)]}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+  return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _flip(path: Path, rng: np.random.Generator, n: int = 64, middle: bool = False) -> None:
+  """XORs up to n consecutive bytes (at a random place, or the middle) with non-zero bytes."""
+  data = np.frombuffer(path.read_bytes(), np.uint8).copy()
+  n = min(n, data.size)
+  start = (data.size - n) // 2 if middle else int(rng.integers(0, data.size - n + 1))
+  data[start : start + n] ^= rng.integers(1, 256, n, dtype=np.uint8)
+  path.write_bytes(data.tobytes())
+
+
+def _damage(step_dir: Path, kind: str, rng: np.random.Generator) -> str:
+  """Damages one file of a checkpoint step as storage would; its path relative to step_dir."""
+  covered = [n for n in _files(step_dir) if n not in ("_CHECKPOINT_METADATA", "commit_success.txt")]
+  if kind == "truncate":
+    name = str(rng.choice([n for n in covered if (step_dir / n).stat().st_size > 0]))
+    path = step_dir / name
+    with open(path, "r+b") as f:
+      f.truncate(int(rng.integers(0, path.stat().st_size)))
+  elif kind == "delete":
+    name = str(rng.choice(covered))
+    (step_dir / name).unlink()
+  elif kind == "flip_array_bytes":  # the middle of the largest file: array data
+    name = max(covered, key=lambda n: (step_dir / n).stat().st_size)
+    assert name.startswith("state/") and (step_dir / name).stat().st_size > 8192  # compressed
+    _flip(step_dir / name, rng, middle=True)
+  else:
+    name = {"flip_sharding": "state/_sharding", "flip_tree_metadata": "state/_METADATA",
+            "flip_ocdbt_index": "state/manifest.ocdbt", "flip_meta_json": "meta/metadata",
+            "flip_manifest": "integrity.json"}[kind]
+    _flip(step_dir / name, rng)
+  return name
+
+
+DAMAGE_KINDS = ["flip_array_bytes", "flip_sharding", "flip_tree_metadata", "flip_ocdbt_index",
+                "flip_meta_json", "flip_manifest", "truncate", "delete"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE_KINDS)
+def test_damaged_newest_step_is_moved_aside_and_resume_falls_back(tmp_path: Path, rng, kind: str):
+  trees = {step: _fresh_tree(rng) for step in (1, 2, 3)}
+  with Checkpointer(tmp_path) as ckpt:
+    for step, tree in trees.items():
+      ckpt.save(step, tree, {"step": step})
+  damaged = _damage(tmp_path / "3", kind, rng)
+  as_damaged = _files(tmp_path / "3")
+
+  logged = []
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointDamaged) as err:  # e.g. orbax would return changed values
+      ckpt.restore(3, _abstract(trees[3]))
+    assert f"checkpoint {tmp_path / '3'} is damaged: {damaged}" in str(err.value)
+    assert ckpt.resume_step(logged.append) == 2
+    assert ckpt.all_steps() == [1, 2]
+    state, meta = ckpt.restore(None, _abstract(trees[2]))
+    _assert_trees_equal(state, trees[2])
+    assert meta == {"step": 2}
+    assert ckpt.save(3, trees[3], {"step": 3})  # the resumed run writes step 3 again
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.newest_intact_step() == (3, {})
+    state, _ = ckpt.restore(None, _abstract(trees[3]))
+  _assert_trees_equal(state, trees[3])
+  [aside] = tmp_path.glob("3.damaged-*")
+  assert _files(aside) == as_damaged  # moved aside as it was, nothing deleted
+  [line] = logged
+  assert f"checkpoint {tmp_path / '3'} is damaged: {damaged}" in line and str(aside) in line
+
+
+def test_no_intact_checkpoint_stops_and_touches_nothing(tmp_path: Path, rng):
+  with Checkpointer(tmp_path) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, _fresh_tree(rng), {"step": step})
+  damaged = {step: _damage(tmp_path / str(step), kind, rng)
+             for step, kind in ((1, "truncate"), (2, str(rng.choice(DAMAGE_KINDS))))}
+  before = _files(tmp_path)
+  logged = []
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(CheckpointDamaged) as err:
+      ckpt.resume_step(logged.append)
+    assert ckpt.all_steps() == [1, 2]
+  message = str(err.value)
+  assert f"no intact checkpoint in {tmp_path}; nothing was moved or deleted" in message
+  for step, name in damaged.items():
+    assert f"{tmp_path / str(step)}: {name}" in message
+  assert logged == [] and _files(tmp_path) == before
+
+
+def test_verify_command_lists_each_checkpoint(tmp_path: Path, rng, capsys):
+  workdir = tmp_path / "run"
+  with Checkpointer(workdir / "checkpoints") as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, _fresh_tree(rng), {"step": step})
+
+  def verify() -> tuple[int, str]:
+    code = checkpoint.main(["verify", str(workdir)])
+    return code, capsys.readouterr().out
+
+  code, out = verify()
+  assert code == 0 and all(f"step {s}: intact" in out for s in (1, 2, 3)), out
+  older = _damage(workdir / "checkpoints" / "1", str(rng.choice(DAMAGE_KINDS)), rng)
+  code, out = verify()
+  assert code == 0 and f"step 1: DAMAGED: {older}" in out, out  # the newest is what resumes
+  newest = _damage(workdir / "checkpoints" / "3", str(rng.choice(DAMAGE_KINDS)), rng)
+  code, out = verify()
+  assert code == 1 and f"step 3: DAMAGED: {newest}" in out and "step 2: intact" in out, out
+  assert "starts from step 2" in out
+  with Checkpointer(workdir / "checkpoints") as ckpt:
+    assert ckpt.resume_step(lambda line: None) == 2
+  code, out = verify()
+  assert code == 0 and "3.damaged-" in out and "moved aside" in out, out
+  _damage(workdir / "checkpoints" / "2", "truncate", rng)
+  _damage(workdir / "checkpoints" / "1", "delete", rng)  # none intact now
+  code, out = verify()
+  assert code == 1 and "no checkpoint is intact: resuming stops and touches nothing" in out, out
+  assert checkpoint.main(["verify", str(tmp_path / "nothing")]) == 2
 
 
 if __name__ == "__main__":  # subprocess entry: MODE NUM_CPU_DEVICES ARGS...

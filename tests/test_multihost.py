@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mohge_jax import distributed
+from mohge_jax import distributed, integrity
 
 ACCUM, ROWS, D = 2, 8, 3       # batch [accum, rows, D], rows split over processes then devices
 STEPS, LR = 5, 0.1
@@ -103,7 +103,8 @@ def _free_port() -> int:
 def _env(devices: int, **extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items()
          if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "TPU_", "MEGASCALE_"))}
-  return {**env, "JAX_PLATFORMS": "cpu",
+  root = str(Path(__file__).resolve().parents[1])  # this checkout's package, not an installed one
+  return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root,
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
 
 
@@ -166,6 +167,11 @@ def test_two_processes_equal_one_and_checkpoint_restores_in_one(tmp_path):
   assert single["restored_w"] == procs[0]["w"]
   assert single["restored_x_equal"]
   assert single["restored_meta"] == {"step": STEPS, "processes": 2}
+  # Process 0 sealed the step with checksums of every file, process 1's included.
+  step_dir = Path(ckpt_dir) / str(STEPS)
+  listed = set(json.loads((step_dir / integrity.MANIFEST).read_text())["files"])
+  on_disk = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()}
+  assert listed == on_disk - integrity.NOT_COVERED and any("process_1" in n for n in listed)
 
 
 def test_single_process_does_nothing(monkeypatch):

@@ -1,7 +1,9 @@
-"""train.py end to end: kill-and-resume is bitwise exact, device-count changes, export,
-divergence, and bad input. Runs train.py in subprocesses as a user would."""
+"""train.py end to end: kill-and-resume is bitwise exact, damaged checkpoints are moved
+aside, device-count changes, export, divergence, and bad input. Runs train.py in
+subprocesses as a user would."""
 
 import atexit
+import hashlib
 import json
 import os
 import shutil
@@ -63,6 +65,14 @@ def final_params(workdir):
   return state, meta
 
 
+def last_logged_step(workdir) -> int:
+  """The step of the last complete line of metrics.jsonl (0 if none)."""
+  path = Path(workdir) / "metrics.jsonl"
+  lines = [l for l in (path.read_text() if path.exists() else "").splitlines(True)
+           if l.endswith("\n")]
+  return json.loads(lines[-1])["step"] if lines else 0
+
+
 def test_sigkill_and_rerun_equals_uninterrupted_run_bitwise(tmp_path, rng):
   steps = 24
   clean = run_train(tmp_path / "clean", steps, ["train.ckpt_every=4"])
@@ -70,14 +80,15 @@ def test_sigkill_and_rerun_equals_uninterrupted_run_bitwise(tmp_path, rng):
 
   work = tmp_path / "killed"
   proc = run_train(work, steps, ["train.ckpt_every=4"], wait=False)
-  deadline = time.time() + 300
-  while not any((work / "checkpoints").glob("[0-9]*")) and time.time() < deadline:
-    time.sleep(0.05)
-  time.sleep(float(rng.uniform(0, 1.5)))  # a random point after the first save started
+  # Killed just after a random logged step from 4 to 16 (logs every 2, saves every 4: often
+  # during a save), with steps left however fast the machine (a fixed delay was not).
+  target, deadline = 2 * int(rng.integers(2, (steps - 8) // 2 + 1)), time.time() + 300
+  while last_logged_step(work) < target and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  time.sleep(float(rng.uniform(0, 0.05)))
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  killed_at = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])["step"] if (
-      work / "metrics.jsonl").exists() and (work / "metrics.jsonl").read_text() else 0
+  killed_at = last_logged_step(work)
   assert killed_at < steps, "the run finished before it was killed: test proves nothing"
 
   resumed = run_train(work, steps, ["train.ckpt_every=4"])
@@ -95,6 +106,76 @@ def test_sigkill_and_rerun_equals_uninterrupted_run_bitwise(tmp_path, rng):
   # The metrics file has each step once, in order, after the resume.
   logged = [json.loads(l)["step"] for l in (work / "metrics.jsonl").read_text().splitlines()]
   assert logged == sorted(set(logged)) and logged[-1] == steps
+
+
+def flip_bytes(path, rng, n=64, middle=False):
+  """XORs n consecutive bytes of a file (at a random place, or the middle) with non-zero ones."""
+  data = np.frombuffer(path.read_bytes(), np.uint8).copy()
+  n = min(n, data.size)
+  start = (data.size - n) // 2 if middle else int(rng.integers(0, data.size - n + 1))
+  data[start:start + n] ^= rng.integers(1, 256, n, dtype=np.uint8)
+  path.write_bytes(data.tobytes())
+
+
+def test_damaged_checkpoints_are_moved_aside_and_rerun_ends_bit_identical(tmp_path, rng):
+  """The damage users met (array bytes, the meta JSON, the sharding file): the same command
+  again reports each checkpoint with its file, moves it aside, resumes from the newest intact
+  one and, the data order being a function of the step, ends where the undamaged run ended."""
+  work, ckpts = tmp_path / "w", tmp_path / "w" / "checkpoints"
+  args = (12, ["train.ckpt_every=4"])
+  first = run_train(work, *args)
+  assert first.returncode == 0, first.stdout + first.stderr
+  want, _ = final_params(work)
+  want_loss = json.loads((work / "summary.json").read_text())["loss"]
+
+  def rerun_ends_as_before(resumed_from):
+    out = run_train(work, *args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"resumed from step {resumed_from}" in out.stdout, out.stdout
+    got, _ = final_params(work)
+    assert int(got["step"]) == 12
+    for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert json.loads((work / "summary.json").read_text())["loss"] == want_loss
+    return out.stdout
+
+  largest = max((p for p in (ckpts / "12" / "state").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  flip_bytes(largest, rng, middle=True)
+  verify = subprocess.run([sys.executable, "-m", "mohge_jax.checkpoint", "verify", str(work)],
+                          capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert verify.returncode == 1, verify.stdout + verify.stderr
+  assert "step 8: intact" in verify.stdout and "step 12: DAMAGED: state/" in verify.stdout
+  out = rerun_ends_as_before(resumed_from=8)
+  assert f"checkpoint {ckpts / '12'} is damaged: {largest.relative_to(ckpts / '12')}" in out
+
+  flip_bytes(ckpts / "12" / "meta" / "metadata", rng)
+  flip_bytes(ckpts / "8" / "state" / "_sharding", rng)
+  out = rerun_ends_as_before(resumed_from=4)
+  assert f"checkpoint {ckpts / '12'} is damaged: meta/metadata" in out
+  assert f"checkpoint {ckpts / '8'} is damaged: state/_sharding" in out
+  assert len(list(ckpts.glob("12.damaged-*"))) == 2 and len(list(ckpts.glob("8.damaged-*"))) == 1
+
+
+def test_divergence_message_trusts_only_verified_checkpoints(tmp_path, rng):
+  from mohge_jax.trainer import _divergence_message
+  host = {"loss": float("nan"), "grad_norm": float("inf")}
+  with Checkpointer(tmp_path, async_save=False) as ckpt:
+    for step in (2, 4):
+      ckpt.save(step, {"w": jnp.asarray(rng.standard_normal(256, dtype=np.float32))}, {})
+    message = _divergence_message(ckpt, 5, host, resumed_from=2)
+    assert "loss is nan (grad norm inf) at step 5: training diverged." in message
+    assert f"last good (verified) checkpoint is step 4 in {tmp_path}" in message
+    assert "lower train.lr" in message
+    flip_bytes(tmp_path / "4" / "state" / "_sharding", rng)  # damaged since it was written
+    assert "last good (verified) checkpoint is step 2 in" in _divergence_message(
+        ckpt, 5, host, resumed_from=2)
+    flip_bytes(tmp_path / "2" / "meta" / "metadata", rng)  # the step the run started from
+    message = _divergence_message(ckpt, 5, host, resumed_from=2)
+    assert f"after resuming from {tmp_path / '2'}, which fails verification now" in message
+    assert "meta/metadata" in message and "last good (verified) checkpoint is none" in message
+    assert "lower train.lr" not in message
 
 
 def test_restore_on_another_device_count(tmp_path):
@@ -120,6 +201,8 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
                                          "train.min_lr=0"])
   assert out.returncode == 2, out.stdout + out.stderr
   assert "training diverged" in out.stderr
+  assert "The last good (verified) checkpoint is step" in out.stderr
+  assert "lower train.lr" in out.stderr  # the run started afresh: the lr is to blame
   state, meta = final_params(tmp_path / "nan")
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
   assert int(state["step"]) < 30
@@ -152,6 +235,32 @@ def test_export_round_trip(tmp_path, rng):
   np.testing.assert_array_equal(np.asarray(loaded16(tokens)[0]), np.asarray(model16(tokens)[0]))
   assert (tmp_path / "bf16" / "model.safetensors").stat().st_size < (
       tmp_path / "f32" / "model.safetensors").stat().st_size * 0.6
+
+
+def test_export_load_refuses_a_damaged_file(tmp_path, rng):
+  cfg = load_config("configs/tiny.yaml", MICRO)
+  shapes = jax.eval_shape(make_init_fn(cfg))["params"]
+  params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), shapes)
+  out = export.export_params(params, cfg, tmp_path / "m", dtype="f32")
+  tensors, config = out / "model.safetensors", json.loads((out / "config.json").read_text())
+  assert config["checksums"] == {"model.safetensors": {
+      "bytes": tensors.stat().st_size, "sha256": hashlib.sha256(tensors.read_bytes()).hexdigest()}}
+  model, cfg2 = export.load(out)
+  assert cfg2 == cfg
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.state(model)), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  written = tensors.read_bytes()
+  flip_bytes(tensors, rng)
+  with pytest.raises(ValueError, match=f"{tensors} is damaged: .*sha256 mismatch"):
+    export.load(out)
+  tensors.write_bytes(written[:int(rng.integers(0, len(written)))])
+  with pytest.raises(ValueError, match=f"{tensors} is damaged: .*bytes, {len(written):,} written"):
+    export.load(out)
+  tensors.write_bytes(written)
+  del config["checksums"]
+  (out / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="config.json has no checksums"):
+    export.load(out)
 
 
 def test_export_cli_from_a_training_workdir(tmp_path):
