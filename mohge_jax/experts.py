@@ -277,6 +277,33 @@ def inverse_permutation(order_M: jax.Array) -> jax.Array:
   return jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
 
 
+@jax.custom_vjp
+def permute_rows(x_MxD: jax.Array, order_M: jax.Array, inverse_M: jax.Array) -> jax.Array:
+  """x[order] for a permutation `order` with inverse `inverse`. Its backward pass is the
+  gather g[inverse]; autodiff of a plain gather cannot know the indices are a permutation
+  and emits a scatter-add (atomics), which cost ~7% of a MoHGE-3B step on the H200."""
+  return x_MxD[order_M]
+
+
+def _permute_fwd(x_MxD, order_M, inverse_M):
+  return x_MxD[order_M], (order_M, inverse_M)
+
+
+def _permute_bwd(res, g_MxD):
+  order_M, inverse_M = res
+  return g_MxD[inverse_M], None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+def count_ids(ids: jax.Array, num: int) -> jax.Array:
+  """How many entries of `ids` equal each of 0..num-1: int32 [num]; ids outside are not
+  counted. A one-hot sum (one fused reduction) rather than a scatter-add, whose atomics on
+  few bins serialise on GPUs."""
+  return jnp.sum(ids.reshape(-1, 1) == jnp.arange(num, dtype=ids.dtype), axis=0, dtype=jnp.int32)
+
+
 def combine(y_TxKxD: jax.Array, weights_TxK: jax.Array) -> jax.Array:
   """sum_k weights[t, k] * y[t, k] in float32 [T, D]. Written as a multiply and a sum (one
   fused memory-bound pass), not an einsum: that is a dot with batch dimension T, which GPUs
@@ -291,10 +318,11 @@ def dispatch_and_combine(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down,
   T, K = expert_ids_TxK.shape
   expert_of_pair_M = expert_ids_TxK.reshape(T * K)
   order_M = jnp.argsort(expert_of_pair_M, stable=True)
-  group_sizes_E = jnp.zeros((num_experts,), jnp.int32).at[expert_of_pair_M].add(1)
-  y_sorted_MxD = grouped_ffn(x_TxD[order_M // K], group_sizes_E, w_gate_up, w_down,
-                             backend=backend)
-  y_TxKxD = y_sorted_MxD[inverse_permutation(order_M)].reshape(T, K, -1)
+  inverse_M = inverse_permutation(order_M)
+  group_sizes_E = count_ids(expert_of_pair_M, num_experts)
+  x_sorted_MxD = permute_rows(jnp.repeat(x_TxD, K, axis=0), order_M, inverse_M)
+  y_sorted_MxD = grouped_ffn(x_sorted_MxD, group_sizes_E, w_gate_up, w_down, backend=backend)
+  y_TxKxD = permute_rows(y_sorted_MxD, inverse_M, order_M).reshape(T, K, -1)
   return combine(y_TxKxD, weights_TxK)
 
 

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 
 
 def counts(ids_TxK: jax.Array, num: int) -> jax.Array:
-  """How many tokens chose each of `num` ids: [num] float32 (no gradient)."""
-  return jnp.zeros((num,), jnp.float32).at[ids_TxK.reshape(-1)].add(1.0)
+  """How many tokens chose each of `num` ids: [num] float32 (no gradient). A one-hot sum,
+  not a scatter-add (atomics on few bins serialise on GPUs)."""
+  return jnp.sum(ids_TxK.reshape(-1, 1) == jnp.arange(num, dtype=ids_TxK.dtype), axis=0,
+                 dtype=jnp.float32)
 
 
 def size_weights(widths: Sequence[int], delta: float) -> jax.Array:

@@ -190,3 +190,28 @@ def test_per_expert_backend_across_several_row_tiles(rng):
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_permute_rows_gradient_is_a_gather_not_a_scatter(rng):
+  """permute_rows(x, order, inverse) = x[order]; its gradient equals the plain gather's and
+  is computed by gathering through the inverse (no scatter in the backward program)."""
+  M, D = int(rng.integers(5, 40)), 8
+  x = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  order = jnp.asarray(rng.permutation(M), jnp.int32)
+  inverse = experts.inverse_permutation(order)
+  np.testing.assert_array_equal(np.asarray(inverse)[np.asarray(order)], np.arange(M))
+  f = lambda x: jnp.sum(experts.permute_rows(x, order, inverse) * g)
+  np.testing.assert_array_equal(np.asarray(experts.permute_rows(x, order, inverse)),
+                                np.asarray(x)[np.asarray(order)])
+  np.testing.assert_allclose(np.asarray(jax.grad(f)(x)),
+                             np.asarray(jax.grad(lambda x: jnp.sum(x[order] * g))(x)))
+  prims = {e.primitive.name for e in jax.make_jaxpr(jax.grad(f))(x).jaxpr.eqns}
+  assert not any("scatter" in p for p in prims), prims
+
+
+def test_count_ids_matches_bincount(rng):
+  num = int(rng.integers(1, 12))
+  ids = rng.integers(0, num + 2, size=(int(rng.integers(1, 50)), 3))  # some ids >= num
+  want = np.bincount(ids.ravel(), minlength=num + 2)[:num]
+  np.testing.assert_array_equal(np.asarray(experts.count_ids(jnp.asarray(ids), num)), want)
