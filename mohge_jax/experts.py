@@ -256,11 +256,13 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> nnx.Param:
 
 
 class SwiGLU(nnx.Module):
-  """Dense SwiGLU FFN with fused gate/up: [D, 2F] and [F, D]."""
+  """Dense SwiGLU FFN with fused gate/up: [D, 2F] and [F, D]. `down_std` (default
+  init_std) initialises w_down, the output projection (ModelConfig.output_init_std)."""
 
-  def __init__(self, d_model: int, width: int, *, init_std: float, dtype, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, width: int, *, init_std: float, dtype, rngs: nnx.Rngs,
+               down_std: float | None = None):
     self.w_gate_up = _normal(rngs, (d_model, 2 * width), init_std)
-    self.w_down = _normal(rngs, (width, d_model), init_std)
+    self.w_down = _normal(rngs, (width, d_model), init_std if down_std is None else down_std)
     self.dtype = dtype
 
   def __call__(self, x_TxD: jax.Array) -> jax.Array:
@@ -302,9 +304,11 @@ class RoutedFFN(nnx.Module):
       self.group_router = _normal(rngs, (D, G), m.init_std)
     self.expert_router = _normal(rngs, (D, G * N), m.init_std)
     self.w_gate_up = nnx.List([_normal(rngs, (N, D, 2 * w), m.init_std) for w in m.group_widths])
-    self.w_down = nnx.List([_normal(rngs, (N, w, D), m.init_std) for w in m.group_widths])
+    self.w_down = nnx.List([_normal(rngs, (N, w, D), m.output_init_std)
+                            for w in m.group_widths])
     self.shared = (SwiGLU(D, m.num_shared_experts * m.shared_expert_width,
-                          init_std=m.init_std, dtype=self.dtype, rngs=rngs)
+                          init_std=m.init_std, down_std=m.output_init_std, dtype=self.dtype,
+                          rngs=rngs)
                    if m.num_shared_experts else None)
 
   def route(self, x_TxD: jax.Array) -> tuple[routing.Routing, dict[str, jax.Array]]:
