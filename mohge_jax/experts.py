@@ -314,6 +314,11 @@ class RoutedFFN(nnx.Module):
   def route(self, x_TxD: jax.Array) -> tuple[routing.Routing, dict[str, jax.Array]]:
     m, lo = self.cfg.model, self.cfg.loss
     x32_TxD = x_TxD.astype(jnp.float32)
+    # The aux losses' statistics per chunk of loss.aux_tokens tokens. Config validation makes
+    # every training micro-batch a multiple; other inputs (inference, where the aux losses
+    # are unused) that are not use the whole batch.
+    T = x_TxD.shape[0]
+    chunk = lo.aux_tokens if lo.aux_tokens and T % lo.aux_tokens == 0 else 0
     v_TxE = x32_TxD @ self.expert_router[...]
     if self.kind == "mohge":
       u_TxG = x32_TxD @ self.group_router[...]
@@ -323,10 +328,10 @@ class RoutedFFN(nnx.Module):
       aux = {
           "group_aux": losses.group_wise_aux_loss(
               r.group_softmax, r.group_ids, widths=m.group_widths,
-              delta=lo.group_aux_delta, coef=lo.group_aux_coef),
+              delta=lo.group_aux_delta, coef=lo.group_aux_coef, chunk=chunk),
           "expert_aux": losses.intra_group_aux_loss(
               r.expert_probs, r.expert_ids, experts_per_group=m.experts_per_group,
-              top_k_groups=m.top_k_groups, coef=lo.expert_aux_coef),
+              top_k_groups=m.top_k_groups, coef=lo.expert_aux_coef, chunk=chunk),
       }
       z_logits = (u_TxG, v_TxE)
     else:
@@ -334,7 +339,7 @@ class RoutedFFN(nnx.Module):
       aux = {
           "group_aux": jnp.zeros((), jnp.float32),
           "expert_aux": losses.switch_aux_loss(r.router_probs, r.expert_ids,
-                                               coef=lo.expert_aux_coef),
+                                               coef=lo.expert_aux_coef, chunk=chunk),
       }
       z_logits = (v_TxE,)
     aux["z_loss"] = sum((losses.z_loss(z, coef=lo.z_loss_coef) for z in z_logits),

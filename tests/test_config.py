@@ -29,6 +29,8 @@ def test_overrides_and_defaults(tmp_path):
     ("train.batch_size=10", "divisible by train.grad_accum"),
     ("train.lr=0", "train.lr"),
     ("model.doc_attention_mask=1", "expected true or false"),
+    ("loss.aux_tokens=7", r"loss.aux_tokens=7 must divide .* = 2048"),
+    ("loss.aux_tokens=-1", "loss.aux_tokens=-1: must be >= 0"),
 ])
 def test_validation_errors_name_the_field(override, message):
   extra = ["train.grad_accum=4"] if "batch_size" in override else []
