@@ -83,8 +83,12 @@ def z_loss(logits_TxX: jax.Array, *, coef: float) -> jax.Array:
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
-                  mask_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Mean token negative log-likelihood over mask; returns (loss, number of tokens)."""
+                  mask_BxL: jax.Array | None = None, *,
+                  normalizer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Mean token negative log-likelihood over mask; returns (loss, number of tokens).
+
+  normalizer: divide the summed NLL by this instead of the mask's token count (gradient
+  accumulation: every micro-batch divides by the global batch's token count)."""
   logits = logits_BxLxV.astype(jnp.float32)
   lse_BxL = jax.nn.logsumexp(logits, axis=-1)
   target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
@@ -93,15 +97,17 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
     mask_BxL = jnp.ones_like(nll_BxL)
   mask_BxL = mask_BxL.astype(jnp.float32)
   n = jnp.sum(mask_BxL)
-  return jnp.sum(nll_BxL * mask_BxL) / jnp.maximum(n, 1.0), n
+  denominator = n if normalizer is None else normalizer
+  return jnp.sum(nll_BxL * mask_BxL) / jnp.maximum(denominator, 1.0), n
 
 
 def chunked_cross_entropy(x_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax.Array,
-                          mask_BxL: jax.Array, *, chunk: int) -> tuple[jax.Array, jax.Array]:
+                          mask_BxL: jax.Array, *, chunk: int,
+                          normalizer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """`cross_entropy(x @ w, ...)` without materialising the [B, L, V] float32 logits: the
   sequence is cut into chunks of `chunk` positions, scanned, and each chunk's logits are
   recomputed in the backward pass (jax.checkpoint). Same value and gradients; peak memory
-  of the output layer falls from B*L*V to B*chunk*V floats."""
+  of the output layer falls from B*L*V to B*chunk*V floats. `normalizer` as cross_entropy."""
   B, L, D = x_BxLxD.shape
   n = -(-L // chunk)
   pad = n * chunk - L
@@ -125,4 +131,5 @@ def chunked_cross_entropy(x_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
                           (to_chunks(x_BxLxD), to_chunks(targets_BxL), to_chunks(mask_BxL)))
   n_tok = jnp.sum(mask_BxL)
-  return total / jnp.maximum(n_tok, 1.0), n_tok
+  denominator = n_tok if normalizer is None else normalizer
+  return total / jnp.maximum(denominator, 1.0), n_tok

@@ -66,21 +66,30 @@ def abstract_state(cfg: Config, mesh: jax.sharding.Mesh | None = None):
 
 
 def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
-  def loss_fn(params, batch, group_aux_on):
+  """loss_fn(params, batch, group_aux_on, lm_tokens=None, aux_weight=1.0) -> (loss, metrics).
+
+  The LM loss is the batch's summed token NLL divided by `lm_tokens` (default: the batch's
+  own scored tokens, i.e. its mean); the auxiliary losses are weighted by `aux_weight`.
+  Every metric is this batch's share of the value, so that shares of micro-batches add up.
+  """
+  def loss_fn(params, batch, group_aux_on, lm_tokens=None, aux_weight=1.0):
     model = nnx.merge(graphdef, params)
     if cfg.train.logits_chunk:
       h, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
                      return_hidden=True)
       lm_loss, _ = losses.chunked_cross_entropy(h, head_weight(model), batch["targets"],
-                                                batch["loss_mask"], chunk=cfg.train.logits_chunk)
+                                                batch["loss_mask"], chunk=cfg.train.logits_chunk,
+                                                normalizer=lm_tokens)
     else:
       logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-      lm_loss, _ = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    group_aux = aux["group_aux"] * group_aux_on  # switched on at loss.group_aux_start_step
-    total = lm_loss + group_aux + aux["expert_aux"] + aux["z_loss"]
+      lm_loss, _ = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"],
+                                        normalizer=lm_tokens)
+    group_aux_raw = aux["group_aux"] * aux_weight
+    expert_aux, z_loss = aux["expert_aux"] * aux_weight, aux["z_loss"] * aux_weight
+    group_aux = group_aux_raw * group_aux_on  # switched on at loss.group_aux_start_step
+    total = lm_loss + group_aux + expert_aux + z_loss
     metrics = {"loss": total, "lm_loss": lm_loss, "group_aux": group_aux,
-               "group_aux_raw": aux["group_aux"], "expert_aux": aux["expert_aux"],
-               "z_loss": aux["z_loss"]}
+               "group_aux_raw": group_aux_raw, "expert_aux": expert_aux, "z_loss": z_loss}
     if "group_tokens" in aux:
       metrics["group_tokens"] = aux["group_tokens"]
       metrics["expert_tokens"] = aux["expert_tokens"]
@@ -96,18 +105,25 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef):
   start = cfg.group_aux_start
 
   def step(state, batch_AxBxL):
-    """batch leaves: [grad_accum, batch/grad_accum, seq_len]."""
+    """batch leaves: [grad_accum, batch/grad_accum, seq_len].
+
+    Gradient accumulation equals one step on the whole batch for any loss mask: each
+    micro-batch's LM loss is its summed token NLL over the scored tokens of the whole
+    (global, all hosts) batch, and the micro-batches' gradients are summed. The auxiliary
+    losses are per micro-batch (their statistics are; with loss.aux_tokens dividing the
+    micro-batch, per chunk) and averaged over the micro-batches.
+    """
     group_aux_on = (state["step"] >= start).astype(jnp.float32)
+    lm_tokens = jnp.sum(batch_AxBxL["loss_mask"].astype(jnp.float32))
 
     def micro(grads, batch_BxL):
-      (_, metrics), g = grad_fn(state["params"], batch_BxL, group_aux_on)
+      (_, metrics), g = grad_fn(state["params"], batch_BxL, group_aux_on, lm_tokens,
+                                1.0 / accum)
       return jax.tree.map(jnp.add, grads, g), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     grads, metrics_A = jax.lax.scan(micro, zeros, batch_AxBxL)
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    metrics = {k: jnp.sum(v, 0) if k.endswith("_tokens") else jnp.mean(v, 0)
-               for k, v in metrics_A.items()}
+    metrics = {k: jnp.sum(v, 0) for k, v in metrics_A.items()}  # the shares add up
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
