@@ -286,7 +286,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
   iterator = data.BatchIterator(prepared.train_tokens, seq_len=t.seq_len,
                                 global_batch=t.batch_size, seed=t.seed, eos_id=eos,
                                 process_index=jax.process_index(),
-                                process_count=jax.process_count())
+                                process_count=jax.process_count(),
+                                per_document=cfg.model.doc_attention_mask)
   if latest is None:
     state = jax.jit(make_init_fn(cfg), out_shardings=jax.tree.map(lambda a: a.sharding, target))()
     log(f"initialised a new model in {workdir}")
@@ -314,7 +315,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
     total, count = 0.0, 0.0
     for batch in data.eval_batches(prepared.val_tokens, seq_len=t.seq_len,
                                    batch=t.batch_size // t.grad_accum, eos_id=eos,
-                                   max_batches=t.eval_batches):
+                                   max_batches=t.eval_batches,
+                                   per_document=cfg.model.doc_attention_mask):
       s, n = eval_step(state["params"], {k: jnp.asarray(v) for k, v in batch.items()})
       total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)

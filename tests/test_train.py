@@ -267,3 +267,45 @@ def test_gradient_accumulation_equals_one_big_batch(rng):
     np.testing.assert_allclose(float(out[accum][1][k]), float(out[1][1][k]), rtol=1e-5,
                                err_msg=f"{k}, grad_accum={accum}")
   assert_same_step(before, out[accum], out[1])
+
+
+@pytest.mark.parametrize("doc_mask", [False, True])
+def test_training_batches_follow_doc_attention_mask(tmp_path, monkeypatch, rng, doc_mask):
+  """Positions restart after separators only where attention is masked per document
+  (model.doc_attention_mask=true); otherwise (the reference) they run 0..L-1 and every
+  target is scored. Runs train() up to its first batch."""
+  from mohge_jax import data, trainer
+  for i in range(40):
+    (tmp_path / f"{i:02d}.txt").write_text("".join(
+        chr(c) for c in rng.integers(0x61, 0x7B, int(rng.integers(3, 30)))))
+  cfg = load_config("configs/tiny.yaml", MICRO + [
+      f"model.doc_attention_mask={str(doc_mask).lower()}", f"data.source={tmp_path}/*.txt",
+      f"data.cache_dir={tmp_path / 'cache'}"])
+
+  class FirstBatch(Exception):
+    pass
+
+  real = data.BatchIterator
+
+  def first_batch(*args, **kwargs):
+    raise FirstBatch(real(*args, **kwargs).batch_at(0))
+
+  monkeypatch.setattr(data, "BatchIterator", first_batch)
+  with pytest.raises(FirstBatch) as caught:
+    trainer.train(cfg, tmp_path / "w", log=lambda *a, **k: None)
+  batch = caught.value.args[0]
+  inputs = batch["inputs"]
+  B, L = inputs.shape
+  eos = inputs == 256
+  assert eos[:, :-1].any(), "no separator inside a window: the test proves nothing"
+  if doc_mask:
+    after_eos = np.zeros_like(eos)
+    after_eos[:, 1:] = eos[:, :-1]
+    t = np.arange(L)
+    want_pos = t - np.maximum.accumulate(np.where(after_eos, t, 0), axis=1)
+    np.testing.assert_array_equal(batch["positions"], want_pos)
+    np.testing.assert_array_equal(batch["loss_mask"], ~eos)
+    np.testing.assert_array_equal(batch["segment_ids"], np.cumsum(after_eos, axis=1))
+  else:
+    np.testing.assert_array_equal(batch["positions"], np.broadcast_to(np.arange(L), (B, L)))
+    assert batch["loss_mask"].all() and not batch["segment_ids"].any()
