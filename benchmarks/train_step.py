@@ -6,9 +6,12 @@
 
 Per config: step time (median of repeats after warm-up), tokens/s, model FLOPs per token,
 MFU against the H200's 989 TFLOP/s dense bf16 peak and against the dense matmul rate
-measured in the same run, and peak device memory (the process high-water mark: run one
-config per process for exact per-config peaks). `--find-batch` tries per-device batch
-sizes from the first and keeps the largest that compiles and runs.
+measured in the same run, peak device memory, and the start-up a user waits for: init,
+lower, compile and first step timed apart (`time_to_first_step_s` = lower + compile +
+first step) with an empty compilation cache, and with `--warm` again with it filled.
+Each measurement runs in its own process (exact peak memory, honest cold start).
+`--find-batch` tries per-device batch sizes from the first and keeps the largest that
+compiles and runs.
 
 Model FLOPs per token (training = 3 x forward = 6 x matmul parameters):
   6 * (non-embedding matmul parameters, routed experts excluded)
@@ -21,6 +24,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -63,40 +70,86 @@ def dense_rate_tflops(reps: int) -> float:
   return 2 * 16384 * 8192 * 8192 / float(np.median(times)) / 1e12
 
 
-def run_one(cfg: Config, batch: int, reps: int) -> dict:
+def _batch(cfg: Config, batch: int) -> dict:
+  L = cfg.train.seq_len
+  tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=(1, batch, L + 1))
+  return jax.device_put({
+      "inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+      "loss_mask": np.ones((1, batch, L), np.float32),
+      "segment_ids": np.zeros((1, batch, L), np.int32),
+      "positions": np.broadcast_to(np.arange(L), (1, batch, L)).astype(np.int32)})
+
+
+def run_one(cfg: Config, batch: int, reps: int, profile: str | None = None) -> dict:
+  """Init, lower, compile and the first step timed apart (what a user waits for before
+  training starts), then the median step time over `reps` steps."""
   t = cfg.train
-  graphdef = graph_def(cfg)
-  step = make_train_step(cfg, graphdef)
-  state = jax.jit(make_init_fn(cfg))()
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.model.vocab_size, size=(1, batch, t.seq_len + 1))
-  data = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
-          "loss_mask": np.ones((1, batch, t.seq_len), np.float32),
-          "segment_ids": np.zeros((1, batch, t.seq_len), np.int32),
-          "positions": np.broadcast_to(np.arange(t.seq_len), (1, batch, t.seq_len)).astype(np.int32)}
-  data = jax.device_put(data)
-  t0 = time.perf_counter()
-  state, metrics = step(state, data)
+  T = time.perf_counter
+  t0 = T()
+  step = make_train_step(cfg, graph_def(cfg))
+  state = jax.block_until_ready(jax.jit(make_init_fn(cfg))())
+  t1 = T()
+  data = _batch(cfg, batch)
+  lowered = step.lower(state, data)
+  t2 = T()
+  compiled = lowered.compile()
+  t3 = T()
+  state, metrics = compiled(state, data)
   jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
-  state, metrics = step(state, data)  # warm-up
+  t4 = T()
+  startup = {"init_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2,
+             "first_step_s": t4 - t3, "time_to_first_step_s": t4 - t1,
+             "since_start_s": t4 - t0}
+  print(f"  init {t1 - t0:.1f} s, lower {t2 - t1:.1f} s, compile {t3 - t2:.1f} s, first step "
+        f"{t4 - t3:.1f} s", flush=True)
+  state, metrics = compiled(state, data)  # warm-up
   jax.block_until_ready(metrics)
   times = []
   for _ in range(reps):
-    t0 = time.perf_counter()
-    state, metrics = step(state, data)
+    t0 = T()
+    state, metrics = compiled(state, data)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
+    times.append(T() - t0)
   step_s = float(np.median(times))
   n_tokens = batch * t.seq_len
   expert_tokens = np.asarray(metrics.get("expert_tokens", np.zeros((0, 1))))
   flops_tok = model_flops_per_token(cfg, expert_tokens, n_tokens)
   stats = jax.devices()[0].memory_stats() or {}
+  if profile:  # the top device operations of two more steps
+    from benchmarks import profile_summary as ps
+    trace = ps.load_trace(ps.capture(compiled, state, data, logdir=profile, warmup=0, steps=2,
+                                     carry=True))
+    tot = ps.totals(trace)
+    for by, top in (("name", 40), ("category", 10)):
+      print(ps.format_table(ps.summarise(trace, top, by), tot), flush=True)
   return {"batch": batch, "seq": t.seq_len, "step_ms": 1e3 * step_s,
+          "step_ms_all": [1e3 * x for x in times],
           "tokens_per_s": n_tokens / step_s, "flops_per_token": flops_tok,
-          "tflops": flops_tok * n_tokens / step_s / 1e12, "compile_s": compile_s,
+          "tflops": flops_tok * n_tokens / step_s / 1e12, **startup,
           "loss": float(metrics["loss"]), "finite": bool(np.isfinite(float(metrics["loss"]))),
-          "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30}
+          "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30,
+          "device_mem_gb": stats.get("bytes_limit", 0) / 2**30}
+
+
+def _in_subprocess(path: str, batch: int, args, overrides: list[str], cache: str) -> dict | None:
+  """One measurement in a fresh process (its own peak memory, its own compilation cache
+  state); None when it ran out of memory."""
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
+  cmd = [sys.executable, "-m", "benchmarks.train_step", "--one", path, "--batch", str(batch),
+         "--seq", str(args.seq), "--reps", str(args.reps), *overrides]
+  if args.profile:
+    cmd += ["--profile", os.path.join(args.profile, os.path.basename(path).split(".")[0])]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  sys.stdout.write(proc.stdout)
+  if proc.returncode != 0:
+    text = proc.stdout + proc.stderr
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+      oom = [ln for ln in text.splitlines() if "RESOURCE_EXHAUSTED" in ln or "memory" in ln.lower()]
+      print(f"{path} batch {batch}: out of memory: {' | '.join(oom[:3])[:600]}", flush=True)
+      return None
+    sys.stderr.write(proc.stderr[-6000:])
+    raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode})")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -110,48 +163,63 @@ def main() -> None:
   ap.add_argument("--contrast", action="store_true",
                   help="also time each config with experts computed one at a time "
                        "(model.expert_backend=per_expert, the paper's reference's way)")
+  ap.add_argument("--warm", action="store_true",
+                  help="also time the start-up again with the compilation cache filled")
+  ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--profile", default=None,
+                  help="trace two more steps into this directory and print the top operations")
   ap.add_argument("--out", default=None)
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args()
 
-  dense = dense_rate_tflops(args.reps)
-  print(f"device {jax.devices()[0].device_kind}; dense bf16 matmul {dense:.0f} TFLOP/s", flush=True)
+  if args.one:  # the child process of _in_subprocess
+    cfg = load_config(args.one, [f"train.seq_len={args.seq}", f"train.batch_size={args.batch}",
+                                 "train.grad_accum=1", *args.overrides])
+    row = run_one(cfg, args.batch, args.reps, args.profile)
+    row.update(dense_tflops=dense_rate_tflops(args.reps), device=jax.devices()[0].device_kind)
+    print(json.dumps(row), flush=True)
+    return
+
+  # This process never touches the device: each measurement's process has it to itself
+  # (jax takes most of the device memory at start).
   rows = []
   for path in args.configs.split(","):
     batches = [args.batch] if args.batch else [int(b) for b in args.find_batch.split(",")]
     for b in batches:
-      cfg = load_config(path, [f"train.seq_len={args.seq}", f"train.batch_size={b}",
-                               "train.grad_accum=1", *args.overrides])
-      try:
-        row = run_one(cfg, b, args.reps)
-      except Exception as e:  # out of memory: try the next smaller batch
-        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
-          raise
-        print(f"{path} batch {b}: out of memory", flush=True)
+      cache = tempfile.mkdtemp(prefix="mohge_bench_xla_cache_")  # cold: empty cache
+      print(f"{path} batch {b} (cold compilation cache)", flush=True)
+      row = _in_subprocess(path, b, args, args.overrides, cache)
+      if row is None:
         continue
       row.update(config=path, mfu=row["tflops"] / PEAK_TFLOPS,
-                 mfu_vs_measured_dense=row["tflops"] / dense)
+                 mfu_vs_measured_dense=row["tflops"] / row["dense_tflops"])
+      if args.warm:
+        print(f"{path} batch {b} (warm compilation cache)", flush=True)
+        warm = _in_subprocess(path, b, args, args.overrides, cache)
+        row.update({f"warm_{k}": warm[k] for k in ("init_s", "lower_s", "compile_s",
+                                                  "first_step_s", "time_to_first_step_s")})
       if args.contrast:
-        slow = run_one(load_config(path, [f"train.seq_len={args.seq}", f"train.batch_size={b}",
-                                          "train.grad_accum=1", *args.overrides,
-                                          "model.expert_backend=per_expert"]), b, args.reps)
+        slow = _in_subprocess(path, b, args, [*args.overrides, "model.expert_backend=per_expert"],
+                              cache)
         row["per_expert_tokens_per_s"] = slow["tokens_per_s"]
         row["speedup_vs_per_expert"] = row["tokens_per_s"] / slow["tokens_per_s"]
       rows.append(row)
       print(json.dumps(row), flush=True)
       break
-  print(f"\n{'config':<24}{'batch':>6}{'step ms':>10}{'tokens/s':>11}{'TFLOP/s':>9}"
-        f"{'MFU':>7}{'vs dense':>9}{'peak GB':>9}")
+  print(f"\n{'config':<24}{'batch':>6}{'first step s':>13}{'warm s':>8}{'step ms':>10}"
+        f"{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'vs dense':>9}{'peak GB':>9}")
   for r in rows:
-    print(f"{r['config']:<24}{r['batch']:>6}{r['step_ms']:>10.1f}{r['tokens_per_s']:>11,.0f}"
+    warm = f"{r['warm_time_to_first_step_s']:>8.1f}" if "warm_init_s" in r else f"{'-':>8}"
+    print(f"{r['config']:<24}{r['batch']:>6}{r['time_to_first_step_s']:>13.1f}{warm}"
+          f"{r['step_ms']:>10.1f}{r['tokens_per_s']:>11,.0f}"
           f"{r['tflops']:>9.1f}{r['mfu']:>7.1%}{r['mfu_vs_measured_dense']:>9.1%}"
           f"{r['peak_mem_gb']:>9.1f}"
           + (f"  {r['speedup_vs_per_expert']:.1f}x per-expert" if "speedup_vs_per_expert" in r
              else ""))
   if args.out:
     with open(args.out, "w") as fh:
-      json.dump({"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-                 "date": datetime.date.today().isoformat(), "dense_tflops": dense,
+      json.dump({"device": rows[0]["device"] if rows else None, "jax_version": jax.__version__,
+                 "date": datetime.date.today().isoformat(),
                  "peak_tflops": PEAK_TFLOPS, "overrides": args.overrides, "rows": rows},
                 fh, indent=1)
 

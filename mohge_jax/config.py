@@ -86,7 +86,10 @@ class ModelConfig:
   # init_std / sqrt(2 * num_layers), as the reference (0.008 / sqrt(30) for MoHGE-3B).
   scaled_output_init: bool = True
   dtype: str = "float32"  # compute dtype; parameters are float32
-  remat: str = "none"
+  remat: str = "none"  # per layer: none, full, save_dots, save_attention_out
+  # Run each stack of repeated layers as one jax.lax.scan over stacked parameters (compile
+  # cost of one layer, not num_layers); false unrolls the same parameters in Python.
+  scan_layers: bool = True
 
   @property
   def padded_vocab(self) -> int:
@@ -165,6 +168,10 @@ class TrainConfig:
   eval_batches: int = 4
   ckpt_every: int = 100
   keep_checkpoints: int = 3
+  # XLA's persistent compilation cache: a repeated or resumed run skips XLA compilation
+  # (not tracing or Pallas lowering). "" turns it off; JAX_COMPILATION_CACHE_DIR, when set,
+  # takes precedence.
+  compile_cache: str = "~/.cache/mohge_jax/xla"
 
 
 @dataclasses.dataclass(frozen=True)

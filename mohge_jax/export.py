@@ -1,7 +1,8 @@
 """Export trained parameters: `python -m mohge_jax.export WORKDIR OUT [--dtype bf16|f32]`.
 
-Writes OUT/model.safetensors (parameters only, named like `blocks.1.ffn.w_gate_up.0`) and
-OUT/config.json (the model's full config). Load back for inference with
+Writes OUT/model.safetensors (parameters only, one tensor per layer, named like
+`blocks.1.ffn.w_gate_up.0`, whatever stacks the model scans) and OUT/config.json (the
+model's full config). Load back for inference with
 
     model, cfg = mohge_jax.export.load("OUT")
     logits, _ = model(tokens_BxL)
@@ -22,7 +23,7 @@ from safetensors.flax import load_file, save_file
 
 from mohge_jax.checkpoint import Checkpointer, CheckpointError
 from mohge_jax.config import Config, from_dict
-from mohge_jax.model import Transformer
+from mohge_jax.model import Transformer, layer_runs
 from mohge_jax.trainer import abstract_state
 
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
@@ -32,9 +33,33 @@ def _name(path: tuple) -> str:
   return ".".join(str(k) for k in path)
 
 
-def params_to_flat(params: nnx.State, dtype) -> dict[str, jax.Array]:
-  return {_name(path): jnp.asarray(v[...] if hasattr(v, "get_value") else v, dtype)
-          for path, v in nnx.to_flat_state(params)}
+def _layer_names(path: tuple, first_layer: list[int]) -> tuple[int, str] | None:
+  """A stacked parameter's path `stacks.<s>.layers.<rest>` -> (its stack's first layer,
+  `<rest>`); None for parameters outside the stacks."""
+  if str(path[0]) != "stacks":
+    return None
+  return first_layer[int(path[1])], _name(path[3:])
+
+
+def _first_layers(cfg: Config) -> list[int]:
+  sizes = [n for _, n in layer_runs(cfg.model.ffn_kinds)]
+  return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def params_to_flat(params: nnx.State, cfg: Config, dtype) -> dict[str, jax.Array]:
+  """Named tensors, the stacked layers split into one tensor per layer (`blocks.<i>.…`)."""
+  first_layer = _first_layers(cfg)
+  flat = {}
+  for path, v in nnx.to_flat_state(params):
+    value = jnp.asarray(v[...] if hasattr(v, "get_value") else v, dtype)
+    stacked = _layer_names(path, first_layer)
+    if stacked is None:
+      flat[_name(path)] = value
+    else:
+      first, rest = stacked
+      for i in range(value.shape[0]):
+        flat[f"blocks.{first + i}.{rest}"] = value[i]
+  return flat
 
 
 def export_params(params: nnx.State, cfg: Config, out: str | Path, dtype: str = "bf16") -> Path:
@@ -42,7 +67,7 @@ def export_params(params: nnx.State, cfg: Config, out: str | Path, dtype: str = 
     raise ValueError(f"dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  flat = params_to_flat(params, DTYPES[dtype])
+  flat = params_to_flat(params, cfg, DTYPES[dtype])
   save_file(flat, str(out / "model.safetensors"), metadata={"format": "mohge_jax", "dtype": dtype})
   (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
   return out
@@ -75,15 +100,26 @@ def load(path: str | Path, *, dtype=jnp.float32) -> tuple[Transformer, Config]:
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract = nnx.split(model)
   tensors = load_file(str(path / "model.safetensors"))
-  flat = []
-  for p, v in nnx.to_flat_state(abstract):
-    name = _name(p)
+  first_layer = _first_layers(cfg)
+
+  def tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
     if name not in tensors:
       raise ValueError(f"{path}/model.safetensors lacks parameter {name}")
-    if tuple(tensors[name].shape) != tuple(v.shape):
+    if tuple(tensors[name].shape) != shape:
       raise ValueError(f"parameter {name}: file shape {tuple(tensors[name].shape)}, "
-                       f"model shape {tuple(v.shape)}")
-    flat.append((p, v.replace(jnp.asarray(tensors[name], dtype))))
+                       f"model shape {shape}")
+    return tensors[name]
+
+  flat = []
+  for p, v in nnx.to_flat_state(abstract):
+    stacked = _layer_names(p, first_layer)
+    if stacked is None:
+      value = tensor(_name(p), tuple(v.shape))
+    else:
+      first, rest = stacked
+      value = np.stack([tensor(f"blocks.{first + i}.{rest}", tuple(v.shape[1:]))
+                        for i in range(v.shape[0])])
+    flat.append((p, v.replace(jnp.asarray(value, dtype))))
   return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
 
 

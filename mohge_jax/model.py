@@ -3,6 +3,11 @@
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     logits_BxLxV, aux = model(tokens_BxL)
 
+Consecutive layers of one FFN kind form a `Stack` whose parameters carry a leading layer
+axis (MoHGE-3B: one dense layer, then a stack of 14 MoHGE layers), run by `jax.lax.scan`
+(`model.scan_layers`). Parameter paths are `stacks/<i>/layers/...`; `export` writes one
+tensor per layer (`blocks.<layer>.…`) all the same.
+
 `aux` holds every auxiliary loss term summed over layers (`group_aux`, `expert_aux`,
 `z_loss`) and routing statistics per routed layer (`group_tokens` [layers, G],
 `expert_tokens` [layers, E]).
@@ -52,6 +57,51 @@ class Block(nnx.Module):
     return x_BxLxD + y_BxLxD, aux
 
 
+def layer_runs(ffn_kinds: tuple[str, ...]) -> list[tuple[str, int]]:
+  """Consecutive layers of one FFN kind: ("dense", "mohge", "mohge") -> [("dense", 1),
+  ("mohge", 2)]. Each run is one stack of parameters, scanned as one layer."""
+  runs: list[tuple[str, int]] = []
+  for kind in ffn_kinds:
+    if runs and runs[-1][0] == kind:
+      runs[-1] = (kind, runs[-1][1] + 1)
+    else:
+      runs.append((kind, 1))
+  return runs
+
+
+class Stack(nnx.Module):
+  """`num` layers of one FFN kind, their parameters stacked on a leading [num] axis.
+
+  The forward pass scans one layer's code over the stack (`scan=True`: tracing, lowering
+  and compiling cost one layer whatever `num` is), or unrolls the same parameters in a
+  Python loop (`scan=False`, for debugging); both give the same result. Remat, when on,
+  wraps the scanned body: each layer's activations are recomputed in the backward pass.
+  """
+
+  def __init__(self, cfg: Config, ffn_kind: str, num: int, *, rngs: nnx.Rngs):
+    keys_N = jax.random.split(rngs.params(), num)
+    block = lambda key: Block(cfg, ffn_kind, rngs=nnx.Rngs(params=key))  # noqa: E731
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: block(keys_N[0])))
+    self.layers = nnx.merge(graphdef, jax.vmap(lambda k: nnx.state(block(k)))(keys_N))
+    self.num = num
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, *, remat: str, scan: bool):
+    graphdef, state = nnx.split(self.layers)
+
+    def body(x_BxLxD, layer_state):
+      return nnx.merge(graphdef, layer_state)(x_BxLxD, positions_BxL, segment_ids_BxL)
+
+    if remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+      return jax.lax.scan(body, x_BxLxD, state)
+    aux_per_layer = []
+    for i in range(self.num):
+      x_BxLxD, aux = body(x_BxLxD, jax.tree.map(lambda a: a[i], state))
+      aux_per_layer.append(aux)
+    return x_BxLxD, jax.tree.map(lambda *a: jnp.stack(a), *aux_per_layer)
+
+
 class Transformer(nnx.Module):
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
     m = cfg.model
@@ -59,7 +109,7 @@ class Transformer(nnx.Module):
     self.dtype = jnp.dtype(m.dtype)
     V, D = m.padded_vocab, m.d_model
     self.embed = nnx.Param(m.init_std * jax.random.normal(rngs.params(), (V, D), jnp.float32))
-    self.blocks = nnx.List([Block(cfg, kind, rngs=rngs) for kind in m.ffn_kinds])
+    self.stacks = nnx.List([Stack(cfg, kind, n, rngs=rngs) for kind, n in layer_runs(m.ffn_kinds)])
     self.final_norm = RMSNorm(D, eps=m.norm_eps, dtype=self.dtype)
     self.head = nnx.Param(m.init_std * jax.random.normal(rngs.params(), (D, V), jnp.float32))
 
@@ -78,12 +128,9 @@ class Transformer(nnx.Module):
 
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.dtype)
     routed_aux = []
-    for block in self.blocks:
-      if m.remat == "none":
-        x_BxLxD, aux = block(x_BxLxD, positions_BxL, segment_ids_BxL)
-      else:
-        x_BxLxD, aux = nnx.remat(_call_block, policy=_REMAT_POLICIES[m.remat])(
-            block, x_BxLxD, positions_BxL, segment_ids_BxL)
+    for stack in self.stacks:
+      x_BxLxD, aux = stack(x_BxLxD, positions_BxL, segment_ids_BxL, remat=m.remat,
+                           scan=m.scan_layers)
       if aux:
         routed_aux.append(aux)
 
@@ -100,14 +147,11 @@ def head_weight(model: Transformer) -> jax.Array:
   return model.head[...].astype(model.dtype)
 
 
-def _call_block(block, x_BxLxD, positions_BxL, segment_ids_BxL):
-  return block(x_BxLxD, positions_BxL, segment_ids_BxL)
-
-
-def _collect_aux(per_layer: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+def _collect_aux(per_stack: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+  """Loss terms summed over every routed layer; statistics stacked [routed layers, ...]."""
   zero = jnp.zeros((), jnp.float32)
-  out = {k: sum((a[k] for a in per_layer), zero) for k in LOSS_TERMS}
-  if per_layer:
-    out["group_tokens"] = jnp.stack([a["group_tokens"] for a in per_layer])
-    out["expert_tokens"] = jnp.stack([a["expert_tokens"] for a in per_layer])
+  out = {k: sum((a[k].sum() for a in per_stack), zero) for k in LOSS_TERMS}
+  if per_stack:
+    out["group_tokens"] = jnp.concatenate([a["group_tokens"] for a in per_stack])
+    out["expert_tokens"] = jnp.concatenate([a["expert_tokens"] for a in per_stack])
   return out

@@ -32,10 +32,12 @@ def lr_schedule(t: TrainConfig) -> optax.Schedule:
 
 def decay_mask(params, *, decay_embedding: bool = False):
   """True for parameters that get weight decay: matrices (2+ dimensions), the embedding
-  table only when `decay_embedding`."""
+  table only when `decay_embedding`. A stack of scanned layers (`stacks/<i>/layers/...`)
+  adds a leading axis that is not counted: its norm scales are vectors per layer."""
   def is_decayed(path, leaf) -> bool:
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    return leaf.ndim >= 2 and (decay_embedding or "embed" not in names)
+    ndim = leaf.ndim - ("layers" in names)
+    return ndim >= 2 and (decay_embedding or "embed" not in names)
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 

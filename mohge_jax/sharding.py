@@ -35,6 +35,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "latent": (),
     "router": (),
     "norm": (),
+    "layers": (),  # the leading axis of a stack of scanned layers: never sharded
 }
 
 # Parameter name -> logical axes (by the last names of its path in the model).
@@ -102,8 +103,16 @@ def _key_name(k: Any) -> str:
 
 
 def param_logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
-  """Logical axes of a parameter (or of an optimizer-state leaf that mirrors one)."""
+  """Logical axes of a parameter (or of an optimizer-state leaf that mirrors one).
+  Parameters of a stack of scanned layers (`stacks/<i>/layers/...`) have a leading
+  "layers" axis."""
   names = [_key_name(k) for k in path if _key_name(k) != "value"]
+  if "layers" in names:
+    return ("layers",) + _unstacked_axes(names, ndim - 1)
+  return _unstacked_axes(names, ndim)
+
+
+def _unstacked_axes(names: list[str], ndim: int) -> tuple[str | None, ...]:
   for i in range(len(names) - 1, -1, -1):
     name = names[i]
     if name in ("w_gate_up", "w_down"):

@@ -36,6 +36,28 @@ class TrainingError(RuntimeError):
   """The run cannot go on (bad input, divergence); the message says why and what to do."""
 
 
+# Model fields that change how the step runs, not the parameters: a run may resume a
+# checkpoint with other values.
+RUNTIME_MODEL_FIELDS = ("scan_layers", "remat", "expert_backend", "attention_impl")
+# The parameter layout checkpoints hold (written to their meta): layers stacked per run of
+# one FFN kind (model.Stack). Checkpoints without it hold one entry per layer.
+PARAM_LAYOUT = "stacked_layers"
+
+
+def use_compile_cache(directory: str) -> str | None:
+  """Turns on XLA's persistent compilation cache in `directory` (unless the environment's
+  JAX_COMPILATION_CACHE_DIR already chose one); returns the directory in use."""
+  import os
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  if not directory:
+    return None
+  path = Path(directory).expanduser()
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  return str(path)
+
+
 # ----------------------------------------------------------------------------- the step
 
 
@@ -250,6 +272,7 @@ class _Quiet:
 
 
 def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
+  t_start = time.perf_counter()
   workdir = Path(workdir)
   main = distributed.is_main_process()
   if not main:
@@ -262,11 +285,21 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
   _check_data_fits(cfg, prepared)
   eos = prepared.tokenizer.eos_id
 
+  cache_dir = use_compile_cache(t.compile_cache)
   ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is not None:
-    saved = ckpt.restore_meta(latest)["config"]
-    diffs = _diff_config(saved["model"], cfg.to_dict()["model"])
+    saved_meta = ckpt.restore_meta(latest)
+    if saved_meta.get("param_layout") != PARAM_LAYOUT:
+      raise TrainingError(
+          f"the checkpoint at {ckpt.directory}/{latest} holds one entry per layer, written by "
+          "a mohge-jax from before layers were stacked and scanned; this version cannot "
+          "resume it. Export it with the version that wrote it, or use another --workdir.")
+    saved = saved_meta["config"]
+    model_now = {k: v for k, v in cfg.to_dict()["model"].items()
+                 if k not in RUNTIME_MODEL_FIELDS}
+    diffs = _diff_config({k: v for k, v in saved["model"].items()
+                          if k not in RUNTIME_MODEL_FIELDS}, model_now)
     if diffs:
       raise TrainingError(
           f"the checkpoint at {ckpt.directory}/{latest} was written with a different model "
@@ -288,13 +321,16 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count(),
                                 per_document=cfg.model.doc_attention_mask)
+  t_init = time.perf_counter()
   if latest is None:
     state = jax.jit(make_init_fn(cfg), out_shardings=jax.tree.map(lambda a: a.sharding, target))()
-    log(f"initialised a new model in {workdir}")
+    jax.block_until_ready(state)
+    log(f"initialised a new model in {workdir} ({time.perf_counter() - t_init:.1f} s)")
   else:
     state, meta = ckpt.restore(latest, target)
     iterator.restore(meta["data"])
     log(f"resumed from step {latest} ({ckpt.directory}/{latest})")
+  startup = {"init_s": time.perf_counter() - t_init}
   step = int(state["step"])
   if step != iterator.step:
     raise CheckpointError(f"checkpoint step {step} and data position {iterator.step} disagree")
@@ -306,7 +342,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
   tokens_per_step = t.batch_size * t.seq_len
 
   def save(at_step: int) -> None:
-    meta = {"data": iterator.state(), "config": cfg.to_dict(), "step": at_step}
+    meta = {"data": iterator.state(), "config": cfg.to_dict(), "step": at_step,
+            "param_layout": PARAM_LAYOUT}
     ckpt.save(at_step, state, meta)
 
   def evaluate() -> float | None:
@@ -321,16 +358,34 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
       total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
+  summary_startup: dict[str, float] = {}
   pending: dict[str, jax.Array] | None = None
   last_row: dict[str, Any] = {}
   val_loss = None
   stopped = False
-  t_last, step_last, t_start = time.perf_counter(), step, time.perf_counter()
+  t_last, step_last = time.perf_counter(), step
+  compiled = None
   with _StopFlag() as stop, jax.set_mesh(mesh):
     try:
       while step < t.steps:
         batch = _put_batch(next(iterator), t.grad_accum, mesh)
-        state, pending = train_step(state, batch)
+        if compiled is None:  # the first step: lower, compile, run, each timed
+          t0 = time.perf_counter()
+          lowered = train_step.lower(state, batch)
+          t1 = time.perf_counter()
+          compiled = lowered.compile()
+          t2 = time.perf_counter()
+          state, pending = compiled(state, batch)
+          jax.block_until_ready(pending)
+          t3 = time.perf_counter()
+          startup.update(lower_s=t1 - t0, compile_s=t2 - t1, first_step_s=t3 - t2,
+                         time_to_first_step_s=t3 - t0, since_start_s=t3 - t_start)
+          log(f"first step after {t3 - t0:.1f} s (lower {t1 - t0:.1f} s, compile "
+              f"{t2 - t1:.1f} s, step {t3 - t2:.1f} s; {t3 - t_start:.1f} s since start"
+              + (f"; compilation cache {cache_dir}" if cache_dir else "") + ")")
+          t_last = time.perf_counter()
+        else:
+          state, pending = compiled(state, batch)
         step += 1
         progress.advance()
         due_log = step % t.log_every == 0 or step == t.steps
@@ -362,6 +417,9 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
             if val_loss is not None:
               row["val_loss"], row["val_ppl"] = val_loss, math.exp(min(val_loss, 50.0))
           row["elapsed_s"] = now - t_start
+          if startup:
+            row.update(startup)  # the first logged row carries the start-up times
+            summary_startup, startup = startup, {}
           last_row = metrics_log.write(step, row)
           eta = (t.steps - step) * (now - t_last) / max(step - step_last, 1)
           progress.show(step, last_row, eta)
@@ -380,9 +438,9 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
       progress.close()
 
   loss = last_row.get("loss")
-  summary = {"step": step, "loss": loss, "val_loss": val_loss, "stopped_by_signal": stopped,
-             "wall_s": time.perf_counter() - t_start, "checkpoints": str(ckpt.directory),
-             "metrics": str(metrics_log.path)}
+  summary = {**summary_startup, "step": step, "loss": loss, "val_loss": val_loss,
+             "stopped_by_signal": stopped, "wall_s": time.perf_counter() - t_start,
+             "checkpoints": str(ckpt.directory), "metrics": str(metrics_log.path)}
   if main:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   if not stopped:

@@ -112,14 +112,16 @@ def test_parameter_shardings_follow_the_rules():
   from mohge_jax.trainer import abstract_state
   st = abstract_state(cfg, mesh)
   params = st["params"]
-  routed = params["blocks"][1]["ffn"]
-  assert routed["w_gate_up"][0].sharding.spec == jax.P("expert", "fsdp", None)
-  assert routed["w_down"][2].sharding.spec == jax.P("expert", None, "fsdp")
-  assert params["blocks"][0]["ffn"]["w_gate_up"].sharding.spec == jax.P("fsdp", None)
+  # Stacked layers: a leading, unsharded layer axis.
+  routed = params["stacks"][1]["layers"]["ffn"]
+  assert routed["w_gate_up"][0].sharding.spec == jax.P(None, "expert", "fsdp", None)
+  assert routed["w_down"][2].sharding.spec == jax.P(None, "expert", None, "fsdp")
+  assert params["stacks"][0]["layers"]["ffn"]["w_gate_up"].sharding.spec == jax.P(None, "fsdp", None)
   assert params["embed"].sharding.spec == jax.P(None, "fsdp")
   # Adam moments mirror the parameters.
   mu = st["opt_state"][1][0].mu
-  assert mu["blocks"][1]["ffn"]["w_gate_up"][0].sharding.spec == jax.P("expert", "fsdp", None)
+  assert mu["stacks"][1]["layers"]["ffn"]["w_gate_up"][0].sharding.spec == jax.P(
+      None, "expert", "fsdp", None)
 
 
 def test_mesh_errors():

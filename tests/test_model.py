@@ -4,6 +4,7 @@ import math
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -165,3 +166,63 @@ def test_paper_config_output_init_std():
     m = load_config(f"configs/{name}.yaml").model
     assert m.scaled_output_init
     assert m.output_init_std == pytest.approx(0.008 / math.sqrt(30))  # ~0.00146
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_and_unrolled_layers_agree(rng, remat):
+  """model.scan_layers runs the same stacked parameters as a Python loop over layers:
+  same logits, aux terms and gradients."""
+  cfg = load_config("configs/tiny.yaml", TINY + ["model.num_layers=4", f"model.remat={remat}"])
+  model = Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  graphdef, state = nnx.split(model)
+  unrolled_cfg = load_config("configs/tiny.yaml", TINY + ["model.num_layers=4",
+                                                           f"model.remat={remat}",
+                                                           "model.scan_layers=false"])
+  unrolled_def, _ = nnx.split(nnx.eval_shape(lambda: Transformer(unrolled_cfg, rngs=nnx.Rngs(0))))
+  tokens = jnp.asarray(rng.integers(0, 257, size=(2, 16)))
+  w = jnp.asarray(rng.normal(size=(2, 16, cfg.model.padded_vocab)), jnp.float32)
+
+  def loss(params, gdef):
+    logits, aux = nnx.merge(gdef, params)(tokens)
+    return jnp.sum(logits * w) + 100 * aux["expert_aux"] + 1e3 * aux["group_aux"], aux
+
+  (l_scan, aux_scan), g_scan = jax.value_and_grad(loss, has_aux=True)(state, graphdef)
+  (l_loop, aux_loop), g_loop = jax.value_and_grad(loss, has_aux=True)(state, unrolled_def)
+  np.testing.assert_allclose(float(l_scan), float(l_loop), rtol=1e-5)
+  chex.assert_trees_all_close(aux_scan, aux_loop, rtol=1e-5, atol=1e-7)
+  assert aux_scan["group_tokens"].shape == (3, 3)  # three routed layers, three groups
+  for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop)):  # float32 sums
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(b).max()))
+  # The gradient reaches every layer of the stack.
+  g_routed = g_scan["stacks"][1]["layers"]["ffn"]["expert_router"][...]
+  assert all(float(jnp.abs(g_routed[i]).max()) > 0 for i in range(3))
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+  """Equations of primitive `name`, sub-jaxprs (jit, scan, remat bodies) counted at every
+  place they are called."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else [v]):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          n += _count_primitive(sub.jaxpr, name)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          n += _count_primitive(sub, name)
+  return n
+
+
+def test_scan_traces_one_layer_whatever_the_depth():
+  """With scan_layers the program holds one copy of the routed layer: the number of sorts
+  (dispatch) in the jaxpr does not grow with depth; unrolled, it does."""
+  def sorts(layers, scan):
+    cfg = load_config("configs/tiny.yaml", TINY + [f"model.num_layers={layers}",
+                                                   f"model.scan_layers={scan}"])
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    jaxpr = jax.make_jaxpr(lambda p, t: nnx.merge(graphdef, p)(t))(
+        params, jnp.zeros((1, 8), jnp.int32))
+    return _count_primitive(jaxpr.jaxpr, "sort")
+  assert sorts(2, True) == sorts(6, True) > 0
+  assert sorts(6, False) == 5 * sorts(2, False)

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 import pytest
 from flax import nnx
 
@@ -125,12 +126,21 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_export_round_trip(tmp_path, rng):
-  cfg = load_config("configs/tiny.yaml", MICRO)
+  cfg = load_config("configs/tiny.yaml", MICRO + ["model.num_layers=4"])  # a stack of 3
   params = jax.jit(make_init_fn(cfg))()["params"]
   model = nnx.merge(nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[0], params)
   tokens = jnp.asarray(rng.integers(0, 257, size=(2, 16)))
   want, _ = model(tokens)
   export.export_params(params, cfg, tmp_path / "f32", dtype="f32")
+  # One tensor per layer, named by the layer, whatever stacks the model scans.
+  tensors = safetensors.numpy.load_file(str(tmp_path / "f32" / "model.safetensors"))
+  kinds = cfg.model.ffn_kinds
+  for i in range(cfg.model.num_layers):
+    stack = 0 if i < kinds.count("dense") else 1
+    first = 0 if stack == 0 else kinds.count("dense")
+    np.testing.assert_array_equal(tensors[f"blocks.{i}.attn.w_o"],
+                                  np.asarray(params["stacks"][stack]["layers"]["attn"]["w_o"][i - first]))
+  assert not any(k.startswith("stacks") for k in tensors)
   loaded, cfg2 = export.load(tmp_path / "f32")
   assert cfg2 == cfg
   np.testing.assert_array_equal(np.asarray(loaded(tokens)[0]), np.asarray(want))
