@@ -4,6 +4,7 @@ divergence, and bad input. Runs train.py in subprocesses as a user would."""
 import atexit
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,13 @@ def final_params(workdir):
   return state, meta
 
 
+def complete_checkpoints(workdir) -> list[int]:
+  """Steps of the finished checkpoints: orbax writes `<step>.orbax-checkpoint-tmp*` and
+  renames it to `<step>` once complete; only the renamed ones count."""
+  d = Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
 def test_sigkill_and_rerun_equals_uninterrupted_run_bitwise(tmp_path, rng):
   steps = 24
   clean = run_train(tmp_path / "clean", steps, ["train.ckpt_every=4"])
@@ -71,18 +79,25 @@ def test_sigkill_and_rerun_equals_uninterrupted_run_bitwise(tmp_path, rng):
   work = tmp_path / "killed"
   proc = run_train(work, steps, ["train.ckpt_every=4"], wait=False)
   deadline = time.time() + 300
-  while not any((work / "checkpoints").glob("[0-9]*")) and time.time() < deadline:
-    time.sleep(0.05)
-  time.sleep(float(rng.uniform(0, 1.5)))  # a random point after the first save started
+  while not complete_checkpoints(work) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  time.sleep(float(rng.uniform(0, 0.3)))  # a random point after the first complete save
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  saved = complete_checkpoints(work)
+  assert saved, "no checkpoint was complete when the run was killed: nothing to resume"
   killed_at = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])["step"] if (
       work / "metrics.jsonl").exists() and (work / "metrics.jsonl").read_text() else 0
-  assert killed_at < steps, "the run finished before it was killed: test proves nothing"
+  assert killed_at < steps and max(saved) < steps, (
+      "the run finished before it was killed: test proves nothing")
 
   resumed = run_train(work, steps, ["train.ckpt_every=4"])
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-  assert "resumed from step" in resumed.stdout or "initialised" in resumed.stdout
+  # The second run restored the last complete checkpoint of the killed one (it did not
+  # start afresh, which would also end bitwise equal) and trained the remaining steps.
+  assert "initialised" not in resumed.stdout, resumed.stdout
+  found = re.search(r"resumed from step (\d+)", resumed.stdout)
+  assert found and int(found.group(1)) == max(saved), (saved, resumed.stdout)
 
   a, _ = final_params(tmp_path / "clean")
   b, _ = final_params(work)
