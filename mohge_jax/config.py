@@ -44,7 +44,7 @@ class ModelConfig:
 
   # Attention: "mla" (DeepSeek-V2 latent attention) or "mha" (multi-head, GQA via num_kv_heads).
   attention: str = "mla"
-  attention_impl: str = "auto"  # jax.nn.dot_product_attention implementation
+  attention_impl: str = "auto"  # auto (cuDNN flash on GPU, else XLA), xla or cudnn
   doc_attention_mask: bool = False  # mask attention across packed documents
   q_lora_rank: int = 0  # 0: no query compression (MoHGE-3B)
   kv_lora_rank: int = 512

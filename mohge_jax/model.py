@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mohge_jax.attention import MHA, MLA, RMSNorm
 from mohge_jax.config import Config
 from mohge_jax.experts import RoutedFFN, SwiGLU
+from mohge_jax.losses import logits_matmul
 
 LOSS_TERMS = ("group_aux", "expert_aux", "z_loss")
 
@@ -137,8 +138,7 @@ class Transformer(nnx.Module):
     x_BxLxD = self.final_norm(x_BxLxD)
     if return_hidden:
       return x_BxLxD, _collect_aux(routed_aux)
-    logits_BxLxV = jnp.dot(x_BxLxD, self.head[...].astype(self.dtype),
-                           preferred_element_type=jnp.float32)
+    logits_BxLxV = logits_matmul(x_BxLxD, self.head[...].astype(self.dtype))
     return logits_BxLxV, _collect_aux(routed_aux)
 
 

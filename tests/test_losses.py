@@ -200,3 +200,32 @@ def test_layer_aux_losses_follow_loss_aux_tokens(rng, kind):
       want_e = np_per_chunk(lambda p, e: np_switch(p, e, 0.1), scope, f64(r.router_probs),
                             np.asarray(r.expert_ids))
     np.testing.assert_allclose(float(aux["expert_aux"]), want_e, rtol=1e-5)
+
+
+def test_logits_matmul_backward_runs_in_the_input_dtype(rng):
+  """float32 input: the gradients of a plain dot. bf16 input: the float32 logit gradient is
+  rounded to bf16 and both backward matmuls take bf16 operands (no float32 x bf16 matmul,
+  which GPUs run far slower), accumulated in float32."""
+  x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 40)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 3, 40)), jnp.float32)
+  f = lambda x, w: jnp.sum(losses.logits_matmul(x, w) * g)
+  plain = lambda x, w: jnp.sum(jnp.dot(x, w) * g)
+  for a, b in zip(jax.grad(f, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+  x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  out = losses.logits_matmul(x16, w16)
+  assert out.dtype == jnp.float32
+  dx, dw = jax.grad(f, (0, 1))(x16, w16)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  g16 = np.asarray(g.astype(jnp.bfloat16), np.float64)
+  x64, w64 = np.asarray(x16, np.float64), np.asarray(w16, np.float64)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), np.einsum("blv,dv->bld", g16, w64),
+                             rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(np.asarray(dw, np.float64), np.einsum("bld,blv->dv", x64, g16),
+                             rtol=1e-2, atol=1e-2)
+  jaxpr = jax.make_jaxpr(jax.grad(f, (0, 1)))(x16, w16).jaxpr
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 2  # dx and dw (the forward dot sits inside the custom_vjp call)
+  assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
