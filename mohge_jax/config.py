@@ -45,7 +45,10 @@ class ModelConfig:
   # Attention: "mla" (DeepSeek-V2 latent attention) or "mha" (multi-head, GQA via num_kv_heads).
   attention: str = "mla"
   attention_impl: str = "auto"  # auto (cuDNN flash on GPU, else XLA), xla or cudnn
-  doc_attention_mask: bool = False  # mask attention across packed documents
+  # Packed documents. false (the reference, Megatron's packing): positions 0..L-1, attention
+  # across documents, every target scored. true: attention masked to each document,
+  # positions restart after each separator, the separator's target not scored.
+  doc_attention_mask: bool = False
   q_lora_rank: int = 0  # 0: no query compression (MoHGE-3B)
   kv_lora_rank: int = 512
   qk_nope_head_dim: int = 128
