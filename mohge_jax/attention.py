@@ -129,7 +129,8 @@ class MLA(nnx.Module):
     self.w_dkv = normal(D, m.kv_lora_rank + m.qk_rope_head_dim)  # [c_kv ; k_rope]
     self.kv_norm = RMSNorm(m.kv_lora_rank, eps=m.norm_eps, dtype=self.dtype)
     self.w_ukv = normal(m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim))
-    self.w_o = normal(H * m.v_head_dim, D)
+    self.w_o = nnx.Param(m.output_init_std  # writes into the residual stream: scaled init
+                         * jax.random.normal(rngs.params(), (H * m.v_head_dim, D), jnp.float32))
     inv_freq, mscale2 = rope_inv_freq(m, m.qk_rope_head_dim)
     self.inv_freq = tuple(inv_freq.tolist())  # static: modules keep arrays only in Variables
     self.scale = mscale2 / math.sqrt(dq)
@@ -174,7 +175,8 @@ class MHA(nnx.Module):
     normal = lambda *shape: nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
     self.w_q = normal(D, H * K)
     self.w_kv = normal(D, 2 * G * K)
-    self.w_o = normal(H * K, D)
+    self.w_o = nnx.Param(m.output_init_std  # writes into the residual stream: scaled init
+                         * jax.random.normal(rngs.params(), (H * K, D), jnp.float32))
     inv_freq, mscale2 = rope_inv_freq(m, K)
     self.inv_freq = tuple(inv_freq.tolist())
     self.scale = mscale2 / math.sqrt(K)

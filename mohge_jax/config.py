@@ -45,7 +45,10 @@ class ModelConfig:
   # Attention: "mla" (DeepSeek-V2 latent attention) or "mha" (multi-head, GQA via num_kv_heads).
   attention: str = "mla"
   attention_impl: str = "auto"  # auto (cuDNN flash on GPU, else XLA), xla or cudnn
-  doc_attention_mask: bool = False  # mask attention across packed documents
+  # Packed documents. false (the reference, Megatron's packing): positions 0..L-1, attention
+  # across documents, every target scored. true: attention masked to each document,
+  # positions restart after each separator, the separator's target not scored.
+  doc_attention_mask: bool = False
   q_lora_rank: int = 0  # 0: no query compression (MoHGE-3B)
   kv_lora_rank: int = 512
   qk_nope_head_dim: int = 128
@@ -80,7 +83,11 @@ class ModelConfig:
   expert_backend: str = "auto"
 
   norm_eps: float = 1e-6
-  init_std: float = 0.008
+  init_std: float = 0.008  # std of every weight matrix's normal init, but see the next line
+  # Megatron's scaled init: the output projections that write into the residual stream
+  # (attention w_o, every FFN's w_down: dense, shared and routed experts) get
+  # init_std / sqrt(2 * num_layers), as the reference (0.008 / sqrt(30) for MoHGE-3B).
+  scaled_output_init: bool = True
   dtype: str = "float32"  # compute dtype; parameters are float32
   remat: str = "none"  # per layer: none, full, save_dots, save_attention_out
   # Run each stack of repeated layers as one jax.lax.scan over stacked parameters (compile
@@ -111,6 +118,13 @@ class ModelConfig:
   def kv_heads(self) -> int:
     return self.num_kv_heads or self.num_heads
 
+  @property
+  def output_init_std(self) -> float:
+    """Init std of the residual-stream output projections (w_o, w_down)."""
+    if self.scaled_output_init:
+      return self.init_std / math.sqrt(2 * self.num_layers)
+    return self.init_std
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -119,6 +133,12 @@ class LossConfig:
   group_aux_start_step: int = -1  # -1: train.steps // 2, as the reference
   expert_aux_coef: float = 5e-3  # alpha of the Intra-Group loss (mohge) / Switch loss (moe)
   z_loss_coef: float = 0.0  # router z-loss, off by default
+  # Scope of the auxiliary losses' statistics (mean router probabilities, token counts) of
+  # the Group-Wise, Intra-Group and Switch losses. 0: the whole (micro-)batch. N > 0: each
+  # consecutive chunk of N tokens of the flattened [B*L] token axis gets its own statistics
+  # and loss, and the chunks' losses are averaged, whatever the device count. The
+  # reference computes them per data-parallel rank and micro-batch: 4 x 4096 = 16384.
+  aux_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +159,9 @@ class TrainConfig:
   logits_chunk: int = 0  # >0: compute the LM loss in chunks of this many positions
   lr: float = 3e-4
   min_lr: float = 3e-5
-  warmup_steps: int = 10
-  weight_decay: float = 0.1
+  warmup_steps: int = 10  # lr/W at step 0 ... lr at step W-1; 0: cosine from lr at step 0
+  weight_decay: float = 0.1  # on matrices; never on norm scales
+  decay_embedding: bool = False  # also decay the embedding table (Megatron, the reference)
   b1: float = 0.9
   b2: float = 0.95
   grad_clip: float = 1.0
@@ -364,6 +385,11 @@ def validate(cfg: Config) -> None:
   _require(lo.group_aux_delta > 0, "loss.group_aux_delta must be > 0")
   for name in ("group_aux_coef", "expert_aux_coef", "z_loss_coef"):
     _require(getattr(lo, name) >= 0, f"loss.{name} must be >= 0")
+  _require(lo.aux_tokens >= 0, f"loss.aux_tokens={lo.aux_tokens}: must be >= 0 (0: whole batch)")
+  micro_tokens = t.batch_size // max(t.grad_accum, 1) * t.seq_len
+  _require(lo.aux_tokens == 0 or micro_tokens % lo.aux_tokens == 0,
+           f"loss.aux_tokens={lo.aux_tokens} must divide the tokens of a micro-batch, "
+           f"train.batch_size/train.grad_accum x train.seq_len = {micro_tokens}")
   for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
                "ckpt_every", "keep_checkpoints"):
     _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)}: must be >= 1")

@@ -4,16 +4,23 @@ The path through this module:
 
   load_documents(source)        (name, text) pairs: the embedded stdlib corpus or files
   make_tokenizer(spec)          "byte" or a Hugging Face tokenizers JSON file
-  prepare(source, tokenizer)    tokenize, append the separator `eos_id` after every document,
-                                split train/val by a hash of the document name, cache as .npy
+  prepare(source, tokenizer)    drop repeated documents (same text), tokenize, append the
+                                separator `eos_id` after every document, split train/val by a
+                                hash of the document's text, cache as .npy
   BatchIterator(train_tokens)   shuffled windows; step s's batch is a pure function of (seed, s)
   eval_batches(val_tokens)      sequential windows for validation loss
 
 A batch is a dict of numpy arrays, all [B, L] (B: this process's rows, L: seq_len):
-  inputs (int32), targets (int32, inputs shifted by one), loss_mask (float32, 0 where the
-  input is a separator, i.e. where the target starts a new document), segment_ids (int32,
-  +1 after each separator within the row, from 0) and positions (int32, position inside the
-  current document, 0 at the row start and after each separator).
+  inputs (int32), targets (int32, inputs shifted by one), loss_mask (float32), segment_ids
+  (int32) and positions (int32). Two layouts (`per_document`, the trainer passes
+  model.doc_attention_mask):
+  - per_document=False (the reference's, Megatron's default packing): a window is a plain
+    slice of the token stream: positions 0..L-1, one segment (0), every target scored
+    (loss_mask 1), the first token of a document predicted from the previous one's end.
+  - per_document=True: every document on its own: segment_ids +1 after each separator
+    (from 0; for the attention mask), positions restart at 0 after each separator, and
+    loss_mask is 0 where the input is a separator (the target starts a new document).
+  Padding rows of eval_batches have loss_mask 0 in both.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
-CACHE_FORMAT = 1  # Bump when the cached layout or the tokenization/split rules change.
+CACHE_FORMAT = 2  # Bump when the cached layout or the tokenization/split rules change.
+# 2: split by a hash of the text (was: of the name), repeated texts dropped.
 DEFAULT_CACHE_DIR = "~/.cache/mohge_jax/tokens"
 COMMON_EOS_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 
@@ -174,7 +182,7 @@ def resolve_files(source: str) -> list[Path]:
   if source == EMBEDDED:
     return [path for _, path in embedded_files()]
   files: list[Path] = []
-  seen: set[Path] = set()
+  seen: set[Path] = set()  # resolved: one file named twice (d/x.txt, /abs/d/x.txt) is read once
   for pattern in (p.strip() for p in source.split(",")):
     if not pattern:
       continue
@@ -188,8 +196,8 @@ def resolve_files(source: str) -> list[Path]:
     else:
       raise FileNotFoundError(f"data file not found: {pattern!r}")
     for match in map(Path, matches):
-      if match not in seen:  # A file named twice is read once, where it first appears.
-        seen.add(match)
+      if match.resolve() not in seen:  # A file named twice is read once, where it first appears.
+        seen.add(match.resolve())
         files.append(match)
   if not files:
     raise FileNotFoundError(f"data source {source!r} names no files")
@@ -248,13 +256,19 @@ class Prepared:
   cache_path: Path  # The cache entry these arrays were read from.
 
 
-def is_validation(name: str, val_permille: int) -> bool:
-  """Depends only on the document's name (never on the order documents come in)."""
-  return _rank(name) % 1000 < val_permille
+def is_validation(text: str, val_permille: int) -> bool:
+  """Depends only on the document's text: never on its file's name or location (the split
+  stays when the corpus moves), nor on the order documents come in."""
+  return _rank(text) % 1000 < val_permille
 
 
-def _rank(name: str) -> int:
-  return int(hashlib.sha1(name.encode("utf-8", errors="replace")).hexdigest(), 16)
+def _rank(text: str) -> int:
+  return int.from_bytes(_digest(text), "big")
+
+
+def _digest(text: str) -> bytes:
+  """The document's identity: SHA-1 of its UTF-8 text (repeated documents are dropped)."""
+  return hashlib.sha1(_utf8(text)).digest()
 
 
 @dataclasses.dataclass
@@ -290,31 +304,42 @@ def tokenize_split(documents: Iterable[tuple[str, str]], tokenizer: Tokenizer, *
                    ) -> tuple[np.ndarray, np.ndarray, int, int]:
   """Tokenizes documents, appends `eos_id` after each, splits them by `is_validation`.
 
+  A document whose text was seen before (the same file under another name, a copy) is
+  dropped, so no text is in both train and validation, nor twice in one.
   Returns (train_tokens, val_tokens, num_docs_train, num_docs_val), uint32 arrays. Train
-  always gets a document; validation gets one too when there are >= 2 documents and
-  val_permille > 0 (the document whose hash is nearest the threshold changes side).
+  always gets a document; validation gets one too when there are >= 2 distinct documents
+  and val_permille > 0 (the document whose hash is nearest the threshold changes side).
   """
   if not 0 <= val_permille <= 1000:
     raise ValueError(f"val_permille must be in [0, 1000], got {val_permille}")
   train, val = _Split(prefer=min), _Split(prefer=max)
   eos_1 = np.array([tokenizer.eos_id], np.uint32)
+  seen: set[bytes] = set()
+  repeats = 0
 
-  def encode(names: list[str], texts: list[str]) -> None:
-    for name, ids in zip(names, tokenizer.encode_batch(texts)):
-      key = (_rank(name) % 1000, _rank(name))
+  def encode(ranks: list[int], texts: list[str]) -> None:
+    for rank, ids in zip(ranks, tokenizer.encode_batch(texts)):
+      key = (rank % 1000, rank)
       (val if key[0] < val_permille else train).add(key, [ids.astype(np.uint32), eos_1])
     train.seal()
     val.seal()
 
-  names, texts, chars = [], [], 0
-  for name, text in documents:
-    names.append(name)
+  ranks, texts, chars = [], [], 0
+  for _, text in documents:
+    digest = _digest(text)
+    if digest in seen:
+      repeats += 1
+      continue
+    seen.add(digest)
+    ranks.append(int.from_bytes(digest, "big"))
     texts.append(text)
     chars += len(text)
     if chars >= batch_chars:
-      encode(names, texts)
-      names, texts, chars = [], [], 0
-  encode(names, texts)
+      encode(ranks, texts)
+      ranks, texts, chars = [], [], 0
+  encode(ranks, texts)
+  if repeats:
+    log.info("dropped %d repeated documents (same text as an earlier one)", repeats)
 
   if train.num_docs + val.num_docs == 0:
     raise ValueError("the data source holds no documents")
@@ -335,10 +360,12 @@ def _move(spare: tuple, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, n
 
 
 def cache_key(source: str, tokenizer: Tokenizer, val_permille: int) -> str:
-  """Changes when the files (paths, sizes, mtimes), tokenizer, split or format change."""
+  """Changes when the files (resolved paths in order, sizes, mtimes), tokenizer, split or
+  format change. Not on how `source` spells them: two spellings of the same files share
+  an entry."""
   stats = [(p.resolve(), p.stat()) for p in resolve_files(source)]
   files = [(str(p), st.st_size, st.st_mtime_ns) for p, st in stats]
-  spec = dict(format=CACHE_FORMAT, source=source, files=files, tokenizer=tokenizer.identity,
+  spec = dict(format=CACHE_FORMAT, files=files, tokenizer=tokenizer.identity,
               vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, val_permille=val_permille)
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -388,10 +415,17 @@ def _write_cache(entry: Path, source: str, tokenizer: Tokenizer, val_permille: i
 # -------------------------------------------------------------------------------- batches
 
 
-def batch_from_windows(windows_BxW: np.ndarray, eos_id: int) -> Batch:
-  """A batch from token windows of seq_len + 1 tokens (W = L + 1)."""
+def batch_from_windows(windows_BxW: np.ndarray, eos_id: int, *,
+                       per_document: bool = False) -> Batch:
+  """A batch from token windows of seq_len + 1 tokens (W = L + 1); the two layouts of the
+  module docstring (`per_document`)."""
   inputs_BxL = np.asarray(windows_BxW[:, :-1], np.int32)
   targets_BxL = np.asarray(windows_BxW[:, 1:], np.int32)
+  B, L = inputs_BxL.shape
+  if not per_document:
+    return dict(inputs=inputs_BxL, targets=targets_BxL, loss_mask=np.ones((B, L), np.float32),
+                segment_ids=np.zeros((B, L), np.int32),
+                positions=np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy())
   is_eos_BxL = inputs_BxL == eos_id
   after_eos_BxL = np.zeros_like(is_eos_BxL)
   after_eos_BxL[:, 1:] = is_eos_BxL[:, :-1]
@@ -434,7 +468,8 @@ class BatchIterator:
   """Shuffled training batches over a 1-D token stream.
 
   Window i is tokens[i * L : i * L + L + 1] (stride L = seq_len, so consecutive windows share
-  one token); there are (len - 1) // L windows. Epoch e visits them in the order of
+  one token); there are (len - 1) // L windows, laid out as `batch_from_windows` says
+  (`per_document`). Epoch e visits them in the order of
   `np.random.default_rng([seed, e]).permutation`, `global_batch` at a time; an epoch's
   remainder that does not fill a batch is dropped. Step s's batch is thus a pure function
   of (seed, s): resuming is exact and O(1). Each process gets its contiguous rows
@@ -443,7 +478,8 @@ class BatchIterator:
   """
 
   def __init__(self, tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: int,
-               eos_id: int, process_index: int = 0, process_count: int = 1, start_step: int = 0):
+               eos_id: int, process_index: int = 0, process_count: int = 1, start_step: int = 0,
+               per_document: bool = False):
     self.tokens = np.asarray(tokens)
     if self.tokens.ndim != 1 or not np.issubdtype(self.tokens.dtype, np.integer):
       raise ValueError(
@@ -451,6 +487,7 @@ class BatchIterator:
     if seq_len < 1 or global_batch < 1:
       raise ValueError(f"seq_len ({seq_len}) and global_batch ({global_batch}) must be >= 1")
     self.seq_len, self.global_batch, self.seed, self.eos_id = seq_len, global_batch, seed, eos_id
+    self.per_document = per_document
     self.rows = _local_rows(global_batch, process_index, process_count)
     self.num_windows = max(len(self.tokens) - 1, 0) // seq_len
     if self.num_windows < global_batch:
@@ -472,7 +509,8 @@ class BatchIterator:
 
   def batch_at(self, step: int) -> Batch:
     ids_B = self.window_ids(step)[self.rows]
-    return batch_from_windows(_gather(self.tokens, ids_B, self.seq_len), self.eos_id)
+    return batch_from_windows(_gather(self.tokens, ids_B, self.seq_len), self.eos_id,
+                              per_document=self.per_document)
 
   def __iter__(self) -> BatchIterator:
     return self
@@ -502,10 +540,11 @@ class BatchIterator:
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch: int, eos_id: int,
                  max_batches: int | None = None, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[Batch]:
-  """Validation batches: windows 0, 1, 2, ... in order, `batch` (global) at a time. The last
-  batch is padded with rows of separators only, whose loss_mask is 0, so shapes are fixed
-  and every window is evaluated exactly once."""
+                 process_count: int = 1, per_document: bool = False) -> Iterator[Batch]:
+  """Validation batches: windows 0, 1, 2, ... in order, `batch` (global) at a time, laid
+  out as `batch_from_windows` says (`per_document`). The last batch is padded with rows of
+  separators only, whose loss_mask is 0, so shapes are fixed and every window is evaluated
+  exactly once."""
   tokens = np.asarray(tokens)
   rows = _local_rows(batch, process_index, process_count)
   num_windows = max(len(tokens) - 1, 0) // seq_len
@@ -520,4 +559,6 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch: int, eos_id: int,
     windows_BxW = np.full((len(ids_B), seq_len + 1), eos_id, np.int64)
     real_B = ids_B < num_windows
     windows_BxW[real_B] = _gather(tokens, ids_B[real_B], seq_len)
-    yield batch_from_windows(windows_BxW, eos_id)
+    out = batch_from_windows(windows_BxW, eos_id, per_document=per_document)
+    out["loss_mask"][~real_B] = 0.0
+    yield out

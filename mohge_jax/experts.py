@@ -257,11 +257,13 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> nnx.Param:
 
 
 class SwiGLU(nnx.Module):
-  """Dense SwiGLU FFN with fused gate/up: [D, 2F] and [F, D]."""
+  """Dense SwiGLU FFN with fused gate/up: [D, 2F] and [F, D]. `down_std` (default
+  init_std) initialises w_down, the output projection (ModelConfig.output_init_std)."""
 
-  def __init__(self, d_model: int, width: int, *, init_std: float, dtype, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, width: int, *, init_std: float, dtype, rngs: nnx.Rngs,
+               down_std: float | None = None):
     self.w_gate_up = _normal(rngs, (d_model, 2 * width), init_std)
-    self.w_down = _normal(rngs, (width, d_model), init_std)
+    self.w_down = _normal(rngs, (width, d_model), init_std if down_std is None else down_std)
     self.dtype = dtype
 
   def __call__(self, x_TxD: jax.Array) -> jax.Array:
@@ -338,14 +340,21 @@ class RoutedFFN(nnx.Module):
       self.group_router = _normal(rngs, (D, G), m.init_std)
     self.expert_router = _normal(rngs, (D, G * N), m.init_std)
     self.w_gate_up = nnx.List([_normal(rngs, (N, D, 2 * w), m.init_std) for w in m.group_widths])
-    self.w_down = nnx.List([_normal(rngs, (N, w, D), m.init_std) for w in m.group_widths])
+    self.w_down = nnx.List([_normal(rngs, (N, w, D), m.output_init_std)
+                            for w in m.group_widths])
     self.shared = (SwiGLU(D, m.num_shared_experts * m.shared_expert_width,
-                          init_std=m.init_std, dtype=self.dtype, rngs=rngs)
+                          init_std=m.init_std, down_std=m.output_init_std, dtype=self.dtype,
+                          rngs=rngs)
                    if m.num_shared_experts else None)
 
   def route(self, x_TxD: jax.Array) -> tuple[routing.Routing, dict[str, jax.Array]]:
     m, lo = self.cfg.model, self.cfg.loss
     x32_TxD = x_TxD.astype(jnp.float32)
+    # The aux losses' statistics per chunk of loss.aux_tokens tokens. Config validation makes
+    # every training micro-batch a multiple; other inputs (inference, where the aux losses
+    # are unused) that are not use the whole batch.
+    T = x_TxD.shape[0]
+    chunk = lo.aux_tokens if lo.aux_tokens and T % lo.aux_tokens == 0 else 0
     v_TxE = x32_TxD @ self.expert_router[...]
     if self.kind == "mohge":
       u_TxG = x32_TxD @ self.group_router[...]
@@ -355,10 +364,10 @@ class RoutedFFN(nnx.Module):
       aux = {
           "group_aux": losses.group_wise_aux_loss(
               r.group_softmax, r.group_ids, widths=m.group_widths,
-              delta=lo.group_aux_delta, coef=lo.group_aux_coef),
+              delta=lo.group_aux_delta, coef=lo.group_aux_coef, chunk=chunk),
           "expert_aux": losses.intra_group_aux_loss(
               r.expert_probs, r.expert_ids, experts_per_group=m.experts_per_group,
-              top_k_groups=m.top_k_groups, coef=lo.expert_aux_coef),
+              top_k_groups=m.top_k_groups, coef=lo.expert_aux_coef, chunk=chunk),
       }
       z_logits = (u_TxG, v_TxE)
     else:
@@ -366,7 +375,7 @@ class RoutedFFN(nnx.Module):
       aux = {
           "group_aux": jnp.zeros((), jnp.float32),
           "expert_aux": losses.switch_aux_loss(r.router_probs, r.expert_ids,
-                                               coef=lo.expert_aux_coef),
+                                               coef=lo.expert_aux_coef, chunk=chunk),
       }
       z_logits = (v_TxE,)
     aux["z_loss"] = sum((losses.z_loss(z, coef=lo.z_loss_coef) for z in z_logits),

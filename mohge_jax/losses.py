@@ -25,33 +25,57 @@ def size_weights(widths: Sequence[int], delta: float) -> jax.Array:
   return (widths_G - jnp.min(widths_G) + delta) / delta
 
 
+def per_chunk(loss_fn, chunk: int, *arrays_TxX: jax.Array) -> jax.Array:
+  """`loss_fn(*arrays)` with the statistics of consecutive chunks of `chunk` tokens of the
+  leading T axis (each chunk its own loss), averaged over the chunks. chunk = 0: one chunk
+  of all T tokens. T must be a multiple of chunk."""
+  T = arrays_TxX[0].shape[0]
+  if not chunk or chunk == T:
+    return loss_fn(*arrays_TxX)
+  if T % chunk:
+    raise ValueError(f"{T} tokens do not split into chunks of {chunk} (loss.aux_tokens)")
+  split = lambda a: a.reshape(T // chunk, chunk, *a.shape[1:])
+  return jnp.mean(jax.vmap(loss_fn)(*map(split, arrays_TxX)))
+
+
 def group_wise_aux_loss(group_softmax_TxG: jax.Array, group_ids_TxKg: jax.Array, *,
-                        widths: Sequence[int], delta: float, coef: float) -> jax.Array:
-  """L_GW = coef * G * sum_g w_g * mean_t(S_tg) * c_g / (T*Kg)."""
-  T, G = group_softmax_TxG.shape
-  Kg = group_ids_TxKg.shape[-1]
-  c_G = counts(group_ids_TxKg, G)
-  s_mean_G = jnp.mean(group_softmax_TxG.astype(jnp.float32), axis=0)
-  return coef * G * jnp.sum(size_weights(widths, delta) * s_mean_G * c_G / (T * Kg))
+                        widths: Sequence[int], delta: float, coef: float,
+                        chunk: int = 0) -> jax.Array:
+  """L_GW = coef * G * sum_g w_g * mean_t(S_tg) * c_g / (T*Kg), over chunks of `chunk`
+  tokens (see `per_chunk`; 0: all T tokens)."""
+  def loss(s_TxG, ids_TxKg):
+    T, G = s_TxG.shape
+    Kg = ids_TxKg.shape[-1]
+    c_G = counts(ids_TxKg, G)
+    s_mean_G = jnp.mean(s_TxG.astype(jnp.float32), axis=0)
+    return coef * G * jnp.sum(size_weights(widths, delta) * s_mean_G * c_G / (T * Kg))
+  return per_chunk(loss, chunk, group_softmax_TxG, group_ids_TxKg)
 
 
 def intra_group_aux_loss(expert_probs_TxE: jax.Array, expert_ids_TxK: jax.Array, *,
-                         experts_per_group: int, top_k_groups: int, coef: float) -> jax.Array:
-  """L_IG = coef * (N*Kg) * sum_e mean_t(P_te) * c_e / (T*K): one sum over all E experts."""
-  T, E = expert_probs_TxE.shape
-  K = expert_ids_TxK.shape[-1]
-  c_E = counts(expert_ids_TxK, E)
-  p_mean_E = jnp.mean(expert_probs_TxE.astype(jnp.float32), axis=0)
-  return coef * (experts_per_group * top_k_groups) * jnp.sum(p_mean_E * c_E / (T * K))
+                         experts_per_group: int, top_k_groups: int, coef: float,
+                         chunk: int = 0) -> jax.Array:
+  """L_IG = coef * (N*Kg) * sum_e mean_t(P_te) * c_e / (T*K): one sum over all E experts,
+  over chunks of `chunk` tokens (see `per_chunk`; 0: all T tokens)."""
+  def loss(p_TxE, ids_TxK):
+    T, E = p_TxE.shape
+    K = ids_TxK.shape[-1]
+    c_E = counts(ids_TxK, E)
+    p_mean_E = jnp.mean(p_TxE.astype(jnp.float32), axis=0)
+    return coef * (experts_per_group * top_k_groups) * jnp.sum(p_mean_E * c_E / (T * K))
+  return per_chunk(loss, chunk, expert_probs_TxE, expert_ids_TxK)
 
 
 def switch_aux_loss(router_probs_TxE: jax.Array, expert_ids_TxK: jax.Array, *,
-                    coef: float) -> jax.Array:
-  """Switch load balancing: coef * E * sum_e f_e * mean_t(P_te), f_e = c_e / (T*K)."""
-  T, E = router_probs_TxE.shape
-  K = expert_ids_TxK.shape[-1]
-  f_E = counts(expert_ids_TxK, E) / (T * K)
-  return coef * E * jnp.sum(f_E * jnp.mean(router_probs_TxE.astype(jnp.float32), axis=0))
+                    coef: float, chunk: int = 0) -> jax.Array:
+  """Switch load balancing: coef * E * sum_e f_e * mean_t(P_te), f_e = c_e / (T*K), over
+  chunks of `chunk` tokens (see `per_chunk`; 0: all T tokens)."""
+  def loss(p_TxE, ids_TxK):
+    T, E = p_TxE.shape
+    K = ids_TxK.shape[-1]
+    f_E = counts(ids_TxK, E) / (T * K)
+    return coef * E * jnp.sum(f_E * jnp.mean(p_TxE.astype(jnp.float32), axis=0))
+  return per_chunk(loss, chunk, router_probs_TxE, expert_ids_TxK)
 
 
 def z_loss(logits_TxX: jax.Array, *, coef: float) -> jax.Array:
@@ -86,8 +110,12 @@ logits_matmul.defvjp(_logits_fwd, _logits_bwd)
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
-                  mask_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Mean token negative log-likelihood over mask; returns (loss, number of tokens)."""
+                  mask_BxL: jax.Array | None = None, *,
+                  normalizer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Mean token negative log-likelihood over mask; returns (loss, number of tokens).
+
+  normalizer: divide the summed NLL by this instead of the mask's token count (gradient
+  accumulation: every micro-batch divides by the global batch's token count)."""
   logits = logits_BxLxV.astype(jnp.float32)
   lse_BxL = jax.nn.logsumexp(logits, axis=-1)
   target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
@@ -96,17 +124,19 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
     mask_BxL = jnp.ones_like(nll_BxL)
   mask_BxL = mask_BxL.astype(jnp.float32)
   n = jnp.sum(mask_BxL)
-  return jnp.sum(nll_BxL * mask_BxL) / jnp.maximum(n, 1.0), n
+  denominator = n if normalizer is None else normalizer
+  return jnp.sum(nll_BxL * mask_BxL) / jnp.maximum(denominator, 1.0), n
 
 
 def chunked_cross_entropy(x_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax.Array,
-                          mask_BxL: jax.Array, *, chunk: int) -> tuple[jax.Array, jax.Array]:
+                          mask_BxL: jax.Array, *, chunk: int,
+                          normalizer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """`cross_entropy(x @ w, ...)` without materialising the [B, L, V] float32 logits: the
   sequence is cut into chunks of `chunk` positions and scanned. Under differentiation the
   forward pass also computes the gradients (`_nll_sum`), so each chunk's logits are made
   once, not again in the backward pass. Same value and gradients (the logit gradient in
   x's dtype, as `logits_matmul`); peak memory of the output layer falls from B*L*V to
-  B*chunk*V floats."""
+  B*chunk*V floats. `normalizer` as cross_entropy."""
   B, L, D = x_BxLxD.shape
   n = -(-L // chunk)
   pad = n * chunk - L
@@ -118,7 +148,8 @@ def chunked_cross_entropy(x_BxLxD: jax.Array, w_DxV: jax.Array, targets_BxL: jax
   to_chunks = lambda a: jnp.moveaxis(a.reshape(B, n, chunk, *a.shape[2:]), 1, 0)
   total = _nll_sum(to_chunks(x_BxLxD), w_DxV, to_chunks(targets_BxL), to_chunks(mask_BxL))
   n_tok = jnp.sum(mask_BxL)
-  return total / jnp.maximum(n_tok, 1.0), n_tok
+  denominator = n_tok if normalizer is None else normalizer
+  return total / jnp.maximum(denominator, 1.0), n_tok
 
 
 def _chunk_logits(x_BxCxD, w_DxV, t_BxC):

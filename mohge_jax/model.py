@@ -43,7 +43,8 @@ class Block(nnx.Module):
     self.attn = (MLA if m.attention == "mla" else MHA)(m, rngs=rngs)
     self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype)
     if ffn_kind == "dense":
-      self.ffn = SwiGLU(m.d_model, m.dense_ffn_width, init_std=m.init_std, dtype=dtype, rngs=rngs)
+      self.ffn = SwiGLU(m.d_model, m.dense_ffn_width, init_std=m.init_std,
+                        down_std=m.output_init_std, dtype=dtype, rngs=rngs)
     else:
       self.ffn = RoutedFFN(cfg, ffn_kind, rngs=rngs)
 

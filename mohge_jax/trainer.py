@@ -88,21 +88,30 @@ def abstract_state(cfg: Config, mesh: jax.sharding.Mesh | None = None):
 
 
 def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
-  def loss_fn(params, batch, group_aux_on):
+  """loss_fn(params, batch, group_aux_on, lm_tokens=None, aux_weight=1.0) -> (loss, metrics).
+
+  The LM loss is the batch's summed token NLL divided by `lm_tokens` (default: the batch's
+  own scored tokens, i.e. its mean); the auxiliary losses are weighted by `aux_weight`.
+  Every metric is this batch's share of the value, so that shares of micro-batches add up.
+  """
+  def loss_fn(params, batch, group_aux_on, lm_tokens=None, aux_weight=1.0):
     model = nnx.merge(graphdef, params)
     if cfg.train.logits_chunk:
       h, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
                      return_hidden=True)
       lm_loss, _ = losses.chunked_cross_entropy(h, head_weight(model), batch["targets"],
-                                                batch["loss_mask"], chunk=cfg.train.logits_chunk)
+                                                batch["loss_mask"], chunk=cfg.train.logits_chunk,
+                                                normalizer=lm_tokens)
     else:
       logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-      lm_loss, _ = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    group_aux = aux["group_aux"] * group_aux_on  # switched on at loss.group_aux_start_step
-    total = lm_loss + group_aux + aux["expert_aux"] + aux["z_loss"]
+      lm_loss, _ = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"],
+                                        normalizer=lm_tokens)
+    group_aux_raw = aux["group_aux"] * aux_weight
+    expert_aux, z_loss = aux["expert_aux"] * aux_weight, aux["z_loss"] * aux_weight
+    group_aux = group_aux_raw * group_aux_on  # switched on at loss.group_aux_start_step
+    total = lm_loss + group_aux + expert_aux + z_loss
     metrics = {"loss": total, "lm_loss": lm_loss, "group_aux": group_aux,
-               "group_aux_raw": aux["group_aux"], "expert_aux": aux["expert_aux"],
-               "z_loss": aux["z_loss"]}
+               "group_aux_raw": group_aux_raw, "expert_aux": expert_aux, "z_loss": z_loss}
     if "group_tokens" in aux:
       metrics["group_tokens"] = aux["group_tokens"]
       metrics["expert_tokens"] = aux["expert_tokens"]
@@ -118,18 +127,25 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef):
   start = cfg.group_aux_start
 
   def step(state, batch_AxBxL):
-    """batch leaves: [grad_accum, batch/grad_accum, seq_len]."""
+    """batch leaves: [grad_accum, batch/grad_accum, seq_len].
+
+    Gradient accumulation equals one step on the whole batch for any loss mask: each
+    micro-batch's LM loss is its summed token NLL over the scored tokens of the whole
+    (global, all hosts) batch, and the micro-batches' gradients are summed. The auxiliary
+    losses are per micro-batch (their statistics are; with loss.aux_tokens dividing the
+    micro-batch, per chunk) and averaged over the micro-batches.
+    """
     group_aux_on = (state["step"] >= start).astype(jnp.float32)
+    lm_tokens = jnp.sum(batch_AxBxL["loss_mask"].astype(jnp.float32))
 
     def micro(grads, batch_BxL):
-      (_, metrics), g = grad_fn(state["params"], batch_BxL, group_aux_on)
+      (_, metrics), g = grad_fn(state["params"], batch_BxL, group_aux_on, lm_tokens,
+                                1.0 / accum)
       return jax.tree.map(jnp.add, grads, g), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     grads, metrics_A = jax.lax.scan(micro, zeros, batch_AxBxL)
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    metrics = {k: jnp.sum(v, 0) if k.endswith("_tokens") else jnp.mean(v, 0)
-               for k, v in metrics_A.items()}
+    metrics = {k: jnp.sum(v, 0) for k, v in metrics_A.items()}  # the shares add up
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -323,7 +339,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
   iterator = data.BatchIterator(prepared.train_tokens, seq_len=t.seq_len,
                                 global_batch=t.batch_size, seed=t.seed, eos_id=eos,
                                 process_index=jax.process_index(),
-                                process_count=jax.process_count())
+                                process_count=jax.process_count(),
+                                per_document=cfg.model.doc_attention_mask)
   t_init = time.perf_counter()
   if latest is None:
     state = jax.jit(make_init_fn(cfg), out_shardings=jax.tree.map(lambda a: a.sharding, target))()
@@ -355,7 +372,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
     total, count = 0.0, 0.0
     for batch in data.eval_batches(prepared.val_tokens, seq_len=t.seq_len,
                                    batch=t.batch_size // t.grad_accum, eos_id=eos,
-                                   max_batches=t.eval_batches):
+                                   max_batches=t.eval_batches,
+                                   per_document=cfg.model.doc_attention_mask):
       s, n = eval_step(state["params"], {k: jnp.asarray(v) for k, v in batch.items()})
       total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)

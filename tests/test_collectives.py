@@ -1,7 +1,10 @@
 """ragged_all_to_all / exchange_sizes against a numpy model of jax.lax.ragged_all_to_all.
 
-The multi-device checks need 4 fake CPU devices, which must be set before jax starts, so
-they run in a subprocess (SCRIPT below) with a seed from the `rng` fixture.
+The multi-device checks need several devices (4 fake CPU devices, which must be set before
+jax starts), so they run in a subprocess (SCRIPT below) with a seed from the `rng` fixture.
+On CPU they run the emulation (XLA:CPU cannot compile the real op), forward and gradients;
+`test_real_ragged_all_to_all_on_gpus` runs the same checks through the real
+`jax.lax.ragged_all_to_all` on 2+ GPUs (marked gpu, skipped here).
 """
 
 import os
@@ -21,9 +24,14 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
 from mohge_jax.collectives import exchange_sizes, ragged_all_to_all
 
-R = 4
+# argv: checks (comma-separated), seed, number of devices R, impl of ragged_all_to_all
+# ("emulated" on CPU; "lax" = the real jax.lax.ragged_all_to_all, on GPUs).
+R = int(sys.argv[3]) if len(sys.argv) > 3 else 4
+IMPL = sys.argv[4] if len(sys.argv) > 4 else "emulated"
+jax.config.update("jax_default_matmul_precision", "highest")  # float32 matmuls on GPU too
 rng = np.random.default_rng(int(sys.argv[2]))
-mesh = jax.make_mesh((R,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+mesh = jax.make_mesh((R,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                     devices=jax.devices()[:R])
 smap = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
 
 
@@ -120,7 +128,8 @@ def check_forward():
   for S, n in cases():
     recv, _ = np_exchange(n, S)
     io, oo, C, M = random_layout(n, S)
-    for dtype, feat, impl in ((np.float32, (3, 2), "emulated"), (np.int32, (), "auto")):
+    for dtype, feat, impl in ((np.float32, (3, 2), IMPL), (np.int32, (), IMPL),
+                              (np.float32, (), "auto")):
       op = rng.integers(-1000, 1000, (R, C) + feat).astype(dtype)
       if dtype == np.float32:
         op = op * np.float32(np.pi)  # not exactly representable: bitwise check is meaningful
@@ -136,7 +145,7 @@ def check_packed():
     recv, oo = exchange_sizes(send, axis_name="x")
     io = jnp.cumsum(send) - send
     out = jnp.full((R * C, 5), -1.0, op.dtype)
-    return ragged_all_to_all(op, out, io, send, oo, recv, axis_name="x")
+    return ragged_all_to_all(op, out, io, send, oo, recv, axis_name="x", impl=IMPL)
   for S, n in cases():
     if S != 1:
       continue
@@ -164,19 +173,72 @@ def check_tuple_axes():
 
 
 def check_grad():
+  """jax.grad and jax.vjp of ragged_all_to_all (impl IMPL) against the hand-derived
+  transpose (numpy), and against the emulation's vjp."""
   for S, n in cases():
     recv, _ = np_exchange(n, S)
     io, oo, C, M = random_layout(n, S)
     op = rng.standard_normal((R, C, 3)).astype(np.float32)
     out = rng.standard_normal((R, M, 3)).astype(np.float32)
     w = rng.standard_normal((R, M, 3)).astype(np.float32)
-    f = jax.shard_map(lambda *a: ragged_all_to_all(*a, axis_name="x"), mesh=mesh,
-                      in_specs=P("x"), out_specs=P("x"))
-    loss = lambda op_, out_: jnp.sum(f(op_, out_, *map(flat, (io, n, oo, recv))) * flat(w))
+    sizes = tuple(map(flat, (io, n, oo, recv)))
+
+    def ragged(impl):
+      return jax.shard_map(lambda *a: ragged_all_to_all(*a, axis_name="x", impl=impl),
+                           mesh=mesh, in_specs=P("x"), out_specs=P("x"))
+
+    f = ragged(IMPL)
+    loss = lambda op_, out_: jnp.sum(f(op_, out_, *sizes) * flat(w))
     d_op, d_out = jax.jit(jax.grad(loss, (0, 1)))(flat(op), flat(out))
     want_op, want_out = np_ragged_grad(w, io, n, oo, C, S)
     assert np.array_equal(np.asarray(d_op).reshape(want_op.shape), want_op), (S, n)
     assert np.array_equal(np.asarray(d_out).reshape(want_out.shape), want_out), (S, n)
+    # jax.vjp: the primal output and the pullback of a cotangent, against the emulation.
+    vjps = {}
+    for impl in (IMPL, "emulated"):
+      y, pullback = jax.vjp(jax.jit(lambda a, b, impl=impl: ragged(impl)(a, b, *sizes)),
+                            flat(op), flat(out))
+      vjps[impl] = (y, *jax.jit(pullback)(flat(w)))
+    assert np.array_equal(np.asarray(vjps[IMPL][0]).reshape(out.shape),
+                          np_ragged(op, out, io, n, oo, S)), (S, n)
+    for a, b in zip(vjps[IMPL], vjps["emulated"]):
+      assert np.array_equal(np.asarray(a), np.asarray(b)), (S, n)
+    assert np.array_equal(np.asarray(vjps[IMPL][1]).reshape(want_op.shape), want_op)
+
+
+def check_expert_parallel():
+  """The expert-parallel layer's all_to_all exchange (two ragged_all_to_alls, impl IMPL):
+  forward and gradients (tokens, combine weights, expert weights) equal the single-device
+  dispatch (no collective)."""
+  from mohge_jax import expert_parallel, sharding
+  from mohge_jax.config import MeshConfig
+  from mohge_jax.experts import dispatch_and_combine
+  G, N, K, D, T = 2, R, 3, 8, 6 * R
+  ep_mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, expert=R, tensor=1),
+                               jax.devices()[:R])
+  x = jnp.asarray(rng.standard_normal((T, D)), jnp.float32)
+  ids = jnp.asarray(np.stack([rng.choice(G * N, K, replace=False) for _ in range(T)]),
+                    jnp.int32)
+  wts = jnp.asarray(rng.random((T, K)), jnp.float32)
+  wgu = [jnp.asarray(rng.standard_normal((N, D, 2 * w)) / 3, jnp.float32) for w in (4, 8)]
+  wd = [jnp.asarray(rng.standard_normal((N, w, D)) / 3, jnp.float32) for w in (4, 8)]
+  ct = jnp.asarray(rng.standard_normal((T, D)), jnp.float32)
+
+  def parallel(x, wts, wgu, wd):
+    return expert_parallel.routed_experts(x, ids, wts, wgu, wd, mesh=ep_mesh,
+                                          experts_per_group=N, comm="all_to_all",
+                                          backend="reference", a2a_impl=IMPL)
+
+  def single(x, wts, wgu, wd):
+    return dispatch_and_combine(x, ids, wts, wgu, wd, G * N, backend="reference")
+
+  results = []
+  for fn in (parallel, single):
+    y, pullback = jax.vjp(jax.jit(fn), x, wts, wgu, wd)
+    results.append((y, jax.jit(pullback)(ct)))
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(results[0][1][0]).max()) > 0  # gradients flowed back to the tokens
 
 
 def check_impl():
@@ -196,21 +258,39 @@ print("OK", sys.argv[1])
 '''
 
 
-def _run(check: str, rng) -> None:
+def _run(check: str, rng, *, devices: int = 4, impl: str = "emulated", env=None) -> None:
   """Run SCRIPT's check_<name> for each name in `check` (comma-separated: one jax start)
-  on 4 fake CPU devices; fail with its output."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  on `devices` devices (default: 4 fake CPU devices) with ragged_all_to_all's `impl`;
+  fail with its output."""
+  env = env or dict(os.environ, JAX_PLATFORMS="cpu",
+                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   seed = str(int(rng.integers(2**31)))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, check, seed], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, "-c", SCRIPT, check, seed, str(devices), impl],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and f"OK {check}" in proc.stdout, (
       f"seed {seed}\n{proc.stdout}\n{proc.stderr[-4000:]}")
 
 
-@pytest.mark.parametrize("check", ["forward", "grad", "exchange,packed,tuple_axes,impl"])
+@pytest.mark.parametrize("check", ["forward", "grad", "expert_parallel",
+                                   "exchange,packed,tuple_axes,impl"])
 def test_multi_device(check, rng):
+  """The emulation on 4 fake CPU devices: forward, jax.grad / jax.vjp against numpy."""
   _run(check, rng)
+
+
+@pytest.mark.gpu
+def test_real_ragged_all_to_all_on_gpus(rng):
+  """The real jax.lax.ragged_all_to_all (impl="lax") through mohge_jax.collectives on 2+
+  GPUs: forward bitwise against numpy, jax.grad and jax.vjp against the hand-derived
+  transpose and the emulation, and the expert-parallel exchange's forward and gradients
+  against the single-device layer. Run: JAX_PLATFORMS=cuda pytest -m gpu tests."""
+  import jax
+  gpus = jax.device_count() if jax.default_backend() == "gpu" else 0
+  if gpus < 2:
+    pytest.skip(f"needs 2+ GPUs (found {gpus})")
+  # The subprocess shares the GPUs with this process, which may hold most of their memory.
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  _run("forward,grad,packed,expert_parallel", rng, devices=min(gpus, 8), impl="lax", env=env)
 
 
 def test_bad_impl():

@@ -29,6 +29,8 @@ def test_overrides_and_defaults(tmp_path):
     ("train.batch_size=10", "divisible by train.grad_accum"),
     ("train.lr=0", "train.lr"),
     ("model.doc_attention_mask=1", "expected true or false"),
+    ("loss.aux_tokens=7", r"loss.aux_tokens=7 must divide .* = 2048"),
+    ("loss.aux_tokens=-1", "loss.aux_tokens=-1: must be >= 0"),
 ])
 def test_validation_errors_name_the_field(override, message):
   extra = ["train.grad_accum=4"] if "batch_size" in override else []
@@ -46,3 +48,17 @@ def test_missing_file_and_bad_override():
     load_config("configs/nope.yaml")
   with pytest.raises(ConfigError, match="not of the form"):
     load_config("configs/tiny.yaml", ["model.top_k"])
+
+
+@pytest.mark.parametrize("name", ["mohge_3b", "moe_3b"])
+def test_paper_configs_are_the_reference_run(name):
+  """The reference: 1.067T tokens = 508,686 iterations of 512 x 4096, no warm-up, the
+  Group-Wise loss from iteration 254,343; aux-loss statistics per 4 x 4096 tokens; plain
+  packed windows (positions 0..L-1, attention across documents)."""
+  cfg = load_config(f"configs/{name}.yaml")
+  t = cfg.train
+  assert (t.steps, t.batch_size, t.seq_len, t.warmup_steps) == (508686, 512, 4096, 0)
+  assert round(t.steps * t.batch_size * t.seq_len / 1e9) == 1067  # billion tokens
+  assert cfg.group_aux_start == 254343
+  assert cfg.loss.aux_tokens == 4 * 4096
+  assert not cfg.model.doc_attention_mask

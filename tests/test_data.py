@@ -111,10 +111,15 @@ def test_load_text_files_glob_sorted_and_comma_list(tmp_path, rng, monkeypatch):
   want = [(str(tmp_path / "docs" / n), texts[n]) for n in sorted(texts)]
   want += [(str(tmp_path / "notes.md"), "# notes"), (str(tmp_path / "z.txt.gz"), "zipped")]
   assert docs == want
-  # A file matched twice is read once, where it first appears.
+  # A file matched twice is read once, where it first appears: also when spelled
+  # differently (relative and absolute, through a symlinked directory).
   d3 = (str(tmp_path / "docs" / "d3.txt"), texts["d3.txt"])
   assert data.load_documents(f"{tmp_path}/docs/d3.txt,{tmp_path}/docs/*.txt") == [d3] + [
       d for d in want[:5] if d != d3]
+  (tmp_path / "link").symlink_to(tmp_path / "docs")
+  monkeypatch.chdir(tmp_path)
+  docs = data.load_documents(f"docs/*.txt,{tmp_path}/docs/*.txt,link/d3.txt,./docs/d1.txt")
+  assert [t for _, t in docs] == [t for _, t in want[:5]]
 
 
 def test_load_jsonl_and_parquet(tmp_path, rng):
@@ -166,8 +171,8 @@ def test_embedded_corpus_is_library_text_and_deterministic():
 
 def test_embedded_prepare_counts_every_byte(tmp_path):
   prepared = data.prepare("embedded", "byte", cache_dir=tmp_path)
-  docs = data.load_documents("embedded")
-  num_bytes = sum(len(text.encode("utf-8")) for _, text in docs)
+  docs = list({text: None for _, text in data.load_documents("embedded")})  # distinct texts
+  num_bytes = sum(len(text.encode("utf-8")) for text in docs)
   assert prepared.num_docs_train + prepared.num_docs_val == len(docs)
   assert prepared.num_docs_val >= 1
   assert len(prepared.train_tokens) + len(prepared.val_tokens) == num_bytes + len(docs)
@@ -186,37 +191,41 @@ def split_docs(tokens: np.ndarray) -> list[bytes]:
   return [np.asarray(tokens[s:e], np.uint8).tobytes() for s, e in zip(starts, ends)]
 
 
-def test_split_is_by_name_deterministic_disjoint_complete(rng):
+def test_split_is_by_text_deterministic_disjoint_complete(rng):
   docs = [(f"doc-{rng.integers(1 << 40)}", random_text(rng, int(rng.integers(0, 20))))
           for _ in range(300)]
+  docs += [(f"copy-{i}", docs[int(i)][1]) for i in rng.integers(0, 300, 30)]  # repeats
+  docs = [docs[i] for i in rng.permutation(len(docs))]
   permille = int(rng.integers(50, 500))
   tok = data.ByteTokenizer()
   train, val, n_train, n_val = data.tokenize_split(docs, tok, val_permille=permille,
                                                    batch_chars=int(rng.integers(1, 500)))
   assert train.dtype == val.dtype == np.uint32
-  in_val = [int(hashlib.sha1(n.encode()).hexdigest(), 16) % 1000 < permille for n, _ in docs]
-  want_val = [t.encode() for (_, t), v in zip(docs, in_val) if v]
-  want_train = [t.encode() for (_, t), v in zip(docs, in_val) if not v]
-  assert [data.is_validation(n, permille) for n, _ in docs] == in_val
+  distinct = list({t: None for _, t in docs})  # each text once, where it first appears
+  in_val = [sha1_key(t)[0] < permille for t in distinct]
+  want_val = [t.encode() for t, v in zip(distinct, in_val) if v]
+  want_train = [t.encode() for t, v in zip(distinct, in_val) if not v]
+  assert [data.is_validation(t, permille) for t in distinct] == in_val
   assert split_docs(val) == want_val and split_docs(train) == want_train
   assert (n_train, n_val) == (len(want_train), len(want_val))
-  # The split depends on names only, not on the order the documents come in.
-  shuffled = [docs[i] for i in rng.permutation(len(docs))]
+  # The split depends on texts only, not on names nor on the order documents come in.
+  shuffled = [(f"elsewhere/{rng.integers(1 << 40)}", docs[i][1])
+              for i in rng.permutation(len(docs))]
   _, val2, _, _ = data.tokenize_split(shuffled, tok, val_permille=permille)
   assert sorted(split_docs(val2)) == sorted(want_val)
 
 
-def sha1_key(name: str) -> tuple[int, int]:
-  h = int(hashlib.sha1(name.encode()).hexdigest(), 16)
+def sha1_key(text: str) -> tuple[int, int]:
+  h = int(hashlib.sha1(text.encode()).hexdigest(), 16)
   return h % 1000, h
 
 
 def test_split_guarantees_a_document_on_each_side(rng):
   tok = data.ByteTokenizer()
   docs = [(f"n{rng.integers(1 << 40)}", random_text(rng, 10)) for _ in range(3)]
-  docs = [d for d in docs if sha1_key(d[0])[0] > 0][:2]  # None in validation at 1 permille.
-  nearest_val = min(docs, key=lambda d: sha1_key(d[0]))[1].encode()
-  nearest_train = max(docs, key=lambda d: sha1_key(d[0]))[1].encode()
+  docs = [d for d in docs if sha1_key(d[1])[0] > 0][:2]  # None in validation at 1 permille.
+  nearest_val = min(docs, key=lambda d: sha1_key(d[1]))[1].encode()
+  nearest_train = max(docs, key=lambda d: sha1_key(d[1]))[1].encode()
   train, val, n_train, n_val = data.tokenize_split(docs, tok, val_permille=1)
   assert (n_train, n_val) == (1, 1) and split_docs(val) == [nearest_val]
   train, val, n_train, n_val = data.tokenize_split(docs, tok, val_permille=1000)  # All val.
@@ -237,6 +246,41 @@ def write_corpus(tmp_path, rng, n=12) -> str:
     (tmp_path / "corpus").mkdir(exist_ok=True)
     (tmp_path / "corpus" / f"{i:02d}.txt").write_text(random_text(rng, 50), encoding="utf-8")
   return f"{tmp_path}/corpus/*.txt"
+
+
+def test_one_file_under_two_spellings_or_a_copy_is_read_once(tmp_path, rng, monkeypatch):
+  """Validation documents cannot leak into training: the same file reached by two spellings
+  (relative and absolute), or a copy of it under another name, is one document."""
+  write_corpus(tmp_path, rng, n=30)
+  (tmp_path / "copies").mkdir()
+  for i in rng.choice(30, 5, replace=False):
+    (tmp_path / "copies" / f"copy{i}.txt").write_bytes(
+        (tmp_path / "corpus" / f"{i:02d}.txt").read_bytes())
+  monkeypatch.chdir(tmp_path)
+  prepared = data.prepare(f"corpus/*.txt,{tmp_path}/corpus/*.txt,copies/*.txt", "byte",
+                          val_permille=500, cache_dir=tmp_path / "cache")
+  docs = split_docs(np.asarray(prepared.train_tokens)) + split_docs(
+      np.asarray(prepared.val_tokens))
+  texts = sorted(p.read_bytes() for p in (tmp_path / "corpus").iterdir())
+  assert sorted(docs) == texts  # every document once, on one side
+  assert prepared.num_docs_train + prepared.num_docs_val == 30
+  assert prepared.num_docs_train >= 1 and prepared.num_docs_val >= 1
+
+
+def test_split_does_not_change_when_the_corpus_moves(tmp_path, rng):
+  write_corpus(tmp_path, rng, n=40)
+  moved = tmp_path / "elsewhere" / "renamed"
+  moved.mkdir(parents=True)
+  for i, path in enumerate(rng.permutation(sorted((tmp_path / "corpus").iterdir()))):
+    (moved / f"doc-{i:03d}-{rng.integers(1 << 30)}.txt").write_bytes(path.read_bytes())
+  a = data.prepare(f"{tmp_path}/corpus/*.txt", "byte", val_permille=500,
+                   cache_dir=tmp_path / "cache")
+  b = data.prepare(f"{moved}/*.txt", "byte", val_permille=500, cache_dir=tmp_path / "cache")
+  assert 0 < a.num_docs_val < 40
+  assert sorted(split_docs(np.asarray(a.val_tokens))) == sorted(
+      split_docs(np.asarray(b.val_tokens)))
+  assert sorted(split_docs(np.asarray(a.train_tokens))) == sorted(
+      split_docs(np.asarray(b.train_tokens)))
 
 
 def test_cache_hit_and_invalidation(tmp_path, rng, monkeypatch):
@@ -295,7 +339,10 @@ def random_stream(rng, n: int, eos_prob: float) -> np.ndarray:
   return tokens
 
 
-def reference_features(inputs_L: list[int]) -> tuple[list[float], list[int], list[int]]:
+def reference_features(inputs_L: list[int], per_document: bool = True
+                       ) -> tuple[list[float], list[int], list[int]]:
+  if not per_document:  # plain windows: every target scored, one segment, 0..L-1
+    return [1.0] * len(inputs_L), [0] * len(inputs_L), list(range(len(inputs_L)))
   mask, segments, positions = [], [], []
   segment, position = 0, 0
   for token in inputs_L:
@@ -308,7 +355,7 @@ def reference_features(inputs_L: list[int]) -> tuple[list[float], list[int], lis
   return mask, segments, positions
 
 
-def check_batch(batch, tokens, seq_len, rows):
+def check_batch(batch, tokens, seq_len, rows, per_document):
   assert set(batch) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
   for key, value in batch.items():
     assert value.shape == (rows, seq_len), key
@@ -319,20 +366,23 @@ def check_batch(batch, tokens, seq_len, rows):
   for row in range(rows):
     inputs = batch["inputs"][row]
     assert tuple(inputs) + (batch["targets"][row, -1],) in windows  # A real window.
-    mask, segments, positions = reference_features(inputs.tolist())
+    mask, segments, positions = reference_features(inputs.tolist(), per_document)
     assert batch["loss_mask"][row].tolist() == mask
     assert batch["segment_ids"][row].tolist() == segments
     assert batch["positions"][row].tolist() == positions
 
 
+@pytest.mark.parametrize("per_document", [False, True])
 @pytest.mark.parametrize("eos_prob", [0.0, 0.05, 0.5])
-def test_batch_features_match_reference(rng, eos_prob):
+def test_batch_features_match_reference(rng, eos_prob, per_document):
+  """per_document=False (the default, the reference's packing): positions 0..L-1 whatever
+  the separators; True: positions and segments restart, the separator's target unscored."""
   seq_len, batch = int(rng.integers(1, 40)), int(rng.integers(1, 6))
   tokens = random_stream(rng, int(rng.integers(batch * seq_len + 1, 2000)), eos_prob)
   it = data.BatchIterator(tokens, seq_len=seq_len, global_batch=batch, seed=int(rng.integers(1000)),
-                          eos_id=EOS)
+                          eos_id=EOS, **({"per_document": True} if per_document else {}))
   for _ in range(3):
-    check_batch(next(it), tokens, seq_len, batch)
+    check_batch(next(it), tokens, seq_len, batch, per_document)
 
 
 def test_batches_are_a_function_of_seed_and_step_and_resume_exactly(rng):
@@ -410,20 +460,22 @@ def test_batch_iterator_errors(rng):
     data.BatchIterator(tokens, seq_len=4, global_batch=2, seed=1, eos_id=EOS).restore(it.state())
 
 
-def test_eval_batches_are_sequential_and_padded(rng):
+@pytest.mark.parametrize("per_document", [False, True])
+def test_eval_batches_are_sequential_and_padded(rng, per_document):
   seq_len, batch = int(rng.integers(2, 12)), 4
   tokens = random_stream(rng, int(rng.integers(seq_len + 1, 300)), 0.05)
   num_windows = (len(tokens) - 1) // seq_len
-  batches = list(data.eval_batches(tokens, seq_len=seq_len, batch=batch, eos_id=EOS))
+  batches = list(data.eval_batches(tokens, seq_len=seq_len, batch=batch, eos_id=EOS,
+                                   per_document=per_document))
   assert len(batches) == -(-num_windows // batch)
   rows = np.concatenate([b["inputs"] for b in batches])
   masks = np.concatenate([b["loss_mask"] for b in batches])
   for i in range(num_windows):  # Window i is row i, in order.
     np.testing.assert_array_equal(rows[i], tokens[i * seq_len:(i + 1) * seq_len])
-    assert masks[i].tolist() == reference_features(rows[i].tolist())[0]
+    assert masks[i].tolist() == reference_features(rows[i].tolist(), per_document)[0]
   assert not masks[num_windows:].any()  # Padding rows are never scored.
   if num_windows >= batch:
-    check_batch(batches[0], tokens, seq_len, batch)
+    check_batch(batches[0], tokens, seq_len, batch, per_document)
 
   halves = [list(data.eval_batches(tokens, seq_len=seq_len, batch=batch, eos_id=EOS,
                                    process_index=p, process_count=2)) for p in range(2)]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mohge_jax import losses, routing
-from test_routing import np_two_level, softmax
+from test_routing import np_two_level, softmax, top_k_stable
 
 
 def np_counts(ids, num):
@@ -140,6 +140,94 @@ def test_chunked_cross_entropy_makes_each_chunks_logits_once(rng):
           n += dots(v.jaxpr) * (e.params.get("length", 1) if e.primitive.name == "scan" else 1)
     return n
   assert dots(jax.make_jaxpr(jax.grad(chunked, (0, 1)))(x, w).jaxpr) == 3 * (L // chunk)
+
+
+def np_group_wise(S, gids, widths, delta, coef):
+  T, G = S.shape
+  w = (np.array(widths) - min(widths) + delta) / delta
+  return coef * G * np.sum(w * S.mean(0) * np_counts(gids, G) / (T * gids.shape[1]))
+
+
+def np_intra_group(P, eids, N, Kg, coef):
+  T, E = P.shape
+  return coef * (N * Kg) * np.sum(P.mean(0) * np_counts(eids, E) / (T * eids.shape[1]))
+
+
+def np_switch(p, eids, coef):
+  T, E = p.shape
+  return coef * E * np.sum(np_counts(eids, E) / (T * eids.shape[1]) * p.mean(0))
+
+
+def np_per_chunk(fn, chunk, *arrays):
+  """The reference's scope: each chunk of `chunk` consecutive tokens its own loss, averaged."""
+  T = arrays[0].shape[0]
+  return np.mean([fn(*(a[i:i + chunk] for a in arrays)) for i in range(0, T, chunk)])
+
+
+def test_aux_losses_per_chunk_of_tokens(rng):
+  """loss.aux_tokens: statistics per chunk of consecutive tokens, losses averaged."""
+  G, N, Kg, K, chunk = 4, 4, 2, 3, int(rng.integers(5, 40))
+  T = chunk * int(rng.integers(2, 6))
+  widths = [64, 96, 128, 160]
+  u = rng.normal(size=(T, G)).astype(np.float32) * 2
+  v = rng.normal(size=(T, G * N)).astype(np.float32) * 2
+  r = routing.two_level_route(jnp.asarray(u), jnp.asarray(v), num_groups=G, top_k_groups=Kg,
+                              top_k=K)
+  ref = np_two_level(u, v, G, Kg, K, "softmax")
+  got = losses.group_wise_aux_loss(r.group_softmax, r.group_ids, widths=widths, delta=64.0,
+                                   coef=0.1, chunk=chunk)
+  want = np_per_chunk(lambda s, g: np_group_wise(s, g, widths, 64.0, 0.1), chunk,
+                      softmax(u.astype(np.float64)), ref["group_ids"])
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  got = losses.intra_group_aux_loss(r.expert_probs, r.expert_ids, experts_per_group=N,
+                                    top_k_groups=Kg, coef=0.1, chunk=chunk)
+  want = np_per_chunk(lambda p, e: np_intra_group(p, e, N, Kg, 0.1), chunk,
+                      ref["expert_probs"], ref["expert_ids"])
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  logits = rng.normal(size=(T, 16)).astype(np.float32)
+  r = routing.topk_route(jnp.asarray(logits), top_k=2)
+  p = softmax(logits.astype(np.float64))
+  got = losses.switch_aux_loss(r.router_probs, r.expert_ids, coef=0.1, chunk=chunk)
+  want = np_per_chunk(lambda p, e: np_switch(p, e, 0.1), chunk, p, top_k_stable(p, 2))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  with pytest.raises(ValueError, match="aux_tokens"):
+    losses.switch_aux_loss(r.router_probs, r.expert_ids, coef=0.1, chunk=T - 1)
+
+
+@pytest.mark.parametrize("kind", ["mohge", "moe"])
+def test_layer_aux_losses_follow_loss_aux_tokens(rng, kind):
+  """The routed layer's router computes the aux losses per loss.aux_tokens chunk of the
+  flattened [B*L] tokens (B*L a multiple), and over everything for other sizes (inference)."""
+  from flax import nnx
+
+  from mohge_jax.config import load_config
+  from mohge_jax.experts import RoutedFFN
+  B, L = 4, 6
+  chunk = int(rng.choice([3, 6, 12]))
+  extra = (["model.ffn=moe", "model.group_widths=[16]", "model.experts_per_group=8",
+            "model.top_k_groups=1"] if kind == "moe" else [])
+  cfg = load_config("configs/tiny.yaml", ["model.d_model=16", "model.init_std=0.3",
+                                          "loss.expert_aux_coef=0.1", "loss.group_aux_coef=0.1",
+                                          f"train.batch_size={B}", f"train.seq_len={L}",
+                                          f"loss.aux_tokens={chunk}"] + extra)
+  m = cfg.model
+  layer = RoutedFFN(cfg, kind, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  route = nnx.jit(lambda layer, x_TxD: layer.route(x_TxD))
+  for shape, scope in (((B, L), chunk), ((1, 5), 5)):
+    x = jnp.asarray(rng.normal(size=(*shape, m.d_model)), jnp.float32)
+    r, aux = route(layer, x.reshape(-1, m.d_model))  # what layer(x) does with [B, L, D]
+    f64 = lambda a: np.asarray(a, np.float64)
+    if kind == "mohge":
+      want_g = np_per_chunk(lambda s, g: np_group_wise(s, g, m.group_widths, 64.0, 0.1), scope,
+                            f64(r.group_softmax), np.asarray(r.group_ids))
+      want_e = np_per_chunk(lambda p, e: np_intra_group(p, e, m.experts_per_group,
+                                                        m.top_k_groups, 0.1),
+                            scope, f64(r.expert_probs), np.asarray(r.expert_ids))
+      np.testing.assert_allclose(float(aux["group_aux"]), want_g, rtol=1e-5)
+    else:
+      want_e = np_per_chunk(lambda p, e: np_switch(p, e, 0.1), scope, f64(r.router_probs),
+                            np.asarray(r.expert_ids))
+    np.testing.assert_allclose(float(aux["expert_aux"]), want_e, rtol=1e-5)
 
 
 def test_logits_matmul_backward_runs_in_the_input_dtype(rng):

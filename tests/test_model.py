@@ -134,6 +134,40 @@ def test_shipped_configs_load(name):
     assert 0.75 < c["total"] / moe < 0.85
 
 
+@pytest.mark.parametrize("scaled", [True, False])
+def test_output_projections_get_megatrons_scaled_init(rng, scaled):
+  """w_o and every w_down (dense, shared, routed experts) start at init_std/sqrt(2L), the
+  other matrices at init_std: sample stds of the initialised parameters."""
+  L, std = 8, 0.1
+  cfg = load_config("configs/tiny.yaml", TINY + [f"model.num_layers={L}",
+                                                 f"model.init_std={std}",
+                                                 f"model.scaled_output_init={str(scaled).lower()}"])
+  out_std = std / math.sqrt(2 * L) if scaled else std
+  assert cfg.model.output_init_std == pytest.approx(out_std)
+  model = Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  pooled, names = {True: [], False: []}, []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:  # norm scales start at 1
+      continue
+    is_output = "w_o" in name or "w_down" in name
+    x = np.asarray(leaf, np.float64).ravel()
+    np.testing.assert_allclose(x.std(), out_std if is_output else std, rtol=0.3, err_msg=name)
+    pooled[is_output].append(x)
+    names.append(name)
+  for part in ("attn", "shared", "w_down"):  # attention, shared and dense/routed experts
+    assert any(part in n and ("w_o" in n or "w_down" in n) for n in names), part
+  np.testing.assert_allclose(np.concatenate(pooled[True]).std(), out_std, rtol=0.05)
+  np.testing.assert_allclose(np.concatenate(pooled[False]).std(), std, rtol=0.05)
+
+
+def test_paper_config_output_init_std():
+  for name in ("mohge_3b", "moe_3b"):
+    m = load_config(f"configs/{name}.yaml").model
+    assert m.scaled_output_init
+    assert m.output_init_std == pytest.approx(0.008 / math.sqrt(30))  # ~0.00146
+
+
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_scanned_and_unrolled_layers_agree(rng, remat):
   """model.scan_layers runs the same stacked parameters as a Python loop over layers:

@@ -125,3 +125,25 @@ def test_bad_arguments():
                             top_k_groups=2, top_k=1)
   with pytest.raises(ValueError, match="combine_weights"):
     routing.combine(jnp.ones((2, 2)), "max")
+
+
+@pytest.mark.parametrize("name", ["moe_3b", "moe_small"])
+def test_moe_configs_combine_like_megatrons_topk_router(rng, name):
+  """Megatron's TopKRouter without pre-softmax: weights = softmax over the top-K logits
+  (they sum to 1), through the config's RoutedFFN (shrunk in width, not in experts)."""
+  from flax import nnx
+
+  from mohge_jax.config import load_config
+  from mohge_jax.experts import RoutedFFN
+  cfg = load_config(f"configs/{name}.yaml", ["model.d_model=16", "model.group_widths=[8]",
+                                             "model.shared_expert_width=8"])
+  m = cfg.model
+  layer = RoutedFFN(cfg, "moe", rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  x = rng.normal(size=(50, m.d_model)).astype(np.float32) * 30
+  r, _ = layer.route(jnp.asarray(x))
+  logits = x.astype(np.float64) @ np.asarray(layer.expert_router[...], np.float64)
+  ids = top_k_stable(logits, m.top_k)
+  want = softmax(np.take_along_axis(logits, ids, 1))
+  np.testing.assert_array_equal(np.asarray(r.expert_ids), ids)
+  np.testing.assert_allclose(np.asarray(r.weights), want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(r.weights).sum(-1), 1.0, rtol=1e-5)
