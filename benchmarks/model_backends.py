@@ -2,7 +2,7 @@
 step's forward+backward (one GPU).
 
     python -m benchmarks.model_backends [--config configs/mohge_small.yaml] [--batch 8]
-        [--backends pallas,tiled,ragged_dot] [--out FILE.json]
+        [--backends pallas,tiled,ragged_dot] [--out FILE.json] [key=value ...]
 
 Loss and gradients of every backend are compared with the first one's in the same run
 (relative L2 over all parameter gradients); times are the median of repeats of the jitted
@@ -39,6 +39,7 @@ def main() -> None:
   ap.add_argument("--backends", default="pallas,tiled,ragged_dot")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--out", default=None)
+  ap.add_argument("overrides", nargs="*", help="config overrides, e.g. model.num_layers=3")
   args = ap.parse_args()
 
   backends = args.backends.split(",")
@@ -46,7 +47,7 @@ def main() -> None:
   tokens = jnp.asarray(rng.integers(0, 257, size=(args.batch, args.seq + 1)), jnp.int32)
   rows, results, ref = [], {}, None
   for backend in backends:
-    cfg = load_config(args.config, [f"model.expert_backend={backend}",
+    cfg = load_config(args.config, [*args.overrides, f"model.expert_backend={backend}",
                                     f"train.seq_len={args.seq}"])
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
@@ -82,7 +83,7 @@ def main() -> None:
           f"{r['grad_rel_l2']:>13.1e}")
   if args.out:
     meta = {"device": str(jax.devices()[0].device_kind), "jax_version": jax.__version__,
-            "batch": args.batch, "seq": args.seq, "rows": rows}
+            "batch": args.batch, "seq": args.seq, "overrides": args.overrides, "rows": rows}
     with open(args.out, "w") as f:
       json.dump(meta, f, indent=1)
 

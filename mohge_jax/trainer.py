@@ -143,9 +143,13 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef):
                                 1.0 / accum)
       return jax.tree.map(jnp.add, grads, g), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    grads, metrics_A = jax.lax.scan(micro, zeros, batch_AxBxL)
-    metrics = {k: jnp.sum(v, 0) for k, v in metrics_A.items()}  # the shares add up
+    if accum == 1:  # no zero-filled gradient buffer to add into (2.8B floats at 3B)
+      (_, metrics), grads = grad_fn(state["params"], jax.tree.map(lambda a: a[0], batch_AxBxL),
+                                    group_aux_on, lm_tokens, 1.0)
+    else:
+      zeros = jax.tree.map(jnp.zeros_like, state["params"])
+      grads, metrics_A = jax.lax.scan(micro, zeros, batch_AxBxL)
+      metrics = {k: jnp.sum(v, 0) for k, v in metrics_A.items()}  # the shares add up
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
