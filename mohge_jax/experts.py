@@ -81,14 +81,18 @@ def _pad_to_width(w_gate_up, w_down, width: int):
   return jnp.concatenate(gu), jnp.concatenate(dn)  # [E, D, 2*width], [E, width, D]
 
 
-def _ffn_tiled(x_MxD, group_sizes_E, w_gate_up, w_down, tile: int = 128):
+def _ffn_tiled(x_MxD, group_sizes_E, w_gate_up, w_down, tile: int = 128,
+               items_per_chunk: int = 128):
   """Block-sparse pure JAX: row tiles x experts as batched dense matmuls.
 
   Every (row tile, expert) pair that overlaps is one work item (at most M/tile + E of
   them, as megablox counts them); each multiplies its tile by its expert's weights, masked
   to the expert's rows. Weights are zero-padded to the widest group, so it does about
   W_max/W_mean times the ideal FLOPs: a portable fallback (CPU, non-Hopper GPUs) that runs
-  at dense-matmul speed, unlike XLA's ragged_dot.
+  at dense-matmul speed, unlike XLA's ragged_dot. Each item needs its own copy of its
+  expert's weights, so items run `items_per_chunk` at a time (a loop over chunks, each
+  recomputed in the backward pass): memory holds one chunk's weight copies, not every
+  item's (at MoHGE-3B's 786k routed rows that would be 6,207 copies, 49 GB).
   """
   M, D = x_MxD.shape
   E = group_sizes_E.shape[0]
@@ -96,6 +100,8 @@ def _ffn_tiled(x_MxD, group_sizes_E, w_gate_up, w_down, tile: int = 128):
   wgu_ExDxF2, wd_ExFxD = _pad_to_width(w_gate_up, w_down, width)
   num_tiles = -(-M // tile)
   items = num_tiles + E - 1  # static bound on overlapping (tile, expert) pairs
+  chunks = -(-items // items_per_chunk)
+  items = chunks * items_per_chunk if chunks > 1 else items
 
   ends_E = jnp.cumsum(group_sizes_E)
   starts_E = ends_E - group_sizes_E
@@ -109,13 +115,23 @@ def _ffn_tiled(x_MxD, group_sizes_E, w_gate_up, w_down, tile: int = 128):
   rows_IxT = jnp.clip(tile_I, 0, num_tiles - 1)[:, None] * tile + jnp.arange(tile)
   mask_IxT = (valid_I[:, None] & (rows_IxT >= starts_E[expert_I][:, None])
               & (rows_IxT < ends_E[expert_I][:, None]))
+  x_pad = jnp.pad(x_MxD, ((0, num_tiles * tile - M), (0, 0)))
 
-  x_IxTxD = jnp.pad(x_MxD, ((0, num_tiles * tile - M), (0, 0)))[rows_IxT]
-  # Matmuls in x's dtype (float32 accumulation inside): a float32 output would make the
-  # backward matmuls float32 x bf16 (slow TF32 GEMMs on GPUs).
-  h_IxTxF2 = jnp.einsum("itd,idf->itf", x_IxTxD, wgu_ExDxF2[expert_I])
-  a_IxTxF = (swiglu(h_IxTxF2.astype(jnp.float32)) * mask_IxT[..., None]).astype(x_MxD.dtype)
-  o_IxTxD = jnp.einsum("itf,ifd->itd", a_IxTxF, wd_ExFxD[expert_I])
+  def run_items(expert_I, rows_IxT, mask_IxT):
+    x_IxTxD = x_pad[rows_IxT]
+    # Matmuls in x's dtype (float32 accumulation inside): a float32 output would make the
+    # backward matmuls float32 x bf16 (slow TF32 GEMMs on GPUs).
+    h_IxTxF2 = jnp.einsum("itd,idf->itf", x_IxTxD, wgu_ExDxF2[expert_I])
+    a_IxTxF = (swiglu(h_IxTxF2.astype(jnp.float32)) * mask_IxT[..., None]).astype(x_MxD.dtype)
+    return jnp.einsum("itf,ifd->itd", a_IxTxF, wd_ExFxD[expert_I])
+
+  if chunks == 1:
+    o_IxTxD = run_items(expert_I, rows_IxT, mask_IxT)
+  else:
+    in_chunks = lambda a: a.reshape(chunks, items_per_chunk, *a.shape[1:])  # noqa: E731
+    o_CxIxTxD = jax.lax.map(lambda args: jax.checkpoint(run_items)(*args),
+                            (in_chunks(expert_I), in_chunks(rows_IxT), in_chunks(mask_IxT)))
+    o_IxTxD = o_CxIxTxD.reshape(items, tile, D)
   y_MxD = jnp.zeros((num_tiles * tile, D), jnp.float32).at[rows_IxT].add(
       o_IxTxD.astype(jnp.float32))
   return y_MxD[:M].astype(x_MxD.dtype)

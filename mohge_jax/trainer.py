@@ -407,7 +407,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
           log(f"first step after {t3 - t0:.1f} s (lower {t1 - t0:.1f} s, compile "
               f"{t2 - t1:.1f} s, step {t3 - t2:.1f} s; {t3 - t_start:.1f} s since start"
               + (f"; compilation cache {cache_dir}" if cache_dir else "") + ")")
-          t_last = time.perf_counter()
+          t_last = t2  # the first logged rate counts the first step, not its compilation
         else:
           state, pending = compiled(state, batch)
         step += 1
