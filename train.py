@@ -9,6 +9,9 @@ JAX_NUM_PROCESSES/JAX_PROCESS_ID) initialise jax.distributed automatically.
 Re-running the same command resumes from the latest intact checkpoint in the workdir
 (damaged ones are reported and moved aside; `python -m mohge_jax.checkpoint verify WORKDIR`).
 SIGTERM or Ctrl-C saves a checkpoint and stops; a second Ctrl-C stops at once.
+Start-up: the run prints the time to its first step (lowering, compilation, first step);
+XLA's persistent compilation cache (train.compile_cache, default ~/.cache/mohge_jax/xla;
+"" turns it off) lets a repeated or resumed run skip compilation.
 
 Writes to the workdir: checkpoints/ (orbax, last train.keep_checkpoints kept),
 metrics.jsonl (one JSON object per logged step), tb/ (TensorBoard), config.yaml (the
