@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.kernels import bench  # median time per call, as the kernel benchmark
+
 D = 1024
 N = 8
 WIDTHS = tuple(range(384, 1281, 128))
@@ -104,23 +106,6 @@ def measure_lowering(rows, mode):
   _log(f"trace {t_trace:.2f} s, lower {t_lower:.2f} s, module {len(text):,} chars, "
        f"{res['mosaic_gpu_calls']} Mosaic GPU calls")
   return lowered, res
-
-
-def bench(f, *args, reps=7):
-  """Median seconds per call over `reps` timings (each of a few back-to-back calls)."""
-  jax.block_until_ready(f(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(f(*args))
-  once = time.perf_counter() - t0
-  iters = max(1, min(20, int(0.2 / max(once, 1e-6))))
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = f(*args)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t0) / iters)
-  return float(np.median(ts))
 
 
 def rel_err(a, b):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -47,7 +48,6 @@ PARAM_LAYOUT = "stacked_layers"
 def use_compile_cache(directory: str) -> str | None:
   """Turns on XLA's persistent compilation cache in `directory` (unless the environment's
   JAX_COMPILATION_CACHE_DIR already chose one); returns the directory in use."""
-  import os
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
   if not directory:

@@ -303,10 +303,22 @@ def test_export_cli_from_a_training_workdir(tmp_path):
 def test_incompatible_checkpoint_is_refused(tmp_path):
   out = run_train(tmp_path / "w", 2, ["train.ckpt_every=2"])
   assert out.returncode == 0, out.stdout + out.stderr
+  # The start-up is timed: printed, in the first metrics row and in the summary.
+  assert re.search(r"first step after [\d.]+ s \(lower [\d.]+ s, compile [\d.]+ s", out.stdout)
+  first = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[0])
+  summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+  for key in ("init_s", "lower_s", "compile_s", "first_step_s", "time_to_first_step_s"):
+    assert first[key] > 0 and summary[key] == first[key], key
+  assert summary["time_to_first_step_s"] == pytest.approx(
+      summary["lower_s"] + summary["compile_s"] + summary["first_step_s"])
   again = run_train(tmp_path / "w", 4, ["model.top_k=2"])
   assert again.returncode == 2
   assert "different model config: top_k (checkpoint 3, now 2)" in again.stderr
   assert "Traceback" not in again.stderr
+  # Fields that change how the step runs, not the parameters, may change on resume.
+  other = run_train(tmp_path / "w", 3, ["model.scan_layers=false", "model.remat=full"])
+  assert other.returncode == 0, other.stdout + other.stderr
+  assert "resumed from step 2" in other.stdout
 
 
 @pytest.mark.parametrize("extra,message", [
