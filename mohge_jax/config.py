@@ -411,6 +411,9 @@ def validate(cfg: Config) -> None:
   _one_of(mesh.expert_comm, ("all_to_all", "all_gather"), "mesh.expert_comm")
   _one_of(mesh.placement, ("all_size", "naive"), "mesh.placement")
   if mesh.expert > 1 and any(k in ("mohge", "moe") for k in kinds):
+    _require(m.expert_backend != "per_expert",
+             "model.expert_backend=per_expert (the one-expert-at-a-time contrast) does not run "
+             "under expert parallelism (mesh.expert > 1); use auto, pallas or tiled")
     if mesh.placement == "all_size":
       _require(m.experts_per_group % mesh.expert == 0,
                f"mesh.expert={mesh.expert} must divide model.experts_per_group="

@@ -44,18 +44,29 @@ def _owner_and_local(expert_ids, *, experts_per_group: int, ep: int,
   return n // n_local, group * n_local + n % n_local
 
 
+def _vary_like(w, x):
+  """w marked as varying over the mesh axes x varies over (and w does not)."""
+  missing = tuple(a for a in jax.typeof(x).mat.varying if a not in jax.typeof(w).mat.varying)
+  return jax.lax.pcast(w, missing, to="varying") if missing else w
+
+
 def _local_ffn(x, sizes, w_gate_up, w_down, *, placement, ep, backend):
   """The grouped experts this rank owns. all_size: the weights given are this rank's
   shards. naive: all groups' weights are given; each rank runs its own groups (a switch
-  on the rank: every branch has its own static widths)."""
+  on the rank: every branch has its own static widths).
+
+  The weights are first marked as varying over every mesh axis the tokens vary over (the
+  batch axes; for naive also the expert axis): their gradients are per device until
+  pcast's transpose sums them there. A custom VJP (the Pallas kernels', per_expert's)
+  must return gradients typed like its inputs, which it cannot do for weights that are
+  invariant over axes their gradients vary over; and for naive this puts the sum outside
+  the switch, where every rank joins it (inside, only one branch's ranks would, and the
+  collective would hang)."""
+  w_gate_up = [_vary_like(w, x) for w in w_gate_up]
+  w_down = [_vary_like(w, x) for w in w_down]
   if placement == "all_size":
     return grouped_ffn(x, sizes, w_gate_up, w_down, backend=backend)
   per = len(w_gate_up) // ep
-  # Mark the replicated weights as varying over the axis first, so that the psum of their
-  # gradients is placed here, not inside the switch (where only one branch's ranks would
-  # join it and the collective would hang).
-  w_gate_up = [jax.lax.pcast(w, AXIS, to="varying") for w in w_gate_up]
-  w_down = [jax.lax.pcast(w, AXIS, to="varying") for w in w_down]
   branches = [
       (lambda x, sizes, r=r: grouped_ffn(x, sizes, w_gate_up[r * per:(r + 1) * per],
                                          w_down[r * per:(r + 1) * per], backend=backend))

@@ -30,9 +30,24 @@ def mesh_of(data, fsdp, expert, comm="all_to_all"):
 
 @pytest.mark.parametrize("shape,comm,placement", CASES)
 def test_sharded_layer_equals_single_device(rng, shape, comm, placement):
+  check_sharded_layer(rng, shape, comm, placement, "tiled")
+
+
+@pytest.mark.parametrize("shape,comm,placement", [
+    ((2, 1, 4), "all_to_all", "all_size"), ((2, 2, 2), "all_gather", "all_size"),
+    ((2, 1, 2), "all_to_all", "naive")])
+def test_sharded_layer_through_the_kernels_custom_vjp(rng, shape, comm, placement):
+  """backend=pallas (on CPU its pure-JAX ops, through the same custom VJP as the GPU
+  kernels): under shard_map the weight gradients vary over the batch axes while the
+  weights do not; the layer must still match one device (it failed to differentiate)."""
+  check_sharded_layer(rng, shape, comm, placement, "pallas")
+
+
+def check_sharded_layer(rng, shape, comm, placement, backend):
   mesh, mcfg = mesh_of(*shape, comm)
   cfg = load_config(None, LAYER + [f"mesh.expert={shape[2]}", f"mesh.expert_comm={comm}",
-                                   f"mesh.placement={placement}"])
+                                   f"mesh.placement={placement}",
+                                   f"model.expert_backend={backend}"])
   layer = RoutedFFN(cfg, "mohge", rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   x = jnp.asarray(rng.normal(size=(8, 6, 16)), jnp.float32)
   graphdef, params = nnx.split(layer)
@@ -133,5 +148,7 @@ def test_mesh_errors():
     load_config("configs/tiny.yaml", ["mesh.expert=3"])
   with pytest.raises(ConfigError, match="must divide the number of groups 4"):
     load_config("configs/tiny.yaml", ["mesh.expert=8", "mesh.placement=naive"])
+  with pytest.raises(ConfigError, match="per_expert .* does not run under expert parallelism"):
+    load_config("configs/tiny.yaml", ["mesh.expert=2", "model.expert_backend=per_expert"])
   with pytest.raises(ConfigError, match="at most one axis may be -1"):
     load_config("configs/tiny.yaml", ["mesh.fsdp=-1"])
