@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 AxisName = str | tuple[str, ...]
-IMPLS = ("auto", "lax", "emulated")
+IMPLS = ("auto", "lax", "lax_autodiff", "emulated")
 
 
 def _a2a(x: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -73,6 +73,56 @@ def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outp
   return jnp.where(written_M, taken.astype(output.dtype), output)
 
 
+def written_rows(offsets_K: jax.Array, sizes_K: jax.Array, rows: int) -> jax.Array:
+  """[rows] bool: row m lies in some slice [offsets_K[k], offsets_K[k] + sizes_K[k]).
+
+  Slices must not overlap. +1 at every start and -1 at every end, scatter-ADDED (a set
+  would let an empty slice or a slice ending where the next starts cancel a start), then
+  a running sum."""
+  marks = jnp.zeros((rows + 1,), jnp.int32)
+  marks = marks.at[offsets_K].add(jnp.where(sizes_K > 0, 1, 0), mode="drop")
+  marks = marks.at[offsets_K + sizes_K].add(jnp.where(sizes_K > 0, -1, 0), mode="drop")
+  return jnp.cumsum(marks)[:rows] > 0
+
+
+def _lax_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+                  axis_name):
+  return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
+                                   output_offsets, recv_sizes, axis_name=axis_name)
+
+
+def with_reverse_vjp(exchange, operand, output, input_offsets, send_sizes, output_offsets,
+                     recv_sizes, axis_name):
+  """`exchange(...)` (a ragged all-to-all: the real op or the emulation) with an explicit
+  backward pass, the reverse exchange through the same `exchange`.
+
+  Every receiver sends each source's slice of the cotangent back, from where it landed
+  (the sources' output offsets, exchanged) to where it came from (the sources' input
+  offsets, exchanged); the output buffer's cotangent is the incoming one with the written
+  rows zeroed. Used for the real op ("lax"): see `ragged_all_to_all`."""
+  operand_shape, M_rows = operand.shape, output.shape[0]
+
+  @jax.custom_vjp
+  def f(operand, output, *sizes):
+    return exchange(operand, output, *sizes, axis_name)
+
+  def fwd(operand, output, *sizes):
+    return exchange(operand, output, *sizes, axis_name), sizes
+
+  def bwd(sizes, ct):
+    input_offsets, send_sizes, output_offsets, recv_sizes = sizes
+    landed_K = _a2a(output_offsets, axis_name)  # where each source's slice is in my buffer
+    came_from_K = _a2a(input_offsets, axis_name)  # where it was in the source's operand
+    d_operand = exchange(ct, jnp.zeros(operand_shape, ct.dtype), landed_K, recv_sizes,
+                         came_from_K, send_sizes, axis_name)
+    mask = written_rows(landed_K, recv_sizes, M_rows).reshape(
+        M_rows, *(1,) * (ct.ndim - 1))
+    return (d_operand, jnp.where(mask, jnp.zeros((), ct.dtype), ct)) + (None,) * 4
+
+  f.defvjp(fwd, bwd)
+  return f(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
+
+
 def _resolve_impl(impl: str) -> str:
   """'lax' on GPU/TPU, 'emulated' on CPU (judged from the default backend at trace time)."""
   if impl not in IMPLS:
@@ -94,11 +144,18 @@ def ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.
   writes `recv_sizes[i]` rows per received slice and every other row keeps `output`'s value.
   `exchange_sizes` gives consistent `recv_sizes` / `output_offsets` for packed buffers.
 
-  impl: "lax" = `jax.lax.ragged_all_to_all` (GPU/TPU; XLA:CPU cannot compile it);
+  impl: "lax" = `jax.lax.ragged_all_to_all` (GPU/TPU; XLA:CPU cannot compile it) with
+  the explicit reverse exchange as its backward pass (`with_reverse_vjp`);
+  "lax_autodiff" = the op with jax's own transpose rule (kept to test against: see
+  `with_reverse_vjp`);
   "emulated" = dense all_to_all emulation (exact, differentiable, but R×C rows of memory per
   device for C = operand rows: for tests); "auto" = "emulated" on CPU, else "lax".
   """
-  if _resolve_impl(impl) == "lax":
+  impl = _resolve_impl(impl)
+  if impl == "lax":
+    return with_reverse_vjp(_lax_exchange, operand, output, input_offsets, send_sizes,
+                            output_offsets, recv_sizes, axis_name)
+  if impl == "lax_autodiff":
     return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
                                      output_offsets, recv_sizes, axis_name=axis_name)
   return _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes,

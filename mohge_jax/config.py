@@ -171,6 +171,10 @@ class TrainConfig:
   eval_batches: int = 4
   ckpt_every: int = 100
   keep_checkpoints: int = 3
+  # After SIGTERM/SIGINT the run checkpoints at the end of the current step and stops; if
+  # it has not stopped this many seconds later (a step stuck in a collective, a hung
+  # device), it exits without a checkpoint. A second signal exits at once.
+  stop_grace_s: float = 600.0
   # XLA's persistent compilation cache: a repeated or resumed run skips XLA compilation
   # (not tracing or Pallas lowering). "" turns it off; JAX_COMPILATION_CACHE_DIR, when set,
   # takes precedence.
@@ -394,6 +398,7 @@ def validate(cfg: Config) -> None:
                "ckpt_every", "keep_checkpoints"):
     _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)}: must be >= 1")
   _require(t.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+  _require(t.stop_grace_s > 0, f"train.stop_grace_s={t.stop_grace_s}: must be > 0 (seconds)")
   _require(t.logits_chunk >= 0, "train.logits_chunk must be >= 0 (0: off)")
   _require(t.eval_batches >= 0, "train.eval_batches must be >= 0")
   _require(t.batch_size % t.grad_accum == 0,

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -235,25 +237,80 @@ def _balance(cfg: Config, expert_tokens_LxE: np.ndarray) -> dict[str, Any]:
 
 
 class _StopFlag:
-  """SIGTERM/SIGINT ask the loop to checkpoint and stop; a second SIGINT stops at once."""
+  """SIGTERM/SIGINT ask the loop to checkpoint and stop (`signal` is set); a run that has
+  not stopped `grace_s` seconds after the first signal, or that gets a second one, exits
+  at once without a checkpoint (exit status 128 + signal number).
 
-  def __init__(self):
+  The exits cannot rely on Python signal handlers: those run only in the main thread,
+  between bytecodes, so a main thread blocked in a device call (a step stuck in a
+  collective) would never run them. The C-level handler also writes each signal's number
+  to a wake-up pipe (`signal.set_wakeup_fd`), at once, whatever the main thread is doing;
+  a watchdog thread reads it and owns the deadline and the second-signal exit."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, grace_s: float = 600.0, *, log=print):
     self.signal: int | None = None
-    self._old = {}
+    self.grace_s, self._log = grace_s, log
+    self._old: dict = {}
+    self._fds: tuple[int, int] | None = None
+    self._timer: threading.Timer | None = None
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in self.SIGNALS:
       self._old[sig] = signal.signal(sig, self._handle)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    self._fds = (r, w)
+    threading.Thread(target=self._watch, args=(r,), name="stop-watchdog", daemon=True).start()
     return self
 
   def _handle(self, signum, frame):
-    if self.signal is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signal = signum
+    if self.signal is None:
+      self.signal = signum
+
+  def _watch(self, r: int) -> None:
+    try:
+      self._read_signals(r)
+    finally:
+      os.close(r)
+
+  def _read_signals(self, r: int) -> None:
+    seen = 0
+    while True:
+      data = os.read(r, 64)
+      if not data:  # write end closed: the run is over
+        return
+      for signum in data:
+        if signum not in self.SIGNALS:
+          continue
+        seen += 1
+        name = signal.Signals(signum).name
+        if seen == 1:
+          self._timer = threading.Timer(self.grace_s, self._exit, args=(
+              signum, f"{name} {self.grace_s:g} s ago and the run has not stopped "
+              "(train.stop_grace_s; is a step stuck?)"))
+          self._timer.daemon = True
+          self._timer.start()
+        else:
+          self._exit(signum, f"a second signal ({name})")
+
+  def _exit(self, signum: int, why: str) -> None:
+    self._log(f"stopping: {why}: exiting now without a checkpoint; checkpoints already "
+              "written are intact")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
   def __exit__(self, *exc):
+    if self._timer is not None:
+      self._timer.cancel()
+    signal.set_wakeup_fd(self._old_wakeup)
     for sig, old in self._old.items():
       signal.signal(sig, old)
+    r, w = self._fds
+    os.close(w)  # the watchdog reads end-of-file, closes r and returns
 
 
 def _put_batch(batch: dict[str, np.ndarray], accum: int, mesh) -> dict[str, jax.Array]:
@@ -389,7 +446,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
   stopped = False
   t_last, step_last = time.perf_counter(), step
   compiled = None
-  with _StopFlag() as stop, jax.set_mesh(mesh):
+  with _StopFlag(t.stop_grace_s, log=log) as stop, jax.set_mesh(mesh):
     try:
       while step < t.steps:
         batch = _put_batch(next(iterator), t.grad_accum, mesh)

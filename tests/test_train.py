@@ -81,6 +81,55 @@ def complete_checkpoints(workdir) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+def test_sigterm_checkpoints_the_current_step_and_stops(tmp_path):
+  work = tmp_path / "run"
+  proc = run_train(work, 400, ["train.ckpt_every=1000"], wait=False)
+  deadline = time.time() + 300
+  while last_logged_step(work) < 2 and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=300)[0].decode()
+  assert proc.returncode == 0, out
+  saved = complete_checkpoints(work)
+  summary = json.loads((work / "summary.json").read_text())
+  assert summary["stopped_by_signal"] and saved == [summary["step"]] and summary["step"] < 400
+  assert f"received SIGTERM: saved step {summary['step']}" in out, out
+
+
+STOP_SCRIPT = r"""
+import os, signal, sys, threading, time
+from mohge_jax.trainer import _StopFlag
+grace, signals = float(sys.argv[1]), int(sys.argv[2])
+with _StopFlag(grace, log=lambda m: print(m, flush=True)) as stop:
+  for _ in range(signals):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+  if sys.argv[3] == "blocked":
+    print("blocking", flush=True)
+    lock = threading.Lock(); lock.acquire(); lock.acquire()  # never returns by itself
+  print("flag", stop.signal == signal.SIGTERM, flush=True)
+time.sleep(grace + 0.5)  # the deadline is cancelled on leaving the block
+print("left normally", flush=True)
+"""
+
+
+@pytest.mark.parametrize("grace,signals,mode,code,says", [
+    (1.0, 1, "blocked", 128 + signal.SIGTERM, "has not stopped"),  # a stuck step: deadline
+    (60.0, 2, "blocked", 128 + signal.SIGTERM, "second signal"),  # second signal: at once
+    (0.5, 1, "free", 0, "left normally")])  # stopped in time: no forced exit
+def test_stop_flag_exits_a_run_that_cannot_stop(grace, signals, mode, code, says):
+  """The run's main thread blocked (as in a device call stuck in a collective, where
+  Python signal handlers never run): the watchdog still ends it."""
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, "-c", STOP_SCRIPT, str(grace), str(signals), mode],
+                        cwd=ROOT, capture_output=True, text=True, timeout=30)
+  assert proc.returncode == code and says in proc.stdout, (proc.returncode, proc.stdout,
+                                                           proc.stderr)
+  assert time.time() - t0 < 20
+  if mode == "free":
+    assert "flag True" in proc.stdout
+
+
 def test_sigkill_and_rerun_equals_uninterrupted_run_bitwise(tmp_path, rng):
   steps = 24
   clean = run_train(tmp_path / "clean", steps, ["train.ckpt_every=4"])
