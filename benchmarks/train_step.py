@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mohge_jax import allocation, sharding
 from mohge_jax import params as params_lib
 from mohge_jax.config import Config, load_config
-from mohge_jax.trainer import graph_def, make_init_fn, make_train_step
+from mohge_jax.trainer import abstract_state, graph_def, make_init_fn, make_train_step
 
 PEAK_TFLOPS = 989.0  # H200 dense bf16, datasheet
 
@@ -73,23 +74,51 @@ def dense_rate_tflops(reps: int) -> float:
 def _batch(cfg: Config, batch: int) -> dict:
   L = cfg.train.seq_len
   tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=(1, batch, L + 1))
-  return jax.device_put({
-      "inputs": tokens[..., :-1], "targets": tokens[..., 1:],
-      "loss_mask": np.ones((1, batch, L), np.float32),
-      "segment_ids": np.zeros((1, batch, L), np.int32),
-      "positions": np.broadcast_to(np.arange(L), (1, batch, L)).astype(np.int32)})
+  return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+          "loss_mask": np.ones((1, batch, L), np.float32),
+          "segment_ids": np.zeros((1, batch, L), np.int32),
+          "positions": np.broadcast_to(np.arange(L), (1, batch, L)).astype(np.int32)}
 
 
-def run_one(cfg: Config, batch: int, reps: int, profile: str | None = None) -> dict:
+def balance(cfg: Config, expert_tokens_LxE: np.ndarray) -> dict:
+  """Per-rank routed FLOPs of this step's routing on the expert axis, max/mean averaged
+  over the routed layers, for the configured placement and (MoHGE) the other one."""
+  m, ep = cfg.model, cfg.mesh.expert
+  if ep <= 1 or not expert_tokens_LxE.size:
+    return {}
+  out = {}
+  for strategy in ("all_size", "naive"):
+    if strategy == "naive" and m.num_groups % ep:
+      continue
+    rep = allocation.balance_report(expert_tokens_LxE, m.group_widths, m.experts_per_group,
+                                    ep, m.d_model, strategy)
+    out[f"imbalance_{strategy}"] = float(np.mean(rep["flop_imbalance"]))
+    out[f"rank_flops_{strategy}"] = rep["rank_flops"]
+  out["imbalance"] = out[f"imbalance_{cfg.mesh.placement}"]
+  return out
+
+
+def run_one(cfg: Config, batch: int, reps: int, profile: str | None = None,
+            gpus: int = 1) -> dict:
   """Init, lower, compile and the first step timed apart (what a user waits for before
-  training starts), then the median step time over `reps` steps."""
+  training starts), then the median step time over `reps` steps. `batch` sequences per
+  device, on the first `gpus` devices laid out as cfg.mesh."""
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:gpus])
+  with jax.set_mesh(mesh):
+    return _run_one(cfg, batch, reps, profile, mesh)
+
+
+def _run_one(cfg, batch, reps, profile, mesh) -> dict:
   t = cfg.train
+  gpus = mesh.devices.size
   T = time.perf_counter
   t0 = T()
   step = make_train_step(cfg, graph_def(cfg))
-  state = jax.block_until_ready(jax.jit(make_init_fn(cfg))())
+  target = abstract_state(cfg, mesh)
+  state = jax.block_until_ready(jax.jit(
+      make_init_fn(cfg), out_shardings=jax.tree.map(lambda a: a.sharding, target))())
   t1 = T()
-  data = _batch(cfg, batch)
+  data = jax.device_put(_batch(cfg, batch * gpus), sharding.batch_sharding(mesh, leading=1))
   lowered = step.lower(state, data)
   t2 = T()
   compiled = lowered.compile()
@@ -111,10 +140,11 @@ def run_one(cfg: Config, batch: int, reps: int, profile: str | None = None) -> d
     jax.block_until_ready(metrics)
     times.append(T() - t0)
   step_s = float(np.median(times))
-  n_tokens = batch * t.seq_len
+  n_tokens = batch * gpus * t.seq_len
   expert_tokens = np.asarray(metrics.get("expert_tokens", np.zeros((0, 1))))
   flops_tok = model_flops_per_token(cfg, expert_tokens, n_tokens)
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = max((d.memory_stats() or {} for d in mesh.devices.flat),
+              key=lambda s: s.get("peak_bytes_in_use", 0))
   if profile:  # the top device operations of two more steps
     from benchmarks import profile_summary as ps
     trace = ps.load_trace(ps.capture(compiled, state, data, logdir=profile, warmup=0, steps=2,
@@ -122,23 +152,29 @@ def run_one(cfg: Config, batch: int, reps: int, profile: str | None = None) -> d
     tot = ps.totals(trace)
     for by, top in (("name", 40), ("category", 10)):
       print(ps.format_table(ps.summarise(trace, top, by), tot), flush=True)
-  return {"batch": batch, "seq": t.seq_len, "step_ms": 1e3 * step_s,
-          "step_ms_all": [1e3 * x for x in times],
-          "tokens_per_s": n_tokens / step_s, "flops_per_token": flops_tok,
-          "tflops": flops_tok * n_tokens / step_s / 1e12, **startup,
+  return {"batch": batch, "seq": t.seq_len, "gpus": gpus,
+          "mesh": {k: int(v) for k, v in mesh.shape.items() if v > 1},
+          "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
+          "tokens_per_s": n_tokens / step_s, "tokens_per_s_per_gpu": n_tokens / step_s / gpus,
+          "flops_per_token": flops_tok,
+          "tflops": flops_tok * n_tokens / step_s / 1e12 / gpus, **startup,
+          **balance(cfg, expert_tokens),
           "loss": float(metrics["loss"]), "finite": bool(np.isfinite(float(metrics["loss"]))),
           "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30,
           "device_mem_gb": stats.get("bytes_limit", 0) / 2**30}
 
 
-def _in_subprocess(path: str, batch: int, args, overrides: list[str], cache: str) -> dict | None:
+def _in_subprocess(path: str, batch: int, args, overrides: list[str], cache: str,
+                   gpus: int = 1, profile: str | None = None) -> dict | None:
   """One measurement in a fresh process (its own peak memory, its own compilation cache
   state); None when it ran out of memory."""
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
   cmd = [sys.executable, "-m", "benchmarks.train_step", "--one", path, "--batch", str(batch),
-         "--seq", str(args.seq), "--reps", str(args.reps), *overrides]
-  if args.profile:
-    cmd += ["--profile", os.path.join(args.profile, os.path.basename(path).split(".")[0])]
+         "--seq", str(args.seq), "--reps", str(args.reps), "--gpus", str(gpus), *overrides]
+  profile = profile or (args.profile and os.path.join(
+      args.profile, os.path.basename(path).split(".")[0]))
+  if profile:
+    cmd += ["--profile", profile]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   sys.stdout.write(proc.stdout)
   if proc.returncode != 0:
@@ -166,6 +202,7 @@ def main() -> None:
   ap.add_argument("--warm", action="store_true",
                   help="also time the start-up again with the compilation cache filled")
   ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--gpus", type=int, default=1, help=argparse.SUPPRESS)
   ap.add_argument("--profile", default=None,
                   help="trace two more steps into this directory and print the top operations")
   ap.add_argument("--out", default=None)
@@ -175,7 +212,7 @@ def main() -> None:
   if args.one:  # the child process of _in_subprocess
     cfg = load_config(args.one, [f"train.seq_len={args.seq}", f"train.batch_size={args.batch}",
                                  "train.grad_accum=1", *args.overrides])
-    row = run_one(cfg, args.batch, args.reps, args.profile)
+    row = run_one(cfg, args.batch, args.reps, args.profile, args.gpus)
     row.update(dense_tflops=dense_rate_tflops(args.reps), device=jax.devices()[0].device_kind)
     print(json.dumps(row), flush=True)
     return
