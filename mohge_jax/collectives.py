@@ -85,6 +85,24 @@ def written_rows(offsets_K: jax.Array, sizes_K: jax.Array, rows: int) -> jax.Arr
   return jnp.cumsum(marks)[:rows] > 0
 
 
+def varying_axes(x: jax.Array) -> frozenset:
+  """The mesh axes x varies over inside `jax.shard_map` (empty outside)."""
+  return frozenset(jax.typeof(x).mat.varying)
+
+
+def vary_as(x: jax.Array, axes: frozenset) -> jax.Array:
+  """x typed as varying over exactly `axes`: pcast to varying over the missing ones; summed
+  over the extra ones (a cotangent for a value that was the same on every device of those
+  axes: the transpose of its implicit broadcast)."""
+  have = varying_axes(x)
+  extra, missing = tuple(sorted(have - axes)), tuple(sorted(axes - have))
+  if extra:
+    x = jax.lax.psum(x, extra)
+  if missing:
+    x = jax.lax.pcast(x, missing, to="varying")
+  return x
+
+
 def _lax_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                   axis_name):
   return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
@@ -101,6 +119,8 @@ def with_reverse_vjp(exchange, operand, output, input_offsets, send_sizes, outpu
   offsets, exchanged); the output buffer's cotangent is the incoming one with the written
   rows zeroed. Used for the real op ("lax"): see `ragged_all_to_all`."""
   operand_shape, M_rows = operand.shape, output.shape[0]
+  # Inside shard_map each cotangent must vary over the same mesh axes as its primal.
+  operand_axes, output_axes = varying_axes(operand), varying_axes(output)
 
   @jax.custom_vjp
   def f(operand, output, *sizes):
@@ -113,11 +133,12 @@ def with_reverse_vjp(exchange, operand, output, input_offsets, send_sizes, outpu
     input_offsets, send_sizes, output_offsets, recv_sizes = sizes
     landed_K = _a2a(output_offsets, axis_name)  # where each source's slice is in my buffer
     came_from_K = _a2a(input_offsets, axis_name)  # where it was in the source's operand
-    d_operand = exchange(ct, jnp.zeros(operand_shape, ct.dtype), landed_K, recv_sizes,
-                         came_from_K, send_sizes, axis_name)
+    zeros = vary_as(jnp.zeros(operand_shape, ct.dtype), varying_axes(ct))
+    d_operand = exchange(ct, zeros, landed_K, recv_sizes, came_from_K, send_sizes, axis_name)
     mask = written_rows(landed_K, recv_sizes, M_rows).reshape(
         M_rows, *(1,) * (ct.ndim - 1))
-    return (d_operand, jnp.where(mask, jnp.zeros((), ct.dtype), ct)) + (None,) * 4
+    d_output = jnp.where(mask, jnp.zeros((), ct.dtype), ct)
+    return (vary_as(d_operand, operand_axes), vary_as(d_output, output_axes)) + (None,) * 4
 
   f.defvjp(fwd, bwd)
   return f(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)

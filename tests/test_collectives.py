@@ -280,6 +280,37 @@ def check_expert_parallel():
   assert float(jnp.abs(results[0][1][0]).max()) > 0  # gradients flowed back to the tokens
 
 
+def check_lax_traces():
+  """impl=lax (the real op, which XLA:CPU cannot compile) traces forward and backward,
+  types included (a custom VJP's cotangents must vary over its inputs' mesh axes), on its
+  own and in the expert-parallel layer, with invariant and varying output buffers."""
+  z, i = jnp.zeros((R * 3, 2)), jnp.zeros((R * R,), jnp.int32)
+
+  def bare(op, out, *sizes, fresh):
+    buf = jnp.zeros((3, 2)) if fresh else out  # invariant (as the layer's) or varying
+    return ragged_all_to_all(op, buf, *sizes, axis_name="x", impl="lax")
+  for fresh in (False, True):
+    f = jax.shard_map(lambda *a: bare(*a, fresh=fresh), mesh=mesh, in_specs=P("x"),
+                      out_specs=P("x"))
+    jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(f(a, b, i, i, i, i)), (0, 1)))(z, z)
+  from mohge_jax import expert_parallel, sharding
+  from mohge_jax.config import MeshConfig
+  ep_mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, expert=R, tensor=1),
+                               jax.devices()[:R])
+  T, D, K = 4 * R, 8, 2
+  wgu = [jnp.zeros((R, D, 2 * w)) for w in (4, 8)]
+  wd = [jnp.zeros((R, w, D)) for w in (4, 8)]
+  ids = jnp.zeros((T, K), jnp.int32)
+
+  def layer(x, w, wgu, wd):
+    return jnp.sum(expert_parallel.routed_experts(
+        x, ids, w, wgu, wd, mesh=ep_mesh, experts_per_group=R, comm="all_to_all",
+        backend="reference", a2a_impl="lax"))
+  text = str(jax.make_jaxpr(jax.grad(layer, (0, 1, 2, 3)))(
+      jnp.zeros((T, D)), jnp.zeros((T, K)), wgu, wd))
+  assert text.count("ragged_all_to_all") >= 4, text  # two exchanges, two reverse ones
+
+
 def check_impl():
   """auto traces the emulation on CPU (no ragged-all-to-all op); lax keeps the primitive."""
   z, i = jnp.zeros((R * 3, 2)), jnp.zeros((R * R,), jnp.int32)
@@ -311,7 +342,7 @@ def _run(check: str, rng, *, devices: int = 4, impl: str = "emulated", env=None)
 
 
 @pytest.mark.parametrize("check", ["forward", "grad", "expert_parallel",
-                                   "exchange,packed,tuple_axes,impl,reverse_vjp"])
+                                   "exchange,packed,tuple_axes,impl,reverse_vjp,lax_traces"])
 def test_multi_device(check, rng):
   """The emulation on 4 fake CPU devices: forward, jax.grad / jax.vjp against numpy."""
   _run(check, rng)
