@@ -105,6 +105,18 @@ def vary_as(x: jax.Array, axes: frozenset) -> jax.Array:
 
 def _lax_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                   axis_name):
+  """jax.lax.ragged_all_to_all, its output buffer made data-dependent first.
+
+  Why: on 2 x H200 (jax 0.11.2) the expert-parallel layer's gradients were wrong (relative
+  error ~1) whenever the exchanges wrote into buffers that were broadcast constants
+  (`jnp.zeros`), with every XLA implementation of the op (one-shot kernel, device kernel,
+  NCCL with barrier, the decomposer), while the forward values and a lone exchange and its
+  transpose were exact. The same program with each output buffer computed from the data
+  (+ 0 x a finite element of the operand) was exact in every output and gradient
+  (benchmarks/ep_equality.py, tests/test_collectives.py's GPU test). The term is 0 for
+  any operand (non-finite elements are replaced first), so values never change."""
+  first = operand.reshape(-1)[:1].astype(output.dtype)
+  output = output + 0 * jnp.where(jnp.isfinite(first), first, 0)
   return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
                                    output_offsets, recv_sizes, axis_name=axis_name)
 

@@ -31,17 +31,23 @@ def _owner_and_local(expert_ids, *, experts_per_group: int, ep: int,
                      num_groups: int = 0, placement: str = "all_size"):
   """Logical expert id -> (owning rank on the expert axis, local id group-major).
 
-  all_size: rank r owns experts [r*N/EP, (r+1)*N/EP) of every group.
-  naive: rank r owns whole groups [r*G/EP, (r+1)*G/EP) (needs num_groups).
+  all_size: rank r owns experts [r*N/EP, (r+1)*N/EP) of every group; local ids are dense.
+  naive: rank r owns whole groups [r*G/EP, (r+1)*G/EP) (needs num_groups); local ids are
+  the global ids (every rank holds every group's weights and runs only its own: see
+  `_local_ffn`).
   """
   N = experts_per_group
   group, n = expert_ids // N, expert_ids % N
   if placement == "naive":
-    groups_per_rank = num_groups // ep
-    owner = group // groups_per_rank
-    return owner, expert_ids - owner * groups_per_rank * N
+    return group // (num_groups // ep), expert_ids
   n_local = N // ep
   return n // n_local, group * n_local + n % n_local
+
+
+def _num_local(num_groups: int, experts_per_group: int, ep: int, placement: str) -> int:
+  """Local expert ids per rank: its N/EP experts of each group (all_size), or all G*N
+  (naive: the rows of other ranks' groups are none, so their experts get zero rows)."""
+  return num_groups * experts_per_group // (ep if placement == "all_size" else 1)
 
 
 def _vary_like(w, x):
@@ -50,28 +56,20 @@ def _vary_like(w, x):
   return jax.lax.pcast(w, missing, to="varying") if missing else w
 
 
-def _local_ffn(x, sizes, w_gate_up, w_down, *, placement, ep, backend):
-  """The grouped experts this rank owns. all_size: the weights given are this rank's
-  shards. naive: all groups' weights are given; each rank runs its own groups (a switch
-  on the rank: every branch has its own static widths).
+def _local_ffn(x, sizes, w_gate_up, w_down, *, backend):
+  """The grouped experts over rows sorted by local expert id. all_size: the weights given
+  are this rank's shards. naive: every group's weights are given and `sizes` is zero for
+  the experts of other ranks' groups, so only this rank's groups compute (no control flow
+  on the rank: an earlier `lax.switch` on the rank hung on two GPUs).
 
   The weights are first marked as varying over every mesh axis the tokens vary over (the
-  batch axes; for naive also the expert axis): their gradients are per device until
-  pcast's transpose sums them there. A custom VJP (the Pallas kernels', per_expert's)
-  must return gradients typed like its inputs, which it cannot do for weights that are
-  invariant over axes their gradients vary over; and for naive this puts the sum outside
-  the switch, where every rank joins it (inside, only one branch's ranks would, and the
-  collective would hang)."""
+  batch axes): their gradients are per device until pcast's transpose sums them there. A
+  custom VJP (the Pallas kernels', per_expert's) must return gradients typed like its
+  inputs, which it cannot do for weights that are invariant over axes their gradients
+  vary over."""
   w_gate_up = [_vary_like(w, x) for w in w_gate_up]
   w_down = [_vary_like(w, x) for w in w_down]
-  if placement == "all_size":
-    return grouped_ffn(x, sizes, w_gate_up, w_down, backend=backend)
-  per = len(w_gate_up) // ep
-  branches = [
-      (lambda x, sizes, r=r: grouped_ffn(x, sizes, w_gate_up[r * per:(r + 1) * per],
-                                         w_down[r * per:(r + 1) * per], backend=backend))
-      for r in range(ep)]
-  return jax.lax.switch(jax.lax.axis_index(AXIS), branches, x, sizes)
+  return grouped_ffn(x, sizes, w_gate_up, w_down, backend=backend)
 
 
 # Rows are permuted here by plain gathers (their gradients are scatter-adds), not by
@@ -83,7 +81,7 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
                placement, a2a_impl="auto"):
   T, K = ids_TxK.shape
   M = T * K
-  E_l = len(w_gate_up) * experts_per_group // ep
+  E_l = _num_local(len(w_gate_up), experts_per_group, ep, placement)
   owner_M, local_M = _owner_and_local(ids_TxK.reshape(M), experts_per_group=experts_per_group,
                                       ep=ep, num_groups=len(w_gate_up), placement=placement)
   key_M = owner_M * E_l + local_M  # by destination rank, then local expert
@@ -106,8 +104,8 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
   local_row = jnp.where(jnp.arange(cap) < recv_R.sum(), local_row, E_l)  # padding last
   order_C = jnp.argsort(local_row, stable=True)
   inverse_C = inverse_permutation(order_C)
-  y_sorted = _local_ffn(x_recv[order_C], recv_counts_RxEl.sum(0),
-                        w_gate_up, w_down, placement=placement, ep=ep, backend=backend)
+  y_sorted = _local_ffn(x_recv[order_C], recv_counts_RxEl.sum(0), w_gate_up, w_down,
+                        backend=backend)
   y_recv = y_sorted[inverse_C]
 
   # Return trip: each source's rows back to where it sent them from.
@@ -127,7 +125,7 @@ def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_g
   ids_all = jax.lax.all_gather(ids_TxK, AXIS, tiled=True)
   w_all = jax.lax.all_gather(w_TxK, AXIS, tiled=True)
   T, K = ids_all.shape
-  E_l = len(w_gate_up) * experts_per_group // ep
+  E_l = _num_local(len(w_gate_up), experts_per_group, ep, placement)
   owner_M, local_M = _owner_and_local(ids_all.reshape(T * K),
                                       experts_per_group=experts_per_group, ep=ep,
                                       num_groups=len(w_gate_up), placement=placement)
@@ -135,9 +133,7 @@ def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_g
   order_M = jnp.argsort(local_M, stable=True)
   inverse_M = inverse_permutation(order_M)
   sizes_El = count_ids(local_M, E_l)  # others' pairs (E_l) are not counted
-  y_sorted = _local_ffn(x_all[order_M // K],
-                        sizes_El, w_gate_up, w_down, placement=placement, ep=ep,
-                        backend=backend)
+  y_sorted = _local_ffn(x_all[order_M // K], sizes_El, w_gate_up, w_down, backend=backend)
   y_TxKxD = y_sorted[inverse_M].reshape(T, K, -1)
   partial_TxD = combine(y_TxKxD, w_all)
   return jax.lax.psum_scatter(partial_TxD, AXIS, scatter_dimension=0, tiled=True)
