@@ -115,7 +115,7 @@ def _lax_exchange(operand, output, input_offsets, send_sizes, output_offsets, re
   (+ 0 x a finite element of the operand) was exact in every output and gradient
   (benchmarks/ep_equality.py, tests/test_collectives.py's GPU test). The term is 0 for
   any operand (non-finite elements are replaced first), so values never change."""
-  first = operand.reshape(-1)[:1].astype(output.dtype)
+  first = jnp.sum(operand.reshape(-1)[:1]).astype(output.dtype)  # 0 if operand is empty
   output = output + 0 * jnp.where(jnp.isfinite(first), first, 0)
   return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
                                    output_offsets, recv_sizes, axis_name=axis_name)

@@ -70,6 +70,19 @@ def _ffn_fwd(x_MxD, group_sizes_E, w_gate_up, w_down, ops):
   return y, (x_MxD, group_sizes_E, w_gate_up, w_down, h, gu)
 
 
+def _typed_like(ct, primal):
+  """The cotangent typed as varying over exactly the primal's mesh axes, as a custom VJP
+  inside `jax.shard_map` must return it: a pallas_call's outputs vary over no axis. Every
+  device computed its own share, so marking it varying is exact; axes the primal does not
+  vary over are summed (its value was the same on all of them)."""
+  have, want = (frozenset(jax.typeof(a).mat.varying) for a in (ct, primal))
+  if extra := tuple(sorted(have - want)):
+    ct = jax.lax.psum(ct, extra)
+  if missing := tuple(sorted(want - have)):
+    ct = jax.lax.pcast(ct, missing, to="varying")
+  return ct
+
+
 def _ffn_bwd(ops, res, dy_MxD):
   x_MxD, group_sizes_E, w_gate_up, w_down, h, gu = res
   dy_MxD = dy_MxD.astype(x_MxD.dtype)
@@ -79,7 +92,8 @@ def _ffn_bwd(ops, res, dy_MxD):
   d_wgu = ops.tgmm(x_MxD, dgu, group_sizes_E, [w.shape for w in w_gate_up],
                    rhs_split=True)
   d_wd = ops.tgmm(h, dy_MxD, group_sizes_E, [w.shape for w in w_down])
-  return dx, None, tuple(d_wgu), tuple(d_wd)
+  return (_typed_like(dx, x_MxD), None,
+          tuple(map(_typed_like, d_wgu, w_gate_up)), tuple(map(_typed_like, d_wd, w_down)))
 
 
 _ffn.defvjp(_ffn_fwd, _ffn_bwd)

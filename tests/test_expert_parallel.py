@@ -43,6 +43,30 @@ def test_sharded_layer_through_the_kernels_custom_vjp(rng, shape, comm, placemen
   check_sharded_layer(rng, shape, comm, placement, "pallas")
 
 
+@pytest.mark.parametrize("comm", ["all_to_all", "all_gather"])
+def test_gpu_kernels_trace_under_shard_map(monkeypatch, comm):
+  """The Mosaic GPU kernels (forced, traced on CPU: their pallas_calls' outputs vary over
+  no mesh axis) inside the sharded layer's forward and backward: the custom VJP's
+  cotangents must be typed like its inputs (this failed on the H200s only)."""
+  import pallas_kernels
+  from pallas_kernels import gpu
+  monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132))
+  G, N, D, T, K = 2, 4, 128, 64, 2
+  mesh, _ = mesh_of(2, 1, 2, comm)
+  wgu = [jnp.zeros((N, D, 2 * w), jnp.bfloat16) for w in (128, 256)]
+  wd = [jnp.zeros((N, w, D), jnp.bfloat16) for w in (128, 256)]
+  ids = jnp.zeros((T, K), jnp.int32)
+
+  def loss(x, w, wgu, wd):
+    return jnp.sum(expert_parallel.routed_experts(
+        x, ids, w, wgu, wd, mesh=mesh, experts_per_group=N, comm=comm, backend="pallas",
+        a2a_impl="lax"))
+  with jax.set_mesh(mesh):
+    text = str(jax.jit(jax.grad(loss, (0, 1, 2, 3))).trace(
+        jnp.zeros((T, D), jnp.bfloat16), jnp.zeros((T, K)), wgu, wd).jaxpr)
+  assert "kernel_name" in text  # the Mosaic GPU kernels were traced
+
+
 def check_sharded_layer(rng, shape, comm, placement, backend):
   mesh, mcfg = mesh_of(*shape, comm)
   cfg = load_config(None, LAYER + [f"mesh.expert={shape[2]}", f"mesh.expert_comm={comm}",
