@@ -58,29 +58,32 @@ class Ops:
     return reference.swiglu_bwd_ref(gu, dh)
 
 
+def _typed_like(a, like):
+  """`a` typed as varying over exactly the mesh axes `like` varies over (inside
+  `jax.shard_map`; a no-op outside). A pallas_call's outputs vary over no axis, though
+  each device computed its own: the layer's output must vary like its rows (typed
+  invariant, autodiff would psum its cotangent over the devices: the weight gradients of
+  expert parallelism through the kernels were 2x-summed garbage on two H200s), and each
+  cotangent like its primal, as a custom VJP must return it. Axes `like` does not vary over
+  are summed (a cotangent of a value that was the same on all of them)."""
+  have, want = (frozenset(jax.typeof(v).mat.varying) for v in (a, like))
+  if extra := tuple(sorted(have - want)):
+    a = jax.lax.psum(a, extra)
+  if missing := tuple(sorted(want - have)):
+    a = jax.lax.pcast(a, missing, to="varying")
+  return a
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _ffn(x_MxD, group_sizes_E, w_gate_up, w_down, ops):
   h, _ = ops.up(x_MxD, w_gate_up, group_sizes_E, save_gu=False)
-  return ops.down(h, w_down, group_sizes_E)
+  return _typed_like(ops.down(h, w_down, group_sizes_E), x_MxD)
 
 
 def _ffn_fwd(x_MxD, group_sizes_E, w_gate_up, w_down, ops):
   h, gu = ops.up(x_MxD, w_gate_up, group_sizes_E, save_gu=True)
-  y = ops.down(h, w_down, group_sizes_E)
+  y = _typed_like(ops.down(h, w_down, group_sizes_E), x_MxD)
   return y, (x_MxD, group_sizes_E, w_gate_up, w_down, h, gu)
-
-
-def _typed_like(ct, primal):
-  """The cotangent typed as varying over exactly the primal's mesh axes, as a custom VJP
-  inside `jax.shard_map` must return it: a pallas_call's outputs vary over no axis. Every
-  device computed its own share, so marking it varying is exact; axes the primal does not
-  vary over are summed (its value was the same on all of them)."""
-  have, want = (frozenset(jax.typeof(a).mat.varying) for a in (ct, primal))
-  if extra := tuple(sorted(have - want)):
-    ct = jax.lax.psum(ct, extra)
-  if missing := tuple(sorted(want - have)):
-    ct = jax.lax.pcast(ct, missing, to="varying")
-  return ct
 
 
 def _ffn_bwd(ops, res, dy_MxD):

@@ -66,6 +66,21 @@ def test_gpu_kernels_trace_under_shard_map(monkeypatch, comm):
         jnp.zeros((T, D), jnp.bfloat16), jnp.zeros((T, K)), wgu, wd).jaxpr)
   assert "kernel_name" in text  # the Mosaic GPU kernels were traced
 
+  # The kernels' output varies like their rows. Typed invariant (as a pallas_call's is),
+  # autodiff would sum its cotangent over the devices: wrong gradients, right values.
+  from pallas_kernels import ffn
+  seen = []
+
+  def body(x):
+    y = ffn.expert_ffn_with(gpu.GpuOps(num_sms=132), x, jnp.full((G * N,), 4, jnp.int32),
+                            wgu, wd)
+    seen.append((jax.typeof(x).mat.varying, jax.typeof(y).mat.varying))
+    return y
+  jax.jit(jax.shard_map(body, mesh=mesh, in_specs=jax.P(sharding.BATCH_AXES),
+                        out_specs=jax.P(sharding.BATCH_AXES))).trace(
+      jnp.zeros((2 * T, D), jnp.bfloat16))
+  assert seen and seen[0][0] and seen[0][1] == seen[0][0], seen
+
 
 def check_sharded_layer(rng, shape, comm, placement, backend):
   mesh, mcfg = mesh_of(*shape, comm)
