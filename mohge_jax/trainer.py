@@ -413,7 +413,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
         step += 1
         progress.advance()
         due_log = step % t.log_every == 0 or step == t.steps
-        due_ckpt = step % t.ckpt_every == 0 or step == t.steps
+        due_ckpt = t.save_checkpoints and (step % t.ckpt_every == 0 or step == t.steps)
         due_eval = step % t.eval_every == 0 or step == t.steps
         # All hosts must agree to stop (a signal reaches each at a different step); with
         # several hosts that costs a host sync, so they compare only at log boundaries.
@@ -443,12 +443,14 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
           eta = (t.steps - step) * (now - t_last) / max(step - step_last, 1)
           progress.show(step, last_row, eta)
           t_last, step_last = time.perf_counter(), step
-        if due_ckpt or stop_now:
+        if due_ckpt or (stop_now and t.save_checkpoints):
           save(step)
         if stop_now:
           stopped = True
           why = signal.Signals(stop.signal).name if stop.signal else "a stop on another host"
-          progress.note(f"received {why}: saved step {step}; re-run the same command to resume")
+          progress.note(f"received {why}: saved step {step}; re-run the same command to resume"
+                        if t.save_checkpoints else
+                        f"received {why}: stopped at step {step} (train.save_checkpoints=false)")
           break
     finally:
       ckpt.wait()
@@ -466,6 +468,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
     log(f"done: step {step}, loss {loss:.4f}"
         + (f", validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})"
            if val_loss is not None else "")
-        + f"; checkpoints in {ckpt.directory}, metrics in {metrics_log.path}")
+        + (f"; checkpoints in {ckpt.directory}" if t.save_checkpoints else "")
+        + f", metrics in {metrics_log.path}")
   return RunResult(step=step, loss=loss, val_loss=val_loss, stopped_by_signal=stopped)
 
