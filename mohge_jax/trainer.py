@@ -68,13 +68,19 @@ def graph_def(cfg: Config) -> nnx.GraphDef:
 
 
 def make_init_fn(cfg: Config):
-  """A pure function building the initial training state (jit it with out_shardings)."""
+  """A pure function building the initial training state (jit it with out_shardings).
+
+  init(seed=None): from train.seed, or from `seed` (an int32 array, the same values for
+  the same number): passed as an argument, the seed is not a constant of the compiled
+  program, so runs that differ only in their seed share one compilation (cache entry).
+  """
   tx = make_optimizer(cfg.train)
 
-  def init():
-    _, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(cfg.train.seed)))
+  def init(seed=None):
+    seed = cfg.train.seed if seed is None else seed
+    _, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(jax.random.key(seed))))
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1))}
+            "rng": jax.random.key_data(jax.random.key(seed + 1))}
   return init
 
 
@@ -347,7 +353,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
                                 per_document=cfg.model.doc_attention_mask)
   t_init = time.perf_counter()
   if latest is None:
-    state = jax.jit(make_init_fn(cfg), out_shardings=jax.tree.map(lambda a: a.sharding, target))()
+    state = jax.jit(make_init_fn(cfg), out_shardings=jax.tree.map(lambda a: a.sharding, target))(
+        jnp.int32(t.seed))
     jax.block_until_ready(state)
     log(f"initialised a new model in {workdir} ({time.perf_counter() - t_init:.1f} s)")
   else:
