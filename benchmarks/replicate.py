@@ -49,19 +49,34 @@ uint16, the embedding and output layer stay ~3% of MoHGE's parameters and ~10% o
 FLOPs per token at d 384, and 100 MB of code gives every merge enough examples. The
 GPU machine has other packages installed, so the directory is made here and carried.
 
-Arithmetic for --scale h200 (one H200, ~989 TFLOP/s bf16 dense peak), from
-`--dry-run`: MoHGE (d 384, 5 layers, vocabulary 8192) has 220M parameters, 31M activated
-under uniform routing, 199 MFLOP per token of training (6 x matmul parameters + causal
-attention at sequence 1024, benchmarks.train_step's formula); moe 265 MFLOP, moe_same_total
-199 MFLOP. A run is 300 steps of 64 x 1024 tokens = 19.7M tokens (under one epoch of the
-25M training tokens): 3.9e15 FLOP for mohge, 4 s of peak. At 15% MFU (small models reach
-less than MoHGE-3B's 30%) that is 26 s of training, 35 s for moe and ~45 s for
-moe_same_total on the tiled backend. Per run, start-up: process and jax start ~10 s,
-compilation ~20-30 s with an empty cache (the second seed reuses the first's), evaluation
-(6 x 8 batches of 64 x 1024, forward only) ~3 s. Six runs: ~190 s of training + ~170 s of
-start-up = ~360 s; at 25% MFU ~290 s. `--time-budget` (default 520 s at h200 scale) skips
-the runs that would not finish in it (the further seeds go last) and stops a run that
-overruns, so one device command of 540 s always returns the results made so far.
+Arithmetic for --scale h200 (one H200, 989 TFLOP/s bf16 dense peak), from `--dry-run`
+(FLOPs per token: benchmarks.train_step's formula, 6 x matmul parameters + causal
+attention, routed experts at uniform routing):
+
+  model            total  activated  MFLOP/token
+  mohge            223M   35M        203
+  moe              279M   40M        235          (mohge: 20% fewer total parameters)
+  moe_same_total   223M   35M        203
+  mohge_no_gw      223M   35M        203
+
+A run is 300 steps of 64 x 1024 tokens = 19.7M tokens (under one pass over the 25M training
+tokens): 4.0e15 FLOP for mohge, 4 s at peak, 27 s at 15% MFU (these d=384 models have
+more fixed per-step work per FLOP than MoHGE-3B, which reached 30%), 31 s for moe, ~50 s
+for moe_same_total on the tiled backend: ~190 s of training for the six runs. Start-up per
+run: process and CUDA ~10 s, initialisation ~10 s (its compilation is shared by the
+seeds), lowering and compilation of the step ~30 s and of the evaluation ~10 s with an
+empty cache (a second seed reuses the first's: ~20 s in all), evaluation 6 x 7 batches
+forward ~2 s: ~250 s for the six. Total ~440 s (~370 s at 25% MFU). `--time-budget`
+(default 520 s at h200 scale) skips a run that would not finish in what is left (the
+further seeds go last) and stops one that overruns, so one device command of 540 s always
+returns the results made so far; `--steps` trades tokens for time.
+
+The Group-Wise loss at this scale: it acts for 150 steps here, for 254k in the paper. At
+alpha_g = 1e-5 its gradient on the group routers at initialisation is ~8% of the LM and
+Intra-Group losses' (measured on CPU, real tokens, this model), a steady push against a
+noisy one: expect a small shift of the token shares. `--group-aux-coef` sets alpha_g for
+mohge (e.g. `--group-aux-coef 1e-3 --models mohge,mohge_no_gw --seeds 0`, a second command,
+shows what a stronger push does).
 
 Writes: per run `RUN_DIR/<model>_s<seed>/` (train.py's workdir: metrics.jsonl,
 summary.json, config.yaml, train.log; no checkpoints), and `--out` (default
@@ -370,15 +385,18 @@ def analyse(run: Run, workdir: Path, outcome: dict) -> dict:
     flops = [model_flops_per_token(cfg, expert_tokens_from_shares(cfg, sh_LxG, tokens_per_step),
                                    tokens_per_step) for _, sh_LxG in routed]
     after = [i for i, s in enumerate(steps) if s > cfg.group_aux_start] or [len(steps) - 1]
+    end = [i for i, s in enumerate(steps) if s > 0.9 * t.steps] or [len(steps) - 1]
     share_G = routed[-1][1].mean(0)
     res["group_share_curve"] = [{"step": r["step"], "share": r["group_share"]} for r in rows
                                 if "group_share" in r]
-    res["group_share_last"] = share_G.tolist()
+    res["group_share_last"] = share_G.tolist()  # the last logged batch
+    res["group_share_last_tenth"] = np.mean([routed[i][1].mean(0) for i in end], 0).tolist()
     res["group_share_by_layer_last"] = routed[-1][1].tolist()
     res["group_share_small_half_last"] = float(share_G[:max(m.num_groups // 2, 1)].sum())
     res["routed_width_per_pair"] = {
         "last": width_per_pair[-1], "mean": float(np.mean(width_per_pair)),
         "mean_after_group_aux_start": float(np.mean([width_per_pair[i] for i in after])),
+        "mean_last_tenth": float(np.mean([width_per_pair[i] for i in end])),
         "uniform": float(widths_G.mean())}
     res["activated_expert_width_per_token"] = m.top_k * width_per_pair[-1]
     res["flops_per_token"] = {"last": flops[-1], "mean": float(np.mean(flops)),
@@ -450,8 +468,8 @@ def summarise(results: list[dict]) -> dict:
         "seed": s,
         "routed_width_per_pair_with": gw[s]["routed_width_per_pair"],
         "routed_width_per_pair_without": no[s]["routed_width_per_pair"],
-        "group_share_last_with": gw[s]["group_share_last"],
-        "group_share_last_without": no[s]["group_share_last"],
+        "group_share_last_tenth_with": gw[s]["group_share_last_tenth"],
+        "group_share_last_tenth_without": no[s]["group_share_last_tenth"],
         "small_half_share_last_with": gw[s]["group_share_small_half_last"],
         "small_half_share_last_without": no[s]["group_share_small_half_last"]}
         for s in sorted(set(gw) & set(no))]
@@ -624,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
   def run_one(run: Run, lr_search_only: bool = False) -> dict:
     workdir = run_dir / run.name
     left = None if budget is None else budget - (time.perf_counter() - t_start)
-    expected = statistics.median(walls) if walls else None
+    expected = expected_wall(run, results, walls)
     if left is not None and (left < 20 or (expected and left < 0.9 * expected)):
       res = {"name": run.name, "model": run.model, "seed": run.seed, "lr": run.lr,
              "status": f"skipped: {left:.0f} s of the time budget left", "returncode": None,
@@ -672,6 +690,17 @@ def main(argv: list[str] | None = None) -> int:
   print_table(results)
   print(f"\nwrote {out} and its plots ({header['wall_s']:.0f} s)", flush=True)
   return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def expected_wall(run: Run, results: list[dict], walls: list[float]) -> float | None:
+  """How long `run` will take: the same model's earlier run less its step's lowering and
+  compilation (now in the cache), else the median of the runs so far."""
+  same = [r for r in results if r["model"] == run.model and r.get("complete")
+          and not r.get("reused")]
+  if same:
+    r = same[-1]
+    return r["driver_wall_s"] - r.get("lower_s", 0.0) - r.get("compile_s", 0.0)
+  return statistics.median(walls) if walls else None
 
 
 def _static(run: Run) -> dict:

@@ -125,6 +125,7 @@ def plot_loss_comparison(runs: Runs, out: str | Path, *, tokens_per_step: int,
                          (ax_train, "training LM loss", "Training LM loss")):
     ax.set(xlabel="tokens seen (millions)", ylabel=what, title=name)
     ax.grid(alpha=0.3)
+    ax.locator_params(axis="x", nbins=6)
     if ax.lines:
       ax.legend(fontsize="small")
       _zoom(ax)
@@ -163,17 +164,24 @@ def plot_group_shares(runs: Runs, widths: Sequence[int], out: str | Path, *,
                  label="Group-Wise loss on")
     ax.set(xlabel="tokens seen (millions)", ylabel="share of routed token-expert pairs",
            ylim=(0, 1), title=f"{model} (seed {seed})")
-    ax.legend(loc="lower left", fontsize="x-small", ncol=2)
+    ax.locator_params(axis="x", nbins=5)
     mean_width = [sum(p * w for p, w in zip(v, widths)) for _, v in shares]
     ax_width.plot(x, mean_width, color=color, label=f"{model} (seed {seed})")
   ax_width.axhline(sum(widths) / len(widths), color="grey", lw=0.8, ls=":",
                    label="uniform over groups")
   ax_width.set(xlabel="tokens seen (millions)", ylabel="width",
                title="Mean routed expert width per pair")
+  ax_width.locator_params(axis="x", nbins=5)
   ax_width.legend(fontsize="small")
+  handles = {}
+  for ax in axes[0, :-1]:  # one legend for the group colours (and the start line)
+    for h, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, h)
+  fig.legend(list(handles.values()), list(handles), loc="lower center",
+             ncol=len(handles), fontsize="small")
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
   fig.savefig(out, dpi=110)
   plt.close(fig)
   return out
