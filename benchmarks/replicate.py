@@ -398,6 +398,8 @@ def analyse(run: Run, workdir: Path, outcome: dict) -> dict:
         "mean_after_group_aux_start": float(np.mean([width_per_pair[i] for i in after])),
         "mean_last_tenth": float(np.mean([width_per_pair[i] for i in end])),
         "uniform": float(widths_G.mean())}
+    res["routed_width_curve"] = [{"step": s, "width_per_pair": w}
+                                 for s, w in zip(steps, width_per_pair)]
     res["activated_expert_width_per_token"] = m.top_k * width_per_pair[-1]
     res["flops_per_token"] = {"last": flops[-1], "mean": float(np.mean(flops)),
                               "uniform": res["flops_per_token_uniform"]}

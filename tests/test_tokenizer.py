@@ -3,7 +3,6 @@ held-out text, the command."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from mohge_jax import data, tokenizer
