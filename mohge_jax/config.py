@@ -143,7 +143,10 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "embedded"  # "embedded" or comma-separated paths/globs (.txt, .jsonl, .parquet)
+  # Comma-separated named corpora ("embedded": the stdlib's sources, "site-packages": the
+  # installed packages' sources) and paths/globs (.txt, .jsonl, .parquet); or "tokens:DIR",
+  # a directory of tokens written by `python -m mohge_jax.data export`.
+  source: str = "embedded"
   tokenizer: str = "byte"  # "byte" or a Hugging Face tokenizers JSON file
   eos_token: str = ""  # separator token name for HF tokenizers without a known eos
   val_permille: int = 10
@@ -175,6 +178,9 @@ class TrainConfig:
   # it has not stopped this many seconds later (a step stuck in a collective, a hung
   # device), it exits without a checkpoint. A second signal exits at once.
   stop_grace_s: float = 600.0
+  # false: no checkpoints at all (not every train.ckpt_every steps, nor at the end or on a
+  # signal), so a run cannot be resumed: for measurements that only want the metrics.
+  save_checkpoints: bool = True
   # XLA's persistent compilation cache: a repeated or resumed run skips XLA compilation
   # (not tracing or Pallas lowering). "" turns it off; JAX_COMPILATION_CACHE_DIR, when set,
   # takes precedence.

@@ -2,11 +2,14 @@
 
 The path through this module:
 
-  load_documents(source)        (name, text) pairs: the embedded stdlib corpus or files
+  load_documents(source)        (name, text) pairs: named corpora (the stdlib's and the
+                                installed packages' Python sources) and/or files
   make_tokenizer(spec)          "byte" or a Hugging Face tokenizers JSON file
   prepare(source, tokenizer)    drop repeated documents (same text), tokenize, append the
                                 separator `eos_id` after every document, split train/val by a
                                 hash of the document's text, cache as .npy
+  export_tokens(prepared, dir)  a portable token directory (`data.source=tokens:DIR`):
+                                train.npy, val.npy, meta.json, tokenizer.json
   BatchIterator(train_tokens)   shuffled windows; step s's batch is a pure function of (seed, s)
   eval_batches(val_tokens)      sequential windows for validation loss
 
@@ -43,7 +46,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = "embedded"
+EMBEDDED = "embedded"  # the running interpreter's standard library (*.py)
+SITE_PACKAGES = "site-packages"  # the running interpreter's installed packages (*.py)
+TOKENS_PREFIX = "tokens:"  # tokens:DIR, a directory written by export_tokens
 CACHE_FORMAT = 2  # Bump when the cached layout or the tokenization/split rules change.
 # 2: split by a hash of the text (was: of the name), repeated texts dropped.
 DEFAULT_CACHE_DIR = "~/.cache/mohge_jax/tokens"
@@ -146,18 +151,25 @@ def make_tokenizer(spec: str, eos_token: str | None = None) -> Tokenizer:
 
 
 def load_documents(source: str) -> list[tuple[str, str]]:
-  """(name, text) pairs in a deterministic order. `source` is "embedded" (the Python
-  standard library's sources) or comma-separated paths / glob patterns."""
+  """(name, text) pairs in a deterministic order; `source` as `iter_documents` says."""
   return list(iter_documents(source))
 
 
 def iter_documents(source: str) -> Iterator[tuple[str, str]]:
-  if source == EMBEDDED:
-    for name, path in embedded_files():
+  """`source` is a comma-separated list; each item is a named corpus or a path / glob:
+
+  - "embedded": the running interpreter's standard library (`embedded_files`),
+  - "site-packages": the Python sources of its installed packages (`site_packages_files`),
+  - anything else: a file or glob pattern (.txt[.gz], .md, .jsonl[.gz], .parquet, ...).
+
+  Items come in the order given, each one's files sorted; a file named twice is read once,
+  where it first appears. ("tokens:DIR", already tokenized, has no documents: `prepare`.)
+  """
+  for name, path in _source_files(source):
+    if name is not None:  # a named corpus' file: the whole file is one document
       yield name, path.read_bytes().decode("utf-8", errors="replace")
-    return
-  for path in resolve_files(source):
-    yield from _read_file(path)
+    else:
+      yield from _read_file(path)
 
 
 def embedded_files() -> list[tuple[str, Path]]:
@@ -177,31 +189,91 @@ def embedded_files() -> list[tuple[str, Path]]:
   return [(f"stdlib/{rel}", path) for rel, path in sorted(files)]
 
 
-def resolve_files(source: str) -> list[Path]:
-  """The files behind `source`, in order: patterns as given, each pattern's matches sorted."""
-  if source == EMBEDDED:
-    return [path for _, path in embedded_files()]
-  files: list[Path] = []
-  seen: set[Path] = set()  # resolved: one file named twice (d/x.txt, /abs/d/x.txt) is read once
-  for pattern in (p.strip() for p in source.split(",")):
-    if not pattern:
-      continue
-    expanded = os.path.expanduser(pattern)
-    if any(c in expanded for c in "*?["):
-      matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
-      if not matches:
-        raise FileNotFoundError(f"data pattern {pattern!r} matches no files")
-    elif os.path.isfile(expanded):
-      matches = [expanded]
-    else:
-      raise FileNotFoundError(f"data file not found: {pattern!r}")
-    for match in map(Path, matches):
-      if match.resolve() not in seen:  # A file named twice is read once, where it first appears.
-        seen.add(match.resolve())
-        files.append(match)
+# Generated modules (protocol buffers, MLIR dialect bindings): long tables, not prose or code
+# a person wrote.
+_GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_ops_gen.py")
+
+
+def site_packages_files() -> list[tuple[str, Path]]:
+  """The Python sources of the running interpreter's installed packages: every *.py under
+  its site-packages directories (sysconfig's purelib and platlib: the virtual environment's
+  when one is active), tests included, generated modules (`*_pb2.py`, `*_ops_gen.py`) and
+  `__pycache__` left out, as ("site-packages/<relative path>", path) sorted by relative
+  path. What it holds depends on what is installed: carry the tokens (`export_tokens`) to
+  train on the same data elsewhere."""
+  paths = sysconfig.get_paths()
+  roots = list(dict.fromkeys(Path(paths[k]) for k in ("purelib", "platlib")))
+  files: dict[str, Path] = {}
+  for root in roots:
+    for dirpath, dirnames, filenames in os.walk(root):
+      dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+      for name in filenames:
+        if name.endswith(".py") and not name.endswith(_GENERATED_SUFFIXES):
+          path = Path(dirpath, name)
+          files.setdefault(path.relative_to(root).as_posix(), path)  # first root wins
   if not files:
+    raise FileNotFoundError(f"no Python sources under {', '.join(map(str, roots))} for the "
+                            f"{SITE_PACKAGES!r} corpus")
+  return [(f"site-packages/{rel}", files[rel]) for rel in sorted(files)]
+
+
+NAMED_SOURCES: dict[str, Callable[[], list[tuple[str, Path]]]] = {
+    EMBEDDED: embedded_files, SITE_PACKAGES: site_packages_files}
+
+
+def _source_items(source: str) -> list[str]:
+  items = [item.strip() for item in source.split(",") if item.strip()]
+  if not items:
+    raise ValueError(f"data source {source!r} names nothing")
+  if any(item.startswith(TOKENS_PREFIX) for item in items):
+    raise ValueError(f"data source {source!r}: {TOKENS_PREFIX}DIR (already tokenized) stands "
+                     "alone, not in a list")
+  return items
+
+
+def _looks_like_a_name(item: str) -> bool:
+  return not any(c in item for c in "/\\.*?[~")
+
+
+def _source_files(source: str) -> list[tuple[str | None, Path]]:
+  """(name, path) of every file behind `source` in order; name is None for files given
+  by path or pattern (their reader names their documents)."""
+  out: list[tuple[str | None, Path]] = []
+  seen: set[Path] = set()  # resolved: one file named twice (d/x.txt, /abs/d/x.txt) is read once
+  for item in _source_items(source):
+    if item in NAMED_SOURCES:
+      entries = NAMED_SOURCES[item]()
+    else:
+      entries = [(None, path) for path in _match(item)]
+    for name, path in entries:
+      if path.resolve() not in seen:  # A file named twice is read once, where it first appears.
+        seen.add(path.resolve())
+        out.append((name, path))
+  if not out:
     raise FileNotFoundError(f"data source {source!r} names no files")
-  return files
+  return out
+
+
+def _match(pattern: str) -> list[Path]:
+  expanded = os.path.expanduser(pattern)
+  if any(c in expanded for c in "*?["):
+    matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+    if not matches:
+      raise FileNotFoundError(f"data pattern {pattern!r} matches no files")
+    return [Path(p) for p in matches]
+  if os.path.isfile(expanded):
+    return [Path(expanded)]
+  if _looks_like_a_name(pattern):
+    raise ValueError(
+        f"unknown data source {pattern!r} (and no such file): the named sources are "
+        f"{', '.join(NAMED_SOURCES)} and {TOKENS_PREFIX}DIR; anything else is a file path or "
+        "glob pattern")
+  raise FileNotFoundError(f"data file not found: {pattern!r}")
+
+
+def resolve_files(source: str) -> list[Path]:
+  """The files behind `source`, in order (`iter_documents`)."""
+  return [path for _, path in _source_files(source)]
 
 
 def _read_file(path: Path) -> Iterator[tuple[str, str]]:
@@ -372,8 +444,12 @@ def cache_key(source: str, tokenizer: Tokenizer, val_permille: int) -> str:
 
 def prepare(source: str, tokenizer_spec: str, *, val_permille: int = 10,
             cache_dir: str | os.PathLike | None = None, eos_token: str | None = None) -> Prepared:
-  """Tokenized train/val streams for `source`, read from (or written to) the token cache."""
+  """Tokenized train/val streams for `source`, read from (or written to) the token cache;
+  for "tokens:DIR", read from DIR (`load_tokens`; its split stands, val_permille and
+  cache_dir do not apply)."""
   tokenizer = make_tokenizer(tokenizer_spec, eos_token)
+  if source.startswith(TOKENS_PREFIX):
+    return load_tokens(source[len(TOKENS_PREFIX):], tokenizer)
   root = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
   entry = root / cache_key(source, tokenizer, val_permille)
   if not (entry / "meta.json").is_file():
@@ -410,6 +486,86 @@ def _write_cache(entry: Path, source: str, tokenizer: Tokenizer, val_permille: i
     shutil.rmtree(tmp, ignore_errors=True)
   log.info("tokenized %s: %d train / %d val documents, %d / %d tokens in %.1fs -> %s",
            source, n_train, n_val, len(train), len(val), time.perf_counter() - start, entry)
+
+
+# --------------------------------------------------------- portable token directories
+
+
+TOKENS_FORMAT = 1
+
+
+def export_tokens(prepared: Prepared, out_dir: str | os.PathLike, *, source: str,
+                  max_train_tokens: int | None = None, extra_meta: dict | None = None) -> Path:
+  """Writes `prepared` as a directory that `data.source=tokens:DIR` trains from on any
+  machine, without the sources: train.npy and val.npy (uint16 when the vocabulary fits,
+  else uint32), meta.json (counts, the tokenizer's identity, where it came from) and, for
+  a tokenizer file, a copy of it as tokenizer.json.
+
+  `max_train_tokens` keeps a subset of the training documents (whole documents, chosen by
+  a hash of their tokens: a deterministic sample of the whole corpus, not its first
+  files), in their original order, of at most that many tokens. Validation is kept whole.
+  """
+  tok = prepared.tokenizer
+  dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+  train, n_train = np.asarray(prepared.train_tokens), prepared.num_docs_train
+  if max_train_tokens is not None and len(train) > max_train_tokens:
+    train, n_train = _sample_documents(train, tok.eos_id, max_train_tokens)
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  for name, arr in (("train", train), ("val", np.asarray(prepared.val_tokens))):
+    tmp = out / f".{name}.npy.tmp"
+    with open(tmp, "wb") as f:
+      np.save(f, arr.astype(dtype))
+    os.replace(tmp, out / f"{name}.npy")
+  if isinstance(tok, HFTokenizer) and tok.path.resolve() != (out / "tokenizer.json").resolve():
+    shutil.copyfile(tok.path, out / "tokenizer.json")
+  meta = dict(format=TOKENS_FORMAT, source=source, tokenizer=tok.identity,
+              vocab_size=tok.vocab_size, eos_id=tok.eos_id, dtype=np.dtype(dtype).name,
+              num_docs_train=n_train, num_docs_val=prepared.num_docs_val,
+              num_tokens_train=len(train), num_tokens_val=len(prepared.val_tokens),
+              num_tokens_train_before_cap=len(prepared.train_tokens),
+              max_train_tokens=max_train_tokens, **(extra_meta or {}))
+  (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # last: marks complete
+  return out
+
+
+def _sample_documents(tokens: np.ndarray, eos_id: int, max_tokens: int) -> tuple[np.ndarray, int]:
+  """The documents (each ending with eos_id) of lowest token-hash rank that fit in
+  `max_tokens`, in their original order; (tokens, number of documents)."""
+  ends = np.flatnonzero(tokens == eos_id) + 1
+  starts = np.concatenate([[0], ends[:-1]])
+  ranks = [hashlib.sha1(np.asarray(tokens[a:b], "<u4").tobytes()).digest()
+           for a, b in zip(starts, ends)]
+  keep = np.zeros(len(ends), bool)
+  total = 0
+  for i in sorted(range(len(ends)), key=ranks.__getitem__):
+    n = int(ends[i] - starts[i])
+    if total + n <= max_tokens:
+      keep[i], total = True, total + n
+  return np.concatenate([tokens[a:b] for a, b, k in zip(starts, ends, keep) if k]), int(keep.sum())
+
+
+def load_tokens(directory: str | os.PathLike, tokenizer: Tokenizer) -> Prepared:
+  """A directory written by `export_tokens`; refuses a tokenizer other than the one that
+  made its tokens."""
+  root = Path(directory).expanduser()
+  if not (root / "meta.json").is_file():
+    raise FileNotFoundError(
+        f"{TOKENS_PREFIX}{directory}: no meta.json in {root} (a directory written by "
+        "`python -m mohge_jax.data export`)")
+  meta = json.loads((root / "meta.json").read_text())
+  if meta.get("tokenizer") != tokenizer.identity:
+    hint = (f"; its tokenizer is {root / 'tokenizer.json'}"
+            if (root / "tokenizer.json").is_file() else "")
+    raise ValueError(
+        f"{TOKENS_PREFIX}{directory} was tokenized by {meta.get('tokenizer')!r}, but "
+        f"data.tokenizer is {tokenizer.identity!r}: set data.tokenizer to the tokenizer that "
+        f"made it{hint}")
+  return Prepared(tokenizer=tokenizer,
+                  train_tokens=np.load(root / "train.npy", mmap_mode="r"),
+                  val_tokens=np.load(root / "val.npy", mmap_mode="r"),
+                  num_docs_train=meta["num_docs_train"], num_docs_val=meta["num_docs_val"],
+                  cache_path=root)
 
 
 # -------------------------------------------------------------------------------- batches
@@ -562,3 +718,44 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch: int, eos_id: int,
     out = batch_from_windows(windows_BxW, eos_id, per_document=per_document)
     out["loss_mask"][~real_B] = 0.0
     yield out
+
+
+# ------------------------------------------------------------------------------ command
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`python -m mohge_jax.data export --source S --tokenizer T --out DIR [...]`."""
+  import argparse
+  import sys
+
+  p = argparse.ArgumentParser(prog="python -m mohge_jax.data",
+                              description="Tokenize a data source into a portable directory "
+                                          "(train with data.source=tokens:DIR).")
+  sub = p.add_subparsers(dest="command", required=True)
+  e = sub.add_parser("export", help=export_tokens.__doc__.split("\n")[0])
+  e.add_argument("--source", required=True, help="data.source: names, paths or globs")
+  e.add_argument("--tokenizer", required=True, help="'byte' or a tokenizers JSON file")
+  e.add_argument("--out", required=True, help="the directory to write")
+  e.add_argument("--val-permille", type=int, default=10)
+  e.add_argument("--max-train-tokens", type=int, default=None)
+  e.add_argument("--cache-dir", default=None, help=f"token cache (default {DEFAULT_CACHE_DIR})")
+  e.add_argument("--eos-token", default=None)
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  try:
+    prepared = prepare(args.source, args.tokenizer, val_permille=args.val_permille,
+                       cache_dir=args.cache_dir, eos_token=args.eos_token)
+    out = export_tokens(prepared, args.out, source=args.source,
+                        max_train_tokens=args.max_train_tokens,
+                        extra_meta=dict(val_permille=args.val_permille))
+  except (FileNotFoundError, ValueError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  meta = json.loads((out / "meta.json").read_text())
+  print(f"wrote {out}: {meta['num_tokens_train']:,} train tokens ({meta['num_docs_train']:,} "
+        f"documents), {meta['num_tokens_val']:,} validation tokens, {meta['dtype']}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -4,6 +4,10 @@ Draws, from WORKDIR/metrics.jsonl: training and validation loss, the auxiliary l
 the share of routed tokens per expert group, and the routed FLOPs of every expert-parallel
 rank (relative to the mean) over training. Default output:
 WORKDIR/plots.png.
+
+Several runs side by side (benchmarks/replicate.py): `plot_loss_comparison` (validation
+and training loss of every run against tokens seen) and `plot_group_shares` (each MoHGE
+run's token share per expert group and mean routed expert width over training).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -88,6 +93,114 @@ def plot(workdir: str | Path, out: str | Path | None = None) -> Path:
   fig.savefig(out, dpi=110)
   plt.close(fig)
   return out
+
+
+# Runs of several models and seeds: {model name: {seed: metrics rows}}.
+Runs = Mapping[str, Mapping[int, list[dict]]]
+_SEED_STYLES = ("-", "--", ":", "-.")
+
+
+def _tokens(steps, tokens_per_step):
+  return [s * tokens_per_step / 1e6 for s in steps]
+
+
+def plot_loss_comparison(runs: Runs, out: str | Path, *, tokens_per_step: int,
+                         title: str = "") -> Path:
+  """Validation loss (left) and training LM loss (right) of every run against tokens
+  seen; one colour per model, one line style per seed."""
+  out = Path(out)
+  fig, (ax_val, ax_train) = plt.subplots(1, 2, figsize=(14, 5))
+  for color, (model, by_seed) in zip(_colors(), runs.items()):
+    for i, (seed, rows) in enumerate(sorted(by_seed.items())):
+      style = _SEED_STYLES[i % len(_SEED_STYLES)]
+      label = f"{model} (seed {seed})"
+      x, y = _series(rows, "val_loss")
+      if x:
+        ax_val.plot(_tokens(x, tokens_per_step), y, style, color=color, marker="o", ms=3,
+                    label=label)
+      x, y = _series(rows, "lm_loss")
+      if x:
+        ax_train.plot(_tokens(x, tokens_per_step), y, style, color=color, lw=1, label=label)
+  for ax, what, name in ((ax_val, "validation loss", "Validation loss"),
+                         (ax_train, "training LM loss", "Training LM loss")):
+    ax.set(xlabel="tokens seen (millions)", ylabel=what, title=name)
+    ax.grid(alpha=0.3)
+    ax.locator_params(axis="x", nbins=6)
+    if ax.lines:
+      ax.legend(fontsize="small")
+      _zoom(ax)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
+def plot_group_shares(runs: Runs, widths: Sequence[int], out: str | Path, *,
+                      tokens_per_step: int, group_aux_start: Mapping[str, int] | None = None,
+                      title: str = "") -> Path:
+  """One panel per MoHGE run: the share of routed token-expert pairs per expert group
+  (stacked, smallest group at the bottom) over training, the Group-Wise loss' start
+  marked; last panel: the mean routed expert width (sum over groups of share x width)."""
+  out = Path(out)
+  panels = [(model, seed, rows) for model, by_seed in runs.items()
+            for seed, rows in sorted(by_seed.items())]
+  fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4.5),
+                           squeeze=False)
+  ax_width = axes[0, -1]
+  for ax, color, (model, seed, rows) in zip(axes[0], _colors(), panels):
+    shares = [(r["step"], r["group_share"]) for r in rows if "group_share" in r]
+    if not shares:
+      ax.set_title(f"{model} (seed {seed}): no routed layers")
+      continue
+    x = _tokens([s for s, _ in shares], tokens_per_step)
+    G = len(shares[0][1])
+    ax.stackplot(x, [[v[g] for _, v in shares] for g in range(G)],
+                 labels=[f"width {w}" for w in widths[:G]])
+    start = (group_aux_start or {}).get(model)
+    if start is not None:
+      ax.axvline(start * tokens_per_step / 1e6, color="k", ls="--", lw=1,
+                 label="Group-Wise loss on")
+    ax.set(xlabel="tokens seen (millions)", ylabel="share of routed token-expert pairs",
+           ylim=(0, 1), title=f"{model} (seed {seed})")
+    ax.locator_params(axis="x", nbins=5)
+    mean_width = [sum(p * w for p, w in zip(v, widths)) for _, v in shares]
+    ax_width.plot(x, mean_width, color=color, label=f"{model} (seed {seed})")
+  ax_width.axhline(sum(widths) / len(widths), color="grey", lw=0.8, ls=":",
+                   label="uniform over groups")
+  ax_width.set(xlabel="tokens seen (millions)", ylabel="width",
+               title="Mean routed expert width per pair")
+  ax_width.locator_params(axis="x", nbins=5)
+  ax_width.legend(fontsize="small")
+  handles = {}
+  for ax in axes[0, :-1]:  # one legend for the group colours (and the start line)
+    for h, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, h)
+  fig.legend(list(handles.values()), list(handles), loc="lower center",
+             ncol=len(handles), fontsize="small")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
+def _colors():
+  return plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4
+
+
+def _zoom(ax) -> None:
+  """Losses fall fast at first: cut the top so that the differences where the curves
+  end are visible."""
+  ends = [line.get_ydata()[-1] for line in ax.lines if len(line.get_ydata())]
+  ys = [y for line in ax.lines for y in line.get_ydata()]
+  if ends and ys:
+    lo, hi = min(ys), max(ys)
+    top = min(hi, max(ends) + max(3 * (max(ends) - lo), 0.3 * (hi - lo)))
+    pad = 0.02 * (top - lo) + 1e-3
+    ax.set_ylim(lo - pad, top + pad)
 
 
 def main(argv: list[str]) -> int:

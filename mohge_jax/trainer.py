@@ -70,13 +70,19 @@ def graph_def(cfg: Config) -> nnx.GraphDef:
 
 
 def make_init_fn(cfg: Config):
-  """A pure function building the initial training state (jit it with out_shardings)."""
+  """A pure function building the initial training state (jit it with out_shardings).
+
+  init(seed=None): from train.seed, or from `seed` (an int32 array, the same values for
+  the same number): passed as an argument, the seed is not a constant of the compiled
+  program, so runs that differ only in their seed share one compilation (cache entry).
+  """
   tx = make_optimizer(cfg.train)
 
-  def init():
-    _, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(cfg.train.seed)))
+  def init(seed=None):
+    seed = cfg.train.seed if seed is None else seed
+    _, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(jax.random.key(seed))))
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1))}
+            "rng": jax.random.key_data(jax.random.key(seed + 1))}
   return init
 
 
@@ -404,7 +410,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
                                 per_document=cfg.model.doc_attention_mask)
   t_init = time.perf_counter()
   if latest is None:
-    state = jax.jit(make_init_fn(cfg), out_shardings=jax.tree.map(lambda a: a.sharding, target))()
+    state = jax.jit(make_init_fn(cfg), out_shardings=jax.tree.map(lambda a: a.sharding, target))(
+        jnp.int32(t.seed))
     jax.block_until_ready(state)
     log(f"initialised a new model in {workdir} ({time.perf_counter() - t_init:.1f} s)")
   else:
@@ -470,7 +477,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
         step += 1
         progress.advance()
         due_log = step % t.log_every == 0 or step == t.steps
-        due_ckpt = step % t.ckpt_every == 0 or step == t.steps
+        due_ckpt = t.save_checkpoints and (step % t.ckpt_every == 0 or step == t.steps)
         due_eval = step % t.eval_every == 0 or step == t.steps
         # All hosts must agree to stop (a signal reaches each at a different step); with
         # several hosts that costs a host sync, so they compare only at log boundaries.
@@ -500,12 +507,14 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
           eta = (t.steps - step) * (now - t_last) / max(step - step_last, 1)
           progress.show(step, last_row, eta)
           t_last, step_last = time.perf_counter(), step
-        if due_ckpt or stop_now:
+        if due_ckpt or (stop_now and t.save_checkpoints):
           save(step)
         if stop_now:
           stopped = True
           why = signal.Signals(stop.signal).name if stop.signal else "a stop on another host"
-          progress.note(f"received {why}: saved step {step}; re-run the same command to resume")
+          progress.note(f"received {why}: saved step {step}; re-run the same command to resume"
+                        if t.save_checkpoints else
+                        f"received {why}: stopped at step {step} (train.save_checkpoints=false)")
           break
     finally:
       ckpt.wait()
@@ -523,6 +532,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
     log(f"done: step {step}, loss {loss:.4f}"
         + (f", validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f})"
            if val_loss is not None else "")
-        + f"; checkpoints in {ckpt.directory}, metrics in {metrics_log.path}")
+        + (f"; checkpoints in {ckpt.directory}" if t.save_checkpoints else "")
+        + f", metrics in {metrics_log.path}")
   return RunResult(step=step, loss=loss, val_loss=val_loss, stopped_by_signal=stopped)
 

@@ -180,6 +180,125 @@ def test_embedded_prepare_counts_every_byte(tmp_path):
   assert np.sum(prepared.val_tokens == EOS) == prepared.num_docs_val
 
 
+def fake_site_packages(tmp_path, monkeypatch):
+  """An interpreter whose site-packages holds a few packages (unsorted on disk)."""
+  site = tmp_path / "venv" / "site-packages"
+  files = {"zpkg/__init__.py": "z = 1\n", "apkg/mod.py": "def f():\n  return 2\n",
+           "apkg/__init__.py": "", "apkg/tests/test_mod.py": "assert True\n",
+           "apkg/__pycache__/mod.cpython-312.py": "cached", "apkg/api_pb2.py": "generated",
+           "apkg/_x_ops_gen.py": "generated", "apkg/data.json": "{}", "top.py": "TOP = 0\n"}
+  for rel, text in files.items():
+    (site / rel).parent.mkdir(parents=True, exist_ok=True)
+    (site / rel).write_text(text)
+  real = data.sysconfig.get_paths()
+  monkeypatch.setattr(data.sysconfig, "get_paths",
+                      lambda: {**real, "purelib": str(site), "platlib": str(site)})
+  return site, files
+
+
+def test_site_packages_corpus_is_sorted_python_sources(tmp_path, monkeypatch):
+  site, files = fake_site_packages(tmp_path, monkeypatch)
+  want = ["apkg/__init__.py", "apkg/mod.py", "apkg/tests/test_mod.py", "top.py",
+          "zpkg/__init__.py"]  # sorted; no __pycache__, generated modules or non-Python files
+  assert data.site_packages_files() == [(f"site-packages/{r}", site / r) for r in want]
+  assert data.load_documents("site-packages") == [(f"site-packages/{r}", files[r])
+                                                  for r in want]
+
+
+def test_real_site_packages_corpus_is_deterministic():
+  files = data.site_packages_files()
+  assert files == data.site_packages_files()
+  names = [name for name, _ in files]
+  assert names == sorted(names) and len(set(names)) == len(names)
+  assert "site-packages/numpy/__init__.py" in names
+  assert all(n.endswith(".py") and "__pycache__" not in n and not n.endswith("_pb2.py")
+             for n in names)
+
+
+def test_named_sources_and_paths_combine_in_order(tmp_path, monkeypatch):
+  site, files = fake_site_packages(tmp_path, monkeypatch)
+  (tmp_path / "extra.txt").write_text("extra text")
+  source = f"site-packages, {tmp_path}/extra.txt,embedded"
+  docs = data.load_documents(source)
+  n_site = len(data.site_packages_files())
+  assert [name for name, _ in docs[:n_site]] == [n for n, _ in data.site_packages_files()]
+  assert docs[n_site] == (str(tmp_path / "extra.txt"), "extra text")
+  assert [name for name, _ in docs[n_site + 1:]] == [n for n, _ in data.embedded_files()]
+  # A file named by path and inside a named corpus is read once, where it first appears.
+  again = data.resolve_files(f"{site}/top.py,site-packages")
+  assert again[0] == site / "top.py" and again.count(site / "top.py") == 1
+  assert len(again) == n_site
+
+
+def test_unknown_source_names_are_refused_clearly(tmp_path):
+  for bad in ["site_packages", "stdlib", "embedded,sitepackages"]:
+    name = bad.split(",")[-1]
+    with pytest.raises(ValueError, match=rf"unknown data source '{name}'.*embedded, "
+                                         r"site-packages and tokens:DIR"):
+      data.load_documents(bad)
+  with pytest.raises(ValueError, match="stands alone"):
+    data.resolve_files(f"embedded,tokens:{tmp_path}")
+  with pytest.raises(ValueError, match="names nothing"):
+    data.resolve_files(" , ")
+  with pytest.raises(FileNotFoundError, match="data file not found: 'missing.txt'"):
+    data.resolve_files("missing.txt")
+
+
+def test_export_tokens_and_train_from_the_directory(tmp_path, rng):
+  source = write_corpus(tmp_path, rng, n=40)
+  prepared = data.prepare(source, "byte", val_permille=200, cache_dir=tmp_path / "cache")
+  full = split_docs(np.asarray(prepared.train_tokens))
+  cap = len(prepared.train_tokens) // 2
+  out = data.export_tokens(prepared, tmp_path / "tokens", source=source, max_train_tokens=cap)
+  meta = json.loads((out / "meta.json").read_text())
+  assert meta["dtype"] == "uint16" and meta["tokenizer"] == "byte-v1"
+  loaded = data.prepare(f"tokens:{out}", "byte")
+  assert loaded.train_tokens.dtype == np.uint16 and loaded.cache_path == out
+  kept = split_docs(np.asarray(loaded.train_tokens))
+  # Whole documents, at most the cap, in their original order, a deterministic choice.
+  assert 0 < len(loaded.train_tokens) <= cap and len(kept) == loaded.num_docs_train
+  positions = [full.index(doc) for doc in kept]
+  assert positions == sorted(positions)
+  np.testing.assert_array_equal(loaded.val_tokens, prepared.val_tokens)  # kept whole
+  again = data.export_tokens(prepared, tmp_path / "again", source=source, max_train_tokens=cap)
+  assert (again / "train.npy").read_bytes() == (out / "train.npy").read_bytes()
+  # Without a cap: everything.
+  whole = data.export_tokens(prepared, tmp_path / "whole", source=source)
+  np.testing.assert_array_equal(data.prepare(f"tokens:{whole}", "byte").train_tokens,
+                                prepared.train_tokens)
+
+
+def test_tokens_directory_keeps_its_tokenizer(tmp_path, rng):
+  tok_path = train_bpe(tmp_path / "tok.json", ["</s>"], rng)
+  (tmp_path / "corpus").mkdir()
+  for i in range(10):
+    (tmp_path / "corpus" / f"{i}.txt").write_text(random_words(rng, 40))
+  prepared = data.prepare(f"{tmp_path}/corpus/*.txt", tok_path, val_permille=300,
+                          cache_dir=tmp_path / "cache")
+  out = data.export_tokens(prepared, tmp_path / "tokens", source="corpus")
+  assert (out / "tokenizer.json").read_bytes() == open(tok_path, "rb").read()
+  loaded = data.prepare(f"tokens:{out}", str(out / "tokenizer.json"))
+  np.testing.assert_array_equal(loaded.train_tokens, prepared.train_tokens)
+  with pytest.raises(ValueError, match=r"was tokenized by 'hf-.*data.tokenizer is 'byte-v1'.*"
+                                       r"its tokenizer is .*tokenizer.json"):
+    data.prepare(f"tokens:{out}", "byte")
+  with pytest.raises(FileNotFoundError, match="no meta.json"):
+    data.prepare(f"tokens:{tmp_path / 'nowhere'}", "byte")
+
+
+def test_export_command(tmp_path, rng, capsys):
+  source = write_corpus(tmp_path, rng, n=20)
+  assert data.main(["export", "--source", source, "--tokenizer", "byte", "--out",
+                    str(tmp_path / "out"), "--val-permille", "100", "--max-train-tokens", "300",
+                    "--cache-dir", str(tmp_path / "cache")]) == 0
+  assert "train tokens" in capsys.readouterr().out
+  meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+  assert meta["num_tokens_train"] <= 300 and meta["val_permille"] == 100
+  assert data.main(["export", "--source", "nosuchsource", "--tokenizer", "byte", "--out",
+                    str(tmp_path / "x")]) == 2
+  assert "unknown data source 'nosuchsource'" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------- split and cache
 
 

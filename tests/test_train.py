@@ -430,6 +430,21 @@ def batch_of(tokens_BxW, mask_BxL, accum=1):
   return {k: v.reshape(accum, B // accum, *v.shape[1:]) for k, v in full.items()}
 
 
+def test_init_seed_as_argument_gives_the_same_state_and_one_program(rng):
+  """The trainer passes train.seed as an argument: the same parameters as the seed baked
+  in, and one compiled program for every seed."""
+  seed = int(rng.integers(1000))
+  cfg = load_config("configs/tiny.yaml", MICRO + [f"train.seed={seed}"])
+  init = jax.jit(make_init_fn(cfg))
+  baked, passed = init(), init(jnp.int32(seed))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               baked, passed)
+  other = jax.jit(make_init_fn(load_config("configs/tiny.yaml", MICRO + ["train.seed=0"])))
+  assert (other.lower(jnp.int32(seed)).as_text() == init.lower(jnp.int32(0)).as_text())
+  assert not np.array_equal(np.asarray(init(jnp.int32(seed + 1))["rng"]),
+                            np.asarray(passed["rng"]))
+
+
 def test_chunked_logits_step_equals_plain_step(rng):
   from mohge_jax.trainer import graph_def, make_train_step
   batch = batch_of(rng.integers(0, 257, size=(8, 33)), rng.random((8, 32)) > 0.1)
