@@ -8,7 +8,8 @@ mesh.expert=8`. Multi-host launches (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS/
 JAX_NUM_PROCESSES/JAX_PROCESS_ID) initialise jax.distributed automatically.
 Re-running the same command resumes from the latest intact checkpoint in the workdir
 (damaged ones are reported and moved aside; `python -m mohge_jax.checkpoint verify WORKDIR`).
-SIGTERM or Ctrl-C saves a checkpoint and stops; a second Ctrl-C stops at once.
+SIGTERM or Ctrl-C saves a checkpoint and stops; a second signal, or a run still not stopped
+train.stop_grace_s seconds after the first (a stuck step), exits at once without one.
 Start-up: the run prints the time to its first step (lowering, compilation, first step);
 XLA's persistent compilation cache (train.compile_cache, default ~/.cache/mohge_jax/xla;
 "" turns it off) lets a repeated or resumed run skip compilation.

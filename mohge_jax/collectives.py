@@ -5,7 +5,9 @@ dropless expert parallelism needs, but XLA:CPU cannot compile it. `ragged_all_to
 has the same signature and semantics and falls back on CPU to an emulation made of dense
 `jax.lax.all_to_all`s, so multi-device tests (`--xla_force_host_platform_device_count`) run
 the same code as GPU/TPU. `exchange_sizes` computes the receive sizes and sender-side output
-offsets that a contiguous, source-ordered exchange needs.
+offsets that a contiguous, source-ordered exchange needs. On GPUs the real op runs with two
+workarounds, each found on two H200s and explained where it is: a data-dependent output
+buffer (`_lax_exchange`) and an explicit backward pass (`with_reverse_vjp`).
 """
 
 from __future__ import annotations
@@ -108,13 +110,16 @@ def _lax_exchange(operand, output, input_offsets, send_sizes, output_offsets, re
   """jax.lax.ragged_all_to_all, its output buffer made data-dependent first.
 
   Why: on 2 x H200 (jax 0.11.2) the expert-parallel layer's gradients were wrong (relative
-  error ~1) whenever the exchanges wrote into buffers that were broadcast constants
-  (`jnp.zeros`), with every XLA implementation of the op (one-shot kernel, device kernel,
-  NCCL with barrier, the decomposer), while the forward values and a lone exchange and its
-  transpose were exact. The same program with each output buffer computed from the data
-  (+ 0 x a finite element of the operand) was exact in every output and gradient
-  (benchmarks/ep_equality.py, tests/test_collectives.py's GPU test). The term is 0 for
-  any operand (non-finite elements are replaced first), so values never change."""
+  error ~1) while its forward values, and a lone exchange and its transpose, were exact.
+  The same wrong numbers came with jax's transpose rule and with the reverse exchange
+  below, and with each XLA flag for the op tried (ragged_all_to_all_use_barrier_with_nccl,
+  _use_device_kernel=false, _enable_ragged_all_to_all_decomposer). With each output buffer
+  computed from the data (+ 0 x a finite element of the operand) instead of a broadcast
+  constant (`jnp.zeros`), the layer matched one device in every output and gradient, in
+  float32, for both exchanges and placements (benchmarks/ep_equality.py; the GPU test in
+  tests/test_collectives.py). The term is 0 for any operand (non-finite elements are
+  replaced first), so values never change.
+  """
   first = jnp.sum(operand.reshape(-1)[:1]).astype(output.dtype)  # 0 if operand is empty
   output = output + 0 * jnp.where(jnp.isfinite(first), first, 0)
   return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
@@ -129,7 +134,10 @@ def with_reverse_vjp(exchange, operand, output, input_offsets, send_sizes, outpu
   Every receiver sends each source's slice of the cotangent back, from where it landed
   (the sources' output offsets, exchanged) to where it came from (the sources' input
   offsets, exchanged); the output buffer's cotangent is the incoming one with the written
-  rows zeroed. Used for the real op ("lax"): see `ragged_all_to_all`."""
+  rows zeroed. Used for the real op ("lax"). jax's own transpose rule gets the output
+  buffer's cotangent wrong when a slice is empty or ends where the next one starts (its
+  written-rows mask is built with `.set`, so the -1 of one slice's end cancels the +1 of
+  the next one's start: seen on the H200s); `written_rows` adds instead."""
   operand_shape, M_rows = operand.shape, output.shape[0]
   # Inside shard_map each cotangent must vary over the same mesh axes as its primal.
   operand_axes, output_axes = varying_axes(operand), varying_axes(output)
@@ -179,8 +187,8 @@ def ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.
 
   impl: "lax" = `jax.lax.ragged_all_to_all` (GPU/TPU; XLA:CPU cannot compile it) with
   the explicit reverse exchange as its backward pass (`with_reverse_vjp`);
-  "lax_autodiff" = the op with jax's own transpose rule (kept to test against: see
-  `with_reverse_vjp`);
+  "lax_autodiff" = the op with jax's own transpose rule (wrong for `output`'s cotangent:
+  see `with_reverse_vjp`; kept to test against);
   "emulated" = dense all_to_all emulation (exact, differentiable, but R×C rows of memory per
   device for C = operand rows: for tests); "auto" = "emulated" on CPU, else "lax".
   """
