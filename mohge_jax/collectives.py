@@ -135,9 +135,9 @@ def with_reverse_vjp(exchange, operand, output, input_offsets, send_sizes, outpu
   (the sources' output offsets, exchanged) to where it came from (the sources' input
   offsets, exchanged); the output buffer's cotangent is the incoming one with the written
   rows zeroed. Used for the real op ("lax"). jax's own transpose rule gets the output
-  buffer's cotangent wrong when a slice is empty or ends where the next one starts (its
-  written-rows mask is built with `.set`, so the -1 of one slice's end cancels the +1 of
-  the next one's start: seen on the H200s); `written_rows` adds instead."""
+  buffer's cotangent wrong when an empty slice sits where another slice starts (its
+  written-rows mask sets +1 at each start, so the two starts give one +1, and adds -1 at
+  each end, the empty slice's included: seen on the H200s); `written_rows` adds both."""
   operand_shape, M_rows = operand.shape, output.shape[0]
   # Inside shard_map each cotangent must vary over the same mesh axes as its primal.
   operand_axes, output_axes = varying_axes(operand), varying_axes(output)
