@@ -78,9 +78,9 @@ def _ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, outp
 def written_rows(offsets_K: jax.Array, sizes_K: jax.Array, rows: int) -> jax.Array:
   """[rows] bool: row m lies in some slice [offsets_K[k], offsets_K[k] + sizes_K[k]).
 
-  Slices must not overlap. +1 at every start and -1 at every end, scatter-ADDED (a set
-  would let an empty slice or a slice ending where the next starts cancel a start), then
-  a running sum."""
+  Slices must not overlap. +1 at every start and -1 at every end of a non-empty slice,
+  scatter-ADDED, then a running sum (empty slices add nothing: with a set, an empty slice
+  where another starts would leave its -1 to cancel that start)."""
   marks = jnp.zeros((rows + 1,), jnp.int32)
   marks = marks.at[offsets_K].add(jnp.where(sizes_K > 0, 1, 0), mode="drop")
   marks = marks.at[offsets_K + sizes_K].add(jnp.where(sizes_K > 0, -1, 0), mode="drop")
