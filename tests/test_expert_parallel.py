@@ -82,6 +82,41 @@ def test_gpu_kernels_trace_under_shard_map(monkeypatch, comm):
   assert seen and seen[0][0] and seen[0][1] == seen[0][0], seen
 
 
+@pytest.mark.parametrize("comm,placement", [("all_to_all", "all_size"),
+                                            ("all_to_all", "naive"),
+                                            ("all_gather", "all_size")])
+def test_training_step_lowers_for_gpus(monkeypatch, comm, placement):
+  """The whole EP 2 training step of mohge_small, through the Mosaic GPU kernels and the
+  real ragged all-to-all (both forced: this host is a CPU), traces and lowers for CUDA:
+  what would otherwise first fail on the GPUs (types under shard_map, the exchanges'
+  custom VJP, the kernels inside the scanned, rematerialised layers)."""
+  import pallas_kernels
+  from pallas_kernels import gpu
+  from mohge_jax import collectives, experts
+  from mohge_jax.trainer import abstract_state, graph_def, make_train_step
+  monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132))
+  resolve = experts.resolve_backend
+  monkeypatch.setattr(experts, "resolve_backend",
+                      lambda b, *a: "pallas" if b == "auto" else resolve(b, *a))
+  impl = collectives._resolve_impl
+  monkeypatch.setattr(collectives, "_resolve_impl", lambda i: "lax" if i == "auto" else impl(i))
+  cfg = load_config("configs/mohge_small.yaml", [
+      "train.batch_size=2", "train.seq_len=256", "train.grad_accum=1", "model.num_layers=3",
+      "mesh.expert=2", "mesh.data=1", f"mesh.expert_comm={comm}",
+      f"mesh.placement={placement}", "model.attention_impl=xla"])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2])
+  with jax.set_mesh(mesh):
+    state = abstract_state(cfg, mesh)
+    bs = sharding.batch_sharding(mesh, leading=1)
+    batch = {k: jax.ShapeDtypeStruct((1, 2, 256), dt, sharding=bs) for k, dt in (
+        ("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
+        ("segment_ids", jnp.int32), ("positions", jnp.int32))}
+    text = make_train_step(cfg, graph_def(cfg)).trace(state, batch).lower(
+        lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  assert ("ragged_all_to_all" in text) == (comm == "all_to_all")
+
+
 def check_sharded_layer(rng, shape, comm, placement, backend):
   mesh, mcfg = mesh_of(*shape, comm)
   cfg = load_config(None, LAYER + [f"mesh.expert={shape[2]}", f"mesh.expert_comm={comm}",
