@@ -14,7 +14,7 @@ MICRO = ["model.d_model=32", "model.num_heads=2", "model.kv_lora_rank=16",
          "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
          "model.dense_ffn_width=48", "model.group_widths=[8,16]", "model.experts_per_group=2",
          "model.top_k_groups=1", "model.top_k=2", "model.shared_expert_width=8",
-         "model.num_layers=2", "train.batch_size=4", "train.seq_len=32", "train.steps=2",
+         "model.num_layers=2", "train.batch_size=8", "train.seq_len=32", "train.steps=2",
          "train.warmup_steps=0", "train.log_every=1", "train.eval_batches=0",
          "train.compile_cache=", "train.lr=1e-2"]
 DSA = ["model.sparse_attention=dsa", "model.dsa_index_heads=2", "model.dsa_index_dim=8",
