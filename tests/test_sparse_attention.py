@@ -159,3 +159,38 @@ def test_lm_gradients_skip_the_indexer_and_kl_reaches_only_it(rng, stage):
 def test_config_errors_name_the_field(override, field):
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
     load_config("configs/tiny.yaml", TINY + override)
+
+
+@pytest.mark.parametrize("extra", [
+    ["train.dsa_stage=sparse", "model.remat=full"],
+    ["train.dsa_stage=sparse", "model.scan_layers=false", "model.q_lora_rank=12"],
+    ["train.dsa_stage=dense_warmup", "model.doc_attention_mask=true"],
+])
+def test_model_stays_causal_with_top_k_below_the_length(rng, extra):
+  cfg = load_config("configs/tiny.yaml", TINY + ["model.dsa_topk=4"] + extra)
+  model = Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  B, L, t = 2, 14, int(rng.integers(4, 12))
+  tokens = rng.integers(1, 257, size=(B, L))
+  changed = tokens.copy()
+  changed[:, t + 1:] = rng.integers(1, 257, size=(B, L - t - 1))
+  seg = jnp.asarray(np.repeat([[0] * 5 + [1] * (L - 5)], B, 0))
+  (a, aux_a), (b, _) = (jax.jit(lambda x: model(x, None, seg))(jnp.asarray(x))
+                        for x in (tokens, changed))
+  np.testing.assert_allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-5)
+  assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
+  assert np.isfinite(float(aux_a["dsa_kl"])) and float(aux_a["dsa_kl"]) > 0
+
+
+def test_bfloat16_sparse_step_is_finite(rng):
+  cfg = load_config("configs/tiny.yaml", TINY + ["model.dsa_topk=4", "model.dtype=bfloat16"])
+  model = Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  graphdef, params = nnx.split(model)
+  tokens = jnp.asarray(rng.integers(0, 257, size=(2, 13)))
+
+  def loss(params):
+    logits, aux = nnx.merge(graphdef, params)(tokens)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]) + aux["dsa_kl"]
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  assert np.isfinite(float(value))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
