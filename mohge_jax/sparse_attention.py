@@ -88,7 +88,11 @@ class Indexer(nnx.Module):
 def over_query_chunks(fn, chunk: int, T: int, *per_query):
   """fn(t0, *arrays [B, Q, ...]) -> pytree of [B, Q, ...], run over chunks of Q = chunk
   queries with `lax.map` (t0: the chunk's first query index); T is padded to a multiple of
-  Q (padding rows repeat query 0's inputs) and the padding sliced off the outputs."""
+  Q (padding rows repeat query 0's inputs) and the padding sliced off the outputs.
+
+  Each chunk is rematerialised in the backward pass (`jax.checkpoint`): autodiff of a
+  scan otherwise keeps every chunk's intermediates (the gathered latents, the scores),
+  stacked, i.e. the whole [B, T, K, C+R] gather this chunking exists to avoid."""
   Q = min(chunk, T)
   n = -(-T // Q)
   pad = n * Q - T
@@ -106,7 +110,8 @@ def over_query_chunks(fn, chunk: int, T: int, *per_query):
   if n == 1:
     out = fn(t0_N[0], *per_query)
     return jax.tree.map(lambda a: a[:, :T], out) if pad else out
-  out = jax.lax.map(lambda args: fn(args[0], *args[1:]), (t0_N, *map(split, per_query)))
+  body = jax.checkpoint(lambda args: fn(args[0], *args[1:]))
+  out = jax.lax.map(body, (t0_N, *map(split, per_query)))
   return jax.tree.map(merge, out)
 
 
