@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mohge_jax import sparse_attention as dsa
 from mohge_jax.config import ModelConfig
 
 
@@ -113,9 +114,16 @@ def attend(q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxV: jax.Array, *, 
 
 
 class MLA(nnx.Module):
-  """DeepSeek-V2 Multi-head Latent Attention (training form: keys/values decompressed)."""
+  """DeepSeek-V2 Multi-head Latent Attention (training form: keys/values decompressed).
 
-  def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
+  With model.sparse_attention=dsa it owns a lightning indexer (`dsa.Indexer`) and returns
+  the indexer's KL loss (mean over queries) in its aux dict. `dsa_stage`: "dense_warmup"
+  keeps the dense attention above and scores the indexer against it over all keys;
+  "sparse" attends in latent form to each query's top-k keys only (`dsa.sparse_mla`),
+  the KL over the selected keys. The indexer's inputs are stop-gradient in both stages.
+  """
+
+  def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs, dsa_stage: str = "sparse"):
     D, H, std = m.d_model, m.num_heads, m.init_std
     self.m, self.dtype = m, jnp.dtype(m.dtype)
     dq = m.qk_nope_head_dim + m.qk_rope_head_dim
@@ -134,6 +142,9 @@ class MLA(nnx.Module):
     inv_freq, mscale2 = rope_inv_freq(m, m.qk_rope_head_dim)
     self.inv_freq = tuple(inv_freq.tolist())  # static: modules keep arrays only in Variables
     self.scale = mscale2 / math.sqrt(dq)
+    self.dsa_stage = dsa_stage
+    if m.sparse_attention == "dsa":
+      self.indexer = dsa.Indexer(m, rngs=rngs)
 
   def _mm(self, x: jax.Array, w: nnx.Param) -> jax.Array:
     # Compute dtype in and out (GPUs and TPUs accumulate in float32 inside the matmul).
@@ -145,8 +156,10 @@ class MLA(nnx.Module):
     m = self.m
     B, L, _ = x_BxLxD.shape
     H, P, R, V = m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+    cq_BxLxQ = None
     if m.q_lora_rank:
-      q = self._mm(self.q_norm(self._mm(x_BxLxD, self.w_dq)), self.w_uq)
+      cq_BxLxQ = self.q_norm(self._mm(x_BxLxD, self.w_dq))
+      q = self._mm(cq_BxLxQ, self.w_uq)
     else:
       q = self._mm(x_BxLxD, self.w_q)
     q_BxLxHxPR = q.reshape(B, L, H, P + R)
@@ -157,13 +170,52 @@ class MLA(nnx.Module):
     c_BxLxC = self.kv_norm(ckv_kr_BxLxCR[..., :m.kv_lora_rank])
     k_rope_BxLx1xR = apply_rope(ckv_kr_BxLxCR[..., None, m.kv_lora_rank:], positions_BxL,
                                 self.inv_freq)
+    if m.sparse_attention == "dsa":
+      return self._dsa(x_BxLxD, cq_BxLxQ, positions_BxL, segment_ids_BxL, q_BxLxHxPR,
+                       c_BxLxC, k_rope_BxLx1xR[:, :, 0])
     kv_BxLxHxPV = self._mm(c_BxLxC, self.w_ukv).reshape(B, L, H, P + V)
     k_BxLxHxPR = jnp.concatenate(
         [kv_BxLxHxPV[..., :P], jnp.broadcast_to(k_rope_BxLx1xR, (B, L, H, R))], axis=-1)
     v_BxLxHxV = kv_BxLxHxPV[..., P:]
     o_BxLxHxV = attend(q_BxLxHxPR, k_BxLxHxPR, v_BxLxHxV, scale=self.scale,
                        segment_ids_BxL=segment_ids_BxL, impl=m.attention_impl)
-    return self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o)
+    return self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o), {}
+
+  def _dsa(self, x_BxLxD, cq_BxLxQ, positions_BxL, segment_ids_BxL, q_BxLxHxPR, c_BxLxC,
+           k_rope_BxLxR):
+    """The DSA paths: queries absorbed into the latent space (q_lat = q_nope W_uk per head,
+    so q_lat . c = q_nope . k_nope) and the output decompressed after (o = o_lat W_uv)."""
+    m = self.m
+    B, L, _ = x_BxLxD.shape
+    H, P, V, C = m.num_heads, m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank
+    sg = jax.lax.stop_gradient
+    q_I, w_I, k_I = self.indexer(sg(x_BxLxD), None if cq_BxLxQ is None else sg(cq_BxLxQ),
+                                 positions_BxL)
+    w_ukv_CxHxPV = self.w_ukv[...].astype(self.dtype).reshape(C, H, P + V)
+    q_lat_BxLxHxC = jnp.einsum("blhp,chp->blhc", q_BxLxHxPR[..., :P], w_ukv_CxHxPV[..., :P])
+    q_rope_BxLxHxR = q_BxLxHxPR[..., P:]
+    chunk = m.dsa_query_chunk
+    if self.dsa_stage == "dense_warmup":
+      kl_BxL = dsa.dense_indexer_kl(q_lat_BxLxHxC, q_rope_BxLxHxR, c_BxLxC, k_rope_BxLxR, q_I,
+                                    w_I, k_I, scale=self.scale, chunk=chunk,
+                                    segment_ids_BxT=segment_ids_BxL)
+      # The dense attention itself, unchanged (the decompressed form above).
+      kv_BxLxHxPV = self._mm(c_BxLxC, self.w_ukv).reshape(B, L, H, P + V)
+      k_BxLxHxPR = jnp.concatenate(
+          [kv_BxLxHxPV[..., :P],
+           jnp.broadcast_to(k_rope_BxLxR[:, :, None], (B, L, H, m.qk_rope_head_dim))], axis=-1)
+      o_BxLxHxV = attend(q_BxLxHxPR, k_BxLxHxPR, kv_BxLxHxPV[..., P:], scale=self.scale,
+                         segment_ids_BxL=segment_ids_BxL, impl=m.attention_impl)
+    else:
+      idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=m.dsa_topk, chunk=chunk,
+                                          segment_ids_BxT=segment_ids_BxL)
+      o_lat_BxLxHxC, p_BxLxK = dsa.sparse_mla(q_lat_BxLxHxC, q_rope_BxLxHxR, c_BxLxC,
+                                              k_rope_BxLxR, idx, valid, scale=self.scale,
+                                              chunk=chunk)
+      o_BxLxHxV = jnp.einsum("blhc,chv->blhv", o_lat_BxLxHxC, w_ukv_CxHxPV[..., P:])
+      kl_BxL = dsa.sparse_indexer_kl(p_BxLxK, score, valid)
+    out = self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o)
+    return out, {"dsa_kl": jnp.mean(kl_BxL)}
 
 
 class MHA(nnx.Module):
@@ -193,4 +245,4 @@ class MHA(nnx.Module):
     k_BxLxGxK = apply_rope(kv_BxLx2GxK[:, :, :G], positions_BxL, self.inv_freq)
     o_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, kv_BxLx2GxK[:, :, G:], scale=self.scale,
                        segment_ids_BxL=segment_ids_BxL, impl=m.attention_impl)
-    return self._mm(o_BxLxHxK.reshape(B, L, H * K), self.w_o)
+    return self._mm(o_BxLxHxK.reshape(B, L, H * K), self.w_o), {}

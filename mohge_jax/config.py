@@ -29,6 +29,8 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 ROPE_SCALINGS = ("none", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
+SPARSE_ATTENTION = ("none", "dsa")
+DSA_STAGES = ("dense_warmup", "sparse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,20 @@ class ModelConfig:
   yarn_beta_slow: float = 1.0
   yarn_mscale: float = 0.707
   yarn_mscale_all_dim: float = 0.707
+
+  # DeepSeek Sparse Attention (spec §2; MLA only): a lightning indexer scores every earlier
+  # position, each query attends to its dsa_topk best (shared by all heads). The indexer:
+  # dsa_index_heads x dsa_index_dim, RoPE on the first dsa_index_rope_dim dims. V3.2's
+  # 64 x 128 is sized for 128 heads; for 16 heads 4 x 64 keeps it ~1/20 of attention.
+  # The stage (dense warm-up or sparse) is train.dsa_stage.
+  sparse_attention: str = "none"  # "none" or "dsa"
+  dsa_index_heads: int = 4
+  dsa_index_dim: int = 64
+  dsa_index_rope_dim: int = 32
+  dsa_topk: int = 2048
+  # Queries per chunk of the indexer scores, the top-k and the sparse gather: memory is
+  # O(chunk x (seq + topk x latent)) per sequence, never [seq, topk, latent].
+  dsa_query_chunk: int = 256
 
   # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.
   # `layer_ffn` (one entry per layer) overrides both when given.
@@ -139,6 +155,10 @@ class LossConfig:
   # and loss, and the chunks' losses are averaged, whatever the device count. The
   # reference computes them per data-parallel rank and micro-batch: 4 x 4096 = 16384.
   aux_tokens: int = 0
+  # DSA indexer KL loss (spec §2), summed over layers and averaged over scored positions.
+  # Its gradient reaches only the indexer (the indexer's inputs and the attention target
+  # are stop-gradient), so the coefficient only scales the indexer's learning rate.
+  dsa_kl_coef: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +205,15 @@ class TrainConfig:
   # (not tracing or Pallas lowering). "" turns it off; JAX_COMPILATION_CACHE_DIR, when set,
   # takes precedence.
   compile_cache: str = "~/.cache/mohge_jax/xla"
+  # With model.sparse_attention=dsa: "dense_warmup" (dense attention; only the indexer
+  # trains, on the KL to the attention distribution; every other parameter frozen) or
+  # "sparse" (top-k attention; everything trains; the KL restricted to the selected keys).
+  dsa_stage: str = "sparse"
+  # A workdir (or its checkpoints/ directory) whose newest checkpoint's parameters start a
+  # new run (step 0, fresh optimizer state): parameters the checkpoint lacks (the DSA
+  # indexer of a dense-trained model) keep their fresh initialisation. Ignored when the
+  # run's own workdir has a checkpoint (that run resumes).
+  init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +381,18 @@ def validate(cfg: Config) -> None:
   _one_of(m.expert_backend, EXPERT_BACKENDS, "model.expert_backend")
   _one_of(m.dtype, DTYPES, "model.dtype")
   _one_of(m.remat, REMAT_POLICIES, "model.remat")
+  _one_of(m.sparse_attention, SPARSE_ATTENTION, "model.sparse_attention")
+  _one_of(t.dsa_stage, DSA_STAGES, "train.dsa_stage")
+  if m.sparse_attention == "dsa":
+    _require(m.attention == "mla",
+             f"model.sparse_attention=dsa needs model.attention=mla (got {m.attention!r}): "
+             "the sparse path attends in MLA's latent form")
+    for name in ("dsa_index_heads", "dsa_index_dim", "dsa_topk", "dsa_query_chunk"):
+      _require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)}: must be >= 1")
+    _require(m.dsa_index_rope_dim % 2 == 0 and 0 <= m.dsa_index_rope_dim <= m.dsa_index_dim,
+             f"model.dsa_index_rope_dim={m.dsa_index_rope_dim}: must be even and between 0 "
+             f"and model.dsa_index_dim={m.dsa_index_dim}")
+  _require(lo.dsa_kl_coef >= 0, f"loss.dsa_kl_coef={lo.dsa_kl_coef}: must be >= 0")
   for i, kind in enumerate(m.layer_ffn):
     _one_of(kind, FFN_KINDS, f"model.layer_ffn[{i}]")
   _require(not m.layer_ffn or len(m.layer_ffn) == m.num_layers,

@@ -9,7 +9,7 @@ axis (MoHGE-3B: one dense layer, then a stack of 14 MoHGE layers), run by `jax.l
 tensor per layer (`blocks.<layer>.…`) all the same.
 
 `aux` holds every auxiliary loss term summed over layers (`group_aux`, `expert_aux`,
-`z_loss`) and routing statistics per routed layer (`group_tokens` [layers, G],
+`z_loss`, and `dsa_kl`, the DSA indexer's KL: 0 without sparse attention) and routing statistics per routed layer (`group_tokens` [layers, G],
 `expert_tokens` [layers, E]).
 """
 
@@ -25,7 +25,7 @@ from mohge_jax.config import Config
 from mohge_jax.experts import RoutedFFN, SwiGLU
 from mohge_jax.losses import logits_matmul
 
-LOSS_TERMS = ("group_aux", "expert_aux", "z_loss")
+LOSS_TERMS = ("group_aux", "expert_aux", "z_loss", "dsa_kl")
 
 _REMAT_POLICIES = {
     "full": None,
@@ -40,7 +40,10 @@ class Block(nnx.Module):
     dtype = jnp.dtype(m.dtype)
     self.ffn_kind = ffn_kind
     self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype)
-    self.attn = (MLA if m.attention == "mla" else MHA)(m, rngs=rngs)
+    if m.attention == "mla":
+      self.attn = MLA(m, rngs=rngs, dsa_stage=cfg.train.dsa_stage)
+    else:
+      self.attn = MHA(m, rngs=rngs)
     self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype)
     if ffn_kind == "dense":
       self.ffn = SwiGLU(m.d_model, m.dense_ffn_width, init_std=m.init_std,
@@ -49,13 +52,13 @@ class Block(nnx.Module):
       self.ffn = RoutedFFN(cfg, ffn_kind, rngs=rngs)
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
-    a_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+    a_BxLxD, attn_aux = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
     x_BxLxD = x_BxLxD + checkpoint_name(a_BxLxD, "attention_out")
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if self.ffn_kind == "dense":
-      return x_BxLxD + self.ffn(h_BxLxD), {}
+      return x_BxLxD + self.ffn(h_BxLxD), attn_aux
     y_BxLxD, aux = self.ffn(h_BxLxD)
-    return x_BxLxD + y_BxLxD, aux
+    return x_BxLxD + y_BxLxD, {**aux, **attn_aux}
 
 
 def layer_runs(ffn_kinds: tuple[str, ...]) -> list[tuple[str, int]]:
@@ -150,7 +153,8 @@ def head_weight(model: Transformer) -> jax.Array:
 def _collect_aux(per_stack: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
   """Loss terms summed over every routed layer; statistics stacked [routed layers, ...]."""
   zero = jnp.zeros((), jnp.float32)
-  out = {k: sum((a[k].sum() for a in per_stack), zero) for k in LOSS_TERMS}
+  out = {k: sum((a[k].sum() for a in per_stack if k in a), zero) for k in LOSS_TERMS}
+  per_stack = [a for a in per_stack if "group_tokens" in a]
   if per_stack:
     out["group_tokens"] = jnp.concatenate([a["group_tokens"] for a in per_stack])
     out["expert_tokens"] = jnp.concatenate([a["expert_tokens"] for a in per_stack])

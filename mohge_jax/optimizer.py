@@ -41,9 +41,22 @@ def decay_mask(params, *, decay_embedding: bool = False):
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
-  return optax.chain(
+def is_indexer(path) -> bool:
+  """A DSA lightning indexer parameter (`.../attn/indexer/...`)?"""
+  return any(str(getattr(k, "key", getattr(k, "name", k))) == "indexer" for k in path)
+
+
+def make_optimizer(t: TrainConfig, *, only_indexer: bool = False) -> optax.GradientTransformation:
+  """AdamW as above. only_indexer (DSA's dense warm-up): the indexer's parameters train
+  (clipped on their own norm), every other parameter is frozen: no update, no weight decay
+  and no optimizer moments (optax.multi_transform with set_to_zero)."""
+  tx = optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
       optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                   mask=lambda p: decay_mask(p, decay_embedding=t.decay_embedding)),
   )
+  if not only_indexer:
+    return tx
+  labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+      lambda path, _: "train" if is_indexer(path) else "frozen", params)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

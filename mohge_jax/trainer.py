@@ -76,7 +76,7 @@ def make_init_fn(cfg: Config):
   the same number): passed as an argument, the seed is not a constant of the compiled
   program, so runs that differ only in their seed share one compilation (cache entry).
   """
-  tx = make_optimizer(cfg.train)
+  tx = optimizer_for(cfg)
 
   def init(seed=None):
     seed = cfg.train.seed if seed is None else seed
@@ -84,6 +84,15 @@ def make_init_fn(cfg: Config):
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(seed + 1))}
   return init
+
+
+def dsa_warmup(cfg: Config) -> bool:
+  """DSA's dense warm-up stage: only the indexer trains, on its KL loss alone."""
+  return cfg.model.sparse_attention == "dsa" and cfg.train.dsa_stage == "dense_warmup"
+
+
+def optimizer_for(cfg: Config) -> optax.GradientTransformation:
+  return make_optimizer(cfg.train, only_indexer=dsa_warmup(cfg))
 
 
 def abstract_state(cfg: Config, mesh: jax.sharding.Mesh | None = None):
@@ -101,7 +110,14 @@ def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
   The LM loss is the batch's summed token NLL divided by `lm_tokens` (default: the batch's
   own scored tokens, i.e. its mean); the auxiliary losses are weighted by `aux_weight`.
   Every metric is this batch's share of the value, so that shares of micro-batches add up.
+
+  With DSA (model.sparse_attention=dsa) the indexer's KL (`dsa_kl`, summed over layers,
+  times loss.dsa_kl_coef) is added; its gradient reaches only the indexer and the LM
+  loss's never does (model's stop-gradients). In the dense warm-up the loss is the KL
+  alone: the LM loss is still reported, and the optimizer freezes everything else.
   """
+  warmup = dsa_warmup(cfg)
+
   def loss_fn(params, batch, group_aux_on, lm_tokens=None, aux_weight=1.0):
     model = nnx.merge(graphdef, params)
     if cfg.train.logits_chunk:
@@ -120,6 +136,10 @@ def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
     total = lm_loss + group_aux + expert_aux + z_loss
     metrics = {"loss": total, "lm_loss": lm_loss, "group_aux": group_aux,
                "group_aux_raw": group_aux_raw, "expert_aux": expert_aux, "z_loss": z_loss}
+    if cfg.model.sparse_attention == "dsa":
+      dsa_kl = aux["dsa_kl"] * (cfg.loss.dsa_kl_coef * aux_weight)
+      total = dsa_kl if warmup else total + dsa_kl
+      metrics.update(loss=total, dsa_kl=dsa_kl)
     if "group_tokens" in aux:
       metrics["group_tokens"] = aux["group_tokens"]
       metrics["expert_tokens"] = aux["expert_tokens"]
@@ -128,7 +148,7 @@ def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
 
 
 def make_train_step(cfg: Config, graphdef: nnx.GraphDef):
-  tx = make_optimizer(cfg.train)
+  tx = optimizer_for(cfg)
   schedule = lr_schedule(cfg.train)
   grad_fn = jax.value_and_grad(make_loss_fn(cfg, graphdef), has_aux=True)
   accum = cfg.train.grad_accum
@@ -327,6 +347,51 @@ def _put_batch(batch: dict[str, np.ndarray], accum: int, mesh) -> dict[str, jax.
       {k: v.reshape(accum, B // accum, *v.shape[1:]) for k, v in batch.items()}, target)
 
 
+def init_params_from(source: str, cfg: Config, mesh, params, log=print):
+  """`params` with every parameter that the newest intact checkpoint of `source` (a
+  workdir or its checkpoints/ directory) holds replaced by the checkpoint's value
+  (train.init_from). Parameters the checkpoint lacks keep their values (a DSA indexer on
+  a dense-trained model: its fresh initialisation); the checkpoint's parameters the model
+  lacks are dropped. Both are logged; a parameter of another shape is an error."""
+  from mohge_jax import config as config_lib
+
+  directory = Path(source).expanduser()
+  if (directory / "checkpoints").is_dir():
+    directory = directory / "checkpoints"
+  if not directory.is_dir():
+    raise TrainingError(f"train.init_from={source!r}: no such directory")
+  src = Checkpointer(directory, keep=1 << 30, async_save=False)
+  try:
+    step, _ = src.newest_intact_step()
+    if step is None:
+      raise TrainingError(f"train.init_from={source!r}: no intact checkpoint in {directory}")
+    meta = src.restore_meta(step)
+    if meta.get("param_layout") != PARAM_LAYOUT:
+      raise TrainingError(f"train.init_from: {directory}/{step} is of an older parameter layout")
+    src_cfg = config_lib.from_dict(meta["config"])
+    restored, _ = src.restore(step, abstract_state(src_cfg, mesh))
+  finally:
+    src.close()
+  key = jax.tree_util.keystr
+  loaded = {key(p): a for p, a in jax.tree_util.tree_leaves_with_path(restored["params"])}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  out, fresh = [], []
+  for path, a in leaves:
+    b = loaded.pop(key(path), None)
+    if b is None:
+      fresh.append(key(path))
+      out.append(a)
+    elif b.shape != a.shape:
+      raise TrainingError(f"train.init_from: {key(path)} is {b.shape} in {directory}/{step}, "
+                          f"{a.shape} in this model")
+    else:
+      out.append(b.astype(a.dtype))
+  log(f"initialised from {directory}/{step} (step 0 here, fresh optimizer state)"
+      + (f"; kept fresh: {', '.join(fresh)}" if fresh else "")
+      + (f"; dropped: {', '.join(sorted(loaded))}" if loaded else ""))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 class _Quiet:
   """Stands in for the metrics log and progress bar on hosts other than the first."""
   path = None
@@ -387,6 +452,12 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
                  if k not in RUNTIME_MODEL_FIELDS}
     diffs = _diff_config({k: v for k, v in saved["model"].items()
                           if k not in RUNTIME_MODEL_FIELDS}, model_now)
+    saved_warmup = (saved["model"].get("sparse_attention") == "dsa"
+                    and saved["train"].get("dsa_stage") == "dense_warmup")
+    if saved_warmup != dsa_warmup(cfg):  # the optimizer state differs: not resumable
+      diffs.append(f"train.dsa_stage (checkpoint {saved['train'].get('dsa_stage')!r}, now "
+                   f"{t.dsa_stage!r}): a new stage is a new run; start it in another "
+                   f"--workdir with train.init_from={workdir}")
     if diffs:
       raise TrainingError(
           f"the checkpoint at {ckpt.directory}/{latest} was written with a different model "
@@ -414,6 +485,8 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
         jnp.int32(t.seed))
     jax.block_until_ready(state)
     log(f"initialised a new model in {workdir} ({time.perf_counter() - t_init:.1f} s)")
+    if t.init_from:
+      state["params"] = init_params_from(t.init_from, cfg, mesh, state["params"], log)
   else:
     state, meta = ckpt.restore(latest, target)
     iterator.restore(meta["data"])

@@ -50,7 +50,8 @@ def test_jit_and_eager_agree_and_loss_terms(rng):
   chex.assert_trees_all_close(eager, jitted, rtol=1e-5, atol=1e-5)
   logits, aux = eager
   assert logits.dtype == jnp.float32 and logits.shape == (2, 16, cfg.model.padded_vocab)
-  assert set(aux) == {"group_aux", "expert_aux", "z_loss", "group_tokens", "expert_tokens"}
+  assert set(aux) == {"group_aux", "expert_aux", "z_loss", "dsa_kl", "group_tokens",
+                      "expert_tokens"}
   assert aux["group_tokens"].shape == (2, 3)  # two routed layers, three groups
   assert float(aux["group_aux"]) > 0 and float(aux["expert_aux"]) > 0
 

@@ -1,0 +1,264 @@
+"""DeepSeek Sparse Attention (spec §2): the lightning indexer, causal top-k selection, MLA
+over the selected positions in its latent (MQA) form, and the indexer's KL losses.
+
+    q_I, w, k_I = indexer(x, c_q, positions)          # [B,T,J,I], [B,T,J], [B,T,I]
+    idx, valid, score = select_topk(q_I, w, k_I, ...)  # [B,T,K] each: K keys per query
+    o_lat, p = sparse_mla(q_lat, q_rope, c, k_rope, idx, valid, ...)  # [B,T,H,C], [B,T,K]
+
+Every function that pairs queries with keys runs over chunks of Q queries (`lax.map`): the
+indexer scores [B,Q,S] and the gathered latents [B,Q,K,C+R] exist for one chunk at a time,
+never for the whole sequence. Forward and backward are autodiff of these pure-JAX
+functions; `dense_mask_mla` (an additive mask over all keys, which saves nothing) is the
+correctness reference for tests.
+
+Letters: B batch, T queries, S keys (= T), H heads, C latent (kv_lora_rank), R rope dims,
+J indexer heads, I indexer dim, K selected keys per query, Q queries per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mohge_jax.config import ModelConfig
+
+# A finite "minus infinity": a row with every key masked stays finite (uniform) instead of
+# NaN, which matters for padded query rows whose cotangent is zero (0 * NaN = NaN).
+_MASKED = -1e30
+
+
+class LayerNorm(nnx.Module):
+  def __init__(self, dim: int, *, eps: float = 1e-6):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class Indexer(nnx.Module):
+  """The lightning indexer: J heads of dim I, one key per position shared by all heads.
+
+  q_I = c_q W_q (x W_q without query compression), k_I = LayerNorm(x W_k), RoPE on the
+  first `dsa_index_rope_dim` dims of both, head weights w = x W_w / sqrt(J I).
+  """
+
+  def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
+    from mohge_jax.attention import rope_inv_freq  # attention.py imports this module
+
+    D, J, I, std = m.d_model, m.dsa_index_heads, m.dsa_index_dim, m.init_std
+    normal = lambda *shape: nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
+    self.m, self.dtype = m, jnp.dtype(m.dtype)
+    self.w_q = normal(m.q_lora_rank or D, J * I)
+    self.w_k = normal(D, I)
+    self.k_norm = LayerNorm(I, eps=m.norm_eps)
+    self.w_head = normal(D, J)
+    inv_freq, _ = rope_inv_freq(m, max(m.dsa_index_rope_dim, 2))
+    self.inv_freq = tuple(inv_freq.tolist())
+
+  def __call__(self, x_BxTxD, cq_BxTxQ, positions_BxT):
+    from mohge_jax.attention import apply_rope
+
+    m = self.m
+    B, T, _ = x_BxTxD.shape
+    J, I, R = m.dsa_index_heads, m.dsa_index_dim, m.dsa_index_rope_dim
+    mm = lambda a, w: jnp.dot(a, w[...].astype(self.dtype))  # noqa: E731
+    src = x_BxTxD if cq_BxTxQ is None else cq_BxTxQ
+    q_BxTxJxI = mm(src, self.w_q).reshape(B, T, J, I)
+    k_BxTx1xI = self.k_norm(mm(x_BxTxD, self.w_k))[:, :, None, :]
+    if R:
+      q_BxTxJxI = jnp.concatenate(
+          [apply_rope(q_BxTxJxI[..., :R], positions_BxT, self.inv_freq), q_BxTxJxI[..., R:]], -1)
+      k_BxTx1xI = jnp.concatenate(
+          [apply_rope(k_BxTx1xI[..., :R], positions_BxT, self.inv_freq), k_BxTx1xI[..., R:]], -1)
+    w_BxTxJ = mm(x_BxTxD, self.w_head).astype(jnp.float32) / math.sqrt(J * I)
+    return q_BxTxJxI, w_BxTxJ, k_BxTx1xI[:, :, 0]
+
+
+# ----------------------------------------------------------------------------- chunking
+
+
+def over_query_chunks(fn, chunk: int, T: int, *per_query):
+  """fn(t0, *arrays [B, Q, ...]) -> pytree of [B, Q, ...], run over chunks of Q = chunk
+  queries with `lax.map` (t0: the chunk's first query index); T is padded to a multiple of
+  Q (padding rows repeat query 0's inputs) and the padding sliced off the outputs.
+
+  Each chunk is rematerialised in the backward pass (`jax.checkpoint`): autodiff of a
+  scan otherwise keeps every chunk's intermediates (the gathered latents, the scores),
+  stacked, i.e. the whole [B, T, K, C+R] gather this chunking exists to avoid."""
+  Q = min(chunk, T)
+  n = -(-T // Q)
+  pad = n * Q - T
+
+  def split(a):
+    if pad:
+      a = jnp.concatenate([a, jnp.broadcast_to(a[:, :1], (a.shape[0], pad) + a.shape[2:])], 1)
+    return jnp.moveaxis(a.reshape(a.shape[0], n, Q, *a.shape[2:]), 1, 0)
+
+  def merge(a):
+    a = jnp.moveaxis(a, 0, 1)
+    return a.reshape(a.shape[0], n * Q, *a.shape[3:])[:, :T]
+
+  t0_N = jnp.arange(n, dtype=jnp.int32) * Q
+  if n == 1:
+    out = fn(t0_N[0], *per_query)
+    return jax.tree.map(lambda a: a[:, :T], out) if pad else out
+  body = jax.checkpoint(lambda args: fn(args[0], *args[1:]))
+  out = jax.lax.map(body, (t0_N, *map(split, per_query)))
+  return jax.tree.map(merge, out)
+
+
+def _allowed(t0, Q: int, key_idx, seg_q_BxQ, seg_k_BxS):
+  """Which (query, key) pairs may attend: key index <= query index (same document when
+  segment ids are given). key_idx: [S] or [B, Q, K]; returns [B, Q, S] or [B, Q, K]."""
+  t_Q = t0 + jnp.arange(Q, dtype=jnp.int32)
+  if key_idx.ndim == 1:
+    ok = (key_idx[None, None, :] <= t_Q[None, :, None])
+    if seg_k_BxS is not None:
+      ok = ok & (seg_q_BxQ[:, :, None] == seg_k_BxS[:, None, :])
+    return ok
+  ok = key_idx <= t_Q[None, :, None]
+  if seg_k_BxS is not None:
+    seg_sel = jnp.take_along_axis(seg_k_BxS[:, None, :], key_idx.reshape(
+        key_idx.shape[0], 1, -1), axis=-1).reshape(key_idx.shape)
+    ok = ok & (seg_q_BxQ[:, :, None] == seg_sel)
+  return ok
+
+
+def _gather_rows(x_BxSxX: jax.Array, idx_BxQxK: jax.Array) -> jax.Array:
+  """x[b, idx[b, q, k]] -> [B, Q, K, X]."""
+  return jax.vmap(lambda x, i: x[i])(x_BxSxX, idx_BxQxK)
+
+
+# ----------------------------------------------------------------------------- indexer
+
+
+def index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI) -> jax.Array:
+  """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]): [B, Q, S] float32 (unmasked)."""
+  dots = jnp.einsum("bqji,bsi->bqjs", q_BxQxJxI, k_BxSxI, preferred_element_type=jnp.float32)
+  return jnp.einsum("bqjs,bqj->bqs", jax.nn.relu(dots), w_BxQxJ.astype(jnp.float32))
+
+
+def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
+                segment_ids_BxT: jax.Array | None = None):
+  """Each query's top-k keys by index score among the keys it may attend to.
+
+  Returns idx [B,T,K] int32, valid [B,T,K] bool, score [B,T,K] float32 with K = min(topk, S).
+  Queries with fewer than K allowed keys (the first K-1 positions, short sequences) get
+  every allowed key, the rest of their K slots marked invalid. `score` is differentiable in
+  the indexer's outputs (the selection itself is not).
+  """
+  B, T = q_BxTxJxI.shape[:2]
+  S = k_BxSxI.shape[1]
+  K = min(topk, S)
+  seg = segment_ids_BxT if segment_ids_BxT is not None else jnp.zeros((B, T), jnp.int32)
+
+  def chunk_fn(t0, q_BxQxJxI, w_BxQxJ, seg_BxQ):
+    Q = q_BxQxJxI.shape[1]
+    s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI)
+    ok_BxQxS = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_BxQ,
+                        None if segment_ids_BxT is None else segment_ids_BxT)
+    masked = jnp.where(ok_BxQxS, jax.lax.stop_gradient(s_BxQxS), -jnp.inf)
+    _, idx_BxQxK = jax.lax.top_k(masked, K)
+    valid = jnp.take_along_axis(ok_BxQxS, idx_BxQxK, axis=-1)
+    return idx_BxQxK.astype(jnp.int32), valid, jnp.take_along_axis(s_BxQxS, idx_BxQxK, -1)
+
+  return over_query_chunks(chunk_fn, chunk, T, q_BxTxJxI, w_BxTxJ, seg)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _masked_softmax(logits, ok):
+  return jax.nn.softmax(jnp.where(ok, logits, _MASKED), axis=-1)
+
+
+def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, valid_BxTxK, *,
+               scale: float, chunk: int):
+  """MLA in latent form over each query's selected keys.
+
+  score[t, h, k] = scale (q_lat[t, h] . c[idx[t, k]] + q_rope[t, h] . k_rope[idx[t, k]]),
+  softmax over the valid k, o_lat[t, h] = sum_k p c[idx[t, k]]. Returns o_lat [B,T,H,C]
+  (compute dtype) and the head-summed probabilities p [B,T,K] / H (float32,
+  stop-gradient: the indexer KL's target). Gathers per chunk of `chunk` queries.
+  """
+  T, H = q_lat_BxTxHxC.shape[1], q_lat_BxTxHxC.shape[2]
+  ckr_BxSxCR = jnp.concatenate([c_BxSxC, k_rope_BxSxR.astype(c_BxSxC.dtype)], -1)
+  C = c_BxSxC.shape[-1]
+
+  def chunk_fn(t0, q_lat, q_rope, idx, valid):
+    sel_BxQxKxCR = _gather_rows(ckr_BxSxCR, idx)
+    logits = (jnp.einsum("bqhc,bqkc->bqhk", q_lat, sel_BxQxKxCR[..., :C],
+                         preferred_element_type=jnp.float32)
+              + jnp.einsum("bqhr,bqkr->bqhk", q_rope, sel_BxQxKxCR[..., C:],
+                           preferred_element_type=jnp.float32)) * scale
+    p_BxQxHxK = _masked_softmax(logits, valid[:, :, None, :])
+    o = jnp.einsum("bqhk,bqkc->bqhc", p_BxQxHxK.astype(c_BxSxC.dtype), sel_BxQxKxCR[..., :C])
+    return o, jax.lax.stop_gradient(p_BxQxHxK.sum(2) / H)
+
+  return over_query_chunks(chunk_fn, chunk, T, q_lat_BxTxHxC, q_rope_BxTxHxR, idx_BxTxK,
+                           valid_BxTxK)
+
+
+def dense_mask_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK,
+                   valid_BxTxK, *, scale: float) -> jax.Array:
+  """The reference for `sparse_mla`: every key scored, the unselected ones masked. Tests
+  only (it costs the dense attention and more)."""
+  B, T = idx_BxTxK.shape[:2]
+  S = c_BxSxC.shape[1]
+  sel_BxTxS = jnp.zeros((B, T, S), bool).at[
+      jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], idx_BxTxK].max(valid_BxTxK)
+  logits = (jnp.einsum("bthc,bsc->bths", q_lat_BxTxHxC, c_BxSxC,
+                       preferred_element_type=jnp.float32)
+            + jnp.einsum("bthr,bsr->bths", q_rope_BxTxHxR, k_rope_BxSxR,
+                         preferred_element_type=jnp.float32)) * scale
+  p = jax.nn.softmax(jnp.where(sel_BxTxS[:, :, None, :], logits, -jnp.inf), axis=-1)
+  return jnp.einsum("bths,bsc->bthc", p.astype(c_BxSxC.dtype), c_BxSxC)
+
+
+# ----------------------------------------------------------------------------- KL losses
+
+
+def _kl(p, log_q, ok):
+  """sum over allowed keys of p (log p - log q), per query."""
+  terms = jnp.where(ok & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0)
+  return terms.sum(-1)
+
+
+def dense_indexer_kl(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, q_BxTxJxI,
+                     w_BxTxJ, k_BxSxI, *, scale: float, chunk: int,
+                     segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+  """Dense warm-up: KL(p[t, :] || softmax(I[t, :])) per query [B, T], p the main attention's
+  probabilities summed over heads and L1-normalised (stop-gradient), over allowed keys."""
+  B, T, H = q_lat_BxTxHxC.shape[:3]
+  S = c_BxSxC.shape[1]
+  sg = jax.lax.stop_gradient
+  c_BxSxC, k_rope_BxSxR = sg(c_BxSxC), sg(k_rope_BxSxR)
+  seg = segment_ids_BxT if segment_ids_BxT is not None else jnp.zeros((B, T), jnp.int32)
+
+  def chunk_fn(t0, q_lat, q_rope, q_I, w, seg_BxQ):
+    Q = q_lat.shape[1]
+    ok = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_BxQ, segment_ids_BxT)
+    logits = (jnp.einsum("bqhc,bsc->bqhs", sg(q_lat), c_BxSxC, preferred_element_type=jnp.float32)
+              + jnp.einsum("bqhr,bsr->bqhs", sg(q_rope), k_rope_BxSxR,
+                           preferred_element_type=jnp.float32)) * scale
+    p = _masked_softmax(logits, ok[:, :, None, :]).sum(2) / H
+    log_q = jax.nn.log_softmax(jnp.where(ok, index_scores(q_I, w, k_BxSxI), _MASKED), -1)
+    return _kl(p, log_q, ok)
+
+  return over_query_chunks(chunk_fn, chunk, T, q_lat_BxTxHxC, q_rope_BxTxHxR, q_BxTxJxI,
+                           w_BxTxJ, seg)
+
+
+def sparse_indexer_kl(p_BxTxK, score_BxTxK, valid_BxTxK) -> jax.Array:
+  """Sparse stage: KL(p[t, S_t] || softmax(I[t, S_t])) per query [B, T], over the selected
+  set S_t (p from `sparse_mla`, already stop-gradient and normalised over S_t)."""
+  log_q = jax.nn.log_softmax(jnp.where(valid_BxTxK, score_BxTxK, _MASKED), -1)
+  return _kl(jax.lax.stop_gradient(p_BxTxK), log_q, valid_BxTxK)
