@@ -9,8 +9,8 @@ axis (MoHGE-3B: one dense layer, then a stack of 14 MoHGE layers), run by `jax.l
 tensor per layer (`blocks.<layer>.…`) all the same.
 
 `aux` holds every auxiliary loss term summed over layers (`group_aux`, `expert_aux`,
-`z_loss`, and `dsa_kl`, the DSA indexer's KL: 0 without sparse attention) and routing statistics per routed layer (`group_tokens` [layers, G],
-`expert_tokens` [layers, E]).
+`z_loss`, and `dsa_kl`, the DSA indexer's KL: 0 without sparse attention) and routing
+statistics per routed layer (`group_tokens` [layers, G], `expert_tokens` [layers, E]).
 """
 
 from __future__ import annotations
