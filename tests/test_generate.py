@@ -166,7 +166,8 @@ def test_recorded_routes_replay_the_forward_pass(rng):
   assert r.expert_ids.shape == (2, 2, 9, 3) and r.group_ids.shape == (2, 2, 9, 2)
   free = np.asarray(full_logits(model, seqs))
   forced = np.asarray(nnx.jit(lambda m, t, f: m(t, forced=f)[0])(model, seqs, r))
-  np.testing.assert_allclose(forced, free, rtol=1e-5, atol=1e-5)
+  for b, n in enumerate(lens + np.asarray(out.lengths)):  # the padding's routes are not kept
+    np.testing.assert_allclose(forced[b, :n], free[b, :n], rtol=1e-5, atol=1e-5)
 
 
 def _run(args, **kw):
@@ -181,7 +182,8 @@ def test_cli_on_workdir_and_export(tmp_path):
   workdir = tmp_path / "run"
   r = _run([str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.yaml"), "--workdir",
             str(workdir), "--steps", "2", *micro, "train.batch_size=4", "train.seq_len=32",
-            "train.warmup_steps=1", "train.eval_every=0", "train.ckpt_every=2",
+            "train.warmup_steps=1", "train.eval_every=100", "train.eval_batches=1",
+            "train.ckpt_every=2",
             f"data.cache_dir={tmp_path / 'cache'}"])
   assert r.returncode == 0, r.stdout + r.stderr
   (tmp_path / "prompts.txt").write_text("def \nimport os\\nimport \n")
