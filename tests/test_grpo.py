@@ -120,9 +120,10 @@ def test_keep_routing_forces_experts_and_router_keeps_gradient(rng, kind):
   _, aux = layer(x)
   recorded = routing.Forced(aux["expert_ids"], aux["group_ids"])
   # A different router: left alone it would choose other experts.
-  layer.expert_router[...] = jnp.asarray(rng.standard_normal(layer.expert_router.shape), jnp.float32)
+  new = lambda w: jnp.asarray(rng.standard_normal(w.shape), jnp.float32)  # noqa: E731
+  layer.expert_router[...] = new(layer.expert_router)
   if kind == "mohge":
-    layer.group_router[...] = jnp.asarray(rng.standard_normal(layer.group_router.shape), jnp.float32)
+    layer.group_router[...] = new(layer.group_router)
   _, free = layer(x)
   assert np.any(np.asarray(free["expert_ids"]) != np.asarray(recorded.expert_ids))
   _, forced = layer(x, recorded)

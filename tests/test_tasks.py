@@ -15,7 +15,8 @@ def test_arithmetic(rng, digits):
     assert all(len(x) == digits for x in (a, b))
     assert int(p.answer) == eval(f"{a}{op}{b}")  # noqa: S307 - digits and one operator
     assert tasks.reward(p, f"<answer>{p.answer}</answer>") == pytest.approx(1.1)
-    assert tasks.reward(p, f"<think>easy</think>\n<answer> {p.answer} </answer>") == pytest.approx(1.1)
+    assert (tasks.reward(p, f"<think>easy</think>\n<answer> {p.answer} </answer>")
+            == pytest.approx(1.1))
     assert tasks.reward(p, f"<answer>{int(p.answer) + 1}</answer>") == pytest.approx(0.1)
     assert tasks.reward(p, p.answer) == 0.0  # no format: no answer
     assert tasks.reward(p, f"<answer>{p.answer}</answer> and more") == 0.0
