@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -152,34 +153,64 @@ class MLA(nnx.Module):
     # which XLA runs as slow float32 (TF32) GEMMs.
     return jnp.dot(x, w[...].astype(self.dtype))
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
+  def query_latent(self, x_BxLxD) -> jax.Array | None:
+    """The compressed, normed query c_q [B, L, q_lora_rank]; None without compression."""
+    return self.q_norm(self._mm(x_BxLxD, self.w_dq)) if self.m.q_lora_rank else None
+
+  def queries(self, x_BxLxD, positions_BxL, cq_BxLxQ=None) -> jax.Array:
+    """Per-head queries [B, L, H, P+R]: [q_nope; RoPE(q_rope)] (from c_q when given)."""
     m = self.m
     B, L, _ = x_BxLxD.shape
-    H, P, R, V = m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
-    cq_BxLxQ = None
+    H, P, R = m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim
     if m.q_lora_rank:
-      cq_BxLxQ = self.q_norm(self._mm(x_BxLxD, self.w_dq))
+      cq_BxLxQ = self.query_latent(x_BxLxD) if cq_BxLxQ is None else cq_BxLxQ
       q = self._mm(cq_BxLxQ, self.w_uq)
     else:
       q = self._mm(x_BxLxD, self.w_q)
     q_BxLxHxPR = q.reshape(B, L, H, P + R)
     q_rope = apply_rope(q_BxLxHxPR[..., P:], positions_BxL, self.inv_freq)
-    q_BxLxHxPR = jnp.concatenate([q_BxLxHxPR[..., :P], q_rope], axis=-1)
+    return jnp.concatenate([q_BxLxHxPR[..., :P], q_rope], axis=-1)
 
+  def latent(self, x_BxLxD, positions_BxL) -> tuple[jax.Array, jax.Array]:
+    """What the KV cache holds per position: the normed latent c_kv [B, L, C] and the
+    rotated rope key shared by all heads [B, L, R]."""
+    m = self.m
     ckv_kr_BxLxCR = self._mm(x_BxLxD, self.w_dkv)
     c_BxLxC = self.kv_norm(ckv_kr_BxLxCR[..., :m.kv_lora_rank])
-    k_rope_BxLx1xR = apply_rope(ckv_kr_BxLxCR[..., None, m.kv_lora_rank:], positions_BxL,
-                                self.inv_freq)
+    k_rope_BxLxR = apply_rope(ckv_kr_BxLxCR[..., None, m.kv_lora_rank:], positions_BxL,
+                              self.inv_freq)[:, :, 0]
+    return c_BxLxC, k_rope_BxLxR
+
+  def _w_uk_uv(self) -> tuple[jax.Array, jax.Array]:
+    """The up-projection split per head: W_UK [C, H, P] and W_UV [C, H, V]."""
+    m = self.m
+    w_CxHxPV = self.w_ukv[...].astype(self.dtype).reshape(
+        m.kv_lora_rank, m.num_heads, m.qk_nope_head_dim + m.v_head_dim)
+    return w_CxHxPV[..., :m.qk_nope_head_dim], w_CxHxPV[..., m.qk_nope_head_dim:]
+
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, *, return_latent=False):
+    """Causal self-attention over the L positions -> (output, aux). Dense: keys and values
+    decompressed per head, aux empty; DSA (`_dsa`): aux holds the indexer's KL. With
+    return_latent, (output, aux, (c_kv, k_rope)): what a KV cache stores (prefill)."""
+    m = self.m
+    B, L, _ = x_BxLxD.shape
+    H, P, R, V = m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+    cq_BxLxQ = self.query_latent(x_BxLxD)
+    q_BxLxHxPR = self.queries(x_BxLxD, positions_BxL, cq_BxLxQ)
+    c_BxLxC, k_rope_BxLxR = self.latent(x_BxLxD, positions_BxL)
     if m.sparse_attention == "dsa":
-      return self._dsa(x_BxLxD, cq_BxLxQ, positions_BxL, segment_ids_BxL, q_BxLxHxPR,
-                       c_BxLxC, k_rope_BxLx1xR[:, :, 0])
+      out = self._dsa(x_BxLxD, cq_BxLxQ, positions_BxL, segment_ids_BxL, q_BxLxHxPR,
+                      c_BxLxC, k_rope_BxLxR)
+      return (*out, (c_BxLxC, k_rope_BxLxR)) if return_latent else out
     kv_BxLxHxPV = self._mm(c_BxLxC, self.w_ukv).reshape(B, L, H, P + V)
     k_BxLxHxPR = jnp.concatenate(
-        [kv_BxLxHxPV[..., :P], jnp.broadcast_to(k_rope_BxLx1xR, (B, L, H, R))], axis=-1)
+        [kv_BxLxHxPV[..., :P], jnp.broadcast_to(k_rope_BxLxR[:, :, None], (B, L, H, R))],
+        axis=-1)
     v_BxLxHxV = kv_BxLxHxPV[..., P:]
     o_BxLxHxV = attend(q_BxLxHxPR, k_BxLxHxPR, v_BxLxHxV, scale=self.scale,
                        segment_ids_BxL=segment_ids_BxL, impl=m.attention_impl)
-    return self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o), {}
+    out_BxLxD = self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o)
+    return (out_BxLxD, {}, (c_BxLxC, k_rope_BxLxR)) if return_latent else (out_BxLxD, {})
 
   def _dsa(self, x_BxLxD, cq_BxLxQ, positions_BxL, segment_ids_BxL, q_BxLxHxPR, c_BxLxC,
            k_rope_BxLxR):
@@ -216,6 +247,53 @@ class MLA(nnx.Module):
       kl_BxL = dsa.sparse_indexer_kl(p_BxLxK, score, valid)
     out = self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o)
     return out, {"dsa_kl": jnp.mean(kl_BxL)}
+
+  def decode(self, x_Bx1xD, positions_B, cache: "MLACache") -> tuple[jax.Array, "MLACache"]:
+    """One new token per row at per-row positions, in the absorbed form: W_UK folded into
+    the query and W_UV applied after attention, so attention runs in the latent space
+    against the cache (never per-head keys or values). Writes the token's latent and rope
+    key at slot `positions_B[b]` of row b and attends to slots 0..positions_B[b]."""
+    m = self.m
+    if m.sparse_attention == "dsa":
+      raise NotImplementedError("decoding with DeepSeek Sparse Attention (model."
+                                "sparse_attention=dsa) is not implemented yet")
+    B = x_Bx1xD.shape[0]
+    H, P, V = m.num_heads, m.qk_nope_head_dim, m.v_head_dim
+    pos_Bx1 = positions_B[:, None]
+    q_BxHxPR = self.queries(x_Bx1xD, pos_Bx1)[:, 0]
+    c_Bx1xC, k_rope_Bx1xR = self.latent(x_Bx1xD, pos_Bx1)
+    rows_B = jnp.arange(B)
+    cache = MLACache(cache.latent.at[rows_B, positions_B].set(c_Bx1xC[:, 0]),
+                     cache.k_rope.at[rows_B, positions_B].set(k_rope_Bx1xR[:, 0]))
+    w_uk_CxHxP, w_uv_CxHxV = self._w_uk_uv()
+    q_lat_BxHxC = jnp.einsum("bhp,chp->bhc", q_BxHxPR[..., :P], w_uk_CxHxP)
+    scores_BxHxS = (
+        jnp.einsum("bhc,bsc->bhs", q_lat_BxHxC, cache.latent, preferred_element_type=jnp.float32)
+        + jnp.einsum("bhr,bsr->bhs", q_BxHxPR[..., P:], cache.k_rope,
+                     preferred_element_type=jnp.float32)) * self.scale
+    S = cache.latent.shape[1]
+    visible_Bx1xS = (jnp.arange(S)[None, :] <= positions_B[:, None])[:, None, :]
+    scores_BxHxS = jnp.where(visible_Bx1xS, scores_BxHxS, jnp.finfo(jnp.float32).min)
+    probs_BxHxS = jax.nn.softmax(scores_BxHxS, axis=-1).astype(self.dtype)
+    o_lat_BxHxC = jnp.einsum("bhs,bsc->bhc", probs_BxHxS, cache.latent)
+    o_BxHxV = jnp.einsum("bhc,chv->bhv", o_lat_BxHxC, w_uv_CxHxV)
+    return self._mm(o_BxHxV.reshape(B, 1, H * V), self.w_o), cache
+
+
+class MLACache(NamedTuple):
+  """MLA's KV cache: per position only the normed latent c_kv and the rotated rope key
+  (kv_lora_rank + qk_rope_head_dim numbers, against 2 * H * head_dim for per-head keys and
+  values). Slot s holds position s of its row. Stacked layers add a leading [layers] axis."""
+  latent: jax.Array  # [B, S, C]
+  k_rope: jax.Array  # [B, S, R]
+
+  @staticmethod
+  def zeros(m: ModelConfig, batch: int, length: int, layers: int | None = None,
+            dtype=None) -> "MLACache":
+    dtype = jnp.dtype(dtype or m.dtype)
+    lead = () if layers is None else (layers,)
+    return MLACache(jnp.zeros(lead + (batch, length, m.kv_lora_rank), dtype),
+                    jnp.zeros(lead + (batch, length, m.qk_rope_head_dim), dtype))
 
 
 class MHA(nnx.Module):

@@ -363,7 +363,8 @@ class RoutedFFN(nnx.Module):
                           rngs=rngs)
                    if m.num_shared_experts else None)
 
-  def route(self, x_TxD: jax.Array) -> tuple[routing.Routing, dict[str, jax.Array]]:
+  def route(self, x_TxD: jax.Array, forced: routing.Forced | None = None
+            ) -> tuple[routing.Routing, dict[str, jax.Array]]:
     m, lo = self.cfg.model, self.cfg.loss
     x32_TxD = x_TxD.astype(jnp.float32)
     # The aux losses' statistics per chunk of loss.aux_tokens tokens. Config validation makes
@@ -376,7 +377,7 @@ class RoutedFFN(nnx.Module):
       u_TxG = x32_TxD @ self.group_router[...]
       r = routing.two_level_route(u_TxG, v_TxE, num_groups=m.num_groups,
                                   top_k_groups=m.top_k_groups, top_k=m.top_k,
-                                  combine_weights=m.combine_weights)
+                                  combine_weights=m.combine_weights, forced=forced)
       aux = {
           "group_aux": losses.group_wise_aux_loss(
               r.group_softmax, r.group_ids, widths=m.group_widths,
@@ -387,7 +388,8 @@ class RoutedFFN(nnx.Module):
       }
       z_logits = (u_TxG, v_TxE)
     else:
-      r = routing.topk_route(v_TxE, top_k=m.top_k, combine_weights=m.combine_weights)
+      r = routing.topk_route(v_TxE, top_k=m.top_k, combine_weights=m.combine_weights,
+                             forced=forced)
       aux = {
           "group_aux": jnp.zeros((), jnp.float32),
           "expert_aux": losses.switch_aux_loss(r.router_probs, r.expert_ids,
@@ -401,10 +403,16 @@ class RoutedFFN(nnx.Module):
     aux["group_tokens"] = expert_tokens_E.reshape(m.num_groups, -1).sum(-1)
     return r, aux
 
-  def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x_BxLxD: jax.Array, forced: routing.Forced | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """y [B, L, D] and aux: the loss terms, the token counts, and the routing itself
+    (`expert_ids` [B, L, K], `group_ids` [B, L, Kg]: what generation records). `forced`
+    ([B, L, ...] ids) replays a recorded routing (GRPO's keep routing)."""
     B, L, D = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(B * L, D)
-    r, aux = self.route(x_TxD)
+    r, aux = self.route(x_TxD, forced)
+    aux["expert_ids"] = r.expert_ids.reshape(B, L, -1)
+    aux["group_ids"] = r.group_ids.reshape(B, L, -1)
     E = self.cfg.model.num_experts
 
     w_gate_up = [w[...].astype(self.dtype) for w in self.w_gate_up]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from mohge_jax import routing
 from mohge_jax.attention import MHA, MLA, RMSNorm
 from mohge_jax.config import Config
 from mohge_jax.experts import RoutedFFN, SwiGLU
@@ -51,13 +52,13 @@ class Block(nnx.Module):
     else:
       self.ffn = RoutedFFN(cfg, ffn_kind, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, forced=None):
     a_BxLxD, attn_aux = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
     x_BxLxD = x_BxLxD + checkpoint_name(a_BxLxD, "attention_out")
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if self.ffn_kind == "dense":
       return x_BxLxD + self.ffn(h_BxLxD), attn_aux
-    y_BxLxD, aux = self.ffn(h_BxLxD)
+    y_BxLxD, aux = self.ffn(h_BxLxD, forced)
     return x_BxLxD + y_BxLxD, {**aux, **attn_aux}
 
 
@@ -89,19 +90,22 @@ class Stack(nnx.Module):
     self.layers = nnx.merge(graphdef, jax.vmap(lambda k: nnx.state(block(k)))(keys_N))
     self.num = num
 
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, *, remat: str, scan: bool):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, *, remat: str, scan: bool,
+               forced=None):
+    """`forced`: None or a routing.Forced with a leading [num] axis (routed stacks only)."""
     graphdef, state = nnx.split(self.layers)
 
-    def body(x_BxLxD, layer_state):
-      return nnx.merge(graphdef, layer_state)(x_BxLxD, positions_BxL, segment_ids_BxL)
+    def body(x_BxLxD, layer_state_forced):
+      layer_state, forced = layer_state_forced
+      return nnx.merge(graphdef, layer_state)(x_BxLxD, positions_BxL, segment_ids_BxL, forced)
 
     if remat != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
     if scan:
-      return jax.lax.scan(body, x_BxLxD, state)
+      return jax.lax.scan(body, x_BxLxD, (state, forced))
     aux_per_layer = []
     for i in range(self.num):
-      x_BxLxD, aux = body(x_BxLxD, jax.tree.map(lambda a: a[i], state))
+      x_BxLxD, aux = body(x_BxLxD, jax.tree.map(lambda a: a[i], (state, forced)))
       aux_per_layer.append(aux)
     return x_BxLxD, jax.tree.map(lambda *a: jnp.stack(a), *aux_per_layer)
 
@@ -118,9 +122,14 @@ class Transformer(nnx.Module):
     self.head = nnx.Param(m.init_std * jax.random.normal(rngs.params(), (D, V), jnp.float32))
 
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-               segment_ids_BxL: jax.Array | None = None, *, return_hidden: bool = False):
+               segment_ids_BxL: jax.Array | None = None, *, return_hidden: bool = False,
+               forced: routing.Forced | None = None):
     """Logits [B, L, V] float32 and the aux dict; with return_hidden, the final normed
-    hidden states [B, L, D] instead of logits (for a chunked loss: see `head_weight`)."""
+    hidden states [B, L, D] instead of logits (for a chunked loss: see `head_weight`).
+
+    `forced` replays a recorded routing in every routed layer (GRPO's keep routing):
+    routing.Forced with ids [routed layers, B, L, K] and [routed layers, B, L, Kg], the
+    routed layers in model order (what generate.generate returns)."""
     m = self.cfg.model
     B, L = tokens_BxL.shape
     if L > m.max_seq_len:
@@ -132,11 +141,19 @@ class Transformer(nnx.Module):
 
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.dtype)
     routed_aux = []
+    first_routed = 0
     for stack in self.stacks:
+      stack_forced = None
+      if forced is not None and stack.layers.ffn_kind != "dense":
+        stack_forced = jax.tree.map(lambda a: a[first_routed:first_routed + stack.num], forced)
+        first_routed += stack.num
       x_BxLxD, aux = stack(x_BxLxD, positions_BxL, segment_ids_BxL, remat=m.remat,
-                           scan=m.scan_layers)
+                           scan=m.scan_layers, forced=stack_forced)
       if aux:
         routed_aux.append(aux)
+    if forced is not None and forced.expert_ids.shape[0] != first_routed:
+      raise ValueError(f"forced routing for {forced.expert_ids.shape[0]} layers, the model "
+                       f"has {first_routed} routed layers")
 
     x_BxLxD = self.final_norm(x_BxLxD)
     if return_hidden:

@@ -23,6 +23,13 @@ class Routing(NamedTuple):
   router_probs: jax.Array  # [T, E] float32 r: masked combined scores (full softmax for MoE)
 
 
+class Forced(NamedTuple):
+  """A routing to replay (GRPO's keep routing): the ids recorded when the tokens were
+  sampled. Any leading axes ([T, ...] here; [layers, B, L, ...] through the model)."""
+  expert_ids: jax.Array  # [..., K] int32
+  group_ids: jax.Array  # [..., Kg] int32 (two-level routing; ignored by top-K)
+
+
 def combine(scores_TxK: jax.Array, mode: str) -> jax.Array:
   """Final combine weights from the selected scores (spec §2 step 5)."""
   if mode == "softmax":
@@ -41,10 +48,13 @@ def _scatter_TxE(values_TxK: jax.Array, ids_TxK: jax.Array, num: int) -> jax.Arr
 
 
 def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_groups: int,
-                    top_k_groups: int, top_k: int, combine_weights: str = "softmax") -> Routing:
+                    top_k_groups: int, top_k: int, combine_weights: str = "softmax",
+                    forced: Forced | None = None) -> Routing:
   """MoHGE routing: sigmoid group gate (top-Kg), per-group softmax expert gate, global top-K.
 
-  group_logits: [T, G]; expert_logits: [T, G*N]. Ties go to the lower index.
+  group_logits: [T, G]; expert_logits: [T, G*N]. Ties go to the lower index. With
+  `forced`, its groups and experts replace both top-k choices; the scores (and so the
+  combine weights and their gradients) are still the live ones, gathered at those ids.
   """
   u_TxG = group_logits.astype(jnp.float32)
   v_TxE = expert_logits.astype(jnp.float32)
@@ -59,7 +69,10 @@ def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_gr
 
   # 1. Group gate: sigmoid scores, top-Kg, renormalised over the selected groups.
   s_TxG = jax.nn.sigmoid(u_TxG)
-  _, group_ids = jax.lax.top_k(s_TxG, top_k_groups)
+  if forced is None:
+    _, group_ids = jax.lax.top_k(s_TxG, top_k_groups)
+  else:
+    group_ids = forced.group_ids.reshape(T, top_k_groups)
   selected_TxG = jnp.sum(jax.nn.one_hot(group_ids, G, dtype=jnp.float32), axis=1)
   masked_TxG = s_TxG * selected_TxG
   p_TxG = masked_TxG / jnp.sum(masked_TxG, axis=-1, keepdims=True)
@@ -70,7 +83,11 @@ def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_gr
   r_TxE = r_TxE / jnp.sum(r_TxE, axis=-1, keepdims=True)
 
   # 4-5. Global top-K over the masked scores, then the combine weights.
-  r_sel_TxK, expert_ids = jax.lax.top_k(r_TxE, top_k)
+  if forced is None:
+    r_sel_TxK, expert_ids = jax.lax.top_k(r_TxE, top_k)
+  else:
+    expert_ids = forced.expert_ids.reshape(T, top_k)
+    r_sel_TxK = jnp.take_along_axis(r_TxE, expert_ids, axis=-1)
   weights_TxK = combine(r_sel_TxK, combine_weights)
   return Routing(
       expert_ids=expert_ids.astype(jnp.int32),
@@ -83,12 +100,18 @@ def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_gr
   )
 
 
-def topk_route(logits: jax.Array, *, top_k: int, combine_weights: str = "raw") -> Routing:
-  """Homogeneous MoE baseline: softmax over all E experts, top-K (one group of E experts)."""
+def topk_route(logits: jax.Array, *, top_k: int, combine_weights: str = "raw",
+               forced: Forced | None = None) -> Routing:
+  """Homogeneous MoE baseline: softmax over all E experts, top-K (one group of E experts).
+  With `forced`, its expert ids replace the top-K (live probabilities gathered at them)."""
   logits_TxE = logits.astype(jnp.float32)
   T, E = logits_TxE.shape
   probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
-  probs_sel_TxK, expert_ids = jax.lax.top_k(probs_TxE, top_k)
+  if forced is None:
+    probs_sel_TxK, expert_ids = jax.lax.top_k(probs_TxE, top_k)
+  else:
+    expert_ids = forced.expert_ids.reshape(T, top_k)
+    probs_sel_TxK = jnp.take_along_axis(probs_TxE, expert_ids, axis=-1)
   weights_TxK = combine(probs_sel_TxK, combine_weights)
   ones_Tx1 = jnp.ones((T, 1), jnp.float32)
   return Routing(

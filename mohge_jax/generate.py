@@ -1,0 +1,364 @@
+"""Generation: KV-cached prefill and decode, sampling, and the command line.
+
+    python -m mohge_jax.generate WORKDIR_OR_EXPORT --prompt "def f(" [--prompt ...]
+        [--batch-file FILE] [--max-new-tokens 64] [--temperature 1.0] [--top-k 0]
+        [--top-p 1.0] [--seed 0]
+
+    out = generate(model, prompts_BxP, lengths_B, jax.random.key(0), max_new_tokens=32,
+                   temperature=0.8, top_p=0.95, stop_ids=(eos,), record_routes=True)
+
+Layout: prompts are right-padded ([B, P] with per-row lengths), so row b's token i sits at
+position i and cache slot i; generated token t of row b is fed at position lengths[b] + t.
+Prefill runs the training form of attention over the whole padded prompt (causality keeps
+each row's padding out of its real tokens) and stores MLA's latent and rope key per
+position (`attention.MLACache`); each decode step feeds one token per row, writes its slot
+and attends in the absorbed form over the slots up to its position, so the padding slots a
+row will overwrite are never seen. Layers run as one `jax.lax.scan` per stack of the model,
+each layer reading and writing its slice of the stacked cache.
+
+Letters: B rows, P prompt length, N new tokens, S = P + N cache slots, V padded vocabulary,
+R routed layers, K experts and Kg groups per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mohge_jax import routing
+from mohge_jax.attention import MLA, MLACache
+from mohge_jax.losses import logits_matmul
+from mohge_jax.model import Transformer, head_weight
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["tokens", "logprobs", "sampling_mask", "lengths", "routes"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class Generated:
+  """What `generate` returns (a pytree).
+
+  tokens: [B, N] int32 sampled tokens; after a row's stop token, `pad_id`.
+  logprobs: [B, N] float32 log-probability of each token under the sampler's distribution
+    (temperature, top-k, top-p applied); 0 after the stop token and when greedy.
+  sampling_mask: [B, N, V] bool, the vocabulary entries the sampler allowed at each step
+    (GRPO's keep sampling mask); all False after the stop token. None with
+    return_mask=False (B*N*V booleans: 8 GB at B=64, N=1024 and a 130k vocabulary).
+  lengths: [B] int32 tokens generated per row, the stop token included.
+  routes: None, or the routing of every position of each row's sequence
+    (prompt[:length] then the generated tokens: `sequences`), as routing.Forced with
+    expert_ids [R, B, S, K] and group_ids [R, B, S, Kg] (GRPO's keep routing; what
+    `Transformer(..., forced=...)` takes).
+  """
+  tokens: jax.Array
+  logprobs: jax.Array
+  sampling_mask: jax.Array | None
+  lengths: jax.Array
+  routes: routing.Forced | None = None
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sampling_mask(logits_BxV: jax.Array, *, vocab_size: int, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """(allowed_BxV bool, scaled_BxV float32): which entries the sampler may draw and the
+  logits it draws from (divided by the temperature, -inf where not allowed).
+
+  Entries >= vocab_size (the padded vocabulary) are never allowed. temperature 0: only the
+  argmax (ties: the lowest id). Otherwise top_k > 0 keeps the k largest (ties: lower id
+  first), then top_p < 1 keeps the smallest prefix of those, largest first, whose
+  probability (renormalised over the top-k) reaches top_p: an entry is kept when the mass
+  before it is < top_p.
+  """
+  B, V = logits_BxV.shape
+  valid_V = jnp.arange(V) < vocab_size
+  x_BxV = jnp.where(valid_V, logits_BxV.astype(jnp.float32), -jnp.inf)
+  if temperature == 0:
+    allowed_BxV = jax.nn.one_hot(jnp.argmax(x_BxV, axis=-1), V, dtype=jnp.bool_)
+    return allowed_BxV, jnp.where(allowed_BxV, x_BxV, -jnp.inf)
+  x_BxV = x_BxV / temperature
+  order_BxV = jnp.argsort(-x_BxV, axis=-1, stable=True)
+  sorted_BxV = jnp.take_along_axis(x_BxV, order_BxV, axis=-1)
+  keep_BxV = jnp.isfinite(sorted_BxV)
+  if top_k > 0:
+    keep_BxV &= jnp.arange(V) < top_k
+  if top_p < 1.0:
+    probs_BxV = jax.nn.softmax(jnp.where(keep_BxV, sorted_BxV, -jnp.inf), axis=-1)
+    keep_BxV &= (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < top_p
+  rows_Bx1 = jnp.arange(B)[:, None]
+  allowed_BxV = jnp.zeros((B, V), jnp.bool_).at[rows_Bx1, order_BxV].set(keep_BxV)
+  return allowed_BxV, jnp.where(allowed_BxV, x_BxV, -jnp.inf)
+
+
+def sample(key: jax.Array, logits_BxV: jax.Array, *, vocab_size: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(tokens_B int32, logprobs_B float32, allowed_BxV bool): one draw per row."""
+  allowed_BxV, scaled_BxV = sampling_mask(logits_BxV, vocab_size=vocab_size,
+                                          temperature=temperature, top_k=top_k, top_p=top_p)
+  if temperature == 0:
+    tokens_B = jnp.argmax(allowed_BxV, axis=-1).astype(jnp.int32)
+    return tokens_B, jnp.zeros(tokens_B.shape, jnp.float32), allowed_BxV
+  tokens_B = jax.random.categorical(key, scaled_BxV, axis=-1).astype(jnp.int32)
+  logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
+  return tokens_B, jnp.take_along_axis(logp_BxV, tokens_B[:, None], axis=-1)[:, 0], allowed_BxV
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _check_model(model: Transformer) -> None:
+  if not all(isinstance(s.layers.attn, MLA) for s in model.stacks):
+    raise NotImplementedError("generation supports model.attention=mla only")
+  if model.cfg.model.sparse_attention != "none":
+    raise NotImplementedError("generation with model.sparse_attention="
+                              f"{model.cfg.model.sparse_attention!r} is not implemented yet")
+
+
+def _embed(model: Transformer, tokens: jax.Array) -> jax.Array:
+  return jnp.take(model.embed[...], tokens, axis=0).astype(model.dtype)
+
+
+def _logits(model: Transformer, x: jax.Array) -> jax.Array:
+  return logits_matmul(model.final_norm(x), head_weight(model))
+
+
+def _ffn(block, h_BxLxD):
+  """The block's FFN on [B, L, D]: (y, routed ids or None)."""
+  if block.ffn_kind == "dense":
+    return block.ffn(h_BxLxD), None
+  y_BxLxD, aux = block.ffn(h_BxLxD)
+  return y_BxLxD, routing.Forced(aux["expert_ids"], aux["group_ids"])
+
+
+def prefill(model: Transformer, tokens_BxP: jax.Array, cache_len: int):
+  """The prompt through every layer (training-form attention, positions 0..P-1).
+
+  Returns logits [B, P, V] float32, one MLACache per stack ([n, B, cache_len, ...], slots
+  0..P-1 filled) and per stack its routing ([n, B, P, ...] ids; None for dense stacks)."""
+  B, P = tokens_BxP.shape
+  positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  x_BxPxD = _embed(model, tokens_BxP)
+  caches, routes = [], []
+  for stack in model.stacks:
+    graphdef, state = nnx.split(stack.layers)
+
+    def body(x_BxPxD, layer_state, graphdef=graphdef):
+      block = nnx.merge(graphdef, layer_state)
+      a_BxPxD, _, (c_BxPxC, kr_BxPxR) = block.attn(block.attn_norm(x_BxPxD), positions_BxP,
+                                                   return_latent=True)
+      x_BxPxD = x_BxPxD + a_BxPxD
+      y_BxPxD, ids = _ffn(block, block.ffn_norm(x_BxPxD))
+      return x_BxPxD + y_BxPxD, (c_BxPxC, kr_BxPxR, ids)
+
+    x_BxPxD, (c_nxBxPxC, kr_nxBxPxR, ids) = jax.lax.scan(body, x_BxPxD, state)
+    pad = ((0, 0), (0, 0), (0, cache_len - P), (0, 0))
+    caches.append(MLACache(jnp.pad(c_nxBxPxC, pad), jnp.pad(kr_nxBxPxR, pad)))
+    routes.append(ids)
+  return _logits(model, x_BxPxD), caches, routes
+
+
+def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
+                caches: list[MLACache]):
+  """One token per row at its position: logits [B, V] float32, the updated caches and per
+  stack the routing ([n, B, 1, ...] ids; None for dense stacks)."""
+  x_Bx1xD = _embed(model, tokens_B[:, None])
+  new_caches, routes = [], []
+  for stack, cache in zip(model.stacks, caches):
+    graphdef, state = nnx.split(stack.layers)
+
+    def body(x_Bx1xD, layer, graphdef=graphdef):
+      layer_state, layer_cache = layer
+      block = nnx.merge(graphdef, layer_state)
+      a_Bx1xD, layer_cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B,
+                                               layer_cache)
+      x_Bx1xD = x_Bx1xD + a_Bx1xD
+      y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD))
+      return x_Bx1xD + y_Bx1xD, (layer_cache, ids)
+
+    x_Bx1xD, (cache, ids) = jax.lax.scan(body, x_Bx1xD, (state, cache))
+    new_caches.append(cache)
+    routes.append(ids)
+  return _logits(model, x_Bx1xD)[:, 0], new_caches, routes
+
+
+def _routed(routes_per_stack: list) -> routing.Forced:
+  """Per-stack ids -> one routing.Forced over the routed layers in model order."""
+  routed = [r for r in routes_per_stack if r is not None]
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *routed)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
+             record_routes: bool = False, return_mask: bool = True) -> Generated:
+  """Samples max_new_tokens per row (fewer when a row draws one of `stop_ids`: it is
+  kept, then the row stops). prompts_BxP: right-padded int prompts, lengths_B >= 1 their
+  lengths. One jit-compiled program per (shapes, sampler settings)."""
+  _check_model(model)
+  graphdef, state = nnx.split(model)
+  prompts_BxP = jnp.asarray(prompts_BxP, jnp.int32)
+  lengths_B = jnp.asarray(lengths_B, jnp.int32)
+  S = prompts_BxP.shape[1] + max_new_tokens
+  if S > model.cfg.model.max_seq_len:
+    raise ValueError(f"prompt length {prompts_BxP.shape[1]} + max_new_tokens "
+                     f"{max_new_tokens} exceeds model.max_seq_len={model.cfg.model.max_seq_len}")
+  return _generate(graphdef, state, prompts_BxP, lengths_B, key, max_new_tokens=max_new_tokens,
+                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                   stop_ids=tuple(int(i) for i in stop_ids), pad_id=int(pad_id),
+                   record_routes=bool(record_routes), return_mask=bool(return_mask))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=(
+    "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "pad_id", "record_routes",
+    "return_mask"))
+def _generate(graphdef, state, prompts_BxP, lengths_B, key, *, max_new_tokens, temperature,
+              top_k, top_p, stop_ids, pad_id, record_routes, return_mask):
+  model = nnx.merge(graphdef, state)
+  B, P = prompts_BxP.shape
+  S = P + max_new_tokens
+  rows_B = jnp.arange(B)
+  draw = functools.partial(sample, vocab_size=model.cfg.model.vocab_size,
+                           temperature=temperature, top_k=top_k, top_p=top_p)
+
+  logits_BxPxV, caches, prompt_routes = prefill(model, prompts_BxP, S)
+  routes = None
+  if record_routes:  # [R, B, S, ...], slots 0..P-1 from the prompt, the rest written below
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, S - P), (0, 0)))  # noqa: E731
+    routes = jax.tree.map(pad, _routed(prompt_routes))
+  key, sub = jax.random.split(key)
+  first = draw(sub, logits_BxPxV[rows_B, lengths_B - 1])
+
+  def step(carry, _):
+    (tokens_B, logp_B, allowed_BxV), positions_B, caches, routes, done_B, key = carry
+    alive_B = ~done_B
+    out = (jnp.where(alive_B, tokens_B, pad_id), jnp.where(alive_B, logp_B, 0.0),
+           (allowed_BxV & alive_B[:, None]) if return_mask else None, alive_B)
+    done_B = done_B | jnp.isin(tokens_B, jnp.asarray(stop_ids or (-1,), jnp.int32))
+    # Feed the token (also the last one: its routing completes `routes`).
+    logits_BxV, caches, step_routes = decode_step(model, tokens_B, positions_B, caches)
+    if routes is not None:
+      routes = jax.tree.map(lambda buf, ids: buf.at[:, rows_B, positions_B].set(ids[:, :, 0]),
+                            routes, _routed(step_routes))
+    key, sub = jax.random.split(key)
+    return (draw(sub, logits_BxV), positions_B + 1, caches, routes, done_B, key), out
+
+  carry = (first, lengths_B, caches, routes, jnp.zeros((B,), jnp.bool_), key)
+  carry, (tokens_NxB, logp_NxB, allowed_NxBxV, alive_NxB) = jax.lax.scan(
+      step, carry, None, length=max_new_tokens)
+  mask_BxNxV = None if allowed_NxBxV is None else jnp.swapaxes(allowed_NxBxV, 0, 1)
+  return Generated(tokens=tokens_NxB.T, logprobs=logp_NxB.T, sampling_mask=mask_BxNxV,
+                   lengths=alive_NxB.sum(0, dtype=jnp.int32), routes=carry[3])
+
+
+def sequences(prompts_BxP, lengths_B, out: Generated, pad_id: int = 0) -> np.ndarray:
+  """Each row's whole sequence, prompt[:length] then its generated tokens, right-padded
+  with pad_id: int32 [B, P + N], the layout of `out.routes`."""
+  prompts_BxP, lengths_B = np.asarray(prompts_BxP), np.asarray(lengths_B)
+  tokens_BxN, gen_B = np.asarray(out.tokens), np.asarray(out.lengths)
+  B, P = prompts_BxP.shape
+  seq = np.full((B, P + tokens_BxN.shape[1]), pad_id, np.int32)
+  for b in range(B):
+    seq[b, :lengths_B[b]] = prompts_BxP[b, :lengths_B[b]]
+    seq[b, lengths_B[b]:lengths_B[b] + gen_B[b]] = tokens_BxN[b, :gen_B[b]]
+  return seq
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> right-padded int32 [B, P] and lengths [B]."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token")
+  P = max(len(p) for p in prompts)
+  out = np.full((len(prompts), P), pad_id, np.int32)
+  for b, p in enumerate(prompts):
+    out[b, :len(p)] = p
+  return out, np.asarray([len(p) for p in prompts], np.int32)
+
+
+# ----------------------------------------------------------------------------- loading, CLI
+
+
+def load_model(path: str | Path) -> tuple[Transformer, object]:
+  """An export directory (config.json + model.safetensors) or a training workdir (its
+  latest complete checkpoint), as (model, cfg) with float32 parameters."""
+  path = Path(path)
+  if (path / "model.safetensors").is_file():
+    from mohge_jax import export
+    return export.load(path)
+  from mohge_jax.checkpoint import Checkpointer, CheckpointError
+  from mohge_jax.config import from_dict
+  from mohge_jax.trainer import abstract_state, graph_def
+  if not (path / "checkpoints").is_dir():
+    raise CheckpointError(f"{path} is neither an export (model.safetensors) nor a training "
+                          "workdir (checkpoints/)")
+  ckpt = Checkpointer(path / "checkpoints", async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise CheckpointError(f"no complete checkpoint in {path / 'checkpoints'}")
+    cfg = from_dict(ckpt.restore_meta(step)["config"])
+    state, _ = ckpt.restore(step, abstract_state(cfg))
+  finally:
+    ckpt.close()
+  return nnx.merge(graph_def(cfg), state["params"]), cfg
+
+
+def main(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(prog="python -m mohge_jax.generate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("model", help="a training workdir or an export directory")
+  p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+  p.add_argument("--batch-file", help="a text file, one prompt per line (\\n escapes newlines)")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+  p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  texts = list(args.prompt)
+  if args.batch_file:
+    texts += [line.rstrip("\n").replace("\\n", "\n")
+              for line in Path(args.batch_file).read_text().splitlines() if line.strip()]
+  if not texts:
+    p.error("give at least one --prompt or a --batch-file")
+  if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+    p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+
+  from mohge_jax.checkpoint import CheckpointError
+  from mohge_jax.data import make_tokenizer
+  try:
+    model, cfg = load_model(args.model)
+    tok = make_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
+  except (CheckpointError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  prompts_BxP, lengths_B = pad_prompts([tok.encode(t) for t in texts])
+  try:
+    out = generate(model, prompts_BxP, lengths_B, jax.random.key(args.seed),
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, stop_ids=(tok.eos_id,),
+                   return_mask=False)
+  except (ValueError, NotImplementedError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  tokens_BxN, gen_B = np.asarray(out.tokens), np.asarray(out.lengths)
+  for b, text in enumerate(texts):
+    ids = [int(i) for i in tokens_BxN[b, :gen_B[b]] if i != tok.eos_id]
+    print(f"=== prompt {b}: {text!r}")
+    print(text + tok.decode(ids))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

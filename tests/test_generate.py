@@ -1,0 +1,203 @@
+"""Generation: cached decode equals the full forward pass (ragged batches), greedy equals
+step-by-step argmax, the cache holds MLA's latent and rope key only, the sampler's masks
+against numpy, stop tokens, recorded routes, and the command line on a workdir and an export."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mohge_jax import generate as gen
+from mohge_jax.attention import MLACache
+from mohge_jax.config import load_config
+from mohge_jax.model import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.d_model=32", "model.num_heads=2", "model.kv_lora_rank=16",
+        "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
+        "model.dense_ffn_width=48", "model.group_widths=[8,16,24]", "model.experts_per_group=2",
+        "model.top_k_groups=2", "model.top_k=3", "model.shared_expert_width=8",
+        "model.num_layers=3", "model.max_seq_len=64", "model.init_std=0.1", "train.seq_len=32"]
+V = 257
+
+
+def make_model(seed, extra=()):
+  cfg = load_config(str(ROOT / "configs/tiny.yaml"), TINY + list(extra))
+  return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+@nnx.jit
+def full_logits(model, tokens_BxL):
+  return model(tokens_BxL)[0]
+
+
+def ragged(rng, lengths, P):
+  rows = [list(rng.integers(0, 256, size=n)) for n in lengths]
+  prompts, lens = gen.pad_prompts(rows)
+  return np.pad(prompts, ((0, 0), (0, P - prompts.shape[1]))), lens
+
+
+@pytest.mark.parametrize("extra", [[], ["model.q_lora_rank=12", "model.ffn=moe",
+                                        "model.group_widths=[16]", "model.experts_per_group=4",
+                                        "model.top_k_groups=1", "model.scan_layers=false"]])
+def test_cached_decode_equals_full_forward(rng, extra):
+  model = make_model(int(rng.integers(1 << 30)), extra)
+  B, P, N = 3, 7, 5
+  prompts, lens = ragged(rng, [7, 2, 4], P)
+  fed = rng.integers(0, 256, size=(B, N))  # teacher-forced continuation
+  S = P + N
+
+  @nnx.jit
+  def run(model, prompts, lens, fed):
+    logits_BxPxV, caches, _ = gen.prefill(model, prompts, S)
+    got = [logits_BxPxV[jnp.arange(B), lens - 1]]
+    for t in range(N):
+      logits_BxV, caches, _ = gen.decode_step(model, fed[:, t], lens + t, caches)
+      got.append(logits_BxV)
+    return jnp.stack(got, 1)  # [B, N + 1, V]: prediction after the prompt, after each fed
+
+  got = np.asarray(run(model, jnp.asarray(prompts), jnp.asarray(lens), jnp.asarray(fed)))
+  for b in range(B):
+    seq = np.concatenate([prompts[b, :lens[b]], fed[b]])[None]
+    want = np.asarray(full_logits(model, jnp.asarray(seq)))[0, lens[b] - 1:]
+    np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_holds_latent_and_rope_key_only(rng):
+  model = make_model(0)
+  m = model.cfg.model
+  _, caches, routes = gen.prefill(model, jnp.zeros((2, 5), jnp.int32), 9)
+  assert [tuple(s.num for s in model.stacks)] == [(1, 2)]
+  for cache, n in zip(caches, (1, 2)):
+    assert isinstance(cache, MLACache) and len(cache) == 2
+    assert cache.latent.shape == (n, 2, 9, m.kv_lora_rank)
+    assert cache.k_rope.shape == (n, 2, 9, m.qk_rope_head_dim)
+  assert routes[0] is None and routes[1].expert_ids.shape == (2, 2, 5, m.top_k)
+
+
+def test_greedy_is_deterministic_and_stepwise_argmax(rng):
+  model = make_model(int(rng.integers(1 << 30)))
+  prompts, lens = ragged(rng, [3, 6, 1], 6)
+  kw = dict(max_new_tokens=6, temperature=0.0)
+  out = gen.generate(model, prompts, lens, jax.random.key(0), **kw)
+  again = gen.generate(model, prompts, lens, jax.random.key(1), return_mask=False, **kw)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(again.tokens))
+  assert again.sampling_mask is None
+  assert np.all(np.asarray(out.lengths) == 6) and np.all(np.asarray(out.logprobs) == 0)
+  seqs = gen.sequences(prompts, lens, out)
+  for b in range(3):
+    logits = np.asarray(full_logits(model, jnp.asarray(seqs[b:b + 1, :lens[b] + 5])))[0]
+    want = np.argmax(logits[lens[b] - 1:, :V], axis=-1)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[b], want)
+    mask = np.asarray(out.sampling_mask)[b]
+    assert mask.sum() == 6 and np.all(mask[np.arange(6), want])
+
+
+def mask_reference(logits, temperature, top_k, top_p, vocab):
+  """numpy, float64, one row at a time."""
+  out = np.zeros(logits.shape, bool)
+  for b, row in enumerate(logits.astype(np.float64)):
+    x = np.where(np.arange(len(row)) < vocab, row, -np.inf)
+    if temperature == 0:
+      out[b, np.argmax(x)] = True
+      continue
+    x = x / temperature
+    order = np.argsort(-x, kind="stable")
+    keep = order[:top_k] if top_k else order[:vocab]
+    p = np.exp(x[keep] - x[keep].max())
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    out[b, keep[before < top_p] if top_p < 1 else keep] = True
+  return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.5, 20, 0.9), (0.0, 0, 1.0), (1.0, 1, 0.5)])
+def test_sampling_masks_match_numpy(rng, temperature, top_k, top_p):
+  logits = (rng.standard_normal((4, 300)) * 2).astype(np.float32)
+  logits[1, :40] = logits[1, 0]  # ties resolve to the lower id
+  allowed, scaled = gen.sampling_mask(jnp.asarray(logits), vocab_size=V,
+                                      temperature=temperature, top_k=top_k, top_p=top_p)
+  want = mask_reference(logits, temperature, top_k, top_p, V)
+  np.testing.assert_array_equal(np.asarray(allowed), want)
+  assert not np.asarray(allowed)[:, V:].any()
+  tokens, logp, allowed2 = gen.sample(jax.random.key(int(rng.integers(1 << 30))),
+                                      jnp.asarray(logits), vocab_size=V, temperature=temperature,
+                                      top_k=top_k, top_p=top_p)
+  tokens, logp = np.asarray(tokens), np.asarray(logp)
+  assert want[np.arange(4), tokens].all()
+  if temperature:
+    x = np.where(want, logits.astype(np.float64) / temperature, -np.inf)
+    top = x.max(1, keepdims=True)
+    ref = x - top - np.log(np.exp(x - top).sum(1, keepdims=True))
+    np.testing.assert_allclose(logp, ref[np.arange(4), tokens], rtol=1e-5, atol=1e-5)
+
+
+def test_stop_tokens_end_rows(rng):
+  model = make_model(int(rng.integers(1 << 30)))
+  prompts, lens = ragged(rng, [4, 2, 5, 3], 5)
+  free = gen.generate(model, prompts, lens, jax.random.key(3), max_new_tokens=6, top_k=4)
+  toks = np.asarray(free.tokens)
+  stop = int(toks[0, 2])  # row 0 stops at step 2 at the latest
+  out = gen.generate(model, prompts, lens, jax.random.key(3), max_new_tokens=6, top_k=4,
+                     stop_ids=(stop,), pad_id=-1)
+  got, n = np.asarray(out.tokens), np.asarray(out.lengths)
+  for b in range(4):
+    hits = np.flatnonzero(toks[b] == stop)
+    want_n = hits[0] + 1 if len(hits) else 6
+    assert n[b] == want_n
+    np.testing.assert_array_equal(got[b, :want_n], toks[b, :want_n])  # same draws until then
+    assert np.all(got[b, want_n:] == -1) and np.all(np.asarray(out.logprobs)[b, want_n:] == 0)
+    assert not np.asarray(out.sampling_mask)[b, want_n:].any()
+  assert n[0] <= 3
+
+
+def test_recorded_routes_replay_the_forward_pass(rng):
+  model = make_model(int(rng.integers(1 << 30)))
+  prompts, lens = ragged(rng, [5, 2], 5)
+  out = gen.generate(model, prompts, lens, jax.random.key(5), max_new_tokens=4,
+                     record_routes=True)
+  seqs = jnp.asarray(gen.sequences(prompts, lens, out))
+  r = out.routes
+  assert r.expert_ids.shape == (2, 2, 9, 3) and r.group_ids.shape == (2, 2, 9, 2)
+  free = np.asarray(full_logits(model, seqs))
+  forced = np.asarray(nnx.jit(lambda m, t, f: m(t, forced=f)[0])(model, seqs, r))
+  for b, n in enumerate(lens + np.asarray(out.lengths)):  # the padding's routes are not kept
+    np.testing.assert_allclose(forced[b, :n], free[b, :n], rtol=1e-5, atol=1e-5)
+
+
+def _run(args, **kw):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                        timeout=600, cwd=ROOT, **kw)
+
+
+def test_cli_on_workdir_and_export(tmp_path):
+  micro = [o for o in TINY if not o.startswith(("model.max_seq_len", "model.init_std",
+                                                "train.seq_len"))]
+  workdir = tmp_path / "run"
+  r = _run([str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.yaml"), "--workdir",
+            str(workdir), "--steps", "2", *micro, "train.batch_size=4", "train.seq_len=32",
+            "train.warmup_steps=1", "train.eval_every=100", "train.eval_batches=1",
+            "train.ckpt_every=2",
+            f"data.cache_dir={tmp_path / 'cache'}"])
+  assert r.returncode == 0, r.stdout + r.stderr
+  (tmp_path / "prompts.txt").write_text("def \nimport os\\nimport \n")
+  r = _run(["-m", "mohge_jax.generate", str(workdir), "--prompt", "x = ", "--batch-file",
+            str(tmp_path / "prompts.txt"), "--max-new-tokens", "5", "--top-k", "10"])
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert r.stdout.count("=== prompt") == 3 and "import os\nimport " in r.stdout
+  from mohge_jax import export
+  export.export_workdir(workdir, tmp_path / "export", dtype="f32")
+  r = _run(["-m", "mohge_jax.generate", str(tmp_path / "export"), "--prompt", "hello",
+            "--max-new-tokens", "4", "--temperature", "0"])
+  assert r.returncode == 0, r.stdout + r.stderr
+  assert "=== prompt 0: 'hello'" in r.stdout
+  r = _run(["-m", "mohge_jax.generate", str(tmp_path), "--prompt", "x"])
+  assert r.returncode == 2 and "neither an export" in r.stderr
