@@ -194,6 +194,7 @@ def run(cfg: Config, workdir: str | Path, *, init_from: str = "", log=print) -> 
   keep_routing = r.keep_routing and any(k != "dense" for k in cfg.model.ffn_kinds)
   total = r.sft_steps + t.steps
 
+  trainer.use_compile_cache(t.compile_cache)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   target = trainer.abstract_state(cfg, mesh)
   graphdef = trainer.graph_def(cfg)
