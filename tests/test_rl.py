@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mohge_jax import losses, rl
+from mohge_jax import losses, rl, sharding, trainer
 from mohge_jax.checkpoint import Checkpointer
 from mohge_jax.config import ConfigError, RLConfig, load_config
 from mohge_jax.data import ByteTokenizer
@@ -44,9 +44,10 @@ def test_sft_batch_scores_only_the_answer(rng):
     assert not batch["loss_mask"][b, :len(prompt) - 1].any()  # no prompt token is a target
   # The loss does not see the prompt: other prompt targets, the same loss.
   logits = jnp.asarray(rng.standard_normal((*batch["targets"].shape, 257)), jnp.float32)
-  other = np.where(batch["loss_mask"], batch["targets"], rng.integers(0, 256, batch["targets"].shape))
-  want, _ = losses.cross_entropy(logits, jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"]))
-  got, _ = losses.cross_entropy(logits, jnp.asarray(other), jnp.asarray(batch["loss_mask"]))
+  targets, mask = batch["targets"], jnp.asarray(batch["loss_mask"])
+  other = np.where(batch["loss_mask"], targets, rng.integers(0, 256, targets.shape))
+  want, _ = losses.cross_entropy(logits, jnp.asarray(targets), mask)
+  got, _ = losses.cross_entropy(logits, jnp.asarray(other), mask)
   assert float(want) == float(got)
 
 
@@ -66,9 +67,13 @@ TOY = TINY + ["model.num_layers=2", f"rl.sft_steps={SFT}", f"train.steps={GRPO}"
               "train.keep_checkpoints=100", "train.log_every=100"]
 
 
-def _params(workdir, step):
+def _target(cfg):
+  return trainer.abstract_state(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+
+
+def _params(cfg, workdir, step):
   with Checkpointer(workdir / "checkpoints", async_save=False) as c:
-    state = c._mgr.restore(step)["state"]
+    state, _ = c.restore(step, _target(cfg))
   return state["params"]
 
 
@@ -95,8 +100,8 @@ def test_toy_run_writes_metrics_keeps_the_reference_and_resumes_bitwise(tmp_path
   # The reference is the policy as GRPO started (after SFT), untouched by the updates.
   with Checkpointer(work / "reference", async_save=False) as c:
     assert c.all_steps() == [SFT]
-    ref = c._mgr.restore(SFT)["state"]["params"]
-  at_start, final = _params(work, SFT), _params(work, SFT + GRPO)
+    ref = c.restore(SFT, {"params": _target(cfg)["params"]})[0]["params"]
+  at_start, final = _params(cfg, work, SFT), _params(cfg, work, SFT + GRPO)
   jax.tree.map(np.testing.assert_array_equal, ref, at_start)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(final)))
 
@@ -107,4 +112,19 @@ def test_toy_run_writes_metrics_keeps_the_reference_and_resumes_bitwise(tmp_path
     shutil.rmtree(resumed / "checkpoints" / str(step))
   rl.run(cfg, resumed, log=lambda *a: None)
   assert _rows(resumed) == rows
-  jax.tree.map(np.testing.assert_array_equal, _params(resumed, SFT + GRPO), final)
+  jax.tree.map(np.testing.assert_array_equal, _params(cfg, resumed, SFT + GRPO), final)
+
+
+def test_rollouts_without_the_sampling_mask():
+  from mohge_jax import generate as gen
+  from mohge_jax import grpo
+  prompts, lengths = gen.pad_prompts([[1, 2, 3], [4]])
+  out = gen.Generated(tokens=np.array([[5, 6], [7, 0]]), logprobs=np.array([[-1., -2.], [-3., 0.]]),
+                      sampling_mask=None, lengths=np.array([2, 1]))
+  batch = grpo.completion_batch(prompts, lengths, out)
+  assert batch.allowed is None
+  np.testing.assert_array_equal(batch.tokens, [[1, 2, 3, 5, 6], [4, 7, 0, 0, 0]])
+  np.testing.assert_array_equal(batch.loss_mask, [[0, 0, 1, 1], [1, 0, 0, 0]])
+  np.testing.assert_array_equal(batch.old_logprobs, [[0, 0, -1, -2], [-3, 0, 0, 0]])
+  with pytest.raises(ValueError, match="keep_sampling_mask"):
+    grpo.policy_logprobs(None, batch, keep_sampling_mask=True, keep_routing=False)
