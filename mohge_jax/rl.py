@@ -241,9 +241,10 @@ def run(cfg: Config, workdir: str | Path, *, init_from: str = "", log=print) -> 
                                                             batch)
           row = {"phase": "sft", **jax.device_get(m)}
         else:
-          if step == r.sft_steps and ref_params is None:  # GRPO starts: freeze the reference
-            ref_params = jax.tree.map(jnp.copy, state["params"])
-            ref_ckpt.save(step, {"params": ref_params}, {"step": step})
+          if step == r.sft_steps:  # GRPO starts: freeze the reference, a fresh optimizer
+            if ref_params is None:  # (a run resumed here may have saved it already)
+              ref_params = jax.tree.map(jnp.copy, state["params"])
+              ref_ckpt.save(step, {"params": ref_params}, {"step": step})
             state["opt_state"] = jax.jit(tx.init)(state["params"])
           row = grpo_step(cfg, state, ref_params, tok, step, keep_routing, graphdef,
                           ref_logprobs, grpo_update)
