@@ -105,14 +105,16 @@ def test_toy_run_writes_metrics_keeps_the_reference_and_resumes_bitwise(tmp_path
   jax.tree.map(np.testing.assert_array_equal, ref, at_start)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(final)))
 
-  # Interrupted after the first GRPO step: resuming ends where the clean run ended.
-  resumed = tmp_path / "resumed"
-  shutil.copytree(work, resumed)
-  for step in range(SFT + 2, SFT + GRPO + 1):
-    shutil.rmtree(resumed / "checkpoints" / str(step))
-  rl.run(cfg, resumed, log=lambda *a: None)
-  assert _rows(resumed) == rows
-  jax.tree.map(np.testing.assert_array_equal, _params(cfg, resumed, SFT + GRPO), final)
+  # Interrupted as GRPO starts (the reference already saved) and after its first step:
+  # resuming ends where the clean run ended.
+  for last in (SFT, SFT + 1):
+    resumed = tmp_path / f"resumed{last}"
+    shutil.copytree(work, resumed)
+    for step in range(last + 1, SFT + GRPO + 1):
+      shutil.rmtree(resumed / "checkpoints" / str(step))
+    rl.run(cfg, resumed, log=lambda *a: None)
+    assert _rows(resumed) == rows
+    jax.tree.map(np.testing.assert_array_equal, _params(cfg, resumed, SFT + GRPO), final)
 
 
 def test_rollouts_without_the_sampling_mask():
