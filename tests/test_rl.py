@@ -3,7 +3,7 @@ rl config's errors, and a toy run end to end: finite metrics, a checkpoint, a fr
 reference, and a resumed run ending bitwise equal to an uninterrupted one.
 
 Not tested here: that the reward rises. On configs/rl_tiny.yaml it does (README), but that
-takes ~150 SFT and ~150 GRPO steps, about 3 minutes on 2 CPU cores."""
+takes ~150 SFT and ~150 GRPO steps, about 2 minutes on 2 CPU cores."""
 
 import json
 import math
