@@ -233,6 +233,51 @@ class MeshConfig:
   placement: str = "all_size"  # "all_size" or "naive" (whole groups per rank: the contrast)
 
 
+RL_TASKS = ("arithmetic", "countdown")
+RL_REFERENCES = ("frozen",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """GRPO (`python -m mohge_jax.rl`, spec §4): train.steps GRPO steps after rl.sft_steps
+  supervised warm-up steps; the GRPO optimizer is train's (lr, schedule, clipping)."""
+
+  # The task (mohge_jax.tasks) and its difficulty: arithmetic uses digits and ops,
+  # countdown numbers and max_value.
+  task: str = "arithmetic"
+  digits: int = 1
+  ops: str = "+-*"
+  numbers: int = 3
+  max_value: int = 10
+  format_weight: float = 0.1  # reward bonus for <answer>...</answer> (tasks.reward)
+  require_think: bool = False
+  # Sampling: prompts_per_step prompts x group_size outputs each (G).
+  prompts_per_step: int = 4
+  group_size: int = 8
+  max_new_tokens: int = 16
+  temperature: float = 1.0  # > 0: the objective needs the sampler's log-probs
+  top_p: float = 1.0
+  top_k: int = 0
+  prompt_bucket: int = 32  # prompts are right-padded to a multiple of this (fewer compiles)
+  # The objective (grpo.grpo_loss) and V3.2's refinements.
+  clip_eps: float = 0.2
+  kl_coef: float = 0.04  # beta
+  unbiased_kl: bool = True
+  offpolicy_masking: bool = True
+  offpolicy_delta: float = 0.5
+  keep_sampling_mask: bool = True
+  keep_routing: bool = True
+  updates_per_step: int = 1  # optimizer updates on each step's rollouts
+  # The reference policy of the KL: "frozen" = the policy as GRPO starts (after the SFT
+  # warm-up), saved once to WORKDIR/reference.
+  reference: str = "frozen"
+  # SFT warm-up on the task's format: prompt + "<answer>ANSWER</answer>" + end-of-text,
+  # loss on the answer tokens only.
+  sft_steps: int = 0
+  sft_batch_size: int = 16
+  sft_lr: float = 1e-3
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
@@ -240,6 +285,7 @@ class Config:
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
+  rl: RLConfig = RLConfig()
 
   @property
   def group_aux_start(self) -> int:
@@ -475,4 +521,28 @@ def validate(cfg: Config) -> None:
       _require(m.num_groups % mesh.expert == 0,
                f"mesh.expert={mesh.expert} must divide the number of groups "
                f"{m.num_groups} for mesh.placement='naive' (whole groups per rank)")
+  validate_rl(cfg.rl)
 
+
+def validate_rl(r: RLConfig) -> None:
+  _one_of(r.task, RL_TASKS, "rl.task")
+  _one_of(r.reference, RL_REFERENCES, "rl.reference")
+  for name in ("digits", "numbers", "max_value", "prompts_per_step", "group_size",
+               "max_new_tokens", "prompt_bucket", "updates_per_step", "sft_batch_size"):
+    _require(getattr(r, name) >= 1, f"rl.{name}={getattr(r, name)}: must be >= 1")
+  _require(r.numbers >= 2, f"rl.numbers={r.numbers}: countdown needs at least 2 numbers")
+  _require(r.ops != "" and set(r.ops) <= set("+-*"),
+           f"rl.ops={r.ops!r}: one or more of + - *")
+  _require(r.group_size >= 2, f"rl.group_size={r.group_size}: GRPO needs >= 2 outputs per "
+           "prompt (one output has zero advantage)")
+  _require(math.isfinite(r.temperature) and r.temperature > 0,
+           f"rl.temperature={r.temperature}: must be > 0 (greedy sampling has no log-probs "
+           "for the importance ratio)")
+  _require(0 < r.top_p <= 1, f"rl.top_p={r.top_p}: must be in (0, 1]")
+  _require(r.top_k >= 0, f"rl.top_k={r.top_k}: must be >= 0 (0: off)")
+  _require(0 < r.clip_eps < 1, f"rl.clip_eps={r.clip_eps}: must be in (0, 1)")
+  _require(r.kl_coef >= 0, f"rl.kl_coef={r.kl_coef}: must be >= 0")
+  _require(r.offpolicy_delta >= 0, f"rl.offpolicy_delta={r.offpolicy_delta}: must be >= 0")
+  _require(r.format_weight >= 0, f"rl.format_weight={r.format_weight}: must be >= 0")
+  _require(r.sft_steps >= 0, f"rl.sft_steps={r.sft_steps}: must be >= 0")
+  _require(math.isfinite(r.sft_lr) and r.sft_lr > 0, f"rl.sft_lr={r.sft_lr}: must be > 0")

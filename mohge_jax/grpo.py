@@ -62,13 +62,13 @@ class Rollouts:
   loss_mask: [B, T] bool, target t (token t + 1) is a sampled completion token.
   old_logprobs: [B, T] float32 the sampler's log-probs of those tokens (0 elsewhere).
   allowed: [B, T, V] bool the sampler's allowed set per completion target (all True
-    elsewhere, so those rows stay finite).
+    elsewhere, so those rows stay finite); None when generated with return_mask=False.
   routes: routing.Forced over [R, B, L, ...] or None.
   """
   tokens: jax.Array
   loss_mask: jax.Array
   old_logprobs: jax.Array
-  allowed: jax.Array
+  allowed: jax.Array | None
   routes: routing.Forced | None
   temperature: float = 1.0
 
@@ -78,25 +78,30 @@ def completion_batch(prompts_BxP, lengths_B, out: Generated, *,
   """Scatters generate's per-step outputs to the positions of each row's sequence."""
   tokens_BxL = sequences(prompts_BxP, lengths_B, out)
   B, L = tokens_BxL.shape
-  N, V = out.sampling_mask.shape[1:]
   lengths_B, gen_B = np.asarray(lengths_B), np.asarray(out.lengths)
-  logp_BxN, allowed_BxNxV = np.asarray(out.logprobs), np.asarray(out.sampling_mask)
+  logp_BxN = np.asarray(out.logprobs)
+  with_mask = out.sampling_mask is not None
+  if with_mask:
+    allowed_BxNxV = np.asarray(out.sampling_mask)
+    allowed = np.ones((B, L - 1, allowed_BxNxV.shape[-1]), bool)
   mask = np.zeros((B, L - 1), bool)
   old = np.zeros((B, L - 1), np.float32)
-  allowed = np.ones((B, L - 1, V), bool)
   for b in range(B):
     t0, n = lengths_B[b] - 1, gen_B[b]  # target t0 + i is generated token i
     mask[b, t0:t0 + n] = True
     old[b, t0:t0 + n] = logp_BxN[b, :n]
-    allowed[b, t0:t0 + n] = allowed_BxNxV[b, :n]
+    if with_mask:
+      allowed[b, t0:t0 + n] = allowed_BxNxV[b, :n]
   return Rollouts(jnp.asarray(tokens_BxL), jnp.asarray(mask), jnp.asarray(old),
-                  jnp.asarray(allowed), out.routes, float(temperature))
+                  jnp.asarray(allowed) if with_mask else None, out.routes, float(temperature))
 
 
 def policy_logprobs(model, batch: Rollouts, *, keep_sampling_mask: bool = True,
                     keep_routing: bool = True) -> jax.Array:
   """The policy's log-probs [B, T] of each sequence's next tokens (differentiable)."""
   forced = batch.routes if keep_routing else None
+  if keep_sampling_mask and batch.allowed is None:
+    raise ValueError("keep_sampling_mask needs the sampling mask (generate(return_mask=True))")
   if keep_routing and forced is None:
     raise ValueError("keep_routing needs routes recorded at sampling (record_routes=True)")
   logits_BxLxV, _ = model(batch.tokens, forced=forced)

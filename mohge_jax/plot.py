@@ -95,6 +95,40 @@ def plot(workdir: str | Path, out: str | Path | None = None) -> Path:
   return out
 
 
+def plot_rl(workdir: str | Path, out: str | Path | None = None) -> Path:
+  """A GRPO run (mohge_jax.rl): reward and accuracy, KL and clip fraction, response length
+  and the SFT warm-up's loss, against the step. Default output: WORKDIR/rl_plots.png."""
+  workdir = Path(workdir)
+  rows = read_metrics(workdir)
+  out = Path(out) if out else workdir / "rl_plots.png"
+  fig, (ax_r, ax_kl, ax_len, ax_sft) = plt.subplots(1, 4, figsize=(21, 4.5))
+  for key in ("reward_mean", "accuracy", "format_rate"):
+    x, y = _series(rows, key)
+    if x:
+      ax_r.plot(x, y, label=key)
+  ax_r.set(xlabel="step", title="Reward (GRPO)")
+  for key in ("kl", "clip_fraction", "masked_sequence_fraction"):
+    x, y = _series(rows, key)
+    if x:
+      ax_kl.plot(x, y, label=key)
+  ax_kl.set(xlabel="step", title="KL to the reference, clipping, masking")
+  x, y = _series(rows, "response_length")
+  if x:
+    ax_len.plot(x, y)
+  ax_len.set(xlabel="step", ylabel="tokens", title="Response length")
+  x, y = _series(rows, "sft_loss")
+  if x:
+    ax_sft.plot(x, y)
+  ax_sft.set(xlabel="step", ylabel="loss", title="SFT warm-up loss (answer tokens)")
+  for ax in (ax_r, ax_kl):
+    if ax.lines:
+      ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
 # Runs of several models and seeds: {model name: {seed: metrics rows}}.
 Runs = Mapping[str, Mapping[int, list[dict]]]
 _SEED_STYLES = ("-", "--", ":", "-.")
