@@ -25,6 +25,9 @@ from benchmarks import replicate
 from mohge_jax.config import load_config
 from mohge_jax.model import Transformer
 
+# One worker runs this module: its fixture trains every model (~75 s), once per worker.
+pytestmark = pytest.mark.xdist_group("replicate")
+
 ROOT = Path(__file__).resolve().parents[1]
 XLA_CACHE = tempfile.mkdtemp(prefix="mohge_test_replicate_xla_")
 atexit.register(shutil.rmtree, XLA_CACHE, True)
