@@ -460,7 +460,7 @@ def train(cfg: Config, workdir: str | Path, *, log=print) -> RunResult:
                    f"--workdir with train.init_from={workdir}")
     if diffs:
       raise TrainingError(
-          f"the checkpoint at {ckpt.directory}/{latest} was written with a different model "
+          f"the checkpoint at {ckpt.directory}/{latest} was written with a different "
           f"config: {'; '.join(diffs[:6])}. Use another --workdir, or the same config.")
   if main:
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

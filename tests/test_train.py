@@ -362,7 +362,7 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
       summary["lower_s"] + summary["compile_s"] + summary["first_step_s"])
   again = run_train(tmp_path / "w", 4, ["model.top_k=2"])
   assert again.returncode == 2
-  assert "different model config: top_k (checkpoint 3, now 2)" in again.stderr
+  assert "different config: top_k (checkpoint 3, now 2)" in again.stderr
   assert "Traceback" not in again.stderr
   # Fields that change how the step runs, not the parameters, may change on resume.
   other = run_train(tmp_path / "w", 3, ["model.scan_layers=false", "model.remat=full"])
