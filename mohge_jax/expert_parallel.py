@@ -52,8 +52,7 @@ def _num_local(num_groups: int, experts_per_group: int, ep: int, placement: str)
 
 def _vary_like(w, x):
   """w marked as varying over the mesh axes x varies over (and w does not)."""
-  missing = tuple(a for a in jax.typeof(x).mat.varying if a not in jax.typeof(w).mat.varying)
-  return jax.lax.pcast(w, missing, to="varying") if missing else w
+  return collectives.vary_as(w, collectives.varying_axes(w) | collectives.varying_axes(x))
 
 
 def _local_ffn(x, sizes, w_gate_up, w_down, *, backend):

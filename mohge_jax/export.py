@@ -96,8 +96,9 @@ def _verify_checksums(path: Path, checksums: dict | None) -> None:
                        f"({what}); export it again")
 
 
-def export_workdir(workdir: str | Path, out: str | Path, *, dtype: str = "bf16",
-                   step: int | None = None) -> Path:
+def restore_params(workdir: str | Path, step: int | None = None) -> tuple[nnx.State, Config]:
+  """(parameters, config) of a training workdir's checkpoint `step` (default: the latest
+  complete one)."""
   ckpt_dir = Path(workdir) / "checkpoints"
   if not ckpt_dir.is_dir():
     raise CheckpointError(f"no checkpoints in {workdir} (expected {ckpt_dir})")
@@ -110,7 +111,13 @@ def export_workdir(workdir: str | Path, out: str | Path, *, dtype: str = "bf16",
     state, _ = ckpt.restore(step, abstract_state(cfg))
   finally:
     ckpt.close()
-  return export_params(state["params"], cfg, out, dtype)
+  return state["params"], cfg
+
+
+def export_workdir(workdir: str | Path, out: str | Path, *, dtype: str = "bf16",
+                   step: int | None = None) -> Path:
+  params, cfg = restore_params(workdir, step)
+  return export_params(params, cfg, out, dtype)
 
 
 def load(path: str | Path, *, dtype=jnp.float32) -> tuple[Transformer, Config]:

@@ -293,25 +293,16 @@ def load_model(path: str | Path) -> tuple[Transformer, object]:
   """An export directory (config.json + model.safetensors) or a training workdir (its
   latest complete checkpoint), as (model, cfg) with float32 parameters."""
   path = Path(path)
+  from mohge_jax import export
   if (path / "model.safetensors").is_file():
-    from mohge_jax import export
     return export.load(path)
-  from mohge_jax.checkpoint import Checkpointer, CheckpointError
-  from mohge_jax.config import from_dict
-  from mohge_jax.trainer import abstract_state, graph_def
+  from mohge_jax.checkpoint import CheckpointError
+  from mohge_jax.trainer import graph_def
   if not (path / "checkpoints").is_dir():
     raise CheckpointError(f"{path} is neither an export (model.safetensors) nor a training "
                           "workdir (checkpoints/)")
-  ckpt = Checkpointer(path / "checkpoints", async_save=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise CheckpointError(f"no complete checkpoint in {path / 'checkpoints'}")
-    cfg = from_dict(ckpt.restore_meta(step)["config"])
-    state, _ = ckpt.restore(step, abstract_state(cfg))
-  finally:
-    ckpt.close()
-  return nnx.merge(graph_def(cfg), state["params"]), cfg
+  params, cfg = export.restore_params(path)
+  return nnx.merge(graph_def(cfg), params), cfg
 
 
 def main(argv: list[str]) -> int:

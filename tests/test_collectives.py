@@ -173,16 +173,24 @@ def check_tuple_axes():
   assert np.array_equal(got, np_ragged(op, out, io, n, oo, 1))
 
 
+def grad_case(S, n):
+  """A random layout for sizes n: operand, output, output cotangent w, the four size and
+  offset arrays (flat), and numpy's transpose (d_operand, d_output)."""
+  recv, _ = np_exchange(n, S)
+  io, oo, C, M = random_layout(n, S)
+  op = rng.standard_normal((R, C, 3)).astype(np.float32)
+  out = rng.standard_normal((R, M, 3)).astype(np.float32)
+  w = rng.standard_normal((R, M, 3)).astype(np.float32)
+  sizes = tuple(map(flat, (io, n, oo, recv)))
+  want = np_ragged(op, out, io, n, oo, S), *np_ragged_grad(w, io, n, oo, C, S)
+  return op, out, w, sizes, want
+
+
 def check_grad():
   """jax.grad and jax.vjp of ragged_all_to_all (impl IMPL) against the hand-derived
   transpose (numpy), and against the emulation's vjp."""
   for S, n in cases():
-    recv, _ = np_exchange(n, S)
-    io, oo, C, M = random_layout(n, S)
-    op = rng.standard_normal((R, C, 3)).astype(np.float32)
-    out = rng.standard_normal((R, M, 3)).astype(np.float32)
-    w = rng.standard_normal((R, M, 3)).astype(np.float32)
-    sizes = tuple(map(flat, (io, n, oo, recv)))
+    op, out, w, sizes, (want_y, want_op, want_out) = grad_case(S, n)
 
     def ragged(impl):
       return jax.shard_map(lambda *a: ragged_all_to_all(*a, axis_name="x", impl=impl),
@@ -193,7 +201,6 @@ def check_grad():
       d_op, d_out = jax.jit(jax.grad(loss, (0, 1)))(flat(op), flat(out))
       return np.asarray(d_op).reshape(want_op.shape), np.asarray(d_out).reshape(want_out.shape)
 
-    want_op, want_out = np_ragged_grad(w, io, n, oo, C, S)
     d_op, d_out = grads(ragged(IMPL))
     assert np.array_equal(d_op, want_op), (S, n, d_op, want_op)
     assert np.array_equal(d_out, want_out), (S, n, d_out, want_out)
@@ -207,8 +214,7 @@ def check_grad():
       y, pullback = jax.vjp(jax.jit(lambda a, b, impl=impl: ragged(impl)(a, b, *sizes)),
                             flat(op), flat(out))
       vjps[impl] = (y, *jax.jit(pullback)(flat(w)))
-    assert np.array_equal(np.asarray(vjps[IMPL][0]).reshape(out.shape),
-                          np_ragged(op, out, io, n, oo, S)), (S, n)
+    assert np.array_equal(np.asarray(vjps[IMPL][0]).reshape(out.shape), want_y), (S, n)
     for a, b in zip(vjps[IMPL], vjps["emulated"]):
       assert np.array_equal(np.asarray(a), np.asarray(b)), (S, n)
     assert np.array_equal(np.asarray(vjps[IMPL][1]).reshape(want_op.shape), want_op)
@@ -223,17 +229,11 @@ def check_reverse_vjp():
                                         axis_name="x")
   f = jax.shard_map(ragged, mesh=mesh, in_specs=P("x"), out_specs=P("x"))
   for S, n in cases():
-    recv, _ = np_exchange(n, S)
-    io, oo, C, M = random_layout(n, S)
-    op = rng.standard_normal((R, C, 3)).astype(np.float32)
-    out = rng.standard_normal((R, M, 3)).astype(np.float32)
-    w = rng.standard_normal((R, M, 3)).astype(np.float32)
-    sizes = tuple(map(flat, (io, n, oo, recv)))
+    op, out, w, sizes, (want_y, want_op, want_out) = grad_case(S, n)
     y = jax.jit(f)(flat(op), flat(out), *sizes)
-    assert np.array_equal(np.asarray(y).reshape(out.shape), np_ragged(op, out, io, n, oo, S))
+    assert np.array_equal(np.asarray(y).reshape(out.shape), want_y)
     loss = lambda a, b: jnp.sum(f(a, b, *sizes) * flat(w))
     d_op, d_out = jax.jit(jax.grad(loss, (0, 1)))(flat(op), flat(out))
-    want_op, want_out = np_ragged_grad(w, io, n, oo, C, S)
     assert np.array_equal(np.asarray(d_op).reshape(want_op.shape), want_op), (S, n)
     assert np.array_equal(np.asarray(d_out).reshape(want_out.shape), want_out), (S, n)
   # Packed slices (abutting, some empty, some at the same offset as an empty one).
