@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
   overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
   workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
   try:
-    from mohge_jax import distributed
-    distributed.maybe_initialize()  # multi-host launches (env vars, SLURM, TPU pods)
+    from mohge_jax import collectives, distributed
     cfg = load_config(args.config, overrides)
+    collectives.use_gpu_a2a(cfg.mesh.gpu_a2a)  # XLA flags: before the backend starts
+    distributed.maybe_initialize()  # multi-host launches (env vars, SLURM, TPU pods)
     result = train(cfg, workdir)
   except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

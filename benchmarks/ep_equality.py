@@ -3,7 +3,8 @@ full training step, every exchange and placement, float32 and bf16.
 
     python -m benchmarks.ep_equality [--ep 2] [--parts layer,step] [--dtypes float32,bfloat16]
         [--layer-config configs/mohge_3b.yaml] [--tokens 8192]
-        [--step-config configs/mohge_small.yaml] [--batch 8] [--seq 512] [--out FILE.json]
+        [--step-config configs/mohge_small.yaml] [--batch 8] [--seq 512]
+        [--gpu-a2a decomposed|nccl|one_shot] [--out FILE.json]
 
 Each case runs the same parameters and inputs twice in this process: on one device (no
 mesh: `experts.dispatch_and_combine`) and with the experts split over `--ep` devices
@@ -46,7 +47,8 @@ import numpy as np
 from flax import nnx
 
 from mohge_jax import expert_parallel, sharding
-from mohge_jax.config import load_config
+from mohge_jax.collectives import GPU_A2A_FLAGS, use_gpu_a2a
+from mohge_jax.config import MeshConfig, load_config
 
 CASES = [("all_to_all", "all_size"), ("all_gather", "all_size"), ("all_to_all", "naive"),
          ("all_gather", "naive")]
@@ -263,8 +265,11 @@ def main(argv=None) -> int:
   p.add_argument("--seq", type=int, default=512)
   p.add_argument("--seed", type=int, default=None)
   p.add_argument("--diagnose", action="store_true")
+  p.add_argument("--gpu-a2a", default=MeshConfig.gpu_a2a, choices=GPU_A2A_FLAGS,
+                 help="how XLA:GPU runs the ragged all-to-all (mesh.gpu_a2a)")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
+  use_gpu_a2a(args.gpu_a2a)  # before the backend starts
   if jax.device_count() < args.ep:
     sys.exit(f"--ep {args.ep} needs {args.ep} devices; found {jax.device_count()}")
   seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
@@ -292,7 +297,8 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
       json.dump({"device": str(jax.devices()[0].device_kind), "devices": args.ep,
                  "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-                 "seed": seed, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+                 "seed": seed, "gpu_a2a": args.gpu_a2a, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                 "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
   return 1 if failed else 0
 
 

@@ -1,7 +1,7 @@
 """Expert parallelism's throughput on several GPUs of one host against one GPU.
 
     python -m benchmarks.multi_gpu [--configs configs/mohge_3b.yaml,configs/moe_3b.yaml]
-        [--gpus 2] [--batch 32] [--seq 4096] [--reps 3] [--rows all]
+        [--gpus 2] [--batch 32] [--seq 4096] [--reps 3] [--rows all] [--a2a decomposed,nccl]
         [--profile DIR] [--out benchmarks/results/multi_gpu_h200x2.json] [key=value ...]
 
 Per config, each in its own process (`benchmarks.train_step --one`, cold compilation
@@ -30,13 +30,16 @@ import jax
 from benchmarks import train_step
 
 
-def plans(cfg_path: str, gpus: int) -> list[tuple[str, list[str]]]:
+def plans(cfg_path: str, gpus: int, a2a: tuple[str, ...] = ("decomposed",)
+          ) -> list[tuple[str, int, list[str]]]:
   from mohge_jax.config import load_config
   m = load_config(cfg_path).model
   rows = [("1 GPU", 1, [])]
   ep = [f"mesh.expert={gpus}", "mesh.data=1"]
-  rows.append((f"EP{gpus} all_to_all all_size", gpus,
-               ep + ["mesh.expert_comm=all_to_all", "mesh.placement=all_size"]))
+  for kind in a2a:  # how XLA:GPU runs the ragged exchange (mesh.gpu_a2a)
+    rows.append((f"EP{gpus} all_to_all all_size" + (f" ({kind})" if len(a2a) > 1 else ""),
+                 gpus, ep + ["mesh.expert_comm=all_to_all", "mesh.placement=all_size",
+                             f"mesh.gpu_a2a={kind}"]))
   rows.append((f"EP{gpus} all_gather all_size", gpus,
                ep + ["mesh.expert_comm=all_gather", "mesh.placement=all_size"]))
   if m.num_groups % gpus == 0 and m.num_groups > 1:
@@ -54,6 +57,9 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--seq", type=int, default=4096)
   ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--a2a", default="decomposed",
+                  help="comma-separated mesh.gpu_a2a kinds for the all-size all-to-all rows "
+                       "(decomposed, nccl, one_shot); the other rows use the first")
   ap.add_argument("--rows", default="all",
                   help="comma-separated row names' prefixes to run (e.g. '1 GPU,EP2 all_to_all')")
   ap.add_argument("--profile", default=None)
@@ -66,7 +72,9 @@ def main() -> None:
   rows = []
   for path in args.configs.split(","):
     profiled = False
-    for name, gpus, overrides in plans(path, args.gpus):
+    a2a = tuple(args.a2a.split(","))
+    for name, gpus, overrides in plans(path, args.gpus, a2a):
+      overrides = [f"mesh.gpu_a2a={a2a[0]}", *overrides]  # later overrides win
       if args.rows != "all" and not any(name.startswith(r) for r in args.rows.split(",")):
         continue
       profile = None

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mohge_jax import allocation, sharding
+from mohge_jax import allocation, collectives, sharding
 from mohge_jax import params as params_lib
 from mohge_jax.config import Config, load_config
 from mohge_jax.trainer import abstract_state, graph_def, make_init_fn, make_train_step
@@ -154,6 +154,7 @@ def _run_one(cfg, batch, reps, profile, mesh) -> dict:
       print(ps.format_table(ps.summarise(trace, top, by), tot), flush=True)
   return {"batch": batch, "seq": t.seq_len, "gpus": gpus,
           "mesh": {k: int(v) for k, v in mesh.shape.items() if v > 1},
+          "gpu_a2a": cfg.mesh.gpu_a2a, "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
           "tokens_per_s": n_tokens / step_s, "tokens_per_s_per_gpu": n_tokens / step_s / gpus,
           "flops_per_token": flops_tok,
@@ -212,6 +213,7 @@ def main() -> None:
   if args.one:  # the child process of _in_subprocess
     cfg = load_config(args.one, [f"train.seq_len={args.seq}", f"train.batch_size={args.batch}",
                                  "train.grad_accum=1", *args.overrides])
+    collectives.use_gpu_a2a(cfg.mesh.gpu_a2a)  # before the backend starts
     row = run_one(cfg, args.batch, args.reps, args.profile, args.gpus)
     row.update(dense_tflops=dense_rate_tflops(args.reps), device=jax.devices()[0].device_kind)
     print(json.dumps(row), flush=True)

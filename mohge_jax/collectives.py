@@ -12,6 +12,8 @@ buffer (`_lax_exchange`) and an explicit backward pass (`with_reverse_vjp`).
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Literal
 
 import jax
@@ -162,6 +164,43 @@ def with_reverse_vjp(exchange, operand, output, input_offsets, send_sizes, outpu
 
   f.defvjp(fwd, bwd)
   return f(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
+
+
+# XLA:GPU's implementations of ragged-all-to-all, chosen by process-wide XLA flags. Measured
+# on 2 x H200 (jax 0.11.2, benchmarks/ragged_a2a_probe.py: 786,432 x 1024 bf16 rows per
+# rank, half to each rank): the default one-shot kernel took 296 ms, the decomposed form
+# 8.1 ms, a dense all_to_all of the same rows 3.0 ms. The decomposed form pads every slice
+# to the output buffer (dense all-to-all), so its traffic grows with the expert axis;
+# "nccl" sends the exact rows with NCCL send/recv.
+GPU_A2A_FLAGS = {
+    "decomposed": ("--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=true",),
+    "nccl": ("--xla_gpu_unsupported_use_ragged_all_to_all_one_shot_kernel=false",
+             "--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true"),
+    "one_shot": (),
+}
+
+
+def use_gpu_a2a(kind: str) -> list[str]:
+  """Adds GPU_A2A_FLAGS[kind] to XLA_FLAGS; returns the flags added.
+
+  XLA reads XLA_FLAGS once, when the backend starts: call this first (train.py does, from
+  mesh.gpu_a2a). Flags the user already set for ragged-all-to-all are kept as they are.
+  Warns when a GPU backend is already running without the flags. Harmless off GPUs."""
+  if kind not in GPU_A2A_FLAGS:
+    raise ValueError(f"gpu_a2a must be one of {tuple(GPU_A2A_FLAGS)}, got {kind!r}")
+  current = os.environ.get("XLA_FLAGS", "").split()
+  if any("ragged_all_to_all" in f for f in current):
+    return []  # the user's choice
+  added = list(GPU_A2A_FLAGS[kind])
+  if not added:
+    return []
+  from jax._src import xla_bridge  # no public way to ask whether the backend started
+  if xla_bridge.backends_are_initialized() and jax.default_backend() == "gpu":
+    warnings.warn(f"XLA_FLAGS for the {kind} ragged all-to-all come too late: the GPU "
+                  f"backend is running. Start the process with XLA_FLAGS='{' '.join(added)}'",
+                  stacklevel=2)
+  os.environ["XLA_FLAGS"] = " ".join(current + added)
+  return added
 
 
 def _resolve_impl(impl: str) -> str:

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mohge_jax import collectives
-from mohge_jax.experts import combine, count_ids, grouped_ffn, inverse_permutation
+from mohge_jax.experts import (combine, count_ids, grouped_ffn, inverse_permutation,
+                               permute_rows)
 from mohge_jax.sharding import BATCH_AXES
 
 AXIS = "expert"
@@ -71,9 +72,13 @@ def _local_ffn(x, sizes, w_gate_up, w_down, *, backend):
   return grouped_ffn(x, sizes, w_gate_up, w_down, backend=backend)
 
 
-# Rows are permuted here by plain gathers (their gradients are scatter-adds), not by
-# experts.permute_rows: inside shard_map its custom VJP gave wrong gradients (seen on CPU,
-# jax 0.11.2: tests/test_collectives.py::test_multi_device[expert_parallel]).
+# Rows are permuted by experts.permute_rows, whose backward pass is a gather: the plain
+# gathers' scatter-adds took 328 ms of a 2.6 s MoHGE-3B EP 2 step on the H200s (all_gather
+# exchange). Like every custom VJP under shard_map here (the Pallas kernels' too), it gives
+# wrong gradients in jax 0.11.2 when the pullback of a jitted forward pass is jitted
+# separately (`jax.jit(pullback)` after `jax.vjp(jax.jit(f), ...)`: seen on CPU; the
+# residuals come back wrong). Forward and backward in one jit, as the training step and
+# jax.jit(jax.grad(f)) do, are exact: tests/test_collectives.py::check_expert_parallel.
 
 
 def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, ep, backend,
@@ -86,7 +91,7 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
   key_M = owner_M * E_l + local_M  # by destination rank, then local expert
   order_M = jnp.argsort(key_M, stable=True)
   inverse_M = inverse_permutation(order_M)
-  x_send_MxD = x_TxD[order_M // K]
+  x_send_MxD = permute_rows(jnp.repeat(x_TxD, K, axis=0), order_M, inverse_M)
   counts_RxEl = count_ids(key_M, ep * E_l).reshape(ep, E_l)
   send_R = counts_RxEl.sum(1)
   send_off_R = jnp.cumsum(send_R) - send_R
@@ -103,9 +108,9 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
   local_row = jnp.where(jnp.arange(cap) < recv_R.sum(), local_row, E_l)  # padding last
   order_C = jnp.argsort(local_row, stable=True)
   inverse_C = inverse_permutation(order_C)
-  y_sorted = _local_ffn(x_recv[order_C], recv_counts_RxEl.sum(0), w_gate_up, w_down,
-                        backend=backend)
-  y_recv = y_sorted[inverse_C]
+  y_sorted = _local_ffn(permute_rows(x_recv, order_C, inverse_C), recv_counts_RxEl.sum(0),
+                        w_gate_up, w_down, backend=backend)
+  y_recv = permute_rows(y_sorted, inverse_C, order_C)
 
   # Return trip: each source's rows back to where it sent them from.
   recv_off_R = jnp.cumsum(recv_R) - recv_R  # sources' rows in this buffer, in rank order
@@ -113,7 +118,7 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
   y_back_MxD = collectives.ragged_all_to_all(
       y_recv, jnp.zeros((M, x_TxD.shape[1]), y_recv.dtype), recv_off_R, recv_R,
       back_out_off_R, send_R, axis_name=AXIS, impl=a2a_impl)
-  y_TxKxD = y_back_MxD[inverse_M].reshape(T, K, -1)
+  y_TxKxD = permute_rows(y_back_MxD, inverse_M, order_M).reshape(T, K, -1)
   return combine(y_TxKxD, w_TxK)
 
 
@@ -132,8 +137,9 @@ def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_g
   order_M = jnp.argsort(local_M, stable=True)
   inverse_M = inverse_permutation(order_M)
   sizes_El = count_ids(local_M, E_l)  # others' pairs (E_l) are not counted
-  y_sorted = _local_ffn(x_all[order_M // K], sizes_El, w_gate_up, w_down, backend=backend)
-  y_TxKxD = y_sorted[inverse_M].reshape(T, K, -1)
+  x_sorted = permute_rows(jnp.repeat(x_all, K, axis=0), order_M, inverse_M)
+  y_sorted = _local_ffn(x_sorted, sizes_El, w_gate_up, w_down, backend=backend)
+  y_TxKxD = permute_rows(y_sorted, inverse_M, order_M).reshape(T, K, -1)
   partial_TxD = combine(y_TxKxD, w_all)
   return jax.lax.psum_scatter(partial_TxD, AXIS, scatter_dimension=0, tiled=True)
 

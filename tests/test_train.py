@@ -521,3 +521,22 @@ def test_training_batches_follow_doc_attention_mask(tmp_path, monkeypatch, rng, 
   else:
     np.testing.assert_array_equal(batch["positions"], np.broadcast_to(np.arange(L), (B, L)))
     assert batch["loss_mask"].all() and not batch["segment_ids"].any()
+
+
+def test_main_sets_the_gpu_exchange_flags_before_training(tmp_path, monkeypatch):
+  """train.py turns mesh.gpu_a2a into XLA_FLAGS before anything can start a backend (the
+  training itself is replaced: only the order matters here)."""
+  import train
+  from mohge_jax import collectives, trainer
+  seen = {}
+
+  def fake_train(cfg, workdir):
+    seen["flags"] = os.environ.get("XLA_FLAGS", "")
+    return type("Result", (), {"step": cfg.train.steps, "stopped_by_signal": False})()
+
+  monkeypatch.setattr(trainer, "train", fake_train)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  code = train.main(["--config", str(ROOT / "configs/tiny.yaml"), "--workdir",
+                     str(tmp_path / "w"), "mesh.gpu_a2a=nccl"])
+  assert code == 0
+  assert seen["flags"].split() == ["--xla_dump_to=/tmp/x", *collectives.GPU_A2A_FLAGS["nccl"]]
