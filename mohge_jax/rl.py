@@ -148,18 +148,53 @@ def rollout(cfg: Config, model, tokenizer, step: int, keep_routing: bool):
                      stop_ids=(tokenizer.eos_id,), record_routes=keep_routing,
                      return_mask=r.keep_sampling_mask)
   batch = grpo.completion_batch(prompts_BxP, lengths_B, out, temperature=r.temperature)
+  texts = _texts(tokenizer, out)
+  rewards, correct = _score(r, [p for p in problems for _ in range(r.group_size)], texts)
+  return batch, rewards, correct, texts, problems, np.asarray(out.lengths)
+
+
+def _texts(tokenizer, out: gen.Generated) -> list[str]:
+  """Each row's completion, decoded without its stop token."""
   tokens_BxN, gen_B = np.asarray(out.tokens), np.asarray(out.lengths)
-  texts = [tokenizer.decode([int(i) for i in tokens_BxN[b, :gen_B[b]] if i != tokenizer.eos_id])
-           for b in range(len(prompts))]
+  return [tokenizer.decode([int(i) for i in tokens_BxN[b, :gen_B[b]] if i != tokenizer.eos_id])
+          for b in range(len(gen_B))]
+
+
+def _score(r: RLConfig, problems: list[tasks.Problem], texts: list[str]
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """(rewards float32 [B], exact answers bool [B]) of completion b to problem b."""
   rewards, correct = [], []
-  for b, text in enumerate(texts):
-    p = problems[b // r.group_size]
+  for p, text in zip(problems, texts, strict=True):
     rewards.append(tasks.reward(p, text, format_weight=r.format_weight,
                                 require_think=r.require_think))
     answer = tasks.extract_answer(text, r.require_think)
     correct.append(answer is not None and tasks.is_correct(p, answer))
-  return (batch, np.asarray(rewards, np.float32), np.asarray(correct), texts, problems,
-          gen_B)
+  return np.asarray(rewards, np.float32), np.asarray(correct)
+
+
+EVAL_SALT = 2  # held-out draws: no training step uses this salt (0: GRPO, 1: SFT)
+
+
+def evaluate(cfg: Config, model, tokenizer, num_problems: int) -> dict:
+  """Greedy (temperature 0) completions of `num_problems` held-out problems (drawn with
+  EVAL_SALT; on a small task some may equal training problems by value), in one batch:
+  accuracy, format rate, mean reward and every (prompt, completion, correct)."""
+  r = cfg.rl
+  problems = problems_at(r, cfg.train.seed, 0, num_problems, salt=EVAL_SALT)
+  prompts_BxP, lengths_B = gen.pad_prompts([tokenizer.encode(prompt_text(p)) for p in problems])
+  P = _round_up(prompts_BxP.shape[1], r.prompt_bucket)
+  prompts_BxP = np.pad(prompts_BxP, ((0, 0), (0, P - prompts_BxP.shape[1])))
+  out = gen.generate(model, prompts_BxP, lengths_B, jax.random.key(0),
+                     max_new_tokens=r.max_new_tokens, temperature=0.0,
+                     stop_ids=(tokenizer.eos_id,), return_mask=False)
+  texts = _texts(tokenizer, out)
+  rewards, correct = _score(r, problems, texts)
+  return {"problems": num_problems, "accuracy": float(correct.mean()),
+          "format_rate": float(np.mean([tasks.extract_answer(x, r.require_think) is not None
+                                        for x in texts])),
+          "reward_mean": float(rewards.mean()),
+          "completions": [{"prompt": p.prompt, "completion": x, "correct": bool(c)}
+                          for p, x, c in zip(problems, texts, correct)]}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -299,7 +334,8 @@ def grpo_step(cfg: Config, state: dict, ref_params, tok, step: int, keep_routing
   B = len(rewards_B)
   return {"phase": "grpo", "loss": float(m["loss"]), "reward_mean": float(rewards_B.mean()),
           "reward_std": float(rewards_B.std()),
-          "reward_group_std": float(rewards_PxG.std(-1).mean()),
+          "reward_group_std": float(rewards_PxG.std(-1).mean()),  # within groups
+          "reward_group_mean_std": float(rewards_PxG.mean(-1).std()),  # across groups
           "accuracy": float(correct_B.mean()),
           "format_rate": float(np.mean([tasks.extract_answer(x, r.require_think) is not None
                                         for x in texts])),

@@ -133,3 +133,56 @@ def test_rollouts_without_the_sampling_mask():
   np.testing.assert_array_equal(batch.old_logprobs, [[0, 0, -1, -2], [-3, 0, 0, 0]])
   with pytest.raises(ValueError, match="keep_sampling_mask"):
     grpo.policy_logprobs(None, batch, keep_sampling_mask=True, keep_routing=False)
+
+
+def test_evaluate_scores_each_problems_own_greedy_completion(monkeypatch):
+  """rl.evaluate on scripted completions (generate replaced): right answers to some
+  problems, wrong or unformatted ones to others, each scored against the arithmetic done
+  here from the prompt text, and generate called greedy."""
+  from mohge_jax import generate as gen
+  cfg = load_config(str(ROOT / "configs/rl_tiny.yaml"), ["rl.digits=2", "rl.ops=+-"])
+  tok, n = ByteTokenizer(), 9
+  problems = rl.problems_at(cfg.rl, cfg.train.seed, 0, n, salt=rl.EVAL_SALT)
+  truth = [eval(p.prompt.removeprefix("Compute ").removesuffix("."))  # noqa: S307
+           for p in problems]
+  texts = [f"<answer>{v}</answer>" if i % 3 == 0 else f"<answer>{v + 1}</answer>"
+           if i % 3 == 1 else str(v) for i, v in enumerate(truth)]
+  seen = {}
+
+  def scripted(model, prompts_BxP, lengths_B, key, **kw):
+    seen.update(kw, prompts=[tok.decode([int(t) for t in row[:k]])
+                             for row, k in zip(np.asarray(prompts_BxP), lengths_B)])
+    ids = [tok.encode(t) + [tok.eos_id] for t in texts]
+    width = max(map(len, ids))
+    tokens = np.array([r + [0] * (width - len(r)) for r in ids], np.int32)
+    return gen.Generated(tokens, np.zeros(tokens.shape, np.float32), None,
+                         np.array([len(r) for r in ids], np.int32))
+
+  monkeypatch.setattr(gen, "generate", scripted)
+  ev = rl.evaluate(cfg, None, tok, n)
+  assert seen["temperature"] == 0.0 and seen["prompts"] == [rl.prompt_text(p) for p in problems]
+  assert [c["correct"] for c in ev["completions"]] == [i % 3 == 0 for i in range(n)]
+  assert [c["completion"] for c in ev["completions"]] == texts
+  assert ev["accuracy"] == pytest.approx(3 / 9) and ev["format_rate"] == pytest.approx(6 / 9)
+  assert ev["reward_mean"] == pytest.approx((3 * 1.1 + 3 * 0.1) / 9)
+
+
+def test_grpo_benchmark_end_to_end_at_toy_size(tmp_path):
+  """python -m benchmarks.grpo: pretraining (train.py), SFT + GRPO from it, evaluation
+  before and after; its JSON agrees with the run's own metrics."""
+  from benchmarks import grpo as bench
+  out = tmp_path / "grpo.json"
+  assert bench.main(["--config", str(ROOT / "configs/rl_tiny.yaml"), "--pretrain-steps", "2",
+                     "--pretrain-batch", "8", "--eval-problems", "4", "--samples", "2",
+                     "--run-dir", str(tmp_path / "run"), "--out", str(out), *TOY,
+                     f"train.compile_cache={tmp_path / 'xla'}"]) == 0
+  res = json.loads(out.read_text())
+  assert res["phases"]["pretrain"]["steps"] == 2 and (tmp_path / "run/pretrain/checkpoints/2").is_dir()
+  rows = _rows(tmp_path / "run/rl")
+  grpo_rows = [r for r in rows if r["phase"] == "grpo"]
+  assert [r["step"] for r in res["grpo_curve"]] == [r["step"] for r in grpo_rows]
+  assert res["grpo_summary"]["end"]["reward_mean"] == pytest.approx(grpo_rows[-1]["reward_mean"])
+  for name in ("before_grpo", "after_grpo"):
+    ev = res["evaluation"][name]
+    assert ev["problems"] == 4 and len(ev["samples"]) == 2 and 0 <= ev["accuracy"] <= 1
+  assert (tmp_path / "grpo_rewards.png").is_file()
