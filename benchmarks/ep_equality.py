@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import sys
 import time
 
