@@ -238,6 +238,7 @@ class MeshConfig:
   gpu_a2a: str = "decomposed"
 
 
+GPU_A2A_KINDS = ("decomposed", "nccl", "one_shot")  # collectives.GPU_A2A_FLAGS's keys
 RL_TASKS = ("arithmetic", "countdown")
 RL_REFERENCES = ("frozen",)
 
@@ -513,7 +514,7 @@ def validate(cfg: Config) -> None:
   _require(list(sizes.values()).count(-1) <= 1, "mesh: at most one axis may be -1")
   _one_of(mesh.expert_comm, ("all_to_all", "all_gather"), "mesh.expert_comm")
   _one_of(mesh.placement, ("all_size", "naive"), "mesh.placement")
-  _one_of(mesh.gpu_a2a, ("decomposed", "nccl", "one_shot"), "mesh.gpu_a2a")
+  _one_of(mesh.gpu_a2a, GPU_A2A_KINDS, "mesh.gpu_a2a")
   if mesh.expert > 1 and any(k in ("mohge", "moe") for k in kinds):
     _require(m.expert_backend != "per_expert",
              "model.expert_backend=per_expert (the one-expert-at-a-time contrast) does not run "

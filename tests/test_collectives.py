@@ -385,6 +385,8 @@ def test_use_gpu_a2a_sets_xla_flags(monkeypatch):
   assert "ragged_all_to_all_decomposer=true" in os.environ["XLA_FLAGS"]
   with pytest.raises(ValueError, match="gpu_a2a must be one of"):
     collectives.use_gpu_a2a("fast")
+  from mohge_jax.config import GPU_A2A_KINDS
+  assert tuple(collectives.GPU_A2A_FLAGS) == GPU_A2A_KINDS  # what mesh.gpu_a2a accepts
 
 
 def test_bad_impl():
