@@ -55,8 +55,8 @@ def test_cached_decode_equals_full_forward(rng, extra):
 
   @nnx.jit
   def run(model, prompts, lens, fed):
-    logits_BxPxV, caches, _ = gen.prefill(model, prompts, S)
-    got = [logits_BxPxV[jnp.arange(B), lens - 1]]
+    logits_BxV, caches, _ = gen.prefill(model, prompts, lens, S)
+    got = [logits_BxV]
     for t in range(N):
       logits_BxV, caches, _ = gen.decode_step(model, fed[:, t], lens + t, caches)
       got.append(logits_BxV)
@@ -72,7 +72,7 @@ def test_cached_decode_equals_full_forward(rng, extra):
 def test_cache_holds_latent_and_rope_key_only(rng):
   model = make_model(0)
   m = model.cfg.model
-  _, caches, routes = gen.prefill(model, jnp.zeros((2, 5), jnp.int32), 9)
+  _, caches, routes = gen.prefill(model, jnp.zeros((2, 5), jnp.int32), jnp.full((2,), 5), 9)
   assert [tuple(s.num for s in model.stacks)] == [(1, 2)]
   for cache, n in zip(caches, (1, 2)):
     assert isinstance(cache, MLACache) and len(cache) == 2
