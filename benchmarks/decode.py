@@ -116,6 +116,39 @@ def init_bf16(cfg: Config, seed: int = 0):
   return graph_def(cfg), state
 
 
+def make_prefill(cfg: Config, graphdef, cache_len: int):
+  """(state, prompts_BxP, lengths_B) -> (greedy first token [B], caches)."""
+  def prefill(state, prompts_BxP, lengths_B):
+    logits_BxV, caches, _ = gen.prefill(nnx.merge(graphdef, state), prompts_BxP, lengths_B,
+                                        cache_len)
+    return _greedy(cfg, logits_BxV), caches
+  return prefill
+
+
+def make_decode(cfg: Config, graphdef, new_tokens: int):
+  """(state, tokens_B, positions_B, caches) -> (tokens [N, B], expert ids [N, R, B, K]):
+  `new_tokens` greedy decode steps in one `lax.scan`, each feeding the token it drew."""
+  def decode(state, tokens_B, positions_B, caches):
+    model = nnx.merge(graphdef, state)
+
+    def step(carry, _):
+      tokens_B, positions_B, caches = carry
+      logits_BxV, caches, routes = gen.decode_step(model, tokens_B, positions_B, caches)
+      ids = [r.expert_ids[:, :, 0] for r in routes if r is not None]
+      ids_RxBxK = (jnp.concatenate(ids) if ids
+                   else jnp.zeros((0, tokens_B.shape[0], cfg.model.top_k), jnp.int32))
+      next_B = _greedy(cfg, logits_BxV)
+      return (next_B, positions_B + 1, caches), (next_B, ids_RxBxK)
+
+    _, out = jax.lax.scan(step, (tokens_B, positions_B, caches), None, length=new_tokens)
+    return out
+  return decode
+
+
+def _greedy(cfg: Config, logits_BxV: jax.Array) -> jax.Array:
+  return jnp.argmax(logits_BxV[:, :cfg.model.vocab_size], -1).astype(jnp.int32)
+
+
 def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: int, reps: int,
         seed: int = 0) -> tuple[dict, dict]:
   """One (config, batch) measurement: (the row, the run's arrays: `prompts_BxP`,
@@ -124,31 +157,12 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
   m = cfg.model
   S = prompt_len + new_tokens
   T = time.perf_counter
-  greedy = lambda logits_BxV: jnp.argmax(logits_BxV[:, :m.vocab_size], -1).astype(jnp.int32)  # noqa: E731
-
-  def prefill_fn(state, prompts_BxP, lengths_B):
-    logits_BxV, caches, _ = gen.prefill(nnx.merge(graphdef, state), prompts_BxP, lengths_B, S)
-    return greedy(logits_BxV), caches
-
-  def decode_fn(state, tokens_B, positions_B, caches):
-    model = nnx.merge(graphdef, state)
-
-    def step(carry, _):
-      tokens_B, positions_B, caches = carry
-      logits_BxV, caches, routes = gen.decode_step(model, tokens_B, positions_B, caches)
-      ids = [r.expert_ids[:, :, 0] for r in routes if r is not None]
-      ids_RxBxK = jnp.concatenate(ids) if ids else jnp.zeros((0, batch, m.top_k), jnp.int32)
-      next_B = greedy(logits_BxV)
-      return (next_B, positions_B + 1, caches), (next_B, ids_RxBxK)
-
-    _, out = jax.lax.scan(step, (tokens_B, positions_B, caches), None, length=new_tokens)
-    return out
-
   prompts_BxP = jnp.asarray(np.random.default_rng(seed).integers(
       0, m.vocab_size, size=(batch, prompt_len)), jnp.int32)
   lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
   t0 = T()
-  prefill = jax.jit(prefill_fn).lower(state, prompts_BxP, lengths_B).compile()
+  prefill = jax.jit(make_prefill(cfg, graphdef, S)).lower(state, prompts_BxP,
+                                                           lengths_B).compile()
   t1 = T()
   first_B, caches = jax.block_until_ready(prefill(state, prompts_BxP, lengths_B))
   prefill_times = []
@@ -157,7 +171,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     jax.block_until_ready(prefill(state, prompts_BxP, lengths_B))
     prefill_times.append(T() - t2)
   t3 = T()
-  decode = jax.jit(decode_fn).lower(state, first_B, lengths_B, caches).compile()
+  decode = jax.jit(make_decode(cfg, graphdef, new_tokens)).lower(state, first_B, lengths_B,
+                                                                 caches).compile()
   t4 = T()
   out = jax.block_until_ready(decode(state, first_B, lengths_B, caches))  # warm-up
   times = []

@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from benchmarks import decode
@@ -88,3 +89,33 @@ def test_expected_experts_under_uniform_routing():
     got = decode.step_bytes(cfg, np.zeros(B, int), None)["experts"]
     per_layer = got / decode.routed_layers(cfg) / decode.expert_bytes_E(cfg)[0]
     np.testing.assert_allclose(per_layer, sampled, rtol=0.02)
+
+
+@pytest.mark.parametrize("config", ["configs/mohge_3b.yaml", "configs/moe_3b.yaml"])
+def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
+  """The benchmark's prefill and decode loop of the 3B models at batch 1 (6 expert rows: far
+  below the kernels' 128-row tile) and 256, through the Mosaic GPU expert kernels (forced:
+  this host is a CPU), trace and lower for CUDA: what would first fail on the H200."""
+  import pallas_kernels
+  from pallas_kernels import gpu
+  from mohge_jax import experts
+  from mohge_jax.model import Transformer
+  from mohge_jax.trainer import graph_def
+  monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132))
+  resolve = experts.resolve_backend
+  monkeypatch.setattr(experts, "resolve_backend",
+                      lambda b, *a: "pallas" if b == "auto" else resolve(b, *a))
+  cfg = load_config(str(ROOT / config))
+  graphdef = graph_def(cfg)
+  state = jax.eval_shape(lambda: jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(
+      Transformer(cfg, rngs=nnx.Rngs(0)))))
+  P, N = 512, 128
+  for B in (1, 256):
+    prompts, lengths = (jax.ShapeDtypeStruct(s, jnp.int32) for s in ((B, P), (B,)))
+    prefill = jax.jit(decode.make_prefill(cfg, graphdef, P + N)).trace(state, prompts, lengths)
+    _, caches = prefill.out_info
+    text = prefill.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    text = jax.jit(decode.make_decode(cfg, graphdef, N)).trace(
+        state, lengths, lengths, caches).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
