@@ -125,15 +125,17 @@ def make_prefill(cfg: Config, graphdef, cache_len: int):
   return prefill
 
 
-def make_decode(cfg: Config, graphdef, new_tokens: int):
+def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | None = None):
   """(state, tokens_B, positions_B, caches) -> (tokens [N, B], expert ids [N, R, B, K]):
-  `new_tokens` greedy decode steps in one `lax.scan`, each feeding the token it drew."""
+  `new_tokens` greedy decode steps in one `lax.scan`, each feeding the token it drew;
+  routed experts through `expert_backend` (`generate.decode_step`)."""
   def decode(state, tokens_B, positions_B, caches):
     model = nnx.merge(graphdef, state)
 
     def step(carry, _):
       tokens_B, positions_B, caches = carry
-      logits_BxV, caches, routes = gen.decode_step(model, tokens_B, positions_B, caches)
+      logits_BxV, caches, routes = gen.decode_step(model, tokens_B, positions_B, caches,
+                                                   expert_backend)
       ids = [r.expert_ids[:, :, 0] for r in routes if r is not None]
       ids_RxBxK = (jnp.concatenate(ids) if ids
                    else jnp.zeros((0, tokens_B.shape[0], cfg.model.top_k), jnp.int32))
@@ -150,10 +152,11 @@ def _greedy(cfg: Config, logits_BxV: jax.Array) -> jax.Array:
 
 
 def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: int, reps: int,
-        seed: int = 0) -> tuple[dict, dict]:
-  """One (config, batch) measurement: (the row, the run's arrays: `prompts_BxP`,
-  `tokens_BxN` (the first token from the prefill, then one per decode step) and
-  `expert_ids_NxRxBxK`, the routes of each decode step)."""
+        backends: tuple[str | None, ...] = (None,), seed: int = 0):
+  """One (config, batch): the prompt's prefill, then per expert backend of the decode steps
+  (None: model.expert_backend; "all_experts") yields (the row, the run's arrays:
+  `prompts_BxP`, `tokens_BxN` (the first token from the prefill, then one per decode step)
+  and `expert_ids_NxRxBxK`, the routes of each decode step)."""
   m = cfg.model
   S = prompt_len + new_tokens
   T = time.perf_counter
@@ -170,39 +173,41 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     t2 = T()
     jax.block_until_ready(prefill(state, prompts_BxP, lengths_B))
     prefill_times.append(T() - t2)
-  t3 = T()
-  decode = jax.jit(make_decode(cfg, graphdef, new_tokens)).lower(state, first_B, lengths_B,
-                                                                 caches).compile()
-  t4 = T()
-  out = jax.block_until_ready(decode(state, first_B, lengths_B, caches))  # warm-up
-  times = []
-  for _ in range(reps):
-    t5 = T()
-    out = jax.block_until_ready(decode(state, first_B, lengths_B, caches))
-    times.append((T() - t5) / new_tokens)
-  step_s = float(np.median(times))
-  tokens_NxB, ids_NxRxBxK = (np.asarray(a) for a in out)
-  per_step = [step_bytes(cfg, np.full(batch, prompt_len + t), ids_NxRxBxK[t])
-              for t in range(new_tokens)]  # step t feeds position prompt_len + t
-  mean = {k: float(np.mean([b[k] for b in per_step])) for k in per_step[0]}
-  limit_s = mean["total"] / HBM_BYTES_PER_S
-  R = ids_NxRxBxK.shape[1]
-  hit = np.mean([len(np.unique(ids_NxRxBxK[t, r])) for t in range(new_tokens) for r in range(R)]
-                ) if R else 0.0
-  row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-         "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
-         "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],
-         "weight_bytes": mean["fixed_weights"] + mean["experts"],
-         "expert_bytes": mean["experts"], "cache_bytes": mean["cache"],
-         "experts_hit_per_layer": float(hit), "limit_ms": 1e3 * limit_s,
-         "fraction_of_bandwidth": limit_s / step_s,
-         "compile_s": t4 - t3, "prefill_compile_s": t1 - t0,
-         "prefill_ms": 1e3 * float(np.median(prefill_times)),
-         "cache_gb_allocated": cache_bytes_per_position(cfg) * batch * S / 1e9,
-         "expert_backend": experts.resolve_backend(m.expert_backend, m.group_widths, m.d_model)}
-  tokens_BxN = np.concatenate([np.asarray(first_B)[:, None], tokens_NxB.T], axis=1)
-  return row, {"prompts_BxP": np.asarray(prompts_BxP), "tokens_BxN": tokens_BxN,
-               "expert_ids_NxRxBxK": ids_NxRxBxK}
+  for backend in backends:
+    t3 = T()
+    decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend)).lower(
+        state, first_B, lengths_B, caches).compile()
+    t4 = T()
+    out = jax.block_until_ready(decode(state, first_B, lengths_B, caches))  # warm-up
+    times = []
+    for _ in range(reps):
+      t5 = T()
+      out = jax.block_until_ready(decode(state, first_B, lengths_B, caches))
+      times.append((T() - t5) / new_tokens)
+    step_s = float(np.median(times))
+    tokens_NxB, ids_NxRxBxK = (np.asarray(a) for a in out)
+    per_step = [step_bytes(cfg, np.full(batch, prompt_len + t), ids_NxRxBxK[t])
+                for t in range(new_tokens)]  # step t feeds position prompt_len + t
+    mean = {k: float(np.mean([b[k] for b in per_step])) for k in per_step[0]}
+    limit_s = mean["total"] / HBM_BYTES_PER_S
+    R = ids_NxRxBxK.shape[1]
+    hit = np.mean([len(np.unique(ids_NxRxBxK[t, r])) for t in range(new_tokens)
+                   for r in range(R)]) if R else 0.0
+    row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "expert_backend": backend or experts.resolve_backend(m.expert_backend,
+                                                                m.group_widths, m.d_model),
+           "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
+           "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],
+           "weight_bytes": mean["fixed_weights"] + mean["experts"],
+           "expert_bytes": mean["experts"], "cache_bytes": mean["cache"],
+           "experts_hit_per_layer": float(hit), "limit_ms": 1e3 * limit_s,
+           "fraction_of_bandwidth": limit_s / step_s,
+           "compile_s": t4 - t3, "prefill_compile_s": t1 - t0,
+           "prefill_ms": 1e3 * float(np.median(prefill_times)),
+           "cache_gb_allocated": cache_bytes_per_position(cfg) * batch * S / 1e9}
+    tokens_BxN = np.concatenate([np.asarray(first_B)[:, None], tokens_NxB.T], axis=1)
+    yield row, {"prompts_BxP": np.asarray(prompts_BxP), "tokens_BxN": tokens_BxN,
+                "expert_ids_NxRxBxK": ids_NxRxBxK}
 
 
 # ----------------------------------------------------------------------------- processes
@@ -217,15 +222,18 @@ def _child(path: str, args) -> None:
   init_s = time.perf_counter() - t0
   print(f"  init {init_s:.1f} s (bf16 weights, "
         f"{sum(a.nbytes for a in jax.tree.leaves(state)) / 1e9:.2f} GB)", flush=True)
+  backends = [None if b == "auto" else b for b in args.decode_backends.split(",")]
   for b in args.batches:
     try:
-      row, _ = run(cfg, graphdef, state, b, args.prompt_len, args.new_tokens, args.reps)
-      stats = jax.devices()[0].memory_stats() or {}
-      row.update(init_s=init_s, peak_mem_gb=stats.get("peak_bytes_in_use", 0) / 2**30,
-                 device=jax.devices()[0].device_kind)
+      for row, _ in run(cfg, graphdef, state, b, args.prompt_len, args.new_tokens, args.reps,
+                        tuple(backends)):
+        stats = jax.devices()[0].memory_stats() or {}
+        row.update(init_s=init_s, peak_mem_gb=stats.get("peak_bytes_in_use", 0) / 2**30,
+                   device=jax.devices()[0].device_kind)
+        print("ROW " + json.dumps({"config": path, **row}), flush=True)
     except Exception as e:  # noqa: BLE001 - one batch's failure (e.g. out of memory) is a row
       row = {"batch": b, "error": f"{type(e).__name__}: {str(e)[:1500]}"}
-    print("ROW " + json.dumps({"config": path, **row}), flush=True)
+      print("ROW " + json.dumps({"config": path, **row}), flush=True)
 
 
 def _dry_run(args) -> None:
@@ -267,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--prompt-len", type=int, default=512)
   ap.add_argument("--new-tokens", type=int, default=128)
   ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--decode-backends", default="auto,all_experts",
+                  help="the decode steps' expert backends, each timed from the same prefill: "
+                       "auto (model.expert_backend: the Mosaic GPU kernels on the H200), "
+                       "all_experts (experts.all_experts)")
   ap.add_argument("--out", default=None)
   ap.add_argument("--dry-run", action="store_true", help="the byte arithmetic only, no device")
   ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -288,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
           "tokens", flush=True)
     cmd = [sys.executable, "-m", "benchmarks.decode", "--one", path,
            "--batches", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens), "--reps", str(args.reps), *args.overrides]
+           "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
+           "--decode-backends", args.decode_backends, *args.overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     tail = []
@@ -298,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         _write(args, rows)
         r = rows[-1]
         print(f"  batch {r['batch']}: " + (f"error {r['error'][:300]}" if "error" in r else
-              f"{r['step_ms']:.3f} ms/step, {r['tokens_per_s']:,.0f} tok/s, "
+              f"{r['expert_backend']}: {r['step_ms']:.3f} ms/step, "
+              f"{r['tokens_per_s']:,.0f} tok/s, "
               f"{r['fraction_of_bandwidth']:.1%} of bandwidth (compile {r['compile_s']:.1f} s)"),
               flush=True)
       else:
@@ -308,10 +322,12 @@ def main(argv: list[str] | None = None) -> None:
     if proc.wait() != 0:
       sys.stdout.write("".join(tail))
       print(f"{path}: process failed ({proc.returncode}); rows so far kept", flush=True)
-  print(f"\n{'config':<24}{'batch':>6}{'step ms':>9}{'tok/s':>10}{'GB/step':>9}{'limit ms':>9}"
-        f"{'fraction':>9}{'compile s':>10}{'prefill ms':>11}")
-  for r in sorted((r for r in rows if "error" not in r), key=lambda r: (r["config"], r["batch"])):
-    print(f"{r['config']:<24}{r['batch']:>6}{r['step_ms']:>9.3f}{r['tokens_per_s']:>10,.0f}"
+  print(f"\n{'config':<24}{'batch':>6}{'experts':>12}{'step ms':>9}{'tok/s':>10}{'GB/step':>9}"
+        f"{'limit ms':>9}{'fraction':>9}{'compile s':>10}{'prefill ms':>11}")
+  for r in sorted((r for r in rows if "error" not in r),
+                  key=lambda r: (r["config"], r["batch"], r["expert_backend"])):
+    print(f"{r['config']:<24}{r['batch']:>6}{r['expert_backend']:>12}{r['step_ms']:>9.3f}"
+          f"{r['tokens_per_s']:>10,.0f}"
           f"{r['bytes_per_step'] / 1e9:>9.3f}{r['limit_ms']:>9.3f}"
           f"{r['fraction_of_bandwidth']:>9.1%}{r['compile_s']:>10.1f}{r['prefill_ms']:>11.1f}")
   _write(args, rows)

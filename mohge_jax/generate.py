@@ -131,11 +131,11 @@ def _logits(model: Transformer, x: jax.Array) -> jax.Array:
   return logits_matmul(model.final_norm(x), head_weight(model))
 
 
-def _ffn(block, h_BxLxD):
+def _ffn(block, h_BxLxD, expert_backend: str | None = None):
   """The block's FFN on [B, L, D]: (y, routed ids or None)."""
   if block.ffn_kind == "dense":
     return block.ffn(h_BxLxD), None
-  y_BxLxD, aux = block.ffn(h_BxLxD)
+  y_BxLxD, aux = block.ffn(h_BxLxD, backend=expert_backend)
   return y_BxLxD, routing.Forced(aux["expert_ids"], aux["group_ids"])
 
 
@@ -171,9 +171,10 @@ def prefill(model: Transformer, tokens_BxP: jax.Array, lengths_B: jax.Array, cac
 
 
 def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
-                caches: list[MLACache]):
+                caches: list[MLACache], expert_backend: str | None = None):
   """One token per row at its position: logits [B, V] float32, the updated caches and per
-  stack the routing ([n, B, 1, ...] ids; None for dense stacks)."""
+  stack the routing ([n, B, 1, ...] ids; None for dense stacks). `expert_backend`: None
+  (model.expert_backend) or "all_experts" (`experts.all_experts`)."""
   x_Bx1xD = _embed(model, tokens_B[:, None])
   new_caches, routes = [], []
   for stack, cache in zip(model.stacks, caches):
@@ -185,7 +186,7 @@ def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
       a_Bx1xD, layer_cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B,
                                                layer_cache)
       x_Bx1xD = x_Bx1xD + a_Bx1xD
-      y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD))
+      y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD), expert_backend)
       return x_Bx1xD + y_Bx1xD, (layer_cache, ids)
 
     x_Bx1xD, (cache, ids) = jax.lax.scan(body, x_Bx1xD, (state, cache))

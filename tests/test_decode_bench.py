@@ -56,7 +56,10 @@ def test_decode_benchmark_bytes_and_tokens():
   model = nnx.merge(graphdef, state)
   P, N = 6, 3
   for B in (1, 4):
-    row, arrays = decode.run(cfg, graphdef, state, B, prompt_len=P, new_tokens=N, reps=1)
+    (row, arrays), (row_all, _) = decode.run(cfg, graphdef, state, B, prompt_len=P,
+                                             new_tokens=N, reps=1,
+                                             backends=(None, "all_experts"))
+    assert (row["expert_backend"], row_all["expert_backend"]) == ("tiled", "all_experts")
     prompts_BxP, ids_NxRxBxK = arrays["prompts_BxP"], arrays["expert_ids_NxRxBxK"]
     assert ids_NxRxBxK.shape == (N, 2, B, cfg.model.top_k)
 
@@ -75,6 +78,7 @@ def test_decode_benchmark_bytes_and_tokens():
     np.testing.assert_allclose(row["fraction_of_bandwidth"], row["limit_ms"] / row["step_ms"])
     np.testing.assert_allclose(row["tokens_per_s"], B / row["step_ms"] * 1e3)
     assert row["step_ms"] > 0 and row["compile_s"] > 0 and row["prefill_ms"] > 0
+    assert row_all["step_ms"] > 0 and row_all["prefill_ms"] == row["prefill_ms"]
 
 
 def test_expected_experts_under_uniform_routing():
@@ -95,7 +99,8 @@ def test_expected_experts_under_uniform_routing():
 def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
   """The benchmark's prefill and decode loop of the 3B models at batch 1 (6 expert rows: far
   below the kernels' 128-row tile) and 256, through the Mosaic GPU expert kernels (forced:
-  this host is a CPU), trace and lower for CUDA: what would first fail on the H200."""
+  this host is a CPU) and the decode loop through `all_experts`, trace and lower for CUDA:
+  what would first fail on the H200."""
   import pallas_kernels
   from pallas_kernels import gpu
   from mohge_jax import experts
@@ -116,6 +121,7 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
     _, caches = prefill.out_info
     text = prefill.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-    text = jax.jit(decode.make_decode(cfg, graphdef, N)).trace(
-        state, lengths, lengths, caches).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    for backend in (None, "all_experts"):
+      text = jax.jit(decode.make_decode(cfg, graphdef, N, backend)).trace(
+          state, lengths, lengths, caches).lower(lowering_platforms=("cuda",)).as_text()
+      assert ("mosaic_gpu" in text) == (backend is None)
