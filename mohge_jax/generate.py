@@ -180,16 +180,18 @@ def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
   for stack, cache in zip(model.stacks, caches):
     graphdef, state = nnx.split(stack.layers)
 
-    def body(x_Bx1xD, layer, graphdef=graphdef):
-      layer_state, layer_cache = layer
+    def body(carry, layer, graphdef=graphdef):
+      # The stack's cache is carried, each layer writing its entries in place (`MLA.decode`).
+      x_Bx1xD, cache = carry
+      layer_state, i = layer
       block = nnx.merge(graphdef, layer_state)
-      a_Bx1xD, layer_cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B,
-                                               layer_cache)
+      a_Bx1xD, cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B, cache, i)
       x_Bx1xD = x_Bx1xD + a_Bx1xD
       y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD), expert_backend)
-      return x_Bx1xD + y_Bx1xD, (layer_cache, ids)
+      return (x_Bx1xD + y_Bx1xD, cache), ids
 
-    x_Bx1xD, (cache, ids) = jax.lax.scan(body, x_Bx1xD, (state, cache))
+    (x_Bx1xD, cache), ids = jax.lax.scan(body, (x_Bx1xD, cache),
+                                         (state, jnp.arange(stack.num)))
     new_caches.append(cache)
     routes.append(ids)
   return _logits(model, x_Bx1xD)[:, 0], new_caches, routes
