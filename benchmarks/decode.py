@@ -2,15 +2,17 @@
 
     python -m benchmarks.decode [--configs configs/mohge_3b.yaml,configs/moe_3b.yaml]
         [--batches 256,32,1] [--prompt-len 512] [--new-tokens 128] [--reps 3]
-        [--out benchmarks/results/decode_h200.json] [--dry-run] [key=value ...]
+        [--decode-backends auto,all_experts] [--out benchmarks/results/decode_h200.json]
+        [--dry-run] [key=value ...]
 
 Random-initialised weights stored in bf16 (what a bf16 export serves; routing of random
 weights is not a trained model's), random prompts of exactly --prompt-len tokens per row.
 Per (config, batch): the prompt's prefill (`generate.prefill`, timed apart), then
 --new-tokens decode steps (`generate.decode_step`, greedy: the loop `generate` runs, its
-sampler replaced by an argmax) as one jitted `lax.scan`, run --reps times from the same
-prefilled cache after a warm-up run; step time = median over runs of run time / new
-tokens, tokens/s = batch / step time. compile_s: lower + compile of the decode loop
+sampler replaced by an argmax) as one jitted `lax.scan`, once per decode expert backend
+(`auto`: model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
+`experts.all_experts`), run --reps times from the same prefilled cache after a warm-up
+run; step time = median over runs of run time / new tokens, tokens/s = batch / step time. compile_s: lower + compile of the decode loop
 (prefill's apart, in prefill_compile_s); each batch is a new program (its shapes), so it
 compiles again. Each config runs in its own process (its batches in it, one after the
 other: a failing batch reports an error row and the next one runs); rows are written to
@@ -25,9 +27,9 @@ Bandwidth limit per step = the bytes a decode step must read / 4.8 TB/s (the H20
 fraction_of_bandwidth = limit / measured step time. (This decode step attends over all
 S = prompt + new slots of the cache, masked, so it reads more than the limit counts.)
 --dry-run prints the same arithmetic with the expected number of distinct experts under
-uniform routing, E * (1 - (1 - K/E)^B) per layer (per group g: N of them, each hit with
-probability K/E in MoHGE too: P(group) * P(expert | group) = Kg/G * K/(Kg*N)), and the
-memory of weights and cache; it needs no device.
+uniform routing, E * (1 - (1 - K/E)^B) per layer (a token's K experts hit a given one
+with probability K/E, in MoHGE too: P(its group) * P(it | group) = Kg/G * K/(Kg*N); the
+groups' widths weight the bytes), and the memory of weights and cache; no device needed.
 """
 
 from __future__ import annotations
