@@ -12,9 +12,9 @@ Per (config, batch): the prompt's prefill (`generate.prefill`, timed apart), the
 sampler replaced by an argmax) as one jitted `lax.scan`, once per decode expert backend
 (`auto`: model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
 `experts.all_experts`), run --reps times from the same prefilled cache after a warm-up
-run; step time = median over runs of run time / new tokens, tokens/s = batch / step time. compile_s: lower + compile of the decode loop
-(prefill's apart, in prefill_compile_s); each batch is a new program (its shapes), so it
-compiles again. Each config runs in its own process (its batches in it, one after the
+run; step time = median over runs of run time / new tokens, tokens/s = batch / step time.
+compile_s: lower + compile of the decode loop (prefill's apart, in prefill_compile_s);
+each batch is a new program (its shapes), so it compiles again. Each config runs in its own process (its batches in it, one after the
 other: a failing batch reports an error row and the next one runs); rows are written to
 --out as they come, so a run cut short keeps what it measured.
 
