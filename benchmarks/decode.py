@@ -14,9 +14,10 @@ sampler replaced by an argmax) as one jitted `lax.scan`, once per decode expert 
 `experts.all_experts`), run --reps times from the same prefilled cache after a warm-up
 run; step time = median over runs of run time / new tokens, tokens/s = batch / step time.
 compile_s: lower + compile of the decode loop (prefill's apart, in prefill_compile_s);
-each batch is a new program (its shapes), so it compiles again. Each config runs in its own process (its batches in it, one after the
-other: a failing batch reports an error row and the next one runs); rows are written to
---out as they come, so a run cut short keeps what it measured.
+each batch is a new program (its shapes), so it compiles again. Each config runs in its
+own process (its batches in it, one after the other: a failing batch reports an error row
+and the next one runs); rows are written to --out as they come, so a run cut short keeps
+what it measured.
 
 Bandwidth limit per step = the bytes a decode step must read / 4.8 TB/s (the H200's HBM):
   weights, bf16: every parameter but the embedding table and the routed experts, once;
