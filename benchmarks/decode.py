@@ -176,6 +176,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     t2 = T()
     jax.block_until_ready(prefill(state, prompts_BxP, lengths_B))
     prefill_times.append(T() - t2)
+  first_tokens_BxN = None
   for backend in backends:
     t3 = T()
     decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend)).lower(
@@ -209,6 +210,12 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
            "prefill_ms": 1e3 * float(np.median(prefill_times)),
            "cache_gb_allocated": cache_bytes_per_position(cfg) * batch * S / 1e9}
     tokens_BxN = np.concatenate([np.asarray(first_B)[:, None], tokens_NxB.T], axis=1)
+    if first_tokens_BxN is None:
+      first_tokens_BxN = tokens_BxN
+    # A sanity check across backends: the first decoded token (one decode step after the
+    # same prefill) of each row agrees but for bf16 near-ties; later ones drift apart.
+    row["first_decoded_token_agreement"] = float(np.mean(tokens_BxN[:, 1]
+                                                         == first_tokens_BxN[:, 1]))
     yield row, {"prompts_BxP": np.asarray(prompts_BxP), "tokens_BxN": tokens_BxN,
                 "expert_ids_NxRxBxK": ids_NxRxBxK}
 
@@ -227,6 +234,9 @@ def _child(path: str, args) -> None:
         f"{sum(a.nbytes for a in jax.tree.leaves(state)) / 1e9:.2f} GB)", flush=True)
   backends = [None if b == "auto" else b for b in args.decode_backends.split(",")]
   for b in args.batches:
+    S = args.prompt_len + args.new_tokens
+    print(f"  batch {b}: cache {cache_bytes_per_position(cfg) * b * S / 1e9:.2f} GB "
+          f"({S} slots x {cache_bytes_per_position(cfg):.0f} bytes per row)", flush=True)
     try:
       for row, _ in run(cfg, graphdef, state, b, args.prompt_len, args.new_tokens, args.reps,
                         tuple(backends)):

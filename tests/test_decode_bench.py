@@ -79,6 +79,8 @@ def test_decode_benchmark_bytes_and_tokens():
     np.testing.assert_allclose(row["tokens_per_s"], B / row["step_ms"] * 1e3)
     assert row["step_ms"] > 0 and row["compile_s"] > 0 and row["prefill_ms"] > 0
     assert row_all["step_ms"] > 0 and row_all["prefill_ms"] == row["prefill_ms"]
+    assert row["first_decoded_token_agreement"] == 1.0
+    assert 0 <= row_all["first_decoded_token_agreement"] <= 1
 
 
 def test_expected_experts_under_uniform_routing():
