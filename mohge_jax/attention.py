@@ -248,11 +248,17 @@ class MLA(nnx.Module):
     out = self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o)
     return out, {"dsa_kl": jnp.mean(kl_BxL)}
 
-  def decode(self, x_Bx1xD, positions_B, cache: "MLACache") -> tuple[jax.Array, "MLACache"]:
+  def decode(self, x_Bx1xD, positions_B, cache: "MLACache", layer: jax.Array | None = None
+             ) -> tuple[jax.Array, "MLACache"]:
     """One new token per row at per-row positions, in the absorbed form: W_UK folded into
     the query and W_UV applied after attention, so attention runs in the latent space
     against the cache (never per-head keys or values). Writes the token's latent and rope
-    key at slot `positions_B[b]` of row b and attends to slots 0..positions_B[b]."""
+    key at slot `positions_B[b]` of row b and attends to slots 0..positions_B[b].
+
+    `cache`: this layer's [B, S, ...], or with `layer` (an index) a stack's [n, B, S, ...],
+    written at [layer, b, positions_B[b]] only: a layer scan that carries the stacked cache
+    updates it in place, where passing each layer's slice in and out as the scan's input and
+    output would copy the whole cache every step."""
     m = self.m
     if m.sparse_attention == "dsa":
       raise NotImplementedError("decoding with DeepSeek Sparse Attention (model."
@@ -263,19 +269,22 @@ class MLA(nnx.Module):
     q_BxHxPR = self.queries(x_Bx1xD, pos_Bx1)[:, 0]
     c_Bx1xC, k_rope_Bx1xR = self.latent(x_Bx1xD, pos_Bx1)
     rows_B = jnp.arange(B)
-    cache = MLACache(cache.latent.at[rows_B, positions_B].set(c_Bx1xC[:, 0]),
-                     cache.k_rope.at[rows_B, positions_B].set(k_rope_Bx1xR[:, 0]))
+    at = (rows_B, positions_B) if layer is None else (layer, rows_B, positions_B)
+    cache = MLACache(cache.latent.at[at].set(c_Bx1xC[:, 0]),
+                     cache.k_rope.at[at].set(k_rope_Bx1xR[:, 0]))
+    latent_BxSxC, k_rope_BxSxR = (cache if layer is None
+                                  else (cache.latent[layer], cache.k_rope[layer]))
     w_uk_CxHxP, w_uv_CxHxV = self._w_uk_uv()
     q_lat_BxHxC = jnp.einsum("bhp,chp->bhc", q_BxHxPR[..., :P], w_uk_CxHxP)
     scores_BxHxS = (
-        jnp.einsum("bhc,bsc->bhs", q_lat_BxHxC, cache.latent, preferred_element_type=jnp.float32)
-        + jnp.einsum("bhr,bsr->bhs", q_BxHxPR[..., P:], cache.k_rope,
+        jnp.einsum("bhc,bsc->bhs", q_lat_BxHxC, latent_BxSxC, preferred_element_type=jnp.float32)
+        + jnp.einsum("bhr,bsr->bhs", q_BxHxPR[..., P:], k_rope_BxSxR,
                      preferred_element_type=jnp.float32)) * self.scale
-    S = cache.latent.shape[1]
+    S = latent_BxSxC.shape[1]
     visible_Bx1xS = (jnp.arange(S)[None, :] <= positions_B[:, None])[:, None, :]
     scores_BxHxS = jnp.where(visible_Bx1xS, scores_BxHxS, jnp.finfo(jnp.float32).min)
     probs_BxHxS = jax.nn.softmax(scores_BxHxS, axis=-1).astype(self.dtype)
-    o_lat_BxHxC = jnp.einsum("bhs,bsc->bhc", probs_BxHxS, cache.latent)
+    o_lat_BxHxC = jnp.einsum("bhs,bsc->bhc", probs_BxHxS, latent_BxSxC)
     o_BxHxV = jnp.einsum("bhc,chv->bhv", o_lat_BxHxC, w_uv_CxHxV)
     return self._mm(o_BxHxV.reshape(B, 1, H * V), self.w_o), cache
 

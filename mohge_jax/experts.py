@@ -344,6 +344,30 @@ def dispatch_and_combine(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down,
   return combine(y_TxKxD, weights_TxK)
 
 
+def all_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down) -> jax.Array:
+  """Every token through every expert, each expert's output weighted by the token's combine
+  weight for it (0 where not routed there): float32 [T, D], the value of
+  `dispatch_and_combine`. E/K times the routed FLOPs, but no sort and each expert's weights
+  read once, in their stored layout (per group a matmul batched over its N experts, then
+  one over experts and width together): for decoding's few tokens, which hit most experts
+  anyway and are bound by reading the weights, not by FLOPs."""
+  T, D = x_TxD.shape
+  E = sum(w.shape[0] for w in w_gate_up)
+  weights_TxE = jnp.sum(jax.nn.one_hot(expert_ids_TxK, E, dtype=jnp.float32)
+                        * weights_TxK[..., None].astype(jnp.float32), axis=1)
+  y_TxD = jnp.zeros((T, D), jnp.float32)
+  first = 0
+  for wgu_NxDxF2, wd_NxFxD in zip(w_gate_up, w_down):
+    N = wgu_NxDxF2.shape[0]
+    x_NxTxD = jnp.broadcast_to(x_TxD, (N, T, D))
+    h_NxTxF2 = jnp.einsum("ntd,ndf->ntf", x_NxTxD, wgu_NxDxF2)
+    w_NxTx1 = weights_TxE[:, first:first + N].T[:, :, None]
+    a_NxTxF = (swiglu(h_NxTxF2.astype(jnp.float32)) * w_NxTx1).astype(x_TxD.dtype)
+    y_TxD += jnp.einsum("ntf,nfd->td", a_NxTxF, wd_NxFxD, preferred_element_type=jnp.float32)
+    first += N
+  return y_TxD
+
+
 class RoutedFFN(nnx.Module):
   """MoHGE layer (kind 'mohge': two-level router) or homogeneous MoE (kind 'moe': top-K)."""
 
@@ -403,11 +427,13 @@ class RoutedFFN(nnx.Module):
     aux["group_tokens"] = expert_tokens_E.reshape(m.num_groups, -1).sum(-1)
     return r, aux
 
-  def __call__(self, x_BxLxD: jax.Array, forced: routing.Forced | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x_BxLxD: jax.Array, forced: routing.Forced | None = None, *,
+               backend: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """y [B, L, D] and aux: the loss terms, the token counts, and the routing itself
     (`expert_ids` [B, L, K], `group_ids` [B, L, Kg]: what generation records). `forced`
-    ([B, L, ...] ids) replays a recorded routing (GRPO's keep routing)."""
+    ([B, L, ...] ids) replays a recorded routing (GRPO's keep routing). `backend`: the
+    experts' backend for this call (None: model.expert_backend), or "all_experts"
+    (`all_experts`: for decoding; not under expert parallelism)."""
     B, L, D = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(B * L, D)
     r, aux = self.route(x_TxD, forced)
@@ -417,16 +443,19 @@ class RoutedFFN(nnx.Module):
 
     w_gate_up = [w[...].astype(self.dtype) for w in self.w_gate_up]
     w_down = [w[...].astype(self.dtype) for w in self.w_down]
+    backend = backend or self.cfg.model.expert_backend
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.shape.get("expert", 1) > 1:
+    if backend == "all_experts":
+      y_TxD = all_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down)
+    elif not mesh.empty and mesh.shape.get("expert", 1) > 1:
       from mohge_jax import expert_parallel  # imports this module: import at use
       y_TxD = expert_parallel.routed_experts(
           x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, mesh=mesh,
           experts_per_group=self.cfg.model.experts_per_group, comm=self.cfg.mesh.expert_comm,
-          backend=self.cfg.model.expert_backend, placement=self.cfg.mesh.placement)
+          backend=backend, placement=self.cfg.mesh.placement)
     else:
       y_TxD = dispatch_and_combine(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, E,
-                                   backend=self.cfg.model.expert_backend)
+                                   backend=backend)
     if self.shared is not None:
       y_TxD = y_TxD + self.shared(x_TxD).astype(jnp.float32)
     return y_TxD.astype(self.dtype).reshape(B, L, D), aux

@@ -131,19 +131,22 @@ def _logits(model: Transformer, x: jax.Array) -> jax.Array:
   return logits_matmul(model.final_norm(x), head_weight(model))
 
 
-def _ffn(block, h_BxLxD):
+def _ffn(block, h_BxLxD, expert_backend: str | None = None):
   """The block's FFN on [B, L, D]: (y, routed ids or None)."""
   if block.ffn_kind == "dense":
     return block.ffn(h_BxLxD), None
-  y_BxLxD, aux = block.ffn(h_BxLxD)
+  y_BxLxD, aux = block.ffn(h_BxLxD, backend=expert_backend)
   return y_BxLxD, routing.Forced(aux["expert_ids"], aux["group_ids"])
 
 
-def prefill(model: Transformer, tokens_BxP: jax.Array, cache_len: int):
+def prefill(model: Transformer, tokens_BxP: jax.Array, lengths_B: jax.Array, cache_len: int):
   """The prompt through every layer (training-form attention, positions 0..P-1).
 
-  Returns logits [B, P, V] float32, one MLACache per stack ([n, B, cache_len, ...], slots
-  0..P-1 filled) and per stack its routing ([n, B, P, ...] ids; None for dense stacks)."""
+  Returns the logits after each row's last prompt token ([B, V] float32, at position
+  lengths_B - 1: the output layer runs on B rows, not B*P: [B, P, V] float32 logits are
+  68 GB at B=256, P=512 and a 130k vocabulary), one MLACache per stack ([n, B, cache_len,
+  ...], slots 0..P-1 filled) and per stack its routing ([n, B, P, ...] ids; None for dense
+  stacks)."""
   B, P = tokens_BxP.shape
   positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   x_BxPxD = _embed(model, tokens_BxP)
@@ -163,28 +166,32 @@ def prefill(model: Transformer, tokens_BxP: jax.Array, cache_len: int):
     pad = ((0, 0), (0, 0), (0, cache_len - P), (0, 0))
     caches.append(MLACache(jnp.pad(c_nxBxPxC, pad), jnp.pad(kr_nxBxPxR, pad)))
     routes.append(ids)
-  return _logits(model, x_BxPxD), caches, routes
+  last_BxD = x_BxPxD[jnp.arange(B), lengths_B - 1]
+  return _logits(model, last_BxD[:, None])[:, 0], caches, routes
 
 
 def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
-                caches: list[MLACache]):
+                caches: list[MLACache], expert_backend: str | None = None):
   """One token per row at its position: logits [B, V] float32, the updated caches and per
-  stack the routing ([n, B, 1, ...] ids; None for dense stacks)."""
+  stack the routing ([n, B, 1, ...] ids; None for dense stacks). `expert_backend`: None
+  (model.expert_backend) or "all_experts" (`experts.all_experts`)."""
   x_Bx1xD = _embed(model, tokens_B[:, None])
   new_caches, routes = [], []
   for stack, cache in zip(model.stacks, caches):
     graphdef, state = nnx.split(stack.layers)
 
-    def body(x_Bx1xD, layer, graphdef=graphdef):
-      layer_state, layer_cache = layer
+    def body(carry, layer, graphdef=graphdef):
+      # The stack's cache is carried, each layer writing its entries in place (`MLA.decode`).
+      x_Bx1xD, cache = carry
+      layer_state, i = layer
       block = nnx.merge(graphdef, layer_state)
-      a_Bx1xD, layer_cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B,
-                                               layer_cache)
+      a_Bx1xD, cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B, cache, i)
       x_Bx1xD = x_Bx1xD + a_Bx1xD
-      y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD))
-      return x_Bx1xD + y_Bx1xD, (layer_cache, ids)
+      y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD), expert_backend)
+      return (x_Bx1xD + y_Bx1xD, cache), ids
 
-    x_Bx1xD, (cache, ids) = jax.lax.scan(body, x_Bx1xD, (state, cache))
+    (x_Bx1xD, cache), ids = jax.lax.scan(body, (x_Bx1xD, cache),
+                                         (state, jnp.arange(stack.num)))
     new_caches.append(cache)
     routes.append(ids)
   return _logits(model, x_Bx1xD)[:, 0], new_caches, routes
@@ -232,13 +239,13 @@ def _generate(graphdef, state, prompts_BxP, lengths_B, key, *, max_new_tokens, t
   draw = functools.partial(sample, vocab_size=model.cfg.model.vocab_size,
                            temperature=temperature, top_k=top_k, top_p=top_p)
 
-  logits_BxPxV, caches, prompt_routes = prefill(model, prompts_BxP, S)
+  logits_BxV, caches, prompt_routes = prefill(model, prompts_BxP, lengths_B, S)
   routes = None
   if record_routes:  # [R, B, S, ...], slots 0..P-1 from the prompt, the rest written below
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, S - P), (0, 0)))  # noqa: E731
     routes = jax.tree.map(pad, _routed(prompt_routes))
   key, sub = jax.random.split(key)
-  first = draw(sub, logits_BxPxV[rows_B, lengths_B - 1])
+  first = draw(sub, logits_BxV)
 
   def step(carry, _):
     (tokens_B, logp_B, allowed_BxV), positions_B, caches, routes, done_B, key = carry

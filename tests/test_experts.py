@@ -55,6 +55,20 @@ def test_mohge_layer_equals_per_token_loop(rng, backend, combine):
                                 np.asarray(aux["expert_tokens"]).reshape(3, 3).sum(1))
 
 
+@pytest.mark.parametrize("kind,extra", [
+    ("mohge", []), ("moe", ["model.ffn=moe", "model.group_widths=[16]",
+                            "model.experts_per_group=6", "model.top_k_groups=1"])])
+def test_all_experts_equals_per_token_loop(rng, kind, extra):
+  """backend="all_experts" (decoding: every token through every expert, weighted 0 where
+  it was not routed) on decode-shaped input [B, 1, D] gives the routed layer's value."""
+  cfg = load_config(None, SMALL + ["model.init_std=0.2", *extra])
+  layer = experts.RoutedFFN(cfg, kind, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  x_Bx1xD = rng.normal(size=(5, 1, 32)).astype(np.float32)
+  y, _ = layer(jnp.asarray(x_Bx1xD), backend="all_experts")
+  want = naive_layer(layer, x_Bx1xD.reshape(-1, 32))
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), want, rtol=1e-4, atol=1e-5)
+
+
 def test_one_group_equals_standard_topk_moe(rng):
   """G=1 (Kg=1) MoHGE routing reduces to softmax top-K: same layer output as 'moe'."""
   one_group = ["model.d_model=24", "model.group_widths=[16]", "model.experts_per_group=6",

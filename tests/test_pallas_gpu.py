@@ -70,3 +70,18 @@ def test_under_shard_map(rng):
   f = jax.jit(jax.shard_map(lambda x, a, b: pk.expert_ffn(x, gs, a, b), mesh=mesh,
                             in_specs=(spec, spec, spec), out_specs=spec))
   assert _err(f(x, wgu, wd), R.expert_ffn_ref(x, gs, wgu, wd)) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 6, 192, 1536])
+def test_forward_at_decode_sizes(rng, m):
+  """Decode batches of 1, 1, 32 and 256 tokens x top-6 (1 to 1,536 rows, fewer than one
+  128-row tile per expert): the forward pass on the device (TMA loads past the last row)."""
+  widths, n, d = (384, 512, 640), 4, 512
+  e = len(widths) * n
+  gs = jnp.asarray(rng.multinomial(m, np.full(e, 1 / e)), jnp.int32)
+  nrm = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+  x = nrm(m, d).astype(jnp.bfloat16)
+  wgu = tuple((nrm(n, d, 2 * w) / np.sqrt(d)).astype(jnp.bfloat16) for w in widths)
+  wd = tuple((nrm(n, w, d) / np.sqrt(w)).astype(jnp.bfloat16) for w in widths)
+  y = jax.jit(lambda x: pk.expert_ffn(x, gs, wgu, wd, backend="mosaic_gpu"))(x)
+  assert _err(y, R.expert_ffn_ref(x, gs, wgu, wd)) < 1e-2

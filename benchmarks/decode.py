@@ -1,0 +1,350 @@
+"""Decode throughput against the memory-bandwidth limit (issue 15).
+
+    python -m benchmarks.decode [--configs configs/mohge_3b.yaml,configs/moe_3b.yaml]
+        [--batches 256,32,1] [--prompt-len 512] [--new-tokens 128] [--reps 3]
+        [--decode-backends auto,all_experts] [--out benchmarks/results/decode_h200.json]
+        [--dry-run] [key=value ...]
+
+Random-initialised weights stored in bf16 (what a bf16 export serves; routing of random
+weights is not a trained model's), random prompts of exactly --prompt-len tokens per row.
+Per (config, batch): the prompt's prefill (`generate.prefill`, timed apart), then
+--new-tokens decode steps (`generate.decode_step`, greedy: the loop `generate` runs, its
+sampler replaced by an argmax) as one jitted `lax.scan`, once per decode expert backend
+(`auto`: model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
+`experts.all_experts`), run --reps times from the same prefilled cache after a warm-up
+run; step time = median over runs of run time / new tokens, tokens/s = batch / step time.
+compile_s: lower + compile of the decode loop (prefill's apart, in prefill_compile_s);
+each batch is a new program (its shapes), so it compiles again. Each config runs in its
+own process (its batches in it, one after the other: a failing batch reports an error row
+and the next one runs); rows are written to --out as they come, so a run cut short keeps
+what it measured.
+
+Bandwidth limit per step = the bytes a decode step must read / 4.8 TB/s (the H200's HBM):
+  weights, bf16: every parameter but the embedding table and the routed experts, once;
+    one embedding row per batch row; per routed layer the distinct experts the step's
+    tokens hit, 3 * d * W_g each (counted from the routes the run recorded);
+  KV cache, bf16: per layer and row, kv_lora_rank + qk_rope_head_dim numbers for each
+    position the row attends to (0..its position: the current lengths).
+fraction_of_bandwidth = limit / measured step time. (This decode step attends over all
+S = prompt + new slots of the cache, masked, so it reads more than the limit counts.)
+--dry-run prints the same arithmetic with the expected number of distinct experts under
+uniform routing, E * (1 - (1 - K/E)^B) per layer (a token's K experts hit a given one
+with probability K/E, in MoHGE too: P(its group) * P(it | group) = Kg/G * K/(Kg*N); the
+groups' widths weight the bytes), and the memory of weights and cache; no device needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mohge_jax import experts
+from mohge_jax import generate as gen
+from mohge_jax import params as params_lib
+from mohge_jax.config import Config, load_config
+from mohge_jax.model import Transformer
+from mohge_jax.trainer import graph_def
+
+HBM_BYTES_PER_S = 4.8e12  # H200, datasheet
+BYTES = 2  # bf16 weights and cache
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+def expert_bytes_E(cfg: Config) -> np.ndarray:
+  """Bytes of each routed expert (gate, up, down) in global order: [E]."""
+  m = cfg.model
+  return np.repeat(3 * m.d_model * np.asarray(m.group_widths, np.float64) * BYTES,
+                   m.experts_per_group)
+
+
+def routed_layers(cfg: Config) -> int:
+  return sum(k != "dense" for k in cfg.model.ffn_kinds)
+
+
+def fixed_weight_bytes(cfg: Config, batch: int) -> float:
+  """Weights every decode step reads whatever the routing: all but the embedding table and
+  the routed experts, and one embedding row per batch row."""
+  c = params_lib.count(cfg)["breakdown"]
+  rest = sum(c.values()) - c["routed_experts"] - c["embedding"]
+  return BYTES * (rest + batch * cfg.model.d_model)
+
+
+def cache_bytes_per_position(cfg: Config) -> float:
+  """One position's cache entry summed over the layers (MLA: latent and rope key)."""
+  m = cfg.model
+  return BYTES * m.num_layers * (m.kv_lora_rank + m.qk_rope_head_dim)
+
+
+def step_bytes(cfg: Config, positions_B: np.ndarray, expert_ids_RxBxK: np.ndarray | None
+               ) -> dict[str, float]:
+  """Bytes one decode step must read: rows at `positions_B` (attending to 0..position),
+  the experts in `expert_ids_RxBxK` (the step's routes; None: the expected count under
+  uniform routing)."""
+  m = cfg.model
+  B = len(positions_B)
+  bytes_E = expert_bytes_E(cfg)
+  if expert_ids_RxBxK is None:
+    hit = 1 - (1 - m.top_k / m.num_experts) ** B
+    expert = routed_layers(cfg) * hit * bytes_E.sum()
+  else:
+    R = expert_ids_RxBxK.shape[0]
+    hit_RxE = np.zeros((R, m.num_experts), bool)
+    hit_RxE[np.arange(R)[:, None], expert_ids_RxBxK.reshape(R, -1)] = True
+    expert = float((hit_RxE * bytes_E).sum())
+  fixed = fixed_weight_bytes(cfg, B)
+  cache = cache_bytes_per_position(cfg) * float(np.sum(np.asarray(positions_B) + 1))
+  return {"fixed_weights": fixed, "experts": expert, "cache": cache,
+          "total": fixed + expert + cache}
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def init_bf16(cfg: Config, seed: int = 0):
+  """(graphdef, state): a random model with every parameter stored in bf16."""
+  make = lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))  # noqa: E731
+  state = jax.jit(lambda: jax.tree.map(lambda a: a.astype(jnp.bfloat16), make()))()
+  return graph_def(cfg), state
+
+
+def make_prefill(cfg: Config, graphdef, cache_len: int):
+  """(state, prompts_BxP, lengths_B) -> (greedy first token [B], caches)."""
+  def prefill(state, prompts_BxP, lengths_B):
+    logits_BxV, caches, _ = gen.prefill(nnx.merge(graphdef, state), prompts_BxP, lengths_B,
+                                        cache_len)
+    return _greedy(cfg, logits_BxV), caches
+  return prefill
+
+
+def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | None = None):
+  """(state, tokens_B, positions_B, caches) -> (tokens [N, B], expert ids [N, R, B, K]):
+  `new_tokens` greedy decode steps in one `lax.scan`, each feeding the token it drew;
+  routed experts through `expert_backend` (`generate.decode_step`)."""
+  def decode(state, tokens_B, positions_B, caches):
+    model = nnx.merge(graphdef, state)
+
+    def step(carry, _):
+      tokens_B, positions_B, caches = carry
+      logits_BxV, caches, routes = gen.decode_step(model, tokens_B, positions_B, caches,
+                                                   expert_backend)
+      ids = [r.expert_ids[:, :, 0] for r in routes if r is not None]
+      ids_RxBxK = (jnp.concatenate(ids) if ids
+                   else jnp.zeros((0, tokens_B.shape[0], cfg.model.top_k), jnp.int32))
+      next_B = _greedy(cfg, logits_BxV)
+      return (next_B, positions_B + 1, caches), (next_B, ids_RxBxK)
+
+    _, out = jax.lax.scan(step, (tokens_B, positions_B, caches), None, length=new_tokens)
+    return out
+  return decode
+
+
+def _greedy(cfg: Config, logits_BxV: jax.Array) -> jax.Array:
+  return jnp.argmax(logits_BxV[:, :cfg.model.vocab_size], -1).astype(jnp.int32)
+
+
+def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: int, reps: int,
+        backends: tuple[str | None, ...] = (None,), seed: int = 0):
+  """One (config, batch): the prompt's prefill, then per expert backend of the decode steps
+  (None: model.expert_backend; "all_experts") yields (the row, the run's arrays:
+  `prompts_BxP`, `tokens_BxN` (the first token from the prefill, then one per decode step)
+  and `expert_ids_NxRxBxK`, the routes of each decode step)."""
+  m = cfg.model
+  S = prompt_len + new_tokens
+  T = time.perf_counter
+  prompts_BxP = jnp.asarray(np.random.default_rng(seed).integers(
+      0, m.vocab_size, size=(batch, prompt_len)), jnp.int32)
+  lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
+  t0 = T()
+  prefill = jax.jit(make_prefill(cfg, graphdef, S)).lower(state, prompts_BxP,
+                                                           lengths_B).compile()
+  t1 = T()
+  first_B, caches = jax.block_until_ready(prefill(state, prompts_BxP, lengths_B))
+  prefill_times = []
+  for _ in range(reps):
+    t2 = T()
+    jax.block_until_ready(prefill(state, prompts_BxP, lengths_B))
+    prefill_times.append(T() - t2)
+  first_tokens_BxN = None
+  for backend in backends:
+    t3 = T()
+    decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend)).lower(
+        state, first_B, lengths_B, caches).compile()
+    t4 = T()
+    out = jax.block_until_ready(decode(state, first_B, lengths_B, caches))  # warm-up
+    times = []
+    for _ in range(reps):
+      t5 = T()
+      out = jax.block_until_ready(decode(state, first_B, lengths_B, caches))
+      times.append((T() - t5) / new_tokens)
+    step_s = float(np.median(times))
+    tokens_NxB, ids_NxRxBxK = (np.asarray(a) for a in out)
+    per_step = [step_bytes(cfg, np.full(batch, prompt_len + t), ids_NxRxBxK[t])
+                for t in range(new_tokens)]  # step t feeds position prompt_len + t
+    mean = {k: float(np.mean([b[k] for b in per_step])) for k in per_step[0]}
+    limit_s = mean["total"] / HBM_BYTES_PER_S
+    R = ids_NxRxBxK.shape[1]
+    hit = np.mean([len(np.unique(ids_NxRxBxK[t, r])) for t in range(new_tokens)
+                   for r in range(R)]) if R else 0.0
+    row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "expert_backend": backend or experts.resolve_backend(m.expert_backend,
+                                                                m.group_widths, m.d_model),
+           "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
+           "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],
+           "weight_bytes": mean["fixed_weights"] + mean["experts"],
+           "expert_bytes": mean["experts"], "cache_bytes": mean["cache"],
+           "experts_hit_per_layer": float(hit), "limit_ms": 1e3 * limit_s,
+           "fraction_of_bandwidth": limit_s / step_s,
+           "compile_s": t4 - t3, "prefill_compile_s": t1 - t0,
+           "prefill_ms": 1e3 * float(np.median(prefill_times)),
+           "cache_gb_allocated": cache_bytes_per_position(cfg) * batch * S / 1e9}
+    tokens_BxN = np.concatenate([np.asarray(first_B)[:, None], tokens_NxB.T], axis=1)
+    if first_tokens_BxN is None:
+      first_tokens_BxN = tokens_BxN
+    # A sanity check across backends: the first decoded token (one decode step after the
+    # same prefill) of each row agrees but for bf16 near-ties; later ones drift apart.
+    row["first_decoded_token_agreement"] = float(np.mean(tokens_BxN[:, 1]
+                                                         == first_tokens_BxN[:, 1]))
+    yield row, {"prompts_BxP": np.asarray(prompts_BxP), "tokens_BxN": tokens_BxN,
+                "expert_ids_NxRxBxK": ids_NxRxBxK}
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _child(path: str, args) -> None:
+  """One config's batches in this process: a `ROW {json}` line per batch."""
+  cfg = load_config(path, args.overrides)
+  t0 = time.perf_counter()
+  graphdef, state = init_bf16(cfg)
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t0
+  print(f"  init {init_s:.1f} s (bf16 weights, "
+        f"{sum(a.nbytes for a in jax.tree.leaves(state)) / 1e9:.2f} GB)", flush=True)
+  backends = [None if b == "auto" else b for b in args.decode_backends.split(",")]
+  for b in args.batches:
+    S = args.prompt_len + args.new_tokens
+    print(f"  batch {b}: cache {cache_bytes_per_position(cfg) * b * S / 1e9:.2f} GB "
+          f"({S} slots x {cache_bytes_per_position(cfg):.0f} bytes per row)", flush=True)
+    try:
+      for row, _ in run(cfg, graphdef, state, b, args.prompt_len, args.new_tokens, args.reps,
+                        tuple(backends)):
+        stats = jax.devices()[0].memory_stats() or {}
+        row.update(init_s=init_s, peak_mem_gb=stats.get("peak_bytes_in_use", 0) / 2**30,
+                   device=jax.devices()[0].device_kind)
+        print("ROW " + json.dumps({"config": path, **row}), flush=True)
+    except Exception as e:  # noqa: BLE001 - one batch's failure (e.g. out of memory) is a row
+      row = {"batch": b, "error": f"{type(e).__name__}: {str(e)[:1500]}"}
+      print("ROW " + json.dumps({"config": path, **row}), flush=True)
+
+
+def _dry_run(args) -> None:
+  print(f"{'config':<24}{'batch':>6}{'weights GB':>11}{'experts hit':>12}{'cache GB':>9}"
+        f"{'total GB':>9}{'limit ms':>9}{'limit tok/s':>12}{'cache alloc GB':>15}")
+  for path in args.configs:
+    cfg = load_config(path, args.overrides)
+    m = cfg.model
+    S = args.prompt_len + args.new_tokens
+    for b in args.batches:
+      # mean over the run's steps: step t attends to prompt_len + t + 1 positions per row
+      per_step = [step_bytes(cfg, np.full(b, args.prompt_len + t), None)
+                  for t in range(args.new_tokens)]
+      mean = {k: float(np.mean([s[k] for s in per_step])) for k in per_step[0]}
+      limit_s = mean["total"] / HBM_BYTES_PER_S
+      hit = m.num_experts * (1 - (1 - m.top_k / m.num_experts) ** b)
+      print(f"{path:<24}{b:>6}{(mean['fixed_weights'] + mean['experts']) / 1e9:>11.3f}"
+            f"{hit:>12.1f}{mean['cache'] / 1e9:>9.3f}{mean['total'] / 1e9:>9.3f}"
+            f"{1e3 * limit_s:>9.3f}{b / limit_s:>12,.0f}"
+            f"{cache_bytes_per_position(cfg) * b * S / 1e9:>15.3f}")
+
+
+def _write(args, rows) -> None:
+  if args.out:
+    with open(args.out, "w") as fh:
+      json.dump({"device": next((r["device"] for r in rows if "device" in r), None),
+                 "jax_version": jax.__version__, "date": datetime.date.today().isoformat(),
+                 "hbm_bytes_per_s": HBM_BYTES_PER_S, "prompt_len": args.prompt_len,
+                 "new_tokens": args.new_tokens, "reps": args.reps,
+                 "weights": "random init, stored in bf16", "overrides": args.overrides,
+                 "rows": rows}, fh, indent=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--configs", default="configs/mohge_3b.yaml,configs/moe_3b.yaml")
+  ap.add_argument("--batches", default="256,32,1", help="in this order (the target row first)")
+  ap.add_argument("--prompt-len", type=int, default=512)
+  ap.add_argument("--new-tokens", type=int, default=128)
+  ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--decode-backends", default="auto,all_experts",
+                  help="the decode steps' expert backends, each timed from the same prefill: "
+                       "auto (model.expert_backend: the Mosaic GPU kernels on the H200), "
+                       "all_experts (experts.all_experts)")
+  ap.add_argument("--out", default=None)
+  ap.add_argument("--dry-run", action="store_true", help="the byte arithmetic only, no device")
+  ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+  ap.add_argument("overrides", nargs="*")
+  args = ap.parse_args(argv)
+  args.configs = args.configs.split(",")
+  args.batches = [int(b) for b in args.batches.split(",")]
+  if args.dry_run:
+    _dry_run(args)
+    return
+  if args.one:
+    _child(args.one, args)
+    return
+
+  # This process never touches the device: each config's process has it to itself.
+  rows = []
+  for path in args.configs:
+    print(f"{path}: batches {args.batches}, prompt {args.prompt_len}, {args.new_tokens} new "
+          "tokens", flush=True)
+    cmd = [sys.executable, "-m", "benchmarks.decode", "--one", path,
+           "--batches", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len),
+           "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
+           "--decode-backends", args.decode_backends, *args.overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    tail = []
+    for line in proc.stdout:
+      if line.startswith("ROW "):
+        rows.append(json.loads(line[4:]))
+        _write(args, rows)
+        r = rows[-1]
+        print(f"  batch {r['batch']}: " + (f"error {r['error'][:300]}" if "error" in r else
+              f"{r['expert_backend']}: {r['step_ms']:.3f} ms/step, "
+              f"{r['tokens_per_s']:,.0f} tok/s, "
+              f"{r['fraction_of_bandwidth']:.1%} of bandwidth (compile {r['compile_s']:.1f} s)"),
+              flush=True)
+      else:
+        tail = (tail + [line])[-40:]
+        if line.startswith("  "):
+          sys.stdout.write(line)
+    if proc.wait() != 0:
+      sys.stdout.write("".join(tail))
+      print(f"{path}: process failed ({proc.returncode}); rows so far kept", flush=True)
+  print(f"\n{'config':<24}{'batch':>6}{'experts':>12}{'step ms':>9}{'tok/s':>10}{'GB/step':>9}"
+        f"{'limit ms':>9}{'fraction':>9}{'compile s':>10}{'prefill ms':>11}")
+  for r in sorted((r for r in rows if "error" not in r),
+                  key=lambda r: (r["config"], r["batch"], r["expert_backend"])):
+    print(f"{r['config']:<24}{r['batch']:>6}{r['expert_backend']:>12}{r['step_ms']:>9.3f}"
+          f"{r['tokens_per_s']:>10,.0f}"
+          f"{r['bytes_per_step'] / 1e9:>9.3f}{r['limit_ms']:>9.3f}"
+          f"{r['fraction_of_bandwidth']:>9.1%}{r['compile_s']:>10.1f}{r['prefill_ms']:>11.1f}")
+  _write(args, rows)
+
+
+if __name__ == "__main__":
+  main()

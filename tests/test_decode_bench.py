@@ -1,0 +1,129 @@
+"""benchmarks/decode.py on CPU at tiny sizes: its timed loop decodes what `generate` decodes
+(greedy), and its bytes per step equal a count over the real arrays (the bf16 parameter
+tree's leaves, the experts each step's routes hit, the prefilled cache's entries)."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks import decode
+from mohge_jax import generate as gen
+from mohge_jax.config import load_config
+from mohge_jax.model import layer_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.dtype=bfloat16", "model.d_model=32", "model.num_heads=2", "model.kv_lora_rank=16",
+        "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
+        "model.dense_ffn_width=48", "model.group_widths=[8,16,24]", "model.experts_per_group=2",
+        "model.top_k_groups=2", "model.top_k=3", "model.shared_expert_width=8",
+        "model.max_seq_len=32", "train.seq_len=32"]
+
+
+def counted_bytes(cfg, state, caches, positions_B, expert_ids_RxBxK):
+  """Bytes a step reads, counted on the arrays: every leaf but the embedding and the routed
+  experts whole, one embedding row per batch row, the slices [layer, n] of the stacked
+  expert weights that the step's routes hit, and per row the cache entries of positions
+  0..position."""
+  N = cfg.model.experts_per_group
+  runs = layer_runs(cfg.model.ffn_kinds)
+  total = 0
+  for path, leaf in nnx.to_flat_state(state):
+    a = leaf.get_value()
+    keys = [str(k) for k in path]
+    if keys[0] == "embed":
+      total += len(positions_B) * a[0].nbytes
+    elif keys[-2:-1] in (["w_gate_up"], ["w_down"]):
+      stack, g = path[1], path[-1]  # stacks/<stack>/layers/ffn/<w>/<group>: [layers, N, ...]
+      first = sum(n for kind, n in runs[:stack] if kind != "dense")
+      for layer in range(a.shape[0]):
+        hit = set(np.unique(expert_ids_RxBxK[first + layer]).tolist())
+        total += sum(a[layer, n].nbytes for n in range(N) if g * N + n in hit)
+    else:
+      total += a.nbytes
+  per_row_position = sum(a.dtype.itemsize * np.prod(a.shape) / np.prod(a.shape[1:3])
+                         for c in caches for a in c)
+  return total + per_row_position * float(np.sum(positions_B + 1))
+
+
+def test_decode_benchmark_bytes_and_tokens():
+  cfg = load_config(str(ROOT / "configs/tiny.yaml"), TINY)
+  graphdef, state = decode.init_bf16(cfg)
+  assert {a.dtype for a in jax.tree.leaves(state)} == {jnp.dtype(jnp.bfloat16)}
+  model = nnx.merge(graphdef, state)
+  P, N = 6, 3
+  for B in (1, 4):
+    (row, arrays), (row_all, _) = decode.run(cfg, graphdef, state, B, prompt_len=P,
+                                             new_tokens=N, reps=1,
+                                             backends=(None, "all_experts"))
+    assert (row["expert_backend"], row_all["expert_backend"]) == ("tiled", "all_experts")
+    prompts_BxP, ids_NxRxBxK = arrays["prompts_BxP"], arrays["expert_ids_NxRxBxK"]
+    assert ids_NxRxBxK.shape == (N, 2, B, cfg.model.top_k)
+
+    if B > 1:  # the timed loop is generation: greedy generate gives the same N + 1 tokens
+      out = gen.generate(model, prompts_BxP, np.full(B, P), jax.random.key(0),
+                         max_new_tokens=N + 1, temperature=0.0, return_mask=False)
+      np.testing.assert_array_equal(arrays["tokens_BxN"], np.asarray(out.tokens))
+
+    _, caches, _ = jax.eval_shape(lambda p: gen.prefill(model, p, jnp.full((B,), P), P + N),
+                                  prompts_BxP)  # the cache's shapes and dtypes
+    want = np.mean([counted_bytes(cfg, state, caches, np.full(B, P + t), ids_NxRxBxK[t])
+                    for t in range(N)])
+    np.testing.assert_allclose(row["bytes_per_step"], want, rtol=1e-12)
+    assert row["experts_hit_per_layer"] <= min(B * cfg.model.top_k, cfg.model.num_experts)
+    np.testing.assert_allclose(row["limit_ms"], want / 4.8e12 * 1e3, rtol=1e-12)
+    np.testing.assert_allclose(row["fraction_of_bandwidth"], row["limit_ms"] / row["step_ms"])
+    np.testing.assert_allclose(row["tokens_per_s"], B / row["step_ms"] * 1e3)
+    assert row["step_ms"] > 0 and row["compile_s"] > 0 and row["prefill_ms"] > 0
+    assert row_all["step_ms"] > 0 and row_all["prefill_ms"] == row["prefill_ms"]
+    assert row["first_decoded_token_agreement"] == 1.0
+    assert 0 <= row_all["first_decoded_token_agreement"] <= 1
+
+
+def test_expected_experts_under_uniform_routing():
+  """The dry run's expected distinct experts, E * (1 - (1 - K/E)^B), against sampling MoE
+  routes (K distinct of E uniformly per token)."""
+  cfg = load_config(str(ROOT / "configs/moe_3b.yaml"))
+  rng = np.random.default_rng(0)
+  E, K = cfg.model.num_experts, cfg.model.top_k
+  for B in (1, 32, 256):
+    ids = np.stack([[rng.choice(E, K, replace=False) for _ in range(B)] for _ in range(200)])
+    sampled = np.mean([len(np.unique(i)) for i in ids])
+    got = decode.step_bytes(cfg, np.zeros(B, int), None)["experts"]
+    per_layer = got / decode.routed_layers(cfg) / decode.expert_bytes_E(cfg)[0]
+    np.testing.assert_allclose(per_layer, sampled, rtol=0.02)
+
+
+@pytest.mark.parametrize("config", ["configs/mohge_3b.yaml", "configs/moe_3b.yaml"])
+def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
+  """The benchmark's prefill and decode loop of the 3B models at batch 1 (6 expert rows: far
+  below the kernels' 128-row tile) and 256, through the Mosaic GPU expert kernels (forced:
+  this host is a CPU) and the decode loop through `all_experts`, trace and lower for CUDA:
+  what would first fail on the H200."""
+  import pallas_kernels
+  from pallas_kernels import gpu
+  from mohge_jax import experts
+  from mohge_jax.model import Transformer
+  from mohge_jax.trainer import graph_def
+  monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132))
+  resolve = experts.resolve_backend
+  monkeypatch.setattr(experts, "resolve_backend",
+                      lambda b, *a: "pallas" if b == "auto" else resolve(b, *a))
+  cfg = load_config(str(ROOT / config))
+  graphdef = graph_def(cfg)
+  state = jax.eval_shape(lambda: jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(
+      Transformer(cfg, rngs=nnx.Rngs(0)))))
+  P, N = 512, 128
+  for B in (1, 256):
+    prompts, lengths = (jax.ShapeDtypeStruct(s, jnp.int32) for s in ((B, P), (B,)))
+    prefill = jax.jit(decode.make_prefill(cfg, graphdef, P + N)).trace(state, prompts, lengths)
+    _, caches = prefill.out_info
+    text = prefill.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    for backend in (None, "all_experts"):
+      text = jax.jit(decode.make_decode(cfg, graphdef, N, backend)).trace(
+          state, lengths, lengths, caches).lower(lowering_platforms=("cuda",)).as_text()
+      assert ("mosaic_gpu" in text) == (backend is None)
