@@ -210,3 +210,80 @@ def test_backward_never_holds_the_whole_gather():
       z(B, T, H, C), z(B, T, H, R), z(B, T, C), z(B, T, R)).compile()
   whole_gather = B * T * K * (C + R) * 4
   assert compiled.memory_analysis().temp_size_in_bytes < whole_gather / 3
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+def _kernel_problem(rng, dtype, B, T, H, C, R, K):
+  """Random keys per query (repeats allowed), valid iff causal; slot 0 is the query itself,
+  and a few queries keep only it (the ragged causal edge)."""
+  f = lambda *s: jnp.asarray(rng.normal(size=s), dtype)  # noqa: E731
+  q_lat, q_rope, c, kr = f(B, T, H, C), f(B, T, H, R), f(B, T, C), f(B, T, R)
+  t_T = np.arange(T)
+  idx = rng.integers(0, T, size=(B, T, K))
+  idx[:, :, 0] = t_T
+  valid = idx <= t_T[None, :, None]
+  valid[:, rng.integers(0, T, size=2), 1:] = False
+  return (q_lat, q_rope, c, kr), jnp.asarray(idx, jnp.int32), jnp.asarray(valid)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  assert np.isfinite(a).all()
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("dtype,C,R,K,tol", [(jnp.bfloat16, 128, 64, 100, 1e-2),
+                                             (jnp.float32, 64, 32, 70, 1e-5)])
+def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol):
+  """The Mosaic GPU kernel in the GPU interpreter: o_lat, p and the gradients (the custom
+  VJP's backward is the reference's) against impl="reference"; two batch rows (the gather's
+  sequence offset), K over one 64-key step (the online softmax across steps)."""
+  B, T, H = 2, 5, 16
+  args, idx, valid = _kernel_problem(rng, dtype, B, T, H, C, R, K)
+  g_out = jnp.asarray(rng.normal(size=(B, T, H, C)), jnp.float32)
+
+  def run(impl):
+    def loss(*a):
+      o, p = dsa.sparse_mla(*a, idx, valid, scale=0.1, chunk=4, impl=impl)
+      return jnp.sum(o.astype(jnp.float32) * g_out), (o, p)
+    return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+
+  grads, (o, p) = run("interpret")
+  grads_r, (o_r, p_r) = run("reference")
+  assert _rel(o, o_r) < tol
+  assert _rel(p, p_r) < tol
+  for a, b in zip(grads, grads_r):
+    assert _rel(a, b) < tol
+
+
+def test_sparse_mla_kernel_refuses_unsupported_shapes(rng):
+  args, idx, valid = _kernel_problem(rng, jnp.bfloat16, 1, 3, 12, 128, 64, 2)
+  with pytest.raises(ValueError, match="heads must be a multiple of 8"):
+    dsa.sparse_mla(*args, idx, valid, scale=0.1, chunk=4, impl="pallas")
+  assert dsa.resolve_sparse_mla_impl("auto", 12, 128, 64, 2, jnp.bfloat16) == "reference"
+
+
+def test_sparse_mla_kernel_lowers_for_cuda_at_mohge_3b_shapes():
+  """Mosaic GPU lowering (no GPU needed) at H = 16, C = 512, R = 64, K = 2048, T = 128k:
+  the forward kernel alone, and the model's use (o_lat and p, gradients) at T = 4096."""
+  from pallas_kernels import sparse_mla_gpu
+
+  sds = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  H, C, R, K = 16, 512, 64, 2048
+  for T in (131072,):
+    fwd = jax.jit(lambda *a: sparse_mla_gpu.sparse_mla_fwd(*a, scale=0.04))
+    fwd.trace(sds((1, T, H, C), bf), sds((1, T, H, R), bf), sds((1, T, C + R), bf),
+              sds((1, T, K), jnp.int32)).lower(lowering_platforms=("cuda",))
+  T = 4096
+
+  def loss(q_lat, q_rope, c, kr, idx, valid):
+    o, p = dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=0.04, chunk=256,
+                          impl="pallas")
+    return o.astype(jnp.float32).sum() + p.sum()
+
+  jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
+      sds((1, T, H, C), bf), sds((1, T, H, R), bf), sds((1, T, C), bf), sds((1, T, R), bf),
+      sds((1, T, K), jnp.int32), sds((1, T, K), bool)).lower(lowering_platforms=("cuda",))
