@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mohge_jax.config import ModelConfig
+from mohge_jax.config import DSA_IMPLS, ModelConfig
 
 # A finite "minus infinity": a row with every key masked stays finite (uniform) instead of
 # NaN, which matters for padded query rows whose cotangent is zero (0 * NaN = NaN).
@@ -180,7 +180,7 @@ def _masked_softmax(logits, ok):
   return jax.nn.softmax(jnp.where(ok, logits, _MASKED), axis=-1)
 
 
-SPARSE_MLA_IMPLS = ("auto", "reference", "pallas", "interpret")
+SPARSE_MLA_IMPLS = DSA_IMPLS
 
 
 def _logits(q_lat, q_rope, sel_BxQxKxCR, C: int, scale: float):

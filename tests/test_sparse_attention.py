@@ -153,6 +153,7 @@ def test_lm_gradients_skip_the_indexer_and_kl_reaches_only_it(rng, stage):
     (["model.dsa_index_rope_dim=3"], "model.dsa_index_rope_dim"),
     (["model.dsa_index_rope_dim=16"], "model.dsa_index_rope_dim"),
     (["train.dsa_stage=warm"], "train.dsa_stage"),
+    (["model.dsa_impl=fast"], "model.dsa_impl"),
     (["loss.dsa_kl_coef=-1"], "loss.dsa_kl_coef"),
     (["model.attention=mha", "model.head_dim=8"], "model.sparse_attention=dsa"),
 ])
