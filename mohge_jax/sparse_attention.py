@@ -245,10 +245,9 @@ def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, 
 
 def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, valid_BxTxK, *,
                        scale: float, chunk: int, interpret: bool):
-  """o_lat from the Mosaic GPU forward kernel, under a custom VJP whose backward is the
-  pure-JAX reference's (`jax.vjp` of `sparse_mla`, impl="reference": it recomputes the
-  chunked forward; not a kernel yet). p (the KL target) is recomputed in pure JAX from the
-  kernel's LSE: one chunked gather and score product, no second softmax pass."""
+  """o_lat from the Mosaic GPU forward kernel, under a custom VJP whose backward is pure JAX
+  (`_sparse_mla_bwd`, from the kernel's o and LSE; not a kernel yet). p (the KL target) is
+  recomputed in pure JAX from the LSE: one chunked gather and score product."""
   from pallas_kernels import sparse_mla_gpu
 
   T, H, C = q_lat_BxTxHxC.shape[1:]
@@ -260,14 +259,12 @@ def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, val
                                          scale=scale, interpret=interpret)
 
   def fwd(q_lat, q_rope, ckr, idx, valid):
-    return attend(q_lat, q_rope, ckr, idx, valid), (q_lat, q_rope, ckr, idx, valid)
+    o, lse = attend(q_lat, q_rope, ckr, idx, valid)
+    return (o, lse), (q_lat, q_rope, ckr, idx, valid, o, lse)
 
   def bwd(res, g):
     g_o, _ = g  # the LSE leaves this function under stop_gradient
-    q_lat, q_rope, ckr, idx, valid = res
-    reference_o = lambda q_lat, q_rope, ckr: sparse_mla(  # noqa: E731
-        q_lat, q_rope, ckr[..., :C], ckr[..., C:], idx, valid, scale=scale, chunk=chunk)[0]
-    return (*jax.vjp(reference_o, q_lat, q_rope, ckr)[1](g_o), None, None)
+    return (*_sparse_mla_bwd(*res, g_o, scale=scale, chunk=chunk), None, None)
 
   attend.defvjp(fwd, bwd)
   o_BxTxHxC, lse_BxTxH = attend(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK,
@@ -282,6 +279,48 @@ def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, val
   p_BxTxK = over_query_chunks(chunk_fn, chunk, T, sg(q_lat_BxTxHxC), sg(q_rope_BxTxHxR),
                               idx_BxTxK, valid_BxTxK, lse_BxTxH)
   return o_BxTxHxC, p_BxTxK
+
+
+def _sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, valid_BxTxK,
+                    o_BxTxHxC, lse_BxTxH, g_BxTxHxC, *, scale: float, chunk: int):
+  """The gradients of o_lat in (q_lat, q_rope, ckr) from the forward's o and LSE (flash
+  attention's backward, per chunk of queries): p = exp(score - lse) on valid keys,
+  ds = p (g·c_sel - Σ_c g o) scale, dq = ds·[c | k_rope]_sel, d[c | k_rope]_sel = dsᵀq
+  (+ pᵀg on c), scattered into dckr [B,S,C+R] (float32), the carry of a scan over chunks.
+  Query padding (T up to a multiple of the chunk) is invalid everywhere, so contributes 0."""
+  B, T, H, C = q_lat_BxTxHxC.shape
+  S, CR = ckr_BxSxCR.shape[1:]
+  dt, f32 = q_lat_BxTxHxC.dtype, jnp.float32
+  Q = min(chunk, T)
+  n = -(-T // Q)
+  delta_BxTxH = jnp.sum(g_BxTxHxC.astype(f32) * o_BxTxHxC.astype(f32), -1)
+
+  def split(a):
+    a = jnp.pad(a, [(0, 0), (0, n * Q - T)] + [(0, 0)] * (a.ndim - 2))
+    return jnp.moveaxis(a.reshape(B, n, Q, *a.shape[2:]), 1, 0)
+
+  def step(dckr_BxSxCR, xs):
+    q_lat, q_rope, idx, valid, lse, g, delta = xs
+    sel_BxQxKxCR = _gather_rows(ckr_BxSxCR, idx)
+    logits = _logits(q_lat, q_rope, sel_BxQxKxCR, C, scale)
+    p_BxQxHxK = jnp.where(valid[:, :, None], jnp.exp(logits - lse[..., None]), 0.0)
+    dp = jnp.einsum("bqhc,bqkc->bqhk", g, sel_BxQxKxCR[..., :C], preferred_element_type=f32)
+    ds = (p_BxQxHxK * (dp - delta[..., None]) * scale).astype(dt)
+    dq_lat = jnp.einsum("bqhk,bqkc->bqhc", ds, sel_BxQxKxCR[..., :C])
+    dq_rope = jnp.einsum("bqhk,bqkr->bqhr", ds, sel_BxQxKxCR[..., C:])
+    q_cat = jnp.concatenate([q_lat, q_rope.astype(dt)], -1)
+    dsel_BxQxKxCR = jnp.einsum("bqhk,bqhx->bqkx", ds, q_cat, preferred_element_type=f32)
+    dsel_BxQxKxCR = dsel_BxQxKxCR.at[..., :C].add(jnp.einsum(
+        "bqhk,bqhc->bqkc", p_BxQxHxK.astype(dt), g, preferred_element_type=f32))
+    dckr_BxSxCR = jax.vmap(lambda d, i, v: d.at[i.reshape(-1)].add(v.reshape(-1, CR)))(
+        dckr_BxSxCR, idx, dsel_BxQxKxCR)
+    return dckr_BxSxCR, (dq_lat, dq_rope)
+
+  dckr, dq = jax.lax.scan(step, jnp.zeros((B, S, CR), f32), tuple(map(split, (
+      q_lat_BxTxHxC, q_rope_BxTxHxR, idx_BxTxK, valid_BxTxK, lse_BxTxH,
+      g_BxTxHxC.astype(dt), delta_BxTxH))))
+  dq_lat, dq_rope = (jnp.moveaxis(a, 0, 1).reshape(B, n * Q, *a.shape[3:])[:, :T] for a in dq)
+  return dq_lat, dq_rope.astype(q_rope_BxTxHxR.dtype), dckr.astype(ckr_BxSxCR.dtype)
 
 
 def dense_mask_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK,

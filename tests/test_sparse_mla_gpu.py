@@ -29,14 +29,16 @@ def test_sparse_mla_kernel_matches_reference(rng, B, T, K):
   idx, valid, _ = dsa.select_topk(bf(B, T, J, I), bf(B, T, J), bf(B, T, I), topk=K, chunk=256)
   g_out = jnp.asarray(rng.normal(size=(B, T, H, C)), jnp.float32)
 
-  def run(impl):
+  def run(impl, args):
     def loss(*a):
       o, p = dsa.sparse_mla(*a, idx, valid, scale=0.3, chunk=256, impl=impl)
       return jnp.sum(o.astype(jnp.float32) * g_out), (o, p)
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q_lat, q_rope, c, kr)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(*args)
 
-  grads, (o, p) = run("pallas")
-  grads_r, (o_r, p_r) = run("reference")
+  args = (q_lat, q_rope, c, kr)
+  grads, (o, p) = run("pallas", args)
+  # float32 reference on the same inputs: the bf16 reference's own gradient of c is ~3% off
+  grads_r, (o_r, p_r) = run("reference", [a.astype(jnp.float32) for a in args])
   assert _rel(o, o_r) < 1e-2
   assert _rel(p, p_r) < 1e-2
   for a, b in zip(grads, grads_r):
