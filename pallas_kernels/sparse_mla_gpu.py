@@ -5,26 +5,29 @@ gathering each query's selected latent rows inside the kernel.
 
 score[t, h, k] = scale · (q_lat[t, h] · c[idx[t, k]] + q_rope[t, h] · k_rope[idx[t, k]]),
 softmax over the k with idx ≥ 0 (idx = -1 marks an invalid slot), o_lat[t, h] = Σ_k p c[idx].
-lse[t, h] (natural log, float32) is saved for a backward pass. `sparse_attention.sparse_mla`
-(impl="pallas") wraps it with a custom VJP whose backward is the pure-JAX reference's.
+lse[t, h] (natural log, float32) is saved for the backward. `sparse_attention.sparse_mla`
+(impl="pallas") wraps it in a custom VJP whose backward is pure JAX (`_sparse_mla_bwd`).
 
 Layout of the work (first version: correct, lowers at MoHGE-3B shapes, not tuned):
-- One CTA per (query, half of C): grid (B·T, 2). wgmma needs M = 64 rows, a query has
-  H = 16 heads: the query's heads are rows 0..H-1 of a [64, ·] tile, rows H..63 zero
-  (4x wasted MMA at H = 16; rows are independent, so padding never mixes into real rows).
-  The accumulator O [64, C] f32 would need 256 registers a thread, so a CTA produces one
-  half of C (4 register tiles [64, 64]) and the score product S = q·kᵀ over C+R is computed
-  by both halves (2x). Each step's P·V goes into a fresh wgmma accumulator added to the
-  rescaled O (not `pl.run_state(ACC.init(O))`, which the GPU interpreter does not run),
-  and P goes through SMEM (the interpreter takes wgmma operands from SMEM only). The alternatives (keys as M with Pᵀ [keys, H] as the B operand of
-  PV; two consumer warpgroups sharing S) are in benchmarks/notes_dsa.md.
+- One CTA per (query, half of C): grid (2·B·T,), query-major, so the two CTAs that gather
+  the same rows run together (L2) and the queries go in sequence order.
+- wgmma needs M = 64 rows, a query has H = 16 heads: the heads are rows 0..H-1 of a
+  [64, ·] tile, rows H..63 zero (4x wasted MMA at H = 16; rows are independent, so the
+  padding never mixes into real rows). O [64, C] f32 would need 256 registers a thread,
+  so a CTA produces one half of C (4 register tiles [64, 64]) and the score product
+  S = q·kᵀ over C+R is computed by both halves (2x). Each step's P·V goes into a fresh
+  wgmma accumulator added to the rescaled O (not `pl.run_state(ACC.init(O))`, which the
+  GPU interpreter does not run), and P goes through SMEM (the interpreter takes wgmma
+  operands from SMEM only). The alternatives (keys as M with Pᵀ [keys, H] as the B
+  operand of P·V; two consumer warpgroups sharing S) are in benchmarks/notes_dsa.md.
 - The latent tile is SMEM [(C+R)/w, 64 keys, w] (w = 128 bytes of columns: 64 bf16),
   one swizzled column tile per leading index, so the score is (C+R)/w wgmmas of K = w and
   each output accumulator reads one column tile as its B operand.
 - Gather: per 64-key step, 64 one-row TMA copies (a run-time row each, read from an SMEM
   copy of the query's idx row) of `tiles_per_copy` column tiles into an untiled staging
   buffer, all arriving on one barrier (num_arrivals = 64); then registers → the swizzled
-  tile (a one-row TMA straight into a tiled buffer is refused: tile rows are 8).
+  tile (a one-row TMA straight into a tiled buffer is refused: tile rows are 8). Nothing
+  overlaps: gather, wait, compute, per step (two key tiles would not fit in SMEM).
 - Online softmax along the keys (rows = heads), invalid keys at -1e30 (as the reference:
   a query with no valid key gets the uniform average, here of row 0 of its sequence).
 """
@@ -92,7 +95,7 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
 
   def body(q_lat_gmem, q_rope_gmem, ckr_gmem, idx_gmem, o_gmem, lse_gmem,
            q_smem, k_smem, stage, p_smem, o_smem, lse_smem, idx_smem, bar_q, bar_k):
-    n, half = lax.axis_index("q"), lax.axis_index("half")
+    n, half = lax.axis_index("x") // 2, lax.axis_index("x") % 2
     row0 = (n // T) * S  # first latent row of this query's sequence in ckr [B·S, C+R]
     q_smem[...] = jnp.zeros(q_smem.shape, dt)  # padding rows H..63
     plgpu.commit_smem()
@@ -165,7 +168,7 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
       body,
       out_type=(jax.ShapeDtypeStruct((B * T, H, C), dt),
                 jax.ShapeDtypeStruct((B * T, H), jnp.float32)),
-      grid=(B * T, 2), grid_names=("q", "half"),
+      grid=(2 * B * T,), grid_names=("x",),  # query-major: both halves of a query together
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       scratch_types=[
