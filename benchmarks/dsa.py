@@ -17,6 +17,9 @@ a failure or OOM in one row is recorded and the next row runs. impls:
   dsa_pallas           the same with sparse_mla(impl="pallas") (the forward kernel; its
                        backward is the reference's)
   sparse_mla_reference / sparse_mla_pallas: the attention alone on a fixed selection
+  kernel_tpc1 / kernel_tpc3: the forward kernel alone (forward pass only), gathering 1 or 3
+                       128-byte column tiles per one-row TMA copy (576 or 192 copies per
+                       64-key step; 3 needs ~216 KB of SMEM)
 TFLOP/s counts useful FLOPs: dense H·T(T+1)/2·2·(192+128); sparse H·Σ_t min(t+1, k)·2·
 (576+512); indexer T(T+1)/2·2·J·I; forward+backward = 3.5x forward for attention (the
 backward recomputes the scores: 5 products vs 2) and 1x for the indexer (its backward only
@@ -43,6 +46,7 @@ import numpy as np
 
 from mohge_jax import sparse_attention as dsa
 from mohge_jax.attention import attend
+from pallas_kernels import sparse_mla_gpu
 
 H, P, R, V, C = 16, 128, 64, 128, 512
 J, I, TOPK, CHUNK = 4, 64, 2048, 256
@@ -139,8 +143,19 @@ def sparse_mla_fn(pss, impl, idx, valid):
   return jax.jit(fb), ("lat_ct",) + names
 
 
-IMPLS = ("dense_cudnn", "sparse_mla_pallas", "sparse_mla_reference", "dsa_pallas",
-         "dsa_reference")
+def kernel_fn(tiles_per_copy, idx, valid):
+  """The forward kernel alone (o_lat and LSE), `tiles_per_copy` column tiles per TMA."""
+  idx_enc = jnp.where(valid, idx, -1)
+
+  def fwd(q_lat, q_rope, c, kr):
+    ckr = jnp.concatenate([c, kr], -1)
+    return sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=SCALE,
+                                         tiles_per_copy=tiles_per_copy)
+  return jax.jit(fwd), ("q_lat", "q_rope", "c", "kr")
+
+
+IMPLS = ("dense_cudnn", "kernel_tpc1", "kernel_tpc3", "sparse_mla_pallas",
+         "sparse_mla_reference", "dsa_pallas", "dsa_reference")
 
 
 def main():
@@ -173,7 +188,7 @@ def main():
         x["q_I"], x["w_I"], x["k_I"])
     outs = {}
     for impl in args.impls.split(","):
-      for pss in ("fwd", "fwd_bwd"):
+      for pss in ("fwd",) if impl.startswith("kernel") else ("fwd", "fwd_bwd"):
         row = dict(seq=seq, impl=impl, **{"pass": pss})
         if (impl, pss) in given_up:
           record(dict(row, skipped="failed or too slow at a shorter length"))
@@ -184,6 +199,8 @@ def main():
         try:
           if impl == "dense_cudnn":
             f, names = dense_fn(pss)
+          elif impl.startswith("kernel_tpc"):
+            f, names = kernel_fn(int(impl.removeprefix("kernel_tpc")), *sel)
           elif impl.startswith("dsa_"):
             f, names = dsa_fn(pss, impl.removeprefix("dsa_"))
           else:

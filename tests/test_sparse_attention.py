@@ -261,6 +261,25 @@ def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol
     assert _rel(a, b) < tol
 
 
+def test_sparse_mla_kernel_gathers_several_column_tiles_per_copy(rng):
+  """tiles_per_copy = 3 (one TMA copy per row brings 3 of the 128-byte column tiles) gives
+  the same o_lat and LSE as one tile per copy, and o_lat equals the reference."""
+  from pallas_kernels import sparse_mla_gpu
+
+  (q_lat, q_rope, c, kr), idx, valid = _kernel_problem(rng, jnp.bfloat16, 1, 4, 16, 128, 64, 9)
+  ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
+  o1, lse1 = sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1,
+                                           interpret=True)
+  o3, lse3 = sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1,
+                                           tiles_per_copy=3, interpret=True)
+  np.testing.assert_array_equal(np.asarray(o1, np.float32), np.asarray(o3, np.float32))
+  np.testing.assert_array_equal(lse1, lse3)
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  o_r, _ = dsa.sparse_mla(f32(q_lat), f32(q_rope), f32(c), f32(kr), idx, valid, scale=0.1,
+                          chunk=4)
+  assert _rel(o3, o_r) < 1e-2
+
+
 def test_sparse_mla_kernel_refuses_unsupported_shapes(rng):
   args, idx, valid = _kernel_problem(rng, jnp.bfloat16, 1, 3, 12, 128, 64, 2)
   with pytest.raises(ValueError, match="heads must be a multiple of 8"):
@@ -276,8 +295,9 @@ def test_sparse_mla_kernel_lowers_for_cuda_at_mohge_3b_shapes():
   sds = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
   H, C, R, K = 16, 512, 64, 2048
-  for T in (131072,):
-    fwd = jax.jit(lambda *a: sparse_mla_gpu.sparse_mla_fwd(*a, scale=0.04))
+  for T, tiles_per_copy in ((131072, 1), (16384, 3)):
+    fwd = jax.jit(lambda *a, tpc=tiles_per_copy: sparse_mla_gpu.sparse_mla_fwd(
+        *a, scale=0.04, tiles_per_copy=tpc))
     fwd.trace(sds((1, T, H, C), bf), sds((1, T, H, R), bf), sds((1, T, C + R), bf),
               sds((1, T, K), jnp.int32)).lower(lowering_platforms=("cuda",))
   T = 4096
