@@ -63,8 +63,8 @@ def unsupported_reason(H: int, C: int, R: int, K: int, dtype, tiles_per_copy: in
             f"{w} for {jnp.dtype(dtype).name}; got C={C}, R={R}")
   if ((C + R) // w) % tiles_per_copy:
     return f"sparse_mla kernel: tiles_per_copy={tiles_per_copy} must divide {(C + R) // w}"
-  if K < 1:
-    return "sparse_mla kernel: no selected keys"
+  if not 1 <= K <= 256 * KEYS:  # the idx row is one TMA box [K / 64, 64]
+    return f"sparse_mla kernel: selected keys K must be between 1 and {256 * KEYS}, got {K}"
   return None
 
 

@@ -285,6 +285,10 @@ def test_sparse_mla_kernel_refuses_unsupported_shapes(rng):
   with pytest.raises(ValueError, match="heads must be a multiple of 8"):
     dsa.sparse_mla(*args, idx, valid, scale=0.1, chunk=4, impl="pallas")
   assert dsa.resolve_sparse_mla_impl("auto", 12, 128, 64, 2, jnp.bfloat16) == "reference"
+  with pytest.raises(ValueError, match="selected keys K must be between 1 and 16384"):
+    dsa.resolve_sparse_mla_impl("pallas", 16, 512, 64, 16448, jnp.bfloat16)
+  with pytest.raises(ValueError, match="latent dim C must be a multiple of 128"):
+    dsa.resolve_sparse_mla_impl("interpret", 16, 64, 64, 2048, jnp.bfloat16)
 
 
 def test_sparse_mla_kernel_lowers_for_cuda_at_mohge_3b_shapes():
