@@ -261,23 +261,34 @@ def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol
     assert _rel(a, b) < tol
 
 
-def test_sparse_mla_kernel_gathers_several_column_tiles_per_copy(rng):
-  """tiles_per_copy = 3 (one TMA copy per row brings 3 of the 128-byte column tiles) gives
-  the same o_lat and LSE as one tile per copy, and o_lat equals the reference."""
+def test_sparse_mla_kernel_variants_agree_and_are_race_free(rng):
+  """Both splits of C (two warpgroups sharing a gather, or two CTAs) and 1 or 3 column
+  tiles per TMA copy give the same o_lat and LSE, equal to the reference, and the GPU
+  interpreter's race detector finds no race (the warpgroups' k_ready / k_consumed / done
+  handshakes); three 64-key steps."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
   from pallas_kernels import sparse_mla_gpu
 
-  (q_lat, q_rope, c, kr), idx, valid = _kernel_problem(rng, jnp.bfloat16, 1, 4, 16, 128, 64, 9)
+  (q_lat, q_rope, c, kr), idx, valid = _kernel_problem(rng, jnp.bfloat16, 1, 3, 16, 128, 64,
+                                                       130)
   ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
-  o1, lse1 = sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1,
-                                           interpret=True)
-  o3, lse3 = sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1,
-                                           tiles_per_copy=3, interpret=True)
-  np.testing.assert_array_equal(np.asarray(o1, np.float32), np.asarray(o3, np.float32))
-  np.testing.assert_array_equal(lse1, lse3)
+  params = plgpu.InterpretGPUParams(detect_races=True)
+  outs = []
+  for split in sparse_mla_gpu.SPLITS:
+    for tiles_per_copy in (1, 3):
+      outs.append(sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1,
+                                                split=split, tiles_per_copy=tiles_per_copy,
+                                                interpret=params))
+      assert not gpu_callbacks.get_races().races_found, (split, tiles_per_copy)
+  for o, lse in outs[1:]:
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(outs[0][0], np.float32))
+    np.testing.assert_array_equal(lse, outs[0][1])
   f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
   o_r, _ = dsa.sparse_mla(f32(q_lat), f32(q_rope), f32(c), f32(kr), idx, valid, scale=0.1,
                           chunk=4)
-  assert _rel(o3, o_r) < 1e-2
+  assert _rel(outs[0][0], o_r) < 1e-2
 
 
 def test_sparse_mla_kernel_refuses_unsupported_shapes(rng):
@@ -292,16 +303,18 @@ def test_sparse_mla_kernel_refuses_unsupported_shapes(rng):
 
 
 def test_sparse_mla_kernel_lowers_for_cuda_at_mohge_3b_shapes():
-  """Mosaic GPU lowering (no GPU needed) at H = 16, C = 512, R = 64, K = 2048, T = 128k:
-  the forward kernel alone, and the model's use (o_lat and p, gradients) at T = 4096."""
+  """Mosaic GPU lowering (no GPU needed; it checks the SMEM budget, not registers) at
+  H = 16, C = 512, R = 64, K = 2048, T = 128k: the forward kernel alone (both splits, 1 or 3
+  column tiles per copy), and the model's use (o_lat and p, gradients) at T = 4096."""
   from pallas_kernels import sparse_mla_gpu
 
   sds = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
   H, C, R, K = 16, 512, 64, 2048
-  for T, tiles_per_copy in ((131072, 1), (16384, 3)):
-    fwd = jax.jit(lambda *a, tpc=tiles_per_copy: sparse_mla_gpu.sparse_mla_fwd(
-        *a, scale=0.04, tiles_per_copy=tpc))
+  for T, split, tiles_per_copy in ((131072, "warpgroup", 1), (16384, "warpgroup", 3),
+                                   (131072, "cta", 1), (16384, "cta", 3)):
+    fwd = jax.jit(lambda *a, tpc=tiles_per_copy, split=split: sparse_mla_gpu.sparse_mla_fwd(
+        *a, scale=0.04, tiles_per_copy=tpc, split=split))
     fwd.trace(sds((1, T, H, C), bf), sds((1, T, H, R), bf), sds((1, T, C + R), bf),
               sds((1, T, K), jnp.int32)).lower(lowering_platforms=("cuda",))
   T = 4096
