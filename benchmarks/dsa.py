@@ -17,16 +17,19 @@ a failure or OOM in one row is recorded and the next row runs. impls:
   dsa_pallas           the same with sparse_mla(impl="pallas") (the forward kernel; its
                        backward is the reference's)
   sparse_mla_reference / sparse_mla_pallas: the attention alone on a fixed selection
-  kernel_tpc1 / kernel_tpc3: the forward kernel alone (forward pass only), gathering 1 or 3
-                       128-byte column tiles per one-row TMA copy (576 or 192 copies per
-                       64-key step; 3 needs ~216 KB of SMEM)
+  kernel_{wg|cta}_tpc{1|3}: the forward kernel alone (forward pass only): halves of C by
+                       two warpgroups sharing a gather or by two CTAs, 1 or 3 128-byte
+                       column tiles per one-row TMA copy (576 or 192 copies per 64-key
+                       step); sparse_mla_pallas / dsa_pallas use kernel_wg_tpc1
 TFLOP/s counts useful FLOPs: dense H·T(T+1)/2·2·(192+128); sparse H·Σ_t min(t+1, k)·2·
 (576+512); indexer T(T+1)/2·2·J·I; forward+backward = 3.5x forward for attention (the
 backward recomputes the scores: 5 products vs 2) and 1x for the indexer (its backward only
 reaches the k selected scores). At the smallest length it also records the kernel's forward
 error against the reference (a "check" row).
 
-Time: rows run in order of length; a row starts only while the budget (default 330 s) is not
+Time: two rounds (the issue's comparison dense_cudnn / dsa_pallas / dsa_reference over all
+lengths, then the attention alone and the kernel variants), each in order of length; a
+row starts only while the budget (default 330 s) is not
 spent, and an (impl, pass) that failed or took over 20 s a call is not run at larger
 lengths.
 Expected on an H200: ~4-6 min (compiles ~5-20 s a row; the 128k reference rows a few
@@ -143,26 +146,31 @@ def sparse_mla_fn(pss, impl, idx, valid):
   return jax.jit(fb), ("lat_ct",) + names
 
 
-def kernel_fn(tiles_per_copy, idx, valid):
-  """The forward kernel alone (o_lat and LSE), `tiles_per_copy` column tiles per TMA."""
+def kernel_fn(name, idx, valid):
+  """The forward kernel alone (o_lat and LSE): name = kernel_{wg|cta}_tpc{1|3}."""
+  split, tpc = name.split("_")[1:]
   idx_enc = jnp.where(valid, idx, -1)
 
   def fwd(q_lat, q_rope, c, kr):
     ckr = jnp.concatenate([c, kr], -1)
-    return sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=SCALE,
-                                         tiles_per_copy=tiles_per_copy)
+    return sparse_mla_gpu.sparse_mla_fwd(
+        q_lat, q_rope, ckr, idx_enc, scale=SCALE, tiles_per_copy=int(tpc.removeprefix("tpc")),
+        split={"wg": "warpgroup", "cta": "cta"}[split])
   return jax.jit(fwd), ("q_lat", "q_rope", "c", "kr")
 
 
-IMPLS = ("dense_cudnn", "kernel_tpc1", "kernel_tpc3", "sparse_mla_pallas",
-         "sparse_mla_reference", "dsa_pallas", "dsa_reference")
+# Two rounds over the lengths: the issue's comparison first, then the attention alone.
+ROUNDS = (("dense_cudnn", "dsa_pallas", "dsa_reference"),
+          ("sparse_mla_pallas", "sparse_mla_reference", "kernel_wg_tpc1", "kernel_wg_tpc3",
+           "kernel_cta_tpc1", "kernel_cta_tpc3"))
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--seqs", default="16384,32768,65536,131072")
-  ap.add_argument("--impls", default=",".join(IMPLS))
+  ap.add_argument("--impls", default=None, help="comma-separated subset (default: all, in "
+                  "two rounds over the lengths: " + "; ".join(",".join(r) for r in ROUNDS) + ")")
   ap.add_argument("--budget-s", type=float, default=330.0)
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                 "dsa_h200.json"))
@@ -182,45 +190,54 @@ def main():
 
   given_up = set()
   seqs = [int(s) for s in args.seqs.split(",")]
-  for seq in seqs:
-    x = inputs(seq)
-    sel = jax.jit(lambda a, b, c: dsa.select_topk(a, b, c, topk=TOPK, chunk=CHUNK)[:2])(
-        x["q_I"], x["w_I"], x["k_I"])
-    outs = {}
-    for impl in args.impls.split(","):
-      for pss in ("fwd",) if impl.startswith("kernel") else ("fwd", "fwd_bwd"):
-        row = dict(seq=seq, impl=impl, **{"pass": pss})
-        if (impl, pss) in given_up:
-          record(dict(row, skipped="failed or too slow at a shorter length"))
-          continue
-        if time.perf_counter() - start > args.budget_s:
-          record(dict(row, skipped="time budget spent"))
-          continue
-        try:
-          if impl == "dense_cudnn":
-            f, names = dense_fn(pss)
-          elif impl.startswith("kernel_tpc"):
-            f, names = kernel_fn(int(impl.removeprefix("kernel_tpc")), *sel)
-          elif impl.startswith("dsa_"):
-            f, names = dsa_fn(pss, impl.removeprefix("dsa_"))
-          else:
-            f, names = sparse_mla_fn(pss, impl.removeprefix("sparse_mla_"), *sel)
-          ms, first = time_call(f, *(x[n] for n in names))
-          record(dict(row, ms=round(ms, 3), tflops=round(flops(seq, impl, pss) / ms / 1e9, 1),
-                      first_call_s=round(first, 1)))
-          if ms > 20e3:
+  rounds = ROUNDS if args.impls is None else (tuple(args.impls.split(",")),)
+  for impls in rounds:
+    for seq in seqs:
+      data = {}  # made at the first row that runs: the inputs, a fixed top-k selection
+
+      def get(seq=seq, data=data):
+        if not data:
+          data["x"] = x = inputs(seq)
+          data["sel"] = jax.jit(lambda a, b, c: dsa.select_topk(
+              a, b, c, topk=TOPK, chunk=CHUNK)[:2])(x["q_I"], x["w_I"], x["k_I"])
+        return data["x"], data["sel"]
+      outs = {}
+      for impl in impls:
+        for pss in ("fwd",) if impl.startswith("kernel") else ("fwd", "fwd_bwd"):
+          row = dict(seq=seq, impl=impl, **{"pass": pss})
+          if (impl, pss) in given_up:
+            record(dict(row, skipped="failed or too slow at a shorter length"))
+            continue
+          if time.perf_counter() - start > args.budget_s:
+            record(dict(row, skipped="time budget spent"))
+            continue
+          try:
+            x, sel = get()
+            if impl == "dense_cudnn":
+              f, names = dense_fn(pss)
+            elif impl.startswith("kernel_"):
+              f, names = kernel_fn(impl, *sel)
+            elif impl.startswith("dsa_"):
+              f, names = dsa_fn(pss, impl.removeprefix("dsa_"))
+            else:
+              f, names = sparse_mla_fn(pss, impl.removeprefix("sparse_mla_"), *sel)
+            ms, first = time_call(f, *(x[n] for n in names))
+            record(dict(row, ms=round(ms, 3),
+                        tflops=round(flops(seq, impl, pss) / ms / 1e9, 1),
+                        first_call_s=round(first, 1)))
+            if ms > 20e3:
+              given_up.add((impl, pss))
+            if seq == seqs[0] and impl.startswith("sparse_mla") and pss == "fwd":
+              outs[impl] = np.asarray(f(*(x[n] for n in names)), np.float32)
+          except Exception as e:  # noqa: BLE001 -- recorded; the next row runs
+            record(dict(row, error=f"{type(e).__name__}: {str(e)[:400]}"))
             given_up.add((impl, pss))
-          if seq == seqs[0] and impl.startswith("sparse_mla") and pss == "fwd":
-            outs[impl] = np.asarray(f(*(x[n] for n in names)), np.float32)
-        except Exception as e:  # noqa: BLE001 -- recorded; the next row runs
-          record(dict(row, error=f"{type(e).__name__}: {str(e)[:400]}"))
-          given_up.add((impl, pss))
-    if len(outs) == 2:
-      a, b = outs["sparse_mla_pallas"], outs["sparse_mla_reference"]
-      record(dict(seq=seq, impl="check", **{"pass": "fwd"},
-                  pallas_vs_reference_rel_err=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
-                  pallas_finite=bool(np.isfinite(a).all())))
-    del x, sel, outs
+      if len(outs) == 2:
+        a, b = outs["sparse_mla_pallas"], outs["sparse_mla_reference"]
+        record(dict(seq=seq, impl="check", **{"pass": "fwd"},
+                    pallas_vs_reference_rel_err=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+                    pallas_finite=bool(np.isfinite(a).all())))
+      del data, outs
   print(f"done in {time.perf_counter() - start:.0f} s; wrote {args.out}", flush=True)
 
 
