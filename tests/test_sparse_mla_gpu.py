@@ -44,3 +44,21 @@ def test_sparse_mla_kernel_matches_reference(rng, B, T, K):
   for a, b in zip(grads, grads_r):
     assert _rel(a, b) < 2e-2
   assert dsa.resolve_sparse_mla_impl("auto", H, C, R, K, jnp.bfloat16) == "pallas"
+
+
+def test_kernel_variants_agree(rng):
+  """Both splits of C and 1 or 3 column tiles per TMA copy give the same o_lat and LSE."""
+  from pallas_kernels import sparse_mla_gpu
+
+  B, T, H, C, R, K = 1, 2048, 16, 512, 64, 2048
+  bf = lambda *s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[-1]), jnp.bfloat16)  # noqa: E731
+  q_lat, q_rope, ckr = bf(B, T, H, C), bf(B, T, H, R), bf(B, T, C + R)
+  idx = jnp.asarray(rng.integers(0, T, size=(B, T, K)), jnp.int32)
+  idx = jnp.where(idx <= jnp.arange(T)[None, :, None], idx, -1).at[:, :, 0].set(jnp.arange(T))
+  outs = [sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx, scale=0.1, split=split,
+                                        tiles_per_copy=tpc)
+          for split in sparse_mla_gpu.SPLITS for tpc in (1, 3)]
+  for o, lse in outs:
+    assert np.isfinite(np.asarray(o, np.float32)).all()
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(outs[0][0], np.float32))
+    np.testing.assert_array_equal(lse, outs[0][1])
