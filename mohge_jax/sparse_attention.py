@@ -193,16 +193,18 @@ def _logits(q_lat, q_rope, sel_BxQxKxCR, C: int, scale: float):
 def resolve_sparse_mla_impl(impl: str, H: int, C: int, R: int, K: int, dtype) -> str:
   """"auto" → "pallas" on a Hopper GPU when the kernel takes these shapes, else
   "reference"; an explicit "pallas"/"interpret" with shapes it cannot take is an error."""
-  import pallas_kernels as pk
-  from pallas_kernels import sparse_mla_gpu
-
   if impl not in SPARSE_MLA_IMPLS:
     raise ValueError(f"unknown sparse_mla impl {impl!r}; choose from {SPARSE_MLA_IMPLS}")
+  if impl == "reference":
+    return impl
+  import pallas_kernels as pk  # the kernels' modules only when asked for
+  from pallas_kernels import sparse_mla_gpu
+
   reason = sparse_mla_gpu.unsupported_reason(H, C, R, K, dtype)
   if impl == "auto":
     return "pallas" if pk.resolve_backend("auto") == "mosaic_gpu" and reason is None \
         else "reference"
-  if impl != "reference" and reason:
+  if reason:
     raise ValueError(reason)
   return impl
 
