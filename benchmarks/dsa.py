@@ -20,7 +20,7 @@ a failure or OOM in one row is recorded and the next row runs. impls:
   kernel_{wg|cta}_tpc{1|3}: the forward kernel alone (forward pass only): halves of C by
                        two warpgroups sharing a gather or by two CTAs, 1 or 3 128-byte
                        column tiles per one-row TMA copy (576 or 192 copies per 64-key
-                       step); sparse_mla_pallas / dsa_pallas use kernel_wg_tpc1
+                       step); sparse_mla_pallas / dsa_pallas use kernel_wg_tpc3
 TFLOP/s counts useful FLOPs: dense H·T(T+1)/2·2·(192+128); sparse H·Σ_t min(t+1, k)·2·
 (576+512); indexer T(T+1)/2·2·J·I; forward+backward = 3.5x forward for attention (the
 backward recomputes the scores: 5 products vs 2) and 1x for the indexer (its backward only

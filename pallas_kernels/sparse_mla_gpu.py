@@ -84,11 +84,13 @@ SPLITS = ("cta", "warpgroup")
 
 @functools.partial(jax.jit, static_argnames=("scale", "tiles_per_copy", "split", "interpret"))
 def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scale: float,
-                   tiles_per_copy: int = 1, split: str = "warpgroup",
+                   tiles_per_copy: int | None = None, split: str = "warpgroup",
                    interpret: bool | plgpu.InterpretGPUParams = False):
   """Returns o_lat [B,T,H,C] (q_lat's dtype) and lse [B,T,H] float32. idx: int32, -1 =
   invalid; K is padded to a multiple of 64 with -1. interpret: True (or the interpreter's
-  parameters) runs the kernel in the GPU interpreter.
+  parameters) runs the kernel in the GPU interpreter. tiles_per_copy: None = 3 when it
+  divides the column tiles (9 at MoHGE-3B: 192 copies a step instead of 576; a guess until
+  benchmarks/dsa.py has timed both), else 1.
 
   split: who computes the two halves of C. "cta": two CTAs per query, each gathering the
   keys itself. "warpgroup": one CTA per query with two warpgroups sharing one gather:
@@ -99,6 +101,8 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
   S, CR = ckr_BxSxCR.shape[1:]
   K = idx_BxTxK.shape[-1]
   dt = q_lat_BxTxHxC.dtype
+  if tiles_per_copy is None:
+    tiles_per_copy = 3 if (CR // _tile_cols(dt)) % 3 == 0 else 1
   if reason := unsupported_reason(H, C, R, K, dt, tiles_per_copy):
     raise ValueError(reason)
   if split not in SPLITS:
