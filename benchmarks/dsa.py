@@ -32,8 +32,9 @@ lengths, then the attention alone and the kernel variants), each in order of len
 row starts only while the budget (default 330 s) is not
 spent, and an (impl, pass) that failed or took over 20 s a call is not run at larger
 lengths.
-Expected on an H200: ~4-6 min (compiles ~5-20 s a row; the 128k reference rows a few
-seconds a call), so the whole run fits in a 10-minute command.
+Expected on an H200: ~6 min (330 s + the last row; compiles ~5-20 s a row, the 128k rows
+a few seconds a call), within a 10-minute command; the second round mostly does not fit
+in the default budget: run it on its own with --impls (benchmarks/notes_dsa.md).
 """
 from __future__ import annotations
 
