@@ -242,7 +242,7 @@ class MLA(nnx.Module):
                                           segment_ids_BxT=segment_ids_BxL)
       o_lat_BxLxHxC, p_BxLxK = dsa.sparse_mla(q_lat_BxLxHxC, q_rope_BxLxHxR, c_BxLxC,
                                               k_rope_BxLxR, idx, valid, scale=self.scale,
-                                              chunk=chunk)
+                                              chunk=chunk, impl=m.dsa_impl)
       o_BxLxHxV = jnp.einsum("blhc,chv->blhv", o_lat_BxLxHxC, w_ukv_CxHxPV[..., P:])
       kl_BxL = dsa.sparse_indexer_kl(p_BxLxK, score, valid)
     out = self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o)

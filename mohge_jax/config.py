@@ -26,6 +26,8 @@ COMBINE_MODES = ("softmax", "renormalize", "raw")
 EXPERT_BACKENDS = ("auto", "reference", "ragged_dot", "tiled", "pallas", "per_expert")
 ATTENTION_KINDS = ("mla", "mha")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# sparse_attention.sparse_mla: pure JAX, the Mosaic GPU kernel, it interpreted (CPU tests)
+DSA_IMPLS = ("auto", "reference", "pallas", "interpret")
 ROPE_SCALINGS = ("none", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -80,6 +82,10 @@ class ModelConfig:
   # Queries per chunk of the indexer scores, the top-k and the sparse gather: memory is
   # O(chunk x (seq + topk x latent)) per sequence, never [seq, topk, latent].
   dsa_query_chunk: int = 256
+  # The sparse attention's implementation (sparse_attention.sparse_mla): "reference" (pure
+  # JAX), "pallas" (the Mosaic GPU forward kernel; Hopper), "auto" (pallas on Hopper when
+  # the shapes qualify), "interpret" (tests). "reference" until the kernel is checked on a GPU.
+  dsa_impl: str = "reference"
 
   # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.
   # `layer_ffn` (one entry per layer) overrides both when given.
@@ -435,6 +441,7 @@ def validate(cfg: Config) -> None:
   _one_of(m.remat, REMAT_POLICIES, "model.remat")
   _one_of(m.sparse_attention, SPARSE_ATTENTION, "model.sparse_attention")
   _one_of(t.dsa_stage, DSA_STAGES, "train.dsa_stage")
+  _one_of(m.dsa_impl, DSA_IMPLS, "model.dsa_impl")
   if m.sparse_attention == "dsa":
     _require(m.attention == "mla",
              f"model.sparse_attention=dsa needs model.attention=mla (got {m.attention!r}): "

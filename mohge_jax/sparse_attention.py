@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mohge_jax.config import ModelConfig
+from mohge_jax.config import DSA_IMPLS, ModelConfig
 
 # A finite "minus infinity": a row with every key masked stays finite (uniform) instead of
 # NaN, which matters for padded query rows whose cotangent is zero (0 * NaN = NaN).
@@ -180,31 +180,149 @@ def _masked_softmax(logits, ok):
   return jax.nn.softmax(jnp.where(ok, logits, _MASKED), axis=-1)
 
 
+SPARSE_MLA_IMPLS = DSA_IMPLS
+
+
+def _logits(q_lat, q_rope, sel_BxQxKxCR, C: int, scale: float):
+  return (jnp.einsum("bqhc,bqkc->bqhk", q_lat, sel_BxQxKxCR[..., :C],
+                     preferred_element_type=jnp.float32)
+          + jnp.einsum("bqhr,bqkr->bqhk", q_rope, sel_BxQxKxCR[..., C:],
+                       preferred_element_type=jnp.float32)) * scale
+
+
+def resolve_sparse_mla_impl(impl: str, H: int, C: int, R: int, K: int, dtype) -> str:
+  """"auto" → "pallas" on a Hopper GPU when the kernel takes these shapes, else
+  "reference"; an explicit "pallas"/"interpret" with shapes it cannot take is an error."""
+  if impl not in SPARSE_MLA_IMPLS:
+    raise ValueError(f"unknown sparse_mla impl {impl!r}; choose from {SPARSE_MLA_IMPLS}")
+  if impl == "reference":
+    return impl
+  import pallas_kernels as pk  # the kernels' modules only when asked for
+  from pallas_kernels import sparse_mla_gpu
+
+  reason = sparse_mla_gpu.unsupported_reason(H, C, R, K, dtype)
+  if impl == "auto":
+    return "pallas" if pk.resolve_backend("auto") == "mosaic_gpu" and reason is None \
+        else "reference"
+  if reason:
+    raise ValueError(reason)
+  return impl
+
+
 def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, valid_BxTxK, *,
-               scale: float, chunk: int):
+               scale: float, chunk: int, impl: str = "reference"):
   """MLA in latent form over each query's selected keys.
 
   score[t, h, k] = scale (q_lat[t, h] . c[idx[t, k]] + q_rope[t, h] . k_rope[idx[t, k]]),
   softmax over the valid k, o_lat[t, h] = sum_k p c[idx[t, k]]. Returns o_lat [B,T,H,C]
   (compute dtype) and the head-summed probabilities p [B,T,K] / H (float32,
   stop-gradient: the indexer KL's target). Gathers per chunk of `chunk` queries.
+
+  impl: "reference" (pure JAX, below), "pallas" (pallas_kernels/sparse_mla_gpu.py: the
+  forward o_lat is the Mosaic GPU kernel; its backward and p are pure JAX, see
+  `_sparse_mla_kernel`), "interpret" (that kernel in the GPU interpreter, for tests on
+  CPU), "auto" (`resolve_sparse_mla_impl`). With the kernel, a query with no valid key at
+  all gets the uniform average of its sequence's row 0 (the reference: of its idx rows).
   """
   T, H = q_lat_BxTxHxC.shape[1], q_lat_BxTxHxC.shape[2]
   ckr_BxSxCR = jnp.concatenate([c_BxSxC, k_rope_BxSxR.astype(c_BxSxC.dtype)], -1)
   C = c_BxSxC.shape[-1]
+  impl = resolve_sparse_mla_impl(impl, H, C, q_rope_BxTxHxR.shape[-1], idx_BxTxK.shape[-1],
+                                 q_lat_BxTxHxC.dtype)
+  if impl != "reference":
+    return _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK,
+                              valid_BxTxK, scale=scale, chunk=chunk,
+                              interpret=impl == "interpret")
 
   def chunk_fn(t0, q_lat, q_rope, idx, valid):
     sel_BxQxKxCR = _gather_rows(ckr_BxSxCR, idx)
-    logits = (jnp.einsum("bqhc,bqkc->bqhk", q_lat, sel_BxQxKxCR[..., :C],
-                         preferred_element_type=jnp.float32)
-              + jnp.einsum("bqhr,bqkr->bqhk", q_rope, sel_BxQxKxCR[..., C:],
-                           preferred_element_type=jnp.float32)) * scale
-    p_BxQxHxK = _masked_softmax(logits, valid[:, :, None, :])
+    p_BxQxHxK = _masked_softmax(_logits(q_lat, q_rope, sel_BxQxKxCR, C, scale),
+                                valid[:, :, None, :])
     o = jnp.einsum("bqhk,bqkc->bqhc", p_BxQxHxK.astype(c_BxSxC.dtype), sel_BxQxKxCR[..., :C])
     return o, jax.lax.stop_gradient(p_BxQxHxK.sum(2) / H)
 
   return over_query_chunks(chunk_fn, chunk, T, q_lat_BxTxHxC, q_rope_BxTxHxR, idx_BxTxK,
                            valid_BxTxK)
+
+
+def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, valid_BxTxK, *,
+                       scale: float, chunk: int, interpret: bool):
+  """o_lat from the Mosaic GPU forward kernel, under a custom VJP whose backward is pure JAX
+  (`_sparse_mla_bwd`, from the kernel's o and LSE; not a kernel yet). p (the KL target) is
+  recomputed in pure JAX from the LSE: one chunked gather and score product."""
+  from pallas_kernels import sparse_mla_gpu
+
+  T, H, C = q_lat_BxTxHxC.shape[1:]
+  sg = jax.lax.stop_gradient
+
+  @jax.custom_vjp
+  def attend(q_lat, q_rope, ckr, idx, valid):
+    return sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, jnp.where(valid, idx, -1),
+                                         scale=scale, interpret=interpret)
+
+  def fwd(q_lat, q_rope, ckr, idx, valid):
+    o, lse = attend(q_lat, q_rope, ckr, idx, valid)
+    return (o, lse), (q_lat, q_rope, ckr, idx, valid, o, lse)
+
+  def bwd(res, g):
+    g_o, _ = g  # the LSE leaves this function under stop_gradient
+    return (*_sparse_mla_bwd(*res, g_o, scale=scale, chunk=chunk), None, None)
+
+  attend.defvjp(fwd, bwd)
+  o_BxTxHxC, lse_BxTxH = attend(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK,
+                                valid_BxTxK)
+  lse_BxTxH, sg_ckr = sg(lse_BxTxH), sg(ckr_BxSxCR)
+
+  def chunk_fn(t0, q_lat, q_rope, idx, valid, lse_BxQxH):
+    logits = _logits(q_lat, q_rope, _gather_rows(sg_ckr, idx), C, scale)
+    p = jnp.where(valid[:, :, None, :], jnp.exp(logits - lse_BxQxH[..., None]), 0.0)
+    return p.sum(2) / H
+
+  p_BxTxK = over_query_chunks(chunk_fn, chunk, T, sg(q_lat_BxTxHxC), sg(q_rope_BxTxHxR),
+                              idx_BxTxK, valid_BxTxK, lse_BxTxH)
+  return o_BxTxHxC, p_BxTxK
+
+
+def _sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, valid_BxTxK,
+                    o_BxTxHxC, lse_BxTxH, g_BxTxHxC, *, scale: float, chunk: int):
+  """The gradients of o_lat in (q_lat, q_rope, ckr) from the forward's o and LSE (flash
+  attention's backward, per chunk of queries): p = exp(score - lse) on valid keys,
+  ds = p (g·c_sel - Σ_c g o) scale, dq = ds·[c | k_rope]_sel, d[c | k_rope]_sel = dsᵀq
+  (+ pᵀg on c), scattered into dckr [B,S,C+R] (float32), the carry of a scan over chunks.
+  Query padding (T up to a multiple of the chunk) is invalid everywhere, so contributes 0."""
+  B, T, H, C = q_lat_BxTxHxC.shape
+  S, CR = ckr_BxSxCR.shape[1:]
+  dt, f32 = q_lat_BxTxHxC.dtype, jnp.float32
+  Q = min(chunk, T)
+  n = -(-T // Q)
+  delta_BxTxH = jnp.sum(g_BxTxHxC.astype(f32) * o_BxTxHxC.astype(f32), -1)
+
+  def split(a):
+    a = jnp.pad(a, [(0, 0), (0, n * Q - T)] + [(0, 0)] * (a.ndim - 2))
+    return jnp.moveaxis(a.reshape(B, n, Q, *a.shape[2:]), 1, 0)
+
+  def step(dckr_BxSxCR, xs):
+    q_lat, q_rope, idx, valid, lse, g, delta = xs
+    sel_BxQxKxCR = _gather_rows(ckr_BxSxCR, idx)
+    logits = _logits(q_lat, q_rope, sel_BxQxKxCR, C, scale)
+    p_BxQxHxK = jnp.where(valid[:, :, None], jnp.exp(logits - lse[..., None]), 0.0)
+    dp = jnp.einsum("bqhc,bqkc->bqhk", g, sel_BxQxKxCR[..., :C], preferred_element_type=f32)
+    ds = (p_BxQxHxK * (dp - delta[..., None]) * scale).astype(dt)
+    dq_lat = jnp.einsum("bqhk,bqkc->bqhc", ds, sel_BxQxKxCR[..., :C])
+    dq_rope = jnp.einsum("bqhk,bqkr->bqhr", ds, sel_BxQxKxCR[..., C:])
+    q_cat = jnp.concatenate([q_lat, q_rope.astype(dt)], -1)
+    dsel_BxQxKxCR = jnp.einsum("bqhk,bqhx->bqkx", ds, q_cat, preferred_element_type=f32)
+    dsel_BxQxKxCR = dsel_BxQxKxCR.at[..., :C].add(jnp.einsum(
+        "bqhk,bqhc->bqkc", p_BxQxHxK.astype(dt), g, preferred_element_type=f32))
+    dckr_BxSxCR = jax.vmap(lambda d, i, v: d.at[i.reshape(-1)].add(v.reshape(-1, CR)))(
+        dckr_BxSxCR, idx, dsel_BxQxKxCR)
+    return dckr_BxSxCR, (dq_lat, dq_rope)
+
+  dckr, dq = jax.lax.scan(step, jnp.zeros((B, S, CR), f32), tuple(map(split, (
+      q_lat_BxTxHxC, q_rope_BxTxHxR, idx_BxTxK, valid_BxTxK, lse_BxTxH,
+      g_BxTxHxC.astype(dt), delta_BxTxH))))
+  dq_lat, dq_rope = (jnp.moveaxis(a, 0, 1).reshape(B, n * Q, *a.shape[3:])[:, :T] for a in dq)
+  return dq_lat, dq_rope.astype(q_rope_BxTxHxR.dtype), dckr.astype(ckr_BxSxCR.dtype)
 
 
 def dense_mask_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK,

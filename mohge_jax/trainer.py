@@ -41,7 +41,8 @@ class TrainingError(RuntimeError):
 
 # Model fields that change how the step runs, not the parameters: a run may resume a
 # checkpoint with other values.
-RUNTIME_MODEL_FIELDS = ("scan_layers", "remat", "expert_backend", "attention_impl")
+RUNTIME_MODEL_FIELDS = ("scan_layers", "remat", "expert_backend", "attention_impl",
+                        "dsa_impl")
 # The parameter layout checkpoints hold (written to their meta): layers stacked per run of
 # one FFN kind (model.Stack). Checkpoints without it hold one entry per layer.
 PARAM_LAYOUT = "stacked_layers"

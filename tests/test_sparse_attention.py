@@ -153,6 +153,7 @@ def test_lm_gradients_skip_the_indexer_and_kl_reaches_only_it(rng, stage):
     (["model.dsa_index_rope_dim=3"], "model.dsa_index_rope_dim"),
     (["model.dsa_index_rope_dim=16"], "model.dsa_index_rope_dim"),
     (["train.dsa_stage=warm"], "train.dsa_stage"),
+    (["model.dsa_impl=fast"], "model.dsa_impl"),
     (["loss.dsa_kl_coef=-1"], "loss.dsa_kl_coef"),
     (["model.attention=mha", "model.head_dim=8"], "model.sparse_attention=dsa"),
 ])
@@ -210,3 +211,146 @@ def test_backward_never_holds_the_whole_gather():
       z(B, T, H, C), z(B, T, H, R), z(B, T, C), z(B, T, R)).compile()
   whole_gather = B * T * K * (C + R) * 4
   assert compiled.memory_analysis().temp_size_in_bytes < whole_gather / 3
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+def _kernel_problem(rng, dtype, B, T, H, C, R, K):
+  """Random keys per query (repeats allowed), valid iff causal; slot 0 is the query itself,
+  and a few queries keep only it (the ragged causal edge)."""
+  f = lambda *s: jnp.asarray(rng.normal(size=s), dtype)  # noqa: E731
+  q_lat, q_rope, c, kr = f(B, T, H, C), f(B, T, H, R), f(B, T, C), f(B, T, R)
+  t_T = np.arange(T)
+  idx = rng.integers(0, T, size=(B, T, K))
+  idx[:, :, 0] = t_T
+  valid = idx <= t_T[None, :, None]
+  valid[:, rng.integers(0, T, size=2), 1:] = False
+  return (q_lat, q_rope, c, kr), jnp.asarray(idx, jnp.int32), jnp.asarray(valid)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  assert np.isfinite(a).all()
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("dtype,C,R,K,tol", [(jnp.bfloat16, 128, 64, 100, 1e-2),
+                                             (jnp.float32, 64, 32, 70, 1e-5)])
+def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol):
+  """The Mosaic GPU kernel in the GPU interpreter: o_lat, p and the gradients (the custom
+  VJP's pure-JAX backward from the LSE) against impl="reference" in float32 on the same
+  inputs (in bf16 the reference's own gradient of c is off by ~3%: its dp is rounded to
+  bf16 before the softmax backward); two batch rows (the gather's sequence offset), K over
+  one 64-key step (the online softmax across steps), chunks that pad T."""
+  B, T, H = 2, 5, 16
+  args, idx, valid = _kernel_problem(rng, dtype, B, T, H, C, R, K)
+  g_out = jnp.asarray(rng.normal(size=(B, T, H, C)), jnp.float32)
+
+  def run(impl, args):
+    def loss(*a):
+      o, p = dsa.sparse_mla(*a, idx, valid, scale=0.1, chunk=4, impl=impl)
+      return jnp.sum(o.astype(jnp.float32) * g_out), (o, p)
+    return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+
+  grads, (o, p) = run("interpret", args)
+  grads_r, (o_r, p_r) = run("reference", [a.astype(jnp.float32) for a in args])
+  assert _rel(o, o_r) < tol
+  assert _rel(p, p_r) < tol
+  for a, b in zip(grads, grads_r):
+    assert _rel(a, b) < tol
+
+
+def test_sparse_mla_kernel_variants_agree_and_are_race_free(rng):
+  """Both splits of C (two warpgroups sharing a gather, or two CTAs) and 1 or 3 column
+  tiles per TMA copy give the same o_lat and LSE, equal to the reference, and the GPU
+  interpreter's race detector finds no race (the warpgroups' k_ready / k_consumed / done
+  handshakes); three 64-key steps."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  from pallas_kernels import sparse_mla_gpu
+
+  (q_lat, q_rope, c, kr), idx, valid = _kernel_problem(rng, jnp.bfloat16, 1, 3, 16, 128, 64,
+                                                       130)
+  ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
+  params = plgpu.InterpretGPUParams(detect_races=True)
+  outs = []
+  for split in sparse_mla_gpu.SPLITS:
+    for tiles_per_copy in (1, 3):
+      outs.append(sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1,
+                                                split=split, tiles_per_copy=tiles_per_copy,
+                                                interpret=params))
+      assert not gpu_callbacks.get_races().races_found, (split, tiles_per_copy)
+  for o, lse in outs[1:]:
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(outs[0][0], np.float32))
+    np.testing.assert_array_equal(lse, outs[0][1])
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  o_r, _ = dsa.sparse_mla(f32(q_lat), f32(q_rope), f32(c), f32(kr), idx, valid, scale=0.1,
+                          chunk=4)
+  assert _rel(outs[0][0], o_r) < 1e-2
+
+
+def test_model_with_the_kernel_interpreted_equals_reference(rng):
+  """model.dsa_impl=interpret (the kernel in the GPU interpreter) through the model: logits,
+  the indexer KL and the parameter gradients equal dsa_impl=reference (float32; 8 heads,
+  latent 64, rope 32: shapes the kernel takes)."""
+  shapes = ["model.num_heads=8", "model.kv_lora_rank=64", "model.qk_rope_head_dim=32",
+            "model.num_layers=1", "model.dsa_topk=4", "train.dsa_stage=sparse"]
+  seed = int(rng.integers(1 << 30))
+  tokens = jnp.asarray(rng.integers(1, 257, size=(1, 6)))
+
+  def run(impl):
+    cfg = load_config("configs/tiny.yaml", TINY + shapes + [f"model.dsa_impl={impl}"])
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+
+    def loss(model):
+      logits, aux = model(tokens, None, None)
+      return jnp.mean(logits ** 2) + aux["dsa_kl"], (logits, aux["dsa_kl"])
+    (_, out), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    return out, jax.tree.leaves(nnx.state(grads, nnx.Param))
+
+  (logits, kl), grads = run("interpret")
+  (logits_r, kl_r), grads_r = run("reference")
+  np.testing.assert_allclose(logits, logits_r, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(kl, kl_r, rtol=1e-4, atol=1e-6)
+  for a, b in zip(grads, grads_r):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
+
+
+def test_sparse_mla_kernel_refuses_unsupported_shapes(rng):
+  args, idx, valid = _kernel_problem(rng, jnp.bfloat16, 1, 3, 12, 128, 64, 2)
+  with pytest.raises(ValueError, match="heads must be a multiple of 8"):
+    dsa.sparse_mla(*args, idx, valid, scale=0.1, chunk=4, impl="pallas")
+  assert dsa.resolve_sparse_mla_impl("auto", 12, 128, 64, 2, jnp.bfloat16) == "reference"
+  with pytest.raises(ValueError, match="selected keys K must be between 1 and 16384"):
+    dsa.resolve_sparse_mla_impl("pallas", 16, 512, 64, 16448, jnp.bfloat16)
+  with pytest.raises(ValueError, match="latent dim C must be a multiple of 128"):
+    dsa.resolve_sparse_mla_impl("interpret", 16, 64, 64, 2048, jnp.bfloat16)
+
+
+def test_sparse_mla_kernel_lowers_for_cuda_at_mohge_3b_shapes():
+  """Mosaic GPU lowering (no GPU needed; it checks the SMEM budget, not registers) at
+  H = 16, C = 512, R = 64, K = 2048, T = 128k: the forward kernel alone (both splits, 1 or 3
+  column tiles per copy), and the model's use (o_lat and p, gradients) at T = 4096."""
+  from pallas_kernels import sparse_mla_gpu
+
+  sds = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  H, C, R, K = 16, 512, 64, 2048
+  for T, split, tiles_per_copy in ((131072, "warpgroup", 1), (16384, "warpgroup", 3),
+                                   (131072, "cta", 1), (16384, "cta", 3)):
+    fwd = jax.jit(lambda *a, tpc=tiles_per_copy, split=split: sparse_mla_gpu.sparse_mla_fwd(
+        *a, scale=0.04, tiles_per_copy=tpc, split=split))
+    fwd.trace(sds((1, T, H, C), bf), sds((1, T, H, R), bf), sds((1, T, C + R), bf),
+              sds((1, T, K), jnp.int32)).lower(lowering_platforms=("cuda",))
+  T = 4096
+
+  def loss(q_lat, q_rope, c, kr, idx, valid):
+    o, p = dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=0.04, chunk=256,
+                          impl="pallas")
+    return o.astype(jnp.float32).sum() + p.sum()
+
+  jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
+      sds((1, T, H, C), bf), sds((1, T, H, R), bf), sds((1, T, C), bf), sds((1, T, R), bf),
+      sds((1, T, K), jnp.int32), sds((1, T, K), bool)).lower(lowering_platforms=("cuda",))

@@ -1,0 +1,246 @@
+"""DSA (issue 16) on one GPU: DeepSeek Sparse Attention (indexer + top-k selection + sparse
+attention in latent form) vs dense causal cuDNN flash attention on the decompressed shapes,
+forward and forward+backward, at 16k / 32k / 64k / 128k tokens (one sequence), MoHGE-3B
+attention shapes (H = 16; dense: q/k 192 = 128 nope + 64 rope, v 128; latent: C = 512,
+R = 64; top-k 2048; indexer 4 heads x 64).
+
+    python -m benchmarks.dsa [--seqs 16384,32768,65536,131072] [--budget-s 330] [--out PATH]
+
+Rows {seq, impl, pass, ms, tflops} (or {..., error} / {..., skipped}) go to
+benchmarks/results/dsa_h200.json, rewritten after every row, and are printed as they come:
+a failure or OOM in one row is recorded and the next row runs. impls:
+  dense_cudnn          the model's dense MLA attention: attention.attend(impl="cudnn"), i.e.
+                       jax.nn.dot_product_attention(implementation="cudnn"), causal, v
+                       zero-padded to 192 (the FLOPs count 128)
+  dsa_reference        select_topk + sparse_mla(impl="reference") (+ the indexer KL when
+                       differentiated), pure JAX
+  dsa_pallas           the same with sparse_mla(impl="pallas") (the forward kernel; its
+                       backward is the reference's)
+  sparse_mla_reference / sparse_mla_pallas: the attention alone on a fixed selection
+  kernel_{wg|cta}_tpc{1|3}: the forward kernel alone (forward pass only): halves of C by
+                       two warpgroups sharing a gather or by two CTAs, 1 or 3 128-byte
+                       column tiles per one-row TMA copy (576 or 192 copies per 64-key
+                       step); sparse_mla_pallas / dsa_pallas use kernel_wg_tpc3
+TFLOP/s counts useful FLOPs: dense H·T(T+1)/2·2·(192+128); sparse H·Σ_t min(t+1, k)·2·
+(576+512); indexer T(T+1)/2·2·J·I; forward+backward = 3.5x forward for attention (the
+backward recomputes the scores: 5 products vs 2) and 1x for the indexer (its backward only
+reaches the k selected scores). At the smallest length it also records the kernel's forward
+error against the reference (a "check" row).
+
+Time: two rounds (the issue's comparison dense_cudnn / dsa_pallas / dsa_reference over all
+lengths, then the attention alone and the kernel variants), each in order of length; a
+row starts only while the budget (default 330 s) is not
+spent, and an (impl, pass) that failed or took over 20 s a call is not run at larger
+lengths.
+Expected on an H200: ~6 min (330 s + the last row; compiles ~5-20 s a row, the 128k rows
+a few seconds a call), within a 10-minute command; the second round mostly does not fit
+in the default budget: run it on its own with --impls (benchmarks/notes_dsa.md).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mohge_jax import sparse_attention as dsa
+from mohge_jax.attention import attend
+from pallas_kernels import sparse_mla_gpu
+
+H, P, R, V, C = 16, 128, 64, 128, 512
+J, I, TOPK, CHUNK = 4, 64, 2048, 256
+SCALE = (P + R) ** -0.5
+BWD_FACTOR = 3.5
+
+
+def flops(seq: int, impl: str, pss: str) -> float:
+  pairs_causal = seq * (seq + 1) / 2
+  attn = indexer = 0.0
+  if impl == "dense_cudnn":
+    attn = H * pairs_causal * 2 * (P + R + V)
+  else:
+    pairs = pairs_causal if seq <= TOPK else TOPK * seq - TOPK * (TOPK - 1) / 2
+    attn = H * pairs * 2 * (C + R + C)
+    if impl.startswith("dsa"):
+      indexer = pairs_causal * 2 * J * I  # counted once in either pass
+  return attn * (BWD_FACTOR if pss == "fwd_bwd" else 1.0) + indexer
+
+
+def time_call(f, *args):
+  """ms per call: one warm-up call (compiles), then 1 timed call when slow (> 0.3 s),
+  else the median of 5 timings of up to 10 calls."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(f(*args))
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  jax.block_until_ready(f(*args))
+  once = time.perf_counter() - t0
+  if once > 0.3:
+    return once * 1e3, first
+  n = max(1, min(10, int(0.1 / max(once, 1e-6))))
+  ts = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    for _ in range(n):
+      out = f(*args)
+    jax.block_until_ready(out)
+    ts.append((time.perf_counter() - t0) / n)
+  return float(np.median(ts)) * 1e3, first
+
+
+def inputs(seq: int, seed: int = 0):
+  keys = iter(jax.random.split(jax.random.key(seed), 16))
+  bf = lambda *s, sd=1.0: (sd * jax.random.normal(next(keys), s, jnp.float32)  # noqa: E731
+                           ).astype(jnp.bfloat16)
+  return dict(
+      q=bf(1, seq, H, P + R), k=bf(1, seq, H, P + R), v=bf(1, seq, H, V),
+      o_ct=bf(1, seq, H, V),
+      q_lat=bf(1, seq, H, C, sd=C ** -0.5), q_rope=bf(1, seq, H, R), c=bf(1, seq, C),
+      kr=bf(1, seq, R), lat_ct=bf(1, seq, H, C),
+      q_I=bf(1, seq, J, I), w_I=bf(1, seq, J), k_I=bf(1, seq, I))
+
+
+def dense_fn(pss):
+  def fwd(q, k, v):  # the model's dense MLA path: v zero-padded to 192 for cuDNN
+    return attend(q, k, v, scale=SCALE, segment_ids_BxL=None, impl="cudnn")
+  if pss == "fwd":
+    return jax.jit(fwd), ("q", "k", "v")
+
+  def fb(ct, q, k, v):
+    o, vjp = jax.vjp(fwd, q, k, v)
+    return o, vjp(ct)
+  return jax.jit(fb), ("o_ct", "q", "k", "v")
+
+
+def dsa_fn(pss, impl):
+  def fwd(q_lat, q_rope, c, kr, q_I, w_I, k_I):
+    idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=TOPK, chunk=CHUNK)
+    o, p = dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=SCALE, chunk=CHUNK,
+                          impl=impl)
+    return o, jnp.mean(dsa.sparse_indexer_kl(p, score, valid))
+  names = ("q_lat", "q_rope", "c", "kr", "q_I", "w_I", "k_I")
+  if pss == "fwd":
+    return jax.jit(fwd), names
+
+  def fb(ct, *args):
+    (o, kl), vjp = jax.vjp(fwd, *args)
+    return o, vjp((ct, jnp.ones_like(kl)))
+  return jax.jit(fb), ("lat_ct",) + names
+
+
+def sparse_mla_fn(pss, impl, idx, valid):
+  def fwd(q_lat, q_rope, c, kr):
+    return dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=SCALE, chunk=CHUNK,
+                          impl=impl)[0]
+  names = ("q_lat", "q_rope", "c", "kr")
+  if pss == "fwd":
+    return jax.jit(fwd), names
+
+  def fb(ct, *args):
+    o, vjp = jax.vjp(fwd, *args)
+    return o, vjp(ct)
+  return jax.jit(fb), ("lat_ct",) + names
+
+
+def kernel_fn(name, idx, valid):
+  """The forward kernel alone (o_lat and LSE): name = kernel_{wg|cta}_tpc{1|3}."""
+  split, tpc = name.split("_")[1:]
+  idx_enc = jnp.where(valid, idx, -1)
+
+  def fwd(q_lat, q_rope, c, kr):
+    ckr = jnp.concatenate([c, kr], -1)
+    return sparse_mla_gpu.sparse_mla_fwd(
+        q_lat, q_rope, ckr, idx_enc, scale=SCALE, tiles_per_copy=int(tpc.removeprefix("tpc")),
+        split={"wg": "warpgroup", "cta": "cta"}[split])
+  return jax.jit(fwd), ("q_lat", "q_rope", "c", "kr")
+
+
+# Two rounds over the lengths: the issue's comparison first, then the attention alone.
+ROUNDS = (("dense_cudnn", "dsa_pallas", "dsa_reference"),
+          ("sparse_mla_pallas", "sparse_mla_reference", "kernel_wg_tpc1", "kernel_wg_tpc3",
+           "kernel_cta_tpc1", "kernel_cta_tpc3"))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--seqs", default="16384,32768,65536,131072")
+  ap.add_argument("--impls", default=None, help="comma-separated subset (default: all, in "
+                  "two rounds over the lengths: " + "; ".join(",".join(r) for r in ROUNDS) + ")")
+  ap.add_argument("--budget-s", type=float, default=330.0)
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                "dsa_h200.json"))
+  args = ap.parse_args()
+  start = time.perf_counter()
+  dev = jax.devices()[0]
+  print("jax", jax.__version__, dev, flush=True)
+  result = dict(device=getattr(dev, "device_kind", str(dev)), jax_version=jax.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(), rows=[])
+
+  def record(row):
+    result["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+      json.dump(result, fh, indent=1)
+
+  given_up = set()
+  seqs = [int(s) for s in args.seqs.split(",")]
+  rounds = ROUNDS if args.impls is None else (tuple(args.impls.split(",")),)
+  for impls in rounds:
+    for seq in seqs:
+      data = {}  # made at the first row that runs: the inputs, a fixed top-k selection
+
+      def get(seq=seq, data=data):
+        if not data:
+          data["x"] = x = inputs(seq)
+          data["sel"] = jax.jit(lambda a, b, c: dsa.select_topk(
+              a, b, c, topk=TOPK, chunk=CHUNK)[:2])(x["q_I"], x["w_I"], x["k_I"])
+        return data["x"], data["sel"]
+      outs = {}
+      for impl in impls:
+        for pss in ("fwd",) if impl.startswith("kernel") else ("fwd", "fwd_bwd"):
+          row = dict(seq=seq, impl=impl, **{"pass": pss})
+          if (impl, pss) in given_up:
+            record(dict(row, skipped="failed or too slow at a shorter length"))
+            continue
+          if time.perf_counter() - start > args.budget_s:
+            record(dict(row, skipped="time budget spent"))
+            continue
+          try:
+            x, sel = get()
+            if impl == "dense_cudnn":
+              f, names = dense_fn(pss)
+            elif impl.startswith("kernel_"):
+              f, names = kernel_fn(impl, *sel)
+            elif impl.startswith("dsa_"):
+              f, names = dsa_fn(pss, impl.removeprefix("dsa_"))
+            else:
+              f, names = sparse_mla_fn(pss, impl.removeprefix("sparse_mla_"), *sel)
+            ms, first = time_call(f, *(x[n] for n in names))
+            record(dict(row, ms=round(ms, 3),
+                        tflops=round(flops(seq, impl, pss) / ms / 1e9, 1),
+                        first_call_s=round(first, 1)))
+            if ms > 20e3:
+              given_up.add((impl, pss))
+            if seq == seqs[0] and impl.startswith("sparse_mla") and pss == "fwd":
+              outs[impl] = np.asarray(f(*(x[n] for n in names)), np.float32)
+          except Exception as e:  # noqa: BLE001 -- recorded; the next row runs
+            record(dict(row, error=f"{type(e).__name__}: {str(e)[:400]}"))
+            given_up.add((impl, pss))
+      if len(outs) == 2:
+        a, b = outs["sparse_mla_pallas"], outs["sparse_mla_reference"]
+        record(dict(seq=seq, impl="check", **{"pass": "fwd"},
+                    pallas_vs_reference_rel_err=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+                    pallas_finite=bool(np.isfinite(a).all())))
+      del data, outs
+  print(f"done in {time.perf_counter() - start:.0f} s; wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
