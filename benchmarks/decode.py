@@ -11,7 +11,7 @@ Per (config, batch): the prompt's prefill (`generate.prefill`, timed apart), the
 --new-tokens decode steps (`generate.decode_step`, greedy: the loop `generate` runs, its
 sampler replaced by an argmax) as one jitted `lax.scan`, once per decode expert backend
 (`auto`: model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
-`experts.all_experts`), run --reps times from the same prefilled cache after a warm-up
+`dispatch.all_experts`), run --reps times from the same prefilled cache after a warm-up
 run; step time = median over runs of run time / new tokens, tokens/s = batch / step time.
 compile_s: lower + compile of the decode loop (prefill's apart, in prefill_compile_s);
 each batch is a new program (its shapes), so it compiles again. Each config runs in its
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mohge_jax import experts
+from mohge_jax import dispatch
 from mohge_jax import generate as gen
 from mohge_jax import params as params_lib
 from mohge_jax.config import Config, load_config
@@ -198,7 +198,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     hit = np.mean([len(np.unique(ids_NxRxBxK[t, r])) for t in range(new_tokens)
                    for r in range(R)]) if R else 0.0
     row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-           "expert_backend": backend or experts.resolve_backend(m.expert_backend,
+           "expert_backend": backend or dispatch.resolve_backend(m.expert_backend,
                                                                 m.group_widths, m.d_model),
            "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
            "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--decode-backends", default="auto,all_experts",
                   help="the decode steps' expert backends, each timed from the same prefill: "
                        "auto (model.expert_backend: the Mosaic GPU kernels on the H200), "
-                       "all_experts (experts.all_experts)")
+                       "all_experts (dispatch.all_experts)")
   ap.add_argument("--out", default=None)
   ap.add_argument("--dry-run", action="store_true", help="the byte arithmetic only, no device")
   ap.add_argument("--one", default=None, help=argparse.SUPPRESS)

@@ -7,7 +7,7 @@ full training step, every exchange and placement, float32 and bf16.
         [--gpu-a2a decomposed|nccl|one_shot] [--out FILE.json]
 
 Each case runs the same parameters and inputs twice in this process: on one device (no
-mesh: `experts.dispatch_and_combine`) and with the experts split over `--ep` devices
+mesh: `dispatch.dispatch_and_combine`) and with the experts split over `--ep` devices
 (`expert_parallel.routed_experts` inside `jax.shard_map`: the real collectives, NCCL on
 GPUs). Compared, as relative L2 errors ||a - b|| / ||b|| (the worst tensor is named):
 - layer: the output, the auxiliary losses, the gradients of every parameter and of the

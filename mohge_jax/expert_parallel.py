@@ -5,7 +5,7 @@ takes each device's tokens with their chosen experts and weights and returns the
 sum of their experts' outputs. Each group's N experts are split evenly over the expert
 axis, so device r holds experts [r*N/EP, (r+1)*N/EP) of every group: the All-size
 Group-decoupling Allocation (spec §4; `allocation.place(..., "all_size")` is the same
-layout). Local experts are ordered group-major, as `experts.grouped_ffn` expects.
+layout). Local experts are ordered group-major, as `dispatch.grouped_ffn` expects.
 
 Two exchanges, both dropless:
 - `all_to_all`: send each token-expert pair to the device owning its expert
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mohge_jax import collectives
-from mohge_jax.experts import (combine, count_ids, grouped_ffn, inverse_permutation,
+from mohge_jax.dispatch import (combine, count_ids, grouped_ffn, inverse_permutation,
                                permute_rows)
 from mohge_jax.sharding import BATCH_AXES
 
@@ -72,7 +72,7 @@ def _local_ffn(x, sizes, w_gate_up, w_down, *, backend):
   return grouped_ffn(x, sizes, w_gate_up, w_down, backend=backend)
 
 
-# Rows are permuted by experts.permute_rows, whose backward pass is a gather: the plain
+# Rows are permuted by dispatch.permute_rows, whose backward pass is a gather: the plain
 # gathers' scatter-adds took 328 ms of a 2.6 s MoHGE-3B EP 2 step on the H200s (all_gather
 # exchange). Like every custom VJP under shard_map here (the Pallas kernels' too), it gives
 # wrong gradients in jax 0.11.2 when the pullback of a jitted forward pass is jitted

@@ -174,7 +174,7 @@ def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
                 caches: list[MLACache], expert_backend: str | None = None):
   """One token per row at its position: logits [B, V] float32, the updated caches and per
   stack the routing ([n, B, 1, ...] ids; None for dense stacks). `expert_backend`: None
-  (model.expert_backend) or "all_experts" (`experts.all_experts`)."""
+  (model.expert_backend) or "all_experts" (`dispatch.all_experts`)."""
   x_Bx1xD = _embed(model, tokens_B[:, None])
   new_caches, routes = [], []
   for stack, cache in zip(model.stacks, caches):

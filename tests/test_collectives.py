@@ -251,7 +251,7 @@ def check_expert_parallel():
   dispatch (no collective)."""
   from mohge_jax import expert_parallel, sharding
   from mohge_jax.config import MeshConfig
-  from mohge_jax.experts import dispatch_and_combine
+  from mohge_jax.dispatch import dispatch_and_combine
   G, N, K, D, T = 2, R, 3, 8, 6 * R
   ep_mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=1, expert=R, tensor=1),
                                jax.devices()[:R])

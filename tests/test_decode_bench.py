@@ -105,12 +105,12 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
   what would first fail on the H200."""
   import pallas_kernels
   from pallas_kernels import gpu
-  from mohge_jax import experts
+  from mohge_jax import dispatch
   from mohge_jax.model import Transformer
   from mohge_jax.trainer import graph_def
   monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132))
-  resolve = experts.resolve_backend
-  monkeypatch.setattr(experts, "resolve_backend",
+  resolve = dispatch.resolve_backend
+  monkeypatch.setattr(dispatch, "resolve_backend",
                       lambda b, *a: "pallas" if b == "auto" else resolve(b, *a))
   cfg = load_config(str(ROOT / config))
   graphdef = graph_def(cfg)

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mohge_jax import allocation, expert_parallel, losses, sharding
+from mohge_jax import allocation, expert_parallel, sharding
 from mohge_jax.config import ConfigError, MeshConfig, load_config
 from mohge_jax.experts import RoutedFFN
-from mohge_jax.model import Transformer
 from test_train import assert_same_step, batch_of
 
 LAYER = ["model.d_model=16", "model.group_widths=[8,16,24,32]", "model.experts_per_group=8",
@@ -92,11 +91,11 @@ def test_training_step_lowers_for_gpus(monkeypatch, comm, placement):
   custom VJP, the kernels inside the scanned, rematerialised layers)."""
   import pallas_kernels
   from pallas_kernels import gpu
-  from mohge_jax import collectives, experts
+  from mohge_jax import collectives, dispatch
   from mohge_jax.trainer import abstract_state, graph_def, make_train_step
   monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132))
-  resolve = experts.resolve_backend
-  monkeypatch.setattr(experts, "resolve_backend",
+  resolve = dispatch.resolve_backend
+  monkeypatch.setattr(dispatch, "resolve_backend",
                       lambda b, *a: "pallas" if b == "auto" else resolve(b, *a))
   impl = collectives._resolve_impl
   monkeypatch.setattr(collectives, "_resolve_impl", lambda i: "lax" if i == "auto" else impl(i))

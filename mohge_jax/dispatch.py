@@ -1,0 +1,341 @@
+"""The experts' computation on one device: the grouped SwiGLU FFN over rows sorted by
+expert (`grouped_ffn`, the one backend-choosing function, and its backends) and the dispatch
+around it (sort the token-expert pairs by expert, run, unsort, combine).
+
+Used by the routed layer (`experts.RoutedFFN`) and by its expert-parallel form
+(`expert_parallel`), which runs `grouped_ffn` on each device's share between two exchanges.
+Imports neither: the layer imports both, and expert_parallel imports this.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("reference", "ragged_dot", "tiled", "pallas", "per_expert")
+
+
+def swiglu(h_MxF2: jax.Array) -> jax.Array:
+  """silu(gate) * up for fused [..., 2W] activations (gate first)."""
+  gate, up = jnp.split(h_MxF2, 2, axis=-1)
+  return jax.nn.silu(gate) * up
+
+
+def _group_row_spans(group_sizes_E: jax.Array, num_groups: int):
+  """Start row and per-expert sizes of each group's contiguous block of sorted rows."""
+  N = group_sizes_E.shape[0] // num_groups
+  ends_E = jnp.cumsum(group_sizes_E)
+  starts_E = ends_E - group_sizes_E
+  return [(starts_E[g * N], group_sizes_E[g * N:(g + 1) * N]) for g in range(num_groups)]
+
+
+def _ffn_reference(x_MxD, group_sizes_E, w_gate_up, w_down):
+  """Every row against every expert of each group, then keep its own expert's result.
+
+  Simple and obviously right; N times the FLOPs. For tests and tiny models.
+  """
+  M = x_MxD.shape[0]
+  N = w_gate_up[0].shape[0]
+  ends_E = jnp.cumsum(group_sizes_E)
+  expert_of_row_M = jnp.searchsorted(ends_E, jnp.arange(M), side="right")  # E for padding
+  y_MxD = jnp.zeros((M, x_MxD.shape[1]), jnp.float32)
+  for g, (wgu_NxDxF2, wd_NxFxD) in enumerate(zip(w_gate_up, w_down)):
+    local_M = expert_of_row_M - g * N
+    in_group_M = (local_M >= 0) & (local_M < N)
+    onehot_MxN = jax.nn.one_hot(jnp.where(in_group_M, local_M, -1), N, dtype=x_MxD.dtype)
+    h_MxNxF2 = jnp.einsum("md,ndf->mnf", x_MxD, wgu_NxDxF2, preferred_element_type=jnp.float32)
+    a_MxNxF = swiglu(h_MxNxF2).astype(x_MxD.dtype) * onehot_MxN[:, :, None]
+    y_MxD += jnp.einsum("mnf,nfd->md", a_MxNxF, wd_NxFxD, preferred_element_type=jnp.float32)
+  return y_MxD.astype(x_MxD.dtype)
+
+
+def _ffn_ragged_dot(x_MxD, group_sizes_E, w_gate_up, w_down):
+  """`jax.lax.ragged_dot` per group: roll the group's rows to the front, two ragged matmuls."""
+  y_MxD = jnp.zeros(x_MxD.shape, jnp.float32)
+  for (start, sizes_N), wgu_NxDxF2, wd_NxFxD in zip(
+      _group_row_spans(group_sizes_E, len(w_gate_up)), w_gate_up, w_down):
+    x_g_MxD = jnp.roll(x_MxD, -start, axis=0)
+    h_MxF2 = jax.lax.ragged_dot(x_g_MxD, wgu_NxDxF2, sizes_N,
+                                preferred_element_type=jnp.float32)
+    a_MxF = swiglu(h_MxF2).astype(x_MxD.dtype)
+    o_MxD = jax.lax.ragged_dot(a_MxF, wd_NxFxD, sizes_N, preferred_element_type=jnp.float32)
+    y_MxD += jnp.roll(o_MxD, start, axis=0)
+  return y_MxD.astype(x_MxD.dtype)
+
+
+def _pad_to_width(w_gate_up, w_down, width: int):
+  """Zero-pad every group's experts to `width` (gate and up halves separately): the padded
+  columns give silu(0) * 0 = 0, so results are exact."""
+  gu, dn = [], []
+  for wgu_NxDxF2, wd_NxFxD in zip(w_gate_up, w_down):
+    pad = width - wd_NxFxD.shape[1]
+    gate, up = jnp.split(wgu_NxDxF2, 2, axis=-1)
+    gu.append(jnp.pad(jnp.concatenate([jnp.pad(gate, ((0, 0), (0, 0), (0, pad))),
+                                       jnp.pad(up, ((0, 0), (0, 0), (0, pad)))], -1), 0))
+    dn.append(jnp.pad(wd_NxFxD, ((0, 0), (0, pad), (0, 0))))
+  return jnp.concatenate(gu), jnp.concatenate(dn)  # [E, D, 2*width], [E, width, D]
+
+
+def _ffn_tiled(x_MxD, group_sizes_E, w_gate_up, w_down, tile: int = 128,
+               items_per_chunk: int = 128):
+  """Block-sparse pure JAX: row tiles x experts as batched dense matmuls.
+
+  Every (row tile, expert) pair that overlaps is one work item (at most M/tile + E of
+  them, as megablox counts them); each multiplies its tile by its expert's weights, masked
+  to the expert's rows. Weights are zero-padded to the widest group, so it does about
+  W_max/W_mean times the ideal FLOPs: a portable fallback (CPU, non-Hopper GPUs) that runs
+  at dense-matmul speed, unlike XLA's ragged_dot. Each item needs its own copy of its
+  expert's weights, so items run `items_per_chunk` at a time (a loop over chunks, each
+  recomputed in the backward pass): memory holds one chunk's weight copies, not every
+  item's (at MoHGE-3B's 786k routed rows that would be 6,207 copies, 49 GB).
+  """
+  M, D = x_MxD.shape
+  E = group_sizes_E.shape[0]
+  width = max(w.shape[1] for w in w_down)
+  wgu_ExDxF2, wd_ExFxD = _pad_to_width(w_gate_up, w_down, width)
+  num_tiles = -(-M // tile)
+  items = num_tiles + E - 1  # static bound on overlapping (tile, expert) pairs
+  chunks = -(-items // items_per_chunk)
+  items = chunks * items_per_chunk if chunks > 1 else items
+
+  ends_E = jnp.cumsum(group_sizes_E)
+  starts_E = ends_E - group_sizes_E
+  first_tile_E = starts_E // tile
+  tiles_E = jnp.where(group_sizes_E > 0, (ends_E - 1) // tile - first_tile_E + 1, 0)
+  item_end_E = jnp.cumsum(tiles_E)
+  item_I = jnp.arange(items)
+  expert_I = jnp.minimum(jnp.searchsorted(item_end_E, item_I, side="right"), E - 1)
+  tile_I = first_tile_E[expert_I] + item_I - (item_end_E[expert_I] - tiles_E[expert_I])
+  valid_I = item_I < item_end_E[-1]
+  rows_IxT = jnp.clip(tile_I, 0, num_tiles - 1)[:, None] * tile + jnp.arange(tile)
+  mask_IxT = (valid_I[:, None] & (rows_IxT >= starts_E[expert_I][:, None])
+              & (rows_IxT < ends_E[expert_I][:, None]))
+  x_pad = jnp.pad(x_MxD, ((0, num_tiles * tile - M), (0, 0)))
+
+  def run_items(expert_I, rows_IxT, mask_IxT):
+    x_IxTxD = x_pad[rows_IxT]
+    # Matmuls in x's dtype (float32 accumulation inside): a float32 output would make the
+    # backward matmuls float32 x bf16 (slow TF32 GEMMs on GPUs).
+    h_IxTxF2 = jnp.einsum("itd,idf->itf", x_IxTxD, wgu_ExDxF2[expert_I])
+    a_IxTxF = (swiglu(h_IxTxF2.astype(jnp.float32)) * mask_IxT[..., None]).astype(x_MxD.dtype)
+    return jnp.einsum("itf,ifd->itd", a_IxTxF, wd_ExFxD[expert_I])
+
+  if chunks == 1:
+    o_IxTxD = run_items(expert_I, rows_IxT, mask_IxT)
+  else:
+    in_chunks = lambda a: a.reshape(chunks, items_per_chunk, *a.shape[1:])  # noqa: E731
+    o_CxIxTxD = jax.lax.map(lambda args: jax.checkpoint(run_items)(*args),
+                            (in_chunks(expert_I), in_chunks(rows_IxT), in_chunks(mask_IxT)))
+    o_IxTxD = o_CxIxTxD.reshape(items, tile, D)
+  y_MxD = jnp.zeros((num_tiles * tile, D), jnp.float32).at[rows_IxT].add(
+      o_IxTxD.astype(jnp.float32))
+  return y_MxD[:M].astype(x_MxD.dtype)
+
+
+def _expert_tiles(x_MxD, group_sizes_E, num_groups, tile, visit, carry):
+  """Visits experts one at a time (groups unrolled, experts and row tiles in device loops),
+  calling `carry = visit(g, n, row0, valid_Tx1, carry)` per tile of `tile` rows."""
+  N = group_sizes_E.shape[0] // num_groups
+  starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+  for g in range(num_groups):
+    def expert(n, carry, g=g):
+      start, size = starts_E[g * N + n], group_sizes_E[g * N + n]
+
+      def one_tile(i_carry):
+        i, carry = i_carry
+        valid_Tx1 = (jnp.arange(tile) < size - i * tile)[:, None]
+        return i + 1, visit(g, n, start + i * tile, valid_Tx1, carry)
+
+      _, carry = jax.lax.while_loop(lambda ic: ic[0] * tile < size, one_tile, (0, carry))
+      return carry
+    carry = jax.lax.fori_loop(0, N, expert, carry)
+  return carry
+
+
+def _swiglu_expert(x_TxD, wgu_DxF2, wd_FxD):
+  h_TxF2 = jnp.dot(x_TxD, wgu_DxF2, preferred_element_type=jnp.float32)
+  return jnp.dot(swiglu(h_TxF2).astype(x_TxD.dtype), wd_FxD, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _ffn_per_expert(x_MxD, group_sizes_E, w_gate_up, w_down):
+  """The paper's reference computes experts one at a time; this does the same on the
+  device (a loop over experts, each over its row tiles), as the contrast in benchmarks.
+  Exact and dropless; its backward pass loops the same way (custom VJP: while loops with
+  data-dependent trip counts cannot be reverse-differentiated)."""
+  return _per_expert_fwd(x_MxD, group_sizes_E, w_gate_up, w_down)[0]
+
+
+_TILE = 128
+
+
+def _per_expert_fwd(x_MxD, group_sizes_E, w_gate_up, w_down):
+  M, D = x_MxD.shape
+  x_pad = jnp.pad(x_MxD, ((0, _TILE), (0, 0)))
+
+  def visit(g, n, row0, valid_Tx1, y):
+    x_TxD = jax.lax.dynamic_slice_in_dim(x_pad, row0, _TILE)
+    o_TxD = _swiglu_expert(x_TxD, w_gate_up[g][n], w_down[g][n])
+    old = jax.lax.dynamic_slice_in_dim(y, row0, _TILE)
+    return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(valid_Tx1, o_TxD, old), row0, 0)
+
+  y = _expert_tiles(x_MxD, group_sizes_E, len(w_gate_up), _TILE, visit,
+                    jnp.zeros((M + _TILE, D), jnp.float32))
+  return y[:M].astype(x_MxD.dtype), (x_MxD, group_sizes_E, w_gate_up, w_down)
+
+
+def _per_expert_bwd(res, dy_MxD):
+  x_MxD, group_sizes_E, w_gate_up, w_down = res
+  x_pad = jnp.pad(x_MxD, ((0, _TILE), (0, 0)))
+  dy_pad = jnp.pad(dy_MxD, ((0, _TILE), (0, 0)))
+
+  def visit(g, n, row0, valid_Tx1, grads):
+    dx, dwgu, dwd = grads
+    x_TxD = jax.lax.dynamic_slice_in_dim(x_pad, row0, _TILE)
+    dy_TxD = jnp.where(valid_Tx1, jax.lax.dynamic_slice_in_dim(dy_pad, row0, _TILE), 0)
+    _, vjp = jax.vjp(_swiglu_expert, x_TxD, w_gate_up[g][n], w_down[g][n])
+    dx_t, dwgu_n, dwd_n = vjp(dy_TxD.astype(jnp.float32))
+    old = jax.lax.dynamic_slice_in_dim(dx, row0, _TILE)
+    dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(valid_Tx1, dx_t, old), row0, 0)
+    dwgu = [a.at[n].add(dwgu_n) if i == g else a for i, a in enumerate(dwgu)]
+    dwd = [a.at[n].add(dwd_n) if i == g else a for i, a in enumerate(dwd)]
+    return dx, dwgu, dwd
+
+  zeros = lambda ws: [jnp.zeros(w.shape, jnp.float32) for w in ws]
+  dx, dwgu, dwd = _expert_tiles(
+      x_MxD, group_sizes_E, len(w_gate_up), _TILE, visit,
+      (jnp.zeros((x_MxD.shape[0] + _TILE, x_MxD.shape[1]), jnp.float32), zeros(w_gate_up),
+       zeros(w_down)))
+  cast = lambda grads, ws: tuple(d.astype(w.dtype) for d, w in zip(grads, ws))
+  return (dx[:x_MxD.shape[0]].astype(x_MxD.dtype), None, cast(dwgu, w_gate_up),
+          cast(dwd, w_down))
+
+
+_ffn_per_expert.defvjp(_per_expert_fwd, _per_expert_bwd)
+
+
+def _ffn_pallas(x_MxD, group_sizes_E, w_gate_up, w_down):
+  try:
+    import pallas_kernels
+  except ImportError as e:  # pragma: no cover - the package ships with the library
+    raise RuntimeError("expert_backend='pallas' needs the pallas_kernels package") from e
+  return pallas_kernels.expert_ffn(x_MxD, group_sizes_E, tuple(w_gate_up), tuple(w_down))
+
+
+def resolve_backend(backend: str, widths: Sequence[int] = (), d_model: int = 0) -> str:
+  """'auto': the Pallas kernels on Hopper GPUs and TPUs when they support these shapes,
+  `tiled` elsewhere. An explicit 'pallas' that cannot run these shapes is an error."""
+  if backend not in BACKENDS + ("auto",):
+    raise ValueError(f"expert backend {backend!r}: must be auto or one of {', '.join(BACKENDS)}")
+  if backend not in ("auto", "pallas"):
+    return backend
+  if jax.default_backend() == "cpu":
+    if backend == "pallas":
+      return backend  # the kernels' own dispatch falls back to their reference on CPU
+    return "tiled"
+  import pallas_kernels
+  if pallas_kernels.resolve_backend("auto") == "reference":
+    return "tiled" if backend == "auto" else backend
+  reason = pallas_kernels.unsupported_reason(widths, d_model) if widths else None
+  if reason and backend == "pallas":
+    raise ValueError(f"model.expert_backend=pallas: {reason}")
+  if reason:
+    warnings.warn(f"expert backend 'auto' uses 'tiled': {reason}", stacklevel=2)
+    return "tiled"
+  return "pallas"
+
+
+def grouped_ffn(x_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_up: Sequence[jax.Array],
+                w_down: Sequence[jax.Array], *, backend: str = "auto") -> jax.Array:
+  """SwiGLU experts of every width over rows sorted by expert (group-major).
+
+  x_MxD: rows sorted by expert; group_sizes_E: int32 rows per expert (sum <= M, later rows
+  are padding and give 0); w_gate_up[g]: [N, D, 2*W_g] (gate columns first); w_down[g]:
+  [N, W_g, D]. Returns [M, D] in x's dtype, accumulated in float32.
+  """
+  widths = [w.shape[1] for w in w_down]
+  fn = {"reference": _ffn_reference, "ragged_dot": _ffn_ragged_dot, "tiled": _ffn_tiled,
+        "pallas": _ffn_pallas, "per_expert": _ffn_per_expert,
+        }[resolve_backend(backend, widths, x_MxD.shape[1])]
+  return fn(x_MxD, group_sizes_E, tuple(w_gate_up), tuple(w_down))
+
+
+def inverse_permutation(order_M: jax.Array) -> jax.Array:
+  """inv with inv[order[i]] = i: gathering through it undoes the gather through `order`."""
+  return jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
+
+
+@jax.custom_vjp
+def permute_rows(x_MxD: jax.Array, order_M: jax.Array, inverse_M: jax.Array) -> jax.Array:
+  """x[order] for a permutation `order` with inverse `inverse`. Its backward pass is the
+  gather g[inverse]; autodiff of a plain gather cannot know the indices are a permutation
+  and emits a scatter-add (atomics), which cost ~7% of a MoHGE-3B step on the H200."""
+  return x_MxD[order_M]
+
+
+def _permute_fwd(x_MxD, order_M, inverse_M):
+  return x_MxD[order_M], (order_M, inverse_M)
+
+
+def _permute_bwd(res, g_MxD):
+  order_M, inverse_M = res
+  return g_MxD[inverse_M], None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+def count_ids(ids: jax.Array, num: int) -> jax.Array:
+  """How many entries of `ids` equal each of 0..num-1: int32 [num]; ids outside are not
+  counted. A one-hot sum (one fused reduction) rather than a scatter-add, whose atomics on
+  few bins serialise on GPUs."""
+  return jnp.sum(ids.reshape(-1, 1) == jnp.arange(num, dtype=ids.dtype), axis=0, dtype=jnp.int32)
+
+
+def combine(y_TxKxD: jax.Array, weights_TxK: jax.Array) -> jax.Array:
+  """sum_k weights[t, k] * y[t, k] in float32 [T, D]. Written as a multiply and a sum (one
+  fused memory-bound pass), not an einsum: that is a dot with batch dimension T, which GPUs
+  run as T tiny batched GEMMs."""
+  return jnp.sum(y_TxKxD.astype(jnp.float32) * weights_TxK[..., None], axis=1)
+
+
+def dispatch_and_combine(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down,
+                         num_experts: int, *, backend: str) -> jax.Array:
+  """Sort the T*K token-expert pairs by expert, run the grouped experts, unsort (gather
+  through the inverse permutation), weight and sum over K. Float32 [T, D]."""
+  T, K = expert_ids_TxK.shape
+  expert_of_pair_M = expert_ids_TxK.reshape(T * K)
+  order_M = jnp.argsort(expert_of_pair_M, stable=True)
+  inverse_M = inverse_permutation(order_M)
+  group_sizes_E = count_ids(expert_of_pair_M, num_experts)
+  x_sorted_MxD = permute_rows(jnp.repeat(x_TxD, K, axis=0), order_M, inverse_M)
+  y_sorted_MxD = grouped_ffn(x_sorted_MxD, group_sizes_E, w_gate_up, w_down, backend=backend)
+  y_TxKxD = permute_rows(y_sorted_MxD, inverse_M, order_M).reshape(T, K, -1)
+  return combine(y_TxKxD, weights_TxK)
+
+
+def all_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down) -> jax.Array:
+  """Every token through every expert, each expert's output weighted by the token's combine
+  weight for it (0 where not routed there): float32 [T, D], the value of
+  `dispatch_and_combine`. E/K times the routed FLOPs, but no sort and each expert's weights
+  read once, in their stored layout (per group a matmul batched over its N experts, then
+  one over experts and width together): for decoding's few tokens, which hit most experts
+  anyway and are bound by reading the weights, not by FLOPs."""
+  T, D = x_TxD.shape
+  E = sum(w.shape[0] for w in w_gate_up)
+  weights_TxE = jnp.sum(jax.nn.one_hot(expert_ids_TxK, E, dtype=jnp.float32)
+                        * weights_TxK[..., None].astype(jnp.float32), axis=1)
+  y_TxD = jnp.zeros((T, D), jnp.float32)
+  first = 0
+  for wgu_NxDxF2, wd_NxFxD in zip(w_gate_up, w_down):
+    N = wgu_NxDxF2.shape[0]
+    x_NxTxD = jnp.broadcast_to(x_TxD, (N, T, D))
+    h_NxTxF2 = jnp.einsum("ntd,ndf->ntf", x_NxTxD, wgu_NxDxF2)
+    w_NxTx1 = weights_TxE[:, first:first + N].T[:, :, None]
+    a_NxTxF = (swiglu(h_NxTxF2.astype(jnp.float32)) * w_NxTx1).astype(x_TxD.dtype)
+    y_TxD += jnp.einsum("ntf,nfd->td", a_NxTxF, wd_NxFxD, preferred_element_type=jnp.float32)
+    first += N
+  return y_TxD

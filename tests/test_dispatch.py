@@ -1,0 +1,150 @@
+"""mohge_jax.dispatch: the grouped-FFN backends against each other and a per-expert numpy
+loop (padding, empty experts, bf16), the backend choice, and the permutation and counting
+primitives of the dispatch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mohge_jax import dispatch
+from tests.test_experts import np_swiglu_expert
+
+BACKENDS = ("reference", "ragged_dot", "tiled", "per_expert")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grouped_ffn_backends_agree_with_padding_and_empty_experts(rng, dtype):
+  G, N, D = 3, 4, 16
+  widths = [8, 12, 20]
+  sizes = rng.integers(0, 9, size=G * N)
+  sizes[rng.choice(G * N, 3, replace=False)] = 0  # empty experts
+  sizes[rng.integers(G * N)] = 1  # a one-row expert
+  M = int(sizes.sum()) + 5  # 5 padding rows
+  x = jnp.asarray(rng.normal(size=(M, D)), dtype)
+  wgu = [jnp.asarray(rng.normal(size=(N, D, 2 * w)) * 0.3, dtype) for w in widths]
+  wd = [jnp.asarray(rng.normal(size=(N, w, D)) * 0.3, dtype) for w in widths]
+  gs = jnp.asarray(sizes, jnp.int32)
+  # float64 per-row truth.
+  want = np.zeros((M, D))
+  row = 0
+  for e, s in enumerate(sizes):
+    g, n = divmod(e, N)
+    for _ in range(s):
+      want[row] = np_swiglu_expert(np.asarray(x[row], np.float64),
+                                   np.asarray(wgu[g][n], np.float64),
+                                   np.asarray(wd[g][n], np.float64))
+      row += 1
+  tol = dict(rtol=1e-4, atol=1e-5) if dtype == jnp.float32 else dict(rtol=5e-2, atol=5e-2)
+  outs = {}
+  for backend in BACKENDS:
+    f = jax.jit(lambda *a, b=backend: dispatch.grouped_ffn(*a, backend=b))
+    outs[backend] = f(x, gs, wgu, wd)
+    assert outs[backend].dtype == dtype
+    np.testing.assert_allclose(np.asarray(outs[backend], np.float64), want, **tol)
+    np.testing.assert_array_equal(np.asarray(outs[backend][-5:], np.float32), 0)
+  # Gradients of both backends agree.
+  ct = jnp.asarray(rng.normal(size=(M, D)), dtype)
+  grads = {b: jax.grad(lambda x, a, c, b=b: jnp.sum(
+      dispatch.grouped_ffn(x, gs, a, c, backend=b).astype(jnp.float32) * ct), argnums=(0, 1, 2))(
+          x, wgu, wd) for b in BACKENDS}
+  for b in BACKENDS[1:]:
+    for want_g, got_g in zip(jax.tree.leaves(grads["reference"]), jax.tree.leaves(grads[b])):
+      np.testing.assert_allclose(np.asarray(got_g, np.float32), np.asarray(want_g, np.float32),
+                                 **tol, err_msg=b)
+
+
+def test_unknown_backend():
+  with pytest.raises(ValueError, match="expert backend"):
+    dispatch.resolve_backend("cutlass")
+
+
+def test_auto_backend_choice_on_hopper(monkeypatch):
+  """On a Hopper GPU, 'auto' takes the Pallas kernels when they tile the shapes and falls
+  back to 'tiled' (with a warning) when they do not; an explicit 'pallas' then errors."""
+  import pallas_kernels
+  from pallas_kernels import gpu
+  assert gpu.unsupported_reason([128, 256, 1280], 1024) is None
+  assert "multiples of 128" in gpu.unsupported_reason([128, 192], 512)
+  assert "d_model 320" in gpu.unsupported_reason([128], 320)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  real = pallas_kernels.resolve_backend
+  monkeypatch.setattr(pallas_kernels, "resolve_backend",
+                      lambda b="auto": "mosaic_gpu" if b == "auto" else real(b))
+  assert dispatch.resolve_backend("auto", [256, 384], 512) == "pallas"
+  with pytest.warns(UserWarning, match="uses 'tiled'"):
+    assert dispatch.resolve_backend("auto", [128, 192], 512) == "tiled"
+  with pytest.raises(ValueError, match="expert_backend=pallas: .*multiples of 128"):
+    dispatch.resolve_backend("pallas", [128, 192], 512)
+  assert dispatch.resolve_backend("ragged_dot", [128, 192], 512) == "ragged_dot"
+
+
+def test_per_expert_backend_across_several_row_tiles(rng):
+  """The reference's one-expert-at-a-time loop (benchmark contrast): experts spanning
+  several 128-row tiles, empty experts and padding rows, forward and gradients."""
+  N, D, widths = 2, 8, [4, 12]
+  sizes = np.array([300, 0, 5, int(rng.integers(129, 260))])
+  M = int(sizes.sum()) + 7
+  x = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  wgu = [jnp.asarray(rng.normal(size=(N, D, 2 * w)) * 0.3, jnp.float32) for w in widths]
+  wd = [jnp.asarray(rng.normal(size=(N, w, D)) * 0.3, jnp.float32) for w in widths]
+  gs = jnp.asarray(sizes, jnp.int32)
+  ct = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  def loss(backend):
+    return jax.jit(jax.value_and_grad(lambda x, a, b: jnp.sum(
+        dispatch.grouped_ffn(x, gs, a, b, backend=backend) * ct), argnums=(0, 1, 2)))(x, wgu, wd)
+  (want, want_g), (got, got_g) = loss("reference"), loss("per_expert")
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_permute_rows_gradient_is_a_gather_not_a_scatter(rng):
+  """permute_rows(x, order, inverse) = x[order]; its gradient equals the plain gather's and
+  is computed by gathering through the inverse (no scatter in the backward program)."""
+  M, D = int(rng.integers(5, 40)), 8
+  x = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  order = jnp.asarray(rng.permutation(M), jnp.int32)
+  inverse = dispatch.inverse_permutation(order)
+  np.testing.assert_array_equal(np.asarray(inverse)[np.asarray(order)], np.arange(M))
+  f = lambda x: jnp.sum(dispatch.permute_rows(x, order, inverse) * g)
+  np.testing.assert_array_equal(np.asarray(dispatch.permute_rows(x, order, inverse)),
+                                np.asarray(x)[np.asarray(order)])
+  np.testing.assert_allclose(np.asarray(jax.grad(f)(x)),
+                             np.asarray(jax.grad(lambda x: jnp.sum(x[order] * g))(x)))
+  prims = {e.primitive.name for e in jax.make_jaxpr(jax.grad(f))(x).jaxpr.eqns}
+  assert not any("scatter" in p for p in prims), prims
+
+
+def test_count_ids_matches_bincount(rng):
+  num = int(rng.integers(1, 12))
+  ids = rng.integers(0, num + 2, size=(int(rng.integers(1, 50)), 3))  # some ids >= num
+  want = np.bincount(ids.ravel(), minlength=num + 2)[:num]
+  np.testing.assert_array_equal(np.asarray(dispatch.count_ids(jnp.asarray(ids), num)), want)
+
+
+def test_tiled_in_chunks_of_items_equals_one_pass(rng):
+  """The tiled backend runs its work items a chunk at a time (bounded weight copies); any
+  chunk size gives the one-pass result, forward and gradients (empty experts, padding)."""
+  G, N, D, tile = 2, 3, 8, 4
+  widths = [4, 8]
+  sizes = rng.integers(0, 11, size=G * N)
+  sizes[rng.integers(G * N)] = 0
+  M = int(sizes.sum()) + 3
+  x = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  wgu = [jnp.asarray(rng.normal(size=(N, D, 2 * w)) * 0.3, jnp.float32) for w in widths]
+  wd = [jnp.asarray(rng.normal(size=(N, w, D)) * 0.3, jnp.float32) for w in widths]
+  gs = jnp.asarray(sizes, jnp.int32)
+  ct = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+
+  def run(chunk):
+    f = lambda x, a, c: jnp.sum(dispatch._ffn_tiled(x, gs, a, c, tile=tile,
+                                                   items_per_chunk=chunk) * ct)
+    return dispatch._ffn_tiled(x, gs, wgu, wd, tile=tile, items_per_chunk=chunk), \
+        jax.grad(f, argnums=(0, 1, 2))(x, wgu, wd)
+
+  want = run(1 << 20)  # every item at once
+  for chunk in (1, int(rng.integers(2, 6))):
+    for a, b in zip(jax.tree.leaves(run(chunk)), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
