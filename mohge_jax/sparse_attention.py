@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mohge_jax.config import DSA_IMPLS, ModelConfig
+from mohge_jax.rope import apply_rope, rope_inv_freq
 
 # A finite "minus infinity": a row with every key masked stays finite (uniform) instead of
 # NaN, which matters for padded query rows whose cotangent is zero (0 * NaN = NaN).
@@ -51,8 +52,6 @@ class Indexer(nnx.Module):
   """
 
   def __init__(self, m: ModelConfig, *, rngs: nnx.Rngs):
-    from mohge_jax.attention import rope_inv_freq  # attention.py imports this module
-
     D, J, I, std = m.d_model, m.dsa_index_heads, m.dsa_index_dim, m.init_std
     normal = lambda *shape: nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
     self.m, self.dtype = m, jnp.dtype(m.dtype)
@@ -64,8 +63,6 @@ class Indexer(nnx.Module):
     self.inv_freq = tuple(inv_freq.tolist())
 
   def __call__(self, x_BxTxD, cq_BxTxQ, positions_BxT):
-    from mohge_jax.attention import apply_rope
-
     m = self.m
     B, T, _ = x_BxTxD.shape
     J, I, R = m.dsa_index_heads, m.dsa_index_dim, m.dsa_index_rope_dim
