@@ -82,9 +82,12 @@ def fixed_weight_bytes(cfg: Config, batch: int) -> float:
 
 
 def cache_bytes_per_position(cfg: Config) -> float:
-  """One position's cache entry summed over the layers (MLA: latent and rope key)."""
+  """One position's cache entry summed over the layers (MLA: latent and rope key; with DSA
+  also the indexer's key, all of which a decode step reads to select; of the latents it
+  then reads only the top-k, which this count does not model)."""
   m = cfg.model
-  return BYTES * m.num_layers * (m.kv_lora_rank + m.qk_rope_head_dim)
+  index = m.dsa_index_dim if m.sparse_attention == "dsa" else 0
+  return BYTES * m.num_layers * (m.kv_lora_rank + m.qk_rope_head_dim + index)
 
 
 def step_bytes(cfg: Config, positions_B: np.ndarray, expert_ids_RxBxK: np.ndarray | None

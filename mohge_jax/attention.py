@@ -152,7 +152,8 @@ class MLA(nnx.Module):
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, *, return_latent=False):
     """Causal self-attention over the L positions -> (output, aux). Dense: keys and values
     decompressed per head, aux empty; DSA (`_dsa`): aux holds the indexer's KL. With
-    return_latent, (output, aux, (c_kv, k_rope)): what a KV cache stores (prefill)."""
+    return_latent, (output, aux, MLACache of the L positions [B, L, ...]): what a KV cache
+    stores (prefill)."""
     m = self.m
     B, L, _ = x_BxLxD.shape
     H, P, R, V = m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
@@ -160,9 +161,11 @@ class MLA(nnx.Module):
     q_BxLxHxPR = self.queries(x_BxLxD, positions_BxL, cq_BxLxQ)
     c_BxLxC, k_rope_BxLxR = self.latent(x_BxLxD, positions_BxL)
     if m.sparse_attention == "dsa":
-      out = self._dsa(x_BxLxD, cq_BxLxQ, positions_BxL, segment_ids_BxL, q_BxLxHxPR,
-                      c_BxLxC, k_rope_BxLxR)
-      return (*out, (c_BxLxC, k_rope_BxLxR)) if return_latent else out
+      out_BxLxD, aux, k_I_BxLxI = self._dsa(x_BxLxD, cq_BxLxQ, positions_BxL, segment_ids_BxL,
+                                            q_BxLxHxPR, c_BxLxC, k_rope_BxLxR)
+      if return_latent:
+        return out_BxLxD, aux, MLACache(c_BxLxC, k_rope_BxLxR, k_I_BxLxI)
+      return out_BxLxD, aux
     kv_BxLxHxPV = self._mm(c_BxLxC, self.w_ukv).reshape(B, L, H, P + V)
     k_BxLxHxPR = jnp.concatenate(
         [kv_BxLxHxPV[..., :P], jnp.broadcast_to(k_rope_BxLxR[:, :, None], (B, L, H, R))],
@@ -171,12 +174,13 @@ class MLA(nnx.Module):
     o_BxLxHxV = attend(q_BxLxHxPR, k_BxLxHxPR, v_BxLxHxV, scale=self.scale,
                        segment_ids_BxL=segment_ids_BxL, impl=m.attention_impl)
     out_BxLxD = self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o)
-    return (out_BxLxD, {}, (c_BxLxC, k_rope_BxLxR)) if return_latent else (out_BxLxD, {})
+    return (out_BxLxD, {}, MLACache(c_BxLxC, k_rope_BxLxR)) if return_latent else (out_BxLxD, {})
 
   def _dsa(self, x_BxLxD, cq_BxLxQ, positions_BxL, segment_ids_BxL, q_BxLxHxPR, c_BxLxC,
            k_rope_BxLxR):
     """The DSA paths: queries absorbed into the latent space (q_lat = q_nope W_uk per head,
-    so q_lat . c = q_nope . k_nope) and the output decompressed after (o = o_lat W_uv)."""
+    so q_lat . c = q_nope . k_nope) and the output decompressed after (o = o_lat W_uv).
+    Returns (output, aux, the indexer's keys [B, L, I]: what a cache keeps for decoding)."""
     m = self.m
     B, L, _ = x_BxLxD.shape
     H, P, V, C = m.num_heads, m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank
@@ -207,7 +211,7 @@ class MLA(nnx.Module):
       o_BxLxHxV = jnp.einsum("blhc,chv->blhv", o_lat_BxLxHxC, w_ukv_CxHxPV[..., P:])
       kl_BxL = dsa.sparse_indexer_kl(p_BxLxK, score, valid)
     out = self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o)
-    return out, {"dsa_kl": jnp.mean(kl_BxL)}
+    return out, {"dsa_kl": jnp.mean(kl_BxL)}, k_I
 
   def decode(self, x_Bx1xD, positions_B, cache: "MLACache", layer: jax.Array | None = None
              ) -> tuple[jax.Array, "MLACache"]:
@@ -219,51 +223,74 @@ class MLA(nnx.Module):
     `cache`: this layer's [B, S, ...], or with `layer` (an index) a stack's [n, B, S, ...],
     written at [layer, b, positions_B[b]] only: a layer scan that carries the stacked cache
     updates it in place, where passing each layer's slice in and out as the scan's input and
-    output would copy the whole cache every step."""
+    output would copy the whole cache every step.
+
+    DSA (sparse stage): the indexer's key of the token is cached too, and the token attends
+    to the top-k cached positions by index score (`_dsa_select`), as in the forward pass."""
     m = self.m
-    if m.sparse_attention == "dsa":
-      raise NotImplementedError("decoding with DeepSeek Sparse Attention (model."
-                                "sparse_attention=dsa) is not implemented yet")
     B = x_Bx1xD.shape[0]
     H, P, V = m.num_heads, m.qk_nope_head_dim, m.v_head_dim
     pos_Bx1 = positions_B[:, None]
-    q_BxHxPR = self.queries(x_Bx1xD, pos_Bx1)[:, 0]
-    c_Bx1xC, k_rope_Bx1xR = self.latent(x_Bx1xD, pos_Bx1)
+    cq_Bx1xQ = self.query_latent(x_Bx1xD)
+    q_BxHxPR = self.queries(x_Bx1xD, pos_Bx1, cq_Bx1xQ)[:, 0]
+    new_Bx1 = MLACache(*self.latent(x_Bx1xD, pos_Bx1))
+    if m.sparse_attention == "dsa":
+      q_I, w_I, k_I = self.indexer(x_Bx1xD, cq_Bx1xQ, pos_Bx1)
+      new_Bx1 = new_Bx1._replace(index_key=k_I)
     rows_B = jnp.arange(B)
     at = (rows_B, positions_B) if layer is None else (layer, rows_B, positions_B)
-    cache = MLACache(cache.latent.at[at].set(c_Bx1xC[:, 0]),
-                     cache.k_rope.at[at].set(k_rope_Bx1xR[:, 0]))
-    latent_BxSxC, k_rope_BxSxR = (cache if layer is None
-                                  else (cache.latent[layer], cache.k_rope[layer]))
+    cache = jax.tree.map(lambda c, n: c.at[at].set(n[:, 0]), cache, new_Bx1)
+    mine = cache if layer is None else jax.tree.map(lambda c: c[layer], cache)  # [B, S, ...]
     w_uk_CxHxP, w_uv_CxHxV = self._w_uk_uv()
     q_lat_BxHxC = jnp.einsum("bhp,chp->bhc", q_BxHxPR[..., :P], w_uk_CxHxP)
-    scores_BxHxS = (
-        jnp.einsum("bhc,bsc->bhs", q_lat_BxHxC, latent_BxSxC, preferred_element_type=jnp.float32)
-        + jnp.einsum("bhr,bsr->bhs", q_BxHxPR[..., P:], k_rope_BxSxR,
-                     preferred_element_type=jnp.float32)) * self.scale
-    S = latent_BxSxC.shape[1]
-    visible_Bx1xS = (jnp.arange(S)[None, :] <= positions_B[:, None])[:, None, :]
-    scores_BxHxS = jnp.where(visible_Bx1xS, scores_BxHxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxS = jax.nn.softmax(scores_BxHxS, axis=-1).astype(self.dtype)
-    o_lat_BxHxC = jnp.einsum("bhs,bsc->bhc", probs_BxHxS, latent_BxSxC)
+    S = mine.latent.shape[1]
+    visible_BxS = jnp.arange(S)[None, :] <= positions_B[:, None]
+    if m.sparse_attention == "dsa" and self.dsa_stage != "dense_warmup":
+      idx_Bx1xK, valid_Bx1xK = self._dsa_select(q_I, w_I, mine.index_key, visible_BxS)
+      o_lat_Bx1xHxC, _ = dsa.sparse_mla(
+          q_lat_BxHxC[:, None], q_BxHxPR[:, None, :, P:], mine.latent, mine.k_rope, idx_Bx1xK,
+          valid_Bx1xK, scale=self.scale, chunk=1, impl=m.dsa_impl)
+      o_lat_BxHxC = o_lat_Bx1xHxC[:, 0]
+    else:
+      scores_BxHxS = (
+          jnp.einsum("bhc,bsc->bhs", q_lat_BxHxC, mine.latent, preferred_element_type=jnp.float32)
+          + jnp.einsum("bhr,bsr->bhs", q_BxHxPR[..., P:], mine.k_rope,
+                       preferred_element_type=jnp.float32)) * self.scale
+      scores_BxHxS = jnp.where(visible_BxS[:, None, :], scores_BxHxS, jnp.finfo(jnp.float32).min)
+      probs_BxHxS = jax.nn.softmax(scores_BxHxS, axis=-1).astype(self.dtype)
+      o_lat_BxHxC = jnp.einsum("bhs,bsc->bhc", probs_BxHxS, mine.latent)
     o_BxHxV = jnp.einsum("bhc,chv->bhv", o_lat_BxHxC, w_uv_CxHxV)
     return self._mm(o_BxHxV.reshape(B, 1, H * V), self.w_o), cache
+
+  def _dsa_select(self, q_Bx1xJxI, w_Bx1xJ, index_key_BxSxI, visible_BxS):
+    """The decoded token's top-k cached positions by index score among the visible ones:
+    idx [B, 1, K] and valid [B, 1, K], K = min(dsa_topk, S) (fewer visible than K: all of
+    them, the other slots invalid), as `sparse_attention.select_topk` in the forward pass."""
+    scores_Bx1xS = dsa.index_scores(q_Bx1xJxI, w_Bx1xJ, index_key_BxSxI)
+    K = min(self.m.dsa_topk, scores_Bx1xS.shape[-1])
+    _, idx_Bx1xK = jax.lax.top_k(jnp.where(visible_BxS[:, None], scores_Bx1xS, -jnp.inf), K)
+    valid_Bx1xK = jnp.take_along_axis(visible_BxS[:, None], idx_Bx1xK, axis=-1)
+    return idx_Bx1xK.astype(jnp.int32), valid_Bx1xK
 
 
 class MLACache(NamedTuple):
   """MLA's KV cache: per position only the normed latent c_kv and the rotated rope key
   (kv_lora_rank + qk_rope_head_dim numbers, against 2 * H * head_dim for per-head keys and
-  values). Slot s holds position s of its row. Stacked layers add a leading [layers] axis."""
+  values), and with DSA the lightning indexer's key (dsa_index_dim more). Slot s holds
+  position s of its row. Stacked layers add a leading [layers] axis."""
   latent: jax.Array  # [B, S, C]
   k_rope: jax.Array  # [B, S, R]
+  index_key: jax.Array | None = None  # [B, S, I] (DSA only)
 
   @staticmethod
   def zeros(m: ModelConfig, batch: int, length: int, layers: int | None = None,
             dtype=None) -> "MLACache":
     dtype = jnp.dtype(dtype or m.dtype)
-    lead = () if layers is None else (layers,)
-    return MLACache(jnp.zeros(lead + (batch, length, m.kv_lora_rank), dtype),
-                    jnp.zeros(lead + (batch, length, m.qk_rope_head_dim), dtype))
+    shape = (() if layers is None else (layers,)) + (batch, length)
+    return MLACache(jnp.zeros(shape + (m.kv_lora_rank,), dtype),
+                    jnp.zeros(shape + (m.qk_rope_head_dim,), dtype),
+                    jnp.zeros(shape + (m.dsa_index_dim,), dtype)
+                    if m.sparse_attention == "dsa" else None)
 
 
 class MHA(nnx.Module):

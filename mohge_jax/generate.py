@@ -118,9 +118,6 @@ def sample(key: jax.Array, logits_BxV: jax.Array, *, vocab_size: int, temperatur
 def _check_model(model: Transformer) -> None:
   if not all(isinstance(s.layers.attn, MLA) for s in model.stacks):
     raise NotImplementedError("generation supports model.attention=mla only")
-  if model.cfg.model.sparse_attention != "none":
-    raise NotImplementedError("generation with model.sparse_attention="
-                              f"{model.cfg.model.sparse_attention!r} is not implemented yet")
 
 
 def _embed(model: Transformer, tokens: jax.Array) -> jax.Array:
@@ -156,15 +153,15 @@ def prefill(model: Transformer, tokens_BxP: jax.Array, lengths_B: jax.Array, cac
 
     def body(x_BxPxD, layer_state, graphdef=graphdef):
       block = nnx.merge(graphdef, layer_state)
-      a_BxPxD, _, (c_BxPxC, kr_BxPxR) = block.attn(block.attn_norm(x_BxPxD), positions_BxP,
-                                                   return_latent=True)
+      a_BxPxD, _, cache_BxP = block.attn(block.attn_norm(x_BxPxD), positions_BxP,
+                                         return_latent=True)
       x_BxPxD = x_BxPxD + a_BxPxD
       y_BxPxD, ids = _ffn(block, block.ffn_norm(x_BxPxD))
-      return x_BxPxD + y_BxPxD, (c_BxPxC, kr_BxPxR, ids)
+      return x_BxPxD + y_BxPxD, (cache_BxP, ids)
 
-    x_BxPxD, (c_nxBxPxC, kr_nxBxPxR, ids) = jax.lax.scan(body, x_BxPxD, state)
+    x_BxPxD, (cache_nxBxP, ids) = jax.lax.scan(body, x_BxPxD, state)
     pad = ((0, 0), (0, 0), (0, cache_len - P), (0, 0))
-    caches.append(MLACache(jnp.pad(c_nxBxPxC, pad), jnp.pad(kr_nxBxPxR, pad)))
+    caches.append(jax.tree.map(lambda a: jnp.pad(a, pad), cache_nxBxP))
     routes.append(ids)
   last_BxD = x_BxPxD[jnp.arange(B), lengths_B - 1]
   return _logits(model, last_BxD[:, None])[:, 0], caches, routes

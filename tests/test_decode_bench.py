@@ -45,7 +45,7 @@ def counted_bytes(cfg, state, caches, positions_B, expert_ids_RxBxK):
     else:
       total += a.nbytes
   per_row_position = sum(a.dtype.itemsize * np.prod(a.shape) / np.prod(a.shape[1:3])
-                         for c in caches for a in c)
+                         for c in caches for a in jax.tree.leaves(c))
   return total + per_row_position * float(np.sum(positions_B + 1))
 
 

@@ -1,5 +1,6 @@
 """Generation: cached decode equals the full forward pass (ragged batches), greedy equals
-step-by-step argmax, the cache holds MLA's latent and rope key only, the sampler's masks
+step-by-step argmax, the cache holds MLA's latent and rope key only (and with DSA the
+indexer's key: decoding selects its top-k positions as the forward pass does), the sampler's masks
 against numpy, stop tokens, recorded routes, and the command line on a workdir and an export."""
 
 import functools
@@ -56,9 +57,17 @@ def teacher_forced(model, prompts_BxP, lens_B, fed_BxN, S):
   return jnp.stack(got, 1)
 
 
-@pytest.mark.parametrize("extra", [[], ["model.q_lora_rank=12", "model.ffn=moe",
-                                        "model.group_widths=[16]", "model.experts_per_group=4",
-                                        "model.top_k_groups=1", "model.scan_layers=false"]])
+DSA = ["model.sparse_attention=dsa", "model.dsa_topk=4", "model.dsa_index_heads=2",
+       "model.dsa_index_dim=8", "model.dsa_index_rope_dim=4", "model.dsa_query_chunk=4"]
+
+
+@pytest.mark.parametrize("extra", [
+    [], ["model.q_lora_rank=12", "model.ffn=moe", "model.group_widths=[16]",
+         "model.experts_per_group=4", "model.top_k_groups=1", "model.scan_layers=false"],
+    # DSA, sparse stage: top-4 of up to 12 positions, so the selection matters; with and
+    # without query compression (the indexer's queries from c_q or from x).
+    DSA, DSA + ["model.q_lora_rank=12"],
+    DSA + ["train.dsa_stage=dense_warmup"]])  # warm-up: dense attention, indexer keys cached
 def test_cached_decode_equals_full_forward(rng, extra):
   model = make_model(int(rng.integers(1 << 30)), extra)
   B, P, N = 3, 7, 5
@@ -103,15 +112,20 @@ def test_bf16_absorbed_decode_error_is_the_forward_passs_own(rng):
   assert 0 < err_decode <= 2 * err_full, (err_decode, err_full)
 
 
-def test_cache_holds_latent_and_rope_key_only(rng):
-  model = make_model(0)
+@pytest.mark.parametrize("extra", [[], DSA])
+def test_cache_holds_latent_and_rope_key_only(rng, extra):
+  """Per position: the latent and the rope key (and with DSA the indexer's key), nothing
+  per head."""
+  model = make_model(0, extra)
   m = model.cfg.model
   _, caches, routes = gen.prefill(model, jnp.zeros((2, 5), jnp.int32), jnp.full((2,), 5), 9)
   assert [tuple(s.num for s in model.stacks)] == [(1, 2)]
   for cache, n in zip(caches, (1, 2)):
-    assert isinstance(cache, MLACache) and len(cache) == 2
-    assert cache.latent.shape == (n, 2, 9, m.kv_lora_rank)
-    assert cache.k_rope.shape == (n, 2, 9, m.qk_rope_head_dim)
+    assert isinstance(cache, MLACache)
+    assert [a.shape for a in jax.tree.leaves(cache)] == [
+        (n, 2, 9, m.kv_lora_rank), (n, 2, 9, m.qk_rope_head_dim),
+        *([(n, 2, 9, m.dsa_index_dim)] if extra else [])]
+    assert (cache.index_key is None) == (not extra)
   assert routes[0] is None and routes[1].expert_ids.shape == (2, 2, 5, m.top_k)
 
 
