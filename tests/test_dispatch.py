@@ -13,6 +13,16 @@ from tests.test_experts import np_swiglu_expert
 BACKENDS = ("reference", "ragged_dot", "tiled", "per_expert")
 
 
+def random_rows_and_weights(rng, sizes, N: int, D: int, widths, pad: int, dtype=jnp.float32):
+  """Rows for the given experts' sizes plus `pad` padding rows, each group's weights, the
+  sizes as int32 and a cotangent: (x [M, D], w_gate_up, w_down, sizes, ct [M, D])."""
+  M = int(np.sum(sizes)) + pad
+  x = jnp.asarray(rng.normal(size=(M, D)), dtype)
+  wgu = [jnp.asarray(rng.normal(size=(N, D, 2 * w)) * 0.3, dtype) for w in widths]
+  wd = [jnp.asarray(rng.normal(size=(N, w, D)) * 0.3, dtype) for w in widths]
+  return x, wgu, wd, jnp.asarray(sizes, jnp.int32), jnp.asarray(rng.normal(size=(M, D)), dtype)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_grouped_ffn_backends_agree_with_padding_and_empty_experts(rng, dtype):
   G, N, D = 3, 4, 16
@@ -20,11 +30,8 @@ def test_grouped_ffn_backends_agree_with_padding_and_empty_experts(rng, dtype):
   sizes = rng.integers(0, 9, size=G * N)
   sizes[rng.choice(G * N, 3, replace=False)] = 0  # empty experts
   sizes[rng.integers(G * N)] = 1  # a one-row expert
-  M = int(sizes.sum()) + 5  # 5 padding rows
-  x = jnp.asarray(rng.normal(size=(M, D)), dtype)
-  wgu = [jnp.asarray(rng.normal(size=(N, D, 2 * w)) * 0.3, dtype) for w in widths]
-  wd = [jnp.asarray(rng.normal(size=(N, w, D)) * 0.3, dtype) for w in widths]
-  gs = jnp.asarray(sizes, jnp.int32)
+  x, wgu, wd, gs, ct = random_rows_and_weights(rng, sizes, N, D, widths, 5, dtype)  # 5 pad rows
+  M = x.shape[0]
   # float64 per-row truth.
   want = np.zeros((M, D))
   row = 0
@@ -44,7 +51,6 @@ def test_grouped_ffn_backends_agree_with_padding_and_empty_experts(rng, dtype):
     np.testing.assert_allclose(np.asarray(outs[backend], np.float64), want, **tol)
     np.testing.assert_array_equal(np.asarray(outs[backend][-5:], np.float32), 0)
   # Gradients of both backends agree.
-  ct = jnp.asarray(rng.normal(size=(M, D)), dtype)
   grads = {b: jax.grad(lambda x, a, c, b=b: jnp.sum(
       dispatch.grouped_ffn(x, gs, a, c, backend=b).astype(jnp.float32) * ct), argnums=(0, 1, 2))(
           x, wgu, wd) for b in BACKENDS}
@@ -84,12 +90,7 @@ def test_per_expert_backend_across_several_row_tiles(rng):
   several 128-row tiles, empty experts and padding rows, forward and gradients."""
   N, D, widths = 2, 8, [4, 12]
   sizes = np.array([300, 0, 5, int(rng.integers(129, 260))])
-  M = int(sizes.sum()) + 7
-  x = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
-  wgu = [jnp.asarray(rng.normal(size=(N, D, 2 * w)) * 0.3, jnp.float32) for w in widths]
-  wd = [jnp.asarray(rng.normal(size=(N, w, D)) * 0.3, jnp.float32) for w in widths]
-  gs = jnp.asarray(sizes, jnp.int32)
-  ct = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  x, wgu, wd, gs, ct = random_rows_and_weights(rng, sizes, N, D, widths, 7)
   def loss(backend):
     return jax.jit(jax.value_and_grad(lambda x, a, b: jnp.sum(
         dispatch.grouped_ffn(x, gs, a, b, backend=backend) * ct), argnums=(0, 1, 2)))(x, wgu, wd)
@@ -131,12 +132,7 @@ def test_tiled_in_chunks_of_items_equals_one_pass(rng):
   widths = [4, 8]
   sizes = rng.integers(0, 11, size=G * N)
   sizes[rng.integers(G * N)] = 0
-  M = int(sizes.sum()) + 3
-  x = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
-  wgu = [jnp.asarray(rng.normal(size=(N, D, 2 * w)) * 0.3, jnp.float32) for w in widths]
-  wd = [jnp.asarray(rng.normal(size=(N, w, D)) * 0.3, jnp.float32) for w in widths]
-  gs = jnp.asarray(sizes, jnp.int32)
-  ct = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  x, wgu, wd, gs, ct = random_rows_and_weights(rng, sizes, N, D, widths, 3)
 
   def run(chunk):
     f = lambda x, a, c: jnp.sum(dispatch._ffn_tiled(x, gs, a, c, tile=tile,
