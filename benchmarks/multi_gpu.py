@@ -62,6 +62,9 @@ def main() -> None:
                        "(decomposed, nccl, one_shot); the other rows use the first")
   ap.add_argument("--rows", default="all",
                   help="comma-separated row names' prefixes to run (e.g. '1 GPU,EP2 all_to_all')")
+  ap.add_argument("--row-timeout", type=float, default=300.0,
+                  help="seconds a row may take (start to result) before it is killed and "
+                       "recorded as an error row naming its last stage; the next row runs")
   ap.add_argument("--profile", default=None)
   ap.add_argument("--out", default=None)
   ap.add_argument("overrides", nargs="*")
@@ -81,30 +84,45 @@ def main() -> None:
       if args.profile and gpus > 1 and not profiled:
         profile, profiled = os.path.join(args.profile, os.path.basename(path).split(".")[0]), True
       print(f"== {path}: {name}", flush=True)
-      r = train_step._in_subprocess(path, args.batch, args, [*args.overrides, *overrides],
-                                    tempfile.mkdtemp(prefix="mohge_xla_"), gpus, profile)
-      if r is None:
-        print(f"{path} {name}: out of memory at batch {args.batch} per GPU", flush=True)
-        continue
       comm = next((o.split("=")[1] for o in overrides if "expert_comm" in o), None)
       place = next((o.split("=")[1] for o in overrides if "placement" in o), None)
-      r.update(config=path, name=name, exchange=comm if gpus > 1 and comm else None,
-               placement=place)
+      ident = dict(config=path, name=name, gpus=gpus, exchange=comm if gpus > 1 and comm else None,
+                   placement=place, gpu_a2a=next(o.split("=")[1] for o in reversed(overrides)
+                                                 if o.startswith("mesh.gpu_a2a=")))
+      try:
+        r = train_step._in_subprocess(path, args.batch, args, [*args.overrides, *overrides],
+                                      tempfile.mkdtemp(prefix="mohge_xla_"), gpus, profile,
+                                      timeout=args.row_timeout)
+      except (TimeoutError, RuntimeError) as e:  # recorded; the next row runs
+        r = dict(ident, error=str(e)[-600:])
+      if r is None:
+        r = dict(ident, error=f"out of memory at batch {args.batch} per GPU")
+      r.update(ident)
       rows.append(r)
       print(json.dumps({k: v for k, v in r.items() if not k.startswith("rank_")}), flush=True)
+      save(args, rows)  # after every row: a call cut short keeps what it measured
   print(f"\n{'config':<22}{'row':<30}{'step ms':>9}{'tok/s/GPU':>11}{'vs 1 GPU':>9}"
         f"{'first step s':>13}{'imbalance':>10}{'peak GB':>9}")
   for r in rows:
-    one = next((x for x in rows if x["config"] == r["config"] and x["gpus"] == 1), None)
+    if "error" in r:
+      print(f"{os.path.basename(r['config']):<22}{r['name']:<30} error: {r['error'][:200]}")
+      continue
+    one = next((x for x in rows if x["config"] == r["config"] and x["gpus"] == 1
+                and "error" not in x), None)
     r["per_gpu_vs_one_gpu"] = r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"] if one else None
     imb = f"{r['imbalance']:.3f}" if "imbalance" in r else "-"
     print(f"{os.path.basename(r['config']):<22}{r['name']:<30}{r['step_ms']:>9.1f}"
           f"{r['tokens_per_s_per_gpu']:>11,.0f}"
           f"{(r['per_gpu_vs_one_gpu'] or 0):>9.3f}{r['time_to_first_step_s']:>13.1f}{imb:>10}"
           f"{r['peak_mem_gb']:>9.1f}")
+  save(args, rows)
+
+
+def save(args, rows: list[dict]) -> None:
   if args.out:
     with open(args.out, "w") as fh:
-      json.dump({"device": rows[0]["device"] if rows else None, "jax_version": jax.__version__,
+      json.dump({"device": next((r["device"] for r in rows if "device" in r), None),
+                 "jax_version": jax.__version__,
                  "date": datetime.date.today().isoformat(), "batch_per_gpu": args.batch,
                  "seq": args.seq, "overrides": args.overrides, "rows": rows}, fh, indent=1)
 

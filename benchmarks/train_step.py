@@ -118,11 +118,15 @@ def _run_one(cfg, batch, reps, profile, mesh) -> dict:
   state = jax.block_until_ready(jax.jit(
       make_init_fn(cfg), out_shardings=jax.tree.map(lambda a: a.sharding, target))())
   t1 = T()
+  stage = lambda name: print(f"  stage: {name} ({T() - t0:.1f} s)", flush=True)  # noqa: E731
+  stage("init")
   data = jax.device_put(_batch(cfg, batch * gpus), sharding.batch_sharding(mesh, leading=1))
   lowered = step.lower(state, data)
   t2 = T()
+  stage("lower")
   compiled = lowered.compile()
   t3 = T()
+  stage("compile")
   state, metrics = compiled(state, data)
   jax.block_until_ready(metrics)
   t4 = T()
@@ -166,9 +170,11 @@ def _run_one(cfg, batch, reps, profile, mesh) -> dict:
 
 
 def _in_subprocess(path: str, batch: int, args, overrides: list[str], cache: str,
-                   gpus: int = 1, profile: str | None = None) -> dict | None:
+                   gpus: int = 1, profile: str | None = None,
+                   timeout: float | None = None) -> dict | None:
   """One measurement in a fresh process (its own peak memory, its own compilation cache
-  state); None when it ran out of memory."""
+  state); None when it ran out of memory. Past `timeout` seconds the child is killed and
+  TimeoutError names the last stage it reached (the child prints each as it ends)."""
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
   cmd = [sys.executable, "-m", "benchmarks.train_step", "--one", path, "--batch", str(batch),
          "--seq", str(args.seq), "--reps", str(args.reps), "--gpus", str(gpus), *overrides]
@@ -176,7 +182,14 @@ def _in_subprocess(path: str, batch: int, args, overrides: list[str], cache: str
       args.profile, os.path.basename(path).split(".")[0]))
   if profile:
     cmd += ["--profile", profile]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired as e:
+    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    sys.stdout.write(out)
+    stages = [ln.split("stage: ", 1)[1] for ln in out.splitlines() if "stage: " in ln]
+    raise TimeoutError(f"no result after {timeout:.0f} s; last stage done: "
+                       f"{stages[-1] if stages else 'none (process start, imports)'}") from None
   sys.stdout.write(proc.stdout)
   if proc.returncode != 0:
     text = proc.stdout + proc.stderr
