@@ -132,16 +132,18 @@ def make_prefill(cfg: Config, graphdef, cache_len: int):
 
 
 def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | None = None):
-  """(state, tokens_B, positions_B, caches) -> (tokens [N, B], expert ids [N, R, B, K]):
-  `new_tokens` greedy decode steps in one `lax.scan`, each feeding the token it drew;
-  routed experts through `expert_backend` (`generate.decode_step`)."""
-  def decode(state, tokens_B, positions_B, caches):
+  """(state, layers, tokens_B, positions_B, caches) -> (tokens [N, B], expert ids
+  [N, R, B, K]): `new_tokens` greedy decode steps in one `lax.scan`, each feeding the token
+  it drew; routed experts through `expert_backend` (`generate.decode_step`). `layers`: None
+  (the layer scan over the stacked weights and caches) or `generate.unstack_layers`'s
+  separate per-layer buffers, run unrolled, with `caches` from `generate.unstack_caches`."""
+  def decode(state, layers, tokens_B, positions_B, caches):
     model = nnx.merge(graphdef, state)
 
     def step(carry, _):
       tokens_B, positions_B, caches = carry
       logits_BxV, caches, routes = gen.decode_step(model, tokens_B, positions_B, caches,
-                                                   expert_backend)
+                                                   expert_backend, layers=layers)
       ids = [r.expert_ids[:, :, 0] for r in routes if r is not None]
       ids_RxBxK = (jnp.concatenate(ids) if ids
                    else jnp.zeros((0, tokens_B.shape[0], cfg.model.top_k), jnp.int32))
@@ -158,9 +160,12 @@ def _greedy(cfg: Config, logits_BxV: jax.Array) -> jax.Array:
 
 
 def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: int, reps: int,
-        backends: tuple[str | None, ...] = (None,), seed: int = 0):
-  """One (config, batch): the prompt's prefill, then per expert backend of the decode steps
-  (None: model.expert_backend; "all_experts") yields (the row, the run's arrays:
+        backends: tuple[str | None, ...] = (None,), seed: int = 0,
+        layouts: tuple[str, ...] = ("scan",), profile: str | None = None):
+  """One (config, batch): the prompt's prefill, then per layer layout ("scan": the layer
+  scan over stacked weights; "unrolled": separate per-layer buffers, `make_decode`) and
+  expert backend of the decode steps (None: model.expert_backend; "all_experts") yields
+  (the row, the run's arrays:
   `prompts_BxP`, `tokens_BxN` (the first token from the prefill, then one per decode step)
   and `expert_ids_NxRxBxK`, the routes of each decode step)."""
   m = cfg.model
@@ -180,17 +185,22 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     jax.block_until_ready(prefill(state, prompts_BxP, lengths_B))
     prefill_times.append(T() - t2)
   first_tokens_BxN = None
-  for backend in backends:
+  for layout, backend in [(lay, b) for lay in layouts for b in backends]:
+    if layout == "unrolled":
+      layers = gen.unstack_layers(nnx.merge(graphdef, state))
+      args = (state, layers, first_B, lengths_B, gen.unstack_caches(caches))
+    else:
+      layers, args = None, (state, None, first_B, lengths_B, caches)
     t3 = T()
-    decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend)).lower(
-        state, first_B, lengths_B, caches).compile()
+    decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend)).lower(*args).compile()
     t4 = T()
-    out = jax.block_until_ready(decode(state, first_B, lengths_B, caches))  # warm-up
+    out = jax.block_until_ready(decode(*args))  # warm-up
     times = []
     for _ in range(reps):
       t5 = T()
-      out = jax.block_until_ready(decode(state, first_B, lengths_B, caches))
+      out = jax.block_until_ready(decode(*args))
       times.append((T() - t5) / new_tokens)
+    top = _profile(decode, args, profile, f"b{batch}_{layout}_{backend or 'auto'}", new_tokens)
     step_s = float(np.median(times))
     tokens_NxB, ids_NxRxBxK = (np.asarray(a) for a in out)
     per_step = [step_bytes(cfg, np.full(batch, prompt_len + t), ids_NxRxBxK[t])
@@ -201,7 +211,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     hit = np.mean([len(np.unique(ids_NxRxBxK[t, r])) for t in range(new_tokens)
                    for r in range(R)]) if R else 0.0
     row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-           "expert_backend": backend or dispatch.resolve_backend(m.expert_backend,
+           "layout": layout, "expert_backend": backend or dispatch.resolve_backend(m.expert_backend,
                                                                 m.group_widths, m.d_model),
            "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
            "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],
@@ -211,7 +221,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
            "fraction_of_bandwidth": limit_s / step_s,
            "compile_s": t4 - t3, "prefill_compile_s": t1 - t0,
            "prefill_ms": 1e3 * float(np.median(prefill_times)),
-           "cache_gb_allocated": cache_bytes_per_position(cfg) * batch * S / 1e9}
+           "cache_gb_allocated": cache_bytes_per_position(cfg) * batch * S / 1e9,
+           **({"profile_top_ops": top} if top else {})}
     tokens_BxN = np.concatenate([np.asarray(first_B)[:, None], tokens_NxB.T], axis=1)
     if first_tokens_BxN is None:
       first_tokens_BxN = tokens_BxN
@@ -221,6 +232,23 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
                                                          == first_tokens_BxN[:, 1]))
     yield row, {"prompts_BxP": np.asarray(prompts_BxP), "tokens_BxN": tokens_BxN,
                 "expert_ids_NxRxBxK": ids_NxRxBxK}
+    del layers, args, decode, out
+
+
+def _profile(decode, args, logdir: str | None, name: str, new_tokens: int) -> list[dict]:
+  """With `logdir`: one traced run of the decode loop; prints its top device operations per
+  decode step and returns the top 15 rows ({name, category, ms_per_token_step, count,
+  share})."""
+  if not logdir:
+    return []
+  from benchmarks import profile_summary as ps
+  trace = ps.load_trace(ps.capture(decode, *args, logdir=os.path.join(logdir, name),
+                                   warmup=0, steps=1))
+  rows = ps.summarise(trace, 15, "name")
+  tot = ps.totals(trace, steps=new_tokens)
+  print(f"  profile {name} (per decode step):\n" + ps.format_table(rows, tot), flush=True)
+  return [{"name": r["name"], "category": r["category"], "count": r["count"],
+           "ms_per_token_step": r["total_ms"] / new_tokens, "share": r["share"]} for r in rows]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -236,13 +264,15 @@ def _child(path: str, args) -> None:
   print(f"  init {init_s:.1f} s (bf16 weights, "
         f"{sum(a.nbytes for a in jax.tree.leaves(state)) / 1e9:.2f} GB)", flush=True)
   backends = [None if b == "auto" else b for b in args.decode_backends.split(",")]
+  layouts = tuple(args.layouts.split(","))
   for b in args.batches:
     S = args.prompt_len + args.new_tokens
     print(f"  batch {b}: cache {cache_bytes_per_position(cfg) * b * S / 1e9:.2f} GB "
           f"({S} slots x {cache_bytes_per_position(cfg):.0f} bytes per row)", flush=True)
     try:
       for row, _ in run(cfg, graphdef, state, b, args.prompt_len, args.new_tokens, args.reps,
-                        tuple(backends)):
+                        tuple(backends), layouts=layouts,
+                        profile=args.profile if b in args.profile_batches else None):
         stats = jax.devices()[0].memory_stats() or {}
         row.update(init_s=init_s, peak_mem_gb=stats.get("peak_bytes_in_use", 0) / 2**30,
                    device=jax.devices()[0].device_kind)
@@ -295,6 +325,14 @@ def main(argv: list[str] | None = None) -> None:
                   help="the decode steps' expert backends, each timed from the same prefill: "
                        "auto (model.expert_backend: the Mosaic GPU kernels on the H200), "
                        "all_experts (dispatch.all_experts)")
+  ap.add_argument("--layouts", default="scan,unrolled",
+                  help="how the decode step runs the layers: scan (one lax.scan over the "
+                       "stacked weights and cache of each stack) and/or unrolled (separate "
+                       "per-layer buffers: generate.unstack_layers)")
+  ap.add_argument("--profile", default=None,
+                  help="trace one run of each decode loop at --profile-batches into this "
+                       "directory and print (and record) its top device operations")
+  ap.add_argument("--profile-batches", default="256,1")
   ap.add_argument("--out", default=None)
   ap.add_argument("--dry-run", action="store_true", help="the byte arithmetic only, no device")
   ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -302,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
   args = ap.parse_args(argv)
   args.configs = args.configs.split(",")
   args.batches = [int(b) for b in args.batches.split(",")]
+  args.profile_batches = [int(b) for b in args.profile_batches.split(",")]
   if args.dry_run:
     _dry_run(args)
     return
@@ -317,7 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     cmd = [sys.executable, "-m", "benchmarks.decode", "--one", path,
            "--batches", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
-           "--decode-backends", args.decode_backends, *args.overrides]
+           "--decode-backends", args.decode_backends, "--layouts", args.layouts,
+           "--profile-batches", ",".join(map(str, args.profile_batches)),
+           *(["--profile", args.profile] if args.profile else []), *args.overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     tail = []
@@ -327,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         _write(args, rows)
         r = rows[-1]
         print(f"  batch {r['batch']}: " + (f"error {r['error'][:300]}" if "error" in r else
-              f"{r['expert_backend']}: {r['step_ms']:.3f} ms/step, "
+              f"{r['layout']} {r['expert_backend']}: {r['step_ms']:.3f} ms/step, "
               f"{r['tokens_per_s']:,.0f} tok/s, "
               f"{r['fraction_of_bandwidth']:.1%} of bandwidth (compile {r['compile_s']:.1f} s)"),
               flush=True)
@@ -338,11 +379,12 @@ def main(argv: list[str] | None = None) -> None:
     if proc.wait() != 0:
       sys.stdout.write("".join(tail))
       print(f"{path}: process failed ({proc.returncode}); rows so far kept", flush=True)
-  print(f"\n{'config':<24}{'batch':>6}{'experts':>12}{'step ms':>9}{'tok/s':>10}{'GB/step':>9}"
-        f"{'limit ms':>9}{'fraction':>9}{'compile s':>10}{'prefill ms':>11}")
+  print(f"\n{'config':<24}{'batch':>6}{'layout':>9}{'experts':>12}{'step ms':>9}{'tok/s':>10}"
+        f"{'GB/step':>9}{'limit ms':>9}{'fraction':>9}{'compile s':>10}{'prefill ms':>11}")
   for r in sorted((r for r in rows if "error" not in r),
-                  key=lambda r: (r["config"], r["batch"], r["expert_backend"])):
-    print(f"{r['config']:<24}{r['batch']:>6}{r['expert_backend']:>12}{r['step_ms']:>9.3f}"
+                  key=lambda r: (r["config"], r["batch"], r["layout"], r["expert_backend"])):
+    print(f"{r['config']:<24}{r['batch']:>6}{r['layout']:>9}{r['expert_backend']:>12}"
+          f"{r['step_ms']:>9.3f}"
           f"{r['tokens_per_s']:>10,.0f}"
           f"{r['bytes_per_step'] / 1e9:>9.3f}{r['limit_ms']:>9.3f}"
           f"{r['fraction_of_bandwidth']:>9.1%}{r['compile_s']:>10.1f}{r['prefill_ms']:>11.1f}")

@@ -168,10 +168,18 @@ def prefill(model: Transformer, tokens_BxP: jax.Array, lengths_B: jax.Array, cac
 
 
 def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
-                caches: list[MLACache], expert_backend: str | None = None):
+                caches: list, expert_backend: str | None = None, layers: list | None = None):
   """One token per row at its position: logits [B, V] float32, the updated caches and per
   stack the routing ([n, B, 1, ...] ids; None for dense stacks). `expert_backend`: None
-  (model.expert_backend) or "all_experts" (`dispatch.all_experts`)."""
+  (model.expert_backend) or "all_experts" (`dispatch.all_experts`).
+
+  `layers` (from `unstack_layers`): each stack's layers as separate per-layer states, run
+  unrolled; `caches` is then per stack a list of per-layer MLACache ([B, S, ...],
+  `unstack_caches`). The default scan slices every layer's weights and cache out of the
+  stacked arrays inside the step, which XLA may copy (a read and a write of every weight
+  each step); separate buffers need no slice."""
+  if layers is not None:
+    return _decode_step_unrolled(model, tokens_B, positions_B, caches, expert_backend, layers)
   x_Bx1xD = _embed(model, tokens_B[:, None])
   new_caches, routes = [], []
   for stack, cache in zip(model.stacks, caches):
@@ -191,6 +199,42 @@ def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
                                          (state, jnp.arange(stack.num)))
     new_caches.append(cache)
     routes.append(ids)
+  return _logits(model, x_Bx1xD)[:, 0], new_caches, routes
+
+
+def unstack_layers(model: Transformer) -> list[list]:
+  """Per stack, its layers' states as separate arrays (copies made here, outside any jit:
+  the model's weights are held twice while both are alive), for `decode_step(...,
+  layers=)`."""
+  out = []
+  for stack in model.stacks:
+    state = nnx.state(stack.layers)
+    out.append([jax.tree.map(lambda a, i=i: a[i], state) for i in range(stack.num)])
+  return out
+
+
+def unstack_caches(caches: list[MLACache]) -> list[list[MLACache]]:
+  """Per stack, the stacked cache [n, B, S, ...] as n per-layer caches [B, S, ...]."""
+  return [[jax.tree.map(lambda c, i=i: c[i], cache) for i in range(len(cache.latent))]
+          for cache in caches]
+
+
+def _decode_step_unrolled(model, tokens_B, positions_B, caches, expert_backend, layers):
+  x_Bx1xD = _embed(model, tokens_B[:, None])
+  new_caches, routes = [], []
+  for stack, stack_caches, stack_layers in zip(model.stacks, caches, layers):
+    graphdef = nnx.graphdef(stack.layers)
+    updated, ids_n = [], []
+    for layer_state, cache in zip(stack_layers, stack_caches):
+      block = nnx.merge(graphdef, layer_state)
+      a_Bx1xD, cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B, cache)
+      x_Bx1xD = x_Bx1xD + a_Bx1xD
+      y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD), expert_backend)
+      x_Bx1xD = x_Bx1xD + y_Bx1xD
+      updated.append(cache)
+      ids_n.append(ids)
+    new_caches.append(updated)
+    routes.append(None if ids_n[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ids_n))
   return _logits(model, x_Bx1xD)[:, 0], new_caches, routes
 
 

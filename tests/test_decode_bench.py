@@ -56,10 +56,16 @@ def test_decode_benchmark_bytes_and_tokens():
   model = nnx.merge(graphdef, state)
   P, N = 6, 3
   for B in (1, 4):
-    (row, arrays), (row_all, _) = decode.run(cfg, graphdef, state, B, prompt_len=P,
-                                             new_tokens=N, reps=1,
-                                             backends=(None, "all_experts"))
+    (row, arrays), (row_all, _), (row_u, arrays_u), _ = decode.run(
+        cfg, graphdef, state, B, prompt_len=P, new_tokens=N, reps=1,
+        backends=(None, "all_experts"), layouts=("scan", "unrolled"))
     assert (row["expert_backend"], row_all["expert_backend"]) == ("tiled", "all_experts")
+    assert (row["layout"], row_u["layout"], row_u["expert_backend"]) == ("scan", "unrolled",
+                                                                         "tiled")
+    # the unrolled layers over separate buffers decode the same tokens by the same routes
+    np.testing.assert_array_equal(arrays_u["tokens_BxN"], arrays["tokens_BxN"])
+    np.testing.assert_array_equal(arrays_u["expert_ids_NxRxBxK"], arrays["expert_ids_NxRxBxK"])
+    assert row_u["bytes_per_step"] == row["bytes_per_step"] and row_u["step_ms"] > 0
     prompts_BxP, ids_NxRxBxK = arrays["prompts_BxP"], arrays["expert_ids_NxRxBxK"]
     assert ids_NxRxBxK.shape == (N, 2, B, cfg.model.top_k)
 
@@ -125,5 +131,11 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
     assert "mosaic_gpu" in text
     for backend in (None, "all_experts"):
       text = jax.jit(decode.make_decode(cfg, graphdef, N, backend)).trace(
-          state, lengths, lengths, caches).lower(lowering_platforms=("cuda",)).as_text()
+          state, None, lengths, lengths, caches).lower(lowering_platforms=("cuda",)).as_text()
       assert ("mosaic_gpu" in text) == (backend is None)
+    if B == 1:  # the unrolled layout over separate per-layer buffers
+      layers = jax.eval_shape(lambda s: gen.unstack_layers(nnx.merge(graphdef, s)), state)
+      text = jax.jit(decode.make_decode(cfg, graphdef, N, None)).trace(
+          state, layers, lengths, lengths, jax.eval_shape(gen.unstack_caches, caches)).lower(
+              lowering_platforms=("cuda",)).as_text()
+      assert "mosaic_gpu" in text

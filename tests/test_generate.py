@@ -249,3 +249,30 @@ def test_cli_on_workdir_and_export(tmp_path):
   assert "=== prompt 0: 'hello'" in r.stdout
   r = _run(["-m", "mohge_jax.generate", str(tmp_path), "--prompt", "x"])
   assert r.returncode == 2 and "neither an export" in r.stderr
+
+
+@pytest.mark.parametrize("extra", [[], DSA])
+def test_unrolled_decode_over_separate_layer_buffers_equals_the_scan(rng, extra):
+  """decode_step(layers=unstack_layers(model)) on per-layer caches gives the scan's logits,
+  caches and routes, step after step (the layers read separate buffers, not slices)."""
+  model = make_model(int(rng.integers(1 << 30)), ["model.first_dense_layers=1", *extra])
+  B, P, N = 3, 7, 4
+  prompts, lens = ragged(rng, [7, 2, 4], P)
+  fed = rng.integers(0, 256, size=(B, N))
+  _, caches, _ = gen.prefill(model, jnp.asarray(prompts), jnp.asarray(lens), P + N)
+  layers, flat = gen.unstack_layers(model), gen.unstack_caches(caches)
+  assert [len(s) for s in layers] == [s.num for s in model.stacks] == [len(c) for c in flat]
+  for t in range(N):
+    want, caches, routes = gen.decode_step(model, jnp.asarray(fed[:, t]),
+                                           jnp.asarray(lens + t), caches)
+    got, flat, routes_u = gen.decode_step(model, jnp.asarray(fed[:, t]), jnp.asarray(lens + t),
+                                          flat, layers=layers)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for stacked, per_layer in zip(caches, flat):
+      for i, c in enumerate(per_layer):
+        jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(  # op-by-op vs scanned
+            np.asarray(a[i]), np.asarray(b), rtol=1e-5, atol=1e-6), stacked, c)
+    assert [r is None for r in routes] == [r is None for r in routes_u]
+    for r, ru in zip(routes, routes_u):
+      if r is not None:
+        np.testing.assert_array_equal(np.asarray(r.expert_ids), np.asarray(ru.expert_ids))
