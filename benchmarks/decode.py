@@ -2,7 +2,8 @@
 
     python -m benchmarks.decode [--configs configs/mohge_3b.yaml,configs/moe_3b.yaml]
         [--batches 256,32,1] [--prompt-len 512] [--new-tokens 128] [--reps 3]
-        [--decode-backends auto,all_experts] [--out benchmarks/results/decode_h200.json]
+        [--decode-backends auto,all_experts,capacity] [--layouts scan,unrolled]
+        [--profile DIR] [--profile-batches 256,1] [--out benchmarks/results/decode_h200.json]
         [--dry-run] [key=value ...]
 
 Random-initialised weights stored in bf16 (what a bf16 export serves; routing of random
@@ -11,7 +12,8 @@ Per (config, batch): the prompt's prefill (`generate.prefill`, timed apart), the
 --new-tokens decode steps (`generate.decode_step`, greedy: the loop `generate` runs, its
 sampler replaced by an argmax) as one jitted `lax.scan`, once per decode expert backend
 (`auto`: model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
-`dispatch.all_experts`), run --reps times from the same prefilled cache after a warm-up
+`dispatch.all_experts`; `capacity`: `dispatch.capacity_experts`) and layer layout
+(`--layouts`: the layer scan, or unrolled over separate per-layer buffers), run --reps times from the same prefilled cache after a warm-up
 run; step time = median over runs of run time / new tokens, tokens/s = batch / step time.
 compile_s: lower + compile of the decode loop (prefill's apart, in prefill_compile_s);
 each batch is a new program (its shapes), so it compiles again. Each config runs in its
@@ -321,10 +323,11 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--prompt-len", type=int, default=512)
   ap.add_argument("--new-tokens", type=int, default=128)
   ap.add_argument("--reps", type=int, default=3)
-  ap.add_argument("--decode-backends", default="auto,all_experts",
+  ap.add_argument("--decode-backends", default="auto,all_experts,capacity",
                   help="the decode steps' expert backends, each timed from the same prefill: "
                        "auto (model.expert_backend: the Mosaic GPU kernels on the H200), "
-                       "all_experts (dispatch.all_experts)")
+                       "all_experts (dispatch.all_experts), capacity "
+                       "(dispatch.capacity_experts)")
   ap.add_argument("--layouts", default="scan,unrolled",
                   help="how the decode step runs the layers: scan (one lax.scan over the "
                        "stacked weights and cache of each stack) and/or unrolled (separate "

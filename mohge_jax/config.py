@@ -235,7 +235,12 @@ class MeshConfig:
   fsdp: int = 1
   expert: int = 1
   tensor: int = 1
-  expert_comm: str = "all_to_all"  # "all_to_all" (ragged, dropless) or "all_gather"
+  # "all_to_all" (ragged, dropless), "all_gather" (the group's tokens gathered, outputs
+  # reduce-scattered) or "auto": all_gather while the expert axis is smaller than top_k
+  # (it moves (EP-1)*T rows per rank, all_to_all ~K*T*(EP-1)/EP), else all_to_all.
+  # Measured at EP 2 on two H200s (MoHGE-3B): all_gather 0.85x one GPU's tokens/s per GPU,
+  # all_to_all 0.66x (benchmarks/notes_expert_parallel.md).
+  expert_comm: str = "auto"
   placement: str = "all_size"  # "all_size" or "naive" (whole groups per rank: the contrast)
   # How XLA:GPU runs the ragged all-to-all (collectives.GPU_A2A_FLAGS; process-wide XLA
   # flags, set before the backend starts): "decomposed" (dense all-to-all of padded
@@ -244,6 +249,7 @@ class MeshConfig:
   gpu_a2a: str = "decomposed"
 
 
+EXPERT_COMMS = ("auto", "all_to_all", "all_gather")
 GPU_A2A_KINDS = ("decomposed", "nccl", "one_shot")  # collectives.GPU_A2A_FLAGS's keys
 RL_TASKS = ("arithmetic", "countdown")
 RL_REFERENCES = ("frozen",)
@@ -519,7 +525,7 @@ def validate(cfg: Config) -> None:
   for k, v in sizes.items():
     _require(v >= 1 or v == -1, f"mesh.{k}={v}: must be >= 1, or -1 for the remaining devices")
   _require(list(sizes.values()).count(-1) <= 1, "mesh: at most one axis may be -1")
-  _one_of(mesh.expert_comm, ("all_to_all", "all_gather"), "mesh.expert_comm")
+  _one_of(mesh.expert_comm, EXPERT_COMMS, "mesh.expert_comm")
   _one_of(mesh.placement, ("all_size", "naive"), "mesh.placement")
   _one_of(mesh.gpu_a2a, GPU_A2A_KINDS, "mesh.gpu_a2a")
   if mesh.expert > 1 and any(k in ("mohge", "moe") for k in kinds):

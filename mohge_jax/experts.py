@@ -15,7 +15,7 @@ from flax import nnx
 
 from mohge_jax import expert_parallel, losses, routing
 from mohge_jax.config import Config
-from mohge_jax.dispatch import all_experts, dispatch_and_combine, swiglu
+from mohge_jax.dispatch import all_experts, capacity_experts, dispatch_and_combine, swiglu
 
 # ----------------------------------------------------------------------------- modules
 
@@ -106,8 +106,9 @@ class RoutedFFN(nnx.Module):
     """y [B, L, D] and aux: the loss terms, the token counts, and the routing itself
     (`expert_ids` [B, L, K], `group_ids` [B, L, Kg]: what generation records). `forced`
     ([B, L, ...] ids) replays a recorded routing (GRPO's keep routing). `backend`: the
-    experts' backend for this call (None: model.expert_backend), or "all_experts"
-    (`all_experts`: for decoding; not under expert parallelism)."""
+    experts' backend for this call (None: model.expert_backend), or "all_experts" /
+    "capacity" (`all_experts`, `capacity_experts`: for decoding; not under expert
+    parallelism)."""
     B, L, D = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(B * L, D)
     r, aux = self.route(x_TxD, forced)
@@ -121,6 +122,8 @@ class RoutedFFN(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     if backend == "all_experts":
       y_TxD = all_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down)
+    elif backend == "capacity":
+      y_TxD = capacity_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down)
     elif not mesh.empty and mesh.shape.get("expert", 1) > 1:
       y_TxD = expert_parallel.routed_experts(
           x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, mesh=mesh,

@@ -129,7 +129,7 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
     _, caches = prefill.out_info
     text = prefill.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-    for backend in (None, "all_experts"):
+    for backend in (None, "all_experts", "capacity"):
       text = jax.jit(decode.make_decode(cfg, graphdef, N, backend)).trace(
           state, None, lengths, lengths, caches).lower(lowering_platforms=("cuda",)).as_text()
       assert ("mosaic_gpu" in text) == (backend is None)

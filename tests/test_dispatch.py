@@ -144,3 +144,48 @@ def test_tiled_in_chunks_of_items_equals_one_pass(rng):
   for chunk in (1, int(rng.integers(2, 6))):
     for a, b in zip(jax.tree.leaves(run(chunk)), jax.tree.leaves(want)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _pairs_reference(x, ids, w, wgu, wd):
+  """Per token, per chosen expert, float64."""
+  N = [a.shape[0] for a in wgu]
+  first = np.cumsum([0] + N)
+  y = np.zeros(x.shape, np.float64)
+  for t in range(x.shape[0]):
+    for k in range(ids.shape[1]):
+      g = int(np.searchsorted(first, ids[t, k], side="right") - 1)
+      n = int(ids[t, k] - first[g])
+      h = x[t] @ wgu[g][n]
+      gate, up = np.split(h, 2)
+      y[t] += w[t, k] * ((gate / (1 + np.exp(-gate)) * up) @ wd[g][n])
+  return y
+
+
+@pytest.mark.parametrize("case", ["bounded", "overflow", "small_batch"])
+def test_capacity_experts_equals_per_pair_loop(rng, case):
+  """capacity_experts (decoding's fixed-capacity slots per expert): the routed value, in
+  the bounded case (every expert within C < T rows), when an expert overflows C (the
+  all_experts fallback) and when C would reach T."""
+  widths, N, D, K = (8, 16, 24), 4, 16, 3
+  E = N * len(widths)
+  T = 6 if case == "small_batch" else 96
+  if case == "bounded":  # each expert gets exactly T*K/E = 24 rows, C = 48
+    ids = (np.arange(T * K).reshape(T, K) + rng.integers(E)) % E  # balanced, distinct per row
+  elif case == "overflow":  # every token's first expert is expert 5
+    ids = np.stack([np.concatenate([[5], rng.choice(np.delete(np.arange(E), 5), K - 1,
+                                                     replace=False)]) for _ in range(T)])
+  else:
+    ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)])
+  counts = np.bincount(ids.ravel(), minlength=E)
+  C = dispatch.expert_capacity(T, K, E)
+  assert {"bounded": counts.max() <= C < T, "overflow": counts.max() > C,
+          "small_batch": C >= T}[case]
+  x = rng.normal(size=(T, D))
+  w = rng.uniform(size=(T, K))
+  wgu = [rng.normal(size=(N, D, 2 * f)) / 4 for f in widths]
+  wd = [rng.normal(size=(N, f, D)) / 4 for f in widths]
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  got = dispatch.capacity_experts(f32(x), jnp.asarray(ids, jnp.int32), f32(w),
+                                  [f32(a) for a in wgu], [f32(a) for a in wd])
+  np.testing.assert_allclose(np.asarray(got), _pairs_reference(x, ids, w, wgu, wd),
+                             rtol=1e-4, atol=1e-4)

@@ -225,3 +225,25 @@ def test_mesh_errors():
     load_config("configs/tiny.yaml", ["mesh.expert=2", "model.expert_backend=per_expert"])
   with pytest.raises(ConfigError, match="at most one axis may be -1"):
     load_config("configs/tiny.yaml", ["mesh.fsdp=-1"])
+
+
+@pytest.mark.parametrize("ep,k,want", [(2, 5, "all_gather"), (4, 5, "all_gather"),
+                                       (8, 5, "all_to_all"), (2, 2, "all_to_all")])
+def test_auto_exchange_is_all_gather_below_top_k(rng, ep, k, want):
+  """mesh.expert_comm=auto (the default): the lowered layer runs the all-gather exchange
+  while the expert axis is smaller than top_k, the ragged all-to-all from there on."""
+  assert MeshConfig().expert_comm == "auto"
+  assert expert_parallel.resolve_comm("auto", ep, k) == want
+  assert expert_parallel.resolve_comm("all_to_all", 2, 8) == "all_to_all"
+  G, N, D, T = 2, 8, 16, 32
+  mesh, _ = mesh_of(1, 1, ep)
+  wgu = [jnp.asarray(rng.normal(size=(N, D, 2 * w)), jnp.float32) for w in (8, 16)]
+  wd = [jnp.asarray(rng.normal(size=(N, w, D)), jnp.float32) for w in (8, 16)]
+  ids = jnp.asarray(np.stack([rng.choice(G * N, k, replace=False) for _ in range(T)]),
+                    jnp.int32)
+  f = jax.jit(lambda x, w: expert_parallel.routed_experts(
+      x, ids, w, wgu, wd, mesh=mesh, experts_per_group=N, comm="auto", backend="tiled"))
+  text = f.lower(jnp.ones((T, D)), jnp.ones((T, k))).as_text()
+  # (on CPU the ragged exchange is emulated; its sizes still go through an all_to_all)
+  assert ("all_to_all" in text) == (want == "all_to_all")
+  assert ("reduce_scatter" in text) == (want == "all_gather")

@@ -57,13 +57,15 @@ def test_mohge_layer_equals_per_token_loop(rng, backend, combine):
 @pytest.mark.parametrize("kind,extra", [
     ("mohge", []), ("moe", ["model.ffn=moe", "model.group_widths=[16]",
                             "model.experts_per_group=6", "model.top_k_groups=1"])])
-def test_all_experts_equals_per_token_loop(rng, kind, extra):
-  """backend="all_experts" (decoding: every token through every expert, weighted 0 where
-  it was not routed) on decode-shaped input [B, 1, D] gives the routed layer's value."""
+@pytest.mark.parametrize("backend,B", [("all_experts", 5), ("capacity", 5), ("capacity", 64)])
+def test_decode_backends_equal_per_token_loop(rng, kind, extra, backend, B):
+  """The decode backends on decode-shaped input [B, 1, D] give the routed layer's value:
+  "all_experts" (every token through every expert, weighted 0 where it was not routed) and
+  "capacity" (fixed-capacity slots per expert; at B = 5 it is all_experts)."""
   cfg = load_config(None, SMALL + ["model.init_std=0.2", *extra])
   layer = experts.RoutedFFN(cfg, kind, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
-  x_Bx1xD = rng.normal(size=(5, 1, 32)).astype(np.float32)
-  y, _ = layer(jnp.asarray(x_Bx1xD), backend="all_experts")
+  x_Bx1xD = rng.normal(size=(B, 1, 32)).astype(np.float32)
+  y, _ = layer(jnp.asarray(x_Bx1xD), backend=backend)
   want = naive_layer(layer, x_Bx1xD.reshape(-1, 32))
   np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), want, rtol=1e-4, atol=1e-5)
 
