@@ -29,7 +29,8 @@ Layout of the work (first version: correct, lowers at MoHGE-3B shapes, not tuned
 - Gather: per 64-key step, 64 one-row TMA copies (a run-time row each, read from an SMEM
   copy of the query's idx row) of `tiles_per_copy` column tiles into an untiled staging
   buffer, all arriving on one barrier (num_arrivals = 64); then registers → the swizzled
-  tile (a one-row TMA straight into a tiled buffer is refused: tile rows are 8). With
+  tile (a one-row TMA straight into a tiled buffer is refused: tile rows are 8). The
+  staging buffer must be explicitly unswizzled (tile (1, w), no swizzle): see `stage`. With
   split="cta" nothing overlaps (gather, wait, compute); two key tiles would not fit in SMEM.
   After the last step the key tile stages the output for its TMA store.
 - SMEM (bf16, checked by the lowering: at most 232,448 bytes): q 72 KB, keys 72 KB,
@@ -152,8 +153,9 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
         plgpu.barrier_wait(bar_k)
         if by_wg and g == 0:  # warpgroup 1 is done reading the previous step
           pl.when(step > 0)(lambda: plgpu.barrier_wait(k_consumed))
-        for t in range(tiles_per_copy):
-          k_smem.at[g * tiles_per_copy + t][...] = stage[:, pl.ds(t * w, w)]
+        for t in range(tiles_per_copy):  # staging is unswizzled (see `stage` below)
+          k_smem.at[g * tiles_per_copy + t][...] = plgpu.load(
+              stage.at[:, pl.ds(t * w, w)], layout=plgpu.Layout.WGMMA, optimized=False)
         plgpu.commit_smem()  # the staging reads and tile writes before the next TMA / wgmma
       if by_wg:
         plgpu.barrier_arrive(k_ready)
@@ -224,7 +226,14 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
       scratch_types=[
           plgpu.SMEM((n_tiles, ROWS, w), dt, transforms=_transforms(w)),   # q, padded
           plgpu.SMEM((n_tiles, KEYS, w), dt, transforms=_transforms(w)),   # keys; then o
-          plgpu.SMEM((KEYS, copy_cols), dt),                               # TMA staging
+          # TMA staging, explicitly unswizzled. Left without transforms, warpgroup layout
+          # inference gave it tile (1, w) + 128-byte swizzle: the one-row TMA writes
+          # swizzle by SMEM address (row i, tile c of a copy: XOR group (i·tpc + c) mod 8),
+          # while the register load of column tile t > 0 (a subview at a 128-byte offset)
+          # swizzles relative to the subview (group i·tpc mod 8): with tiles_per_copy = 3
+          # two of three column tiles of every key were scrambled on the GPU (the
+          # interpreter ignores transforms).
+          plgpu.SMEM((KEYS, copy_cols), dt, transforms=(plgpu.TilingTransform((1, w)),)),
           plgpu.SMEM((2 if by_wg else 1, ROWS, KEYS), dt,                  # P (wgmma A)
                      transforms=_transforms(w)),
           plgpu.SMEM((ROWS,), jnp.float32),                                # lse
