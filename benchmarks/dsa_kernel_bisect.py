@@ -17,7 +17,11 @@ Parts, in the order of the kernel's data flow (the kernel's debug `mode`s, MODES
             swizzled tile) and the output path (registers -> swizzled tile -> TMA store)
   gather    the gathered key rows of every step (one-row TMA copies -> staging -> swizzled
             key tile), all four variants; on a mismatch the fraction of wrong elements per
-            128-byte column tile and per key slot mod 8 (a swizzle signature)
+            128-byte column tile and per key slot mod 8 (a swizzle signature). Then the
+            first version's staging (inferred_stage=True: tile (1, 64) + 128-byte swizzle
+            chosen by layout inference), which the diagnosis says is wrong at 3 tiles per
+            copy in column tiles 1, 2, 4, 5, 7, 8 (OK or BAD at 1 tile per copy: whether
+            TMA swizzles one-row boxes by address)
   scores    s = scale * q . k over C+R before the mask: a fixed selection (key j = row j)
             and a random one; error per head row
   probs     the online softmax without P.V: each step's exp(s - running max) and the LSE
@@ -119,9 +123,10 @@ def head_signature(got, ref):
   return f"\n              max err per head {np.round(d.reshape(-1, H, d.shape[-1]).max(axis=(0, 2)), 4).tolist()}"
 
 
-def run_mode(args, mode, split, tpc, interpret, scale):
+def run_mode(args, mode, split, tpc, interpret, scale, inferred_stage=False):
   f = jax.jit(lambda *a: kern.sparse_mla_fwd(*a, scale=scale, split=split, tiles_per_copy=tpc,
-                                             mode=mode, interpret=interpret))
+                                             mode=mode, interpret=interpret,
+                                             inferred_stage=inferred_stage))
   return jax.block_until_ready(f(*args))
 
 
@@ -145,6 +150,8 @@ def parts(small: bool):
   return [
       ("copy_q", "copy_q", [VARIANTS[0], VARIANTS[3]], dict(B=2, T=64, S=100, K=64)),
       ("gather", "gather", VARIANTS, many),
+      ("gather, old staging (inferred swizzle; expect BAD at tpc 3)", "gather",
+       [VARIANTS[0], VARIANTS[1]], dict(many, inferred_stage=True)),
       ("scores fixed selection", "scores", [VARIANTS[0], VARIANTS[3]],
        dict(B=1, T=64, S=300, K=256, fixed=True)),
       ("scores", "scores", [VARIANTS[0], VARIANTS[3]], many),
@@ -234,6 +241,8 @@ def main(argv=None) -> dict[str, bool]:
       variants = variants[:1] + ([VARIANTS[3]] if mode == "gather" else [])
     t0 = time.time()
     print(f"[{name}] mode={mode} {kw}", flush=True)
+    kw = dict(kw)
+    inferred_stage = kw.pop("inferred_stage", False)
     try:
       args = problem(rng, C=C, R=R, **kw)
       ref = {k: np.asarray(v) for k, v in reference(*args, scale).items()}
@@ -246,7 +255,7 @@ def main(argv=None) -> dict[str, bool]:
       key = f"{name} / {split} tpc{tpc}"
       print(f"  {split} tiles_per_copy={tpc}", flush=True)
       try:
-        out = run_mode(args, mode, split, tpc, interpret, scale)
+        out = run_mode(args, mode, split, tpc, interpret, scale, inferred_stage)
         results[key] = check(mode, out, ref, w)
       except Exception as e:  # noqa: BLE001
         print(f"    FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)

@@ -93,10 +93,11 @@ MODES = ("full", "gather", "scores", "probs", "copy_q")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "tiles_per_copy", "split", "interpret",
-                                             "mode"))
+                                             "mode", "inferred_stage"))
 def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scale: float,
                    tiles_per_copy: int | None = None, split: str = "warpgroup",
-                   interpret: bool | plgpu.InterpretGPUParams = False, mode: str = "full"):
+                   interpret: bool | plgpu.InterpretGPUParams = False, mode: str = "full",
+                   inferred_stage: bool = False):
   """Returns o_lat [B,T,H,C] (q_lat's dtype) and lse [B,T,H] float32. idx: int32, -1 =
   invalid; K is padded to a multiple of 64 with -1. interpret: True (or the interpreter's
   parameters) runs the kernel in the GPU interpreter. tiles_per_copy: None = 3 when it
@@ -109,7 +110,9 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
   k_consumed), both compute the scores, each its half of o.
 
   mode: "full" (the attention) or a debug mode of MODES ("gather", "scores", "probs"
-  return a third output: (o_lat, lse, dbg)); see MODES."""
+  return a third output: (o_lat, lse, dbg)); see MODES. inferred_stage (debug only): the
+  first version's staging buffer, transforms left to layout inference (wrong on a GPU
+  with tiles_per_copy > 1, see `stage` below), to confirm that diagnosis."""
   B, T, H, C = q_lat_BxTxHxC.shape
   R = q_rope_BxTxHxR.shape[-1]
   S, CR = ckr_BxSxCR.shape[1:]
@@ -177,8 +180,9 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
         if by_wg and g == 0:  # warpgroup 1 is done reading the previous step
           pl.when(step > 0)(lambda: plgpu.barrier_wait(k_consumed))
         for t in range(tiles_per_copy):  # staging is unswizzled (see `stage` below)
-          k_smem.at[g * tiles_per_copy + t][...] = plgpu.load(
-              stage.at[:, pl.ds(t * w, w)], layout=plgpu.Layout.WGMMA, optimized=False)
+          k_smem.at[g * tiles_per_copy + t][...] = (
+              stage[:, pl.ds(t * w, w)] if inferred_stage else plgpu.load(
+                  stage.at[:, pl.ds(t * w, w)], layout=plgpu.Layout.WGMMA, optimized=False))
         plgpu.commit_smem()  # the staging reads and tile writes before the next TMA / wgmma
       if mode == "gather":  # debug: the gathered rows out (read before any later overwrite)
         @pl.when(half == 0)
@@ -286,7 +290,8 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
           # swizzles relative to the subview (group i·tpc mod 8): with tiles_per_copy = 3
           # two of three column tiles of every key were scrambled on the GPU (the
           # interpreter ignores transforms).
-          plgpu.SMEM((KEYS, copy_cols), dt, transforms=(plgpu.TilingTransform((1, w)),)),
+          plgpu.SMEM((KEYS, copy_cols), dt,
+                     transforms=() if inferred_stage else (plgpu.TilingTransform((1, w)),)),
           plgpu.SMEM((2 if by_wg else 1, ROWS, KEYS), dt,                  # P (wgmma A)
                      transforms=_transforms(w)),
           plgpu.SMEM((ROWS,), jnp.float32),                                # lse
