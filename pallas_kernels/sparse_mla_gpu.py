@@ -29,7 +29,8 @@ Layout of the work (first version: correct, lowers at MoHGE-3B shapes, not tuned
 - Gather: per 64-key step, 64 one-row TMA copies (a run-time row each, read from an SMEM
   copy of the query's idx row) of `tiles_per_copy` column tiles into an untiled staging
   buffer, all arriving on one barrier (num_arrivals = 64); then registers → the swizzled
-  tile (a one-row TMA straight into a tiled buffer is refused: tile rows are 8). With
+  tile (a one-row TMA straight into a tiled buffer is refused: tile rows are 8). The
+  staging buffer must be explicitly unswizzled (tile (1, w), no swizzle): see `stage`. With
   split="cta" nothing overlaps (gather, wait, compute); two key tiles would not fit in SMEM.
   After the last step the key tile stages the output for its TMA store.
 - SMEM (bf16, checked by the lowering: at most 232,448 bytes): q 72 KB, keys 72 KB,
@@ -80,12 +81,23 @@ def _transforms(w):
 
 
 SPLITS = ("cta", "warpgroup")
+# Debug modes for benchmarks/dsa_kernel_bisect.py (the default "full" path is unchanged):
+#   "gather": also returns the gathered key rows, dbg [B,T,Kp,C+R] (q's dtype), stored from
+#             the key tile after each step's gather (invalid slots: row 0 of the sequence);
+#   "scores": also returns the scaled scores before masking, dbg [B,T,H,Kp] float32;
+#   "probs":  no P·V (o = 0); also returns each step's p = exp(s - m_running) after masking,
+#             dbg [B,T,H,Kp] float32 (the LSE is the kernel's own);
+#   "copy_q": o = q_lat read back from the q tile (the q load and the output store path;
+#             no third output).
+MODES = ("full", "gather", "scores", "probs", "copy_q")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "tiles_per_copy", "split", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "tiles_per_copy", "split", "interpret",
+                                             "mode", "inferred_stage"))
 def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scale: float,
                    tiles_per_copy: int | None = None, split: str = "warpgroup",
-                   interpret: bool | plgpu.InterpretGPUParams = False):
+                   interpret: bool | plgpu.InterpretGPUParams = False, mode: str = "full",
+                   inferred_stage: bool = False):
   """Returns o_lat [B,T,H,C] (q_lat's dtype) and lse [B,T,H] float32. idx: int32, -1 =
   invalid; K is padded to a multiple of 64 with -1. interpret: True (or the interpreter's
   parameters) runs the kernel in the GPU interpreter. tiles_per_copy: None = 3 when it
@@ -95,7 +107,12 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
   split: who computes the two halves of C. "cta": two CTAs per query, each gathering the
   keys itself. "warpgroup": one CTA per query with two warpgroups sharing one gather:
   warpgroup 0 gathers step s+1 once warpgroup 1 has consumed step s (barriers k_ready /
-  k_consumed), both compute the scores, each its half of o."""
+  k_consumed), both compute the scores, each its half of o.
+
+  mode: "full" (the attention) or a debug mode of MODES ("gather", "scores", "probs"
+  return a third output: (o_lat, lse, dbg)); see MODES. inferred_stage (debug only): the
+  first version's staging buffer, transforms left to layout inference (wrong on a GPU
+  with tiles_per_copy > 1, see `stage` below), to confirm that diagnosis."""
   B, T, H, C = q_lat_BxTxHxC.shape
   R = q_rope_BxTxHxR.shape[-1]
   S, CR = ckr_BxSxCR.shape[1:]
@@ -107,6 +124,8 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
     raise ValueError(reason)
   if split not in SPLITS:
     raise ValueError(f"sparse_mla kernel: split must be one of {SPLITS}, got {split!r}")
+  if mode not in MODES:
+    raise ValueError(f"sparse_mla kernel: mode must be one of {MODES}, got {mode!r}")
   assert CR == C + R and ckr_BxSxCR.dtype == dt and q_rope_BxTxHxR.dtype == dt
   by_wg = split == "warpgroup"
   w = _tile_cols(dt)
@@ -118,8 +137,16 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
   idx_NxSTEPSx64 = jnp.pad(idx_BxTxK.reshape(B * T, K).astype(jnp.int32),
                            ((0, 0), (0, Kp - K)), constant_values=-1).reshape(B * T, -1, KEYS)
 
-  def body(q_lat_gmem, q_rope_gmem, ckr_gmem, idx_gmem, o_gmem, lse_gmem,
-           q_smem, k_smem, stage, p_smem, lse_smem, idx_smem, bar_q, bar_k, *wg_bars):
+  dbg_s = mode in ("scores", "probs")  # a float32 [H, Kp] debug output per query
+
+  def body(q_lat_gmem, q_rope_gmem, ckr_gmem, idx_gmem, o_gmem, lse_gmem, *rest):
+    if mode in ("full", "copy_q"):
+      dbg_gmem = None
+    else:
+      dbg_gmem, *rest = rest
+    q_smem, k_smem, stage, p_smem, lse_smem, idx_smem, *rest = rest
+    s_smem = rest.pop(0) if dbg_s else None
+    bar_q, bar_k, *wg_bars = rest
     if by_wg:
       n, half = lax.axis_index("x"), lax.axis_index("wg")
       k_ready, k_consumed, done = wg_bars
@@ -152,9 +179,18 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
         plgpu.barrier_wait(bar_k)
         if by_wg and g == 0:  # warpgroup 1 is done reading the previous step
           pl.when(step > 0)(lambda: plgpu.barrier_wait(k_consumed))
-        for t in range(tiles_per_copy):
-          k_smem.at[g * tiles_per_copy + t][...] = stage[:, pl.ds(t * w, w)]
+        for t in range(tiles_per_copy):  # staging is unswizzled (see `stage` below)
+          k_smem.at[g * tiles_per_copy + t][...] = (
+              stage[:, pl.ds(t * w, w)] if inferred_stage else plgpu.load(
+                  stage.at[:, pl.ds(t * w, w)], layout=plgpu.Layout.WGMMA, optimized=False))
         plgpu.commit_smem()  # the staging reads and tile writes before the next TMA / wgmma
+      if mode == "gather":  # debug: the gathered rows out (read before any later overwrite)
+        @pl.when(half == 0)
+        def _():
+          for c in range(n_tiles):
+            plgpu.copy_smem_to_gmem(
+                k_smem.at[c], dbg_gmem.at[n, pl.ds(step * KEYS, KEYS), pl.ds(c * w, w)])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       if by_wg:
         plgpu.barrier_arrive(k_ready)
 
@@ -169,12 +205,28 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
           plgpu.wgmma(acc, q_smem.at[c], k_smem.at[c].transpose((1, 0)))
         return acc[...]
       s = pl.run_scoped(qk, plgpu.ACC((ROWS, KEYS), jnp.float32)) * scale
+
+      def dbg_out(x):  # debug: x [ROWS, KEYS] float32, rows 0..H-1 → dbg[n, :, step keys]
+        @pl.when(half == 0)
+        def _():
+          s_smem[...] = x
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(s_smem.at[pl.ds(0, H)],
+                                  dbg_gmem.at[n, :, pl.ds(step * KEYS, KEYS)])
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      if mode == "scores":
+        dbg_out(s)
       ok = idx_smem[step] >= 0
       s = jnp.where(lax.broadcast_in_dim(ok, s.shape, [1]), s, _MASKED)
       m_new = jnp.maximum(m_i, s.max(axis=1))
       alpha = jnp.exp(m_i - m_new)
       p = jnp.exp(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
       l_i = l_i * alpha + p.sum(axis=1)
+      if mode == "probs":
+        dbg_out(p)
+        if by_wg:
+          pl.when((half == 1) & (step < n_steps - 1))(lambda: plgpu.barrier_arrive(k_consumed))
+        return o_acc, m_new, l_i
       p_tile[...] = p.astype(dt)
       plgpu.commit_smem()
 
@@ -198,6 +250,9 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
       plgpu.barrier_wait(done)
     inv_l = 1.0 / l_i
     o_tiles = [half * n_half + d for d in range(n_half)]
+    if mode == "copy_q":  # debug: o = q_lat from the q tile (o_acc and 1/l unused)
+      o_acc = tuple(q_smem.at[t][...].astype(jnp.float32) for t in o_tiles)
+      inv_l = jnp.ones_like(l_i)
     for t, a in zip(o_tiles, o_acc):
       k_smem.at[t][...] = (a * lax.broadcast_in_dim(inv_l, a.shape, [0])).astype(dt)
     plgpu.commit_smem()
@@ -212,10 +267,14 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
     plgpu.wait_smem_to_gmem(0)
 
   wg = dict(num_threads=2, thread_name="wg") if by_wg else {}
+  dbg_type = {"full": (), "copy_q": (),
+              "gather": (jax.ShapeDtypeStruct((B * T, Kp, CR), dt),)}.get(
+                  mode, (jax.ShapeDtypeStruct((B * T, H, Kp), jnp.float32),))
+  f32_transforms = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
   kernel = plgpu.kernel(
       body,
       out_type=(jax.ShapeDtypeStruct((B * T, H, C), dt),
-                jax.ShapeDtypeStruct((B * T, H), jnp.float32)),
+                jax.ShapeDtypeStruct((B * T, H), jnp.float32), *dbg_type),
       # query-major: in "cta", both halves of a query run together (L2)
       grid=((1 if by_wg else 2) * B * T,), grid_names=("x",), **wg,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -224,16 +283,29 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
       scratch_types=[
           plgpu.SMEM((n_tiles, ROWS, w), dt, transforms=_transforms(w)),   # q, padded
           plgpu.SMEM((n_tiles, KEYS, w), dt, transforms=_transforms(w)),   # keys; then o
-          plgpu.SMEM((KEYS, copy_cols), dt),                               # TMA staging
+          # TMA staging, explicitly unswizzled. Left without transforms, warpgroup layout
+          # inference gave it tile (1, w) + 128-byte swizzle: the one-row TMA writes
+          # swizzle by SMEM address (row i, tile c of a copy: XOR group (i·tpc + c) mod 8),
+          # while the register load of column tile t > 0 (a subview at a 128-byte offset)
+          # swizzles relative to the subview (group i·tpc mod 8): with tiles_per_copy = 3
+          # two of three column tiles of every key were scrambled on the GPU (the
+          # interpreter ignores transforms).
+          plgpu.SMEM((KEYS, copy_cols), dt,
+                     transforms=() if inferred_stage else (plgpu.TilingTransform((1, w)),)),
           plgpu.SMEM((2 if by_wg else 1, ROWS, KEYS), dt,                  # P (wgmma A)
                      transforms=_transforms(w)),
           plgpu.SMEM((ROWS,), jnp.float32),                                # lse
           plgpu.SMEM((Kp // KEYS, KEYS), jnp.int32),                       # idx row
+          *([plgpu.SMEM((ROWS, KEYS), jnp.float32, transforms=f32_transforms)]  # debug
+            if dbg_s else []),
           plgpu.Barrier(num_arrivals=n_tiles + 1),
           plgpu.Barrier(num_arrivals=KEYS),
           *([plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(num_arrivals=2)] if by_wg else []),
       ])
-  o_NxHxC, lse_NxH = kernel(q_lat_BxTxHxC.reshape(B * T, H, C),
-                            q_rope_BxTxHxR.reshape(B * T, H, R),
-                            ckr_BxSxCR.reshape(B * S, CR), idx_NxSTEPSx64)
-  return o_NxHxC.reshape(B, T, H, C), lse_NxH.reshape(B, T, H)
+  o_NxHxC, lse_NxH, *dbg = kernel(q_lat_BxTxHxC.reshape(B * T, H, C),
+                                   q_rope_BxTxHxR.reshape(B * T, H, R),
+                                   ckr_BxSxCR.reshape(B * S, CR), idx_NxSTEPSx64)
+  out = o_NxHxC.reshape(B, T, H, C), lse_NxH.reshape(B, T, H)
+  if not dbg:
+    return out
+  return *out, dbg[0].reshape(B, T, *dbg[0].shape[1:])
