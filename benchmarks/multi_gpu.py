@@ -2,7 +2,8 @@
 
     python -m benchmarks.multi_gpu [--configs configs/mohge_3b.yaml,configs/moe_3b.yaml]
         [--gpus 2] [--batch 32] [--seq 4096] [--reps 3] [--rows all] [--a2a decomposed,nccl]
-        [--profile DIR] [--out benchmarks/results/multi_gpu_h200x2.json] [key=value ...]
+        [--routing model|uniform] [--row-timeout 300] [--profile DIR]
+        [--out benchmarks/results/multi_gpu_h200x2.json] [key=value ...]
 
 Per config, each in its own process (`benchmarks.train_step --one`, cold compilation
 cache): one GPU, then `--gpus` GPUs with the experts split over them (mesh.expert = gpus)
@@ -62,6 +63,9 @@ def main() -> None:
                        "(decomposed, nccl, one_shot); the other rows use the first")
   ap.add_argument("--rows", default="all",
                   help="comma-separated row names' prefixes to run (e.g. '1 GPU,EP2 all_to_all')")
+  ap.add_argument("--routing", default="model", choices=("model", "uniform"),
+                  help="benchmarks.train_step --routing: the router's own routes, or every "
+                       "row replaying routes drawn uniformly (balanced routing)")
   ap.add_argument("--row-timeout", type=float, default=300.0,
                   help="seconds a row may take (start to result) before it is killed and "
                        "recorded as an error row naming its last stage; the next row runs")

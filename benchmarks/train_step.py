@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step [--configs configs/mohge_3b.yaml,configs/moe_3b.yaml]
         [--seq 4096] [--batch 8 | --find-batch 16,8,4,2,1] [--reps 5] [--out FILE.json]
-        [key=value ...]   # overrides for every config, e.g. model.remat=save_dots
+        [--routing model|uniform] [key=value ...]  # overrides, e.g. model.remat=save_dots
 
 Per config: step time (median of repeats after warm-up), tokens/s, model FLOPs per token,
 MFU against the H200's 989 TFLOP/s dense bf16 peak and against the dense matmul rate
@@ -71,13 +71,39 @@ def dense_rate_tflops(reps: int) -> float:
   return 2 * 16384 * 8192 * 8192 / float(np.median(times)) / 1e12
 
 
-def _batch(cfg: Config, batch: int) -> dict:
+def _batch(cfg: Config, batch: int, route: str = "model") -> dict:
+  """One step's batch [1, batch, L] of random tokens; route="uniform" adds forced routes
+  drawn uniformly (`uniform_routes`) that the step replays instead of its router's."""
   L = cfg.train.seq_len
-  tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=(1, batch, L + 1))
-  return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
-          "loss_mask": np.ones((1, batch, L), np.float32),
-          "segment_ids": np.zeros((1, batch, L), np.int32),
-          "positions": np.broadcast_to(np.arange(L), (1, batch, L)).astype(np.int32)}
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.model.vocab_size, size=(1, batch, L + 1))
+  out = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+         "loss_mask": np.ones((1, batch, L), np.float32),
+         "segment_ids": np.zeros((1, batch, L), np.int32),
+         "positions": np.broadcast_to(np.arange(L), (1, batch, L)).astype(np.int32)}
+  if route == "uniform":
+    e, g = uniform_routes(cfg, (1, batch, L), rng)
+    out.update(forced_expert_ids=e, forced_group_ids=g)
+  elif route != "model":
+    raise ValueError(f"routing {route!r}: must be model or uniform")
+  return out
+
+
+def uniform_routes(cfg: Config, shape: tuple[int, ...], rng) -> tuple[np.ndarray, np.ndarray]:
+  """Routes of every routed layer as a balanced router would give them on average:
+  per token and layer, top_k_groups distinct groups uniformly, then top_k distinct experts
+  uniformly among those groups' experts (MoE: top_k of its experts). int32 expert ids
+  [*shape, R, K] and group ids [*shape, R, Kg]."""
+  m = cfg.model
+  R = sum(k != "dense" for k in m.ffn_kinds)
+  G, N, Kg, K = m.num_groups, m.experts_per_group, m.top_k_groups, m.top_k
+  n = int(np.prod(shape)) * R
+  groups = np.argsort(rng.random((n, G), np.float32), axis=1)[:, :Kg]
+  candidates = (groups[:, :, None] * N + np.arange(N)).reshape(n, Kg * N)
+  pick = np.argsort(rng.random((n, Kg * N), np.float32), axis=1)[:, :K]
+  experts = np.take_along_axis(candidates, pick, axis=1)
+  return (experts.reshape(*shape, R, K).astype(np.int32),
+          groups.reshape(*shape, R, Kg).astype(np.int32))
 
 
 def balance(cfg: Config, expert_tokens_LxE: np.ndarray) -> dict:
@@ -99,16 +125,16 @@ def balance(cfg: Config, expert_tokens_LxE: np.ndarray) -> dict:
 
 
 def run_one(cfg: Config, batch: int, reps: int, profile: str | None = None,
-            gpus: int = 1) -> dict:
+            gpus: int = 1, route: str = "model") -> dict:
   """Init, lower, compile and the first step timed apart (what a user waits for before
   training starts), then the median step time over `reps` steps. `batch` sequences per
   device, on the first `gpus` devices laid out as cfg.mesh."""
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:gpus])
   with jax.set_mesh(mesh):
-    return _run_one(cfg, batch, reps, profile, mesh)
+    return _run_one(cfg, batch, reps, profile, mesh, route)
 
 
-def _run_one(cfg, batch, reps, profile, mesh) -> dict:
+def _run_one(cfg, batch, reps, profile, mesh, route="model") -> dict:
   t = cfg.train
   gpus = mesh.devices.size
   T = time.perf_counter
@@ -120,7 +146,8 @@ def _run_one(cfg, batch, reps, profile, mesh) -> dict:
   t1 = T()
   stage = lambda name: print(f"  stage: {name} ({T() - t0:.1f} s)", flush=True)  # noqa: E731
   stage("init")
-  data = jax.device_put(_batch(cfg, batch * gpus), sharding.batch_sharding(mesh, leading=1))
+  data = jax.device_put(_batch(cfg, batch * gpus, route),
+                        sharding.batch_sharding(mesh, leading=1))
   lowered = step.lower(state, data)
   t2 = T()
   stage("lower")
@@ -156,7 +183,7 @@ def _run_one(cfg, batch, reps, profile, mesh) -> dict:
     tot = ps.totals(trace)
     for by, top in (("name", 40), ("category", 10)):
       print(ps.format_table(ps.summarise(trace, top, by), tot), flush=True)
-  return {"batch": batch, "seq": t.seq_len, "gpus": gpus,
+  return {"batch": batch, "seq": t.seq_len, "gpus": gpus, "routing": route,
           "mesh": {k: int(v) for k, v in mesh.shape.items() if v > 1},
           "gpu_a2a": cfg.mesh.gpu_a2a, "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
@@ -177,7 +204,8 @@ def _in_subprocess(path: str, batch: int, args, overrides: list[str], cache: str
   TimeoutError names the last stage it reached (the child prints each as it ends)."""
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
   cmd = [sys.executable, "-m", "benchmarks.train_step", "--one", path, "--batch", str(batch),
-         "--seq", str(args.seq), "--reps", str(args.reps), "--gpus", str(gpus), *overrides]
+         "--seq", str(args.seq), "--reps", str(args.reps), "--gpus", str(gpus),
+         "--routing", getattr(args, "routing", "model"), *overrides]
   profile = profile or (args.profile and os.path.join(
       args.profile, os.path.basename(path).split(".")[0]))
   if profile:
@@ -210,6 +238,10 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=None)
   ap.add_argument("--find-batch", default="16,8,4,2,1")
   ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--routing", default="model", choices=("model", "uniform"),
+                  help="model: the router's own routing (random init: skewed); uniform: "
+                       "every step replays routes drawn uniformly (a balanced router's "
+                       "average), to time the system apart from the init's imbalance")
   ap.add_argument("--contrast", action="store_true",
                   help="also time each config with experts computed one at a time "
                        "(model.expert_backend=per_expert, the paper's reference's way)")
@@ -227,7 +259,7 @@ def main() -> None:
     cfg = load_config(args.one, [f"train.seq_len={args.seq}", f"train.batch_size={args.batch}",
                                  "train.grad_accum=1", *args.overrides])
     collectives.use_gpu_a2a(cfg.mesh.gpu_a2a)  # before the backend starts
-    row = run_one(cfg, args.batch, args.reps, args.profile, args.gpus)
+    row = run_one(cfg, args.batch, args.reps, args.profile, args.gpus, args.routing)
     row.update(dense_tflops=dense_rate_tflops(args.reps), device=jax.devices()[0].device_kind)
     print(json.dumps(row), flush=True)
     return

@@ -27,7 +27,7 @@ import optax
 import yaml
 from flax import nnx
 
-from mohge_jax import allocation, data, distributed, losses, sharding
+from mohge_jax import allocation, data, distributed, losses, routing, sharding
 from mohge_jax.checkpoint import Checkpointer, CheckpointError
 from mohge_jax.config import Config
 from mohge_jax.metrics import MetricsLog, Progress, plain
@@ -111,6 +111,10 @@ def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
   The LM loss is the batch's summed token NLL divided by `lm_tokens` (default: the batch's
   own scored tokens, i.e. its mean); the auxiliary losses are weighted by `aux_weight`.
   Every metric is this batch's share of the value, so that shares of micro-batches add up.
+  A batch with `forced_expert_ids` [B, L, R, K] and `forced_group_ids` [B, L, R, Kg] (R
+  routed layers in model order) replays those routes (`routing.Forced`: the ids are
+  forced, the combine weights stay the live router's): benchmarks use it to time a
+  chosen routing, e.g. a balanced one.
 
   With DSA (model.sparse_attention=dsa) the indexer's KL (`dsa_kl`, summed over layers,
   times loss.dsa_kl_coef) is added; its gradient reaches only the indexer and the LM
@@ -121,14 +125,19 @@ def make_loss_fn(cfg: Config, graphdef: nnx.GraphDef):
 
   def loss_fn(params, batch, group_aux_on, lm_tokens=None, aux_weight=1.0):
     model = nnx.merge(graphdef, params)
+    forced = None
+    if "forced_expert_ids" in batch:  # [B, L, R, K] -> [R, B, L, K]: replayed routes
+      forced = routing.Forced(jnp.moveaxis(batch["forced_expert_ids"], 2, 0),
+                              jnp.moveaxis(batch["forced_group_ids"], 2, 0))
     if cfg.train.logits_chunk:
       h, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                     return_hidden=True)
+                     return_hidden=True, forced=forced)
       lm_loss, _ = losses.chunked_cross_entropy(h, head_weight(model), batch["targets"],
                                                 batch["loss_mask"], chunk=cfg.train.logits_chunk,
                                                 normalizer=lm_tokens)
     else:
-      logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+      logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                          forced=forced)
       lm_loss, _ = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"],
                                         normalizer=lm_tokens)
     group_aux_raw = aux["group_aux"] * aux_weight

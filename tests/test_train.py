@@ -488,6 +488,51 @@ def test_gradient_accumulation_equals_one_big_batch(rng):
   assert_same_step(before, out[accum], out[1])
 
 
+def test_forced_routes_in_the_batch_are_replayed(rng):
+  """A batch with forced_expert_ids / forced_group_ids (benchmarks.train_step
+  --routing uniform) trains on those routes in every routed layer, also through gradient
+  accumulation: the step's expert token counts are the forced ids' counts, and the router
+  still gets a gradient (the combine weights stay live)."""
+  from benchmarks.train_step import uniform_routes
+  from mohge_jax.trainer import graph_def, make_train_step
+  cfg = load_config("configs/tiny.yaml", MICRO + ["train.grad_accum=2"])
+  m = cfg.model
+  batch = batch_of(rng.integers(0, 257, size=(8, 33)), np.ones((8, 32), bool), 2)
+  e, g = uniform_routes(cfg, (2, 4, 32), rng)
+  R = sum(k != "dense" for k in m.ffn_kinds)
+  assert e.shape == (2, 4, 32, R, m.top_k) and g.shape == (2, 4, 32, R, m.top_k_groups)
+  state = jax.jit(make_init_fn(cfg))()
+  router_before = [np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
+      state["params"]) if "router" in jax.tree_util.keystr(k)]
+  new, metrics = make_train_step(cfg, graph_def(cfg))(
+      state, dict(batch, forced_expert_ids=e, forced_group_ids=g))
+  want = np.stack([np.bincount(e[..., r, :].ravel(), minlength=m.num_experts)
+                   for r in range(R)])
+  np.testing.assert_array_equal(np.asarray(metrics["expert_tokens"]), want)
+  router_after = [np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
+      new["params"]) if "router" in jax.tree_util.keystr(k)]
+  assert router_before and all(np.abs(a - b).max() > 0
+                               for a, b in zip(router_after, router_before))
+
+
+@pytest.mark.parametrize("config", ["configs/mohge_3b.yaml", "configs/moe_3b.yaml"])
+def test_uniform_routes_are_valid_and_balanced(rng, config):
+  """uniform_routes: distinct groups, distinct experts all inside the chosen groups, and
+  every expert (so every expert-parallel rank) as often as any other, within sampling
+  noise (5 sigma of the binomial count)."""
+  from benchmarks.train_step import uniform_routes
+  m = load_config(config).model
+  e, g = uniform_routes(load_config(config), (4000,), rng)
+  e, g = e.reshape(-1, m.top_k), g.reshape(-1, m.top_k_groups)
+  N = m.experts_per_group
+  assert all(len(set(r)) == m.top_k for r in e[:500])
+  assert all(len(set(r)) == m.top_k_groups for r in g[:500])
+  assert np.all(np.any(e[:, :, None] // N == g[:, None, :], axis=-1))  # in chosen groups
+  counts = np.bincount(e.ravel(), minlength=m.num_experts)
+  n, p = e.shape[0], m.top_k / m.num_experts
+  assert np.abs(counts - n * p).max() < 5 * np.sqrt(n * p * (1 - p))
+
+
 @pytest.mark.parametrize("doc_mask", [False, True])
 def test_training_batches_follow_doc_attention_mask(tmp_path, monkeypatch, rng, doc_mask):
   """Positions restart after separators only where attention is masked per document
