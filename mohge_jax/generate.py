@@ -2,7 +2,7 @@
 
     python -m mohge_jax.generate WORKDIR_OR_EXPORT --prompt "def f(" [--prompt ...]
         [--batch-file FILE] [--max-new-tokens 64] [--temperature 1.0] [--top-k 0]
-        [--top-p 1.0] [--seed 0]
+        [--top-p 1.0] [--seed 0] [--decode-backend all_experts|capacity] [--unrolled]
 
     out = generate(model, prompts_BxP, lengths_B, jax.random.key(0), max_new_tokens=32,
                    temperature=0.8, top_p=0.95, stop_ids=(eos,), record_routes=True)
@@ -251,10 +251,16 @@ def _routed(routes_per_stack: list) -> routing.Forced:
 def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
-             record_routes: bool = False, return_mask: bool = True) -> Generated:
+             record_routes: bool = False, return_mask: bool = True,
+             decode_backend: str | None = None, unrolled: bool = False) -> Generated:
   """Samples max_new_tokens per row (fewer when a row draws one of `stop_ids`: it is
   kept, then the row stops). prompts_BxP: right-padded int prompts, lengths_B >= 1 their
-  lengths. One jit-compiled program per (shapes, sampler settings)."""
+  lengths. One jit-compiled program per (shapes, sampler settings).
+
+  decode_backend: the experts' backend of the decode steps (None: model.expert_backend;
+  "all_experts", "capacity"; `decode_step`). unrolled: the decode steps run the layers
+  unrolled over separate per-layer copies of the weights (`unstack_layers`, made here:
+  the weights are held twice while generating)."""
   _check_model(model)
   graphdef, state = nnx.split(model)
   prompts_BxP = jnp.asarray(prompts_BxP, jnp.int32)
@@ -263,17 +269,21 @@ def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
   if S > model.cfg.model.max_seq_len:
     raise ValueError(f"prompt length {prompts_BxP.shape[1]} + max_new_tokens "
                      f"{max_new_tokens} exceeds model.max_seq_len={model.cfg.model.max_seq_len}")
-  return _generate(graphdef, state, prompts_BxP, lengths_B, key, max_new_tokens=max_new_tokens,
-                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+  layers = unstack_layers(model) if unrolled else None
+  return _generate(graphdef, state, layers, prompts_BxP, lengths_B, key,
+                   max_new_tokens=max_new_tokens, temperature=float(temperature),
+                   top_k=int(top_k), top_p=float(top_p),
                    stop_ids=tuple(int(i) for i in stop_ids), pad_id=int(pad_id),
-                   record_routes=bool(record_routes), return_mask=bool(return_mask))
+                   record_routes=bool(record_routes), return_mask=bool(return_mask),
+                   decode_backend=decode_backend)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=(
     "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "pad_id", "record_routes",
-    "return_mask"))
-def _generate(graphdef, state, prompts_BxP, lengths_B, key, *, max_new_tokens, temperature,
-              top_k, top_p, stop_ids, pad_id, record_routes, return_mask):
+    "return_mask", "decode_backend"))
+def _generate(graphdef, state, layers, prompts_BxP, lengths_B, key, *, max_new_tokens,
+              temperature, top_k, top_p, stop_ids, pad_id, record_routes, return_mask,
+              decode_backend):
   model = nnx.merge(graphdef, state)
   B, P = prompts_BxP.shape
   S = P + max_new_tokens
@@ -282,6 +292,8 @@ def _generate(graphdef, state, prompts_BxP, lengths_B, key, *, max_new_tokens, t
                            temperature=temperature, top_k=top_k, top_p=top_p)
 
   logits_BxV, caches, prompt_routes = prefill(model, prompts_BxP, lengths_B, S)
+  if layers is not None:
+    caches = unstack_caches(caches)
   routes = None
   if record_routes:  # [R, B, S, ...], slots 0..P-1 from the prompt, the rest written below
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, S - P), (0, 0)))  # noqa: E731
@@ -296,7 +308,8 @@ def _generate(graphdef, state, prompts_BxP, lengths_B, key, *, max_new_tokens, t
            (allowed_BxV & alive_B[:, None]) if return_mask else None, alive_B)
     done_B = done_B | jnp.isin(tokens_B, jnp.asarray(stop_ids or (-1,), jnp.int32))
     # Feed the token (also the last one: its routing completes `routes`).
-    logits_BxV, caches, step_routes = decode_step(model, tokens_B, positions_B, caches)
+    logits_BxV, caches, step_routes = decode_step(model, tokens_B, positions_B, caches,
+                                                  decode_backend, layers=layers)
     if routes is not None:
       routes = jax.tree.map(lambda buf, ids: buf.at[:, rows_B, positions_B].set(ids[:, :, 0]),
                             routes, _routed(step_routes))
@@ -365,6 +378,10 @@ def main(argv: list[str]) -> int:
   p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
   p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--decode-backend", default=None, choices=("all_experts", "capacity"),
+                 help="the decode steps' expert backend (default: model.expert_backend)")
+  p.add_argument("--unrolled", action="store_true",
+                 help="decode over per-layer copies of the weights (held twice)")
   args = p.parse_args(argv)
   texts = list(args.prompt)
   if args.batch_file:
@@ -388,7 +405,8 @@ def main(argv: list[str]) -> int:
     out = generate(model, prompts_BxP, lengths_B, jax.random.key(args.seed),
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, stop_ids=(tok.eos_id,),
-                   return_mask=False)
+                   return_mask=False, decode_backend=args.decode_backend,
+                   unrolled=args.unrolled)
   except (ValueError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

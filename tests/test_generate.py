@@ -147,6 +147,23 @@ def test_greedy_is_deterministic_and_stepwise_argmax(rng):
     assert mask.sum() == 6 and np.all(mask[np.arange(6), want])
 
 
+@pytest.mark.parametrize("backend,unrolled", [("capacity", False), ("all_experts", True),
+                                              (None, True)])
+def test_generate_decode_options_sample_the_same(rng, backend, unrolled):
+  """generate(decode_backend=..., unrolled=...) draws the default path's tokens (same key,
+  temperature 1) and records the same routes: the options change how, not what."""
+  model = make_model(int(rng.integers(1 << 30)))
+  prompts, lens = ragged(rng, [3, 6, 1, 5], 6)
+  kw = dict(max_new_tokens=6, temperature=1.0, record_routes=True)
+  want = gen.generate(model, prompts, lens, jax.random.key(3), **kw)
+  got = gen.generate(model, prompts, lens, jax.random.key(3), decode_backend=backend,
+                     unrolled=unrolled, **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(got.routes.expert_ids),
+                                np.asarray(want.routes.expert_ids))
+
+
 def mask_reference(logits, temperature, top_k, top_p, vocab):
   """numpy, float64, one row at a time."""
   out = np.zeros(logits.shape, bool)
@@ -244,7 +261,8 @@ def test_cli_on_workdir_and_export(tmp_path):
   from mohge_jax import export
   export.export_workdir(workdir, tmp_path / "export", dtype="f32")
   r = _run(["-m", "mohge_jax.generate", str(tmp_path / "export"), "--prompt", "hello",
-            "--max-new-tokens", "4", "--temperature", "0"])
+            "--max-new-tokens", "4", "--temperature", "0", "--decode-backend", "capacity",
+            "--unrolled"])
   assert r.returncode == 0, r.stdout + r.stderr
   assert "=== prompt 0: 'hello'" in r.stdout
   r = _run(["-m", "mohge_jax.generate", str(tmp_path), "--prompt", "x"])
