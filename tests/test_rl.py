@@ -57,7 +57,8 @@ def test_sft_batch_scores_only_the_answer(rng):
 @pytest.mark.parametrize("override,needle", [
     ("rl.group_size=1", "rl.group_size"), ("rl.temperature=0", "rl.temperature"),
     ("rl.task=sorting", "rl.task"), ("rl.ops=/", "rl.ops"), ("rl.reference=ema", "rl.reference"),
-    ("rl.top_p=0", "rl.top_p"), ("rl.sft_steps=-1", "rl.sft_steps")])
+    ("rl.top_p=0", "rl.top_p"), ("rl.sft_steps=-1", "rl.sft_steps"),
+    ("rl.sft_stop_accuracy=1.5", "rl.sft_stop_accuracy"), ("rl.sft_eval_every=0", "rl.sft_eval_every")])
 def test_rl_config_errors(override, needle):
   with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
     load_config(str(ROOT / "configs/rl_tiny.yaml"), [override])
