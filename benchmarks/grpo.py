@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
           "response_length", "sample")
   result["phases"]["rl"] = {"wall_s": time.perf_counter() - t0, "sft_steps": len(sft),
                             "sft_loss_last": sft[-1]["sft_loss"] if sft else None,
+                            "sft_eval_accuracy": [[r["step"], r["sft_eval_accuracy"]] for r in sft
+                                                  if "sft_eval_accuracy" in r],
                             "grpo_steps": len(grpo_rows)}
   result["grpo_curve"] = [{k: r[k] for k in keys if k in r} for r in grpo_rows]
   result["grpo_summary"] = curve_summary(grpo_rows)

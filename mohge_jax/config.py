@@ -294,6 +294,13 @@ class RLConfig:
   sft_steps: int = 0
   sft_batch_size: int = 16
   sft_lr: float = 1e-3
+  # SFT ends early (GRPO starts at step rl.sft_steps) once the greedy accuracy on
+  # rl.sft_eval_problems held-out problems, checked every rl.sft_eval_every SFT steps,
+  # reaches rl.sft_stop_accuracy: GRPO starts from a policy that partly solves the task.
+  # 0: off (all rl.sft_steps steps).
+  sft_stop_accuracy: float = 0.0
+  sft_eval_every: int = 50
+  sft_eval_problems: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,7 +555,8 @@ def validate_rl(r: RLConfig) -> None:
   _one_of(r.task, RL_TASKS, "rl.task")
   _one_of(r.reference, RL_REFERENCES, "rl.reference")
   for name in ("digits", "numbers", "max_value", "prompts_per_step", "group_size",
-               "max_new_tokens", "prompt_bucket", "updates_per_step", "sft_batch_size"):
+               "max_new_tokens", "prompt_bucket", "updates_per_step", "sft_batch_size",
+               "sft_eval_every", "sft_eval_problems"):
     _require(getattr(r, name) >= 1, f"rl.{name}={getattr(r, name)}: must be >= 1")
   _require(r.numbers >= 2, f"rl.numbers={r.numbers}: countdown needs at least 2 numbers")
   _require(r.ops != "" and set(r.ops) <= set("+-*"),
@@ -566,3 +574,5 @@ def validate_rl(r: RLConfig) -> None:
   _require(r.format_weight >= 0, f"rl.format_weight={r.format_weight}: must be >= 0")
   _require(r.sft_steps >= 0, f"rl.sft_steps={r.sft_steps}: must be >= 0")
   _require(math.isfinite(r.sft_lr) and r.sft_lr > 0, f"rl.sft_lr={r.sft_lr}: must be > 0")
+  _require(0 <= r.sft_stop_accuracy <= 1,
+           f"rl.sft_stop_accuracy={r.sft_stop_accuracy}: must be in [0, 1] (0: off)")

@@ -4,7 +4,9 @@
         [--init-from WORKDIR_OR_EXPORT] [section.key=value ...]
 
 Steps 0 .. rl.sft_steps-1 are supervised (prompt + "<answer>ANSWER</answer>" + end of text,
-the loss on the answer tokens only); the next train.steps are GRPO steps:
+the loss on the answer tokens only; with rl.sft_stop_accuracy, SFT ends early, jumping to
+step rl.sft_steps, once the greedy held-out accuracy reaches it); the next train.steps are
+GRPO steps:
 
     problems = problems_at(cfg.rl, seed, step)           # deterministic per (seed, step)
     out = generate(policy, prompts x G, key(seed, step), record_routes=keep_routing)
@@ -173,14 +175,15 @@ def _score(r: RLConfig, problems: list[tasks.Problem], texts: list[str]
 
 
 EVAL_SALT = 2  # held-out draws: no training step uses this salt (0: GRPO, 1: SFT)
+SFT_EVAL_SALT = 3  # the held-out problems of rl.sft_stop_accuracy's check (not EVAL_SALT's)
 
 
-def evaluate(cfg: Config, model, tokenizer, num_problems: int) -> dict:
+def evaluate(cfg: Config, model, tokenizer, num_problems: int, *, salt: int = EVAL_SALT) -> dict:
   """Greedy (temperature 0) completions of `num_problems` held-out problems (drawn with
-  EVAL_SALT; on a small task some may equal training problems by value), in one batch:
+  `salt`; on a small task some may equal training problems by value), in one batch:
   accuracy, format rate, mean reward and every (prompt, completion, correct)."""
   r = cfg.rl
-  problems = problems_at(r, cfg.train.seed, 0, num_problems, salt=EVAL_SALT)
+  problems = problems_at(r, cfg.train.seed, 0, num_problems, salt=salt)
   prompts_BxP, lengths_B = gen.pad_prompts([tokenizer.encode(prompt_text(p)) for p in problems])
   P = _round_up(prompts_BxP.shape[1], r.prompt_bucket)
   prompts_BxP = np.pad(prompts_BxP, ((0, 0), (0, P - prompts_BxP.shape[1])))
@@ -269,12 +272,18 @@ def run(cfg: Config, workdir: str | Path, *, init_from: str = "", log=print) -> 
     try:
       while step < total:
         t0 = time.perf_counter()
+        sft_done = False
         if step < r.sft_steps:
           problems = problems_at(r, t.seed, step, r.sft_batch_size, salt=1)
           batch = {k: jnp.asarray(v) for k, v in sft_batch(tok, problems, 16).items()}
           state["params"], state["opt_state"], m = sft_step(state["params"], state["opt_state"],
                                                             batch)
           row = {"phase": "sft", **jax.device_get(m)}
+          if r.sft_stop_accuracy > 0 and (step + 1) % r.sft_eval_every == 0:
+            row["sft_eval_accuracy"] = evaluate(
+                cfg, nnx.merge(graphdef, state["params"]), tok, r.sft_eval_problems,
+                salt=SFT_EVAL_SALT)["accuracy"]
+            sft_done = step + 1 < r.sft_steps and row["sft_eval_accuracy"] >= r.sft_stop_accuracy
         else:
           if step == r.sft_steps:  # GRPO starts: freeze the reference, a fresh optimizer
             if ref_params is None:  # (a run resumed here may have saved it already)
@@ -287,6 +296,11 @@ def run(cfg: Config, workdir: str | Path, *, init_from: str = "", log=print) -> 
           raise trainer.TrainingError(f"loss is {row} at step {step}: diverged; lower the "
                                       "learning rate (train.lr or rl.sft_lr)")
         step += 1
+        if sft_done:  # deterministic given the checkpoint, so a resumed run skips alike
+          log(f"step {step}: SFT's held-out greedy accuracy {row['sft_eval_accuracy']:.3f} >= "
+              f"rl.sft_stop_accuracy={r.sft_stop_accuracy}: GRPO starts (SFT steps "
+              f"{step}..{r.sft_steps - 1} skipped)")
+          step = r.sft_steps
         state["step"] = jnp.asarray(step, jnp.int32)
         row["step_s"] = time.perf_counter() - t0
         last = metrics_log.write(step, row)
@@ -295,7 +309,8 @@ def run(cfg: Config, workdir: str | Path, *, init_from: str = "", log=print) -> 
           log(f"step {step}/{total} [{row['phase']}] "
               + " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         stop_now = stop.signal is not None
-        if t.save_checkpoints and (step % t.ckpt_every == 0 or step == total or stop_now):
+        if t.save_checkpoints and (step % t.ckpt_every == 0 or step == total or stop_now
+                                or sft_done):
           save(step)
         if stop_now:
           stopped = True

@@ -57,7 +57,8 @@ def test_sft_batch_scores_only_the_answer(rng):
 @pytest.mark.parametrize("override,needle", [
     ("rl.group_size=1", "rl.group_size"), ("rl.temperature=0", "rl.temperature"),
     ("rl.task=sorting", "rl.task"), ("rl.ops=/", "rl.ops"), ("rl.reference=ema", "rl.reference"),
-    ("rl.top_p=0", "rl.top_p"), ("rl.sft_steps=-1", "rl.sft_steps")])
+    ("rl.top_p=0", "rl.top_p"), ("rl.sft_steps=-1", "rl.sft_steps"),
+    ("rl.sft_stop_accuracy=1.5", "rl.sft_stop_accuracy"), ("rl.sft_eval_every=0", "rl.sft_eval_every")])
 def test_rl_config_errors(override, needle):
   with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
     load_config(str(ROOT / "configs/rl_tiny.yaml"), [override])
@@ -186,3 +187,53 @@ def test_grpo_benchmark_end_to_end_at_toy_size(tmp_path):
     ev = res["evaluation"][name]
     assert ev["problems"] == 4 and len(ev["samples"]) == 2 and 0 <= ev["accuracy"] <= 1
   assert (tmp_path / "grpo_rewards.png").is_file()
+
+
+def test_sft_stops_early_at_the_target_accuracy_and_resumes_alike(tmp_path, monkeypatch):
+  """rl.sft_stop_accuracy: SFT's held-out check (rl.evaluate replaced by scripted
+  accuracies) every rl.sft_eval_every steps; the first that reaches the target jumps to
+  step rl.sft_steps, where GRPO starts (reference saved there); a run resumed before the
+  jump skips alike."""
+  cfg = load_config(str(ROOT / "configs/rl_tiny.yaml"),
+                    TOY + ["rl.sft_steps=6", "rl.sft_eval_every=2", "rl.sft_eval_problems=5",
+                           "rl.sft_stop_accuracy=0.4", f"train.compile_cache={tmp_path / 'xla'}"])
+  accuracies, calls = iter([0.1, 0.5]), []
+
+  def scripted(cfg_, model, tokenizer, num_problems, *, salt=rl.EVAL_SALT):
+    calls.append((num_problems, salt))
+    return {"accuracy": next(accuracies)}
+
+  monkeypatch.setattr(rl, "evaluate", scripted)
+  work = tmp_path / "clean"
+  rl.run(cfg, work, log=lambda *a: None)
+  assert calls == [(5, rl.SFT_EVAL_SALT)] * 2
+  rows = _rows(work)
+  assert [r["step"] for r in rows] == [1, 2, 3, 6, 7, 8, 9]
+  assert [r["phase"] for r in rows] == ["sft"] * 4 + ["grpo"] * GRPO
+  assert [r.get("sft_eval_accuracy") for r in rows[:4]] == [None, 0.1, None, 0.5]
+  with Checkpointer(work / "reference", async_save=False) as c:
+    assert c.all_steps() == [6]
+    ref = c.restore(6, {"params": _target(cfg)["params"]})[0]["params"]
+  jax.tree.map(np.testing.assert_array_equal, ref, _params(cfg, work, 6))
+
+  resumed = tmp_path / "resumed"  # interrupted after step 3, before the check that stops
+  shutil.copytree(work, resumed)
+  for step in (6, 7, 8, 9):
+    shutil.rmtree(resumed / "checkpoints" / str(step))
+  shutil.rmtree(resumed / "reference")
+  accuracies = iter([0.5])
+  rl.run(cfg, resumed, log=lambda *a: None)
+  assert _rows(resumed) == rows
+  jax.tree.map(np.testing.assert_array_equal, _params(cfg, resumed, 9), _params(cfg, work, 9))
+
+
+def test_sft_runs_every_step_below_the_target_accuracy(tmp_path, monkeypatch):
+  cfg = load_config(str(ROOT / "configs/rl_tiny.yaml"),
+                    TOY + ["rl.sft_steps=4", "rl.sft_eval_every=2", "rl.sft_stop_accuracy=0.4",
+                           "train.steps=1", f"train.compile_cache={tmp_path / 'xla'}"])
+  monkeypatch.setattr(rl, "evaluate", lambda *a, **k: {"accuracy": 0.3})
+  rl.run(cfg, tmp_path / "w", log=lambda *a: None)
+  rows = _rows(tmp_path / "w")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+  assert [r["phase"] for r in rows] == ["sft"] * 4 + ["grpo"]
+  assert [r.get("sft_eval_accuracy") for r in rows] == [None, 0.3, None, 0.3, None]
