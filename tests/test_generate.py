@@ -279,11 +279,11 @@ def test_unrolled_decode_over_separate_layer_buffers_equals_the_scan(rng, extra)
   _, caches, _ = gen.prefill(model, jnp.asarray(prompts), jnp.asarray(lens), P + N)
   layers, flat = gen.unstack_layers(model), gen.unstack_caches(caches)
   assert [len(s) for s in layers] == [s.num for s in model.stacks] == [len(c) for c in flat]
+  step = nnx.jit(gen.decode_step)  # (op by op, the unrolled step compiles every op apart)
   for t in range(N):
-    want, caches, routes = gen.decode_step(model, jnp.asarray(fed[:, t]),
-                                           jnp.asarray(lens + t), caches)
-    got, flat, routes_u = gen.decode_step(model, jnp.asarray(fed[:, t]), jnp.asarray(lens + t),
-                                          flat, layers=layers)
+    want, caches, routes = step(model, jnp.asarray(fed[:, t]), jnp.asarray(lens + t), caches)
+    got, flat, routes_u = step(model, jnp.asarray(fed[:, t]), jnp.asarray(lens + t), flat,
+                               layers=layers)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     for stacked, per_layer in zip(caches, flat):
       for i, c in enumerate(per_layer):
