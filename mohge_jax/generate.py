@@ -248,6 +248,9 @@ def _routed(routes_per_stack: list) -> routing.Forced:
 # ----------------------------------------------------------------------------- the loop
 
 
+DECODE_BACKENDS = (None, "all_experts", "capacity")  # None: model.expert_backend
+
+
 def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
@@ -262,6 +265,8 @@ def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
   unrolled over separate per-layer copies of the weights (`unstack_layers`, made here:
   the weights are held twice while generating)."""
   _check_model(model)
+  if decode_backend not in DECODE_BACKENDS:
+    raise ValueError(f"decode_backend={decode_backend!r}: must be one of {DECODE_BACKENDS}")
   graphdef, state = nnx.split(model)
   prompts_BxP = jnp.asarray(prompts_BxP, jnp.int32)
   lengths_B = jnp.asarray(lengths_B, jnp.int32)
@@ -378,7 +383,7 @@ def main(argv: list[str]) -> int:
   p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
   p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--decode-backend", default=None, choices=("all_experts", "capacity"),
+  p.add_argument("--decode-backend", default=None, choices=DECODE_BACKENDS[1:],
                  help="the decode steps' expert backend (default: model.expert_backend)")
   p.add_argument("--unrolled", action="store_true",
                  help="decode over per-layer copies of the weights (held twice)")

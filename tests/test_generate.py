@@ -147,9 +147,16 @@ def test_greedy_is_deterministic_and_stepwise_argmax(rng):
     assert mask.sum() == 6 and np.all(mask[np.arange(6), want])
 
 
-def test_generate_decode_options_sample_the_same(rng):
+def test_generate_decode_options_sample_the_same(rng, monkeypatch):
   """generate(decode_backend=..., unrolled=...) draws the default path's tokens (same key,
-  temperature 1) and records the same routes: the options change how, not what."""
+  temperature 1) and records the same routes: the options change how, not what; each
+  option reaches the decode step (its code path is traced); an unknown backend is refused."""
+  from mohge_jax import experts
+  used = set()
+  for mod, name in ((experts, "capacity_experts"), (experts, "all_experts"),
+                    (gen, "_decode_step_unrolled")):
+    fn = getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, _f=fn, _n=name, **k: used.add(_n) or _f(*a, **k))
   model = make_model(int(rng.integers(1 << 30)))
   prompts, lens = ragged(rng, [3, 6, 1, 5], 6)
   kw = dict(max_new_tokens=6, temperature=1.0, record_routes=True)
@@ -161,6 +168,9 @@ def test_generate_decode_options_sample_the_same(rng):
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-4)
     np.testing.assert_array_equal(np.asarray(got.routes.expert_ids),
                                   np.asarray(want.routes.expert_ids))
+  assert used == {"capacity_experts", "all_experts", "_decode_step_unrolled"}
+  with pytest.raises(ValueError, match="decode_backend='fast'"):
+    gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="fast", **kw)
 
 
 def mask_reference(logits, temperature, top_k, top_p, vocab):
