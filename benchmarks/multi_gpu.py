@@ -44,8 +44,9 @@ def plans(cfg_path: str, gpus: int, a2a: tuple[str, ...] = ("decomposed",)
   rows.append((f"EP{gpus} all_gather all_size", gpus,
                ep + ["mesh.expert_comm=all_gather", "mesh.placement=all_size"]))
   if m.num_groups % gpus == 0 and m.num_groups > 1:
-    rows.append((f"EP{gpus} all_to_all naive", gpus,
-                 ep + ["mesh.expert_comm=all_to_all", "mesh.placement=naive"]))
+    for comm in ("all_gather", "all_to_all"):
+      rows.append((f"EP{gpus} {comm} naive", gpus,
+                   ep + [f"mesh.expert_comm={comm}", "mesh.placement=naive"]))
   rows.append((f"DP{gpus} (experts replicated)", gpus, [f"mesh.data={gpus}", "mesh.expert=1"]))
   return rows
 

@@ -206,9 +206,7 @@ def _in_subprocess(path: str, batch: int, args, overrides: list[str], cache: str
   cmd = [sys.executable, "-m", "benchmarks.train_step", "--one", path, "--batch", str(batch),
          "--seq", str(args.seq), "--reps", str(args.reps), "--gpus", str(gpus),
          "--routing", getattr(args, "routing", "model"), *overrides]
-  profile = profile or (args.profile and os.path.join(
-      args.profile, os.path.basename(path).split(".")[0]))
-  if profile:
+  if profile:  # only where the caller asks (multi_gpu: its first EP row, not every row)
     cmd += ["--profile", profile]
   try:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -272,7 +270,8 @@ def main() -> None:
     for b in batches:
       cache = tempfile.mkdtemp(prefix="mohge_bench_xla_cache_")  # cold: empty cache
       print(f"{path} batch {b} (cold compilation cache)", flush=True)
-      row = _in_subprocess(path, b, args, args.overrides, cache)
+      profile = args.profile and os.path.join(args.profile, os.path.basename(path).split(".")[0])
+      row = _in_subprocess(path, b, args, args.overrides, cache, profile=profile)
       if row is None:
         continue
       row.update(config=path, mfu=row["tflops"] / PEAK_TFLOPS,

@@ -1,9 +1,12 @@
 """The expert-parallel layer and a full training step equal the single-device model
 (8 fake CPU devices, set up in conftest.py)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 import pytest
 from flax import nnx
 
@@ -247,3 +250,8 @@ def test_auto_exchange_is_all_gather_below_top_k(rng, ep, k, want):
   # (on CPU the ragged exchange is emulated; its sizes still go through an all_to_all)
   assert ("all_to_all" in text) == (want == "all_to_all")
   assert ("reduce_scatter" in text) == (want == "all_gather")
+  if want == "all_gather":  # the partial sums travel in the activations' dtype (bf16: half)
+    text = f.lower(jnp.ones((T, D), jnp.bfloat16), jnp.ones((T, k))).as_text()
+    at = text.index("stablehlo.reduce_scatter")  # its operand type ends the op's region
+    operand = re.search(r"\}\) : \(tensor<([^>]*)>\)", text[at:]).group(1)
+    assert operand.endswith("xbf16"), operand
