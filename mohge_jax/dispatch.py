@@ -218,12 +218,14 @@ def _per_expert_bwd(res, dy_MxD):
 _ffn_per_expert.defvjp(_per_expert_fwd, _per_expert_bwd)
 
 
-def _ffn_pallas(x_MxD, group_sizes_E, w_gate_up, w_down):
+def _ffn_pallas(x_MxD, group_sizes_E, w_gate_up, w_down, zero_padding=True):
   try:
     import pallas_kernels
   except ImportError as e:  # pragma: no cover - the package ships with the library
     raise RuntimeError("expert_backend='pallas' needs the pallas_kernels package") from e
-  return pallas_kernels.expert_ffn(x_MxD, group_sizes_E, tuple(w_gate_up), tuple(w_down))
+  tuning = {} if zero_padding else {"zero_padding": False}
+  return pallas_kernels.expert_ffn(x_MxD, group_sizes_E, tuple(w_gate_up), tuple(w_down),
+                                   **tuning)
 
 
 def resolve_backend(backend: str, widths: Sequence[int] = (), d_model: int = 0) -> str:
@@ -250,17 +252,24 @@ def resolve_backend(backend: str, widths: Sequence[int] = (), d_model: int = 0) 
 
 
 def grouped_ffn(x_MxD: jax.Array, group_sizes_E: jax.Array, w_gate_up: Sequence[jax.Array],
-                w_down: Sequence[jax.Array], *, backend: str = "auto") -> jax.Array:
+                w_down: Sequence[jax.Array], *, backend: str = "auto",
+                zero_padding: bool = True) -> jax.Array:
   """SwiGLU experts of every width over rows sorted by expert (group-major).
 
   x_MxD: rows sorted by expert; group_sizes_E: int32 rows per expert (sum <= M, later rows
   are padding and give 0); w_gate_up[g]: [N, D, 2*W_g] (gate columns first); w_down[g]:
   [N, W_g, D]. Returns [M, D] in x's dtype, accumulated in float32.
+
+  zero_padding=False: the padding rows of the output and of x's gradient may be left
+  undefined (the Pallas GPU kernels then skip them; the other backends still give 0), for
+  callers that mask them (`expert_parallel._local_ffn`).
   """
   widths = [w.shape[1] for w in w_down]
+  name = resolve_backend(backend, widths, x_MxD.shape[1])
+  if name == "pallas":
+    return _ffn_pallas(x_MxD, group_sizes_E, tuple(w_gate_up), tuple(w_down), zero_padding)
   fn = {"reference": _ffn_reference, "ragged_dot": _ffn_ragged_dot, "tiled": _ffn_tiled,
-        "pallas": _ffn_pallas, "per_expert": _ffn_per_expert,
-        }[resolve_backend(backend, widths, x_MxD.shape[1])]
+        "per_expert": _ffn_per_expert}[name]
   return fn(x_MxD, group_sizes_E, tuple(w_gate_up), tuple(w_down))
 
 

@@ -69,7 +69,13 @@ def _local_ffn(x, sizes, w_gate_up, w_down, *, backend):
   vary over."""
   w_gate_up = [_vary_like(w, x) for w in w_gate_up]
   w_down = [_vary_like(w, x) for w in w_down]
-  return grouped_ffn(x, sizes, w_gate_up, w_down, backend=backend)
+  # The buffer is dropless (at EP 2 about half of it padding), so the Pallas kernels are
+  # told not to zero the padding rows; the two selects zero them instead: the output's, and
+  # through the first select's transpose the rows of x's gradient.
+  valid_Mx1 = (jnp.arange(x.shape[0]) < jnp.sum(sizes))[:, None]
+  x = jnp.where(valid_Mx1, x, jnp.zeros((), x.dtype))
+  y = grouped_ffn(x, sizes, w_gate_up, w_down, backend=backend, zero_padding=False)
+  return jnp.where(valid_Mx1, y, jnp.zeros((), y.dtype))
 
 
 # Rows are permuted by dispatch.permute_rows, whose backward pass is a gather: the plain

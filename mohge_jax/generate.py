@@ -2,7 +2,8 @@
 
     python -m mohge_jax.generate WORKDIR_OR_EXPORT --prompt "def f(" [--prompt ...]
         [--batch-file FILE] [--max-new-tokens 64] [--temperature 1.0] [--top-k 0]
-        [--top-p 1.0] [--seed 0] [--decode-backend all_experts|capacity] [--unrolled]
+        [--top-p 1.0] [--seed 0] [--decode-backend auto|model|all_experts|capacity]
+        [--scan-layers]
 
     out = generate(model, prompts_BxP, lengths_B, jax.random.key(0), max_new_tokens=32,
                    temperature=0.8, top_p=0.95, stop_ids=(eos,), record_routes=True)
@@ -13,8 +14,10 @@ Prefill runs the training form of attention over the whole padded prompt (causal
 each row's padding out of its real tokens) and stores MLA's latent and rope key per
 position (`attention.MLACache`); each decode step feeds one token per row, writes its slot
 and attends in the absorbed form over the slots up to its position, so the padding slots a
-row will overwrite are never seen. Layers run as one `jax.lax.scan` per stack of the model,
-each layer reading and writing its slice of the stacked cache.
+row will overwrite are never seen. Prefill runs the layers as one `jax.lax.scan` per stack
+of the model; the decode steps run them unrolled over per-layer copies of the weights and
+per-layer caches (written in place), or with --scan-layers / unrolled=False as the scan,
+each layer reading and writing its slice of the stacked cache (slower: the slices copy).
 
 Letters: B rows, P prompt length, N new tokens, S = P + N cache slots, V padded vocabulary,
 R routed layers, K experts and Kg groups per token.
@@ -128,10 +131,22 @@ def _logits(model: Transformer, x: jax.Array) -> jax.Array:
   return logits_matmul(model.final_norm(x), head_weight(model))
 
 
+def decode_expert_backend(m, tokens: int) -> str:
+  """decode_backend="auto" for `tokens` tokens a step: `dispatch.capacity_experts` from 8
+  routed rows per expert on average (tokens * top_k >= 8 * experts), `dispatch.all_experts`
+  below. On the H200 (MoHGE-3B, unrolled layers; benchmarks/results/decode_h200.json):
+  batch 256 (24 rows per expert) capacity 6.0 ms a step against all_experts 7.3 and the
+  Mosaic kernels 11.1; batch 32 (3 rows) all_experts 3.5 against capacity 3.9 and 9.1."""
+  return "capacity" if tokens * m.top_k >= 8 * m.num_experts else "all_experts"
+
+
 def _ffn(block, h_BxLxD, expert_backend: str | None = None):
   """The block's FFN on [B, L, D]: (y, routed ids or None)."""
   if block.ffn_kind == "dense":
     return block.ffn(h_BxLxD), None
+  if expert_backend == "auto":
+    expert_backend = decode_expert_backend(block.ffn.cfg.model,
+                                           h_BxLxD.shape[0] * h_BxLxD.shape[1])
   y_BxLxD, aux = block.ffn(h_BxLxD, backend=expert_backend)
   return y_BxLxD, routing.Forced(aux["expert_ids"], aux["group_ids"])
 
@@ -248,22 +263,24 @@ def _routed(routes_per_stack: list) -> routing.Forced:
 # ----------------------------------------------------------------------------- the loop
 
 
-DECODE_BACKENDS = (None, "all_experts", "capacity")  # None: model.expert_backend
+DECODE_BACKENDS = ("auto", None, "all_experts", "capacity")  # None: model.expert_backend
 
 
 def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
              record_routes: bool = False, return_mask: bool = True,
-             decode_backend: str | None = None, unrolled: bool = False) -> Generated:
+             decode_backend: str | None = "auto", unrolled: bool = True) -> Generated:
   """Samples max_new_tokens per row (fewer when a row draws one of `stop_ids`: it is
   kept, then the row stops). prompts_BxP: right-padded int prompts, lengths_B >= 1 their
   lengths. One jit-compiled program per (shapes, sampler settings).
 
-  decode_backend: the experts' backend of the decode steps (None: model.expert_backend;
-  "all_experts", "capacity"; `decode_step`). unrolled: the decode steps run the layers
-  unrolled over separate per-layer copies of the weights (`unstack_layers`, made here:
-  the weights are held twice while generating)."""
+  decode_backend: the experts' backend of the decode steps ("auto": by the batch,
+  `decode_expert_backend`; None: model.expert_backend; "all_experts", "capacity";
+  `decode_step`). unrolled (default): the decode steps run the layers unrolled over
+  separate per-layer copies of the weights (`unstack_layers`, made here: the weights are
+  held twice while generating); False: the layer scan over the stacked weights, which on
+  the H200 took 1.8x as long a step (MoHGE-3B, batch 256: 10.9 ms against 6.0)."""
   _check_model(model)
   if decode_backend not in DECODE_BACKENDS:
     raise ValueError(f"decode_backend={decode_backend!r}: must be one of {DECODE_BACKENDS}")
@@ -383,10 +400,14 @@ def main(argv: list[str]) -> int:
   p.add_argument("--top-k", type=int, default=0, help="0: no top-k")
   p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--decode-backend", default=None, choices=DECODE_BACKENDS[1:],
-                 help="the decode steps' expert backend (default: model.expert_backend)")
-  p.add_argument("--unrolled", action="store_true",
-                 help="decode over per-layer copies of the weights (held twice)")
+  p.add_argument("--decode-backend", default="auto",
+                 choices=["model" if b is None else b for b in DECODE_BACKENDS],
+                 help="the decode steps' expert backend: auto (by the batch: capacity from 8 "
+                      "routed rows per expert, else all_experts), model (model.expert_backend), "
+                      "all_experts, capacity")
+  p.add_argument("--scan-layers", action="store_true",
+                 help="decode with the layer scan over the stacked weights (less memory: "
+                      "the default unrolled decode holds the weights twice; slower)")
   args = p.parse_args(argv)
   texts = list(args.prompt)
   if args.batch_file:
@@ -410,8 +431,9 @@ def main(argv: list[str]) -> int:
     out = generate(model, prompts_BxP, lengths_B, jax.random.key(args.seed),
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, stop_ids=(tok.eos_id,),
-                   return_mask=False, decode_backend=args.decode_backend,
-                   unrolled=args.unrolled)
+                   return_mask=False,
+                   decode_backend=None if args.decode_backend == "model" else args.decode_backend,
+                   unrolled=not args.scan_layers)
   except (ValueError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

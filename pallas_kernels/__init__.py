@@ -62,7 +62,8 @@ def get_ops(backend="auto", **tuning) -> Ops:
 
 
 def expert_ffn(x_MxD, group_sizes_E, w_gate_up, w_down, *, backend="auto", **tuning):
-  """y[row] = (silu(x@Wg) * (x@Wu)) @ Wd for the row's expert; padding rows → 0.
+  """y[row] = (silu(x@Wg) * (x@Wu)) @ Wd for the row's expert; padding rows → 0 (with the
+  GPU kernels' tuning zero_padding=False: undefined, in y and in the gradient of x).
 
   x_MxD: [M, d] rows sorted by expert (group-major expert order); group_sizes_E: int32
   [G·N]; w_gate_up: G arrays [N, d, 2·W_g] (gate ‖ up); w_down: G arrays [N, W_g, d].

@@ -24,7 +24,8 @@ groups) lowered ~7× the code of this version (326k vs 45k Mosaic GPU ops for fw
   item computes a (bm × bn) tile over its row tile with a TMA/wgmma pipeline along K,
   then stores only its own rows: TMA stores of 2^i rows (a "ladder" of static sizes at
   run-time offsets: a TMA box has a static shape). Rows past sum(group_sizes) are written
-  as zeros by items of a padding pseudo-expert, which run no K steps.
+  as zeros by items of a padding pseudo-expert, which run no K steps (unless
+  `Config.zero_padding` is False: then they are left unwritten).
 - tgmm (weight gradient): a static list of (expert, K tile, F tile) items over all
   groups; an item finds its group with a few scalar selects over the groups' static item
   offsets (as jax's ragged_dot_mgpu example finds its group), its rows from run-time
@@ -69,6 +70,11 @@ class Config:
   steps_t: int = 4
   num_sms: int | None = None
   interpret: bool = False
+  # False: rows past sum(group_sizes) are left unwritten (undefined) instead of zeroed by
+  # the padding pseudo-expert's items. For callers whose buffers are mostly padding (expert
+  # parallelism's dropless receive buffers: half padding at EP 2) and which mask those
+  # rows themselves (expert_parallel._local_ffn).
+  zero_padding: bool = True
 
 
 def unsupported_reason(widths, d_model, cfg: Config = Config()) -> str | None:
@@ -174,7 +180,8 @@ def _sigmoid(x):
   return 1.0 / (1.0 + jnp.exp(-x))
 
 
-def _hgmm_work(group_sizes, m, bm, num_groups, per_expert, out_half_blocks):
+def _hgmm_work(group_sizes, m, bm, num_groups, per_expert, out_half_blocks,
+               zero_padding=True):
   """The work table [bound, 8] (run-time) and its number of live rows [1].
 
   Work items are (row item, column tile) pairs, row items outer; a table row holds
@@ -183,10 +190,10 @@ def _hgmm_work(group_sizes, m, bm, num_groups, per_expert, out_half_blocks):
   work item's scalars from one 32-byte row. per_expert: numpy int [E + 1, 6] (last row:
   the padding pseudo-expert) of (column tiles, K steps, first K block, first F block,
   second F block, gate-half column tiles of a split-layout output or 0). Rows of the
-  table past the count repeat the last item.
+  table past the count repeat the last item. zero_padding=False: no padding items.
   """
   items = metadata.row_items(group_sizes, m, bm, num_groups, include_empty=False,
-                             include_padding=True)
+                             include_padding=zero_padding)
   t = items.bound
   pe = jnp.asarray(per_expert, jnp.int32)[items.expert]          # [T, 6]
   live = jnp.arange(t) < items.num_items
@@ -269,7 +276,7 @@ def _hgmm(lhs, rhs_flat, group_sizes, gu, *, st, transpose_rhs, lhs_split, out_s
   pad_cols = wmax // bn if epilogue in ("swiglu", "swiglu_bwd") else out_cols // bn
   per_expert[-1] = (pad_cols, 0, 0, 0, 0, 0)   # padding rows: no K steps → zeros
   table, num_work = _hgmm_work(group_sizes, m, bm, num_groups, per_expert,
-                               out_cols // 2 // bn)
+                               out_cols // 2 // bn, cfg.zero_padding)
   # One K extent for all groups (the up projection and dh: K = d) → a static pipeline grid.
   static_nk = ks[0] // bk if len(set(ks)) == 1 else None
   kl_half_blocks = kl // 2 // bk

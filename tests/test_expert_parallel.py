@@ -13,6 +13,7 @@ from flax import nnx
 from mohge_jax import allocation, expert_parallel, sharding
 from mohge_jax.config import ConfigError, MeshConfig, load_config
 from mohge_jax.experts import RoutedFFN
+from pallas_kernels.ffn import Ops
 from test_train import assert_same_step, batch_of
 
 LAYER = ["model.d_model=16", "model.group_widths=[8,16,24,32]", "model.experts_per_group=8",
@@ -52,7 +53,7 @@ def test_gpu_kernels_trace_under_shard_map(monkeypatch, comm):
   cotangents must be typed like its inputs (this failed on the H200s only)."""
   import pallas_kernels
   from pallas_kernels import gpu
-  monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132))
+  monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132, **k))
   G, N, D, T, K = 2, 4, 128, 64, 2
   mesh, _ = mesh_of(2, 1, 2, comm)
   wgu = [jnp.zeros((N, D, 2 * w), jnp.bfloat16) for w in (128, 256)]
@@ -96,7 +97,7 @@ def test_training_step_lowers_for_gpus(monkeypatch, comm, placement):
   from pallas_kernels import gpu
   from mohge_jax import collectives, dispatch
   from mohge_jax.trainer import abstract_state, graph_def, make_train_step
-  monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132))
+  monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132, **k))
   resolve = dispatch.resolve_backend
   monkeypatch.setattr(dispatch, "resolve_backend",
                       lambda b, *a: "pallas" if b == "auto" else resolve(b, *a))
@@ -147,6 +148,36 @@ def check_sharded_layer(rng, shape, comm, placement, backend):
     np.testing.assert_allclose(np.asarray(got_aux[k]), np.asarray(want_aux[k]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+class PoisonPadding(Ops):
+  """The reference building blocks, with what the GPU kernels may leave in padding rows
+  under zero_padding=False made explicit: NaN (in y, and through the backward's hgmm in
+  the gradient of x)."""
+
+  def hgmm(self, lhs, rhs, group_sizes, **kw):
+    out = super().hgmm(lhs, rhs, group_sizes, **kw)
+    if self.tuning.get("zero_padding", True):
+      return out
+    valid = jnp.arange(out.shape[0])[:, None] < jnp.sum(group_sizes)
+    return jnp.where(valid, out, jnp.nan)
+
+
+def test_padding_rows_left_unwritten_by_the_kernels_are_masked(rng, monkeypatch):
+  """expert_parallel tells the Pallas kernels to skip its buffers' padding rows (half the
+  rows at EP 2) and masks them itself: with NaN there (PoisonPadding) the sharded layer's
+  output, losses and gradients still equal one device's. (all_gather: its combine reads
+  the output's padding rows, and x's gradient rows pass through both exchanges' shared
+  `_local_ffn`.)"""
+  import pallas_kernels
+  monkeypatch.setattr(pallas_kernels, "get_ops", lambda backend="auto", **t: PoisonPadding(**t))
+  sizes = jnp.asarray([2, 0, 3, 1], jnp.int32)
+  x = jnp.asarray(rng.normal(size=(9, 16)), jnp.float32)
+  wgu = [jnp.asarray(rng.normal(size=(2, 16, 16)), jnp.float32) for _ in range(2)]
+  wd = [jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32) for _ in range(2)]
+  poisoned = pallas_kernels.expert_ffn(x, sizes, wgu, wd, zero_padding=False)
+  assert np.isnan(np.asarray(poisoned)[6:]).all()  # the poison is there to be masked
+  check_sharded_layer(rng, (2, 1, 2), "all_gather", "all_size", "pallas")
 
 
 def test_local_layout_is_the_all_size_allocation():

@@ -148,9 +148,10 @@ def test_greedy_is_deterministic_and_stepwise_argmax(rng):
 
 
 def test_generate_decode_options_sample_the_same(rng, monkeypatch):
-  """generate(decode_backend=..., unrolled=...) draws the default path's tokens (same key,
-  temperature 1) and records the same routes: the options change how, not what; each
-  option reaches the decode step (its code path is traced); an unknown backend is refused."""
+  """generate(decode_backend=..., unrolled=...) draws the tokens of the layer scan with the
+  model's expert backend (same key, temperature 1) and records the same routes: the options
+  change how, not what; each option reaches the decode step (its code path is traced); an
+  unknown backend is refused. The default (auto, unrolled) is one of them."""
   from mohge_jax import experts
   used = set()
   for mod, name in ((experts, "capacity_experts"), (experts, "all_experts"),
@@ -160,10 +161,12 @@ def test_generate_decode_options_sample_the_same(rng, monkeypatch):
   model = make_model(int(rng.integers(1 << 30)))
   prompts, lens = ragged(rng, [3, 6, 1, 5], 6)
   kw = dict(max_new_tokens=6, temperature=1.0, record_routes=True)
-  want = gen.generate(model, prompts, lens, jax.random.key(3), **kw)
-  for backend, unrolled in (("capacity", True), ("all_experts", False)):
-    got = gen.generate(model, prompts, lens, jax.random.key(3), decode_backend=backend,
-                       unrolled=unrolled, **kw)
+  want = gen.generate(model, prompts, lens, jax.random.key(3), decode_backend=None,
+                     unrolled=False, **kw)
+  assert not used
+  for opts in (dict(decode_backend="capacity", unrolled=True),
+               dict(decode_backend="all_experts", unrolled=False), {}):
+    got = gen.generate(model, prompts, lens, jax.random.key(3), **opts, **kw)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-4)
     np.testing.assert_array_equal(np.asarray(got.routes.expert_ids),
@@ -171,6 +174,17 @@ def test_generate_decode_options_sample_the_same(rng, monkeypatch):
   assert used == {"capacity_experts", "all_experts", "_decode_step_unrolled"}
   with pytest.raises(ValueError, match="decode_backend='fast'"):
     gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="fast", **kw)
+
+
+def test_auto_decode_backend_follows_rows_per_expert():
+  """decode_backend="auto": capacity slots from 8 routed rows per expert on average, every
+  expert on every token below (MoHGE-3B: 64 experts, top 6: the switch at 86 tokens)."""
+  m = load_config(str(ROOT / "configs/mohge_3b.yaml")).model
+  assert (m.num_experts, m.top_k) == (64, 6)
+  assert gen.decode_expert_backend(m, 256) == "capacity"
+  assert gen.decode_expert_backend(m, 86) == "capacity"
+  assert gen.decode_expert_backend(m, 85) == "all_experts"
+  assert gen.decode_expert_backend(m, 1) == "all_experts"
 
 
 def mask_reference(logits, temperature, top_k, top_p, vocab):
@@ -271,7 +285,7 @@ def test_cli_on_workdir_and_export(tmp_path):
   export.export_workdir(workdir, tmp_path / "export", dtype="f32")
   r = _run(["-m", "mohge_jax.generate", str(tmp_path / "export"), "--prompt", "hello",
             "--max-new-tokens", "4", "--temperature", "0", "--decode-backend", "capacity",
-            "--unrolled"])
+            "--scan-layers"])
   assert r.returncode == 0, r.stdout + r.stderr
   assert "=== prompt 0: 'hello'" in r.stdout
   r = _run(["-m", "mohge_jax.generate", str(tmp_path), "--prompt", "x"])

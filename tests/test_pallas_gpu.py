@@ -44,17 +44,23 @@ def _fb(backend, gs, **tuning):
     ((256, 384, 512), 4, dict(bm=64, bn=128, bn_up=128)),
     ((256, 384, 512), 4, dict(bt=128, steps_t=3)),
     ((512,), 6, {}),  # one group: weights stacked by rows (the other orientation)
+    ((256, 384, 512), 4, dict(zero_padding=False)),  # padding rows left unwritten
 ])
 def test_expert_ffn_matches_reference(rng, widths, n, cfg):
-  gs, x, wgu, wd, ct = _problem(rng, widths=widths, n=n)
+  zero = cfg.get("zero_padding", True)
+  gs, x, wgu, wd, ct = _problem(rng, widths=widths, n=n, padding=123 if zero else 1500)
+  total = int(gs.sum())
+  if not zero:  # half the rows padding, as expert parallelism's buffers at EP 2; the
+    ct = ct.at[total:].set(0)  # caller masks them (expert_parallel._local_ffn)
   y, grads = _fb("mosaic_gpu", gs, **cfg)(ct, x, wgu, wd)
   y_r, grads_r = _fb("reference", gs)(ct, x, wgu, wd)
-  assert _err(y, y_r) < 1e-2
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+  assert _err(y[:total], y_r[:total]) < 1e-2
+  assert _err(grads[0][:total], grads_r[0][:total]) < 2e-2
+  for a, b in zip(jax.tree.leaves(grads[1:]), jax.tree.leaves(grads_r[1:])):
     assert _err(a, b) < 2e-2
-  total = int(gs.sum())
-  assert not np.asarray(y[total:], np.float32).any()
-  assert not np.asarray(grads[0][total:], np.float32).any()
+  if zero:
+    assert not np.asarray(y[total:], np.float32).any()
+    assert not np.asarray(grads[0][total:], np.float32).any()
 
 
 def test_moe_equal_widths_and_forward_only(rng):

@@ -195,6 +195,15 @@ def test_mosaic_gpu_kernels_interpreted(rng):
   (gu_plain,) = gpu.hgmm(x, wgu, gs, out_split=True, out_cols=2 * wmax, cfg=cfg)
   _close(np.where(used2, np.asarray(gu_plain, np.float32), 0), gu_ref, 1e-2)
   assert not np.asarray(gu_plain[rw == 0], np.float32).any()  # padding rows are 0
+  # zero_padding=False (expert parallelism's half-padding buffers): the same real rows,
+  # without the padding pseudo-expert's work items (padding rows left unwritten)
+  skip = gpu.Config(interpret=True, zero_padding=False, **GPU_TILES)
+  (gu_skip,) = gpu.hgmm(x, wgu, gs, out_split=True, out_cols=2 * wmax, cfg=skip)
+  _close(np.where(used2, np.asarray(gu_skip, np.float32), 0), gu_ref, 1e-2)
+  per_expert = np.ones((len(gs) + 1, 6), np.int64)
+  work = [int(gpu._hgmm_work(gs, m, 64, len(widths), per_expert, 1, zero)[1][0])
+          for zero in (True, False)]
+  assert work[0] - work[1] == -(-m // 64) - int(gs.sum()) // 64  # the padding row tiles
   lhs = jnp.where(used2, gu_ref, jnp.nan).astype(jnp.bfloat16)
   (dx,) = gpu.hgmm(lhs, wgu, gs, transpose_rhs=True, lhs_split=True, out_cols=d, cfg=cfg)
   _close(dx, R.hgmm_ref(gu_ref, wgu, gs, transpose_rhs=True, lhs_split=True, out_cols=d),
