@@ -239,18 +239,23 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
 
 def _profile(decode, args, logdir: str | None, name: str, new_tokens: int) -> list[dict]:
   """With `logdir`: one traced run of the decode loop; prints its top device operations per
-  decode step and returns the top 15 rows ({name, category, ms_per_token_step, count,
-  share})."""
+  decode step, by kernel name and by JAX name stack (`profile_summary.source`), and returns
+  both top 15s ({by, name, category, ms_per_token_step, count, share})."""
   if not logdir:
     return []
   from benchmarks import profile_summary as ps
   trace = ps.load_trace(ps.capture(decode, *args, logdir=os.path.join(logdir, name),
                                    warmup=0, steps=1))
-  rows = ps.summarise(trace, 15, "name")
   tot = ps.totals(trace, steps=new_tokens)
-  print(f"  profile {name} (per decode step):\n" + ps.format_table(rows, tot), flush=True)
-  return [{"name": r["name"], "category": r["category"], "count": r["count"],
-           "ms_per_token_step": r["total_ms"] / new_tokens, "share": r["share"]} for r in rows]
+  out = []
+  for by in ("name", "source"):  # kernels, then where in the model (the JAX name stack)
+    rows = ps.summarise(trace, 15, by)
+    print(f"  profile {name} by {by} (per decode step):\n" + ps.format_table(rows, tot),
+          flush=True)
+    out += [{"by": by, "name": r["name"], "category": r["category"], "count": r["count"],
+             "ms_per_token_step": r["total_ms"] / new_tokens, "share": r["share"]}
+            for r in rows]
+  return out
 
 
 # ----------------------------------------------------------------------------- processes

@@ -1,6 +1,7 @@
 """Top device operations by time from a `jax.profiler` trace, without TensorBoard.
 
-    python -m benchmarks.profile_summary TRACE_OR_LOGDIR [--top 25] [--by name|op|category|module]
+    python -m benchmarks.profile_summary TRACE_OR_LOGDIR [--top 25]
+        [--by name|op|source|category|module]
         [--raw] [--steps N] [--threads REGEX] [--json OUT]
     python -m benchmarks.profile_summary --demo [--logdir DIR]   # profile a toy program here
 
@@ -175,24 +176,40 @@ def _busy_us(events: list[dict]) -> float:
   return total
 
 
+_NOISE = re.compile(r"^(p?jit\(.*\)|while|body|cond|closed_call|checkpoint|remat\w*|scan|"
+                    r"shard_map|core_call|custom_jvp_call|custom_vjp_call\w*)$")
+
+
+def source(tf_op: str) -> str:
+  """The JAX name stack of an op (its `tf_op` arg: the HLO op_name metadata, e.g.
+  `jit(_generate)/while/body/attention/dot_general`) without the wrappers every op shares
+  (jit(...), while/body, closed_call, remat, ...): `attention/dot_general`; transforms
+  (`jvp(...)`, `transpose(...)`) and named scopes stay."""
+  parts = [p for p in tf_op.split("/") if p and not _NOISE.match(p)]
+  return "/".join(parts) or tf_op
+
+
 def _group_key(e: dict, by: str, raw: bool) -> str:
   args = e.get("args", {})
   norm = (lambda s: s) if raw else normalise
   if by == "name":
     return norm(e["name"])
+  if by == "source":  # where in the program: the JAX name stack of the op
+    return source(args["tf_op"]) if args.get("tf_op") else f"? {norm(e['name'])}"
   if by == "op":
     return norm(args.get("hlo_op") or e["name"])
   if by == "category":
     return category(e["name"], args.get("hlo_op", ""))
   if by == "module":
     return norm(args.get("hlo_module") or "?")
-  raise ValueError(f"by must be name, op, category or module, not {by!r}")
+  raise ValueError(f"by must be name, op, source, category or module, not {by!r}")
 
 
 def summarise(trace_path: str | dict, top: int | None = 25, by: str = "name",
               raw: bool = False, threads: str | None = None) -> list[dict]:
-  """Device ops grouped by `by` (normalised event name, normalised `hlo_op` arg, category or
-  `hlo_module`; `raw` keeps instance numbers), ranked by self time. Rows: {name, category,
+  """Device ops grouped by `by` (normalised event name, normalised `hlo_op` arg, `source`:
+  the JAX name stack from the `tf_op` arg, category or `hlo_module`; `raw` keeps instance
+  numbers), ranked by self time. Rows: {name, category,
   total_ms (all steps, all devices), count, share (of all device op time; the shares of all
   rows sum to 1)}; the first `top` rows (all if None). `trace_path`: file, logdir or loaded."""
   events = device_events(trace_path, threads)
@@ -288,7 +305,7 @@ def main() -> None:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("trace", nargs="?", help="trace file (.json.gz) or jax.profiler log dir")
   ap.add_argument("--top", type=int, default=25)
-  ap.add_argument("--by", default="name", choices=("name", "op", "category", "module"))
+  ap.add_argument("--by", default="name", choices=("name", "op", "source", "category", "module"))
   ap.add_argument("--raw", action="store_true", help="keep instance numbers (fusion.123)")
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--threads", default=None, help="regex on 'process/thread' names")

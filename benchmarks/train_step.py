@@ -181,7 +181,7 @@ def _run_one(cfg, batch, reps, profile, mesh, route="model") -> dict:
     trace = ps.load_trace(ps.capture(compiled, state, data, logdir=profile, warmup=0, steps=2,
                                      carry=True))
     tot = ps.totals(trace)
-    for by, top in (("name", 40), ("category", 10)):
+    for by, top in (("name", 40), ("source", 30), ("category", 10)):
       print(ps.format_table(ps.summarise(trace, top, by), tot), flush=True)
   return {"batch": batch, "seq": t.seq_len, "gpus": gpus, "routing": route,
           "mesh": {k: int(v) for k, v in mesh.shape.items() if v > 1},

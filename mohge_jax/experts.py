@@ -111,7 +111,8 @@ class RoutedFFN(nnx.Module):
     parallelism)."""
     B, L, D = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(B * L, D)
-    r, aux = self.route(x_TxD, forced)
+    with jax.named_scope("router"):  # (named scopes: profiles group kernels by them)
+      r, aux = self.route(x_TxD, forced)
     aux["expert_ids"] = r.expert_ids.reshape(B, L, -1)
     aux["group_ids"] = r.group_ids.reshape(B, L, -1)
     E = self.cfg.model.num_experts
@@ -120,18 +121,20 @@ class RoutedFFN(nnx.Module):
     w_down = [w[...].astype(self.dtype) for w in self.w_down]
     backend = backend or self.cfg.model.expert_backend
     mesh = jax.sharding.get_abstract_mesh()
-    if backend == "all_experts":
-      y_TxD = all_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down)
-    elif backend == "capacity":
-      y_TxD = capacity_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down)
-    elif not mesh.empty and mesh.shape.get("expert", 1) > 1:
-      y_TxD = expert_parallel.routed_experts(
-          x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, mesh=mesh,
-          experts_per_group=self.cfg.model.experts_per_group, comm=self.cfg.mesh.expert_comm,
-          backend=backend, placement=self.cfg.mesh.placement)
-    else:
-      y_TxD = dispatch_and_combine(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, E,
-                                   backend=backend)
+    with jax.named_scope("routed_experts"):
+      if backend == "all_experts":
+        y_TxD = all_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down)
+      elif backend == "capacity":
+        y_TxD = capacity_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down)
+      elif not mesh.empty and mesh.shape.get("expert", 1) > 1:
+        y_TxD = expert_parallel.routed_experts(
+            x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, mesh=mesh,
+            experts_per_group=self.cfg.model.experts_per_group,
+            comm=self.cfg.mesh.expert_comm, backend=backend, placement=self.cfg.mesh.placement)
+      else:
+        y_TxD = dispatch_and_combine(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, E,
+                                     backend=backend)
     if self.shared is not None:
-      y_TxD = y_TxD + self.shared(x_TxD).astype(jnp.float32)
+      with jax.named_scope("shared_experts"):
+        y_TxD = y_TxD + self.shared(x_TxD).astype(jnp.float32)
     return y_TxD.astype(self.dtype).reshape(B, L, D), aux

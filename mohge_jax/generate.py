@@ -128,7 +128,8 @@ def _embed(model: Transformer, tokens: jax.Array) -> jax.Array:
 
 
 def _logits(model: Transformer, x: jax.Array) -> jax.Array:
-  return logits_matmul(model.final_norm(x), head_weight(model))
+  with jax.named_scope("lm_head"):
+    return logits_matmul(model.final_norm(x), head_weight(model))
 
 
 def decode_expert_backend(m, tokens: int) -> str:
@@ -143,7 +144,8 @@ def decode_expert_backend(m, tokens: int) -> str:
 def _ffn(block, h_BxLxD, expert_backend: str | None = None):
   """The block's FFN on [B, L, D]: (y, routed ids or None)."""
   if block.ffn_kind == "dense":
-    return block.ffn(h_BxLxD), None
+    with jax.named_scope("dense_ffn"):
+      return block.ffn(h_BxLxD), None
   if expert_backend == "auto":
     expert_backend = decode_expert_backend(block.ffn.cfg.model,
                                            h_BxLxD.shape[0] * h_BxLxD.shape[1])
@@ -206,7 +208,8 @@ def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
       x_Bx1xD, cache = carry
       layer_state, i = layer
       block = nnx.merge(graphdef, layer_state)
-      a_Bx1xD, cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B, cache, i)
+      with jax.named_scope("attention"):
+        a_Bx1xD, cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B, cache, i)
       x_Bx1xD = x_Bx1xD + a_Bx1xD
       y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD), expert_backend)
       return (x_Bx1xD + y_Bx1xD, cache), ids
@@ -243,7 +246,8 @@ def _decode_step_unrolled(model, tokens_B, positions_B, caches, expert_backend, 
     updated, ids_n = [], []
     for layer_state, cache in zip(stack_layers, stack_caches):
       block = nnx.merge(graphdef, layer_state)
-      a_Bx1xD, cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B, cache)
+      with jax.named_scope("attention"):
+        a_Bx1xD, cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B, cache)
       x_Bx1xD = x_Bx1xD + a_Bx1xD
       y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD), expert_backend)
       x_Bx1xD = x_Bx1xD + y_Bx1xD

@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks import profile_summary as ps
 
@@ -115,6 +116,30 @@ def test_synthetic_gpu_trace(tmp_path, rng):
   # A thread regex overrides the rule: the host launch events alone.
   host = ps.summarise(path, top=None, threads=r"^/host:CPU/Host Threads")
   assert [r["name"] for r in host] == ["cuLaunchKernel"]
+
+
+def test_group_by_source_name_stack(tmp_path, rng):
+  """by="source": kernels grouped by the JAX name stack of their `tf_op` (the wrappers
+  every op shares dropped; transforms and named scopes kept); kernels without one by name."""
+  assert ps.source("jit(_generate)/while/body/closed_call/attention/dot_general") == \
+      "attention/dot_general"
+  assert ps.source("jit(step)/transpose(jvp(experts))/remat/dot_general") == \
+      "transpose(jvp(experts))/dot_general"
+  D = 1
+  ev = _meta(D, "/device:GPU:0", {1: "Stream #7(Kernel)"})
+  want = {"attention/dot_general": 0.0, "experts/dot_general": 0.0, "? MemcpyD2D": 0.0}
+  t = 0.0
+  for i in range(int(rng.integers(6, 20))):
+    key = list(want)[i % 3]
+    dur = float(rng.uniform(1, 50))
+    tf = {} if key.startswith("?") else {"tf_op": f"jit(f)/while/body/{key}"}
+    ev.append(_x(D, 1, t, dur, f"gemm_fusion_dot_general_{i}" if tf else "MemcpyD2D",
+                 hlo_op=f"fusion.{i}", **tf))
+    want[key] += dur
+    t += dur + 1
+  rows = ps.summarise(_write(tmp_path / "s.trace.json.gz", ev), top=None, by="source")
+  assert {r["name"]: r["total_ms"] for r in rows} == pytest.approx(
+      {k: v / 1e3 for k, v in want.items()})
 
 
 def test_synthetic_cpu_trace_self_time(tmp_path, rng):
