@@ -188,7 +188,9 @@ def _logits(q_lat, q_rope, sel_BxQxKxCR, C: int, scale: float):
 
 
 def resolve_sparse_mla_impl(impl: str, H: int, C: int, R: int, K: int, dtype) -> str:
-  """"auto" → "pallas" on a Hopper GPU when the kernel takes these shapes, else
+  """"auto" → "pallas" on a Hopper GPU when the kernel takes these shapes and no mesh of
+  several devices is set (under one, XLA's partitioner would gather the custom call's
+  operands onto every device: the kernel wants a shard_map over the batch first), else
   "reference"; an explicit "pallas"/"interpret" with shapes it cannot take is an error."""
   if impl not in SPARSE_MLA_IMPLS:
     raise ValueError(f"unknown sparse_mla impl {impl!r}; choose from {SPARSE_MLA_IMPLS}")
@@ -199,8 +201,10 @@ def resolve_sparse_mla_impl(impl: str, H: int, C: int, R: int, K: int, dtype) ->
 
   reason = sparse_mla_gpu.unsupported_reason(H, C, R, K, dtype)
   if impl == "auto":
+    mesh = jax.sharding.get_abstract_mesh()
+    one_device = mesh.empty or mesh.size == 1
     return "pallas" if pk.resolve_backend("auto") == "mosaic_gpu" and reason is None \
-        else "reference"
+        and one_device else "reference"
   if reason:
     raise ValueError(reason)
   return impl

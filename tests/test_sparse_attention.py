@@ -329,6 +329,21 @@ def test_sparse_mla_kernel_refuses_unsupported_shapes(rng):
     dsa.resolve_sparse_mla_impl("interpret", 16, 64, 64, 2048, jnp.bfloat16)
 
 
+def test_auto_uses_the_kernel_on_one_device_only(monkeypatch):
+  """dsa_impl=auto on a Hopper GPU (faked): the kernel without a mesh or on a one-device
+  mesh, the reference under a mesh of several devices (whose partitioner would gather the
+  kernel's operands onto each of them)."""
+  import pallas_kernels as pk
+  monkeypatch.setattr(pk, "resolve_backend", lambda b="auto": "mosaic_gpu")
+  shapes = (16, 512, 64, 2048, jnp.bfloat16)
+  assert dsa.resolve_sparse_mla_impl("auto", *shapes) == "pallas"
+  with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
+    assert dsa.resolve_sparse_mla_impl("auto", *shapes) == "pallas"
+  with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+    assert dsa.resolve_sparse_mla_impl("auto", *shapes) == "reference"
+    assert dsa.resolve_sparse_mla_impl("pallas", *shapes) == "pallas"  # asked for: as asked
+
+
 def test_sparse_mla_kernel_lowers_for_cuda_at_mohge_3b_shapes():
   """Mosaic GPU lowering (no GPU needed; it checks the SMEM budget, not registers) at
   H = 16, C = 512, R = 64, K = 2048, T = 128k: the forward kernel alone (both splits, 1 or 3
