@@ -16,6 +16,10 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        differentiated), pure JAX
   dsa_pallas           the same with sparse_mla(impl="pallas") (the forward kernel; its
                        backward is the reference's)
+  dsa_pallas_radix     dsa_pallas with the top-k by `top_k_positions` (no sort)
+  topk_sort / topk_radix: the indexer's scores and the selection alone (forward), by
+                       jax.lax.top_k or top_k_positions; at the smallest length a
+                       "check_topk" row says whether both chose the same keys
   sparse_mla_reference / sparse_mla_pallas: the attention alone on a fixed selection
   kernel_{wg|cta}_tpc{1|3}: the forward kernel alone (forward pass only): halves of C by
                        two warpgroups sharing a gather or by two CTAs, 1 or 3 128-byte
@@ -61,6 +65,8 @@ BWD_FACTOR = 3.5
 def flops(seq: int, impl: str, pss: str) -> float:
   pairs_causal = seq * (seq + 1) / 2
   attn = indexer = 0.0
+  if impl.startswith("topk_"):  # the indexer's scores and the selection
+    return pairs_causal * 2 * J * I
   if impl == "dense_cudnn":
     attn = H * pairs_causal * 2 * (P + R + V)
   else:
@@ -117,9 +123,9 @@ def dense_fn(pss):
   return jax.jit(fb), ("o_ct", "q", "k", "v")
 
 
-def dsa_fn(pss, impl):
+def dsa_fn(pss, impl, method="sort"):
   def fwd(q_lat, q_rope, c, kr, q_I, w_I, k_I):
-    idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=TOPK, chunk=CHUNK)
+    idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=TOPK, chunk=CHUNK, method=method)
     o, p = dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=SCALE, chunk=CHUNK,
                           impl=impl)
     return o, jnp.mean(dsa.sparse_indexer_kl(p, score, valid))
@@ -131,6 +137,12 @@ def dsa_fn(pss, impl):
     (o, kl), vjp = jax.vjp(fwd, *args)
     return o, vjp((ct, jnp.ones_like(kl)))
   return jax.jit(fb), ("lat_ct",) + names
+
+
+def topk_fn(method):
+  """The indexer's scores and the top-k selection alone (forward: positions only)."""
+  return jax.jit(lambda a, b, c: dsa.select_topk(a, b, c, topk=TOPK, chunk=CHUNK,
+                                                  method=method)[:2]), ("q_I", "w_I", "k_I")
 
 
 def sparse_mla_fn(pss, impl, idx, valid):
@@ -161,9 +173,9 @@ def kernel_fn(name, idx, valid):
 
 
 # Two rounds over the lengths: the issue's comparison first, then the attention alone.
-ROUNDS = (("dense_cudnn", "dsa_pallas", "dsa_reference"),
-          ("sparse_mla_pallas", "sparse_mla_reference", "kernel_wg_tpc1", "kernel_wg_tpc3",
-           "kernel_cta_tpc1", "kernel_cta_tpc3"))
+ROUNDS = (("dense_cudnn", "dsa_pallas", "dsa_pallas_radix", "dsa_reference"),
+          ("topk_sort", "topk_radix", "sparse_mla_pallas", "sparse_mla_reference",
+           "kernel_wg_tpc1", "kernel_wg_tpc3", "kernel_cta_tpc1", "kernel_cta_tpc3"))
 
 
 def main():
@@ -204,7 +216,7 @@ def main():
         return data["x"], data["sel"]
       outs = {}
       for impl in impls:
-        for pss in ("fwd",) if impl.startswith("kernel") else ("fwd", "fwd_bwd"):
+        for pss in ("fwd",) if impl.startswith(("kernel", "topk")) else ("fwd", "fwd_bwd"):
           row = dict(seq=seq, impl=impl, **{"pass": pss})
           if (impl, pss) in given_up:
             record(dict(row, skipped="failed or too slow at a shorter length"))
@@ -218,8 +230,11 @@ def main():
               f, names = dense_fn(pss)
             elif impl.startswith("kernel_"):
               f, names = kernel_fn(impl, *sel)
+            elif impl.startswith("topk_"):
+              f, names = topk_fn(impl.removeprefix("topk_"))
             elif impl.startswith("dsa_"):
-              f, names = dsa_fn(pss, impl.removeprefix("dsa_"))
+              kind, _, method = impl.removeprefix("dsa_").partition("_")
+              f, names = dsa_fn(pss, kind, method or "sort")
             else:
               f, names = sparse_mla_fn(pss, impl.removeprefix("sparse_mla_"), *sel)
             ms, first = time_call(f, *(x[n] for n in names))
@@ -230,10 +245,17 @@ def main():
               given_up.add((impl, pss))
             if seq == seqs[0] and impl.startswith("sparse_mla") and pss == "fwd":
               outs[impl] = np.asarray(f(*(x[n] for n in names)), np.float32)
+            if seq == seqs[0] and impl.startswith("topk_"):  # each query's set of keys
+              idx, valid = (np.asarray(a) for a in f(*(x[n] for n in names)))
+              outs[impl] = np.sort(np.where(valid, idx, -1), axis=-1)
           except Exception as e:  # noqa: BLE001 -- recorded; the next row runs
             record(dict(row, error=f"{type(e).__name__}: {str(e)[:400]}"))
             given_up.add((impl, pss))
-      if len(outs) == 2:
+      if "topk_sort" in outs and "topk_radix" in outs:
+        record(dict(seq=seq, impl="check_topk", **{"pass": "fwd"},
+                    radix_equals_sort=bool((outs["topk_radix"] == outs["topk_sort"]).all()),
+                    queries_differing=int((outs["topk_radix"] != outs["topk_sort"]).any(-1).sum())))
+      if "sparse_mla_pallas" in outs and "sparse_mla_reference" in outs:
         a, b = outs["sparse_mla_pallas"], outs["sparse_mla_reference"]
         record(dict(seq=seq, impl="check", **{"pass": "fwd"},
                     pallas_vs_reference_rel_err=float(np.linalg.norm(a - b) / np.linalg.norm(b)),

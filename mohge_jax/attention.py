@@ -204,7 +204,8 @@ class MLA(nnx.Module):
                          segment_ids_BxL=segment_ids_BxL, impl=m.attention_impl)
     else:
       idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=m.dsa_topk, chunk=chunk,
-                                          segment_ids_BxT=segment_ids_BxL)
+                                          segment_ids_BxT=segment_ids_BxL,
+                                          method=m.dsa_topk_method)
       o_lat_BxLxHxC, p_BxLxK = dsa.sparse_mla(q_lat_BxLxHxC, q_rope_BxLxHxR, c_BxLxC,
                                               k_rope_BxLxR, idx, valid, scale=self.scale,
                                               chunk=chunk, impl=m.dsa_impl)

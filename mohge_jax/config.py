@@ -28,6 +28,7 @@ ATTENTION_KINDS = ("mla", "mha")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # sparse_attention.sparse_mla: pure JAX, the Mosaic GPU kernel, it interpreted (CPU tests)
 DSA_IMPLS = ("auto", "reference", "pallas", "interpret")
+DSA_TOPK_METHODS = ("sort", "radix")
 ROPE_SCALINGS = ("none", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -86,6 +87,10 @@ class ModelConfig:
   # JAX), "pallas" (the Mosaic GPU forward kernel; Hopper), "auto" (pallas on Hopper when
   # the shapes qualify), "interpret" (tests). "reference" until the kernel is checked on a GPU.
   dsa_impl: str = "reference"
+  # How each query's top dsa_topk keys are found (sparse_attention.select_topk): "sort"
+  # (jax.lax.top_k, which sorts every row at these k) or "radix" (top_k_positions: the same
+  # keys from a digit-by-digit search for the k-th score, no sort).
+  dsa_topk_method: str = "sort"
 
   # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.
   # `layer_ffn` (one entry per layer) overrides both when given.
@@ -456,6 +461,7 @@ def validate(cfg: Config) -> None:
   _one_of(m.sparse_attention, SPARSE_ATTENTION, "model.sparse_attention")
   _one_of(t.dsa_stage, DSA_STAGES, "train.dsa_stage")
   _one_of(m.dsa_impl, DSA_IMPLS, "model.dsa_impl")
+  _one_of(m.dsa_topk_method, DSA_TOPK_METHODS, "model.dsa_topk_method")
   if m.sparse_attention == "dsa":
     _require(m.attention == "mla",
              f"model.sparse_attention=dsa needs model.attention=mla (got {m.attention!r}): "

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mohge_jax.config import DSA_IMPLS, ModelConfig
+from mohge_jax.config import DSA_IMPLS, DSA_TOPK_METHODS, ModelConfig
 from mohge_jax.rope import apply_rope, rope_inv_freq
 
 # A finite "minus infinity": a row with every key masked stays finite (uniform) instead of
@@ -143,15 +143,60 @@ def index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI) -> jax.Array:
   return jnp.einsum("bqjs,bqj->bqs", jax.nn.relu(dots), w_BxQxJ.astype(jnp.float32))
 
 
+def _order_key(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 in the total order `jax.lax.top_k` compares by (-inf lowest, -0.0
+  below 0.0; NaN not expected)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def top_k_positions(x_NxS: jax.Array, k: int, *, digit_bits: int = 4) -> jax.Array:
+  """The positions [N, k] int32 of each row's k largest entries, in increasing position
+  order: the set `jax.lax.top_k(x, k)[1]` returns (ties at the k-th value go to the lower
+  positions, as there), without sorting the row.
+
+  XLA's top_k at DSA's sizes (k = 2048 of up to 128k keys a query) sorts every row; this
+  reads the row once per `digit_bits` bits of the k-th value's order key (8 passes of 15
+  comparisons an entry at 4 bits: each pass one fused compare-and-count reduction), then
+  once to mark the entries above it (and the first ties) and to place them
+  (`cumsum`, a scatter of k positions a row). Not differentiable (positions only)."""
+  N, S = x_NxS.shape
+  if not 0 < k <= S:
+    raise ValueError(f"k={k}: must be between 1 and the row length {S}")
+  key = _order_key(x_NxS)
+  ways = 1 << digit_bits
+  digits = jnp.arange(1, ways, dtype=jnp.uint32)
+  prefix = jnp.zeros((N,), jnp.uint32)
+  for shift in range(32 - digit_bits, -1, -digit_bits):  # the k-th key, digit by digit
+    cand_NxW = prefix[:, None] | (digits[None, :] << shift)
+    count_NxW = jnp.sum(key[:, :, None] >= cand_NxW[:, None, :], axis=1, dtype=jnp.int32)
+    d = jnp.sum(count_NxW >= k, axis=1, dtype=jnp.uint32)  # counts fall as digits rise
+    prefix = prefix | (d << shift)
+  above = key > prefix[:, None]
+  tie = key == prefix[:, None]
+  room = k - jnp.sum(above, axis=1, dtype=jnp.int32)  # >= 1: the k-th value is a tie
+  take = above | (tie & (jnp.cumsum(tie, axis=1, dtype=jnp.int32) <= room[:, None]))
+  slot = jnp.where(take, jnp.cumsum(take, axis=1, dtype=jnp.int32) - 1, k)
+  rows = jnp.broadcast_to(jnp.arange(N)[:, None], (N, S))
+  pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (N, S))
+  return jnp.zeros((N, k), jnp.int32).at[rows, slot].set(pos, mode="drop")
+
+
+TOPK_METHODS = DSA_TOPK_METHODS
+
+
 def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
-                segment_ids_BxT: jax.Array | None = None):
+                segment_ids_BxT: jax.Array | None = None, method: str = "sort"):
   """Each query's top-k keys by index score among the keys it may attend to.
 
   Returns idx [B,T,K] int32, valid [B,T,K] bool, score [B,T,K] float32 with K = min(topk, S).
   Queries with fewer than K allowed keys (the first K-1 positions, short sequences) get
   every allowed key, the rest of their K slots marked invalid. `score` is differentiable in
-  the indexer's outputs (the selection itself is not).
+  the indexer's outputs (the selection itself is not). method: "sort" (`jax.lax.top_k`,
+  keys by falling score) or "radix" (`top_k_positions`, the same set by rising position).
   """
+  if method not in TOPK_METHODS:
+    raise ValueError(f"top-k method {method!r}: must be one of {TOPK_METHODS}")
   B, T = q_BxTxJxI.shape[:2]
   S = k_BxSxI.shape[1]
   K = min(topk, S)
@@ -163,7 +208,11 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
     ok_BxQxS = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_BxQ,
                         None if segment_ids_BxT is None else segment_ids_BxT)
     masked = jnp.where(ok_BxQxS, jax.lax.stop_gradient(s_BxQxS), -jnp.inf)
-    _, idx_BxQxK = jax.lax.top_k(masked, K)
+    if method == "sort":
+      _, idx_BxQxK = jax.lax.top_k(masked, K)
+    else:
+      Bq = masked.shape[:2]
+      idx_BxQxK = top_k_positions(masked.reshape(-1, S), K).reshape(*Bq, K)
     valid = jnp.take_along_axis(ok_BxQxS, idx_BxQxK, axis=-1)
     return idx_BxQxK.astype(jnp.int32), valid, jnp.take_along_axis(s_BxQxS, idx_BxQxK, -1)
 

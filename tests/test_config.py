@@ -31,6 +31,7 @@ def test_overrides_and_defaults(tmp_path):
     ("model.doc_attention_mask=1", "expected true or false"),
     ("loss.aux_tokens=7", r"loss.aux_tokens=7 must divide .* = 2048"),
     ("loss.aux_tokens=-1", "loss.aux_tokens=-1: must be >= 0"),
+    ("model.dsa_topk_method=heap", "model.dsa_topk_method='heap': must be one of"),
 ])
 def test_validation_errors_name_the_field(override, message):
   extra = ["train.grad_accum=4"] if "batch_size" in override else []

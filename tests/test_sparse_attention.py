@@ -54,12 +54,14 @@ def _np_scores(q, w, k):
   return np.einsum("btjs,btj->bts", np.maximum(np.einsum("btji,bsi->btjs", q, k), 0), w)
 
 
-@pytest.mark.parametrize("T,topk,chunk", [(9, 4, 4), (6, 16, 4), (7, 7, 3)])
-def test_select_topk_is_the_causal_top_k(rng, T, topk, chunk):
+@pytest.mark.parametrize("T,topk,chunk,method", [(9, 4, 4, "sort"), (6, 16, 4, "sort"),
+                                                 (7, 7, 3, "sort"), (9, 4, 4, "radix"),
+                                                 (6, 16, 4, "radix")])
+def test_select_topk_is_the_causal_top_k(rng, T, topk, chunk, method):
   B, J, I = 2, 3, 5
   q, w, k = rng.normal(size=(B, T, J, I)), rng.normal(size=(B, T, J)), rng.normal(size=(B, T, I))
   idx, valid, score = dsa.select_topk(*(jnp.asarray(a, jnp.float32) for a in (q, w, k)),
-                                      topk=topk, chunk=chunk)
+                                      topk=topk, chunk=chunk, method=method)
   K = min(topk, T)
   assert idx.shape == valid.shape == score.shape == (B, T, K)
   s = _np_scores(q, w, k)
@@ -71,6 +73,35 @@ def test_select_topk_is_the_causal_top_k(rng, T, topk, chunk):
       assert chosen == want, (b, t)
   np.testing.assert_allclose(score, np.take_along_axis(s, np.asarray(idx), -1), rtol=1e-4,
                              atol=1e-5)
+
+
+def test_top_k_positions_is_top_k_without_a_sort(rng):
+  """top_k_positions gives jax.lax.top_k's positions as a set (ties at the k-th value to
+  the lower positions, and -0.0 below 0.0, as top_k), in increasing order, on fresh rows
+  with many ties, -inf (masked keys), all -inf rows, zeros of both signs and k = 1 .. S;
+  and its program has no sort."""
+  for trial in range(12):
+    N, S = int(rng.integers(1, 5)), int(rng.integers(1, 200))
+    k = int(rng.integers(1, S + 1)) if trial else S
+    x = rng.normal(size=(N, S)).astype(np.float32)
+    if trial % 2:
+      x = np.round(x * 2) / 2
+    if trial % 3 == 0:
+      x[:, rng.random(S) < 0.5] = -np.inf
+    if trial == 4:
+      x[0] = -np.inf
+    if trial == 5:
+      x = np.where(rng.random((N, S)) < 0.5, np.float32(0.0), np.float32(-0.0))
+    got = np.asarray(dsa.top_k_positions(jnp.asarray(x), k))
+    want = np.sort(np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1]), axis=1)
+    np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}, k={k}")
+  text = jax.jit(dsa.top_k_positions, static_argnums=1).lower(jnp.zeros((4, 300)), 20).as_text()
+  assert "stablehlo.sort" not in text and "chlo.top_k" not in text
+  with pytest.raises(ValueError, match="k=0: must be between 1 and the row length 5"):
+    dsa.top_k_positions(jnp.zeros((2, 5)), 0)
+  with pytest.raises(ValueError, match="top-k method 'heap'"):
+    dsa.select_topk(jnp.zeros((1, 2, 1, 2)), jnp.zeros((1, 2, 1)), jnp.zeros((1, 2, 2)),
+                    topk=1, chunk=2, method="heap")
 
 
 def test_select_topk_respects_documents(rng):
@@ -180,6 +211,21 @@ def test_model_stays_causal_with_top_k_below_the_length(rng, extra):
   np.testing.assert_allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-5)
   assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
   assert np.isfinite(float(aux_a["dsa_kl"])) and float(aux_a["dsa_kl"]) > 0
+
+
+def test_radix_top_k_model_equals_sort(rng):
+  """model.dsa_topk_method=radix: the same keys as sort (in another order), so the same
+  logits and indexer KL to float32 summation order, with top-k below the length."""
+  outs, seed = [], int(rng.integers(1 << 30))
+  tokens = jnp.asarray(rng.integers(1, 257, size=(2, 14)))
+  for method in ("sort", "radix"):
+    cfg = load_config("configs/tiny.yaml", TINY + ["model.dsa_topk=4", "train.dsa_stage=sparse",
+                                                   f"model.dsa_topk_method={method}"])
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    outs.append(jax.jit(lambda x, model=model: model(x))(tokens))
+  (a, aux_a), (b, aux_b) = outs
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(aux_a["dsa_kl"]), float(aux_b["dsa_kl"]), rtol=1e-5)
 
 
 def test_bfloat16_sparse_step_is_finite(rng):
