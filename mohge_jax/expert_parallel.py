@@ -147,9 +147,10 @@ def _all_gather_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_g
   y_sorted = _local_ffn(x_sorted, sizes_El, w_gate_up, w_down, backend=backend)
   y_TxKxD = permute_rows(y_sorted, inverse_M, order_M).reshape(T, K, -1)
   # The partial sums travel in the activations' dtype (bf16 in training: half of float32's
-  # bytes, ~50 ms of a 2.3 s MoHGE-3B EP 2 step on two H200s). The sum of EP partials,
-  # each rounded once, is within (ep/2) bf16 ulps of the float32 sum: the output is cast to
-  # bf16 for the residual add anyway (experts.py), which rounds by half an ulp.
+  # bytes, ~50 ms of a 2.3 s MoHGE-3B EP 2 step on two H200s). Each partial is rounded
+  # to bf16 once and the reduction rounds each of its EP-1 additions: at EP 2 ~1.5 bf16
+  # ulps, where the cast to bf16 for the residual add that follows anyway (experts.py)
+  # rounds by half an ulp.
   partial_TxD = combine(y_TxKxD, w_all).astype(x_TxD.dtype)
   out_TxD = jax.lax.psum_scatter(partial_TxD, AXIS, scatter_dimension=0, tiled=True)
   return out_TxD.astype(jnp.float32)

@@ -188,8 +188,9 @@ def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
                 caches: list, expert_backend: str | None = None, layers: list | None = None):
   """One token per row at its position: logits [B, V] float32, the updated caches and per
   stack the routing ([n, B, 1, ...] ids; None for dense stacks). `expert_backend`: None
-  (model.expert_backend), "all_experts" (`dispatch.all_experts`) or "capacity"
-  (`dispatch.capacity_experts`).
+  (model.expert_backend), "all_experts" (`dispatch.all_experts`), "capacity"
+  (`dispatch.capacity_experts`) or "auto" (one of these two by the batch:
+  `decode_expert_backend`).
 
   `layers` (from `unstack_layers`): each stack's layers as separate per-layer states, run
   unrolled; `caches` is then per stack a list of per-layer MLACache ([B, S, ...],

@@ -163,6 +163,8 @@ def top_k_positions(x_NxS: jax.Array, k: int, *, digit_bits: int = 4) -> jax.Arr
   N, S = x_NxS.shape
   if not 0 < k <= S:
     raise ValueError(f"k={k}: must be between 1 and the row length {S}")
+  if digit_bits not in (1, 2, 4, 8):
+    raise ValueError(f"digit_bits={digit_bits}: must divide the key's 32 bits (1, 2, 4 or 8)")
   key = _order_key(x_NxS)
   ways = 1 << digit_bits
   digits = jnp.arange(1, ways, dtype=jnp.uint32)
