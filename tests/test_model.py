@@ -166,8 +166,9 @@ def test_scanned_and_unrolled_layers_agree(rng, remat):
     logits, aux = nnx.merge(gdef, params)(tokens)
     return jnp.sum(logits * w) + 100 * aux["expert_aux"] + 1e3 * aux["group_aux"], aux
 
-  (l_scan, aux_scan), g_scan = jax.value_and_grad(loss, has_aux=True)(state, graphdef)
-  (l_loop, aux_loop), g_loop = jax.value_and_grad(loss, has_aux=True)(state, unrolled_def)
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)  # (op by op: 60 s)
+  (l_scan, aux_scan), g_scan = grad(state, graphdef)
+  (l_loop, aux_loop), g_loop = grad(state, unrolled_def)
   np.testing.assert_allclose(float(l_scan), float(l_loop), rtol=1e-5)
   chex.assert_trees_all_close(aux_scan, aux_loop, rtol=1e-5, atol=1e-7)
   assert aux_scan["group_tokens"].shape == (3, 3)  # three routed layers, three groups

@@ -77,28 +77,26 @@ def test_select_topk_is_the_causal_top_k(rng, T, topk, chunk, method):
 
 def test_top_k_positions_is_top_k_without_a_sort(rng):
   """top_k_positions gives jax.lax.top_k's positions as a set (ties at the k-th value to
-  the lower positions, and -0.0 below 0.0, as top_k), in increasing order, on fresh rows
-  with many ties, -inf (masked keys), all -inf rows, zeros of both signs and k = 1 .. S;
-  and its program has no sort."""
-  for trial in range(12):
-    N, S = int(rng.integers(1, 5)), int(rng.integers(1, 200))
-    k = int(rng.integers(1, S + 1)) if trial else S
-    x = rng.normal(size=(N, S)).astype(np.float32)
-    if trial % 2:
-      x = np.round(x * 2) / 2
-    if trial % 3 == 0:
-      x[:, rng.random(S) < 0.5] = -np.inf
-    if trial == 4:
-      x[0] = -np.inf
-    if trial == 5:
-      x = np.where(rng.random((N, S)) < 0.5, np.float32(0.0), np.float32(-0.0))
-    got = np.asarray(dsa.top_k_positions(jnp.asarray(x), k))
+  the lower positions, and -0.0 below 0.0, as top_k), in increasing order, on fresh rows:
+  plain, many ties, half the keys masked (-inf), all masked, zeros of both signs; k from
+  1 to the row length. Its program has no sort."""
+  N, S = 6, int(rng.integers(100, 200))
+  x = rng.normal(size=(N, S)).astype(np.float32)
+  x[1] = np.round(x[1] * 2) / 2
+  x[2, rng.random(S) < 0.5] = -np.inf
+  x[3] = -np.inf
+  x[4] = np.where(rng.random(S) < 0.5, np.float32(0.0), np.float32(-0.0))
+  x[5, : S // 2] = np.where(rng.random(S // 2) < 0.3, -np.inf, np.round(x[5, : S // 2]))
+  f = jax.jit(dsa.top_k_positions, static_argnums=1)
+  for k in (1, int(rng.integers(2, S)), S):
     want = np.sort(np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1]), axis=1)
-    np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}, k={k}")
-  text = jax.jit(dsa.top_k_positions, static_argnums=1).lower(jnp.zeros((4, 300)), 20).as_text()
+    np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), k)), want, err_msg=f"k={k}")
+  text = f.lower(jnp.asarray(x), 20).as_text()
   assert "stablehlo.sort" not in text and "chlo.top_k" not in text
   with pytest.raises(ValueError, match="k=0: must be between 1 and the row length 5"):
     dsa.top_k_positions(jnp.zeros((2, 5)), 0)
+  with pytest.raises(ValueError, match="digit_bits=3: must divide"):
+    dsa.top_k_positions(jnp.zeros((2, 5)), 2, digit_bits=3)
   with pytest.raises(ValueError, match="top-k method 'heap'"):
     dsa.select_topk(jnp.zeros((1, 2, 1, 2)), jnp.zeros((1, 2, 1)), jnp.zeros((1, 2, 2)),
                     topk=1, chunk=2, method="heap")
@@ -163,8 +161,8 @@ def test_lm_gradients_skip_the_indexer_and_kl_reaches_only_it(rng, stage):
     logits, aux = nnx.merge(graphdef, params)(tokens)
     return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), aux["dsa_kl"]
 
-  g_lm = jax.grad(lambda p: parts(p)[0])(params)
-  g_kl = jax.grad(lambda p: parts(p)[1])(params)
+  g_lm, g_kl = jax.jit(lambda p: (jax.grad(lambda p: parts(p)[0])(p),
+                                   jax.grad(lambda p: parts(p)[1])(p)))(params)
   flat_lm = jax.tree_util.tree_leaves_with_path(g_lm)
   flat_kl = jax.tree_util.tree_leaves_with_path(g_kl)
   is_indexer = lambda path: "indexer" in jax.tree_util.keystr(path)  # noqa: E731
