@@ -243,8 +243,8 @@ class MeshConfig:
   # "all_to_all" (ragged, dropless), "all_gather" (the group's tokens gathered, outputs
   # reduce-scattered) or "auto": all_gather while the expert axis is smaller than top_k
   # (it moves (EP-1)*T rows per rank, all_to_all ~K*T*(EP-1)/EP), else all_to_all.
-  # Measured at EP 2 on two H200s (MoHGE-3B): all_gather 0.85x one GPU's tokens/s per GPU,
-  # all_to_all 0.66x (benchmarks/notes_expert_parallel.md).
+  # Measured at EP 2 on two H200s (MoHGE-3B): all_gather 0.84-0.85x one GPU's tokens/s per
+  # GPU, all_to_all 0.66x (benchmarks/notes_expert_parallel.md).
   expert_comm: str = "auto"
   placement: str = "all_size"  # "all_size" or "naive" (whole groups per rank: the contrast)
   # How XLA:GPU runs the ragged all-to-all (collectives.GPU_A2A_FLAGS; process-wide XLA

@@ -184,8 +184,6 @@ def top_k_positions(x_NxS: jax.Array, k: int, *, digit_bits: int = 4) -> jax.Arr
   return jnp.zeros((N, k), jnp.int32).at[rows, slot].set(pos, mode="drop")
 
 
-TOPK_METHODS = DSA_TOPK_METHODS
-
 
 def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
                 segment_ids_BxT: jax.Array | None = None, method: str = "sort"):
@@ -197,8 +195,8 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   the indexer's outputs (the selection itself is not). method: "sort" (`jax.lax.top_k`,
   keys by falling score) or "radix" (`top_k_positions`, the same set by rising position).
   """
-  if method not in TOPK_METHODS:
-    raise ValueError(f"top-k method {method!r}: must be one of {TOPK_METHODS}")
+  if method not in DSA_TOPK_METHODS:
+    raise ValueError(f"top-k method {method!r}: must be one of {DSA_TOPK_METHODS}")
   B, T = q_BxTxJxI.shape[:2]
   S = k_BxSxI.shape[1]
   K = min(topk, S)
