@@ -2,7 +2,7 @@
 
     python -m benchmarks.decode [--configs configs/mohge_3b.yaml,configs/moe_3b.yaml]
         [--batches 256,32,1] [--prompt-len 512] [--new-tokens 128] [--reps 3]
-        [--decode-backends auto,all_experts,capacity] [--layouts scan,unrolled]
+        [--decode-backends auto,model,all_experts,capacity] [--layouts scan,unrolled]
         [--profile DIR] [--profile-batches 256,1] [--out benchmarks/results/decode_h200.json]
         [--dry-run] [key=value ...]
 
@@ -11,7 +11,9 @@ weights is not a trained model's), random prompts of exactly --prompt-len tokens
 Per (config, batch): the prompt's prefill (`generate.prefill`, timed apart), then
 --new-tokens decode steps (`generate.decode_step`, greedy: the loop `generate` runs, its
 sampler replaced by an argmax) as one jitted `lax.scan`, once per decode expert backend
-(`auto`: model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
+(the names `generate --decode-backend` takes: `auto`, generate's default, capacity
+from 8 routed rows per expert else all_experts (`generate.decode_expert_backend`); `model`:
+model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
 `dispatch.all_experts`; `capacity`: `dispatch.capacity_experts`) and layer layout
 (`--layouts`: the layer scan, or unrolled over separate per-layer buffers), run --reps times from the same prefilled cache after a warm-up
 run; step time = median over runs of run time / new tokens, tokens/s = batch / step time.
@@ -133,6 +135,16 @@ def make_prefill(cfg: Config, graphdef, cache_len: int):
   return prefill
 
 
+def _backend_name(m, backend: str | None, batch: int) -> str:
+  """What a decode backend ran as: None -> model.expert_backend resolved, "auto" -> the
+  choice `generate` makes for `batch` one-token rows ("auto: capacity")."""
+  if backend is None:
+    return dispatch.resolve_backend(m.expert_backend, m.group_widths, m.d_model)
+  if backend == "auto":
+    return f"auto: {gen.decode_expert_backend(m, batch)}"
+  return backend
+
+
 def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | None = None):
   """(state, layers, tokens_B, positions_B, caches) -> (tokens [N, B], expert ids
   [N, R, B, K]): `new_tokens` greedy decode steps in one `lax.scan`, each feeding the token
@@ -202,7 +214,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
       t5 = T()
       out = jax.block_until_ready(decode(*args))
       times.append((T() - t5) / new_tokens)
-    top = _profile(decode, args, profile, f"b{batch}_{layout}_{backend or 'auto'}", new_tokens)
+    top = _profile(decode, args, profile, f"b{batch}_{layout}_{backend or 'model'}", new_tokens)
     step_s = float(np.median(times))
     tokens_NxB, ids_NxRxBxK = (np.asarray(a) for a in out)
     per_step = [step_bytes(cfg, np.full(batch, prompt_len + t), ids_NxRxBxK[t])
@@ -213,8 +225,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     hit = np.mean([len(np.unique(ids_NxRxBxK[t, r])) for t in range(new_tokens)
                    for r in range(R)]) if R else 0.0
     row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-           "layout": layout, "expert_backend": backend or dispatch.resolve_backend(m.expert_backend,
-                                                                m.group_widths, m.d_model),
+           "layout": layout, "expert_backend": _backend_name(m, backend, batch),
            "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
            "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],
            "weight_bytes": mean["fixed_weights"] + mean["experts"],
@@ -247,9 +258,9 @@ def _profile(decode, args, logdir: str | None, name: str, new_tokens: int) -> li
   trace = ps.load_trace(ps.capture(decode, *args, logdir=os.path.join(logdir, name),
                                    warmup=0, steps=1))
   tot = ps.totals(trace, steps=new_tokens)
-  out = []
+  out, hlo = [], ps.hlo_op_names(decode.as_text())  # the GPU's events lack the name stack
   for by in ("name", "source"):  # kernels, then where in the model (the JAX name stack)
-    rows = ps.summarise(trace, 15, by)
+    rows = ps.summarise(trace, 15, by, hlo=hlo)
     print(f"  profile {name} by {by} (per decode step):\n" + ps.format_table(rows, tot),
           flush=True)
     out += [{"by": by, "name": r["name"], "category": r["category"], "count": r["count"],
@@ -270,7 +281,7 @@ def _child(path: str, args) -> None:
   init_s = time.perf_counter() - t0
   print(f"  init {init_s:.1f} s (bf16 weights, "
         f"{sum(a.nbytes for a in jax.tree.leaves(state)) / 1e9:.2f} GB)", flush=True)
-  backends = [None if b == "auto" else b for b in args.decode_backends.split(",")]
+  backends = [None if b == "model" else b for b in args.decode_backends.split(",")]
   layouts = tuple(args.layouts.split(","))
   for b in args.batches:
     S = args.prompt_len + args.new_tokens
@@ -328,9 +339,11 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--prompt-len", type=int, default=512)
   ap.add_argument("--new-tokens", type=int, default=128)
   ap.add_argument("--reps", type=int, default=3)
-  ap.add_argument("--decode-backends", default="auto,all_experts,capacity",
-                  help="the decode steps' expert backends, each timed from the same prefill: "
-                       "auto (model.expert_backend: the Mosaic GPU kernels on the H200), "
+  ap.add_argument("--decode-backends", default="auto,model,all_experts,capacity",
+                  help="the decode steps' expert backends, each timed from the same prefill, "
+                       "named as generate's --decode-backend: auto (generate's default: "
+                       "capacity from 8 routed rows per expert, else all_experts), model "
+                       "(model.expert_backend: the Mosaic GPU kernels on the H200), "
                        "all_experts (dispatch.all_experts), capacity "
                        "(dispatch.capacity_experts)")
   ap.add_argument("--layouts", default="scan,unrolled",
@@ -387,11 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     if proc.wait() != 0:
       sys.stdout.write("".join(tail))
       print(f"{path}: process failed ({proc.returncode}); rows so far kept", flush=True)
-  print(f"\n{'config':<24}{'batch':>6}{'layout':>9}{'experts':>12}{'step ms':>9}{'tok/s':>10}"
+  print(f"\n{'config':<24}{'batch':>6}{'layout':>9}{'experts':>20}{'step ms':>9}{'tok/s':>10}"
         f"{'GB/step':>9}{'limit ms':>9}{'fraction':>9}{'compile s':>10}{'prefill ms':>11}")
   for r in sorted((r for r in rows if "error" not in r),
                   key=lambda r: (r["config"], r["batch"], r["layout"], r["expert_backend"])):
-    print(f"{r['config']:<24}{r['batch']:>6}{r['layout']:>9}{r['expert_backend']:>12}"
+    print(f"{r['config']:<24}{r['batch']:>6}{r['layout']:>9}{r['expert_backend']:>20}"
           f"{r['step_ms']:>9.3f}"
           f"{r['tokens_per_s']:>10,.0f}"
           f"{r['bytes_per_step'] / 1e9:>9.3f}{r['limit_ms']:>9.3f}"

@@ -2,7 +2,7 @@
 
     python -m benchmarks.profile_summary TRACE_OR_LOGDIR [--top 25]
         [--by name|op|source|category|module]
-        [--raw] [--steps N] [--threads REGEX] [--json OUT]
+        [--raw] [--steps N] [--threads REGEX] [--hlo FILES] [--json OUT]
     python -m benchmarks.profile_summary --demo [--logdir DIR]   # profile a toy program here
 
 `capture` profiles a function and returns the trace file that jax writes; `summarise` groups
@@ -189,13 +189,63 @@ def source(tf_op: str) -> str:
   return "/".join(parts) or tf_op
 
 
-def _group_key(e: dict, by: str, raw: bool) -> str:
+_HLO_MODULE = re.compile(r"^HloModule\s+([\w.\-]+)")
+_HLO_OP_NAME = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bop_name="([^"]*)"')
+
+
+def hlo_op_names(hlo: str | list[str]) -> dict[str, dict[str, str]]:
+  """{module name: {instruction: op_name metadata}} from optimised HLO text
+  (`jax.stages.Compiled.as_text()`, or XLA's `*after_optimizations.txt` dumps): where an op
+  of the trace came from when its events do not say. On the GPU in jax 0.11.2 they do not:
+  a kernel's `tf_op` is the module's annotation ("XlaModule:"), not the op's name stack, so
+  `source` looks the event's `hlo_op` (or its kernel name, `fusion.3` -> `fusion_3`) up
+  here."""
+  out: dict[str, dict[str, str]] = {}
+  for text in [hlo] if isinstance(hlo, str) else hlo:
+    names: dict[str, str] = {}
+    module = "?"
+    for line in text.splitlines():
+      m = _HLO_MODULE.match(line)
+      if m:
+        module = m.group(1)
+        continue
+      m = _HLO_OP_NAME.match(line)
+      if m:
+        names[m.group(1)] = m.group(2)
+        names.setdefault(re.sub(r"[.\-]", "_", m.group(1)), m.group(2))  # kernel names
+    out.setdefault(module, {}).update(names)
+  return out
+
+
+def _op_name(args: dict, name: str, hlo: dict[str, dict[str, str]] | None) -> str | None:
+  """An event's op_name: its `tf_op` unless that is only the module's annotation, else its
+  `op_name` arg (XLA's detailed annotations), else looked up in `hlo` by module and
+  `hlo_op` or kernel name."""
+  tf_op = args.get("tf_op", "")
+  if tf_op and not tf_op.startswith("XlaModule"):
+    return tf_op
+  if args.get("op_name"):
+    return args["op_name"]
+  if not hlo:
+    return None
+  module = re.sub(r"\(.*$", "", str(args.get("hlo_module", "")))
+  tables = [hlo[module]] if module in hlo else list(hlo.values())
+  for table in tables:
+    for key in (args.get("hlo_op"), name):
+      if key and key in table:
+        return table[key]
+  return None
+
+
+def _group_key(e: dict, by: str, raw: bool,
+               hlo: dict[str, dict[str, str]] | None = None) -> str:
   args = e.get("args", {})
   norm = (lambda s: s) if raw else normalise
   if by == "name":
     return norm(e["name"])
   if by == "source":  # where in the program: the JAX name stack of the op
-    return source(args["tf_op"]) if args.get("tf_op") else f"? {norm(e['name'])}"
+    op_name = _op_name(args, e["name"], hlo)
+    return source(op_name) if op_name else f"? {norm(e['name'])}"
   if by == "op":
     return norm(args.get("hlo_op") or e["name"])
   if by == "category":
@@ -206,19 +256,24 @@ def _group_key(e: dict, by: str, raw: bool) -> str:
 
 
 def summarise(trace_path: str | dict, top: int | None = 25, by: str = "name",
-              raw: bool = False, threads: str | None = None) -> list[dict]:
+              raw: bool = False, threads: str | None = None,
+              hlo: str | list[str] | dict | None = None) -> list[dict]:
   """Device ops grouped by `by` (normalised event name, normalised `hlo_op` arg, `source`:
-  the JAX name stack from the `tf_op` arg, category or `hlo_module`; `raw` keeps instance
-  numbers), ranked by self time. Rows: {name, category,
+  the JAX name stack of the op, category or `hlo_module`; `raw` keeps instance numbers),
+  ranked by self time. Rows: {name, category,
   total_ms (all steps, all devices), count, share (of all device op time; the shares of all
-  rows sum to 1)}; the first `top` rows (all if None). `trace_path`: file, logdir or loaded."""
+  rows sum to 1)}; the first `top` rows (all if None). `trace_path`: file, logdir or loaded.
+  `hlo`: the profiled program's optimised HLO text(s) (`Compiled.as_text()`) or
+  `hlo_op_names` of them, for `by="source"` where the events lack the name stack (GPU)."""
+  if isinstance(hlo, (str, list)):
+    hlo = hlo_op_names(hlo)
   events = device_events(trace_path, threads)
   times = self_times(events)
   total: dict[str, float] = collections.defaultdict(float)
   count: dict[str, int] = collections.Counter()
   cats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
   for e, t in zip(events, times):
-    key = _group_key(e, by, raw)
+    key = _group_key(e, by, raw, hlo)
     total[key] += t
     count[key] += 1
     cats[key][category(e["name"], e.get("args", {}).get("hlo_op", ""))] += t
@@ -312,12 +367,26 @@ def main() -> None:
   ap.add_argument("--json", default=None, help="write {trace, totals, rows} here")
   ap.add_argument("--demo", action="store_true", help="profile a toy program first")
   ap.add_argument("--logdir", default=None, help="with --demo: where the trace goes")
+  ap.add_argument("--hlo", default=None,
+                  help="with --by source: the program's optimised HLO text, files or globs, "
+                       "comma-separated (XLA_FLAGS='--xla_dump_to=DIR --xla_dump_hlo_as_text' "
+                       "writes DIR/*after_optimizations.txt): the name stacks the GPU's "
+                       "events lack")
   args = ap.parse_args()
   if args.demo == bool(args.trace):
     ap.error("give a TRACE_OR_LOGDIR or --demo")
   path = demo(args.logdir) if args.demo else find_trace(args.trace)
   trace = load_trace(path)
-  rows = summarise(trace, args.top, args.by, args.raw, args.threads)
+  hlo = None
+  if args.hlo:
+    files = [f for g in args.hlo.split(",") for f in sorted(glob.glob(g))]
+    if not files:
+      ap.error(f"--hlo {args.hlo!r} matches no file")
+    hlo = []
+    for f in files:
+      with open(f) as fh:
+        hlo.append(fh.read())
+  rows = summarise(trace, args.top, args.by, args.raw, args.threads, hlo)
   tot = totals(trace, args.steps, args.threads)
   print(path)
   print(format_table(rows, tot))

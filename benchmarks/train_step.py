@@ -180,9 +180,9 @@ def _run_one(cfg, batch, reps, profile, mesh, route="model") -> dict:
     from benchmarks import profile_summary as ps
     trace = ps.load_trace(ps.capture(compiled, state, data, logdir=profile, warmup=0, steps=2,
                                      carry=True))
-    tot = ps.totals(trace)
+    tot, hlo = ps.totals(trace), ps.hlo_op_names(compiled.as_text())
     for by, top in (("name", 40), ("source", 30), ("category", 10)):
-      print(ps.format_table(ps.summarise(trace, top, by), tot), flush=True)
+      print(ps.format_table(ps.summarise(trace, top, by, hlo=hlo), tot), flush=True)
   return {"batch": batch, "seq": t.seq_len, "gpus": gpus, "routing": route,
           "mesh": {k: int(v) for k, v in mesh.shape.items() if v > 1},
           "gpu_a2a": cfg.mesh.gpu_a2a, "xla_flags": os.environ.get("XLA_FLAGS", ""),

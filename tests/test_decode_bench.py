@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from benchmarks import decode
+from mohge_jax import dispatch
 from mohge_jax import generate as gen
 from mohge_jax.config import load_config
 from mohge_jax.model import layer_runs
@@ -142,3 +143,17 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
           state, layers, lengths, lengths, jax.eval_shape(gen.unstack_caches, caches)).lower(
               lowering_platforms=("cuda",)).as_text()
       assert "mosaic_gpu" in text
+
+
+def test_backend_names_are_generates():
+  """--decode-backends takes generate's names: model (model.expert_backend, resolved),
+  auto (generate's per-batch choice, recorded with what it chose), or a backend itself."""
+  m = load_config(str(ROOT / "configs/mohge_3b.yaml")).model
+  assert decode._backend_name(m, "capacity", 1) == "capacity"
+  for batch in (1, 32, 256):
+    assert decode._backend_name(m, "auto", batch) == \
+        f"auto: {gen.decode_expert_backend(m, batch)}"
+  assert decode._backend_name(m, "auto", 256) == "auto: capacity"  # 256*K >= 8*E
+  assert decode._backend_name(m, "auto", 1) == "auto: all_experts"
+  assert decode._backend_name(m, None, 1) == dispatch.resolve_backend(
+      m.expert_backend, m.group_widths, m.d_model)

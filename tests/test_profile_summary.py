@@ -196,3 +196,42 @@ def test_real_cpu_capture(tmp_path, rng):
   s = jnp.asarray(rng.normal(size=(64, 64)) / 64, jnp.float32)
   path = ps.capture(step, s, x, logdir=str(tmp_path / "b"), steps=2, carry=True)
   assert ps.summarise(path) and ps.totals(path)["steps"] == 2
+
+
+def test_source_from_compiled_hlo_when_events_lack_the_name_stack(tmp_path, rng):
+  """Events that lack the op's name stack (the CPU's carry no `tf_op`; the GPU's `tf_op` is
+  the module's annotation, "XlaModule:") get it from the compiled HLO's op_name metadata,
+  looked up by `hlo_op` or by kernel name (fusion.3 -> fusion_3)."""
+  def f(x, w):
+    with jax.named_scope("attention"):
+      a = jax.nn.softmax(x @ w, axis=-1)
+    with jax.named_scope("experts"):
+      b = jnp.sort(a @ w.T, axis=-1) * 2.0
+    return (a + b).sum()
+
+  x = jnp.asarray(rng.normal(size=(96, 64)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)
+  compiled = jax.jit(f).lower(x, w).compile()
+  hlo = ps.hlo_op_names(compiled.as_text())
+  (module,) = hlo  # one program
+  trace = ps.load_trace(ps.capture(compiled, x, w, logdir=str(tmp_path / "c"), steps=2))
+  events = ps.device_events(trace)
+  for e in events:  # as on the GPU
+    e["args"]["tf_op"] = "XlaModule:"
+  bare = ps.summarise(trace, top=None, by="source")
+  assert all(r["name"].startswith("? ") for r in bare), bare
+  rows = ps.summarise(trace, top=None, by="source", hlo=hlo)
+  names = {r["name"] for r in rows}
+  assert any(n.startswith("attention/") for n in names), names
+  assert "experts/sort" in names, names  # jit(sort) is a wrapper source() drops
+  assert sum(r["total_ms"] for r in rows) == pytest.approx(sum(r["total_ms"] for r in bare))
+  # Each event's key is the op_name of its own instruction.
+  for e in events:
+    assert ps._group_key(e, "source", False, hlo) == ps.source(hlo[module][e["args"]["hlo_op"]])
+  # The text itself works too; a kernel named like its instruction is found without hlo_op.
+  assert ps.summarise(trace, top=None, by="source", hlo=compiled.as_text()) == rows
+  instr = next(k for k, v in hlo[module].items() if "." in k and v.startswith("jit(f)/"))
+  ev = _meta(0, "/device:GPU:0", {1: "Stream #7(Kernel)"}) + [
+      _x(0, 1, 0.0, 5.0, instr.replace(".", "_"), tf_op="XlaModule:", hlo_module="other")]
+  rows = ps.summarise(_write(tmp_path / "k.trace.json.gz", ev), top=None, by="source", hlo=hlo)
+  assert [r["name"] for r in rows] == [ps.source(hlo[module][instr])]
