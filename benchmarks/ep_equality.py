@@ -121,6 +121,9 @@ def layer_cases(args, rng, dtypes, log):
   m = base.model
   L = min(args.seq, args.tokens)
   B = args.tokens // L
+  if B % args.ep or B * L != args.tokens:
+    raise SystemExit(f"--tokens {args.tokens} must be a multiple of --ep {args.ep} sequences "
+                     f"of min(--seq, --tokens) = {L} tokens")
   cfg_of = lambda dtype, comm, placement, backend: load_config(args.layer_config, [
       f"model.dtype={dtype}", f"model.expert_backend={backend}", f"mesh.expert={args.ep}",
       f"mesh.expert_comm={comm}", f"mesh.placement={placement}"])
@@ -278,6 +281,17 @@ def main(argv=None) -> int:
   dtypes = args.dtypes.split(",")
   print(f"devices: {jax.devices()[:args.ep]}; seed {seed}", flush=True)
 
+  rows: list[dict] = []
+
+  def write(done: bool) -> None:  # after every case: a run cut short keeps what it checked
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump({"device": str(jax.devices()[0].device_kind), "devices": args.ep,
+                   "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+                   "seed": seed, "gpu_a2a": args.gpu_a2a,
+                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                   "command": " ".join(sys.argv), "complete": done, "rows": rows}, f, indent=1)
+
   def log(row):
     flag = {True: "ok", False: "FAIL", None: "(diagnostic)"}[row["ok"]]
     print(f"{row['part']:5s} {row['dtype']:8s} {row['backend']:5s} {row['exchange']:10s} "
@@ -285,21 +299,17 @@ def main(argv=None) -> int:
           f"{row['aux']:.1e} grad {row['grad']:.1e}  error/tolerance {row['out_vs_tol']:.2f} "
           f"{row['aux_vs_tol']:.2f} {row['grad_vs_tol']:.2f} {flag} [{row['s']} s] "
           f"worst {row['worst_grad']}", flush=True)
+    rows.append(row)
+    write(False)
 
-  rows = []
   parts = args.parts.split(",")
   if "layer" in parts:
-    rows += layer_cases(args, rng, dtypes, log)
+    layer_cases(args, rng, dtypes, log)
   if "step" in parts:
-    rows += step_cases(args, rng, dtypes, log)
+    step_cases(args, rng, dtypes, log)
   failed = [r for r in rows if r["ok"] is False]
   print(f"{len(rows)} cases, {len(failed)} failed", flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"device": str(jax.devices()[0].device_kind), "devices": args.ep,
-                 "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-                 "seed": seed, "gpu_a2a": args.gpu_a2a, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                 "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+  write(True)
   return 1 if failed else 0
 
 
