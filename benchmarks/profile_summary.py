@@ -177,7 +177,7 @@ def _busy_us(events: list[dict]) -> float:
 
 
 _NOISE = re.compile(r"^(p?jit\(.*\)|while|body|cond|closed_call|checkpoint|remat\w*|scan|"
-                    r"shard_map|core_call|custom_jvp_call|custom_vjp_call\w*)$")
+                    r"shard_map|core_call|eval_jaxpr|custom_jvp_call|custom_vjp_call\w*)$")
 
 
 def source(tf_op: str) -> str:
