@@ -173,22 +173,28 @@ def routed_experts(x_TxD: jax.Array, expert_ids_TxK: jax.Array, weights_TxK: jax
   """Sum_k weights[t,k] * expert_{ids[t,k]}(x[t]) with experts split over `mesh`'s expert
   axis. Returns float32 [T, D] sharded like x.
 
-  placement="naive" (whole groups per rank, the paper's contrast) keeps every group's
-  weights on every expert rank (gathered at the shard_map boundary) and runs only the
-  owned groups: its compute and traffic are naive's, its weight memory is not.
+  placement="naive" (whole groups per rank, the paper's contrast) gathers every group's
+  weights on every expert rank (inside the shard_map, so their gradients reduce-scatter
+  back) and runs only the owned groups: its compute and token traffic are naive's, its
+  weight memory and weight traffic are not.
   """
   ep = mesh.shape[AXIS]
   G = len(w_gate_up)
   comm = resolve_comm(comm, ep, expert_ids_TxK.shape[1])
-  if placement == "all_size" and experts_per_group % ep:
+  if experts_per_group % ep:  # the weights are split over the axis in both placements
     raise ValueError(f"expert axis of size {ep} must divide experts_per_group={experts_per_group}")
   if placement == "naive" and G % ep:
     raise ValueError(f"naive placement: expert axis of size {ep} must divide the {G} groups")
   local = {"all_to_all": _a2a_local, "all_gather": _all_gather_local}[comm]
   batch = P(BATCH_AXES, None)
-  expert_w = P(AXIS, None, None) if placement == "all_size" else P()
+  expert_w = P(AXIS, None, None)
 
   def body(x, ids, w, wgu, wd):
+    if placement == "naive":  # every group's weights here; the gradients reduce-scatter
+      # (replicated in_specs had XLA all-gather them at the boundary and all-reduce their
+      # gradients: twice a reduce-scatter's bytes)
+      wgu, wd = ([jax.lax.all_gather(a, AXIS, axis=0, tiled=True) for a in t]
+                 for t in (wgu, wd))
     return local(x, ids, w, list(wgu), list(wd), experts_per_group=experts_per_group, ep=ep,
                  backend=backend, placement=placement, a2a_impl=a2a_impl)
 
