@@ -123,6 +123,7 @@ def test_group_by_source_name_stack(tmp_path, rng):
   every op shares dropped; transforms and named scopes kept); kernels without one by name."""
   assert ps.source("jit(_generate)/while/body/closed_call/attention/dot_general") == \
       "attention/dot_general"
+  assert ps.source("jit(f)/eval_jaxpr/attention/dot_general") == "attention/dot_general"
   assert ps.source("jit(step)/transpose(jvp(experts))/remat/dot_general") == \
       "transpose(jvp(experts))/dot_general"
   D = 1
