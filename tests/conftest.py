@@ -6,6 +6,20 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
+# XLA's persistent compilation cache for the whole test process (each xdist worker its own)
+# and the processes it starts: tests that build the same program again (same config and
+# shapes, a new jit) skip XLA's compilation. A test or subprocess that sets
+# JAX_COMPILATION_CACHE_DIR itself keeps its own.
+import atexit
+import shutil
+import tempfile
+
+_XLA_CACHE = tempfile.mkdtemp(prefix="mohge_tests_xla_")
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import numpy as np
 import pytest
 

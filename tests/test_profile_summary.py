@@ -3,6 +3,7 @@ hand-written traces, then a real CPU capture."""
 
 import gzip
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -199,7 +200,8 @@ def test_real_cpu_capture(tmp_path, rng):
   assert ps.summarise(path) and ps.totals(path)["steps"] == 2
 
 
-def test_source_from_compiled_hlo_when_events_lack_the_name_stack(tmp_path, rng):
+def test_source_from_compiled_hlo_when_events_lack_the_name_stack(tmp_path, rng, monkeypatch,
+                                                                   capsys):
   """Events that lack the op's name stack (the CPU's carry no `tf_op`; the GPU's `tf_op` is
   the module's annotation, "XlaModule:") get it from the compiled HLO's op_name metadata,
   looked up by `hlo_op` or by kernel name (fusion.3 -> fusion_3)."""
@@ -229,6 +231,19 @@ def test_source_from_compiled_hlo_when_events_lack_the_name_stack(tmp_path, rng)
   # Each event's key is the op_name of its own instruction.
   for e in events:
     assert ps._group_key(e, "source", False, hlo) == ps.source(hlo[module][e["args"]["hlo_op"]])
+  # The command line reads the HLO from files (an XLA dump's, here the compiled text).
+  (tmp_path / "m.after_optimizations.txt").write_text(compiled.as_text())
+  trace_file = _write(tmp_path / "bare.trace.json.gz", trace["traceEvents"])
+  monkeypatch.setattr(sys, "argv", ["profile_summary", trace_file, "--by", "source", "--top",
+                                    "50", "--hlo", str(tmp_path / "*.after_optimizations.txt")])
+  ps.main()
+  printed = capsys.readouterr().out
+  assert "experts/sort" in printed and "? " not in printed, printed
+  monkeypatch.setattr(sys, "argv", ["profile_summary", trace_file, "--by", "source",
+                                    "--hlo", str(tmp_path / "none*.txt")])
+  with pytest.raises(SystemExit):
+    ps.main()
+  assert "matches no file" in capsys.readouterr().err
   # The text itself works too; a kernel named like its instruction is found without hlo_op.
   assert ps.summarise(trace, top=None, by="source", hlo=compiled.as_text()) == rows
   instr = next(k for k, v in hlo[module].items() if "." in k and v.startswith("jit(f)/"))
