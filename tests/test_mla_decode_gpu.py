@@ -1,0 +1,64 @@
+"""pallas_kernels/mla_decode_gpu.py, the experimental decode attention kernel: its reference
+against float64 numpy and the kernel's CUDA lowering here; the kernel against the reference
+on a Hopper GPU (skipped without one)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import mla_decode_gpu as mdk
+
+H, C, R = 16, 512, 64  # MoHGE-3B's heads, latent and rope widths
+
+
+def _inputs(rng, B, S):
+  bf = lambda *s, sd=1.0: jnp.asarray(sd * rng.normal(size=s), jnp.bfloat16)  # noqa: E731
+  lengths_B = rng.integers(1, S + 1, size=B)  # ragged: each row sees slots 0..length-1
+  lengths_B[0] = S
+  bias_BxHxS = np.where(np.arange(S)[None, None, :] < lengths_B[:, None, None], 0.0, -np.inf)
+  return (bf(B, H, C, sd=C ** -0.5), bf(B, H, R, sd=R ** -0.5), bf(B, S, C), bf(B, S, R),
+          jnp.asarray(np.broadcast_to(bias_BxHxS, (B, H, S)), jnp.float32))
+
+
+def test_reference_equals_float64(rng):
+  B, S, scale = 3, 128, 0.3
+  q_lat, q_rope, lat, kr, bias = _inputs(rng, B, S)
+  f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  s = (np.einsum("bhc,bsc->bhs", f64(q_lat), f64(lat))
+       + np.einsum("bhr,bsr->bhs", f64(q_rope), f64(kr))) * scale + f64(bias)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum("bhs,bsc->bhc", p, f64(lat))
+  got = np.asarray(mdk.reference(q_lat, q_rope, lat, kr, bias, scale), np.float64)
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2  # P and o rounded to bf16
+
+
+def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
+  B, S = 4, 128
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((B, H, C), (B, H, R), (B, S, C),
+                                                          (B, S, R))]
+  args.append(jax.ShapeDtypeStruct((B, H, S), jnp.float32))
+  text = jax.jit(lambda *a: mdk.mla_decode(*a, scale=0.1)).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  assert mdk.unsupported_reason(H, C, R, S, jnp.bfloat16) is None
+  assert "heads must be 16" in mdk.unsupported_reason(32, C, R, S, jnp.bfloat16)
+  assert "multiple of 64" in mdk.unsupported_reason(H, C, R, 100, jnp.bfloat16)
+  assert "bfloat16" in mdk.unsupported_reason(H, C, R, S, jnp.float32)
+  with pytest.raises(ValueError, match="cache slots must be a multiple of 64"):
+    mdk.mla_decode(*[jnp.zeros(a.shape[:1] + a.shape[1:], a.dtype) for a in args[:2]],
+                   jnp.zeros((B, 100, C), jnp.bfloat16), jnp.zeros((B, 100, R), jnp.bfloat16),
+                   jnp.zeros((B, H, 100), jnp.float32), scale=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
+@pytest.mark.parametrize("B,S", [(2, 64), (8, 576), (256, 576)])
+def test_kernel_matches_reference_on_the_gpu(rng, B, S):
+  args = _inputs(rng, B, S)
+  got = mdk.mla_decode(*args, scale=0.3)
+  want = jax.jit(mdk.reference, static_argnums=5)(*args, 0.3)
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert np.isfinite(got).all()
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
