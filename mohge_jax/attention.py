@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mohge_jax import sparse_attention as dsa
+from pallas_kernels import mla_decode_gpu
 from mohge_jax.config import ModelConfig
 from mohge_jax.rope import apply_rope, rope_inv_freq
 
@@ -252,6 +253,15 @@ class MLA(nnx.Module):
           q_lat_BxHxC[:, None], q_BxHxPR[:, None, :, P:], mine.latent, mine.k_rope, idx_Bx1xK,
           valid_Bx1xK, scale=self.scale, chunk=1, impl=m.dsa_impl)
       o_lat_BxHxC = o_lat_Bx1xHxC[:, 0]
+    elif m.decode_attention == "pallas":  # experimental: one read of the cache
+      if S % mla_decode_gpu.SLOTS:
+        raise ValueError(f"model.decode_attention=pallas needs a cache length that is a "
+                         f"multiple of {mla_decode_gpu.SLOTS} (prompt + new tokens), got {S}")
+      bias_BxS = jnp.where(visible_BxS, 0.0, -jnp.inf).astype(jnp.float32)
+      o_lat_BxHxC = mla_decode_gpu.mla_decode(
+          q_lat_BxHxC.astype(mine.latent.dtype), q_BxHxPR[..., P:].astype(mine.latent.dtype),
+          mine.latent, mine.k_rope, jnp.broadcast_to(bias_BxS[:, None], (B, H, S)),
+          scale=float(self.scale))
     else:
       scores_BxHxS = (
           jnp.einsum("bhc,bsc->bhs", q_lat_BxHxC, mine.latent, preferred_element_type=jnp.float32)

@@ -28,6 +28,7 @@ ATTENTION_KINDS = ("mla", "mha")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # sparse_attention.sparse_mla: pure JAX, the Mosaic GPU kernel, it interpreted (CPU tests)
 DSA_IMPLS = ("auto", "reference", "pallas", "interpret")
+DECODE_ATTENTION = ("xla", "pallas")
 DSA_TOPK_METHODS = ("sort", "radix")
 ROPE_SCALINGS = ("none", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
@@ -91,6 +92,11 @@ class ModelConfig:
   # (jax.lax.top_k, which sorts every row at these k) or "radix" (top_k_positions: the same
   # keys from a digit-by-digit search for the k-th score, no sort).
   dsa_topk_method: str = "sort"
+  # Decode-time attention over the MLA cache (attention.MLA.decode, dense attention):
+  # "xla" (two einsums: scores, then P x latent; the cache read twice) or "pallas"
+  # (EXPERIMENTAL, not yet run on a GPU: pallas_kernels/mla_decode_gpu.py, one read; Hopper,
+  # 16 heads, bf16, a cache length that is a multiple of 64).
+  decode_attention: str = "xla"
 
   # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.
   # `layer_ffn` (one entry per layer) overrides both when given.
@@ -462,6 +468,16 @@ def validate(cfg: Config) -> None:
   _one_of(t.dsa_stage, DSA_STAGES, "train.dsa_stage")
   _one_of(m.dsa_impl, DSA_IMPLS, "model.dsa_impl")
   _one_of(m.dsa_topk_method, DSA_TOPK_METHODS, "model.dsa_topk_method")
+  _one_of(m.decode_attention, DECODE_ATTENTION, "model.decode_attention")
+  if m.decode_attention == "pallas":
+    from pallas_kernels import mla_decode_gpu  # noqa: PLC0415 - only for this check
+    _require(m.attention == "mla" and m.sparse_attention != "dsa",
+             "model.decode_attention=pallas is the dense MLA decode kernel: it needs "
+             f"model.attention=mla without sparse attention (got {m.attention!r}, "
+             f"sparse_attention={m.sparse_attention!r})")
+    reason = mla_decode_gpu.unsupported_reason(m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim,
+                                               64, m.dtype)
+    _require(reason is None, f"model.decode_attention=pallas: {reason}")
   if m.sparse_attention == "dsa":
     _require(m.attention == "mla",
              f"model.sparse_attention=dsa needs model.attention=mla (got {m.attention!r}): "

@@ -62,3 +62,34 @@ def test_kernel_matches_reference_on_the_gpu(rng, B, S):
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.isfinite(got).all()
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+
+
+def test_model_decode_step_lowers_with_the_kernel():
+  """model.decode_attention=pallas: a MoHGE-3B-shaped decode step (2 layers) runs its
+  attention through the kernel (the lowered program holds it; with xla it does not); a
+  cache whose length is not a multiple of 64 is refused by name."""
+  from flax import nnx
+
+  from benchmarks import decode
+  from mohge_jax.config import load_config
+  from mohge_jax.model import Transformer
+  from mohge_jax.trainer import graph_def
+  texts = {}
+  for how in ("xla", "pallas"):
+    cfg = load_config("configs/mohge_3b.yaml", ["model.num_layers=2",
+                                                f"model.decode_attention={how}"])
+    graphdef = graph_def(cfg)
+    state = jax.eval_shape(lambda: jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(
+        Transformer(cfg, rngs=nnx.Rngs(0)))))
+    B, P, N = 4, 60, 4
+    prompts, lengths = (jax.ShapeDtypeStruct(s, jnp.int32) for s in ((B, P), (B,)))
+    _, caches = jax.jit(decode.make_prefill(cfg, graphdef, P + N)).trace(
+        state, prompts, lengths).out_info
+    texts[how] = jax.jit(decode.make_decode(cfg, graphdef, N, "all_experts")).trace(
+        state, None, lengths, lengths, caches).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in texts["pallas"] and "mosaic_gpu" not in texts["xla"]
+  _, caches = jax.jit(decode.make_prefill(cfg, graphdef, P + N + 1)).trace(
+      state, prompts, lengths).out_info
+  with pytest.raises(ValueError, match="multiple of 64 .* got 65"):
+    jax.jit(decode.make_decode(cfg, graphdef, N, "all_experts")).trace(
+        state, None, lengths, lengths, caches)
