@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mohge_jax import sparse_attention as dsa
-from pallas_kernels import mla_decode_gpu
 from mohge_jax.config import ModelConfig
 from mohge_jax.rope import apply_rope, rope_inv_freq
+from pallas_kernels import mla_decode_gpu
 
 
 class RMSNorm(nnx.Module):
