@@ -121,6 +121,9 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, bias_BxHxS
       # P x latent: the contraction runs over the slots, which are the latent's rows, not
       # contiguous: the MMA's B operand cannot be loaded so from GMEM; from SMEM (one TMA
       # copy of the block) it goes element by element.
+      # Reuse of lat_smem across steps: the copy below is issued after this step's store
+      # to p_smem, before which Pallas puts a warpgroup barrier (auto_barriers: earlier
+      # reads done), so every thread has finished reading the previous step's block.
       for h in range(C // TMA_COLS):  # a TMA box is at most 256 wide
         cols = pl.ds(h * TMA_COLS, TMA_COLS)
         plgpu.copy_gmem_to_smem(lat_ref.at[b, slots, cols], lat_smem.at[h], bar)
