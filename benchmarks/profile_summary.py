@@ -245,7 +245,12 @@ def _group_key(e: dict, by: str, raw: bool,
     return norm(e["name"])
   if by == "source":  # where in the program: the JAX name stack of the op
     op_name = _op_name(args, e["name"], hlo)
-    return source(op_name) if op_name else f"? {norm(e['name'])}"
+    if op_name:
+      return source(op_name)
+    # Unplaced: by kernel name, with the event's hlo_op when it has one that `hlo` lacks
+    # (what to look up next time).
+    op = f" [{normalise(args['hlo_op'])}]" if hlo and args.get("hlo_op") else ""
+    return f"? {norm(e['name'])}{op}"
   if by == "op":
     return norm(args.get("hlo_op") or e["name"])
   if by == "category":

@@ -251,3 +251,8 @@ def test_source_from_compiled_hlo_when_events_lack_the_name_stack(tmp_path, rng,
       _x(0, 1, 0.0, 5.0, instr.replace(".", "_"), tf_op="XlaModule:", hlo_module="other")]
   rows = ps.summarise(_write(tmp_path / "k.trace.json.gz", ev), top=None, by="source", hlo=hlo)
   assert [r["name"] for r in rows] == [ps.source(hlo[module][instr])]
+  # An event the HLO does not place keeps its kernel name and shows its hlo_op.
+  ev = _meta(0, "/device:GPU:0", {1: "Stream #7(Kernel)"}) + [
+      _x(0, 1, 0.0, 5.0, "nvjet_sm90_tst_128x48", tf_op="XlaModule:", hlo_op="cublas-gemm.7")]
+  rows = ps.summarise(_write(tmp_path / "u.trace.json.gz", ev), top=None, by="source", hlo=hlo)
+  assert [r["name"] for r in rows] == ["? nvjet_sm90_tst_128x48 [cublas-gemm]"]
