@@ -257,11 +257,9 @@ class MLA(nnx.Module):
       if S % mla_decode_gpu.SLOTS:
         raise ValueError(f"model.decode_attention=pallas needs a cache length that is a "
                          f"multiple of {mla_decode_gpu.SLOTS} (prompt + new tokens), got {S}")
-      bias_BxS = jnp.where(visible_BxS, 0.0, -jnp.inf).astype(jnp.float32)
       o_lat_BxHxC = mla_decode_gpu.mla_decode(
           q_lat_BxHxC.astype(mine.latent.dtype), q_BxHxPR[..., P:].astype(mine.latent.dtype),
-          mine.latent, mine.k_rope, jnp.broadcast_to(bias_BxS[:, None], (B, H, S)),
-          scale=float(self.scale))
+          mine.latent, mine.k_rope, positions_B + 1, scale=float(self.scale))
     else:
       scores_BxHxS = (
           jnp.einsum("bhc,bsc->bhs", q_lat_BxHxC, mine.latent, preferred_element_type=jnp.float32)

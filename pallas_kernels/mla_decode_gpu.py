@@ -2,10 +2,10 @@
 CUDA, not yet run on a GPU; `generate` does not use it).
 
     o_lat = mla_decode(q_lat [B,H,C], q_rope [B,H,R], latent [B,S,C], k_rope [B,S,R],
-                       bias [B,H,S], scale)
+                       lengths [B], scale)
 
-score[b, h, s] = scale · (q_lat[b, h] · latent[b, s] + q_rope[b, h] · k_rope[b, s])
-+ bias[b, h, s] (0 where slot s is visible, -inf where not), softmax over s,
+score[b, h, s] = scale · (q_lat[b, h] · latent[b, s] + q_rope[b, h] · k_rope[b, s]) for
+the visible slots s < lengths[b] (at least 1), softmax over them,
 o_lat[b, h] = Σ_s p · latent[b, s]: the absorbed attention of one decoded token per row
 (`attention.MLA.decode`), reading each cached slot once.
 
@@ -61,18 +61,20 @@ def unsupported_reason(H: int, C: int, R: int, S: int, dtype) -> str | None:
   return None
 
 
-def reference(q_lat, q_rope, latent, k_rope, bias, scale):
+def reference(q_lat, q_rope, latent, k_rope, lengths, scale):
   """The same attention in plain JAX (float32 softmax), the kernel's test reference."""
   s = (jnp.einsum("bhc,bsc->bhs", q_lat, latent, preferred_element_type=jnp.float32)
        + jnp.einsum("bhr,bsr->bhs", q_rope, k_rope, preferred_element_type=jnp.float32))
-  p = jax.nn.softmax(s * scale + bias, axis=-1)
+  visible = jnp.arange(latent.shape[1])[None, None, :] < lengths[:, None, None]
+  p = jax.nn.softmax(jnp.where(visible, s * scale, -jnp.inf), axis=-1)
   return jnp.einsum("bhs,bsc->bhc", p.astype(latent.dtype), latent,
                     preferred_element_type=jnp.float32).astype(latent.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
-def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, bias_BxHxS, *,
+def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B, *,
                scale: float):
+  """o_lat [B, H, C] (see the module docstring); lengths_B: visible slots per row (>= 1)."""
   B, H, C = q_lat_BxHxC.shape
   S, R = latent_BxSxC.shape[1], k_rope_BxSxR.shape[2]
   dt = latent_BxSxC.dtype
@@ -89,8 +91,9 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, bias_BxHxS
   def zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), acc)
 
-  def kernel(ql_ref, qr_ref, lat_ref, kr_ref, bias_ref, o_ref, p_smem, lat_smem, bar):
+  def kernel(ql_ref, qr_ref, lat_ref, kr_ref, len_ref, o_ref, p_smem, lat_smem, bar):
     b = lax.axis_index("b")
+    visible = len_ref[b]  # slots 0..visible-1 of this row's cache
     q_chunks = [plgpu.load(ql_ref.at[b, :, pl.ds(c * CHUNK, CHUNK)], layout=lhs,
                            optimized=False) for c in range(C // CHUNK)]
     q_chunks += [plgpu.load(qr_ref.at[b, :, pl.ds(c * CHUNK, CHUNK)], layout=lhs,
@@ -108,8 +111,8 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, bias_BxHxS
         k = plgpu.load(kr_ref.at[b, slots, pl.ds(c * CHUNK, CHUNK)].T,
                        layout=rhs, optimized=False)
         s = plgpu.mma(s, q_chunks[C // CHUNK + c], k)
-      bias = plgpu.load(bias_ref.at[b, :, slots], layout=acc, optimized=False)
-      s = (s * scale + bias) * log2e  # base 2 from here
+      slot = plgpu.broadcasted_iota(jnp.int32, (H, SLOTS), 1, layout=acc) + i * SLOTS
+      s = jnp.where(slot < visible, s * (scale * log2e), -jnp.inf)  # base 2 from here
       m_new = jnp.maximum(m_run, plgpu.layout_cast(s.max(axis=1), row))
       m_safe = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
       alpha = jnp.exp2(m_run - m_safe)
@@ -152,4 +155,4 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, bias_BxHxS
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       scratch_types=[plgpu.SMEM((H, SLOTS), dt), plgpu.SMEM((C // TMA_COLS, SLOTS, TMA_COLS), dt),
                      plgpu.Barrier(num_arrivals=C // TMA_COLS)],
-  )(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, bias_BxHxS)
+  )(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B.astype(jnp.int32))

@@ -16,21 +16,21 @@ def _inputs(rng, B, S):
   bf = lambda *s, sd=1.0: jnp.asarray(sd * rng.normal(size=s), jnp.bfloat16)  # noqa: E731
   lengths_B = rng.integers(1, S + 1, size=B)  # ragged: each row sees slots 0..length-1
   lengths_B[0] = S
-  bias_BxHxS = np.where(np.arange(S)[None, None, :] < lengths_B[:, None, None], 0.0, -np.inf)
   return (bf(B, H, C, sd=C ** -0.5), bf(B, H, R, sd=R ** -0.5), bf(B, S, C), bf(B, S, R),
-          jnp.asarray(np.broadcast_to(bias_BxHxS, (B, H, S)), jnp.float32))
+          jnp.asarray(lengths_B, jnp.int32))
 
 
 def test_reference_equals_float64(rng):
   B, S, scale = 3, 128, 0.3
-  q_lat, q_rope, lat, kr, bias = _inputs(rng, B, S)
+  q_lat, q_rope, lat, kr, lengths = _inputs(rng, B, S)
   f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
   s = (np.einsum("bhc,bsc->bhs", f64(q_lat), f64(lat))
-       + np.einsum("bhr,bsr->bhs", f64(q_rope), f64(kr))) * scale + f64(bias)
+       + np.einsum("bhr,bsr->bhs", f64(q_rope), f64(kr))) * scale
+  s = np.where(np.arange(S)[None, None, :] < np.asarray(lengths)[:, None, None], s, -np.inf)
   p = np.exp(s - s.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   want = np.einsum("bhs,bsc->bhc", p, f64(lat))
-  got = np.asarray(mdk.reference(q_lat, q_rope, lat, kr, bias, scale), np.float64)
+  got = np.asarray(mdk.reference(q_lat, q_rope, lat, kr, lengths, scale), np.float64)
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2  # P and o rounded to bf16
 
 
@@ -38,7 +38,7 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
   B, S = 4, 128
   args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((B, H, C), (B, H, R), (B, S, C),
                                                           (B, S, R))]
-  args.append(jax.ShapeDtypeStruct((B, H, S), jnp.float32))
+  args.append(jax.ShapeDtypeStruct((B,), jnp.int32))
   text = jax.jit(lambda *a: mdk.mla_decode(*a, scale=0.1)).trace(*args).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
@@ -49,7 +49,7 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
   with pytest.raises(ValueError, match="cache slots must be a multiple of 64"):
     mdk.mla_decode(*[jnp.zeros(a.shape[:1] + a.shape[1:], a.dtype) for a in args[:2]],
                    jnp.zeros((B, 100, C), jnp.bfloat16), jnp.zeros((B, 100, R), jnp.bfloat16),
-                   jnp.zeros((B, H, 100), jnp.float32), scale=0.1)
+                   jnp.ones((B,), jnp.int32), scale=0.1)
 
 
 @pytest.mark.gpu
