@@ -16,7 +16,8 @@ Hopper's warp-level MMA (`plgpu.mma`, mma.sync, accumulator tiles of 16 rows wit
 m_warps=1): nothing padded, the scores computed once (wgmma would pad 16 heads to 64 rows).
 
 Layout of the work (first version, no pipelining): one CTA (one warpgroup, Lane semantics)
-per batch row; per step of 64 slots, the scores [H, 64] accumulate over the latent in 64-
+per batch row; per step of 64 slots (only up to the row's last visible slot: the rest of
+the cache is not read), the scores [H, 64] accumulate over the latent in 64-
 column chunks plus the rope chunk (operands loaded by all threads straight from GMEM: the
 B operand wants its contraction dimension contiguous, which the cache's rows give);
 online softmax along the slots (rows are heads); P goes through SMEM as the A operand of
@@ -86,14 +87,13 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
   acc = plgpu.Layout.MMA_ACC(dt, m_warps=1)
   row = acc.reduce(1)
   log2e = math.log2(math.e)
-  steps = S // SLOTS
 
   def zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), acc)
 
   def kernel(ql_ref, qr_ref, lat_ref, kr_ref, len_ref, o_ref, p_smem, lat_smem, bar):
     b = lax.axis_index("b")
-    visible = len_ref[b]  # slots 0..visible-1 of this row's cache
+    visible = jnp.minimum(len_ref[b], S)  # slots 0..visible-1 of this row's cache
     q_chunks = [plgpu.load(ql_ref.at[b, :, pl.ds(c * CHUNK, CHUNK)], layout=lhs,
                            optimized=False) for c in range(C // CHUNK)]
     q_chunks += [plgpu.load(qr_ref.at[b, :, pl.ds(c * CHUNK, CHUNK)], layout=lhs,
@@ -142,7 +142,8 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
     init = (tuple(zeros((H, OUT_COLS)) for _ in range(C // OUT_COLS)),
             plgpu.layout_cast(jnp.full((H,), -jnp.inf, jnp.float32), row),
             plgpu.layout_cast(jnp.zeros((H,), jnp.float32), row))
-    outs, _, l_run = lax.fori_loop(0, steps, step, init)
+    # only the steps with a visible slot (the rest of the cache is not read)
+    outs, _, l_run = lax.fori_loop(0, (visible + SLOTS - 1) // SLOTS, step, init)
     inv = plgpu.layout_cast(lax.broadcast_in_dim(1.0 / jnp.maximum(l_run, 1e-30),
                                                  (H, OUT_COLS), (0,)), acc)
     for j, o in enumerate(outs):
