@@ -19,7 +19,7 @@ train: venv
 	$(PY) train.py --config configs/tiny.yaml --workdir runs/tiny
 
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs
