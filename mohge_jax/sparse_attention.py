@@ -184,7 +184,6 @@ def top_k_positions(x_NxS: jax.Array, k: int, *, digit_bits: int = 4) -> jax.Arr
   return jnp.zeros((N, k), jnp.int32).at[rows, slot].set(pos, mode="drop")
 
 
-
 def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
                 segment_ids_BxT: jax.Array | None = None, method: str = "sort"):
   """Each query's top-k keys by index score among the keys it may attend to.

@@ -47,7 +47,7 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
   assert "multiple of 64" in mdk.unsupported_reason(H, C, R, 100, jnp.bfloat16)
   assert "bfloat16" in mdk.unsupported_reason(H, C, R, S, jnp.float32)
   with pytest.raises(ValueError, match="cache slots must be a multiple of 64"):
-    mdk.mla_decode(*[jnp.zeros(a.shape[:1] + a.shape[1:], a.dtype) for a in args[:2]],
+    mdk.mla_decode(*[jnp.zeros(a.shape, a.dtype) for a in args[:2]],
                    jnp.zeros((B, 100, C), jnp.bfloat16), jnp.zeros((B, 100, R), jnp.bfloat16),
                    jnp.ones((B,), jnp.int32), scale=0.1)
 
