@@ -116,7 +116,6 @@ def _patched(obj, name, value):
 
 def layer_cases(args, rng, dtypes, log):
   from mohge_jax.experts import RoutedFFN
-  rows = []
   base = load_config(args.layer_config, [f"mesh.expert={args.ep}"])
   m = base.model
   L = min(args.seq, args.tokens)
@@ -152,8 +151,6 @@ def layer_cases(args, rng, dtypes, log):
                    _layer_errors(got, one), floor, asserted=impl is None)
       row["s"] = round(time.perf_counter() - t0, 1)
       log(row)
-      rows.append(row)
-  return rows
 
 
 def _layer_errors(got, want) -> dict:
@@ -207,7 +204,6 @@ def step_run(cfg, state, batch, mesh):
 
 def step_cases(args, rng, dtypes, log):
   from mohge_jax.trainer import make_init_fn
-  rows = []
   overrides = [f"train.batch_size={args.batch}", f"train.seq_len={args.seq}",
                "train.grad_accum=1", "loss.group_aux_start_step=0", "train.logits_chunk=0",
                f"model.num_layers={args.layers}"]
@@ -242,8 +238,6 @@ def step_cases(args, rng, dtypes, log):
                    _step_errors(got, one), floor, asserted=True)
       row["s"] = round(time.perf_counter() - t0, 1)
       log(row)
-      rows.append(row)
-  return rows
 
 
 def _step_errors(got, want) -> dict:
