@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from mohge_jax import collectives
@@ -87,6 +88,18 @@ def _local_ffn(x, sizes, w_gate_up, w_down, *, backend):
 # jax.jit(jax.grad(f)) do, are exact: tests/test_collectives.py::check_expert_parallel.
 
 
+def _counts_by_rank(ids_TxK, num_groups, experts_per_group, ep, E_l, placement):
+  """Pairs per (owning rank, local expert): int32 [ep, E_l]. Counted over the G*N experts
+  (as one device counts them) and placed by a static map, not over the ep*E_l
+  (rank, local) keys: for naive at EP 2 on MoHGE-3B those are 128 bins, whose one-hot
+  count never finished compiling on the H200s (dispatch.ONE_HOT_MAX_BINS)."""
+  E = num_groups * experts_per_group
+  owner_E, local_E = _owner_and_local(np.arange(E), experts_per_group=experts_per_group,
+                                      ep=ep, num_groups=num_groups, placement=placement)
+  counts_E = count_ids(ids_TxK, E)
+  return jnp.zeros((ep, E_l), jnp.int32).at[owner_E, local_E].set(counts_E)
+
+
 def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, ep, backend,
                placement, a2a_impl="auto"):
   T, K = ids_TxK.shape
@@ -98,7 +111,7 @@ def _a2a_local(x_TxD, ids_TxK, w_TxK, w_gate_up, w_down, *, experts_per_group, e
   order_M = jnp.argsort(key_M, stable=True)
   inverse_M = inverse_permutation(order_M)
   x_send_MxD = permute_rows(jnp.repeat(x_TxD, K, axis=0), order_M, inverse_M)
-  counts_RxEl = count_ids(key_M, ep * E_l).reshape(ep, E_l)
+  counts_RxEl = _counts_by_rank(ids_TxK, len(w_gate_up), experts_per_group, ep, E_l, placement)
   send_R = counts_RxEl.sum(1)
   send_off_R = jnp.cumsum(send_R) - send_R
   recv_R, out_off_R = collectives.exchange_sizes(send_R, axis_name=AXIS)

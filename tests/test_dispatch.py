@@ -118,10 +118,12 @@ def test_permute_rows_gradient_is_a_gather_not_a_scatter(rng):
   assert not any("scatter" in p for p in prims), prims
 
 
-def test_count_ids_matches_bincount(rng):
-  num = int(rng.integers(1, 12))
-  ids = rng.integers(0, num + 2, size=(int(rng.integers(1, 50)), 3))  # some ids >= num
-  want = np.bincount(ids.ravel(), minlength=num + 2)[:num]
+@pytest.mark.parametrize("bins", [(1, 12), (dispatch.ONE_HOT_MAX_BINS + 1, 200)])
+def test_count_ids_matches_bincount(rng, bins):
+  """Both ways of counting: the one-hot sum (up to ONE_HOT_MAX_BINS) and the sorted ids."""
+  num = int(rng.integers(*bins))
+  ids = rng.integers(-2, num + 2, size=(int(rng.integers(1, 700)), 3))  # some outside
+  want = (ids.reshape(-1, 1) == np.arange(num)).sum(0)
   np.testing.assert_array_equal(np.asarray(dispatch.count_ids(jnp.asarray(ids), num)), want)
 
 

@@ -286,3 +286,39 @@ def test_auto_exchange_is_all_gather_below_top_k(rng, ep, k, want):
     at = text.index("stablehlo.reduce_scatter")  # its operand type ends the op's region
     operand = re.search(r"\}\) : \(tensor<([^>]*)>\)", text[at:]).group(1)
     assert operand.endswith("xbf16"), operand
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs inside it (shard_map, custom VJPs, ...)."""
+  for e in jaxpr.eqns:
+    yield e
+    for v in e.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else [v]):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("comm", ["all_to_all", "all_gather"])
+def test_pair_counts_need_no_more_bins_than_experts(rng, monkeypatch, comm):
+  """Naive placement at EP 4 over 32 experts: the ragged exchange once counted its pairs
+  over ep*E_l = 128 (rank, local expert) keys; at MoHGE-3B's size that one-hot count (128
+  bins over 786k pairs) never finished compiling on the H200s. With count_ids made to
+  count every width one-hot, no one-hot in the layer's forward and backward is wider
+  than ONE_HOT_MAX_BINS (the layer counts over its 32 experts)."""
+  from mohge_jax import dispatch
+  limit = dispatch.ONE_HOT_MAX_BINS
+  monkeypatch.setattr(dispatch, "ONE_HOT_MAX_BINS", 1 << 30)
+  mesh, _ = mesh_of(1, 1, 4, comm)
+  cfg = load_config(None, LAYER + ["mesh.expert=4", f"mesh.expert_comm={comm}",
+                                   "mesh.placement=naive"])
+  layer = RoutedFFN(cfg, "mohge", rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  graphdef, params = nnx.split(layer)
+  x = jnp.asarray(rng.normal(size=(8, 6, 16)), jnp.float32)
+  f = jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x)[0]))
+  with jax.set_mesh(mesh):
+    jaxpr = jax.make_jaxpr(f)(params, x).jaxpr
+  widths = [e.outvars[0].aval.shape[-1] for e in _eqns(jaxpr)
+            if e.primitive.name == "eq" and e.outvars[0].aval.ndim == 2]
+  assert widths, "no one-hot found: the test no longer looks where the counts are made"
+  assert max(widths) <= limit, widths
