@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from mohge_jax import collectives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -334,7 +335,7 @@ def _run(check: str, rng, *, devices: int = 4, impl: str = "emulated", env=None)
   on `devices` devices (default: 4 fake CPU devices) with ragged_all_to_all's `impl`;
   fail with its output."""
   env = env or dict(os.environ, JAX_PLATFORMS="cpu",
-                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                    XLA_FLAGS=xla_flags(devices))
   seed = str(int(rng.integers(2**31)))
   proc = subprocess.run([sys.executable, "-c", SCRIPT, check, seed, str(devices), impl],
                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -19,6 +19,7 @@ from mohge_jax import generate as gen
 from mohge_jax.attention import MLACache
 from mohge_jax.config import load_config
 from mohge_jax.model import Transformer
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.num_heads=2", "model.kv_lora_rank=16",
@@ -265,7 +266,7 @@ def test_recorded_routes_replay_the_forward_pass(rng):
 
 
 def _run(args, **kw):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                         timeout=600, cwd=ROOT, **kw)
 

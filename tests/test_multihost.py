@@ -22,6 +22,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mohge_jax import distributed, integrity
+from conftest import xla_flags
 
 ACCUM, ROWS, D = 2, 8, 3       # batch [accum, rows, D], rows split over processes then devices
 STEPS, LR = 5, 0.1
@@ -105,7 +106,7 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
          if k not in LAUNCH_ENV and not k.startswith(("SLURM_", "TPU_", "MEGASCALE_"))}
   root = str(Path(__file__).resolve().parents[1])  # this checkout's package, not an installed one
   return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root,
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+          "XLA_FLAGS": xla_flags(devices), **extra}
 
 
 def _run_all(cmds_envs: list[tuple[list[str], dict]], tmp: Path) -> list[dict]:

@@ -24,6 +24,7 @@ from flax import nnx
 from benchmarks import replicate
 from mohge_jax.config import load_config
 from mohge_jax.model import Transformer
+from conftest import xla_flags
 
 # One worker runs this module: its fixture trains every model (~75 s). Session-scoped: a
 # module fixture ran twice under `-n 2`, torn down when the worker ran another module's
@@ -39,7 +40,7 @@ atexit.register(shutil.rmtree, XLA_CACHE, True)
 def replication(tmp_path_factory):
   run_dir = tmp_path_factory.mktemp("replicate")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             XLA_FLAGS=xla_flags(1),
              JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

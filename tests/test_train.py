@@ -27,6 +27,7 @@ from mohge_jax.checkpoint import Checkpointer
 from mohge_jax.config import load_config
 from mohge_jax.model import Transformer
 from mohge_jax.trainer import abstract_state, make_init_fn
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ["model.d_model=32", "model.num_heads=2", "model.kv_lora_rank=16",
@@ -46,7 +47,7 @@ atexit.register(shutil.rmtree, XLA_CACHE, True)
 
 def run_train(workdir, steps, extra=(), devices=1, cache=None, wait=True):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=xla_flags(devices),
              JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
