@@ -3,7 +3,7 @@ XLA's two latent-cache products (its jitted `reference`, what `attention.MLA.dec
 one layer at MoHGE-3B's shapes (16 heads, latent 512 + rope 64), on one GPU.
 
     python -m benchmarks.mla_decode [--batches 256,32,1] [--slots 576] [--layers 16]
-        [--reps 20] [--out FILE.json]
+        [--splits auto,1] [--reps 20] [--out FILE.json]
 
 Per batch: random inputs with every slot visible; the kernel's error against the reference
 in the same run (relative, bf16 outputs), then the median time of --reps calls of each,
@@ -12,10 +12,12 @@ rope key once, q and the output) at 4.8 TB/s. Forward only: decoding is the use.
 Each timed call runs --layers layers (each its own cache, as a decode step does) in one
 jitted program and the time is reported per layer: a call of one layer is mostly the
 host's dispatch (~0.07 ms on the H200, seventh session), as long as the layer itself.
+--splits: the kernel's CTAs a row (auto: `mla_decode_gpu.default_splits`), a row each.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -44,13 +46,13 @@ def main(argv=None) -> int:
   ap.add_argument("--batches", default="256,32,1")
   ap.add_argument("--slots", type=int, default=576)
   ap.add_argument("--layers", type=int, default=16)
+  ap.add_argument("--splits", default="auto,1")
   ap.add_argument("--reps", type=int, default=20)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
   rng = np.random.default_rng(0)
   S, L, scale = args.slots, args.layers, (128 + 64) ** -0.5
   ref = jax.jit(mdk.reference, static_argnums=5)
-  kern = jax.jit(lambda *a: mdk.mla_decode(*a, scale=scale))
 
   def layers(attend):  # L layers' attention in one program, the outputs summed (kept live)
     def f(ql, qr, lat_L, kr_L, lengths):
@@ -59,35 +61,42 @@ def main(argv=None) -> int:
     return jax.jit(f)
 
   ref_L = layers(lambda *a: mdk.reference(*a, scale))
-  kern_L = layers(lambda *a: mdk.mla_decode(*a, scale=scale))
   rows = []
-  print(f"{'batch':>6}{'slots':>7}{'rel err':>10}{'xla ms':>9}{'kernel ms':>11}{'limit ms':>10}"
-        f"{'xla frac':>10}{'kernel frac':>12}{'speed-up':>10}   (per layer, {L} a call)",
-        flush=True)
+  print(f"{'batch':>6}{'slots':>7}{'splits':>7}{'rel err':>10}{'xla ms':>9}{'kernel ms':>11}"
+        f"{'limit ms':>10}{'xla frac':>10}{'kernel frac':>12}{'speed-up':>10}"
+        f"   (per layer, {L} a call)", flush=True)
   for B in (int(b) for b in args.batches.split(",")):
     bf = lambda *s, sd=1.0: jnp.asarray(sd * rng.normal(size=s), jnp.bfloat16)  # noqa: E731
     a = (bf(B, H, C, sd=C ** -0.5), bf(B, H, R, sd=R ** -0.5), bf(L, B, S, C), bf(L, B, S, R),
          jnp.full((B,), S, jnp.int32))
     one = (a[0], a[1], a[2][0], a[3][0], a[4])
-    row = {"batch": B, "slots": S, "layers_per_call": L}
-    try:
-      want = np.asarray(ref(*one, scale), np.float32)
-      got = np.asarray(kern(*one), np.float32)
-      row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-      row["finite"] = bool(np.isfinite(got).all())
-      row["xla_ms"] = 1e3 * _time(ref_L, a, args.reps) / L
-      row["kernel_ms"] = 1e3 * _time(kern_L, a, args.reps) / L
-      nbytes = 2 * (B * S * (C + R) + 2 * B * H * C + B * H * R)  # bf16
-      row["limit_ms"] = 1e3 * nbytes / HBM_BYTES_PER_S
-      row["xla_fraction"] = row["limit_ms"] / row["xla_ms"]
-      row["kernel_fraction"] = row["limit_ms"] / row["kernel_ms"]
-      print(f"{B:>6}{S:>7}{row['rel_err']:>10.2e}{row['xla_ms']:>9.3f}{row['kernel_ms']:>11.3f}"
-            f"{row['limit_ms']:>10.3f}{row['xla_fraction']:>10.1%}{row['kernel_fraction']:>12.1%}"
-            f"{row['xla_ms'] / row['kernel_ms']:>10.2f}", flush=True)
-    except Exception as e:  # noqa: BLE001 - a failing batch is a row; the next one runs
-      row["error"] = f"{type(e).__name__}: {str(e)[:1000]}"
-      print(f"{B:>6}{S:>7}  error: {row['error'][:300]}", flush=True)
-    rows.append(row)
+    xla_ms = None
+    resolved = {(mdk.default_splits(B, S) if sp == "auto" else int(sp)): sp
+                for sp in reversed(args.splits.split(","))}  # each count once, first name
+    for splits, sp in reversed(resolved.items()):
+      row = {"batch": B, "slots": S, "splits": splits, "splits_arg": sp, "layers_per_call": L}
+      try:
+        kern = functools.partial(mdk.mla_decode, scale=scale, splits=splits)
+        want = np.asarray(ref(*one, scale), np.float32)
+        got = np.asarray(kern(*one), np.float32)
+        row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        row["finite"] = bool(np.isfinite(got).all())
+        if xla_ms is None:
+          xla_ms = 1e3 * _time(ref_L, a, args.reps) / L
+        row["xla_ms"] = xla_ms
+        row["kernel_ms"] = 1e3 * _time(layers(kern), a, args.reps) / L
+        nbytes = 2 * (B * S * (C + R) + 2 * B * H * C + B * H * R)  # bf16
+        row["limit_ms"] = 1e3 * nbytes / HBM_BYTES_PER_S
+        row["xla_fraction"] = row["limit_ms"] / row["xla_ms"]
+        row["kernel_fraction"] = row["limit_ms"] / row["kernel_ms"]
+        print(f"{B:>6}{S:>7}{splits:>7}{row['rel_err']:>10.2e}{row['xla_ms']:>9.3f}"
+              f"{row['kernel_ms']:>11.3f}{row['limit_ms']:>10.3f}{row['xla_fraction']:>10.1%}"
+              f"{row['kernel_fraction']:>12.1%}{row['xla_ms'] / row['kernel_ms']:>10.2f}",
+              flush=True)
+      except Exception as e:  # noqa: BLE001 - a failing row is a row; the next one runs
+        row["error"] = f"{type(e).__name__}: {str(e)[:1000]}"
+        print(f"{B:>6}{S:>7}{sp:>7}  error: {row['error'][:300]}", flush=True)
+      rows.append(row)
     if args.out:
       with open(args.out, "w") as fh:
         json.dump({"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,

@@ -1,8 +1,8 @@
-"""MLA decode attention in latent form as a Mosaic GPU kernel (EXPERIMENTAL: lowers for
-CUDA, not yet run on a GPU; `generate` does not use it).
+"""MLA decode attention in latent form as a Mosaic GPU kernel (EXPERIMENTAL; `generate`
+uses it only with `model.decode_attention: pallas`).
 
     o_lat = mla_decode(q_lat [B,H,C], q_rope [B,H,R], latent [B,S,C], k_rope [B,S,R],
-                       lengths [B], scale)
+                       lengths [B], scale, splits=None)
 
 score[b, h, s] = scale · (q_lat[b, h] · latent[b, s] + q_rope[b, h] · k_rope[b, s]) for
 the visible slots s < lengths[b] (at least 1), softmax over them,
@@ -15,21 +15,24 @@ MoHGE-3B batch 256 on the H200, plus ~10 small kernels a layer around them
 Hopper's warp-level MMA (`plgpu.mma`, mma.sync, accumulator tiles of 16 rows with
 m_warps=1): nothing padded, the scores computed once (wgmma would pad 16 heads to 64 rows).
 
-Layout of the work (first version, no pipelining): one CTA (one warpgroup, Lane semantics)
-per batch row; per step of 64 slots (only up to the row's last visible slot: the rest of
-the cache is not read), the scores [H, 64] accumulate over the latent in 64-
-column chunks plus the rope chunk (operands loaded by all threads straight from GMEM: the
-B operand wants its contraction dimension contiguous, which the cache's rows give);
-online softmax along the slots (rows are heads); P goes through SMEM as the A operand of
-P x latent. That product contracts over the slots, the cache's strided dimension, so its
-B operand cannot come from GMEM so: the step's latent block is copied to SMEM by TMA
-(from L2: its 64 KB were just read) and loaded from there element-wise (`optimized=False`;
-an ldmatrix-transposed load would be the faster form). Output [H, C] in four [H, 128]
-accumulators.
+Layout of the work: one CTA (one warpgroup, Lane semantics) per batch row and split of its
+slots (`splits`: flash-decoding, so that small batches still fill the GPU; the splits'
+partial outputs and log-sum-exps are combined after the kernel). A CTA walks its steps of
+64 slots (only those up to the row's last visible slot: the rest of the cache is not
+read); each step's latent block [64, C] and rope block [64, R] come to SMEM by TMA, into a
+ring of BUFFERS slots: the copy of step t+1 is issued during step t, once every thread
+is done with the slot it overwrites. From SMEM, the scores [H, 64] accumulate over the
+latent in 64-column chunks plus the rope chunk (the B operand read transposed), online
+softmax along the slots (rows are heads), P goes through SMEM as the A operand of P x
+latent, whose B operand is the same block read as stored. Output [H, C] in four [H, 128]
+accumulators. Operands are loaded element-wise (`optimized=False`); ldmatrix loads from
+swizzled SMEM would be the faster form.
 
-Status: lowers for CUDA (tested on CPU); the GPU interpreter cannot run `plgpu.mma`, so its
-numerics and speed are for `tests/test_mla_decode_gpu.py` and `benchmarks/mla_decode.py`
-on an H200.
+Status: the first version (seventh session; one CTA a row, the scores' operands read from
+GMEM, one TMA copy a step waited at once) was right on the H200 and no faster than XLA
+(notes_generate.md). This one (the ring, the operands from SMEM, the splits) lowers for
+CUDA (tested on CPU); the GPU interpreter cannot run `plgpu.mma`, so its numerics and
+speed are for `tests/test_mla_decode_gpu.py` and `benchmarks/mla_decode.py` on an H200.
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ SLOTS = 64    # cache slots per step
 CHUNK = 64    # contraction columns per MMA (scores)
 OUT_COLS = 128  # output columns per accumulator (P x latent)
 TMA_COLS = 256  # columns per TMA copy (a box is at most 256 elements a dimension)
+BUFFERS = 3     # ring slots of a step's blocks in SMEM (3 x 72 KB at C=512, R=64)
+TARGET_CTAS = 132  # the H200's streaming multiprocessors (one CTA fits an SM)
 
 
 def unsupported_reason(H: int, C: int, R: int, S: int, dtype) -> str | None:
@@ -72,88 +77,145 @@ def reference(q_lat, q_rope, latent, k_rope, lengths, scale):
                     preferred_element_type=jnp.float32).astype(latent.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale",))
+def default_splits(B: int, S: int) -> int:
+  """Splits of a row's slots: at least a CTA for each streaming multiprocessor (132 on an
+  H200), at most one a step of SLOTS; none past one wave (the splits' partial outputs
+  cost a write and a read of B x splits x H x C floats)."""
+  return max(1, min(S // SLOTS, -(-TARGET_CTAS // B)))
+
+
+def combine_splits(o_BxJxHxC, lse_BxJxH, dtype):
+  """Each split's softmax-normalised output and its log2-sum-exp2 (-inf for a split with
+  no visible slot) -> the row's output: splits weighted by their share of the mass."""
+  top = jnp.max(lse_BxJxH, axis=1, keepdims=True)  # finite: split 0 always sees slot 0
+  w = jnp.exp2(lse_BxJxH - top)
+  o = jnp.einsum("bjh,bjhc->bhc", w, o_BxJxHxC) / jnp.sum(w, axis=1)[..., None]
+  return o.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "splits"))
 def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B, *,
-               scale: float):
-  """o_lat [B, H, C] (see the module docstring); lengths_B: visible slots per row (>= 1)."""
+               scale: float, splits: int | None = None):
+  """o_lat [B, H, C] (see the module docstring); lengths_B: visible slots per row (>= 1);
+  splits: CTAs a row (None: `default_splits`)."""
   B, H, C = q_lat_BxHxC.shape
   S, R = latent_BxSxC.shape[1], k_rope_BxSxR.shape[2]
   dt = latent_BxSxC.dtype
   reason = unsupported_reason(H, C, R, S, dt)
   if reason:
     raise ValueError(reason)
+  J = default_splits(B, S) if splits is None else splits
+  if not 1 <= J <= S // SLOTS:
+    raise ValueError(f"mla_decode kernel: splits must be 1..{S // SLOTS} (steps of {SLOTS} "
+                     f"slots in {S}), got {J}")
+  per_split = -(-(S // SLOTS) // J)  # steps a split
   lhs = plgpu.Layout.MMA_LHS(dt, m_warps=1)
   rhs = plgpu.Layout.MMA_RHS(dt, m_warps=1)
   acc = plgpu.Layout.MMA_ACC(dt, m_warps=1)
   row = acc.reduce(1)
   log2e = math.log2(math.e)
+  boxes = C // TMA_COLS  # TMA copies of a step's latent block (a box is <= 256 wide)
 
   def zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), acc)
 
-  def kernel(ql_ref, qr_ref, lat_ref, kr_ref, len_ref, o_ref, p_smem, lat_smem, bar):
-    b = lax.axis_index("b")
+  def across(v_H, cols):  # a per-head value as an [H, cols] accumulator-layout tile
+    return plgpu.layout_cast(lax.broadcast_in_dim(v_H, (H, cols), (0,)), acc)
+
+  def kernel(ql_ref, qr_ref, lat_ref, kr_ref, len_ref, *refs):
+    o_ref, lse_ref = refs[:2] if J > 1 else (refs[0], None)
+    p_smem, lat_smem, kr_smem, bars = refs[-4:]
+    b, j = lax.axis_index("b"), lax.axis_index("split")
     visible = jnp.minimum(len_ref[b], S)  # slots 0..visible-1 of this row's cache
+    first = j * per_split  # this split's steps: first .. first+count-1
+    count = jnp.clip((visible + SLOTS - 1) // SLOTS - first, 0, per_split)
+
+    def fetch(t):  # step first+t's blocks into ring slot t % BUFFERS
+      slots, buf = pl.ds((first + t) * SLOTS, SLOTS), t % BUFFERS
+      for h in range(boxes):
+        plgpu.copy_gmem_to_smem(lat_ref.at[b, slots, pl.ds(h * TMA_COLS, TMA_COLS)],
+                                lat_smem.at[buf, h], bars.at[buf])
+      plgpu.copy_gmem_to_smem(kr_ref.at[b, slots], kr_smem.at[buf], bars.at[buf])
+
+    for t in range(BUFFERS - 1):  # the ring's first slots (its last is filled in step 0)
+      @pl.when(t < count)
+      def _():
+        fetch(t)
+
     q_chunks = [plgpu.load(ql_ref.at[b, :, pl.ds(c * CHUNK, CHUNK)], layout=lhs,
                            optimized=False) for c in range(C // CHUNK)]
     q_chunks += [plgpu.load(qr_ref.at[b, :, pl.ds(c * CHUNK, CHUNK)], layout=lhs,
                             optimized=False) for c in range(R // CHUNK)]
 
-    def step(i, carry):
+    def step(t, carry):
       outs, m_run, l_run = carry
-      slots = pl.ds(i * SLOTS, SLOTS)
+      buf = t % BUFFERS
+      plgpu.barrier_wait(bars.at[buf])
       s = zeros((H, SLOTS))
-      for c in range(C // CHUNK):  # scores: q_lat . latent (B operand: slots' rows, transposed)
-        k = plgpu.load(lat_ref.at[b, slots, pl.ds(c * CHUNK, CHUNK)].T,
-                       layout=rhs, optimized=False)
+      for c in range(C // CHUNK):  # scores: q_lat . latent (B operand: the block transposed)
+        box, col = divmod(c * CHUNK, TMA_COLS)
+        k = plgpu.load(lat_smem.at[buf, box, :, pl.ds(col, CHUNK)].T, layout=rhs,
+                       optimized=False)
         s = plgpu.mma(s, q_chunks[c], k)
       for c in range(R // CHUNK):  # + q_rope . k_rope
-        k = plgpu.load(kr_ref.at[b, slots, pl.ds(c * CHUNK, CHUNK)].T,
-                       layout=rhs, optimized=False)
+        k = plgpu.load(kr_smem.at[buf, :, pl.ds(c * CHUNK, CHUNK)].T, layout=rhs,
+                       optimized=False)
         s = plgpu.mma(s, q_chunks[C // CHUNK + c], k)
-      slot = plgpu.broadcasted_iota(jnp.int32, (H, SLOTS), 1, layout=acc) + i * SLOTS
+      slot = plgpu.broadcasted_iota(jnp.int32, (H, SLOTS), 1, layout=acc) + (first + t) * SLOTS
       s = jnp.where(slot < visible, s * (scale * log2e), -jnp.inf)  # base 2 from here
       m_new = jnp.maximum(m_run, plgpu.layout_cast(s.max(axis=1), row))
       m_safe = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
       alpha = jnp.exp2(m_run - m_safe)
-      p = jnp.exp2(s - plgpu.layout_cast(lax.broadcast_in_dim(m_safe, s.shape, (0,)), acc))
+      p = jnp.exp2(s - across(m_safe, SLOTS))
       l_new = l_run * alpha + plgpu.layout_cast(p.sum(axis=1), row)
+      # Pallas puts a warpgroup barrier before this store (auto_barriers: earlier reads of
+      # p_smem done), so every thread has also finished step t-1, whose ring slot the copy
+      # below overwrites with step t+BUFFERS-1.
       p_smem[...] = p.astype(dt)
+
+      @pl.when(t + BUFFERS - 1 < count)
+      def _():
+        fetch(t + BUFFERS - 1)
+
       p_lhs = plgpu.load(p_smem, layout=lhs, optimized=False)
       new_outs = []
-      # P x latent: the contraction runs over the slots, which are the latent's rows, not
-      # contiguous: the MMA's B operand cannot be loaded so from GMEM; from SMEM (one TMA
-      # copy of the block) it goes element by element.
-      # Reuse of lat_smem across steps: the copy below is issued after this step's store
-      # to p_smem, before which Pallas puts a warpgroup barrier (auto_barriers: earlier
-      # reads done), so every thread has finished reading the previous step's block.
-      for h in range(C // TMA_COLS):  # a TMA box is at most 256 wide
-        cols = pl.ds(h * TMA_COLS, TMA_COLS)
-        plgpu.copy_gmem_to_smem(lat_ref.at[b, slots, cols], lat_smem.at[h], bar)
-      plgpu.barrier_wait(bar)
-      for j, o in enumerate(outs):  # o_j += P . latent[:, j-th 128 columns]
-        per = TMA_COLS // OUT_COLS
-        v = plgpu.load(lat_smem.at[j // per, :, pl.ds(j % per * OUT_COLS, OUT_COLS)],
-                       layout=rhs, optimized=False)
-        o = o * plgpu.layout_cast(lax.broadcast_in_dim(alpha, o.shape, (0,)), acc)
-        new_outs.append(plgpu.mma(o, p_lhs, v))
+      for i, o in enumerate(outs):  # o_i += P . latent[:, i-th 128 columns] (as stored)
+        box, col = divmod(i * OUT_COLS, TMA_COLS)
+        v = plgpu.load(lat_smem.at[buf, box, :, pl.ds(col, OUT_COLS)], layout=rhs,
+                       optimized=False)
+        new_outs.append(plgpu.mma(o * across(alpha, OUT_COLS), p_lhs, v))
       return tuple(new_outs), m_new, l_new
 
     init = (tuple(zeros((H, OUT_COLS)) for _ in range(C // OUT_COLS)),
             plgpu.layout_cast(jnp.full((H,), -jnp.inf, jnp.float32), row),
             plgpu.layout_cast(jnp.zeros((H,), jnp.float32), row))
-    # only the steps with a visible slot (the rest of the cache is not read)
-    outs, _, l_run = lax.fori_loop(0, (visible + SLOTS - 1) // SLOTS, step, init)
-    inv = plgpu.layout_cast(lax.broadcast_in_dim(1.0 / jnp.maximum(l_run, 1e-30),
-                                                 (H, OUT_COLS), (0,)), acc)
-    for j, o in enumerate(outs):
-      o_ref[b, :, pl.ds(j * OUT_COLS, OUT_COLS)] = (o * inv).astype(dt)
+    outs, m_run, l_run = lax.fori_loop(0, count, step, init)
+    inv = across(1.0 / jnp.maximum(l_run, 1e-30), OUT_COLS)  # a split with no slot: o = 0
+    for i, o in enumerate(outs):
+      cols = pl.ds(i * OUT_COLS, OUT_COLS)
+      if J == 1:
+        o_ref[b, :, cols] = (o * inv).astype(dt)
+      else:
+        o_ref[b, j, :, cols] = o * inv
+    if J > 1:  # log2-sum-exp2 of the split's scores, as an [H, 128] tile (column 0 read)
+      lse_ref[b, j] = across(m_run + jnp.log2(l_run), OUT_COLS)
 
-  return plgpu.kernel(
+  if J == 1:
+    out_type = jax.ShapeDtypeStruct((B, H, C), dt)
+  else:
+    out_type = (jax.ShapeDtypeStruct((B, J, H, C), jnp.float32),
+                jax.ShapeDtypeStruct((B, J, H, OUT_COLS), jnp.float32))
+  out = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((B, H, C), dt),
-      grid=(B,), grid_names=("b",),
+      out_type=out_type,
+      grid=(B, J), grid_names=("b", "split"),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-      scratch_types=[plgpu.SMEM((H, SLOTS), dt), plgpu.SMEM((C // TMA_COLS, SLOTS, TMA_COLS), dt),
-                     plgpu.Barrier(num_arrivals=C // TMA_COLS)],
+      scratch_types=[plgpu.SMEM((H, SLOTS), dt),
+                     plgpu.SMEM((BUFFERS, boxes, SLOTS, TMA_COLS), dt),
+                     plgpu.SMEM((BUFFERS, SLOTS, R), dt),
+                     plgpu.Barrier(num_arrivals=boxes + 1, num_barriers=BUFFERS)],
   )(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B.astype(jnp.int32))
+  if J == 1:
+    return out
+  o_parts, lse_parts = out
+  return combine_splits(o_parts, lse_parts[..., 0], dt)

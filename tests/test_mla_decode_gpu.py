@@ -34,14 +34,46 @@ def test_reference_equals_float64(rng):
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2  # P and o rounded to bf16
 
 
+def test_splits_combine_to_the_whole_softmax(rng):
+  """Flash-decoding's combine: each split's normalised output and log2-sum-exp2 over its
+  slots (float64 here, -inf for a split past the row's last visible slot) give the
+  attention over all visible slots."""
+  B, S, scale, J = 4, 64 * 5, 0.3, 3
+  q_lat, q_rope, lat, kr, lengths = _inputs(rng, B, S)
+  lengths = lengths.at[1].set(int(rng.integers(1, 64)))  # splits 1 and 2 of row 1 see nothing
+  f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  s2 = (np.einsum("bhc,bsc->bhs", f64(q_lat), f64(lat))
+        + np.einsum("bhr,bsr->bhs", f64(q_rope), f64(kr))) * scale * np.log2(np.e)
+  per = -(-(S // mdk.SLOTS) // J) * mdk.SLOTS  # slots a split
+  o_parts, lse_parts = np.zeros((B, J, H, C)), np.full((B, J, H), -np.inf)
+  for j in range(J):
+    mine = (np.arange(S) >= j * per) & (np.arange(S) < (j + 1) * per)
+    mask = mine[None, :] & (np.arange(S)[None, :] < np.asarray(lengths)[:, None])  # [B, S]
+    for b in range(B):
+      if mask[b].any():
+        lse_parts[b, j] = np.log2(np.exp2(s2[b][:, mask[b]]).sum(-1))
+        p = np.exp2(s2[b][:, mask[b]] - lse_parts[b, j][:, None])
+        o_parts[b, j] = p @ f64(lat)[b][mask[b]]
+  got = np.asarray(mdk.combine_splits(jnp.asarray(o_parts, jnp.float32),
+                                      jnp.asarray(lse_parts, jnp.float32), jnp.float32))
+  want = np.asarray(mdk.reference(*[jnp.asarray(a, jnp.float32) for a in (q_lat, q_rope, lat, kr)],
+                                  lengths, scale))
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
 def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
   B, S = 4, 128
   args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((B, H, C), (B, H, R), (B, S, C),
                                                           (B, S, R))]
   args.append(jax.ShapeDtypeStruct((B,), jnp.int32))
-  text = jax.jit(lambda *a: mdk.mla_decode(*a, scale=0.1)).trace(*args).lower(
-      lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  for splits in (1, 2, None):  # one CTA a row; two (combined after); the default
+    text = jax.jit(lambda *a: mdk.mla_decode(*a, scale=0.1, splits=splits)).trace(
+        *args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+  assert mdk.default_splits(256, 576) == 1 and mdk.default_splits(32, 576) == 5
+  assert mdk.default_splits(1, 128) == 2  # at most one a step of 64 slots
+  with pytest.raises(ValueError, match="splits must be 1..2"):
+    mdk.mla_decode(*[jnp.zeros(a.shape, a.dtype) for a in args], scale=0.1, splits=3)
   assert mdk.unsupported_reason(H, C, R, S, jnp.bfloat16) is None
   assert "heads must be 16" in mdk.unsupported_reason(32, C, R, S, jnp.bfloat16)
   assert "multiple of 64" in mdk.unsupported_reason(H, C, R, 100, jnp.bfloat16)
@@ -54,10 +86,11 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
-@pytest.mark.parametrize("B,S", [(2, 64), (8, 576), (256, 576)])
-def test_kernel_matches_reference_on_the_gpu(rng, B, S):
+@pytest.mark.parametrize("B,S,splits", [(2, 64, None), (8, 576, None), (8, 576, 1),
+                                         (8, 576, 4), (256, 576, None)])
+def test_kernel_matches_reference_on_the_gpu(rng, B, S, splits):
   args = _inputs(rng, B, S)
-  got = mdk.mla_decode(*args, scale=0.3)
+  got = mdk.mla_decode(*args, scale=0.3, splits=splits)
   want = jax.jit(mdk.reference, static_argnums=5)(*args, 0.3)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.isfinite(got).all()
