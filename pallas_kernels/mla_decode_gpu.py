@@ -31,8 +31,9 @@ swizzled SMEM would be the faster form.
 Status: the first version (seventh session; one CTA a row, the scores' operands read from
 GMEM, one TMA copy a step waited at once) was right on the H200 and no faster than XLA
 (notes_generate.md). This one (the ring, the operands from SMEM, the splits) lowers for
-CUDA (tested on CPU); the GPU interpreter cannot run `plgpu.mma`, so its numerics and
-speed are for `tests/test_mla_decode_gpu.py` and `benchmarks/mla_decode.py` on an H200.
+CUDA and runs in the GPU interpreter on CPU (`interpret=True`: the interpreter has no
+`plgpu.mma`, so the MMAs are dots there), both tested; the MMA instruction's numerics and
+the speed are for `tests/test_mla_decode_gpu.py` and `benchmarks/mla_decode.py` on an H200.
 """
 from __future__ import annotations
 
@@ -93,11 +94,20 @@ def combine_splits(o_BxJxHxC, lse_BxJxH, dtype):
   return o.astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "splits"))
+def mma(acc, a, b, interpret: bool):
+  """acc + a @ b on the warp-level MMA; in the GPU interpreter (which has no `mma`) as a
+  float32 dot of the same operands."""
+  if interpret:
+    return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
+  return plgpu.mma(acc, a, b)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "splits", "interpret"))
 def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B, *,
-               scale: float, splits: int | None = None):
+               scale: float, splits: int | None = None, interpret: bool = False):
   """o_lat [B, H, C] (see the module docstring); lengths_B: visible slots per row (>= 1);
-  splits: CTAs a row (None: `default_splits`)."""
+  splits: CTAs a row (None: `default_splits`). interpret: run in the GPU interpreter (on
+  CPU; the MMAs as dots), to test everything but the MMA instruction itself."""
   B, H, C = q_lat_BxHxC.shape
   S, R = latent_BxSxC.shape[1], k_rope_BxSxR.shape[2]
   dt = latent_BxSxC.dtype
@@ -156,11 +166,11 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
         box, col = divmod(c * CHUNK, TMA_COLS)
         k = plgpu.load(lat_smem.at[buf, box, :, pl.ds(col, CHUNK)].T, layout=rhs,
                        optimized=False)
-        s = plgpu.mma(s, q_chunks[c], k)
+        s = mma(s, q_chunks[c], k, interpret)
       for c in range(R // CHUNK):  # + q_rope . k_rope
         k = plgpu.load(kr_smem.at[buf, :, pl.ds(c * CHUNK, CHUNK)].T, layout=rhs,
                        optimized=False)
-        s = plgpu.mma(s, q_chunks[C // CHUNK + c], k)
+        s = mma(s, q_chunks[C // CHUNK + c], k, interpret)
       slot = plgpu.broadcasted_iota(jnp.int32, (H, SLOTS), 1, layout=acc) + (first + t) * SLOTS
       s = jnp.where(slot < visible, s * (scale * log2e), -jnp.inf)  # base 2 from here
       m_new = jnp.maximum(m_run, plgpu.layout_cast(s.max(axis=1), row))
@@ -183,7 +193,7 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
         box, col = divmod(i * OUT_COLS, TMA_COLS)
         v = plgpu.load(lat_smem.at[buf, box, :, pl.ds(col, OUT_COLS)], layout=rhs,
                        optimized=False)
-        new_outs.append(plgpu.mma(o * across(alpha, OUT_COLS), p_lhs, v))
+        new_outs.append(mma(o * across(alpha, OUT_COLS), p_lhs, v, interpret))
       return tuple(new_outs), m_new, l_new
 
     init = (tuple(zeros((H, OUT_COLS)) for _ in range(C // OUT_COLS)),
@@ -210,6 +220,7 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
       out_type=out_type,
       grid=(B, J), grid_names=("b", "split"),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
       scratch_types=[plgpu.SMEM((H, SLOTS), dt),
                      plgpu.SMEM((BUFFERS, boxes, SLOTS, TMA_COLS), dt),
                      plgpu.SMEM((BUFFERS, SLOTS, R), dt),

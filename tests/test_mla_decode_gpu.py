@@ -1,6 +1,7 @@
 """pallas_kernels/mla_decode_gpu.py, the experimental decode attention kernel: its reference
-against float64 numpy and the kernel's CUDA lowering here; the kernel against the reference
-on a Hopper GPU (skipped without one)."""
+against float64 numpy, the kernel in the GPU interpreter (MMAs as dots) against the
+reference and its CUDA lowering here; the kernel against the reference on a Hopper GPU
+(skipped without one)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +60,20 @@ def test_splits_combine_to_the_whole_softmax(rng):
   want = np.asarray(mdk.reference(*[jnp.asarray(a, jnp.float32) for a in (q_lat, q_rope, lat, kr)],
                                   lengths, scale))
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("B,splits", [(3, 1), (3, 2), (2, None)])
+def test_kernel_in_the_gpu_interpreter_matches_reference(rng, B, splits):
+  """Everything but the MMA instruction (the interpreter has none: a dot there): the ring
+  of TMA copies and its barriers, the steps a row and split walk, the masks of ragged
+  lengths (one row shorter than a step), the online softmax and the splits' combine."""
+  S = 64 * 5
+  args = _inputs(rng, B, S)
+  args = (*args[:4], args[4].at[-1].set(int(rng.integers(1, 64))))
+  got = mdk.mla_decode(*args, scale=0.3, splits=splits, interpret=True)
+  want = mdk.reference(*args, 0.3)
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2  # bf16 P and output
 
 
 def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
