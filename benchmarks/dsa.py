@@ -25,6 +25,10 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        two warpgroups sharing a gather or by two CTAs, 1 or 3 128-byte
                        column tiles per one-row TMA copy (576 or 192 copies per 64-key
                        step); sparse_mla_pallas / dsa_pallas use kernel_wg_tpc3
+  kernel_mma           the experimental forward kernel on the 16-row MMA with a
+                       warpgroup gather (pallas_kernels/sparse_mla_mma_gpu.py); at the
+                       smallest length a "check_mma" row gives its error against
+                       sparse_mla_reference (or kernel_wg_tpc3) when that ran before it
 TFLOP/s counts useful FLOPs: dense H·T(T+1)/2·2·(192+128); sparse H·Σ_t min(t+1, k)·2·
 (576+512); indexer T(T+1)/2·2·J·I; forward+backward = 3.5x forward for attention (the
 backward recomputes the scores: 5 products vs 2) and 1x for the indexer (its backward only
@@ -54,7 +58,7 @@ import numpy as np
 
 from mohge_jax import sparse_attention as dsa
 from mohge_jax.attention import attend
-from pallas_kernels import sparse_mla_gpu
+from pallas_kernels import sparse_mla_gpu, sparse_mla_mma_gpu
 
 H, P, R, V, C = 16, 128, 64, 128, 512
 J, I, TOPK, CHUNK = 4, 64, 2048, 256
@@ -160,9 +164,14 @@ def sparse_mla_fn(pss, impl, idx, valid):
 
 
 def kernel_fn(name, idx, valid):
-  """The forward kernel alone (o_lat and LSE): name = kernel_{wg|cta}_tpc{1|3}."""
-  split, tpc = name.split("_")[1:]
+  """The forward kernel alone (o_lat and LSE): name = kernel_{wg|cta}_tpc{1|3} or
+  kernel_mma."""
   idx_enc = jnp.where(valid, idx, -1)
+  if name == "kernel_mma":
+    return jax.jit(lambda q_lat, q_rope, c, kr: sparse_mla_mma_gpu.sparse_mla_fwd(
+        q_lat, q_rope, jnp.concatenate([c, kr], -1), idx_enc, scale=SCALE)), (
+            "q_lat", "q_rope", "c", "kr")
+  split, tpc = name.split("_")[1:]
 
   def fwd(q_lat, q_rope, c, kr):
     ckr = jnp.concatenate([c, kr], -1)
@@ -175,7 +184,8 @@ def kernel_fn(name, idx, valid):
 # Two rounds over the lengths: the issue's comparison first, then the attention alone.
 ROUNDS = (("dense_cudnn", "dsa_pallas", "dsa_pallas_radix", "dsa_reference"),
           ("topk_sort", "topk_radix", "sparse_mla_pallas", "sparse_mla_reference",
-           "kernel_wg_tpc1", "kernel_wg_tpc3", "kernel_cta_tpc1", "kernel_cta_tpc3"))
+           "kernel_wg_tpc1", "kernel_wg_tpc3", "kernel_cta_tpc1", "kernel_cta_tpc3",
+           "kernel_mma"))
 
 
 def main():
@@ -245,6 +255,8 @@ def main():
               given_up.add((impl, pss))
             if seq == seqs[0] and impl.startswith("sparse_mla") and pss == "fwd":
               outs[impl] = np.asarray(f(*(x[n] for n in names)), np.float32)
+            if seq == seqs[0] and impl in ("kernel_mma", "kernel_wg_tpc3"):
+              outs[impl] = np.asarray(f(*(x[n] for n in names))[0], np.float32)
             if seq == seqs[0] and impl.startswith("topk_"):  # each query's set of keys
               idx, valid = (np.asarray(a) for a in f(*(x[n] for n in names)))
               outs[impl] = np.sort(np.where(valid, idx, -1), axis=-1)
@@ -255,6 +267,12 @@ def main():
         record(dict(seq=seq, impl="check_topk", **{"pass": "fwd"},
                     radix_equals_sort=bool((outs["topk_radix"] == outs["topk_sort"]).all()),
                     queries_differing=int((outs["topk_radix"] != outs["topk_sort"]).any(-1).sum())))
+      base = next((k for k in ("sparse_mla_reference", "kernel_wg_tpc3") if k in outs), None)
+      if "kernel_mma" in outs and base:
+        a, b = outs["kernel_mma"], outs[base]
+        record(dict(seq=seq, impl="check_mma", **{"pass": "fwd"}, against=base,
+                    rel_err=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+                    finite=bool(np.isfinite(a).all())))
       if "sparse_mla_pallas" in outs and "sparse_mla_reference" in outs:
         a, b = outs["sparse_mla_pallas"], outs["sparse_mla_reference"]
         record(dict(seq=seq, impl="check", **{"pass": "fwd"},

@@ -1,0 +1,172 @@
+"""DSA sparse MLA attention in latent form, forward, as a Mosaic GPU kernel on the warp-level
+16-row MMA (EXPERIMENTAL: CPU-tested in the GPU interpreter and lowered for CUDA; not yet
+run on a GPU, and not used by the model).
+
+    o_lat, lse = sparse_mla_fwd(q_lat [B,T,H,C], q_rope [B,T,H,R], ckr [B,S,C+R], idx [B,T,K])
+
+The same contract as `sparse_mla_gpu.sparse_mla_fwd` (the wgmma kernel): score[t, h, k] =
+scale · (q_lat[t, h] · c[idx[t, k]] + q_rope[t, h] · k_rope[idx[t, k]]), softmax over the k
+with idx ≥ 0 (invalid keys at -1e30, so a query with none gets the uniform average of its
+sequence's row 0), o_lat[t, h] = Σ_k p c[idx[t, k]], lse[t, h] (natural log, float32).
+
+Why another kernel: the wgmma kernel runs at ~14 TFLOP/s on the H200 (notes_dsa.md): its
+gather is 192 one-row TMA copies a step issued by one thread, its 16 heads are padded to
+wgmma's 64 rows, and it computes the scores twice (once per half of C). Here:
+- the query's 16 heads are the M dimension of `plgpu.mma` (mma.sync, 16-row accumulator
+  tiles with m_warps=1): nothing padded, the scores computed once, O [16, C] f32 is 64
+  registers a thread (the decode kernel's form, `mla_decode_gpu.py`, right on the H200);
+- the gather is loads by the whole warpgroup: per selected key its latent row [C] (each
+  thread C/128 contiguous elements) and the 128 columns ending at the row's end (the
+  rope key is its last R; the rest re-reads latent bytes already in L1/L2, since a
+  strided 1-D load needs 128 x 2^n elements and C + R = 576 is not), GROUP keys' loads
+  issued before their stores to SMEM, so many rows are in flight a thread;
+- one CTA per query (queries in sequence order: neighbours' selections overlap in L2),
+  ~90 KB of SMEM so two CTAs share an SM and one's gather overlaps the other's MMAs;
+- Pallas' automatic barriers around every SMEM store (two a stored row: 130 a step) are
+  off (`unsafe_no_auto_barriers`); `plgpu.commit_smem()` (a warpgroup barrier) is placed
+  where threads hand SMEM to each other: after the step's rows are stored, after P is
+  stored, and before the next step overwrites what this one read.
+Scores: C/64 + R/64 MMAs of K = 64 over the key tile read transposed from SMEM; online
+softmax along the keys (rows are heads); P through SMEM as the A operand of P x latent.
+The backward stays pure JAX (`sparse_attention._sparse_mla_bwd`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mla_decode_gpu import mma
+
+HEADS = 16      # the MMA's M
+KEYS = 64       # keys a step
+CHUNK = 64      # contraction columns an MMA (scores)
+OUT_COLS = 128  # output columns an accumulator (P x latent)
+TAIL = 128      # columns loaded from the end of a row (holds the rope key)
+GROUP = 16      # keys whose loads are issued before their stores
+_MASKED = -1e30  # as sparse_attention._MASKED (in the kernel's base-2 scaled units)
+
+
+def unsupported_reason(H: int, C: int, R: int, K: int, dtype) -> str | None:
+  """Why these shapes cannot run (None when they can)."""
+  if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+    return f"sparse_mla mma kernel: dtype must be bfloat16, got {jnp.dtype(dtype).name}"
+  if H != HEADS:
+    return f"sparse_mla mma kernel: heads must be {HEADS} (the MMA's M), got {H}"
+  if C % OUT_COLS or C // 128 not in (1, 2, 4, 8):
+    return f"sparse_mla mma kernel: latent dim must be 128, 256, 512 or 1024, got {C}"
+  if R % CHUNK or R > TAIL:
+    return f"sparse_mla mma kernel: rope dim must be {CHUNK} or {TAIL}, got {R}"
+  if not 1 <= K <= 256 * KEYS:  # the idx row is one TMA box [K / 64, 64]
+    return f"sparse_mla mma kernel: selected keys K must be 1..{256 * KEYS}, got {K}"
+  return None
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scale: float,
+                   interpret: bool | plgpu.InterpretGPUParams = False):
+  """o_lat [B,T,H,C] (q_lat's dtype) and lse [B,T,H] float32 (natural log). idx: int32,
+  -1 = invalid; K is padded to a multiple of 64 with -1. interpret: True (or the
+  interpreter's parameters) runs it in the GPU interpreter (on CPU; the MMAs as dots)."""
+  B, T, H, C = q_lat_BxTxHxC.shape
+  R = q_rope_BxTxHxR.shape[-1]
+  S, CR = ckr_BxSxCR.shape[1:]
+  K = idx_BxTxK.shape[-1]
+  dt = q_lat_BxTxHxC.dtype
+  if reason := unsupported_reason(H, C, R, K, dt):
+    raise ValueError(reason)
+  if CR != C + R or ckr_BxSxCR.dtype != dt or q_rope_BxTxHxR.dtype != dt:
+    raise ValueError(f"sparse_mla mma kernel: ckr must be [B, S, C+R] = [.., .., {C + R}] "
+                     f"in {dt}, got {ckr_BxSxCR.shape} {ckr_BxSxCR.dtype}")
+  Kp = -(-K // KEYS) * KEYS
+  idx_BxTxNxKEYS = jnp.pad(idx_BxTxK.astype(jnp.int32), ((0, 0), (0, 0), (0, Kp - K)),
+                           constant_values=-1).reshape(B, T, Kp // KEYS, KEYS)
+  lhs = plgpu.Layout.MMA_LHS(dt, m_warps=1)
+  rhs = plgpu.Layout.MMA_RHS(dt, m_warps=1)
+  acc = plgpu.Layout.MMA_ACC(dt, m_warps=1)
+  row, col = acc.reduce(1), acc.reduce(0)  # per head; per key
+  lat_layout = plgpu.Layout.WG_STRIDED((C,), vec_size=C // 128)
+  tail_layout = plgpu.Layout.WG_STRIDED((TAIL,), vec_size=1)
+  log2e = math.log2(math.e)
+
+  def zeros(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), acc)
+
+  def across(v_H, cols):  # a per-head value as an [H, cols] accumulator-layout tile
+    return plgpu.layout_cast(lax.broadcast_in_dim(v_H, (H, cols), (0,)), acc)
+
+  def kernel(ql_ref, qr_ref, ckr_ref, idx_ref, o_ref, lse_ref, p_smem, lat_smem, tail_smem,
+             idx_smem, bar):
+    b, t = lax.axis_index("b"), lax.axis_index("t")
+    plgpu.copy_gmem_to_smem(idx_ref.at[b, t], idx_smem, bar)
+    q_chunks = [plgpu.load(ql_ref.at[b, t, :, pl.ds(c * CHUNK, CHUNK)], layout=lhs,
+                           optimized=False) for c in range(C // CHUNK)]
+    q_chunks += [plgpu.load(qr_ref.at[b, t, :, pl.ds(c * CHUNK, CHUNK)], layout=lhs,
+                            optimized=False) for c in range(R // CHUNK)]
+    plgpu.barrier_wait(bar)
+
+    def step(st, carry):
+      outs, m_run, l_run = carry
+      plgpu.commit_smem()  # every thread is done with the previous step's tiles
+      for g in range(KEYS // GROUP):  # gather: GROUP rows' loads, then their stores
+        keys = range(g * GROUP, (g + 1) * GROUP)
+        rows = [jnp.maximum(idx_smem[st, k], 0) for k in keys]  # invalid: row 0, masked
+        vals = [(plgpu.load(ckr_ref.at[b, r, pl.ds(0, C)], layout=lat_layout, optimized=False),
+                 plgpu.load(ckr_ref.at[b, r, pl.ds(CR - TAIL, TAIL)], layout=tail_layout,
+                            optimized=False)) for r in rows]
+        for k, (lat, tail) in zip(keys, vals):
+          lat_smem[k] = lat
+          tail_smem[k] = tail
+      plgpu.commit_smem()  # the step's rows, stored by all threads, are read by all
+      s = zeros((H, KEYS))
+      for c in range(C // CHUNK):  # scores: q_lat . latent (B operand: the tile transposed)
+        k = plgpu.load(lat_smem.at[:, pl.ds(c * CHUNK, CHUNK)].T, layout=rhs, optimized=False)
+        s = mma(s, q_chunks[c], k, bool(interpret))
+      for c in range(R // CHUNK):  # + q_rope . k_rope (the last R of the tail)
+        k = plgpu.load(tail_smem.at[:, pl.ds(TAIL - R + c * CHUNK, CHUNK)].T, layout=rhs,
+                       optimized=False)
+        s = mma(s, q_chunks[C // CHUNK + c], k, bool(interpret))
+      valid = plgpu.load(idx_smem.at[st], layout=col, optimized=False) >= 0
+      valid = plgpu.layout_cast(lax.broadcast_in_dim(valid, (H, KEYS), (1,)), acc)
+      s = jnp.where(valid, s * (scale * log2e), _MASKED)  # base 2 from here
+      m_new = jnp.maximum(m_run, plgpu.layout_cast(s.max(axis=1), row))
+      alpha = jnp.exp2(m_run - m_new)
+      p = jnp.exp2(s - across(m_new, KEYS))
+      l_new = l_run * alpha + plgpu.layout_cast(p.sum(axis=1), row)
+      p_smem[...] = p.astype(dt)
+      plgpu.commit_smem()  # P, stored by all threads, is the A operand of all
+      p_lhs = plgpu.load(p_smem, layout=lhs, optimized=False)
+      new_outs = []
+      for i, o in enumerate(outs):  # o_i += P . latent[:, i-th 128 columns] (as stored)
+        v = plgpu.load(lat_smem.at[:, pl.ds(i * OUT_COLS, OUT_COLS)], layout=rhs,
+                       optimized=False)
+        new_outs.append(mma(o * across(alpha, OUT_COLS), p_lhs, v, bool(interpret)))
+      return tuple(new_outs), m_new, l_new
+
+    init = (tuple(zeros((H, OUT_COLS)) for _ in range(C // OUT_COLS)),
+            plgpu.layout_cast(jnp.full((H,), -jnp.inf, jnp.float32), row),
+            plgpu.layout_cast(jnp.zeros((H,), jnp.float32), row))
+    outs, m_run, l_run = lax.fori_loop(0, Kp // KEYS, step, init)
+    inv = across(1.0 / l_run, OUT_COLS)  # l >= 1: the largest score's p is 1
+    for i, o in enumerate(outs):
+      o_ref[b, t, :, pl.ds(i * OUT_COLS, OUT_COLS)] = (o * inv).astype(dt)
+    lse_ref[b, t] = (m_run + jnp.log2(l_run)) * (1.0 / log2e)  # natural log of scaled scores
+
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((B, T, H, C), dt),
+                jax.ShapeDtypeStruct((B, T, H), jnp.float32)),
+      grid=(B, T), grid_names=("b", "t"),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
+                                           unsafe_no_auto_barriers=True),
+      interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
+                 else plgpu.InterpretGPUParams() if interpret else None),
+      scratch_types=[plgpu.SMEM((H, KEYS), dt), plgpu.SMEM((KEYS, C), dt),
+                     plgpu.SMEM((KEYS, TAIL), dt), plgpu.SMEM((Kp // KEYS, KEYS), jnp.int32),
+                     plgpu.Barrier(num_arrivals=1)],
+  )(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxNxKEYS)

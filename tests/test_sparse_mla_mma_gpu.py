@@ -1,0 +1,100 @@
+"""pallas_kernels/sparse_mla_mma_gpu.py, the experimental DSA forward kernel on the 16-row
+MMA: in the GPU interpreter (the MMAs as dots) against the pure-JAX reference and float64
+LSEs, its CUDA lowering at MoHGE-3B's shapes, its refusals; on a Hopper GPU against the
+reference (skipped without one)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from mohge_jax import sparse_attention as dsa
+from pallas_kernels import sparse_mla_mma_gpu as k3
+
+H = 16
+
+
+def _problem(rng, B, T, C, R, K):
+  """Random keys a query (repeats allowed), valid iff causal; slot 0 is the query itself,
+  and one query keeps only it (the ragged causal edge)."""
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.bfloat16)  # noqa: E731
+  q_lat, q_rope, c, kr = f(B, T, H, C), f(B, T, H, R), f(B, T, C), f(B, T, R)
+  idx = rng.integers(0, T, size=(B, T, K))
+  idx[:, :, 0] = np.arange(T)
+  valid = idx <= np.arange(T)[None, :, None]
+  valid[:, int(rng.integers(0, T)), 1:] = False
+  return (q_lat, q_rope, c, kr), jnp.asarray(idx, jnp.int32), jnp.asarray(valid)
+
+
+def _lse64(q_lat, q_rope, c, kr, idx, valid, scale):
+  """The log-sum-exp of each query's scaled scores over its valid keys (float64; invalid
+  keys at -1e30, as the kernel)."""
+  f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  ql, qr, c, kr, idx, valid = (f64(q_lat), f64(q_rope), f64(c), f64(kr), np.asarray(idx),
+                               np.asarray(valid))
+  b = np.arange(idx.shape[0])[:, None, None]
+  s = (np.einsum("bthc,btkc->bthk", ql, c[b, idx]) +
+       np.einsum("bthr,btkr->bthk", qr, kr[b, idx])) * scale
+  s = np.where(valid[:, :, None, :], s, -1e30)
+  top = s.max(-1, keepdims=True)
+  return top[..., 0] + np.log(np.exp(s - top).sum(-1))
+
+
+@pytest.mark.parametrize("C,R,K", [(128, 64, 130), (256, 128, 64)])
+def test_interpreted_equals_reference(rng, C, R, K):
+  """o_lat against impl="reference" (float32 on the same bf16 inputs) and the LSE against
+  float64, over several 64-key steps (the online softmax, the padding of K), two batch
+  rows (the gather's row offset), rope 64 (the tail's last half) and 128 (all of it); the
+  interpreter's race detector finds no race around the idx row's copy."""
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  args, idx, valid = _problem(rng, 2, 5, C, R, K)
+  q_lat, q_rope, c, kr = args
+  o, lse = k3.sparse_mla_fwd(q_lat, q_rope, jnp.concatenate([c, kr], -1),
+                             jnp.where(valid, idx, -1), scale=0.1,
+                             interpret=plgpu.InterpretGPUParams(detect_races=True))
+  assert not gpu_callbacks.get_races().races_found
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  o_r, _ = dsa.sparse_mla(*map(f32, args), idx, valid, scale=0.1, chunk=4)
+  o, o_r = np.asarray(o, np.float32), np.asarray(o_r)
+  assert np.isfinite(o).all()
+  assert np.linalg.norm(o - o_r) / np.linalg.norm(o_r) < 1e-2  # P and o in bf16
+  np.testing.assert_allclose(np.asarray(lse), _lse64(*args, idx, valid, 0.1), atol=1e-4)
+
+
+def test_lowers_for_cuda_at_mohge_3b_shapes_and_refuses_others():
+  """Mosaic GPU lowering (no GPU; checks the SMEM budget) at H = 16, C = 512, R = 64,
+  K = 2048, T = 128k; shapes it cannot take are refused by name."""
+  sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+  T, C, R, K = 131072, 512, 64, 2048
+  text = jax.jit(lambda *a: k3.sparse_mla_fwd(*a, scale=0.04)).trace(
+      sds((1, T, H, C), bf), sds((1, T, H, R), bf), sds((1, T, C + R), bf),
+      sds((1, T, K), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  assert k3.unsupported_reason(H, C, R, K, bf) is None
+  assert "heads must be 16" in k3.unsupported_reason(32, C, R, K, bf)
+  assert "latent dim" in k3.unsupported_reason(H, 384, R, K, bf)
+  assert "rope dim" in k3.unsupported_reason(H, C, 32, K, bf)
+  assert "bfloat16" in k3.unsupported_reason(H, C, R, K, jnp.float32)
+  assert "selected keys" in k3.unsupported_reason(H, C, R, 64 * 257, bf)
+  z = jnp.zeros
+  with pytest.raises(ValueError, match=r"ckr must be \[B, S, C\+R\]"):
+    k3.sparse_mla_fwd(z((1, 2, H, C), bf), z((1, 2, H, R), bf), z((1, 2, C), bf),
+                      z((1, 2, K), jnp.int32), scale=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
+@pytest.mark.parametrize("T,K", [(1000, 256), (4096, 2048)])
+def test_equals_reference_on_the_gpu(rng, T, K):
+  args, idx, valid = _problem(rng, 1, T, 512, 64, K)
+  q_lat, q_rope, c, kr = args
+  o, lse = k3.sparse_mla_fwd(q_lat, q_rope, jnp.concatenate([c, kr], -1),
+                             jnp.where(valid, idx, -1), scale=0.04)
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  o_r, _ = jax.jit(lambda *a: dsa.sparse_mla(*a, idx, valid, scale=0.04, chunk=256))(
+      *map(f32, args))
+  o, o_r = np.asarray(o, np.float32), np.asarray(o_r)
+  assert np.isfinite(o).all() and np.isfinite(np.asarray(lse)).all()
+  assert np.linalg.norm(o - o_r) / np.linalg.norm(o_r) < 2e-2
