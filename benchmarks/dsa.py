@@ -17,10 +17,12 @@ a failure or OOM in one row is recorded and the next row runs. impls:
   dsa_pallas           the same with sparse_mla(impl="pallas") (the forward kernel; its
                        backward is the reference's)
   dsa_pallas_radix     dsa_pallas with the top-k by `top_k_positions` (no sort)
+  dsa_pallas_mma       dsa_pallas with the experimental 16-row MMA forward kernel
   topk_sort / topk_radix: the indexer's scores and the selection alone (forward), by
                        jax.lax.top_k or top_k_positions; at the smallest length a
                        "check_topk" row says whether both chose the same keys
-  sparse_mla_reference / sparse_mla_pallas: the attention alone on a fixed selection
+  sparse_mla_reference / sparse_mla_pallas / sparse_mla_pallas_mma: the attention alone
+                       on a fixed selection
   kernel_{wg|cta}_tpc{1|3}: the forward kernel alone (forward pass only): halves of C by
                        two warpgroups sharing a gather or by two CTAs, 1 or 3 128-byte
                        column tiles per one-row TMA copy (576 or 192 copies per 64-key
@@ -182,8 +184,9 @@ def kernel_fn(name, idx, valid):
 
 
 # Two rounds over the lengths: the comparison first, then the attention alone.
-ROUNDS = (("dense_cudnn", "dsa_pallas", "dsa_pallas_radix", "dsa_reference"),
-          ("topk_sort", "topk_radix", "sparse_mla_pallas", "sparse_mla_reference",
+ROUNDS = (("dense_cudnn", "dsa_pallas", "dsa_pallas_mma", "dsa_pallas_radix", "dsa_reference"),
+          ("topk_sort", "topk_radix", "sparse_mla_pallas", "sparse_mla_pallas_mma",
+           "sparse_mla_reference",
            "kernel_wg_tpc1", "kernel_wg_tpc3", "kernel_cta_tpc1", "kernel_cta_tpc3",
            "kernel_mma"))
 
@@ -244,6 +247,8 @@ def main():
               f, names = topk_fn(impl.removeprefix("topk_"))
             elif impl.startswith("dsa_"):
               kind, _, method = impl.removeprefix("dsa_").partition("_")
+              if method == "mma":  # dsa_pallas_mma: the kernel, not a top-k method
+                kind, method = "pallas_mma", "sort"
               f, names = dsa_fn(pss, kind, method or "sort")
             else:
               f, names = sparse_mla_fn(pss, impl.removeprefix("sparse_mla_"), *sel)

@@ -27,7 +27,7 @@ EXPERT_BACKENDS = ("auto", "reference", "ragged_dot", "tiled", "pallas", "per_ex
 ATTENTION_KINDS = ("mla", "mha")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # sparse_attention.sparse_mla: pure JAX, the Mosaic GPU kernel, it interpreted (CPU tests)
-DSA_IMPLS = ("auto", "reference", "pallas", "interpret")
+DSA_IMPLS = ("auto", "reference", "pallas", "interpret", "pallas_mma", "interpret_mma")
 DECODE_ATTENTION = ("xla", "pallas")
 DSA_TOPK_METHODS = ("sort", "radix")
 ROPE_SCALINGS = ("none", "yarn")
@@ -86,7 +86,8 @@ class ModelConfig:
   dsa_query_chunk: int = 256
   # The sparse attention's implementation (sparse_attention.sparse_mla): "reference" (pure
   # JAX), "pallas" (the Mosaic GPU forward kernel; Hopper), "auto" (pallas on Hopper when
-  # the shapes qualify), "interpret" (tests). "reference" until the kernel is checked on a GPU.
+  # the shapes qualify), "interpret" (tests); "pallas_mma" / "interpret_mma": the
+  # experimental 16-row MMA forward kernel (16 heads, bf16; not yet run on a GPU).
   dsa_impl: str = "reference"
   # How each query's top dsa_topk keys are found (sparse_attention.select_topk): "sort"
   # (jax.lax.top_k, which sorts every row at these k) or "radix" (top_k_positions: the same

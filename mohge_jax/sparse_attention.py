@@ -245,9 +245,10 @@ def resolve_sparse_mla_impl(impl: str, H: int, C: int, R: int, K: int, dtype) ->
   if impl == "reference":
     return impl
   import pallas_kernels as pk  # the kernels' modules only when asked for
-  from pallas_kernels import sparse_mla_gpu
+  from pallas_kernels import sparse_mla_gpu, sparse_mla_mma_gpu
 
-  reason = sparse_mla_gpu.unsupported_reason(H, C, R, K, dtype)
+  kernel = sparse_mla_mma_gpu if impl.endswith("_mma") else sparse_mla_gpu
+  reason = kernel.unsupported_reason(H, C, R, K, dtype)
   if impl == "auto":
     mesh = jax.sharding.get_abstract_mesh()
     one_device = mesh.empty or mesh.size == 1
@@ -270,7 +271,9 @@ def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, 
   impl: "reference" (pure JAX, below), "pallas" (pallas_kernels/sparse_mla_gpu.py: the
   forward o_lat is the Mosaic GPU kernel; its backward and p are pure JAX, see
   `_sparse_mla_kernel`), "interpret" (that kernel in the GPU interpreter, for tests on
-  CPU), "auto" (`resolve_sparse_mla_impl`). With the kernel, a query with no valid key at
+  CPU), "pallas_mma" / "interpret_mma" (the same with the experimental 16-row MMA kernel,
+  pallas_kernels/sparse_mla_mma_gpu.py: 16 heads, bf16), "auto"
+  (`resolve_sparse_mla_impl`). With the kernel, a query with no valid key at
   all gets the uniform average of its sequence's row 0 (the reference: of its idx rows).
   """
   T, H = q_lat_BxTxHxC.shape[1], q_lat_BxTxHxC.shape[2]
@@ -281,7 +284,8 @@ def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, 
   if impl != "reference":
     return _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK,
                               valid_BxTxK, scale=scale, chunk=chunk,
-                              interpret=impl == "interpret")
+                              interpret=impl.startswith("interpret"),
+                              mma=impl.endswith("_mma"))
 
   def chunk_fn(t0, q_lat, q_rope, idx, valid):
     sel_BxQxKxCR = _gather_rows(ckr_BxSxCR, idx)
@@ -295,19 +299,22 @@ def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, 
 
 
 def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, valid_BxTxK, *,
-                       scale: float, chunk: int, interpret: bool):
-  """o_lat from the Mosaic GPU forward kernel, under a custom VJP whose backward is pure JAX
-  (`_sparse_mla_bwd`, from the kernel's o and LSE; not a kernel yet). p (the KL target) is
-  recomputed in pure JAX from the LSE: one chunked gather and score product."""
-  from pallas_kernels import sparse_mla_gpu
+                       scale: float, chunk: int, interpret: bool, mma: bool = False):
+  """o_lat from the Mosaic GPU forward kernel (mma: the 16-row MMA one), under a custom VJP
+  whose backward is pure JAX (`_sparse_mla_bwd`, from the kernel's o and LSE; not a kernel
+  yet). p (the KL target) is recomputed in pure JAX from the LSE: one chunked gather and
+  score product."""
+  from pallas_kernels import sparse_mla_gpu, sparse_mla_mma_gpu
+
+  forward = (sparse_mla_mma_gpu if mma else sparse_mla_gpu).sparse_mla_fwd
 
   T, H, C = q_lat_BxTxHxC.shape[1:]
   sg = jax.lax.stop_gradient
 
   @jax.custom_vjp
   def attend(q_lat, q_rope, ckr, idx, valid):
-    return sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, jnp.where(valid, idx, -1),
-                                         scale=scale, interpret=interpret)
+    return forward(q_lat, q_rope, ckr, jnp.where(valid, idx, -1), scale=scale,
+                   interpret=interpret)
 
   def fwd(q_lat, q_rope, ckr, idx, valid):
     o, lse = attend(q_lat, q_rope, ckr, idx, valid)

@@ -63,15 +63,49 @@ def test_interpreted_equals_reference(rng, C, R, K):
   np.testing.assert_allclose(np.asarray(lse), _lse64(*args, idx, valid, 0.1), atol=1e-4)
 
 
+def test_through_sparse_mla_interpreted_equals_reference(rng):
+  """dsa_impl=interpret_mma: o_lat, p and the gradients (the custom VJP's pure-JAX backward
+  from this kernel's LSE) against impl="reference" in float32 on the same bf16 inputs."""
+  args, idx, valid = _problem(rng, 2, 5, 128, 64, 100)
+  g_out = jnp.asarray(rng.normal(size=(2, 5, H, 128)), jnp.float32)
+
+  def run(impl, args):
+    def loss(*a):
+      o, p = dsa.sparse_mla(*a, idx, valid, scale=0.1, chunk=4, impl=impl)
+      return jnp.sum(o.astype(jnp.float32) * g_out), (o, p)
+    return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+
+  grads, (o, p) = run("interpret_mma", args)
+  grads_r, (o_r, p_r) = run("reference", [a.astype(jnp.float32) for a in args])
+  rel = lambda a, b: np.linalg.norm(np.asarray(a, np.float32) - b) / np.linalg.norm(b)  # noqa: E731
+  assert rel(o, o_r) < 1e-2 and rel(p, p_r) < 1e-2
+  for a, b in zip(grads, grads_r):
+    assert rel(a, b) < 1e-2
+  assert dsa.resolve_sparse_mla_impl("pallas_mma", 16, 512, 64, 2048, jnp.bfloat16) == "pallas_mma"
+  with pytest.raises(ValueError, match="heads must be 16"):
+    dsa.resolve_sparse_mla_impl("pallas_mma", 8, 512, 64, 2048, jnp.bfloat16)
+
+
 def test_lowers_for_cuda_at_mohge_3b_shapes_and_refuses_others():
   """Mosaic GPU lowering (no GPU; checks the SMEM budget) at H = 16, C = 512, R = 64,
-  K = 2048, T = 128k; shapes it cannot take are refused by name."""
+  K = 2048: the kernel at T = 128k, the model's use (dsa_impl=pallas_mma, gradients) at
+  T = 4096; shapes it cannot take are refused by name."""
   sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
   T, C, R, K = 131072, 512, 64, 2048
   text = jax.jit(lambda *a: k3.sparse_mla_fwd(*a, scale=0.04)).trace(
       sds((1, T, H, C), bf), sds((1, T, H, R), bf), sds((1, T, C + R), bf),
       sds((1, T, K), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+  T = 4096  # and the model's use: o_lat and p, gradients
+
+  def loss(q_lat, q_rope, c, kr, idx, valid):
+    o, p = dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=0.04, chunk=256,
+                          impl="pallas_mma")
+    return o.astype(jnp.float32).sum() + p.sum()
+
+  jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
+      sds((1, T, H, C), bf), sds((1, T, H, R), bf), sds((1, T, C), bf), sds((1, T, R), bf),
+      sds((1, T, K), jnp.int32), sds((1, T, K), bool)).lower(lowering_platforms=("cuda",))
   assert k3.unsupported_reason(H, C, R, K, bf) is None
   assert "heads must be 16" in k3.unsupported_reason(32, C, R, K, bf)
   assert "latent dim" in k3.unsupported_reason(H, 384, R, K, bf)
