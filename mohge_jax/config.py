@@ -26,7 +26,8 @@ COMBINE_MODES = ("softmax", "renormalize", "raw")
 EXPERT_BACKENDS = ("auto", "reference", "ragged_dot", "tiled", "pallas", "per_expert")
 ATTENTION_KINDS = ("mla", "mha")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-# sparse_attention.sparse_mla: pure JAX, the Mosaic GPU kernel, it interpreted (CPU tests)
+# sparse_attention.sparse_mla: pure JAX, the Mosaic GPU kernel, it interpreted (CPU tests);
+# the same two for the experimental 16-row MMA kernel
 DSA_IMPLS = ("auto", "reference", "pallas", "interpret", "pallas_mma", "interpret_mma")
 DECODE_ATTENTION = ("xla", "pallas")
 DSA_TOPK_METHODS = ("sort", "radix")
