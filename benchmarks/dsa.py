@@ -18,9 +18,11 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        backward is the reference's)
   dsa_pallas_radix     dsa_pallas with the top-k by `top_k_positions` (no sort)
   dsa_pallas_mma       dsa_pallas with the experimental 16-row MMA forward kernel
-  topk_sort / topk_radix: the indexer's scores and the selection alone (forward), by
-                       jax.lax.top_k or top_k_positions; at the smallest length a
-                       "check_topk" row says whether both chose the same keys
+  topk_sort / topk_radix / topk_sample: the indexer's scores and the selection alone
+                       (forward), by jax.lax.top_k, top_k_positions or top_k_sampled;
+                       at the smallest length "check_topk" rows say whether radix and
+                       sample chose sort's keys
+  dsa_pallas_sample    dsa_pallas with the top-k by `top_k_sampled`
   sparse_mla_reference / sparse_mla_pallas / sparse_mla_pallas_mma: the attention alone
                        on a fixed selection
   kernel_{wg|cta}_tpc{1|3}: the forward kernel alone (forward pass only): halves of C by
@@ -184,11 +186,11 @@ def kernel_fn(name, idx, valid):
 
 
 # Two rounds over the lengths: the comparison first, then the attention alone.
-ROUNDS = (("dense_cudnn", "dsa_pallas", "dsa_pallas_mma", "dsa_pallas_radix", "dsa_reference"),
-          ("topk_sort", "topk_radix", "sparse_mla_pallas", "sparse_mla_pallas_mma",
-           "sparse_mla_reference",
-           "kernel_wg_tpc1", "kernel_wg_tpc3", "kernel_cta_tpc1", "kernel_cta_tpc3",
-           "kernel_mma"))
+ROUNDS = (("dense_cudnn", "dsa_pallas", "dsa_pallas_mma", "dsa_pallas_radix",
+           "dsa_pallas_sample", "dsa_reference"),
+          ("topk_sort", "topk_radix", "topk_sample", "sparse_mla_pallas",
+           "sparse_mla_pallas_mma", "sparse_mla_reference", "kernel_wg_tpc1", "kernel_wg_tpc3",
+           "kernel_cta_tpc1", "kernel_cta_tpc3", "kernel_mma"))
 
 
 def main():
@@ -268,10 +270,11 @@ def main():
           except Exception as e:  # noqa: BLE001 -- recorded; the next row runs
             record(dict(row, error=f"{type(e).__name__}: {str(e)[:400]}"))
             given_up.add((impl, pss))
-      if "topk_sort" in outs and "topk_radix" in outs:
-        record(dict(seq=seq, impl="check_topk", **{"pass": "fwd"},
-                    radix_equals_sort=bool((outs["topk_radix"] == outs["topk_sort"]).all()),
-                    queries_differing=int((outs["topk_radix"] != outs["topk_sort"]).any(-1).sum())))
+      for other in ("topk_radix", "topk_sample"):
+        if "topk_sort" in outs and other in outs:
+          record(dict(seq=seq, impl="check_topk", **{"pass": "fwd"}, method=other,
+                      equals_sort=bool((outs[other] == outs["topk_sort"]).all()),
+                      queries_differing=int((outs[other] != outs["topk_sort"]).any(-1).sum())))
       base = next((k for k in ("sparse_mla_reference", "kernel_wg_tpc3") if k in outs), None)
       if "kernel_mma" in outs and base:
         a, b = outs["kernel_mma"], outs[base]

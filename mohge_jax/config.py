@@ -30,7 +30,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 # the same two for the experimental 16-row MMA kernel
 DSA_IMPLS = ("auto", "reference", "pallas", "interpret", "pallas_mma", "interpret_mma")
 DECODE_ATTENTION = ("xla", "pallas")
-DSA_TOPK_METHODS = ("sort", "radix")
+DSA_TOPK_METHODS = ("sort", "radix", "sample")
 ROPE_SCALINGS = ("none", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -91,13 +91,15 @@ class ModelConfig:
   # experimental 16-row MMA forward kernel (16 heads, bf16; not yet run on a GPU).
   dsa_impl: str = "reference"
   # How each query's top dsa_topk keys are found (sparse_attention.select_topk): "sort"
-  # (jax.lax.top_k, which sorts every row at these k) or "radix" (top_k_positions: the same
-  # keys from a digit-by-digit search for the k-th score, no sort).
+  # (jax.lax.top_k, which sorts every row at these k), "radix" (top_k_positions: the same
+  # keys from a digit-by-digit search for the k-th score, no sort) or "sample"
+  # (top_k_sampled: top_k's result from ~2k candidates a row above a sampled threshold).
   dsa_topk_method: str = "sort"
   # Decode-time attention over the MLA cache (attention.MLA.decode, dense attention):
   # "xla" (two einsums: scores, then P x latent; the cache read twice) or "pallas"
-  # (EXPERIMENTAL, not yet run on a GPU: pallas_kernels/mla_decode_gpu.py, one read; Hopper,
-  # 16 heads, bf16, a cache length that is a multiple of 64).
+  # (EXPERIMENTAL: pallas_kernels/mla_decode_gpu.py, one read; Hopper, 16 heads, bf16, a
+  # cache length that is a multiple of 64; its first version was right on the H200 and no
+  # faster than xla, the current one is not yet measured).
   decode_attention: str = "xla"
 
   # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.

@@ -2,6 +2,8 @@
 reference, the indexer's KL against numpy, dense equality with seq <= top-k, and where each
 loss's gradients go."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +58,8 @@ def _np_scores(q, w, k):
 
 @pytest.mark.parametrize("T,topk,chunk,method", [(9, 4, 4, "sort"), (6, 16, 4, "sort"),
                                                  (7, 7, 3, "sort"), (9, 4, 4, "radix"),
-                                                 (6, 16, 4, "radix")])
+                                                 (6, 16, 4, "radix"), (9, 4, 4, "sample"),
+                                                 (30, 4, 8, "sample")])
 def test_select_topk_is_the_causal_top_k(rng, T, topk, chunk, method):
   B, J, I = 2, 3, 5
   q, w, k = rng.normal(size=(B, T, J, I)), rng.normal(size=(B, T, J)), rng.normal(size=(B, T, I))
@@ -73,6 +76,34 @@ def test_select_topk_is_the_causal_top_k(rng, T, topk, chunk, method):
       assert chosen == want, (b, t)
   np.testing.assert_allclose(score, np.take_along_axis(s, np.asarray(idx), -1), rtol=1e-4,
                              atol=1e-5)
+
+
+def test_top_k_sampled_is_top_k(rng):
+  """top_k_sampled returns jax.lax.top_k's positions in its order. Rows of fresh normals
+  take the candidates' path (checked: every row's threshold let through k..4k entries,
+  from a sample of every 2nd entry: a miss is a 5-sigma event); rows it cannot serve
+  (many ties at the k-th value, half or all masked, zeros of both signs) send the whole
+  block to top_k, still exact."""
+  N, S, k = 5, 4000, int(rng.integers(100, 200))
+  x = rng.normal(size=(N, S)).astype(np.float32)
+  want = np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1])
+  fast, ok = dsa._top_k_of_candidates(jnp.asarray(x), k, sample=2000, oversample=2.0)
+  assert np.asarray(ok).all()
+  np.testing.assert_array_equal(np.asarray(fast), want)
+  f = jax.jit(functools.partial(dsa.top_k_sampled, sample=2000), static_argnums=1)
+  np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), k)), want)
+  x[1] = np.round(x[1] * 2) / 2
+  x[2, rng.random(S) < 0.5] = -np.inf
+  x[3] = -np.inf
+  x[4] = np.where(rng.random(S) < 0.5, np.float32(0.0), np.float32(-0.0))
+  _, ok = dsa._top_k_of_candidates(jnp.asarray(x), k, sample=2000, oversample=2.0)
+  assert not np.asarray(ok)[3:].any()  # all masked; ties: top_k's path
+  for kk in (1, k, S):
+    np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), kk)),
+                                  np.asarray(jax.lax.top_k(jnp.asarray(x), kk)[1]),
+                                  err_msg=f"k={kk}")
+  with pytest.raises(ValueError, match="k=0: must be between 1 and the row length 5"):
+    dsa.top_k_sampled(jnp.zeros((2, 5)), 0)
 
 
 def test_top_k_positions_is_top_k_without_a_sort(rng):
@@ -212,18 +243,20 @@ def test_model_stays_causal_with_top_k_below_the_length(rng, extra):
 
 
 def test_radix_top_k_model_equals_sort(rng):
-  """model.dsa_topk_method=radix: the same keys as sort (in another order), so the same
-  logits and indexer KL to float32 summation order, with top-k below the length."""
+  """model.dsa_topk_method=radix (and sample): the same keys as sort (radix in another
+  order), so the same logits and indexer KL to float32 summation order, with top-k below
+  the length."""
   outs, seed = [], int(rng.integers(1 << 30))
   tokens = jnp.asarray(rng.integers(1, 257, size=(2, 14)))
-  for method in ("sort", "radix"):
+  for method in ("sort", "radix", "sample"):
     cfg = load_config("configs/tiny.yaml", TINY + ["model.dsa_topk=4", "train.dsa_stage=sparse",
                                                    f"model.dsa_topk_method={method}"])
     model = Transformer(cfg, rngs=nnx.Rngs(seed))
     outs.append(jax.jit(lambda x, model=model: model(x))(tokens))
-  (a, aux_a), (b, aux_b) = outs
-  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(float(aux_a["dsa_kl"]), float(aux_b["dsa_kl"]), rtol=1e-5)
+  (a, aux_a), *others = outs
+  for b, aux_b in others:
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(aux_a["dsa_kl"]), float(aux_b["dsa_kl"]), rtol=1e-5)
 
 
 def test_bfloat16_sparse_step_is_finite(rng):
