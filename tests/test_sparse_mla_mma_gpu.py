@@ -132,3 +132,38 @@ def test_equals_reference_on_the_gpu(rng, T, K):
   o, o_r = np.asarray(o, np.float32), np.asarray(o_r)
   assert np.isfinite(o).all() and np.isfinite(np.asarray(lse)).all()
   assert np.linalg.norm(o - o_r) / np.linalg.norm(o_r) < 2e-2
+
+
+def test_mohge_3b_dsa_training_step_lowers_at_64k(monkeypatch):
+  """configs/mohge_3b_dsa.yaml's training step (2 of its layers) at one 64k-token sequence
+  with dsa_impl=pallas_mma and the sampled top-k, the expert kernels forced (this host is
+  a CPU): traces and lowers for CUDA, as issue 16's 64k step will run on the H200."""
+  import pallas_kernels
+  from mohge_jax import dispatch, sharding
+  from mohge_jax.config import load_config
+  from mohge_jax.trainer import abstract_state, graph_def, make_train_step
+  from pallas_kernels import gpu
+
+  monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132, **k))
+  resolve = dispatch.resolve_backend
+  monkeypatch.setattr(dispatch, "resolve_backend",
+                      lambda b, *a: "pallas" if b == "auto" else resolve(b, *a))
+  T = 65536
+
+  def kernels(impl):  # Mosaic GPU calls in the lowered step
+    cfg = load_config("configs/mohge_3b_dsa.yaml", [
+        "train.batch_size=1", f"train.seq_len={T}", "train.grad_accum=1",
+        "model.num_layers=2", f"model.dsa_impl={impl}", "model.dsa_topk_method=sample",
+        "model.attention_impl=xla"])
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    with jax.set_mesh(mesh):
+      state = abstract_state(cfg, mesh)
+      bs = sharding.batch_sharding(mesh, leading=1)
+      batch = {k: jax.ShapeDtypeStruct((1, 1, T), dt, sharding=bs) for k, dt in (
+          ("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
+          ("segment_ids", jnp.int32), ("positions", jnp.int32))}
+      text = make_train_step(cfg, graph_def(cfg)).trace(state, batch).lower(
+          lowering_platforms=("cuda",)).as_text()
+    return text.count("@mosaic_gpu")
+
+  assert kernels("pallas_mma") > kernels("reference") > 0  # the attention's, the experts'
