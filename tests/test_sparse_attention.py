@@ -312,11 +312,13 @@ def _rel(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("dtype,C,R,K,tol", [(jnp.bfloat16, 128, 64, 100, 1e-2),
-                                             (jnp.float32, 64, 32, 70, 1e-5)])
-def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol):
-  """The Mosaic GPU kernel in the GPU interpreter: o_lat, p and the gradients (the custom
-  VJP's pure-JAX backward from the LSE) against impl="reference" in float32 on the same
+@pytest.mark.parametrize("dtype,C,R,K,tol,impl", [
+    (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret"), (jnp.float32, 64, 32, 70, 1e-5, "interpret"),
+    (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret_mma")])
+def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol, impl):
+  """The Mosaic GPU kernels (wgmma; "interpret_mma": the 16-row MMA one, bf16 only) in the
+  GPU interpreter: o_lat, p and the gradients (the custom VJP's pure-JAX backward from the
+  LSE) against impl="reference" in float32 on the same
   inputs (in bf16 the reference's own gradient of c is off by ~3%: its dp is rounded to
   bf16 before the softmax backward); two batch rows (the gather's sequence offset), K over
   one 64-key step (the online softmax across steps), chunks that pad T."""
@@ -330,7 +332,7 @@ def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol
       return jnp.sum(o.astype(jnp.float32) * g_out), (o, p)
     return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
 
-  grads, (o, p) = run("interpret", args)
+  grads, (o, p) = run(impl, args)
   grads_r, (o_r, p_r) = run("reference", [a.astype(jnp.float32) for a in args])
   assert _rel(o, o_r) < tol
   assert _rel(p, p_r) < tol

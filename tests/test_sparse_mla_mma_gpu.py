@@ -10,20 +10,13 @@ import pytest
 import pallas_kernels as pk
 from mohge_jax import sparse_attention as dsa
 from pallas_kernels import sparse_mla_mma_gpu as k3
+from test_sparse_attention import _kernel_problem
 
 H = 16
 
 
 def _problem(rng, B, T, C, R, K):
-  """Random keys a query (repeats allowed), valid iff causal; slot 0 is the query itself,
-  and one query keeps only it (the ragged causal edge)."""
-  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.bfloat16)  # noqa: E731
-  q_lat, q_rope, c, kr = f(B, T, H, C), f(B, T, H, R), f(B, T, C), f(B, T, R)
-  idx = rng.integers(0, T, size=(B, T, K))
-  idx[:, :, 0] = np.arange(T)
-  valid = idx <= np.arange(T)[None, :, None]
-  valid[:, int(rng.integers(0, T)), 1:] = False
-  return (q_lat, q_rope, c, kr), jnp.asarray(idx, jnp.int32), jnp.asarray(valid)
+  return _kernel_problem(rng, jnp.bfloat16, B, T, H, C, R, K)
 
 
 def _lse64(q_lat, q_rope, c, kr, idx, valid, scale):
@@ -63,27 +56,16 @@ def test_interpreted_equals_reference(rng, C, R, K):
   np.testing.assert_allclose(np.asarray(lse), _lse64(*args, idx, valid, 0.1), atol=1e-4)
 
 
-def test_through_sparse_mla_interpreted_equals_reference(rng):
-  """dsa_impl=interpret_mma: o_lat, p and the gradients (the custom VJP's pure-JAX backward
-  from this kernel's LSE) against impl="reference" in float32 on the same bf16 inputs."""
-  args, idx, valid = _problem(rng, 2, 5, 128, 64, 100)
-  g_out = jnp.asarray(rng.normal(size=(2, 5, H, 128)), jnp.float32)
-
-  def run(impl, args):
-    def loss(*a):
-      o, p = dsa.sparse_mla(*a, idx, valid, scale=0.1, chunk=4, impl=impl)
-      return jnp.sum(o.astype(jnp.float32) * g_out), (o, p)
-    return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
-
-  grads, (o, p) = run("interpret_mma", args)
-  grads_r, (o_r, p_r) = run("reference", [a.astype(jnp.float32) for a in args])
-  rel = lambda a, b: np.linalg.norm(np.asarray(a, np.float32) - b) / np.linalg.norm(b)  # noqa: E731
-  assert rel(o, o_r) < 1e-2 and rel(p, p_r) < 1e-2
-  for a, b in zip(grads, grads_r):
-    assert rel(a, b) < 1e-2
+def test_selected_through_dsa_impl():
+  """dsa_impl=pallas_mma / interpret_mma reach this kernel (its gradients through
+  sparse_mla are tested beside the wgmma kernel's:
+  test_sparse_attention.py::test_sparse_mla_kernel_interpreted_equals_reference) and
+  refuse what it cannot take."""
   assert dsa.resolve_sparse_mla_impl("pallas_mma", 16, 512, 64, 2048, jnp.bfloat16) == "pallas_mma"
   with pytest.raises(ValueError, match="heads must be 16"):
     dsa.resolve_sparse_mla_impl("pallas_mma", 8, 512, 64, 2048, jnp.bfloat16)
+  with pytest.raises(ValueError, match="dtype must be bfloat16"):
+    dsa.resolve_sparse_mla_impl("interpret_mma", 16, 512, 64, 2048, jnp.float32)
 
 
 def test_lowers_for_cuda_at_mohge_3b_shapes_and_refuses_others():
