@@ -82,7 +82,8 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
     raise ValueError(reason)
   if CR != C + R or ckr_BxSxCR.dtype != dt or q_rope_BxTxHxR.dtype != dt:
     raise ValueError(f"sparse_mla mma kernel: ckr must be [B, S, C+R] = [.., .., {C + R}] "
-                     f"in {dt}, got {ckr_BxSxCR.shape} {ckr_BxSxCR.dtype}")
+                     f"and q_rope [B, T, H, R], both in q_lat's {dt}; got ckr "
+                     f"{ckr_BxSxCR.shape} {ckr_BxSxCR.dtype}, q_rope {q_rope_BxTxHxR.dtype}")
   Kp = -(-K // KEYS) * KEYS
   idx_BxTxNxKEYS = jnp.pad(idx_BxTxK.astype(jnp.int32), ((0, 0), (0, 0), (0, Kp - K)),
                            constant_values=-1).reshape(B, T, Kp // KEYS, KEYS)
