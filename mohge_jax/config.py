@@ -486,6 +486,11 @@ def validate(cfg: Config) -> None:
     _require(m.attention == "mla",
              f"model.sparse_attention=dsa needs model.attention=mla (got {m.attention!r}): "
              "the sparse path attends in MLA's latent form")
+    if m.dsa_impl.endswith("_mma"):  # the 16-row MMA kernel takes fewer shapes than the rest
+      from pallas_kernels import sparse_mla_mma_gpu  # noqa: PLC0415 - only for this check
+      reason = sparse_mla_mma_gpu.unsupported_reason(
+          m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim, m.dsa_topk, m.dtype)
+      _require(reason is None, f"model.dsa_impl={m.dsa_impl}: {reason}")
     for name in ("dsa_index_heads", "dsa_index_dim", "dsa_topk", "dsa_query_chunk"):
       _require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)}: must be >= 1")
     _require(m.dsa_index_rope_dim % 2 == 0 and 0 <= m.dsa_index_rope_dim <= m.dsa_index_dim,

@@ -66,6 +66,10 @@ def test_selected_through_dsa_impl():
     dsa.resolve_sparse_mla_impl("pallas_mma", 8, 512, 64, 2048, jnp.bfloat16)
   with pytest.raises(ValueError, match="dtype must be bfloat16"):
     dsa.resolve_sparse_mla_impl("interpret_mma", 16, 512, 64, 2048, jnp.float32)
+  from mohge_jax.config import ConfigError, load_config
+  load_config("configs/mohge_3b_dsa.yaml", ["model.dsa_impl=pallas_mma"])  # its shapes: taken
+  with pytest.raises(ConfigError, match=r"model.dsa_impl=pallas_mma: .*heads must be 16 .*got 8"):
+    load_config("configs/mohge_3b_dsa.yaml", ["model.dsa_impl=pallas_mma", "model.num_heads=8"])
 
 
 def test_lowers_for_cuda_at_mohge_3b_shapes_and_refuses_others():
