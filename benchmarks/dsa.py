@@ -23,6 +23,7 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        at the smallest length "check_topk" rows say whether radix and
                        sample chose sort's keys
   dsa_pallas_sample    dsa_pallas with the top-k by `top_k_sampled`
+  dsa_pallas_mma_sample  both: the MMA kernel and the sampled top-k
   sparse_mla_reference / sparse_mla_pallas / sparse_mla_pallas_mma: the attention alone
                        on a fixed selection
   kernel_{wg|cta}_tpc{1|3}: the forward kernel alone (forward pass only): halves of C by
@@ -33,6 +34,10 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        warpgroup gather (pallas_kernels/sparse_mla_mma_gpu.py); at the
                        smallest length a "check_mma" row gives its error against
                        sparse_mla_reference (or kernel_wg_tpc3) when that ran before it
+  kernel_mma_pad0 / _g8 / _g32: its SMEM rows unpadded (bank conflicts), 8 or 32 keys'
+                       loads before their stores; kernel_mma_nogather / _nomma: the
+                       kernel without the gather or without the products (wrong results:
+                       how the time divides)
 TFLOP/s counts useful FLOPs: dense H·T(T+1)/2·2·(192+128); sparse H·Σ_t min(t+1, k)·2·
 (576+512); indexer T(T+1)/2·2·J·I; forward+backward = 3.5x forward for attention (the
 backward recomputes the scores: 5 products vs 2) and 1x for the indexer (its backward only
@@ -171,9 +176,12 @@ def kernel_fn(name, idx, valid):
   """The forward kernel alone (o_lat and LSE): name = kernel_{wg|cta}_tpc{1|3} or
   kernel_mma."""
   idx_enc = jnp.where(valid, idx, -1)
-  if name == "kernel_mma":
+  if name.startswith("kernel_mma"):  # kernel_mma[_pad0|_g8|_g32|_nogather|_nomma]
+    kw = {"": {}, "_pad0": dict(row_pad=0), "_g8": dict(group=8), "_g32": dict(group=32),
+          "_nogather": dict(_ablate="no_gather"), "_nomma": dict(_ablate="no_mma")}[
+              name.removeprefix("kernel_mma")]
     return jax.jit(lambda q_lat, q_rope, c, kr: sparse_mla_mma_gpu.sparse_mla_fwd(
-        q_lat, q_rope, jnp.concatenate([c, kr], -1), idx_enc, scale=SCALE)), (
+        q_lat, q_rope, jnp.concatenate([c, kr], -1), idx_enc, scale=SCALE, **kw)), (
             "q_lat", "q_rope", "c", "kr")
   split, tpc = name.split("_")[1:]
 
@@ -249,8 +257,8 @@ def main():
               f, names = topk_fn(impl.removeprefix("topk_"))
             elif impl.startswith("dsa_"):
               kind, _, method = impl.removeprefix("dsa_").partition("_")
-              if method == "mma":  # dsa_pallas_mma: the kernel, not a top-k method
-                kind, method = "pallas_mma", "sort"
+              if method.startswith("mma"):  # dsa_pallas_mma[_sample]: the MMA kernel
+                kind, method = "pallas_mma", method.removeprefix("mma").lstrip("_")
               f, names = dsa_fn(pss, kind, method or "sort")
             else:
               f, names = sparse_mla_fn(pss, impl.removeprefix("sparse_mla_"), *sel)

@@ -20,7 +20,7 @@ slots (`splits`: flash-decoding, so that small batches still fill the GPU; the s
 partial outputs and log-sum-exps are combined after the kernel). A CTA walks its steps of
 64 slots (only those up to the row's last visible slot: the rest of the cache is not
 read); each step's latent block [64, C] and rope block [64, R] come to SMEM by TMA, into a
-ring of BUFFERS slots: the copy of step t+1 is issued during step t, once every thread
+ring of 2 slots (3 unpadded, below): the copy of step t+1 is issued during step t, once every thread
 is done with the slot it overwrites. From SMEM, the scores [H, 64] accumulate over the
 latent in 64-column chunks plus the rope chunk (the B operand read transposed), online
 softmax along the slots (rows are heads), P goes through SMEM as the A operand of P x
@@ -32,8 +32,19 @@ Status: the first version (seventh session; one CTA a row, the scores' operands 
 GMEM, one TMA copy a step waited at once) was right on the H200 and no faster than XLA
 (notes_generate.md). This one (the ring, the operands from SMEM, the splits) lowers for
 CUDA and runs in the GPU interpreter on CPU (`interpret=True`: the interpreter has no
-`plgpu.mma`, so the MMAs are dots there), both tested; the MMA instruction's numerics and
-the speed are for `tests/test_mla_decode_gpu.py` and `benchmarks/mla_decode.py` on an H200.
+`plgpu.mma`, so the MMAs are dots there), both tested; on the H200 it is right and
+0.91x XLA at batch 256 (eighth session, notes_generate.md).
+
+Bank conflicts (eighth session): an MMA operand fragment is read by a warp as 8 rows x 16
+bytes (the scores' B operand, P) or 4 rows x 16 bytes (P x latent's); with SMEM rows a
+multiple of 128 bytes apart (256-column boxes: 512 bytes) those rows share 4 of the 32
+banks and every load is replayed 4-8 times. Now each 64-column chunk of the latent comes
+by its own TMA box of CHUNK + ROW_PAD = 72 columns (the last box starts 8 columns earlier,
+so no box leaves the row), so its SMEM rows are 144 bytes apart: row r starts 4r banks on,
+and 8 rows cover all 32. The boxes read 8 columns twice (from L2). At 72 columns the ring
+holds 2 steps (3 x 8 x 64 x 72 x 2 bytes would pass the 227 KB of SMEM);
+row_pad=0 keeps the first layout (64-column boxes, 3 steps) for comparison. The rope block
+(64 columns) keeps its conflicts: 1 of the scores' 9 chunks.
 """
 from __future__ import annotations
 
@@ -47,10 +58,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 SLOTS = 64    # cache slots per step
-CHUNK = 64    # contraction columns per MMA (scores)
-OUT_COLS = 128  # output columns per accumulator (P x latent)
-TMA_COLS = 256  # columns per TMA copy (a box is at most 256 elements a dimension)
-BUFFERS = 3     # ring slots of a step's blocks in SMEM (3 x 72 KB at C=512, R=64)
+CHUNK = 64    # contraction columns per MMA (scores), output columns per accumulator (P x V)
+ROW_PAD = 8   # extra bf16 columns per latent TMA box: its SMEM rows 144 bytes apart
 TARGET_CTAS = 132  # the H200's streaming multiprocessors (one CTA fits an SM)
 
 
@@ -60,9 +69,9 @@ def unsupported_reason(H: int, C: int, R: int, S: int, dtype) -> str | None:
     return f"mla_decode kernel: dtype must be bfloat16, got {jnp.dtype(dtype).name}"
   if H != 16:
     return f"mla_decode kernel: heads must be 16 (the MMA's M), got {H}"
-  if C % TMA_COLS or R % CHUNK:
-    return (f"mla_decode kernel: latent dim must be a multiple of {TMA_COLS} and rope dim "
-            f"of {CHUNK}; got C={C}, R={R}")
+  if C % CHUNK or C < 2 * CHUNK or R % CHUNK:
+    return (f"mla_decode kernel: latent dim must be a multiple of {CHUNK} (at least "
+            f"{2 * CHUNK}) and rope dim of {CHUNK}; got C={C}, R={R}")
   if S % SLOTS:
     return f"mla_decode kernel: cache slots must be a multiple of {SLOTS}, got {S}"
   return None
@@ -102,12 +111,14 @@ def mma(acc, a, b, interpret: bool):
   return plgpu.mma(acc, a, b)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "splits", "interpret", "row_pad"))
 def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B, *,
-               scale: float, splits: int | None = None, interpret: bool = False):
+               scale: float, splits: int | None = None, interpret: bool = False,
+               row_pad: int = ROW_PAD):
   """o_lat [B, H, C] (see the module docstring); lengths_B: visible slots per row (>= 1);
   splits: CTAs a row (None: `default_splits`). interpret: run in the GPU interpreter (on
-  CPU; the MMAs as dots), to test everything but the MMA instruction itself."""
+  CPU; the MMAs as dots), to test everything but the MMA instruction itself. row_pad: 8
+  (the latent's SMEM rows padded against bank conflicts) or 0 (unpadded, for comparison)."""
   B, H, C = q_lat_BxHxC.shape
   S, R = latent_BxSxC.shape[1], k_rope_BxSxR.shape[2]
   dt = latent_BxSxC.dtype
@@ -118,13 +129,18 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
   if not 1 <= J <= S // SLOTS:
     raise ValueError(f"mla_decode kernel: splits must be 1..{S // SLOTS} (steps of {SLOTS} "
                      f"slots in {S}), got {J}")
+  if row_pad not in (0, 8):
+    raise ValueError(f"mla_decode kernel: row_pad must be 0 or 8, got {row_pad}")
   per_split = -(-(S // SLOTS) // J)  # steps a split
+  box_cols = CHUNK + row_pad
+  buffers = 2 if row_pad else 3  # ring slots of a step's blocks in SMEM
+  boxes = C // CHUNK  # one TMA box a 64-column chunk; its first column in the row:
+  starts = [min(c * CHUNK, C - box_cols) for c in range(boxes)]
   lhs = plgpu.Layout.MMA_LHS(dt, m_warps=1)
   rhs = plgpu.Layout.MMA_RHS(dt, m_warps=1)
   acc = plgpu.Layout.MMA_ACC(dt, m_warps=1)
   row = acc.reduce(1)
   log2e = math.log2(math.e)
-  boxes = C // TMA_COLS  # TMA copies of a step's latent block (a box is <= 256 wide)
 
   def zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), acc)
@@ -140,14 +156,14 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
     first = j * per_split  # this split's steps: first .. first+count-1
     count = jnp.clip((visible + SLOTS - 1) // SLOTS - first, 0, per_split)
 
-    def fetch(t):  # step first+t's blocks into ring slot t % BUFFERS
-      slots, buf = pl.ds((first + t) * SLOTS, SLOTS), t % BUFFERS
-      for h in range(boxes):
-        plgpu.copy_gmem_to_smem(lat_ref.at[b, slots, pl.ds(h * TMA_COLS, TMA_COLS)],
-                                lat_smem.at[buf, h], bars.at[buf])
+    def fetch(t):  # step first+t's blocks into ring slot t % buffers
+      slots, buf = pl.ds((first + t) * SLOTS, SLOTS), t % buffers
+      for c in range(boxes):
+        plgpu.copy_gmem_to_smem(lat_ref.at[b, slots, pl.ds(starts[c], box_cols)],
+                                lat_smem.at[buf, c], bars.at[buf])
       plgpu.copy_gmem_to_smem(kr_ref.at[b, slots], kr_smem.at[buf], bars.at[buf])
 
-    for t in range(BUFFERS - 1):  # the ring's first slots (its last is filled in step 0)
+    for t in range(buffers - 1):  # the ring's first slots (its last is filled in step 0)
       @pl.when(t < count)
       def _():
         fetch(t)
@@ -159,13 +175,12 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
 
     def step(t, carry):
       outs, m_run, l_run = carry
-      buf = t % BUFFERS
+      buf = t % buffers
       plgpu.barrier_wait(bars.at[buf])
+      chunk = lambda c: lat_smem.at[buf, c, :, pl.ds(c * CHUNK - starts[c], CHUNK)]  # noqa: E731
       s = zeros((H, SLOTS))
-      for c in range(C // CHUNK):  # scores: q_lat . latent (B operand: the block transposed)
-        box, col = divmod(c * CHUNK, TMA_COLS)
-        k = plgpu.load(lat_smem.at[buf, box, :, pl.ds(col, CHUNK)].T, layout=rhs,
-                       optimized=False)
+      for c in range(boxes):  # scores: q_lat . latent (B operand: the block transposed)
+        k = plgpu.load(chunk(c).T, layout=rhs, optimized=False)
         s = mma(s, q_chunks[c], k, interpret)
       for c in range(R // CHUNK):  # + q_rope . k_rope
         k = plgpu.load(kr_smem.at[buf, :, pl.ds(c * CHUNK, CHUNK)].T, layout=rhs,
@@ -180,51 +195,49 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
       l_new = l_run * alpha + plgpu.layout_cast(p.sum(axis=1), row)
       # Pallas puts a warpgroup barrier before this store (auto_barriers: earlier reads of
       # p_smem done), so every thread has also finished step t-1, whose ring slot the copy
-      # below overwrites with step t+BUFFERS-1.
-      p_smem[...] = p.astype(dt)
+      # below overwrites with step t+buffers-1.
+      p_smem[:, pl.ds(0, SLOTS)] = p.astype(dt)
 
-      @pl.when(t + BUFFERS - 1 < count)
+      @pl.when(t + buffers - 1 < count)
       def _():
-        fetch(t + BUFFERS - 1)
+        fetch(t + buffers - 1)
 
-      p_lhs = plgpu.load(p_smem, layout=lhs, optimized=False)
+      p_lhs = plgpu.load(p_smem.at[:, pl.ds(0, SLOTS)], layout=lhs, optimized=False)
       new_outs = []
-      for i, o in enumerate(outs):  # o_i += P . latent[:, i-th 128 columns] (as stored)
-        box, col = divmod(i * OUT_COLS, TMA_COLS)
-        v = plgpu.load(lat_smem.at[buf, box, :, pl.ds(col, OUT_COLS)], layout=rhs,
-                       optimized=False)
-        new_outs.append(mma(o * across(alpha, OUT_COLS), p_lhs, v, interpret))
+      for i, o in enumerate(outs):  # o_i += P . latent[:, i-th 64 columns] (as stored)
+        v = plgpu.load(chunk(i), layout=rhs, optimized=False)
+        new_outs.append(mma(o * across(alpha, CHUNK), p_lhs, v, interpret))
       return tuple(new_outs), m_new, l_new
 
-    init = (tuple(zeros((H, OUT_COLS)) for _ in range(C // OUT_COLS)),
+    init = (tuple(zeros((H, CHUNK)) for _ in range(boxes)),
             plgpu.layout_cast(jnp.full((H,), -jnp.inf, jnp.float32), row),
             plgpu.layout_cast(jnp.zeros((H,), jnp.float32), row))
     outs, m_run, l_run = lax.fori_loop(0, count, step, init)
-    inv = across(1.0 / jnp.maximum(l_run, 1e-30), OUT_COLS)  # a split with no slot: o = 0
+    inv = across(1.0 / jnp.maximum(l_run, 1e-30), CHUNK)  # a split with no slot: o = 0
     for i, o in enumerate(outs):
-      cols = pl.ds(i * OUT_COLS, OUT_COLS)
+      cols = pl.ds(i * CHUNK, CHUNK)
       if J == 1:
         o_ref[b, :, cols] = (o * inv).astype(dt)
       else:
         o_ref[b, j, :, cols] = o * inv
-    if J > 1:  # log2-sum-exp2 of the split's scores, as an [H, 128] tile (column 0 read)
-      lse_ref[b, j] = across(m_run + jnp.log2(l_run), OUT_COLS)
+    if J > 1:  # log2-sum-exp2 of the split's scores, as an [H, 64] tile (column 0 read)
+      lse_ref[b, j] = across(m_run + jnp.log2(l_run), CHUNK)
 
   if J == 1:
     out_type = jax.ShapeDtypeStruct((B, H, C), dt)
   else:
     out_type = (jax.ShapeDtypeStruct((B, J, H, C), jnp.float32),
-                jax.ShapeDtypeStruct((B, J, H, OUT_COLS), jnp.float32))
+                jax.ShapeDtypeStruct((B, J, H, CHUNK), jnp.float32))
   out = plgpu.kernel(
       kernel,
       out_type=out_type,
       grid=(B, J), grid_names=("b", "split"),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-      scratch_types=[plgpu.SMEM((H, SLOTS), dt),
-                     plgpu.SMEM((BUFFERS, boxes, SLOTS, TMA_COLS), dt),
-                     plgpu.SMEM((BUFFERS, SLOTS, R), dt),
-                     plgpu.Barrier(num_arrivals=boxes + 1, num_barriers=BUFFERS)],
+      scratch_types=[plgpu.SMEM((H, SLOTS + 8), dt),
+                     plgpu.SMEM((buffers, boxes, SLOTS, box_cols), dt),
+                     plgpu.SMEM((buffers, SLOTS, R), dt),
+                     plgpu.Barrier(num_arrivals=boxes + 1, num_barriers=buffers)],
   )(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B.astype(jnp.int32))
   if J == 1:
     return out

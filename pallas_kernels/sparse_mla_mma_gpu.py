@@ -26,6 +26,12 @@ wgmma's 64 rows, and it computes the scores twice (once per half of C). Here:
   off (`unsafe_no_auto_barriers`); `plgpu.commit_smem()` (a warpgroup barrier) is placed
   where threads hand SMEM to each other: after the step's rows are stored, after P is
   stored, and before the next step overwrites what this one read.
+Bank conflicts: an MMA operand fragment is read by each warp as 8 rows x 16 bytes (scores'
+B operand, P) or 4 rows x 16 bytes (P x latent's B operand). Rows of 512, 128 or 64 bf16
+are a multiple of 128 bytes apart, so those rows fall on the same 4 of SMEM's 32 banks and
+a load is replayed 4-8 times (the first H200 run: ~14 us a 64-key step, about what 8-way
+replays of its ~550 loads a thread predict). Each SMEM row is padded by ROW_PAD = 8 bf16
+(16 bytes): row r starts 4r banks further, and 8 rows cover all 32.
 Scores: C/64 + R/64 MMAs of K = 64 over the key tile read transposed from SMEM; online
 softmax along the keys (rows are heads); P through SMEM as the A operand of P x latent.
 The backward stays pure JAX (`sparse_attention._sparse_mla_bwd`).
@@ -49,6 +55,7 @@ CHUNK = 64      # contraction columns an MMA (scores)
 OUT_COLS = 128  # output columns an accumulator (P x latent)
 TAIL = 128      # columns loaded from the end of a row (holds the rope key)
 GROUP = 16      # keys whose loads are issued before their stores
+ROW_PAD = 8     # bf16 columns after each SMEM row (16 bytes): see "Bank conflicts" above
 _MASKED = -1e30  # as sparse_attention._MASKED (in the kernel's base-2 scaled units)
 
 
@@ -67,12 +74,18 @@ def unsupported_reason(H: int, C: int, R: int, K: int, dtype) -> str | None:
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "row_pad", "group",
+                                             "_ablate"))
 def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scale: float,
-                   interpret: bool | plgpu.InterpretGPUParams = False):
+                   interpret: bool | plgpu.InterpretGPUParams = False, row_pad: int = ROW_PAD,
+                   group: int = GROUP, _ablate: str = ""):
   """o_lat [B,T,H,C] (q_lat's dtype) and lse [B,T,H] float32 (natural log). idx: int32,
   -1 = invalid; K is padded to a multiple of 64 with -1. interpret: True (or the
-  interpreter's parameters) runs it in the GPU interpreter (on CPU; the MMAs as dots)."""
+  interpreter's parameters) runs it in the GPU interpreter (on CPU; the MMAs as dots).
+  row_pad (bf16 columns after each SMEM row, a multiple of 8) and group (keys loaded before
+  their stores, dividing 64) are tuning knobs; _ablate ("no_gather": the step's rows are not
+  loaded; "no_mma": no products) is for benchmarks/dsa.py's timing of the kernel's parts,
+  and its results are wrong."""
   B, T, H, C = q_lat_BxTxHxC.shape
   R = q_rope_BxTxHxR.shape[-1]
   S, CR = ckr_BxSxCR.shape[1:]
@@ -84,6 +97,10 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
     raise ValueError(f"sparse_mla mma kernel: ckr must be [B, S, C+R] = [.., .., {C + R}] "
                      f"and q_rope [B, T, H, R], both in q_lat's {dt}; got ckr "
                      f"{ckr_BxSxCR.shape} {ckr_BxSxCR.dtype}, q_rope {q_rope_BxTxHxR.dtype}")
+  if row_pad % 8 or row_pad < 0 or KEYS % group or _ablate not in ("", "no_gather", "no_mma"):
+    raise ValueError(f"sparse_mla mma kernel: row_pad must be a multiple of 8, group divide "
+                     f"{KEYS}, _ablate '', 'no_gather' or 'no_mma'; got {row_pad}, {group}, "
+                     f"{_ablate!r}")
   Kp = -(-K // KEYS) * KEYS
   idx_BxTxNxKEYS = jnp.pad(idx_BxTxK.astype(jnp.int32), ((0, 0), (0, 0), (0, Kp - K)),
                            constant_values=-1).reshape(B, T, Kp // KEYS, KEYS)
@@ -114,21 +131,22 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
     def step(st, carry):
       outs, m_run, l_run = carry
       plgpu.commit_smem()  # every thread is done with the previous step's tiles
-      for g in range(KEYS // GROUP):  # gather: GROUP rows' loads, then their stores
-        keys = range(g * GROUP, (g + 1) * GROUP)
+      for g in range(KEYS // group if _ablate != "no_gather" else 0):
+        keys = range(g * group, (g + 1) * group)  # gather: group rows' loads, then stores
         rows = [jnp.maximum(idx_smem[st, k], 0) for k in keys]  # invalid: row 0, masked
         vals = [(plgpu.load(ckr_ref.at[b, r, pl.ds(0, C)], layout=lat_layout, optimized=False),
                  plgpu.load(ckr_ref.at[b, r, pl.ds(CR - TAIL, TAIL)], layout=tail_layout,
                             optimized=False)) for r in rows]
         for k, (lat, tail) in zip(keys, vals):
-          lat_smem[k] = lat
-          tail_smem[k] = tail
+          lat_smem[k, pl.ds(0, C)] = lat
+          tail_smem[k, pl.ds(0, TAIL)] = tail
       plgpu.commit_smem()  # the step's rows, stored by all threads, are read by all
       s = zeros((H, KEYS))
-      for c in range(C // CHUNK):  # scores: q_lat . latent (B operand: the tile transposed)
+      products = _ablate != "no_mma"
+      for c in range(C // CHUNK if products else 0):  # scores: q_lat . latent (B: tile^T)
         k = plgpu.load(lat_smem.at[:, pl.ds(c * CHUNK, CHUNK)].T, layout=rhs, optimized=False)
         s = mma(s, q_chunks[c], k, bool(interpret))
-      for c in range(R // CHUNK):  # + q_rope . k_rope (the last R of the tail)
+      for c in range(R // CHUNK if products else 0):  # + q_rope . k_rope (the tail's end)
         k = plgpu.load(tail_smem.at[:, pl.ds(TAIL - R + c * CHUNK, CHUNK)].T, layout=rhs,
                        optimized=False)
         s = mma(s, q_chunks[C // CHUNK + c], k, bool(interpret))
@@ -139,14 +157,17 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
       alpha = jnp.exp2(m_run - m_new)
       p = jnp.exp2(s - across(m_new, KEYS))
       l_new = l_run * alpha + plgpu.layout_cast(p.sum(axis=1), row)
-      p_smem[...] = p.astype(dt)
+      p_smem[:, pl.ds(0, KEYS)] = p.astype(dt)
       plgpu.commit_smem()  # P, stored by all threads, is the A operand of all
-      p_lhs = plgpu.load(p_smem, layout=lhs, optimized=False)
+      p_lhs = plgpu.load(p_smem.at[:, pl.ds(0, KEYS)], layout=lhs, optimized=False)
       new_outs = []
       for i, o in enumerate(outs):  # o_i += P . latent[:, i-th 128 columns] (as stored)
-        v = plgpu.load(lat_smem.at[:, pl.ds(i * OUT_COLS, OUT_COLS)], layout=rhs,
-                       optimized=False)
-        new_outs.append(mma(o * across(alpha, OUT_COLS), p_lhs, v, bool(interpret)))
+        o = o * across(alpha, OUT_COLS)
+        if products:
+          v = plgpu.load(lat_smem.at[:, pl.ds(i * OUT_COLS, OUT_COLS)], layout=rhs,
+                         optimized=False)
+          o = mma(o, p_lhs, v, bool(interpret))
+        new_outs.append(o)
       return tuple(new_outs), m_new, l_new
 
     init = (tuple(zeros((H, OUT_COLS)) for _ in range(C // OUT_COLS)),
@@ -167,7 +188,7 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
                                            unsafe_no_auto_barriers=True),
       interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
                  else plgpu.InterpretGPUParams() if interpret else None),
-      scratch_types=[plgpu.SMEM((H, KEYS), dt), plgpu.SMEM((KEYS, C), dt),
-                     plgpu.SMEM((KEYS, TAIL), dt), plgpu.SMEM((Kp // KEYS, KEYS), jnp.int32),
+      scratch_types=[plgpu.SMEM((H, KEYS + row_pad), dt), plgpu.SMEM((KEYS, C + row_pad), dt),
+                     plgpu.SMEM((KEYS, TAIL + row_pad), dt), plgpu.SMEM((Kp // KEYS, KEYS), jnp.int32),
                      plgpu.Barrier(num_arrivals=1)],
   )(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxNxKEYS)

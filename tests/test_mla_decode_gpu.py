@@ -62,15 +62,16 @@ def test_splits_combine_to_the_whole_softmax(rng):
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("B,splits", [(3, 1), (3, 2), (2, None)])
-def test_kernel_in_the_gpu_interpreter_matches_reference(rng, B, splits):
+@pytest.mark.parametrize("B,splits,row_pad", [(3, 1, 8), (3, 2, 0), (2, None, 8)])
+def test_kernel_in_the_gpu_interpreter_matches_reference(rng, B, splits, row_pad):
   """Everything but the MMA instruction (the interpreter has none: a dot there): the ring
   of TMA copies and its barriers, the steps a row and split walk, the masks of ragged
-  lengths (one row shorter than a step), the online softmax and the splits' combine."""
+  lengths (one row shorter than a step), the online softmax and the splits' combine; the
+  padded boxes (each 64-column chunk at its offset in its 72-column box) and unpadded."""
   S = 64 * 5
   args = _inputs(rng, B, S)
   args = (*args[:4], args[4].at[-1].set(int(rng.integers(1, 64))))
-  got = mdk.mla_decode(*args, scale=0.3, splits=splits, interpret=True)
+  got = mdk.mla_decode(*args, scale=0.3, splits=splits, interpret=True, row_pad=row_pad)
   want = mdk.reference(*args, 0.3)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2  # bf16 P and output
@@ -101,11 +102,12 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
-@pytest.mark.parametrize("B,S,splits", [(2, 64, None), (8, 576, None), (8, 576, 1),
-                                         (8, 576, 4), (256, 576, None)])
-def test_kernel_matches_reference_on_the_gpu(rng, B, S, splits):
+@pytest.mark.parametrize("B,S,splits,row_pad", [(2, 64, None, 8), (8, 576, None, 8),
+                                                 (8, 576, 1, 8), (8, 576, 4, 8),
+                                                 (256, 576, None, 8), (8, 576, None, 0)])
+def test_kernel_matches_reference_on_the_gpu(rng, B, S, splits, row_pad):
   args = _inputs(rng, B, S)
-  got = mdk.mla_decode(*args, scale=0.3, splits=splits)
+  got = mdk.mla_decode(*args, scale=0.3, splits=splits, row_pad=row_pad)
   want = jax.jit(mdk.reference, static_argnums=5)(*args, 0.3)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.isfinite(got).all()
