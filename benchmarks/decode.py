@@ -189,8 +189,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
       0, m.vocab_size, size=(batch, prompt_len)), jnp.int32)
   lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
   t0 = T()
-  prefill = jax.jit(make_prefill(cfg, graphdef, S)).lower(state, prompts_BxP,
-                                                           lengths_B).compile()
+  prefill = jax.jit(make_prefill(cfg, graphdef, gen.cache_length(S))).lower(
+      state, prompts_BxP, lengths_B).compile()
   t1 = T()
   first_B, caches = jax.block_until_ready(prefill(state, prompts_BxP, lengths_B))
   prefill_times = []

@@ -253,7 +253,9 @@ class MLA(nnx.Module):
           q_lat_BxHxC[:, None], q_BxHxPR[:, None, :, P:], mine.latent, mine.k_rope, idx_Bx1xK,
           valid_Bx1xK, scale=self.scale, chunk=1, impl=m.dsa_impl)
       o_lat_BxHxC = o_lat_Bx1xHxC[:, 0]
-    elif m.decode_attention == "pallas":  # experimental: one read of the cache
+    elif m.decode_attention == "pallas" or (m.decode_attention == "auto" and (
+        mla_decode_gpu.use_for_auto(B, m.num_heads, m.kv_lora_rank, m.qk_rope_head_dim, S,
+                                    mine.latent.dtype))):  # one read of the cache
       if S % mla_decode_gpu.SLOTS:
         raise ValueError(f"model.decode_attention=pallas needs a cache length that is a "
                          f"multiple of {mla_decode_gpu.SLOTS} (prompt + new tokens), got {S}")

@@ -40,6 +40,7 @@ from mohge_jax import routing
 from mohge_jax.attention import MLA, MLACache
 from mohge_jax.losses import logits_matmul
 from mohge_jax.model import Transformer, head_weight
+from pallas_kernels import mla_decode_gpu
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -151,6 +152,12 @@ def _ffn(block, h_BxLxD, expert_backend: str | None = None):
                                            h_BxLxD.shape[0] * h_BxLxD.shape[1])
   y_BxLxD, aux = block.ffn(h_BxLxD, backend=expert_backend)
   return y_BxLxD, routing.Forced(aux["expert_ids"], aux["group_ids"])
+
+
+def cache_length(S: int) -> int:
+  """Cache slots for S positions, rounded up to the decode kernel's step of 64 slots
+  (`mla_decode_gpu.SLOTS`; slots past a row's position are masked and never read by it)."""
+  return -(-S // mla_decode_gpu.SLOTS) * mla_decode_gpu.SLOTS
 
 
 def prefill(model: Transformer, tokens_BxP: jax.Array, lengths_B: jax.Array, cache_len: int):
@@ -318,7 +325,7 @@ def _generate(graphdef, state, layers, prompts_BxP, lengths_B, key, *, max_new_t
   draw = functools.partial(sample, vocab_size=model.cfg.model.vocab_size,
                            temperature=temperature, top_k=top_k, top_p=top_p)
 
-  logits_BxV, caches, prompt_routes = prefill(model, prompts_BxP, lengths_B, S)
+  logits_BxV, caches, prompt_routes = prefill(model, prompts_BxP, lengths_B, cache_length(S))
   if layers is not None:
     caches = unstack_caches(caches)
   routes = None

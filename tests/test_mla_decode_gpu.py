@@ -114,30 +114,43 @@ def test_kernel_matches_reference_on_the_gpu(rng, B, S, splits, row_pad):
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
 
 
-def test_model_decode_step_lowers_with_the_kernel():
+def test_model_decode_step_lowers_with_the_kernel(monkeypatch):
   """model.decode_attention=pallas: a MoHGE-3B-shaped decode step (2 layers) runs its
-  attention through the kernel (the lowered program holds it; with xla it does not); a
+  attention through the kernel (the lowered program holds it; with xla it does not); auto
+  takes it on a Hopper GPU (faked here) from batch 32 and not below, nor on this CPU; a
   cache whose length is not a multiple of 64 is refused by name."""
   from flax import nnx
 
+  import pallas_kernels
   from benchmarks import decode
   from mohge_jax.config import load_config
   from mohge_jax.model import Transformer
   from mohge_jax.trainer import graph_def
   texts = {}
-  for how in ("xla", "pallas"):
+  P, N = 60, 4
+  for how, B, hopper in (("xla", 32, True), ("pallas", 4, False), ("auto", 32, True),
+                         ("auto", 31, True), ("auto", 32, False)):
+    resolve = pallas_kernels.resolve_backend
+    monkeypatch.setattr(pallas_kernels, "resolve_backend", lambda b="auto": (
+        "mosaic_gpu" if hopper and b == "auto" else resolve(b)))
     cfg = load_config("configs/mohge_3b.yaml", ["model.num_layers=2",
                                                 f"model.decode_attention={how}"])
     graphdef = graph_def(cfg)
     state = jax.eval_shape(lambda: jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(
         Transformer(cfg, rngs=nnx.Rngs(0)))))
-    B, P, N = 4, 60, 4
     prompts, lengths = (jax.ShapeDtypeStruct(s, jnp.int32) for s in ((B, P), (B,)))
     _, caches = jax.jit(decode.make_prefill(cfg, graphdef, P + N)).trace(
         state, prompts, lengths).out_info
-    texts[how] = jax.jit(decode.make_decode(cfg, graphdef, N, "all_experts")).trace(
+    texts[how, B, hopper] = jax.jit(decode.make_decode(cfg, graphdef, N, "all_experts")).trace(
         state, None, lengths, lengths, caches).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in texts["pallas"] and "mosaic_gpu" not in texts["xla"]
+    monkeypatch.setattr(pallas_kernels, "resolve_backend", resolve)
+  kernel = {k: "mosaic_gpu" in t for k, t in texts.items()}
+  assert kernel == {("xla", 32, True): False, ("pallas", 4, False): True,
+                    ("auto", 32, True): True, ("auto", 31, True): False,
+                    ("auto", 32, False): False}
+  cfg = load_config("configs/mohge_3b.yaml", ["model.num_layers=2",
+                                              "model.decode_attention=pallas"])
+  graphdef = graph_def(cfg)
   _, caches = jax.jit(decode.make_prefill(cfg, graphdef, P + N + 1)).trace(
       state, prompts, lengths).out_info
   with pytest.raises(ValueError, match="multiple of 64 .* got 65"):
