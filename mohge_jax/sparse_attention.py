@@ -351,8 +351,9 @@ def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, val
                        scale: float, chunk: int, interpret: bool, mma: bool = False):
   """o_lat from the Mosaic GPU forward kernel (mma: the 16-row MMA one), under a custom VJP
   whose backward is pure JAX (`_sparse_mla_bwd`, from the kernel's o and LSE; not a kernel
-  yet). p (the KL target) is recomputed in pure JAX from the LSE: one chunked gather and
-  score product."""
+  yet). p (the KL target) is recomputed from the LSE: by the MMA kernel's probabilities
+  form (`sparse_mla_mma_gpu.sparse_mla_probs`) with mma, else in pure JAX (one chunked
+  gather and score product)."""
   from pallas_kernels import sparse_mla_gpu, sparse_mla_mma_gpu
 
   forward = (sparse_mla_mma_gpu if mma else sparse_mla_gpu).sparse_mla_fwd
@@ -377,6 +378,11 @@ def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, val
   o_BxTxHxC, lse_BxTxH = attend(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK,
                                 valid_BxTxK)
   lse_BxTxH, sg_ckr = sg(lse_BxTxH), sg(ckr_BxSxCR)
+  if mma:  # the kernel's second form: the same gather and scores, P summed over heads
+    p_BxTxK = sparse_mla_mma_gpu.sparse_mla_probs(
+        sg(q_lat_BxTxHxC), sg(q_rope_BxTxHxR), sg_ckr, jnp.where(valid_BxTxK, idx_BxTxK, -1),
+        lse_BxTxH, scale=scale, interpret=interpret)
+    return o_BxTxHxC, sg(p_BxTxK)
 
   def chunk_fn(t0, q_lat, q_rope, idx, valid, lse_BxQxH):
     logits = _logits(q_lat, q_rope, _gather_rows(sg_ckr, idx), C, scale)

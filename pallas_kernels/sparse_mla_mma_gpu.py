@@ -86,6 +86,25 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
   their stores, dividing 64) are tuning knobs; _ablate ("no_gather": the step's rows are not
   loaded; "no_mma": no products) is for benchmarks/dsa.py's timing of the kernel's parts,
   and its results are wrong."""
+  return _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, None, scale=scale,
+                     interpret=interpret, row_pad=row_pad, group=group, ablate=_ablate)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+def sparse_mla_probs(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxTxH, *,
+                     scale: float, interpret: bool | plgpu.InterpretGPUParams = False):
+  """p [B,T,K] float32: sum over heads of exp(score - lse) / H on the valid keys, 0 on the
+  invalid (idx -1): the forward's head-averaged probabilities (the DSA indexer KL's
+  target), from the forward's LSE. The same kernel without P x latent: per step the gather
+  and the score products, then the column sums of P."""
+  return _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxTxH,
+                     scale=scale, interpret=interpret, row_pad=ROW_PAD, group=GROUP, ablate="")
+
+
+def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxTxH, *,
+                scale, interpret, row_pad, group, ablate):
+  """The kernel: the forward (lse_in None) or the probabilities from a given LSE."""
+  probs = lse_in_BxTxH is not None
   B, T, H, C = q_lat_BxTxHxC.shape
   R = q_rope_BxTxHxR.shape[-1]
   S, CR = ckr_BxSxCR.shape[1:]
@@ -97,10 +116,13 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
     raise ValueError(f"sparse_mla mma kernel: ckr must be [B, S, C+R] = [.., .., {C + R}] "
                      f"and q_rope [B, T, H, R], both in q_lat's {dt}; got ckr "
                      f"{ckr_BxSxCR.shape} {ckr_BxSxCR.dtype}, q_rope {q_rope_BxTxHxR.dtype}")
-  if row_pad % 8 or row_pad < 0 or KEYS % group or _ablate not in ("", "no_gather", "no_mma"):
+  if probs and lse_in_BxTxH.shape != (B, T, H):
+    raise ValueError(f"sparse_mla mma kernel: lse must be [B, T, H] = {(B, T, H)}, got "
+                     f"{lse_in_BxTxH.shape}")
+  if row_pad % 8 or row_pad < 0 or KEYS % group or ablate not in ("", "no_gather", "no_mma"):
     raise ValueError(f"sparse_mla mma kernel: row_pad must be a multiple of 8, group divide "
                      f"{KEYS}, _ablate '', 'no_gather' or 'no_mma'; got {row_pad}, {group}, "
-                     f"{_ablate!r}")
+                     f"{ablate!r}")
   Kp = -(-K // KEYS) * KEYS
   idx_BxTxNxKEYS = jnp.pad(idx_BxTxK.astype(jnp.int32), ((0, 0), (0, 0), (0, Kp - K)),
                            constant_values=-1).reshape(B, T, Kp // KEYS, KEYS)
@@ -111,6 +133,7 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
   lat_layout = plgpu.Layout.WG_STRIDED((C,), vec_size=C // 128)
   tail_layout = plgpu.Layout.WG_STRIDED((TAIL,), vec_size=1)
   log2e = math.log2(math.e)
+  products = ablate != "no_mma"
 
   def zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), acc)
@@ -118,8 +141,12 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
   def across(v_H, cols):  # a per-head value as an [H, cols] accumulator-layout tile
     return plgpu.layout_cast(lax.broadcast_in_dim(v_H, (H, cols), (0,)), acc)
 
-  def kernel(ql_ref, qr_ref, ckr_ref, idx_ref, o_ref, lse_ref, p_smem, lat_smem, tail_smem,
-             idx_smem, bar):
+  def kernel(ql_ref, qr_ref, ckr_ref, idx_ref, *refs):
+    if probs:
+      lse_in_ref, p_ref, *scratch = refs
+    else:
+      o_ref, lse_ref, *scratch = refs
+    p_smem, lat_smem, tail_smem, idx_smem, bar = scratch
     b, t = lax.axis_index("b"), lax.axis_index("t")
     plgpu.copy_gmem_to_smem(idx_ref.at[b, t], idx_smem, bar)
     q_chunks = [plgpu.load(ql_ref.at[b, t, :, pl.ds(c * CHUNK, CHUNK)], layout=lhs,
@@ -128,10 +155,11 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
                             optimized=False) for c in range(R // CHUNK)]
     plgpu.barrier_wait(bar)
 
-    def step(st, carry):
-      outs, m_run, l_run = carry
+    def gather_and_score(st):
+      """The step's 64 selected rows into SMEM, then their scores [H, 64] (base 2, scaled;
+      invalid keys at _MASKED) and the valid mask."""
       plgpu.commit_smem()  # every thread is done with the previous step's tiles
-      for g in range(KEYS // group if _ablate != "no_gather" else 0):
+      for g in range(KEYS // group if ablate != "no_gather" else 0):
         keys = range(g * group, (g + 1) * group)  # gather: group rows' loads, then stores
         rows = [jnp.maximum(idx_smem[st, k], 0) for k in keys]  # invalid: row 0, masked
         vals = [(plgpu.load(ckr_ref.at[b, r, pl.ds(0, C)], layout=lat_layout, optimized=False),
@@ -142,7 +170,6 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
           tail_smem[k, pl.ds(0, TAIL)] = tail
       plgpu.commit_smem()  # the step's rows, stored by all threads, are read by all
       s = zeros((H, KEYS))
-      products = _ablate != "no_mma"
       for c in range(C // CHUNK if products else 0):  # scores: q_lat . latent (B: tile^T)
         k = plgpu.load(lat_smem.at[:, pl.ds(c * CHUNK, CHUNK)].T, layout=rhs, optimized=False)
         s = mma(s, q_chunks[c], k, bool(interpret))
@@ -152,7 +179,21 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
         s = mma(s, q_chunks[C // CHUNK + c], k, bool(interpret))
       valid = plgpu.load(idx_smem.at[st], layout=col, optimized=False) >= 0
       valid = plgpu.layout_cast(lax.broadcast_in_dim(valid, (H, KEYS), (1,)), acc)
-      s = jnp.where(valid, s * (scale * log2e), _MASKED)  # base 2 from here
+      return jnp.where(valid, s * (scale * log2e), _MASKED), valid  # base 2 from here
+
+    if probs:  # p = exp2(s - lse2) per head, summed over the heads, a step's 64 keys
+      lse2 = plgpu.load(lse_in_ref.at[b, t], layout=row, optimized=False) * log2e
+
+      @pl.loop(0, Kp // KEYS)
+      def _(st):
+        s, valid = gather_and_score(st)
+        p = jnp.where(valid, jnp.exp2(s - across(lse2, KEYS)), 0.0)
+        p_ref[b, t, pl.ds(st * KEYS, KEYS)] = plgpu.layout_cast(p.sum(axis=0), col) * (1 / H)
+      return
+
+    def step(st, carry):
+      outs, m_run, l_run = carry
+      s, _ = gather_and_score(st)
       m_new = jnp.maximum(m_run, plgpu.layout_cast(s.max(axis=1), row))
       alpha = jnp.exp2(m_run - m_new)
       p = jnp.exp2(s - across(m_new, KEYS))
@@ -179,16 +220,23 @@ def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scal
       o_ref[b, t, :, pl.ds(i * OUT_COLS, OUT_COLS)] = (o * inv).astype(dt)
     lse_ref[b, t] = (m_run + jnp.log2(l_run)) * (1.0 / log2e)  # natural log of scaled scores
 
-  return plgpu.kernel(
+  if probs:
+    out_type = jax.ShapeDtypeStruct((B, T, Kp), jnp.float32)
+    args = (lse_in_BxTxH.astype(jnp.float32),)
+  else:
+    out_type = (jax.ShapeDtypeStruct((B, T, H, C), dt),
+                jax.ShapeDtypeStruct((B, T, H), jnp.float32))
+    args = ()
+  out = plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct((B, T, H, C), dt),
-                jax.ShapeDtypeStruct((B, T, H), jnp.float32)),
+      out_type=out_type,
       grid=(B, T), grid_names=("b", "t"),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
                                            unsafe_no_auto_barriers=True),
       interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
                  else plgpu.InterpretGPUParams() if interpret else None),
       scratch_types=[plgpu.SMEM((H, KEYS + row_pad), dt), plgpu.SMEM((KEYS, C + row_pad), dt),
-                     plgpu.SMEM((KEYS, TAIL + row_pad), dt), plgpu.SMEM((Kp // KEYS, KEYS), jnp.int32),
-                     plgpu.Barrier(num_arrivals=1)],
-  )(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxNxKEYS)
+                     plgpu.SMEM((KEYS, TAIL + row_pad), dt),
+                     plgpu.SMEM((Kp // KEYS, KEYS), jnp.int32), plgpu.Barrier(num_arrivals=1)],
+  )(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxNxKEYS, *args)
+  return out[..., :K] if probs else out

@@ -56,6 +56,30 @@ def test_interpreted_equals_reference(rng, C, R, K):
   np.testing.assert_allclose(np.asarray(lse), _lse64(*args, idx, valid, 0.1), atol=1e-4)
 
 
+def test_probabilities_form_interpreted_equals_float64(rng):
+  """sparse_mla_probs (the KL target: P summed over heads / H, from the forward's LSE) in
+  the GPU interpreter against float64: K = 130 (three steps, the last padded), invalid
+  keys 0, a query with no valid key all 0; rows sum to 1 where any key is valid."""
+  args, idx, valid = _problem(rng, 2, 5, 128, 64, 130)
+  valid = valid.at[1, 2].set(False)
+  q_lat, q_rope, c, kr = args
+  ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
+  _, lse = k3.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1, interpret=True)
+  lse = lse.at[1, 2].set(0.0)  # whatever the LSE, a query with no valid key gets zeros
+  p = np.asarray(k3.sparse_mla_probs(q_lat, q_rope, ckr, idx_enc, lse, scale=0.1,
+                                     interpret=True))
+  f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  b = np.arange(2)[:, None, None]
+  s = (np.einsum("bthc,btkc->bthk", f64(q_lat), f64(c)[b, idx]) +
+       np.einsum("bthr,btkr->bthk", f64(q_rope), f64(kr)[b, idx])) * 0.1
+  want = np.where(np.asarray(valid), np.exp(s - f64(lse)[..., None]).sum(2) / H, 0.0)
+  assert p.shape == (2, 5, 130)
+  np.testing.assert_allclose(p, want, rtol=1e-4, atol=1e-6)
+  assert (p[1, 2] == 0).all()
+  rows = np.asarray(valid).any(-1)
+  np.testing.assert_allclose(p.sum(-1)[rows], 1.0, rtol=1e-4)
+
+
 def test_selected_through_dsa_impl():
   """dsa_impl=pallas_mma / interpret_mma reach this kernel (its gradients through
   sparse_mla are tested beside the wgmma kernel's:
