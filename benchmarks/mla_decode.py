@@ -3,7 +3,7 @@ XLA's two latent-cache products (its jitted `reference`, what `attention.MLA.dec
 one layer at MoHGE-3B's shapes (16 heads, latent 512 + rope 64), on one GPU.
 
     python -m benchmarks.mla_decode [--batches 256,32,1] [--slots 576] [--layers 16]
-        [--splits auto,1] [--row-pads 8,0] [--reps 20] [--out FILE.json]
+        [--splits auto,1] [--variants pad8,pad8late,pad0late] [--reps 20] [--out FILE.json]
 
 Per batch: random inputs with every slot visible; the kernel's error against the reference
 in the same run (relative, bf16 outputs), then the median time of --reps calls of each,
@@ -13,8 +13,10 @@ Each timed call runs --layers layers (each its own cache, as a decode step does)
 jitted program and the time is reported per layer: a call of one layer is mostly the
 host's dispatch (~0.07 ms on the H200, seventh session), as long as the layer itself.
 --splits: the kernel's CTAs a row (auto: `mla_decode_gpu.default_splits`), a row each;
---row-pads: the kernel's SMEM row padding (8: the default, against bank conflicts; 0: the
-unpadded layout), a row each.
+--variants: the kernel's SMEM row padding and copy issue, a row each: pad8 (the default:
+rows padded against bank conflicts, a step's copy issued when the step before starts),
+pad8late (the copy issued after the step before's scores), pad0late (the unpadded layout
+of the first measurement).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
   ap.add_argument("--slots", type=int, default=576)
   ap.add_argument("--layers", type=int, default=16)
   ap.add_argument("--splits", default="auto,1")
-  ap.add_argument("--row-pads", default="8,0")
+  ap.add_argument("--variants", default="pad8,pad8late,pad0late")
   ap.add_argument("--reps", type=int, default=20)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
 
   ref_L = layers(lambda *a: mdk.reference(*a, scale))
   rows = []
-  print(f"{'batch':>6}{'slots':>7}{'splits':>7}{'pad':>4}{'rel err':>10}{'xla ms':>9}{'kernel ms':>11}"
+  print(f"{'batch':>6}{'slots':>7}{'splits':>7}{'variant':>9}{'rel err':>10}{'xla ms':>9}{'kernel ms':>11}"
         f"{'limit ms':>10}{'xla frac':>10}{'kernel frac':>12}{'speed-up':>10}"
         f"   (per layer, {L} a call)", flush=True)
   for B in (int(b) for b in args.batches.split(",")):
@@ -76,12 +78,14 @@ def main(argv=None) -> int:
     xla_ms = None
     resolved = {(mdk.default_splits(B, S) if sp == "auto" else int(sp)): sp
                 for sp in reversed(args.splits.split(","))}  # each count once, first name
-    for (splits, sp), pad in ((k, int(p)) for k in reversed(resolved.items())
-                              for p in args.row_pads.split(",")):
-      row = {"batch": B, "slots": S, "splits": splits, "splits_arg": sp, "row_pad": pad,
-             "layers_per_call": L}
+    for (splits, sp), var in ((k, v) for k in reversed(resolved.items())
+                              for v in args.variants.split(",")):
+      pad, early = int(var[3]), not var.endswith("late")
+      row = {"batch": B, "slots": S, "splits": splits, "splits_arg": sp, "variant": var,
+             "row_pad": pad, "early_fetch": early, "layers_per_call": L}
       try:
-        kern = functools.partial(mdk.mla_decode, scale=scale, splits=splits, row_pad=pad)
+        kern = functools.partial(mdk.mla_decode, scale=scale, splits=splits, row_pad=pad,
+                                 early_fetch=early)
         want = np.asarray(ref(*one, scale), np.float32)
         got = np.asarray(kern(*one), np.float32)
         row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
@@ -94,13 +98,13 @@ def main(argv=None) -> int:
         row["limit_ms"] = 1e3 * nbytes / HBM_BYTES_PER_S
         row["xla_fraction"] = row["limit_ms"] / row["xla_ms"]
         row["kernel_fraction"] = row["limit_ms"] / row["kernel_ms"]
-        print(f"{B:>6}{S:>7}{splits:>7}{pad:>4}{row['rel_err']:>10.2e}{row['xla_ms']:>9.3f}"
+        print(f"{B:>6}{S:>7}{splits:>7}{var:>9}{row['rel_err']:>10.2e}{row['xla_ms']:>9.3f}"
               f"{row['kernel_ms']:>11.3f}{row['limit_ms']:>10.3f}{row['xla_fraction']:>10.1%}"
               f"{row['kernel_fraction']:>12.1%}{row['xla_ms'] / row['kernel_ms']:>10.2f}",
               flush=True)
       except Exception as e:  # noqa: BLE001 - a failing row is a row; the next one runs
         row["error"] = f"{type(e).__name__}: {str(e)[:1000]}"
-        print(f"{B:>6}{S:>7}{sp:>7}{pad:>4}  error: {row['error'][:300]}", flush=True)
+        print(f"{B:>6}{S:>7}{sp:>7}{var:>9}  error: {row['error'][:300]}", flush=True)
       rows.append(row)
     if args.out:
       with open(args.out, "w") as fh:

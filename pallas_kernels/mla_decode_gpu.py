@@ -121,14 +121,18 @@ def mma(acc, a, b, interpret: bool):
   return plgpu.mma(acc, a, b)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "splits", "interpret", "row_pad"))
+@functools.partial(jax.jit, static_argnames=("scale", "splits", "interpret", "row_pad",
+                                             "early_fetch"))
 def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B, *,
                scale: float, splits: int | None = None, interpret: bool = False,
-               row_pad: int = ROW_PAD):
+               row_pad: int = ROW_PAD, early_fetch: bool = True):
   """o_lat [B, H, C] (see the module docstring); lengths_B: visible slots per row (>= 1);
   splits: CTAs a row (None: `default_splits`). interpret: run in the GPU interpreter (on
   CPU; the MMAs as dots), to test everything but the MMA instruction itself. row_pad: 8
-  (the latent's SMEM rows padded against bank conflicts) or 0 (unpadded, for comparison)."""
+  (the latent's SMEM rows padded against bank conflicts) or 0 (unpadded, for comparison).
+  early_fetch: the copy of step t+buffers-1 is issued when step t starts (after a
+  warpgroup barrier), so it has the whole step to land; False: after the step's scores (the
+  first version: half a step)."""
   B, H, C = q_lat_BxHxC.shape
   S, R = latent_BxSxC.shape[1], k_rope_BxSxR.shape[2]
   dt = latent_BxSxC.dtype
@@ -186,6 +190,13 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
     def step(t, carry):
       outs, m_run, l_run = carry
       buf = t % buffers
+      if early_fetch:
+        plgpu.commit_smem()  # a warpgroup barrier: every thread is done with step t-1's slot
+
+        @pl.when(t + buffers - 1 < count)
+        def _():
+          fetch(t + buffers - 1)
+
       plgpu.barrier_wait(bars.at[buf])
       chunk = lambda c: lat_smem.at[buf, c, :, pl.ds(c * CHUNK - starts[c], CHUNK)]  # noqa: E731
       s = zeros((H, SLOTS))
@@ -204,13 +215,13 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
       p = jnp.exp2(s - across(m_safe, SLOTS))
       l_new = l_run * alpha + plgpu.layout_cast(p.sum(axis=1), row)
       # Pallas puts a warpgroup barrier before this store (auto_barriers: earlier reads of
-      # p_smem done), so every thread has also finished step t-1, whose ring slot the copy
-      # below overwrites with step t+buffers-1.
+      # p_smem done), so every thread has also finished step t-1, whose ring slot the late
+      # copy below overwrites with step t+buffers-1.
       p_smem[:, pl.ds(0, SLOTS)] = p.astype(dt)
-
-      @pl.when(t + buffers - 1 < count)
-      def _():
-        fetch(t + buffers - 1)
+      if not early_fetch:
+        @pl.when(t + buffers - 1 < count)
+        def _():
+          fetch(t + buffers - 1)
 
       p_lhs = plgpu.load(p_smem.at[:, pl.ds(0, SLOTS)], layout=lhs, optimized=False)
       new_outs = []

@@ -62,16 +62,19 @@ def test_splits_combine_to_the_whole_softmax(rng):
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("B,splits,row_pad", [(3, 1, 8), (3, 2, 0), (2, None, 8)])
-def test_kernel_in_the_gpu_interpreter_matches_reference(rng, B, splits, row_pad):
+@pytest.mark.parametrize("B,splits,row_pad,early", [(3, 1, 8, True), (3, 2, 0, False),
+                                                     (2, None, 8, False)])
+def test_kernel_in_the_gpu_interpreter_matches_reference(rng, B, splits, row_pad, early):
   """Everything but the MMA instruction (the interpreter has none: a dot there): the ring
   of TMA copies and its barriers, the steps a row and split walk, the masks of ragged
   lengths (one row shorter than a step), the online softmax and the splits' combine; the
-  padded boxes (each 64-column chunk at its offset in its 72-column box) and unpadded."""
+  padded boxes (each 64-column chunk at its offset in its 72-column box) and unpadded; the
+  copies issued at a step's start or after its scores."""
   S = 64 * 5
   args = _inputs(rng, B, S)
   args = (*args[:4], args[4].at[-1].set(int(rng.integers(1, 64))))
-  got = mdk.mla_decode(*args, scale=0.3, splits=splits, interpret=True, row_pad=row_pad)
+  got = mdk.mla_decode(*args, scale=0.3, splits=splits, interpret=True, row_pad=row_pad,
+                       early_fetch=early)
   want = mdk.reference(*args, 0.3)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2  # bf16 P and output
@@ -102,12 +105,13 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
-@pytest.mark.parametrize("B,S,splits,row_pad", [(2, 64, None, 8), (8, 576, None, 8),
-                                                 (8, 576, 1, 8), (8, 576, 4, 8),
-                                                 (256, 576, None, 8), (8, 576, None, 0)])
-def test_kernel_matches_reference_on_the_gpu(rng, B, S, splits, row_pad):
+@pytest.mark.parametrize("B,S,splits,row_pad,early", [
+    (2, 64, None, 8, True), (8, 576, None, 8, True), (8, 576, 1, 8, True),
+    (8, 576, 4, 8, True), (256, 576, None, 8, True), (8, 576, None, 0, False),
+    (8, 576, 2, 8, False)])
+def test_kernel_matches_reference_on_the_gpu(rng, B, S, splits, row_pad, early):
   args = _inputs(rng, B, S)
-  got = mdk.mla_decode(*args, scale=0.3, splits=splits, row_pad=row_pad)
+  got = mdk.mla_decode(*args, scale=0.3, splits=splits, row_pad=row_pad, early_fetch=early)
   want = jax.jit(mdk.reference, static_argnums=5)(*args, 0.3)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.isfinite(got).all()
