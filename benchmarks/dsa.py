@@ -24,8 +24,9 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        sample chose sort's keys
   dsa_pallas_sample    dsa_pallas with the top-k by `top_k_sampled`
   dsa_pallas_mma_sample  both: the MMA kernel and the sampled top-k
-  sparse_mla_reference / sparse_mla_pallas / sparse_mla_pallas_mma: the attention alone
-                       on a fixed selection
+  dsa_pallas_mma_bwd[_sample]: with the MMA kernel's backward kernel too
+  sparse_mla_reference / sparse_mla_pallas / sparse_mla_pallas_mma / _pallas_mma_bwd:
+                       the attention alone on a fixed selection
   kernel_{wg|cta}_tpc{1|3}: the forward kernel alone (forward pass only): halves of C by
                        two warpgroups sharing a gather or by two CTAs, 1 or 3 128-byte
                        column tiles per one-row TMA copy (576 or 192 copies per 64-key
@@ -256,10 +257,10 @@ def main():
             elif impl.startswith("topk_"):
               f, names = topk_fn(impl.removeprefix("topk_"))
             elif impl.startswith("dsa_"):
-              kind, _, method = impl.removeprefix("dsa_").partition("_")
-              if method.startswith("mma"):  # dsa_pallas_mma[_sample]: the MMA kernel
-                kind, method = "pallas_mma", method.removeprefix("mma").lstrip("_")
-              f, names = dsa_fn(pss, kind, method or "sort")
+              rest = impl.removeprefix("dsa_")  # dsa_<impl>[_<top-k method>]
+              kind = next(k for k in ("pallas_mma_bwd", "pallas_mma", "pallas", "reference")
+                          if rest == k or rest.startswith(k + "_"))
+              f, names = dsa_fn(pss, kind, rest[len(kind) + 1:] or "sort")
             else:
               f, names = sparse_mla_fn(pss, impl.removeprefix("sparse_mla_"), *sel)
             ms, first = time_call(f, *(x[n] for n in names))

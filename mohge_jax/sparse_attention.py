@@ -296,7 +296,7 @@ def resolve_sparse_mla_impl(impl: str, H: int, C: int, R: int, K: int, dtype) ->
   import pallas_kernels as pk  # the kernels' modules only when asked for
   from pallas_kernels import sparse_mla_gpu, sparse_mla_mma_gpu
 
-  kernel = sparse_mla_mma_gpu if impl.endswith("_mma") else sparse_mla_gpu
+  kernel = sparse_mla_mma_gpu if "_mma" in impl else sparse_mla_gpu
   reason = kernel.unsupported_reason(H, C, R, K, dtype)
   if impl == "auto":
     mesh = jax.sharding.get_abstract_mesh()
@@ -320,8 +320,9 @@ def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, 
   impl: "reference" (pure JAX, below), "pallas" (pallas_kernels/sparse_mla_gpu.py: the
   forward o_lat is the Mosaic GPU kernel; its backward and p are pure JAX, see
   `_sparse_mla_kernel`), "interpret" (that kernel in the GPU interpreter, for tests on
-  CPU), "pallas_mma" / "interpret_mma" (the same with the experimental 16-row MMA kernel,
-  pallas_kernels/sparse_mla_mma_gpu.py: 16 heads, bf16), "auto"
+  CPU), "pallas_mma" / "interpret_mma" (the same with the 16-row MMA kernel,
+  pallas_kernels/sparse_mla_mma_gpu.py: 16 heads, bf16), "pallas_mma_bwd" /
+  "interpret_mma_bwd" (that kernel's backward too, `sparse_mla_mma_gpu.sparse_mla_bwd`), "auto"
   (`resolve_sparse_mla_impl`). With the kernel, a query with no valid key at
   all gets the uniform average of its sequence's row 0 (the reference: of its idx rows).
   """
@@ -334,7 +335,7 @@ def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, 
     return _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK,
                               valid_BxTxK, scale=scale, chunk=chunk,
                               interpret=impl.startswith("interpret"),
-                              mma=impl.endswith("_mma"))
+                              mma="_mma" in impl, kernel_bwd=impl.endswith("_bwd"))
 
   def chunk_fn(t0, q_lat, q_rope, idx, valid):
     sel_BxQxKxCR = _gather_rows(ckr_BxSxCR, idx)
@@ -348,10 +349,11 @@ def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, 
 
 
 def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, valid_BxTxK, *,
-                       scale: float, chunk: int, interpret: bool, mma: bool = False):
+                       scale: float, chunk: int, interpret: bool, mma: bool = False,
+                       kernel_bwd: bool = False):
   """o_lat from the Mosaic GPU forward kernel (mma: the 16-row MMA one), under a custom VJP
-  whose backward is pure JAX (`_sparse_mla_bwd`, from the kernel's o and LSE; not a kernel
-  yet). p (the KL target) is recomputed from the LSE: by the MMA kernel's probabilities
+  whose backward is, from the kernel's o and LSE, the MMA kernel's backward
+  (`sparse_mla_mma_gpu.sparse_mla_bwd`) with kernel_bwd, else pure JAX (`_sparse_mla_bwd`). p (the KL target) is recomputed from the LSE: by the MMA kernel's probabilities
   form (`sparse_mla_mma_gpu.sparse_mla_probs`) with mma, else in pure JAX (one chunked
   gather and score product)."""
   from pallas_kernels import sparse_mla_gpu, sparse_mla_mma_gpu
@@ -372,7 +374,14 @@ def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, val
 
   def bwd(res, g):
     g_o, _ = g  # the LSE leaves this function under stop_gradient
-    return (*_sparse_mla_bwd(*res, g_o, scale=scale, chunk=chunk), None, None)
+    if not kernel_bwd:
+      return (*_sparse_mla_bwd(*res, g_o, scale=scale, chunk=chunk), None, None)
+    q_lat, q_rope, ckr, idx, valid, o, lse = res
+    delta_BxTxH = jnp.sum(g_o.astype(jnp.float32) * o.astype(jnp.float32), -1)
+    dq_lat, dq_rope, dckr = sparse_mla_mma_gpu.sparse_mla_bwd(
+        q_lat, q_rope, ckr, jnp.where(valid, idx, -1), lse, g_o.astype(q_lat.dtype),
+        delta_BxTxH, scale=scale, interpret=interpret)
+    return dq_lat, dq_rope, dckr.astype(ckr.dtype), None, None
 
   attend.defvjp(fwd, bwd)
   o_BxTxHxC, lse_BxTxH = attend(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK,

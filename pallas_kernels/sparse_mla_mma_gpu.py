@@ -240,3 +240,173 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxT
                      plgpu.SMEM((Kp // KEYS, KEYS), jnp.int32), plgpu.Barrier(num_arrivals=1)],
   )(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxNxKEYS, *args)
   return out[..., :K] if probs else out
+
+
+# ------------------------------------------------------------------------------ backward
+
+BWD_KEYS = 32  # keys a backward step (its f32 staging of the keys' gradients: 72 KB)
+
+
+def _rows_layout(rows: int, cols: int):
+  """A warpgroup-strided layout of a [rows, cols] bf16 tile, 16-byte vectors a thread."""
+  return plgpu.Layout.WG_STRIDED((rows, cols), vec_size=8)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxTxH, g_BxTxHxC,
+                   delta_BxTxH, *, scale: float,
+                   interpret: bool | plgpu.InterpretGPUParams = False):
+  """The gradients of `sparse_mla_fwd`'s o_lat: (dq_lat [B,T,H,C] and dq_rope [B,T,H,R] in
+  the queries' dtypes, dckr [B,S,C+R] float32), given its LSE, the output's cotangent g and
+  delta = sum_c g * o [B,T,H] (float32). idx as the forward's (-1 invalid).
+
+  One CTA a query, as the forward, BWD_KEYS keys a step: the rows gathered into SMEM, the
+  scores again, p = exp(score - lse), dp = g . c (g as A operand from SMEM), ds = p (dp -
+  delta) scale; dq += ds . [c | k_rope] (registers, 72 a thread); the keys' gradients
+  [32, C+R] = ds^T [q_lat | q_rope] + p^T [g | 0] on the 16-row MMA with two warps along
+  the keys, staged in SMEM (f32), then added into dckr by one TMA reduce-add a key (dckr
+  viewed as [B, S, 3, (C+R)/3]: a box is at most 256 wide); a step's adds are waited for
+  (read from SMEM) before the next step's staging.
+  Invalid keys (idx -1) have p = ds = 0: their zero rows are added to row 0.
+  interpret: the GPU interpreter (on CPU), where the MMAs are dots and, as it has no TMA
+  reductions, each key's row is added by a load, add and store (the interpreter runs the
+  CTAs one after another). dckr starts as a zeroed `jax.new_ref` the kernel adds into."""
+  B, T, H, C = q_lat_BxTxHxC.shape
+  R = q_rope_BxTxHxR.shape[-1]
+  S, CR = ckr_BxSxCR.shape[1:]
+  K = idx_BxTxK.shape[-1]
+  dt = q_lat_BxTxHxC.dtype
+  if reason := unsupported_reason(H, C, R, K, dt):
+    raise ValueError(reason)
+  if (CR != C + R or CR % 3 or ckr_BxSxCR.dtype != dt or q_rope_BxTxHxR.dtype != dt
+      or g_BxTxHxC.shape != q_lat_BxTxHxC.shape):
+    raise ValueError(f"sparse_mla mma backward: ckr must be [B, S, C+R] (C+R a multiple of "
+                     f"3), q_rope and ckr in q_lat's {dt}, g shaped as q_lat; got ckr "
+                     f"{ckr_BxSxCR.shape} {ckr_BxSxCR.dtype}, q_rope {q_rope_BxTxHxR.dtype}, "
+                     f"g {g_BxTxHxC.shape}")
+  N = -(-K // BWD_KEYS)  # steps; the idx row padded to 128 keys (one load by the warpgroup)
+  Kp = -(-K // 128) * 128
+  idx_BxTxNxKEYS = jnp.pad(idx_BxTxK.astype(jnp.int32), ((0, 0), (0, 0), (0, Kp - K)),
+                           constant_values=-1).reshape(B, T, Kp // BWD_KEYS, BWD_KEYS)
+  KB, third = BWD_KEYS, CR // 3
+  lhs = plgpu.Layout.MMA_LHS(dt, m_warps=1)
+  rhs = plgpu.Layout.MMA_RHS(dt, m_warps=1)
+  acc = plgpu.Layout.MMA_ACC(dt, m_warps=1)
+  lhs2 = plgpu.Layout.MMA_LHS(dt, m_warps=2)  # the keys' gradients: 32 rows, 2 warps along M
+  rhs2 = plgpu.Layout.MMA_RHS(dt, m_warps=2)
+  acc2 = plgpu.Layout.MMA_ACC(dt, m_warps=2)
+  row, col = acc.reduce(1), acc.reduce(0)
+  lat_layout = plgpu.Layout.WG_STRIDED((C,), vec_size=C // 128)
+  tail_layout = plgpu.Layout.WG_STRIDED((TAIL,), vec_size=1)
+  log2e = math.log2(math.e)
+  f32 = jnp.float32
+  pad = ROW_PAD
+
+  def zeros(shape, layout=acc):
+    return plgpu.layout_cast(jnp.zeros(shape, f32), layout)
+
+  def across(v_H, cols):
+    return plgpu.layout_cast(lax.broadcast_in_dim(v_H, (H, cols), (0,)), acc)
+
+  def kernel(ql_ref, qr_ref, ckr_ref, idx_ref, lse_ref, g_ref, delta_ref, dckr_ref, dql_ref,
+             dqr_ref, q_smem, g_smem, lat_smem, tail_smem, ds_smem, p_smem, stage, idx_smem):
+    b, t = lax.axis_index("b"), lax.axis_index("t")
+    idx_smem[...] = plgpu.load(idx_ref.at[b, t], optimized=False,
+                               layout=plgpu.Layout.WG_STRIDED((Kp // KB, KB), vec_size=1))
+    q_smem[:, pl.ds(0, C)] = plgpu.load(ql_ref.at[b, t], layout=_rows_layout(H, C),
+                                        optimized=False)
+    q_smem[:, pl.ds(C, R)] = plgpu.load(qr_ref.at[b, t], layout=_rows_layout(H, R),
+                                        optimized=False)
+    g_smem[:, pl.ds(0, C)] = plgpu.load(g_ref.at[b, t], layout=_rows_layout(H, C),
+                                        optimized=False)
+    lse2 = plgpu.load(lse_ref.at[b, t], layout=row, optimized=False) * log2e
+    delta = plgpu.load(delta_ref.at[b, t], layout=row, optimized=False)
+
+    def step(st, dq):
+      if not interpret:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's adds read stage
+      plgpu.commit_smem()  # and every thread is done with the last step's tiles
+      for g in range(KB // GROUP):  # the gather, as the forward's
+        keys = range(g * GROUP, (g + 1) * GROUP)
+        rows = [jnp.maximum(idx_smem[st, k], 0) for k in keys]
+        vals = [(plgpu.load(ckr_ref.at[b, r, pl.ds(0, C)], layout=lat_layout, optimized=False),
+                 plgpu.load(ckr_ref.at[b, r, pl.ds(CR - TAIL, TAIL)], layout=tail_layout,
+                            optimized=False)) for r in rows]
+        for k, (lat, tail) in zip(keys, vals):
+          lat_smem[k, pl.ds(0, C)] = lat
+          tail_smem[k, pl.ds(0, TAIL)] = tail
+      plgpu.commit_smem()
+      s, dp = zeros((H, KB)), zeros((H, KB))
+      for c in range(C // CHUNK):  # scores and dp = g . c, the latent read transposed
+        k = plgpu.load(lat_smem.at[:, pl.ds(c * CHUNK, CHUNK)].T, layout=rhs, optimized=False)
+        cols = pl.ds(c * CHUNK, CHUNK)
+        s = mma(s, plgpu.load(q_smem.at[:, cols], layout=lhs, optimized=False), k,
+                bool(interpret))
+        dp = mma(dp, plgpu.load(g_smem.at[:, cols], layout=lhs, optimized=False), k,
+                 bool(interpret))
+      for c in range(R // CHUNK):
+        k = plgpu.load(tail_smem.at[:, pl.ds(TAIL - R + c * CHUNK, CHUNK)].T, layout=rhs,
+                       optimized=False)
+        s = mma(s, plgpu.load(q_smem.at[:, pl.ds(C + c * CHUNK, CHUNK)], layout=lhs,
+                              optimized=False), k, bool(interpret))
+      valid = plgpu.load(idx_smem.at[st], layout=col, optimized=False) >= 0
+      valid = plgpu.layout_cast(lax.broadcast_in_dim(valid, (H, KB), (1,)), acc)
+      p = jnp.where(valid, jnp.exp2(s * (scale * log2e) - across(lse2, KB)), 0.0)
+      ds = p * (dp - across(delta, KB)) * scale
+      ds_smem[:, pl.ds(0, KB)] = ds.astype(dt)
+      p_smem[:, pl.ds(0, KB)] = p.astype(dt)
+      plgpu.commit_smem()  # ds and p, stored by all threads, are operands of all
+      ds_lhs = plgpu.load(ds_smem.at[:, pl.ds(0, KB)], layout=lhs, optimized=False)
+      new_dq = []
+      for i, d in enumerate(dq):  # dq[:, i-th 64 columns] += ds . [c | k_rope] (as stored)
+        v = (lat_smem.at[:, pl.ds(i * CHUNK, CHUNK)] if i < C // CHUNK
+             else tail_smem.at[:, pl.ds(TAIL - R + (i - C // CHUNK) * CHUNK, CHUNK)])
+        new_dq.append(mma(d, ds_lhs, plgpu.load(v, layout=rhs, optimized=False),
+                          bool(interpret)))
+      ds_t = plgpu.load(ds_smem.at[:, pl.ds(0, KB)].T, layout=lhs2, optimized=False)
+      p_t = plgpu.load(p_smem.at[:, pl.ds(0, KB)].T, layout=lhs2, optimized=False)
+      for j in range(CR // CHUNK):  # the keys' gradients, 64 columns at a time, into stage
+        cols = pl.ds(j * CHUNK, CHUNK)
+        dk = mma(zeros((KB, CHUNK), acc2), ds_t,
+                 plgpu.load(q_smem.at[:, cols], layout=rhs2, optimized=False), bool(interpret))
+        if j < C // CHUNK:
+          dk = mma(dk, p_t, plgpu.load(g_smem.at[:, cols], layout=rhs2, optimized=False),
+                   bool(interpret))
+        stage[:, (j * CHUNK) // third, pl.ds((j * CHUNK) % third, CHUNK)] = dk
+      plgpu.commit_smem()  # the staged rows, stored by all threads, are read by the TMA
+      for k in range(KB):
+        r = jnp.maximum(idx_smem[st, k], 0)
+        if interpret:
+          dckr_ref[b, r] = dckr_ref[b, r] + stage[k]
+        else:
+          plgpu.copy_smem_to_gmem(stage.at[k], dckr_ref.at[b, r], commit_group=False,
+                                  reduction_op="add")
+      if not interpret:
+        plgpu.commit_smem_to_gmem_group()
+      return tuple(new_dq)
+
+    dq = lax.fori_loop(0, N, step, tuple(zeros((H, CHUNK)) for _ in range(CR // CHUNK)))
+    for i, d in enumerate(dq):
+      if i < C // CHUNK:
+        dql_ref[b, t, :, pl.ds(i * CHUNK, CHUNK)] = d.astype(dt)
+      else:
+        dqr_ref[b, t, :, pl.ds((i - C // CHUNK) * CHUNK, CHUNK)] = d.astype(dt)
+    if not interpret:
+      plgpu.wait_smem_to_gmem(0)
+
+  dckr = jax.new_ref(jnp.zeros((B, S, 3, third), f32))  # the kernel adds into it
+  dql, dqr = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((B, T, H, C), dt), jax.ShapeDtypeStruct((B, T, H, R), dt)),
+      grid=(B, T), grid_names=("b", "t"),
+      scratch_types=[plgpu.SMEM((H, CR + pad), dt), plgpu.SMEM((H, C + pad), dt),
+                      plgpu.SMEM((KB, C + pad), dt), plgpu.SMEM((KB, TAIL + pad), dt),
+                      plgpu.SMEM((H, KB + pad), dt), plgpu.SMEM((H, KB + pad), dt),
+                      plgpu.SMEM((KB, 3, third), f32), plgpu.SMEM((Kp // KB, KB), jnp.int32)],
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
+                                           unsafe_no_auto_barriers=True),
+      interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
+                 else plgpu.InterpretGPUParams() if interpret else None),
+  )(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxNxKEYS, lse_BxTxH.astype(f32),
+    g_BxTxHxC.astype(dt), delta_BxTxH.astype(f32), dckr)
+  return dql, dqr, dckr[...].reshape(B, S, CR)

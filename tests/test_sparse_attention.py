@@ -314,12 +314,13 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("dtype,C,R,K,tol,impl", [
     (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret"), (jnp.float32, 64, 32, 70, 1e-5, "interpret"),
-    (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret_mma")])
+    (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret_mma"),
+    (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret_mma_bwd")])
 def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol, impl):
   """The Mosaic GPU kernels (wgmma; "interpret_mma": the 16-row MMA one, bf16 only) in the
   GPU interpreter: o_lat, p and the gradients (the custom VJP's pure-JAX backward from the
-  LSE) against impl="reference" in float32 on the same
-  inputs (in bf16 the reference's own gradient of c is off by ~3%: its dp is rounded to
+  LSE; "interpret_mma_bwd": the MMA kernel's backward kernel) against impl="reference" in
+  float32 on the same inputs (in bf16 the reference's own gradient of c is off by ~3%: its dp is rounded to
   bf16 before the softmax backward); two batch rows (the gather's sequence offset), K over
   one 64-key step (the online softmax across steps), chunks that pad T."""
   B, T, H = 2, 5, 16

@@ -1,7 +1,7 @@
-"""pallas_kernels/sparse_mla_mma_gpu.py, the experimental DSA forward kernel on the 16-row
-MMA: in the GPU interpreter (the MMAs as dots) against the pure-JAX reference and float64
-LSEs, its CUDA lowering at MoHGE-3B's shapes, its refusals; on a Hopper GPU against the
-reference (skipped without one)."""
+"""pallas_kernels/sparse_mla_mma_gpu.py, the DSA kernels on the 16-row MMA (forward, the
+probabilities form, the backward): in the GPU interpreter (the MMAs as dots) against the
+pure-JAX reference and float64, their CUDA lowering at MoHGE-3B's shapes, their refusals; on
+a Hopper GPU against the reference (skipped without one)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +80,35 @@ def test_probabilities_form_interpreted_equals_float64(rng):
   np.testing.assert_allclose(p.sum(-1)[rows], 1.0, rtol=1e-4)
 
 
+@pytest.mark.parametrize("C,R,K", [(128, 64, 70), (256, 128, 32)])
+def test_backward_interpreted_equals_reference(rng, C, R, K):
+  """sparse_mla_bwd in the GPU interpreter (MMAs as dots, each key's row added by a load
+  and store where the GPU uses a TMA reduce-add) against the pure-JAX backward in float32
+  from the same o and LSE: dq_lat, dq_rope and dckr, with keys chosen by several queries
+  (their rows' gradients add up), invalid keys, the idx row padded (K = 70: three 32-key
+  steps) and both rope widths."""
+  args, idx, valid = _problem(rng, 2, 5, C, R, K)
+  q_lat, q_rope, c, kr = args
+  ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
+  o, lse = k3.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1, interpret=True)
+  g = jnp.asarray(rng.normal(size=q_lat.shape), jnp.bfloat16)
+  delta = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), -1)
+  got = k3.sparse_mla_bwd(q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=0.1,
+                          interpret=True)
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  want = dsa._sparse_mla_bwd(f32(q_lat), f32(q_rope), f32(ckr), idx, valid, f32(o), lse,
+                             f32(g), scale=0.1, chunk=4)
+  assert [a.dtype for a in got] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+  for a, b in zip(got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b)
+    assert a.shape == b.shape and np.isfinite(a).all()
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2  # ds and p in bf16
+  used = np.zeros(ckr.shape[:2], bool)
+  for bb in range(2):
+    used[bb, np.asarray(idx[bb])[np.asarray(valid[bb])]] = True
+  assert (np.asarray(got[2])[~used] == 0).all()  # rows no query chose get nothing
+
+
 def test_selected_through_dsa_impl():
   """dsa_impl=pallas_mma / interpret_mma reach this kernel (its gradients through
   sparse_mla are tested beside the wgmma kernel's:
@@ -112,6 +141,12 @@ def test_lowers_for_cuda_at_mohge_3b_shapes_and_refuses_others():
   assert "rope dim" in k3.unsupported_reason(H, C, 32, K, bf)
   assert "bfloat16" in k3.unsupported_reason(H, C, R, K, jnp.float32)
   assert "selected keys" in k3.unsupported_reason(H, C, R, 64 * 257, bf)
+  text = jax.jit(lambda *a: k3.sparse_mla_bwd(*a, scale=0.04)).trace(
+      sds((1, T // 2, H, C), bf), sds((1, T // 2, H, R), bf), sds((1, T // 2, C + R), bf),
+      sds((1, T // 2, K), jnp.int32), sds((1, T // 2, H), jnp.float32),
+      sds((1, T // 2, H, C), bf), sds((1, T // 2, H), jnp.float32)).lower(
+          lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text  # the backward at 64k
   z = jnp.zeros
   with pytest.raises(ValueError, match=r"ckr must be \[B, S, C\+R\]"):
     k3.sparse_mla_fwd(z((1, 2, H, C), bf), z((1, 2, H, R), bf), z((1, 2, C), bf),
@@ -132,6 +167,28 @@ def test_equals_reference_on_the_gpu(rng, T, K):
   o, o_r = np.asarray(o, np.float32), np.asarray(o_r)
   assert np.isfinite(o).all() and np.isfinite(np.asarray(lse)).all()
   assert np.linalg.norm(o - o_r) / np.linalg.norm(o_r) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
+@pytest.mark.parametrize("T,K", [(1000, 256), (4096, 2048)])
+def test_backward_equals_reference_on_the_gpu(rng, T, K):
+  """The backward kernel (its MMAs and TMA reduce-adds, which the interpreter has not)
+  against the pure-JAX backward in float32 from the same o and LSE."""
+  args, idx, valid = _problem(rng, 1, T, 512, 64, K)
+  q_lat, q_rope, c, kr = args
+  ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
+  o, lse = k3.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.04)
+  g = jnp.asarray(rng.normal(size=q_lat.shape), jnp.bfloat16)
+  delta = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), -1)
+  got = k3.sparse_mla_bwd(q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=0.04)
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  want = jax.jit(lambda *a: dsa._sparse_mla_bwd(*a, scale=0.04, chunk=256))(
+      f32(q_lat), f32(q_rope), f32(ckr), idx, valid, f32(o), lse, f32(g))
+  for a, b in zip(got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b)
+    assert np.isfinite(a).all()
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
 
 
 def test_mohge_3b_dsa_training_step_lowers_at_64k(monkeypatch):
@@ -166,4 +223,4 @@ def test_mohge_3b_dsa_training_step_lowers_at_64k(monkeypatch):
           lowering_platforms=("cuda",)).as_text()
     return text.count("@mosaic_gpu")
 
-  assert kernels("pallas_mma") > kernels("reference") > 0  # the attention's, the experts'
+  assert kernels("pallas_mma_bwd") > kernels("pallas_mma") > kernels("reference") > 0
