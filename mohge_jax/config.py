@@ -87,11 +87,12 @@ class ModelConfig:
   # O(chunk x (seq + topk x latent)) per sequence, never [seq, topk, latent].
   dsa_query_chunk: int = 256
   # The sparse attention's implementation (sparse_attention.sparse_mla): "reference" (pure
-  # JAX), "pallas" (the Mosaic GPU forward kernel; Hopper), "auto" (pallas on Hopper when
-  # the shapes qualify), "interpret" (tests); "pallas_mma" / "interpret_mma": the 16-row
-  # MMA forward kernel (16 heads, bf16; right on the H200, 2.2-3.3x the "pallas" kernel's
-  # speed), "pallas_mma_bwd" / "interpret_mma_bwd": with its backward kernel too
-  # (EXPERIMENTAL: interpreter-tested, not yet run on a GPU); the others' backward is JAX.
+  # JAX), "pallas" (the wgmma Mosaic GPU forward kernel; Hopper), "pallas_mma" (the 16-row
+  # MMA forward kernel: 16 heads, bf16; 2.2-3.3x pallas's speed on the H200),
+  # "pallas_mma_bwd" (with its backward kernel too: fwd+bwd 2.3x pallas_mma's), "auto" (on
+  # one Hopper GPU pallas_mma_bwd where its shapes qualify, else pallas where they do, else
+  # reference); "interpret", "interpret_mma", "interpret_mma_bwd": the kernels in the GPU
+  # interpreter (tests). Without _bwd the backward is pure JAX.
   dsa_impl: str = "reference"
   # How each query's top dsa_topk keys are found (sparse_attention.select_topk): "sort"
   # (jax.lax.top_k, which sorts every row at these k), "radix" (top_k_positions: the same

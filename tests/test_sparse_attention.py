@@ -410,15 +410,19 @@ def test_sparse_mla_kernel_refuses_unsupported_shapes(rng):
 
 
 def test_auto_uses_the_kernel_on_one_device_only(monkeypatch):
-  """dsa_impl=auto on a Hopper GPU (faked): the kernel without a mesh or on a one-device
-  mesh, the reference under a mesh of several devices (whose partitioner would gather the
-  kernel's operands onto each of them)."""
+  """dsa_impl=auto on a Hopper GPU (faked): the kernels without a mesh or on a one-device
+  mesh (the MMA ones at 16 heads in bf16, else the wgmma forward: 32 heads, float32), the
+  reference where neither applies (12 heads) or under a mesh of several devices (whose
+  partitioner would gather the kernel's operands onto each of them)."""
   import pallas_kernels as pk
   monkeypatch.setattr(pk, "resolve_backend", lambda b="auto": "mosaic_gpu")
   shapes = (16, 512, 64, 2048, jnp.bfloat16)
-  assert dsa.resolve_sparse_mla_impl("auto", *shapes) == "pallas"
+  assert dsa.resolve_sparse_mla_impl("auto", *shapes) == "pallas_mma_bwd"
+  assert dsa.resolve_sparse_mla_impl("auto", 32, 512, 64, 2048, jnp.bfloat16) == "pallas"
+  assert dsa.resolve_sparse_mla_impl("auto", 16, 512, 64, 2048, jnp.float32) == "pallas"
+  assert dsa.resolve_sparse_mla_impl("auto", 12, 512, 64, 2048, jnp.bfloat16) == "reference"
   with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
-    assert dsa.resolve_sparse_mla_impl("auto", *shapes) == "pallas"
+    assert dsa.resolve_sparse_mla_impl("auto", *shapes) == "pallas_mma_bwd"
   with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
     assert dsa.resolve_sparse_mla_impl("auto", *shapes) == "reference"
     assert dsa.resolve_sparse_mla_impl("pallas", *shapes) == "pallas"  # asked for: as asked
