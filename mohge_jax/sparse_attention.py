@@ -246,13 +246,14 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   S = k_BxSxI.shape[1]
   K = min(topk, S)
   seg = segment_ids_BxT if segment_ids_BxT is not None else jnp.zeros((B, T), jnp.int32)
+  sg = jax.lax.stop_gradient
 
-  def chunk_fn(t0, q_BxQxJxI, w_BxQxJ, seg_BxQ):
+  def select_fn(t0, q_BxQxJxI, w_BxQxJ, seg_BxQ):
     Q = q_BxQxJxI.shape[1]
-    s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI)
+    s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, sg(k_BxSxI))
     ok_BxQxS = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_BxQ,
                         None if segment_ids_BxT is None else segment_ids_BxT)
-    masked = jnp.where(ok_BxQxS, jax.lax.stop_gradient(s_BxQxS), -jnp.inf)
+    masked = jnp.where(ok_BxQxS, s_BxQxS, -jnp.inf)
     if method == "sort":
       _, idx_BxQxK = jax.lax.top_k(masked, K)
     elif method == "sample":
@@ -262,9 +263,18 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
       Bq = masked.shape[:2]
       idx_BxQxK = top_k_positions(masked.reshape(-1, S), K).reshape(*Bq, K)
     valid = jnp.take_along_axis(ok_BxQxS, idx_BxQxK, axis=-1)
-    return idx_BxQxK.astype(jnp.int32), valid, jnp.take_along_axis(s_BxQxS, idx_BxQxK, -1)
+    return idx_BxQxK.astype(jnp.int32), valid
 
-  return over_query_chunks(chunk_fn, chunk, T, q_BxTxJxI, w_BxTxJ, seg)
+  def score_fn(t0, q_BxQxJxI, w_BxQxJ, idx_BxQxK):
+    return jnp.take_along_axis(index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI), idx_BxQxK, -1)
+
+  # The selection without gradients (so the backward pass does not run the top-k again, as
+  # it would rematerialising one chunk function for both), then the selected keys' scores,
+  # differentiable: their chunks' backward recomputes only the index scores.
+  idx_BxTxK, valid_BxTxK = over_query_chunks(select_fn, chunk, T, sg(q_BxTxJxI), sg(w_BxTxJ),
+                                             seg)
+  score_BxTxK = over_query_chunks(score_fn, chunk, T, q_BxTxJxI, w_BxTxJ, idx_BxTxK)
+  return idx_BxTxK, valid_BxTxK, score_BxTxK
 
 
 # ----------------------------------------------------------------------------- attention

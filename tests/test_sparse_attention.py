@@ -78,6 +78,39 @@ def test_select_topk_is_the_causal_top_k(rng, T, topk, chunk, method):
                              atol=1e-5)
 
 
+def _count_primitive(jaxpr, name: str) -> int:
+  """Equations of primitive `name` in a jaxpr and every jaxpr nested in its equations."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          n += _count_primitive(sub.jaxpr, name)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          n += _count_primitive(sub, name)
+  return n
+
+
+def test_select_topk_gradient_runs_the_selection_once(rng):
+  """A training step selects once: the gradient's program holds one top_k (the forward's;
+  the backward of the selected scores recomputes the index scores only, where one
+  rematerialised chunk function for both used to run the top-k again), over several chunks;
+  the scores' gradient equals the dense formula's on the same keys."""
+  B, T, J, I, K = 1, 12, 2, 4, 4
+  q, w, k = (jnp.asarray(rng.normal(size=s), jnp.float32)
+             for s in ((B, T, J, I), (B, T, J), (B, T, I)))
+  ct = jnp.asarray(rng.normal(size=(B, T, K)), jnp.float32)
+  f = lambda q, w, k: jnp.sum(dsa.select_topk(q, w, k, topk=K, chunk=4)[2] * ct)  # noqa: E731
+  grad = jax.grad(f, argnums=(0, 1, 2))
+  assert _count_primitive(jax.make_jaxpr(grad)(q, w, k).jaxpr, "top_k") == 1
+  idx = dsa.select_topk(q, w, k, topk=K, chunk=4)[0]
+  want = jax.grad(lambda q, w, k: jnp.sum(jnp.take_along_axis(
+      dsa.index_scores(q, w, k), idx, -1) * ct), argnums=(0, 1, 2))(q, w, k)
+  for a, b in zip(grad(q, w, k), want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_top_k_sampled_is_top_k(rng):
   """top_k_sampled returns jax.lax.top_k's positions in its order. Rows of fresh normals
   take the candidates' path (checked: every row's threshold let through k..4k entries,
