@@ -74,6 +74,40 @@ def unsupported_reason(H: int, C: int, R: int, K: int, dtype) -> str | None:
   return None
 
 
+def _checked_shapes(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK):
+  """(B, T, H, C, R, C+R, K, dtype), or the error that names what the kernels cannot take."""
+  B, T, H, C = q_lat_BxTxHxC.shape
+  R = q_rope_BxTxHxR.shape[-1]
+  CR = ckr_BxSxCR.shape[-1]
+  K = idx_BxTxK.shape[-1]
+  dt = q_lat_BxTxHxC.dtype
+  if reason := unsupported_reason(H, C, R, K, dt):
+    raise ValueError(reason)
+  if CR != C + R or ckr_BxSxCR.dtype != dt or q_rope_BxTxHxR.dtype != dt:
+    raise ValueError(f"sparse_mla mma kernel: ckr must be [B, S, C+R] = [.., .., {C + R}] "
+                     f"and q_rope [B, T, H, R], both in q_lat's {dt}; got ckr "
+                     f"{ckr_BxSxCR.shape} {ckr_BxSxCR.dtype}, q_rope {q_rope_BxTxHxR.dtype}")
+  return B, T, H, C, R, CR, K, dt
+
+
+def _gather(ckr_SxCR, idx_keys, lat_smem, tail_smem, *, C: int, keys: int, group: int):
+  """A step's selected rows (ids idx_keys[0..keys), -1 invalid: row 0, masked later) into
+  SMEM by the whole warpgroup: each row's latent [C] and its last TAIL columns (the rope
+  key's R are its end), `group` rows' loads issued before their stores."""
+  CR = ckr_SxCR.shape[-1]
+  lat_layout = plgpu.Layout.WG_STRIDED((C,), vec_size=C // 128)
+  tail_layout = plgpu.Layout.WG_STRIDED((TAIL,), vec_size=1)
+  for g in range(keys // group):
+    ks = range(g * group, (g + 1) * group)
+    rows = [jnp.maximum(idx_keys[k], 0) for k in ks]
+    vals = [(plgpu.load(ckr_SxCR.at[r, pl.ds(0, C)], layout=lat_layout, optimized=False),
+             plgpu.load(ckr_SxCR.at[r, pl.ds(CR - TAIL, TAIL)], layout=tail_layout,
+                        optimized=False)) for r in rows]
+    for k, (lat, tail) in zip(ks, vals):
+      lat_smem[k, pl.ds(0, C)] = lat
+      tail_smem[k, pl.ds(0, TAIL)] = tail
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "row_pad", "group",
                                              "_ablate"))
 def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scale: float,
@@ -105,17 +139,8 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxT
                 scale, interpret, row_pad, group, ablate):
   """The kernel: the forward (lse_in None) or the probabilities from a given LSE."""
   probs = lse_in_BxTxH is not None
-  B, T, H, C = q_lat_BxTxHxC.shape
-  R = q_rope_BxTxHxR.shape[-1]
-  S, CR = ckr_BxSxCR.shape[1:]
-  K = idx_BxTxK.shape[-1]
-  dt = q_lat_BxTxHxC.dtype
-  if reason := unsupported_reason(H, C, R, K, dt):
-    raise ValueError(reason)
-  if CR != C + R or ckr_BxSxCR.dtype != dt or q_rope_BxTxHxR.dtype != dt:
-    raise ValueError(f"sparse_mla mma kernel: ckr must be [B, S, C+R] = [.., .., {C + R}] "
-                     f"and q_rope [B, T, H, R], both in q_lat's {dt}; got ckr "
-                     f"{ckr_BxSxCR.shape} {ckr_BxSxCR.dtype}, q_rope {q_rope_BxTxHxR.dtype}")
+  B, T, H, C, R, CR, K, dt = _checked_shapes(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR,
+                                             idx_BxTxK)
   if probs and lse_in_BxTxH.shape != (B, T, H):
     raise ValueError(f"sparse_mla mma kernel: lse must be [B, T, H] = {(B, T, H)}, got "
                      f"{lse_in_BxTxH.shape}")
@@ -130,8 +155,6 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxT
   rhs = plgpu.Layout.MMA_RHS(dt, m_warps=1)
   acc = plgpu.Layout.MMA_ACC(dt, m_warps=1)
   row, col = acc.reduce(1), acc.reduce(0)  # per head; per key
-  lat_layout = plgpu.Layout.WG_STRIDED((C,), vec_size=C // 128)
-  tail_layout = plgpu.Layout.WG_STRIDED((TAIL,), vec_size=1)
   log2e = math.log2(math.e)
   products = ablate != "no_mma"
 
@@ -159,15 +182,9 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxT
       """The step's 64 selected rows into SMEM, then their scores [H, 64] (base 2, scaled;
       invalid keys at _MASKED) and the valid mask."""
       plgpu.commit_smem()  # every thread is done with the previous step's tiles
-      for g in range(KEYS // group if ablate != "no_gather" else 0):
-        keys = range(g * group, (g + 1) * group)  # gather: group rows' loads, then stores
-        rows = [jnp.maximum(idx_smem[st, k], 0) for k in keys]  # invalid: row 0, masked
-        vals = [(plgpu.load(ckr_ref.at[b, r, pl.ds(0, C)], layout=lat_layout, optimized=False),
-                 plgpu.load(ckr_ref.at[b, r, pl.ds(CR - TAIL, TAIL)], layout=tail_layout,
-                            optimized=False)) for r in rows]
-        for k, (lat, tail) in zip(keys, vals):
-          lat_smem[k, pl.ds(0, C)] = lat
-          tail_smem[k, pl.ds(0, TAIL)] = tail
+      if ablate != "no_gather":
+        _gather(ckr_ref.at[b], idx_smem.at[st], lat_smem, tail_smem, C=C, keys=KEYS,
+                group=group)
       plgpu.commit_smem()  # the step's rows, stored by all threads, are read by all
       s = zeros((H, KEYS))
       for c in range(C // CHUNK if products else 0):  # scores: q_lat . latent (B: tile^T)
@@ -271,19 +288,12 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   interpret: the GPU interpreter (on CPU), where the MMAs are dots and, as it has no TMA
   reductions, each key's row is added by a load, add and store (the interpreter runs the
   CTAs one after another). dckr starts as a zeroed `jax.new_ref` the kernel adds into."""
-  B, T, H, C = q_lat_BxTxHxC.shape
-  R = q_rope_BxTxHxR.shape[-1]
-  S, CR = ckr_BxSxCR.shape[1:]
-  K = idx_BxTxK.shape[-1]
-  dt = q_lat_BxTxHxC.dtype
-  if reason := unsupported_reason(H, C, R, K, dt):
-    raise ValueError(reason)
-  if (CR != C + R or CR % 3 or ckr_BxSxCR.dtype != dt or q_rope_BxTxHxR.dtype != dt
-      or g_BxTxHxC.shape != q_lat_BxTxHxC.shape):
-    raise ValueError(f"sparse_mla mma backward: ckr must be [B, S, C+R] (C+R a multiple of "
-                     f"3), q_rope and ckr in q_lat's {dt}, g shaped as q_lat; got ckr "
-                     f"{ckr_BxSxCR.shape} {ckr_BxSxCR.dtype}, q_rope {q_rope_BxTxHxR.dtype}, "
-                     f"g {g_BxTxHxC.shape}")
+  B, T, H, C, R, CR, K, dt = _checked_shapes(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR,
+                                             idx_BxTxK)
+  S = ckr_BxSxCR.shape[1]
+  if CR % 3 or g_BxTxHxC.shape != q_lat_BxTxHxC.shape:
+    raise ValueError(f"sparse_mla mma backward: C+R must be a multiple of 3 and g shaped as "
+                     f"q_lat; got C+R = {CR}, g {g_BxTxHxC.shape}, q_lat {q_lat_BxTxHxC.shape}")
   N = -(-K // BWD_KEYS)  # steps; the idx row padded to 128 keys (one load by the warpgroup)
   Kp = -(-K // 128) * 128
   idx_BxTxNxKEYS = jnp.pad(idx_BxTxK.astype(jnp.int32), ((0, 0), (0, 0), (0, Kp - K)),
@@ -296,8 +306,6 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   rhs2 = plgpu.Layout.MMA_RHS(dt, m_warps=2)
   acc2 = plgpu.Layout.MMA_ACC(dt, m_warps=2)
   row, col = acc.reduce(1), acc.reduce(0)
-  lat_layout = plgpu.Layout.WG_STRIDED((C,), vec_size=C // 128)
-  tail_layout = plgpu.Layout.WG_STRIDED((TAIL,), vec_size=1)
   log2e = math.log2(math.e)
   f32 = jnp.float32
   pad = ROW_PAD
@@ -326,15 +334,7 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
       if not interpret:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's adds read stage
       plgpu.commit_smem()  # and every thread is done with the last step's tiles
-      for g in range(KB // GROUP):  # the gather, as the forward's
-        keys = range(g * GROUP, (g + 1) * GROUP)
-        rows = [jnp.maximum(idx_smem[st, k], 0) for k in keys]
-        vals = [(plgpu.load(ckr_ref.at[b, r, pl.ds(0, C)], layout=lat_layout, optimized=False),
-                 plgpu.load(ckr_ref.at[b, r, pl.ds(CR - TAIL, TAIL)], layout=tail_layout,
-                            optimized=False)) for r in rows]
-        for k, (lat, tail) in zip(keys, vals):
-          lat_smem[k, pl.ds(0, C)] = lat
-          tail_smem[k, pl.ds(0, TAIL)] = tail
+      _gather(ckr_ref.at[b], idx_smem.at[st], lat_smem, tail_smem, C=C, keys=KB, group=GROUP)
       plgpu.commit_smem()
       s, dp = zeros((H, KB)), zeros((H, KB))
       for c in range(C // CHUNK):  # scores and dp = g . c, the latent read transposed
