@@ -194,6 +194,24 @@ def kernel_fn(name, idx, valid):
   return jax.jit(fwd), ("q_lat", "q_rope", "c", "kr")
 
 
+def profile(f, args, logdir: str, name: str) -> list[dict]:
+  """One traced call of f: its top 15 device operations by kernel name and by source (the
+  JAX name stack, from the compiled HLO's op_name metadata: the GPU's events lack it),
+  printed, and returned as rows {by, name, category, count, ms, share}."""
+  from benchmarks import profile_summary as ps
+  trace = ps.load_trace(ps.capture(f, *args, logdir=os.path.join(logdir, name), warmup=0,
+                                   steps=1))
+  tot = ps.totals(trace, steps=1)
+  hlo = ps.hlo_op_names(f.lower(*args).compile().as_text())
+  out = []
+  for by in ("name", "source"):
+    rows = ps.summarise(trace, 15, by, hlo=hlo)
+    print(f"  profile {name} by {by}:\n" + ps.format_table(rows, tot), flush=True)
+    out += [{"by": by, "name": r["name"], "category": r["category"], "count": r["count"],
+             "ms": r["total_ms"], "share": r["share"]} for r in rows]
+  return out
+
+
 # Two rounds over the lengths: the issue's comparison first, then the attention alone.
 ROUNDS = (("dense_cudnn", "dsa_pallas", "dsa_pallas_mma", "dsa_pallas_radix",
            "dsa_pallas_sample", "dsa_reference"),
@@ -209,6 +227,12 @@ def main():
   ap.add_argument("--impls", default=None, help="comma-separated subset (default: all, in "
                   "two rounds over the lengths: " + "; ".join(",".join(r) for r in ROUNDS) + ")")
   ap.add_argument("--budget-s", type=float, default=330.0)
+  ap.add_argument("--profile", default=None, metavar="DIR",
+                  help="after timing each row of --profile-impls, trace one call into DIR and "
+                  "print its top device operations by kernel and by source (the DSA code's "
+                  "named scopes: dsa_topk, dsa_selected_scores, dsa_sparse_mla, "
+                  "dsa_indexer_kl); the row keeps them as profile_top_ops")
+  ap.add_argument("--profile-impls", default="dsa_pallas_mma_bwd_sample")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                 "dsa_h200.json"))
   args = ap.parse_args()
@@ -264,9 +288,12 @@ def main():
             else:
               f, names = sparse_mla_fn(pss, impl.removeprefix("sparse_mla_"), *sel)
             ms, first = time_call(f, *(x[n] for n in names))
+            top = (profile(f, [x[n] for n in names], args.profile, f"{impl}_{pss}_{seq}")
+                   if args.profile and impl in args.profile_impls.split(",") else None)
             record(dict(row, ms=round(ms, 3),
                         tflops=round(flops(seq, impl, pss) / ms / 1e9, 1),
-                        first_call_s=round(first, 1)))
+                        first_call_s=round(first, 1),
+                        **({"profile_top_ops": top} if top else {})))
             if ms > 20e3:
               given_up.add((impl, pss))
             if seq == seqs[0] and impl.startswith("sparse_mla") and pss == "fwd":

@@ -271,9 +271,12 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   # The selection without gradients (so the backward pass does not run the top-k again, as
   # it would rematerialising one chunk function for both), then the selected keys' scores,
   # differentiable: their chunks' backward recomputes only the index scores.
-  idx_BxTxK, valid_BxTxK = over_query_chunks(select_fn, chunk, T, sg(q_BxTxJxI), sg(w_BxTxJ),
-                                             seg)
-  score_BxTxK = over_query_chunks(score_fn, chunk, T, q_BxTxJxI, w_BxTxJ, idx_BxTxK)
+  # (Named scopes: profiles group kernels by them, benchmarks/dsa.py --profile.)
+  with jax.named_scope("dsa_topk"):
+    idx_BxTxK, valid_BxTxK = over_query_chunks(select_fn, chunk, T, sg(q_BxTxJxI),
+                                               sg(w_BxTxJ), seg)
+  with jax.named_scope("dsa_selected_scores"):
+    score_BxTxK = over_query_chunks(score_fn, chunk, T, q_BxTxJxI, w_BxTxJ, idx_BxTxK)
   return idx_BxTxK, valid_BxTxK, score_BxTxK
 
 
@@ -341,6 +344,13 @@ def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, 
   (`resolve_sparse_mla_impl`). With the kernel, a query with no valid key at
   all gets the uniform average of its sequence's row 0 (the reference: of its idx rows).
   """
+  with jax.named_scope("dsa_sparse_mla"):
+    return _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK,
+                       valid_BxTxK, scale=scale, chunk=chunk, impl=impl)
+
+
+def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, valid_BxTxK, *,
+                scale: float, chunk: int, impl: str):
   T, H = q_lat_BxTxHxC.shape[1], q_lat_BxTxHxC.shape[2]
   ckr_BxSxCR = jnp.concatenate([c_BxSxC, k_rope_BxSxR.astype(c_BxSxC.dtype)], -1)
   C = c_BxSxC.shape[-1]
@@ -368,9 +378,10 @@ def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, val
                        kernel_bwd: bool = False):
   """o_lat from the Mosaic GPU forward kernel (mma: the 16-row MMA one), under a custom VJP
   whose backward is, from the kernel's o and LSE, the MMA kernel's backward
-  (`sparse_mla_mma_gpu.sparse_mla_bwd`) with kernel_bwd, else pure JAX (`_sparse_mla_bwd`). p (the KL target) is recomputed from the LSE: by the MMA kernel's probabilities
-  form (`sparse_mla_mma_gpu.sparse_mla_probs`) with mma, else in pure JAX (one chunked
-  gather and score product)."""
+  (`sparse_mla_mma_gpu.sparse_mla_bwd`) with kernel_bwd, else pure JAX (`_sparse_mla_bwd`).
+  p (the KL target) is recomputed from the LSE: by the MMA kernel's probabilities form
+  (`sparse_mla_mma_gpu.sparse_mla_probs`) with mma, else in pure JAX (one chunked gather
+  and score product)."""
   from pallas_kernels import sparse_mla_gpu, sparse_mla_mma_gpu
 
   forward = (sparse_mla_mma_gpu if mma else sparse_mla_gpu).sparse_mla_fwd
@@ -513,5 +524,6 @@ def dense_indexer_kl(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, q_BxT
 def sparse_indexer_kl(p_BxTxK, score_BxTxK, valid_BxTxK) -> jax.Array:
   """Sparse stage: KL(p[t, S_t] || softmax(I[t, S_t])) per query [B, T], over the selected
   set S_t (p from `sparse_mla`, already stop-gradient and normalised over S_t)."""
-  log_q = jax.nn.log_softmax(jnp.where(valid_BxTxK, score_BxTxK, _MASKED), -1)
-  return _kl(jax.lax.stop_gradient(p_BxTxK), log_q, valid_BxTxK)
+  with jax.named_scope("dsa_indexer_kl"):
+    log_q = jax.nn.log_softmax(jnp.where(valid_BxTxK, score_BxTxK, _MASKED), -1)
+    return _kl(jax.lax.stop_gradient(p_BxTxK), log_q, valid_BxTxK)
