@@ -26,8 +26,8 @@ COMBINE_MODES = ("softmax", "renormalize", "raw")
 EXPERT_BACKENDS = ("auto", "reference", "ragged_dot", "tiled", "pallas", "per_expert")
 ATTENTION_KINDS = ("mla", "mha")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-# sparse_attention.sparse_mla: pure JAX, the Mosaic GPU kernel, it interpreted (CPU tests);
-# the same two for the experimental 16-row MMA kernel
+# sparse_attention.sparse_mla: pure JAX, the wgmma Mosaic GPU forward kernel, it interpreted
+# (CPU tests); the same two for the 16-row MMA forward kernel, and with its backward kernel
 DSA_IMPLS = ("auto", "reference", "pallas", "interpret", "pallas_mma", "interpret_mma",
              "pallas_mma_bwd", "interpret_mma_bwd")
 DECODE_ATTENTION = ("auto", "xla", "pallas")
@@ -103,8 +103,8 @@ class ModelConfig:
   # "xla" (two einsums: scores, then P x latent; the cache read twice), "pallas"
   # (pallas_kernels/mla_decode_gpu.py, one read of the cache; Hopper, 16 heads, bf16, a
   # cache length that is a multiple of 64: refused otherwise) or "auto": the kernel where it
-  # applies and was measured faster on the H200 (batch >= 32: 1.17x xla at 256, 1.24x at
-  # 32; 0.69x at batch 1), else xla.
+  # applies and was measured faster on the H200 (batch >= 32: 1.6x xla at 256, 1.5x at 32;
+  # 0.9x at batch 1), else xla.
   decode_attention: str = "auto"
 
   # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.

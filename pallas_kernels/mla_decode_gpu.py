@@ -32,8 +32,8 @@ Status: the first version (seventh session; one CTA a row, the scores' operands 
 GMEM, one TMA copy a step waited at once) was right on the H200 and no faster than XLA
 (notes_generate.md). This one (the ring, the operands from SMEM, the splits) lowers for
 CUDA and runs in the GPU interpreter on CPU (`interpret=True`: the interpreter has no
-`plgpu.mma`, so the MMAs are dots there), both tested; on the H200 it is right and
-0.91x XLA at batch 256 (eighth session, notes_generate.md).
+`plgpu.mma`, so the MMAs are dots there), both tested; on the H200 it is right and, with
+the two changes below, 1.6x XLA at batch 256 (eighth session, notes_generate.md).
 
 Bank conflicts (eighth session): an MMA operand fragment is read by a warp as 8 rows x 16
 bytes (the scores' B operand, P) or 4 rows x 16 bytes (P x latent's); with SMEM rows a
@@ -42,9 +42,13 @@ banks and every load is replayed 4-8 times. Now each 64-column chunk of the late
 by its own TMA box of CHUNK + ROW_PAD = 72 columns (the last box starts 8 columns earlier,
 so no box leaves the row), so its SMEM rows are 144 bytes apart: row r starts 4r banks on,
 and 8 rows cover all 32. The boxes read 8 columns twice (from L2). At 72 columns the ring
-holds 2 steps (3 x 8 x 64 x 72 x 2 bytes would pass the 227 KB of SMEM);
-row_pad=0 keeps the first layout (64-column boxes, 3 steps) for comparison. The rope block
-(64 columns) keeps its conflicts: 1 of the scores' 9 chunks.
+holds 2 steps (3 x 8 x 64 x 72 x 2 bytes would pass the 227 KB of SMEM); row_pad=0 keeps
+unpadded 64-column boxes (3 steps) for comparison. The rope block (64 columns) keeps its
+conflicts: 1 of the scores' 9 chunks.
+
+The copy issue (eighth session, `early_fetch`, default): a step's copy is issued when the
+step before starts, after a warpgroup barrier, so it has a whole step to land (issued after
+the step before's scores it had half: 0.102 against 0.080 ms a layer at batch 256).
 """
 from __future__ import annotations
 
@@ -80,8 +84,8 @@ def unsupported_reason(H: int, C: int, R: int, S: int, dtype) -> str | None:
 
 def use_for_auto(B: int, H: int, C: int, R: int, S: int, dtype) -> bool:
   """model.decode_attention=auto: the kernel on a Hopper GPU for shapes it takes, from
-  AUTO_MIN_BATCH rows (eighth session, H200: 1.17x XLA's products at batch 256 and 1.24x
-  at 32, 0.69x at 1 where one CTA a split leaves the GPU mostly idle)."""
+  AUTO_MIN_BATCH rows (eighth session, H200: 1.6x XLA's products at batch 256 and 1.5x at
+  32; 0.9x at 1, where the splits' combine and dispatch outweigh one read of 576 slots)."""
   import pallas_kernels  # noqa: PLC0415 - the package imports this module's siblings
   return (B >= AUTO_MIN_BATCH and unsupported_reason(H, C, R, S, dtype) is None
           and pallas_kernels.resolve_backend("auto") == "mosaic_gpu")
