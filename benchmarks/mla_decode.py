@@ -67,8 +67,8 @@ def main(argv=None) -> int:
 
   ref_L = layers(lambda *a: mdk.reference(*a, scale))
   rows = []
-  print(f"{'batch':>6}{'slots':>7}{'splits':>7}{'variant':>9}{'rel err':>10}{'xla ms':>9}{'kernel ms':>11}"
-        f"{'limit ms':>10}{'xla frac':>10}{'kernel frac':>12}{'speed-up':>10}"
+  print(f"{'batch':>6}{'slots':>7}{'splits':>7}{'variant':>9}{'rel err':>10}{'xla ms':>9}"
+        f"{'kernel ms':>11}{'limit ms':>10}{'xla frac':>10}{'kernel frac':>12}{'speed-up':>10}"
         f"   (per layer, {L} a call)", flush=True)
   for B in (int(b) for b in args.batches.split(",")):
     bf = lambda *s, sd=1.0: jnp.asarray(sd * rng.normal(size=s), jnp.bfloat16)  # noqa: E731

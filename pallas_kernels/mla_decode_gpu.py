@@ -20,8 +20,8 @@ slots (`splits`: flash-decoding, so that small batches still fill the GPU; the s
 partial outputs and log-sum-exps are combined after the kernel). A CTA walks its steps of
 64 slots (only those up to the row's last visible slot: the rest of the cache is not
 read); each step's latent block [64, C] and rope block [64, R] come to SMEM by TMA, into a
-ring of 2 slots (3 unpadded, below): the copy of step t+1 is issued during step t, once every thread
-is done with the slot it overwrites. From SMEM, the scores [H, 64] accumulate over the
+ring of 2 slots (3 unpadded, below): the copy of step t+1 is issued during step t, once
+every thread is done with the slot it overwrites. From SMEM, the scores [H, 64] accumulate over the
 latent in 64-column chunks plus the rope chunk (the B operand read transposed), online
 softmax along the slots (rows are heads), P goes through SMEM as the A operand of P x
 latent, whose B operand is the same block read as stored. Output [H, C] in four [H, 128]

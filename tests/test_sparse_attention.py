@@ -353,9 +353,9 @@ def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol
   """The Mosaic GPU kernels (wgmma; "interpret_mma": the 16-row MMA one, bf16 only) in the
   GPU interpreter: o_lat, p and the gradients (the custom VJP's pure-JAX backward from the
   LSE; "interpret_mma_bwd": the MMA kernel's backward kernel) against impl="reference" in
-  float32 on the same inputs (in bf16 the reference's own gradient of c is off by ~3%: its dp is rounded to
-  bf16 before the softmax backward); two batch rows (the gather's sequence offset), K over
-  one 64-key step (the online softmax across steps), chunks that pad T."""
+  float32 on the same inputs (in bf16 the reference's own gradient of c is off by ~3%: its
+  dp is rounded to bf16 before the softmax backward); two batch rows (the gather's sequence
+  offset), K over one 64-key step (the online softmax across steps), chunks that pad T."""
   B, T, H = 2, 5, 16
   args, idx, valid = _kernel_problem(rng, dtype, B, T, H, C, R, K)
   g_out = jnp.asarray(rng.normal(size=(B, T, H, C)), jnp.float32)
