@@ -18,7 +18,8 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        backward is the reference's)
   dsa_pallas_radix     dsa_pallas with the top-k by `top_k_positions` (no sort)
   dsa_pallas_mma       dsa_pallas with the experimental 16-row MMA forward kernel
-  topk_sort / topk_radix / topk_sample: the indexer's scores and the selection alone
+  topk_sort / topk_radix / topk_sample / topk_sample_search (its compaction by binary
+                       searches, not a scatter): the indexer's scores and the selection alone
                        (forward), by jax.lax.top_k, top_k_positions or top_k_sampled;
                        at the smallest length "check_topk" rows say whether radix and
                        sample chose sort's keys
@@ -154,9 +155,13 @@ def dsa_fn(pss, impl, method="sort"):
 
 
 def topk_fn(method):
-  """The indexer's scores and the top-k selection alone (forward: positions only)."""
+  """The indexer's scores and the top-k selection alone (forward: positions only);
+  method "sample_search": the sampled top-k with the searched compaction."""
+  method, _, compact = method.partition("_")
   return jax.jit(lambda a, b, c: dsa.select_topk(a, b, c, topk=TOPK, chunk=CHUNK,
-                                                  method=method)[:2]), ("q_I", "w_I", "k_I")
+                                                  method=method,
+                                                  _compact=compact or "scatter")[:2]), (
+                                                      "q_I", "w_I", "k_I")
 
 
 def sparse_mla_fn(pss, impl, idx, valid):
@@ -306,7 +311,7 @@ def main():
           except Exception as e:  # noqa: BLE001 -- recorded; the next row runs
             record(dict(row, error=f"{type(e).__name__}: {str(e)[:400]}"))
             given_up.add((impl, pss))
-      for other in ("topk_radix", "topk_sample"):
+      for other in ("topk_radix", "topk_sample", "topk_sample_search"):
         if "topk_sort" in outs and other in outs:
           record(dict(seq=seq, impl="check_topk", **{"pass": "fwd"}, method=other,
                       equals_sort=bool((outs[other] == outs["topk_sort"]).all()),

@@ -185,7 +185,7 @@ def top_k_positions(x_NxS: jax.Array, k: int, *, digit_bits: int = 4) -> jax.Arr
 
 
 def top_k_sampled(x_NxS: jax.Array, k: int, *, sample: int = 8192,
-                  oversample: float = 2.0) -> jax.Array:
+                  oversample: float = 2.0, compact: str = "scatter") -> jax.Array:
   """`jax.lax.top_k(x, k)[1]` exactly (the same positions in the same order: falling value,
   ties to the lower position), sorting only a few candidates a row instead of the row.
 
@@ -197,16 +197,25 @@ def top_k_sampled(x_NxS: jax.Array, k: int, *, sample: int = 8192,
   (`_top_k_of_candidates`). At DSA's k = 2048 of 128k keys: ks = 256 sampled of 8,192,
   ~4,096 candidates +- 6%, so a row of scores misses only when its sample is unlike it. When any row of `x` misses that (few valid entries, as a
   causal row's first keys; a sample unlike its row), all of `x` takes `jax.lax.top_k`
-  instead (`lax.cond`), so the result is exact either way. Not differentiable."""
+  instead (`lax.cond`), so the result is exact either way. Not differentiable.
+  compact: how the candidates reach the buffer: "scatter" (each of the row's S entries
+  scattered to its slot, the others dropped) or "search" (each of the 4k slots finds its
+  entry by a binary search of the row's running count: 4k x log2(S) gathers instead of S
+  scattered writes); the same result, their speed on the GPU to compare
+  (benchmarks/dsa.py topk_sample_search)."""
   N, S = x_NxS.shape
   if not 0 < k <= S:
     raise ValueError(f"k={k}: must be between 1 and the row length {S}")
-  fast_NxK, ok_N = _top_k_of_candidates(x_NxS, k, sample=sample, oversample=oversample)
+  if compact not in ("scatter", "search"):
+    raise ValueError(f"compact={compact!r}: must be 'scatter' or 'search'")
+  fast_NxK, ok_N = _top_k_of_candidates(x_NxS, k, sample=sample, oversample=oversample,
+                                        compact=compact)
   return jax.lax.cond(jnp.all(ok_N), lambda: fast_NxK,
                       lambda: jax.lax.top_k(x_NxS, k)[1].astype(jnp.int32))
 
 
-def _top_k_of_candidates(x_NxS, k: int, *, sample: int, oversample: float):
+def _top_k_of_candidates(x_NxS, k: int, *, sample: int, oversample: float,
+                         compact: str = "scatter"):
   """`top_k_sampled`'s fast path: positions [N, k] int32 and, per row, whether they are
   top_k's (the threshold let through between k and 4k entries)."""
   N, S = x_NxS.shape
@@ -218,10 +227,17 @@ def _top_k_of_candidates(x_NxS, k: int, *, sample: int, oversample: float):
   cap = min(S, 4 * k)
   take_NxS = key_NxS >= tau_N[:, None]
   count_N = jnp.sum(take_NxS, axis=1, dtype=jnp.int32)
-  slot_NxS = jnp.where(take_NxS, jnp.cumsum(take_NxS, axis=1, dtype=jnp.int32) - 1, cap)
-  rows = jnp.broadcast_to(jnp.arange(N)[:, None], (N, S))
-  pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (N, S))
-  cand_NxC = jnp.zeros((N, cap), jnp.int32).at[rows, slot_NxS].set(pos, mode="drop")
+  running_NxS = jnp.cumsum(take_NxS, axis=1, dtype=jnp.int32)
+  if compact == "search":  # slot c holds the first position whose running count is c + 1
+    want_C = jnp.arange(1, cap + 1, dtype=jnp.int32)
+    cand_NxC = jax.vmap(lambda r: jnp.searchsorted(r, want_C, side="left",
+                                                   method="scan_unrolled"))(running_NxS)
+    cand_NxC = jnp.minimum(cand_NxC, S - 1).astype(jnp.int32)  # slots past the count: unused
+  else:
+    slot_NxS = jnp.where(take_NxS, running_NxS - 1, cap)
+    rows = jnp.broadcast_to(jnp.arange(N)[:, None], (N, S))
+    pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (N, S))
+    cand_NxC = jnp.zeros((N, cap), jnp.int32).at[rows, slot_NxS].set(pos, mode="drop")
   filled = jnp.arange(cap)[None, :] < count_N[:, None]
   vals = jnp.where(filled, jnp.take_along_axis(x_NxS, cand_NxC, axis=1), -jnp.inf)
   # the padding (-inf) sits after the candidates: a tie with it goes to the real entry
@@ -230,7 +246,8 @@ def _top_k_of_candidates(x_NxS, k: int, *, sample: int, oversample: float):
 
 
 def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
-                segment_ids_BxT: jax.Array | None = None, method: str = "sort"):
+                segment_ids_BxT: jax.Array | None = None, method: str = "sort",
+                _compact: str = "scatter"):
   """Each query's top-k keys by index score among the keys it may attend to.
 
   Returns idx [B,T,K] int32, valid [B,T,K] bool, score [B,T,K] float32 with K = min(topk, S).
@@ -238,7 +255,8 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   every allowed key, the rest of their K slots marked invalid. `score` is differentiable in
   the indexer's outputs (the selection itself is not). method: "sort" (`jax.lax.top_k`,
   keys by falling score), "radix" (`top_k_positions`, the same set by rising position) or
-  "sample" (`top_k_sampled`: top_k's result, sorting ~2k candidates a row).
+  "sample" (`top_k_sampled`: top_k's result, sorting ~2k candidates a row; `_compact` is
+  its compaction, for benchmarks/dsa.py).
   """
   if method not in DSA_TOPK_METHODS:
     raise ValueError(f"top-k method {method!r}: must be one of {DSA_TOPK_METHODS}")
@@ -258,7 +276,7 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
       _, idx_BxQxK = jax.lax.top_k(masked, K)
     elif method == "sample":
       Bq = masked.shape[:2]
-      idx_BxQxK = top_k_sampled(masked.reshape(-1, S), K).reshape(*Bq, K)
+      idx_BxQxK = top_k_sampled(masked.reshape(-1, S), K, compact=_compact).reshape(*Bq, K)
     else:
       Bq = masked.shape[:2]
       idx_BxQxK = top_k_positions(masked.reshape(-1, S), K).reshape(*Bq, K)

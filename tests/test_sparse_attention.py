@@ -120,9 +120,11 @@ def test_top_k_sampled_is_top_k(rng):
   N, S, k = 5, 4000, int(rng.integers(100, 200))
   x = rng.normal(size=(N, S)).astype(np.float32)
   want = np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1])
-  fast, ok = dsa._top_k_of_candidates(jnp.asarray(x), k, sample=2000, oversample=2.0)
-  assert np.asarray(ok).all()
-  np.testing.assert_array_equal(np.asarray(fast), want)
+  for compact in ("scatter", "search"):
+    fast, ok = dsa._top_k_of_candidates(jnp.asarray(x), k, sample=2000, oversample=2.0,
+                                        compact=compact)
+    assert np.asarray(ok).all()
+    np.testing.assert_array_equal(np.asarray(fast), want, err_msg=compact)
   f = jax.jit(functools.partial(dsa.top_k_sampled, sample=2000), static_argnums=1)
   np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), k)), want)
   x[1] = np.round(x[1] * 2) / 2
@@ -137,6 +139,8 @@ def test_top_k_sampled_is_top_k(rng):
                                   err_msg=f"k={kk}")
   with pytest.raises(ValueError, match="k=0: must be between 1 and the row length 5"):
     dsa.top_k_sampled(jnp.zeros((2, 5)), 0)
+  with pytest.raises(ValueError, match="compact='sorted': must be 'scatter' or 'search'"):
+    dsa.top_k_sampled(jnp.zeros((2, 5)), 1, compact="sorted")
 
 
 def test_top_k_positions_is_top_k_without_a_sort(rng):
