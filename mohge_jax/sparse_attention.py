@@ -288,7 +288,10 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
 
   # The selection without gradients (so the backward pass does not run the top-k again, as
   # it would rematerialising one chunk function for both), then the selected keys' scores,
-  # differentiable: their chunks' backward recomputes only the index scores.
+  # differentiable: their chunks' backward recomputes only the index scores. The price: the
+  # forward computes the index scores twice (an O(T^2 J I) matmul, against a top-k that
+  # costs several times more at DSA's lengths); gathering the selected keys' index keys
+  # instead would make it O(T K I), with a scatter-add in the backward: not yet timed.
   # (Named scopes: profiles group kernels by them, benchmarks/dsa.py --profile.)
   with jax.named_scope("dsa_topk"):
     idx_BxTxK, valid_BxTxK = over_query_chunks(select_fn, chunk, T, sg(q_BxTxJxI),
