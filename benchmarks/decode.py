@@ -2,7 +2,8 @@
 
     python -m benchmarks.decode [--configs configs/mohge_3b.yaml,configs/moe_3b.yaml]
         [--batches 256,32,1] [--prompt-len 512] [--new-tokens 128] [--reps 3]
-        [--decode-backends auto,model,all_experts,capacity] [--layouts scan,unrolled]
+        [--decode-backends auto,model,all_experts,capacity,capacity_kernel]
+        [--layouts scan,unrolled]
         [--profile DIR] [--profile-batches 256,1] [--out benchmarks/results/decode_h200.json]
         [--dry-run] [key=value ...]
 
@@ -14,7 +15,8 @@ sampler replaced by an argmax) as one jitted `lax.scan`, once per decode expert 
 (the names `generate --decode-backend` takes: `auto`, generate's default, capacity
 from 8 routed rows per expert else all_experts (`generate.decode_expert_backend`); `model`:
 model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
-`dispatch.all_experts`; `capacity`: `dispatch.capacity_experts`) and layer layout
+`dispatch.all_experts`; `capacity`: `dispatch.capacity_experts`; `capacity_kernel`: the
+same through the Mosaic GPU kernels, unrolled only) and layer layout
 (`--layouts`: the layer scan, or unrolled over separate per-layer buffers), run --reps times from the same prefilled cache after a warm-up
 run; step time = median over runs of run time / new tokens, tokens/s = batch / step time.
 compile_s: lower + compile of the decode loop (prefill's apart, in prefill_compile_s);
@@ -201,7 +203,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
   first_tokens_BxN = None
   for layout, backend in [(lay, b) for lay in layouts for b in backends]:
     if layout == "unrolled":
-      layers = gen.unstack_layers(nnx.merge(graphdef, state))
+      layers = gen.unstack_layers(nnx.merge(graphdef, state),
+                                  stack_experts=backend == "capacity_kernel")
       args = (state, layers, first_B, lengths_B, gen.unstack_caches(caches))
     else:
       layers, args = None, (state, None, first_B, lengths_B, caches)

@@ -19,11 +19,12 @@ a failure or OOM in one row is recorded and the next row runs. impls:
   dsa_pallas_radix     dsa_pallas with the top-k by `top_k_positions` (no sort)
   dsa_pallas_mma       dsa_pallas with the experimental 16-row MMA forward kernel
   topk_sort / topk_radix / topk_sample / topk_sample_search (its compaction by binary
-                       searches, not a scatter): the indexer's scores and the selection alone
-                       (forward), by jax.lax.top_k, top_k_positions or top_k_sampled;
-                       at the smallest length "check_topk" rows say whether radix and
-                       sample chose sort's keys
-  dsa_pallas_sample    dsa_pallas with the top-k by `top_k_sampled`
+                       searches, not a scatter) / topk_threshold: the indexer's scores and
+                       the selection alone (forward), by jax.lax.top_k, top_k_positions,
+                       top_k_sampled or top_k_threshold; "check_topk" rows say whether the
+                       others chose sort's keys
+  dsa_pallas_sample    dsa_pallas with the top-k by `top_k_sampled` (_threshold:
+                       `top_k_threshold`; so for every dsa_ row)
   dsa_pallas_mma_sample  both: the MMA kernel and the sampled top-k
   dsa_pallas_mma_bwd[_sample]: with the MMA kernel's backward kernel too
   sparse_mla_reference / sparse_mla_pallas / sparse_mla_pallas_mma / _pallas_mma_bwd:
@@ -311,7 +312,7 @@ def main():
           except Exception as e:  # noqa: BLE001 -- recorded; the next row runs
             record(dict(row, error=f"{type(e).__name__}: {str(e)[:400]}"))
             given_up.add((impl, pss))
-      for other in ("topk_radix", "topk_sample", "topk_sample_search"):
+      for other in ("topk_radix", "topk_sample", "topk_sample_search", "topk_threshold"):
         if "topk_sort" in outs and other in outs:
           record(dict(seq=seq, impl="check_topk", **{"pass": "fwd"}, method=other,
                       equals_sort=bool((outs[other] == outs["topk_sort"]).all()),

@@ -31,7 +31,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DSA_IMPLS = ("auto", "reference", "pallas", "interpret", "pallas_mma", "interpret_mma",
              "pallas_mma_bwd", "interpret_mma_bwd")
 DECODE_ATTENTION = ("auto", "xla", "pallas")
-DSA_TOPK_METHODS = ("sort", "radix", "sample")
+DSA_TOPK_METHODS = ("sort", "radix", "sample", "threshold")
 ROPE_SCALINGS = ("none", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")

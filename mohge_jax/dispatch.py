@@ -370,21 +370,11 @@ def expert_capacity(T: int, K: int, E: int, capacity_factor: float = 2.0,
   return int(min(T, max(min_capacity, math.ceil(capacity_factor * T * K / E))))
 
 
-def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
-                     capacity_factor: float = 2.0, min_capacity: int = 8) -> jax.Array:
-  """`dispatch_and_combine`'s value (float32 [T, D]) for decoding's batches: each expert's
-  rows gathered into a fixed-capacity slot block [E, C, D] (C = capacity_factor x the mean
-  rows per expert, at least min_capacity, at most T), then per group one matmul batched
-  over its N experts: each expert's weights read once, in their stored layout, as in
-  `all_experts`, but E*C rows computed instead of E*T (at T = 256, K = 6, E = 64: 48 rows
-  per expert against 256). Dropless: if any expert gets more than C rows the step takes
-  `all_experts` instead (a `lax.cond` on the counts; exact either way)."""
-  T, D = x_TxD.shape
-  K = expert_ids_TxK.shape[1]
-  E = sum(w.shape[0] for w in w_gate_up)
-  C = expert_capacity(T, K, E, capacity_factor, min_capacity)
-  if C >= T:  # no saving over every token through every expert
-    return all_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down)
+def _capacity_slots(expert_ids_TxK: jax.Array, E: int, C: int):
+  """The slot block of `capacity_experts`: slot (e, c) holds expert e's c-th token-expert
+  pair (in token order). Returns token_ExC (its token; 0 when empty), filled_ExC, slot_M (each
+  pair's slot e * C + c, pairs flattened [T*K]) and counts_E."""
+  T, K = expert_ids_TxK.shape
   ids_M = expert_ids_TxK.reshape(T * K)
   order_M = jnp.argsort(ids_M, stable=True)  # pairs by expert
   counts_E = count_ids(ids_M, E)
@@ -395,22 +385,117 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
   src_ExC = jnp.minimum(starts_E[:, None] + c_C, T * K - 1)
   filled_ExC = c_C < counts_E[:, None]
   token_ExC = jnp.where(filled_ExC, order_M[src_ExC] // K, 0)
+  slot_M = ids_M * C + jnp.minimum(rank_M, C - 1)
+  return token_ExC, filled_ExC, slot_M, counts_E
+
+
+def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
+                     capacity_factor: float = 2.0, min_capacity: int = 8,
+                     stacked: StackedExperts | None = None) -> jax.Array:
+  """`dispatch_and_combine`'s value (float32 [T, D]) for decoding's batches: each expert's
+  rows gathered into a fixed-capacity slot block [E, C, D] (C = capacity_factor x the mean
+  rows per expert, at least min_capacity, at most T), then per group one matmul batched
+  over its N experts: each expert's weights read once, in their stored layout, as in
+  `all_experts`, but E*C rows computed instead of E*T (at T = 256, K = 6, E = 64: 48 rows
+  per expert against 256). Dropless: if any expert gets more than C rows the step takes
+  `all_experts` instead (a `lax.cond` on the counts; exact either way).
+
+  stacked (`stack_experts`, made once outside the decode loop): the slot block goes through
+  the Mosaic GPU kernels instead (`pallas_kernels.gpu.hgmm`: the up projection with SwiGLU,
+  then the down projection, each one launch for all E experts of every width), C rounded
+  up to the kernels' row tile so an expert is one tile and its weights are read once.
+  XLA's per-group products run 8 launches a layer each (MoHGE-3B), most with too few
+  tiles to fill the GPU (the down products at ~1/3 of the bandwidth on the H200,
+  benchmarks/notes_generate.md). The outputs are bf16 (the kernels' dtype), combined in
+  float32."""
+  T, D = x_TxD.shape
+  K = expert_ids_TxK.shape[1]
+  E = sum(w.shape[0] for w in w_gate_up)
+  C = expert_capacity(T, K, E, capacity_factor, min_capacity)
+  if stacked is not None:
+    C = -(-C // stacked.tile_rows) * stacked.tile_rows
+  elif C >= T:  # no saving over every token through every expert
+    return all_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down)
+  token_ExC, filled_ExC, slot_M, counts_E = _capacity_slots(expert_ids_TxK, E, C)
 
   def bounded(_):
     x_ExCxD = x_TxD[token_ExC] * filled_ExC[..., None].astype(x_TxD.dtype)
-    ys, first = [], 0
-    for wgu_NxDxF2, wd_NxFxD in zip(w_gate_up, w_down):
-      N = wgu_NxDxF2.shape[0]
-      h_NxCxF2 = jnp.einsum("ncd,ndf->ncf", x_ExCxD[first:first + N], wgu_NxDxF2)
-      a_NxCxF = swiglu(h_NxCxF2.astype(jnp.float32)).astype(x_TxD.dtype)
-      ys.append(jnp.einsum("ncf,nfd->ncd", a_NxCxF, wd_NxFxD,
-                           preferred_element_type=jnp.float32))
-      first += N
-    y_ExCxD = jnp.concatenate(ys)
-    slot_M = ids_M * C + jnp.minimum(rank_M, C - 1)
+    if stacked is not None:
+      y_ExCxD = stacked.ffn(x_ExCxD.reshape(E * C, D))
+    else:
+      ys, first = [], 0
+      for wgu_NxDxF2, wd_NxFxD in zip(w_gate_up, w_down):
+        N = wgu_NxDxF2.shape[0]
+        h_NxCxF2 = jnp.einsum("ncd,ndf->ncf", x_ExCxD[first:first + N], wgu_NxDxF2)
+        a_NxCxF = swiglu(h_NxCxF2.astype(jnp.float32)).astype(x_TxD.dtype)
+        ys.append(jnp.einsum("ncf,nfd->ncd", a_NxCxF, wd_NxFxD,
+                             preferred_element_type=jnp.float32))
+        first += N
+      y_ExCxD = jnp.concatenate(ys)
     y_TxKxD = y_ExCxD.reshape(E * C, D)[slot_M].reshape(T, K, D)
     return combine(y_TxKxD, weights_TxK)
 
   return jax.lax.cond(jnp.max(counts_E) <= C, bounded,
                       lambda _: all_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up,
                                             w_down), None)
+
+
+@jax.tree_util.register_pytree_node_class
+class StackedExperts:
+  """A routed layer's expert weights stacked for the Mosaic GPU kernels
+  (`pallas_kernels.gpu.stack_weights`: w_gate_up side by side [D, sum 2W], w_down one
+  below the other [sum W, D]), for `capacity_experts(stacked=...)`. Stacking is a copy of
+  the expert weights: made once for a whole generation (`stack_experts`), not per step
+  (the kernels' training path stacks per call, which at decode cost 2.9 ms a step).
+  tuning: `pallas_kernels.gpu.Config` fields as sorted (name, value) pairs (static)."""
+
+  def __init__(self, gate_up, down, gate_up_layout, down_layout, tuning=()):
+    self.gate_up, self.down = gate_up, down
+    self.gate_up_layout, self.down_layout = gate_up_layout, down_layout
+    self.tuning = tuple(tuning)
+
+  def tree_flatten(self):
+    return (self.gate_up, self.down), (self.gate_up_layout, self.down_layout, self.tuning)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  def config(self):
+    from pallas_kernels import gpu
+    return gpu.Config(**dict(self.tuning))
+
+  @property
+  def tile_rows(self) -> int:
+    return self.config().bm
+
+  def ffn(self, x_MxD: jax.Array) -> jax.Array:
+    """SwiGLU experts over `x` [E * C, D] in slot layout (C rows an expert, a multiple of
+    tile_rows): [E * C, D] in x's dtype."""
+    from pallas_kernels import gpu
+    E = self.gate_up_layout.n * len(self.gate_up_layout.shapes)
+    sizes_E = (x_MxD.shape[0] // E,) * E  # static: the kernels' work table is a constant
+    cfg = self.config()
+    h_MxW = gpu.hgmm(x_MxD, (self.gate_up, self.gate_up_layout), sizes_E,
+                     epilogue="swiglu", cfg=cfg)[0]
+    return gpu.hgmm(h_MxW, (self.down, self.down_layout), sizes_E, cfg=cfg)[0]
+
+
+# The decode kernels' tiles: one expert's slot block is one 64-row tile (wgmma's smallest
+# M; capacity_experts rounds C up to it), the rest as the training kernels'.
+DECODE_KERNEL_TUNING = {"bm": 64}
+
+
+def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
+  """`StackedExperts` of one layer's per-group weights (in the compute dtype, bf16).
+  tuning: `pallas_kernels.gpu.Config` fields over DECODE_KERNEL_TUNING (interpret=True
+  runs the kernels in the Pallas interpreter, for tests on CPU)."""
+  from pallas_kernels import gpu
+  tuning = {**DECODE_KERNEL_TUNING, **tuning}
+  reason = gpu.unsupported_reason([w.shape[1] for w in w_down], w_down[0].shape[2],
+                                  gpu.Config(**tuning))
+  if reason:
+    raise ValueError(f"stack_experts: {reason}")
+  gu, gu_layout = gpu.stack_weights(list(w_gate_up))
+  down, down_layout = gpu.stack_weights(list(w_down))
+  return StackedExperts(gu, down, gu_layout, down_layout, tuple(sorted(tuning.items())))

@@ -15,7 +15,8 @@ from flax import nnx
 
 from mohge_jax import expert_parallel, losses, routing
 from mohge_jax.config import Config
-from mohge_jax.dispatch import all_experts, capacity_experts, dispatch_and_combine, swiglu
+from mohge_jax.dispatch import (StackedExperts, all_experts, capacity_experts,
+                                dispatch_and_combine, swiglu)
 
 # ----------------------------------------------------------------------------- modules
 
@@ -102,13 +103,15 @@ class RoutedFFN(nnx.Module):
     return r, aux
 
   def __call__(self, x_BxLxD: jax.Array, forced: routing.Forced | None = None, *,
-               backend: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               backend: str | None = None, stacked: StackedExperts | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """y [B, L, D] and aux: the loss terms, the token counts, and the routing itself
     (`expert_ids` [B, L, K], `group_ids` [B, L, Kg]: what generation records). `forced`
     ([B, L, ...] ids) replays a recorded routing (GRPO's keep routing). `backend`: the
     experts' backend for this call (None: model.expert_backend), or "all_experts" /
     "capacity" (`all_experts`, `capacity_experts`: for decoding; not under expert
-    parallelism)."""
+    parallelism); with "capacity", `stacked` (this layer's `dispatch.stack_experts`) runs
+    the slot block through the Mosaic GPU kernels."""
     B, L, D = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(B * L, D)
     with jax.named_scope("router"):  # (named scopes: profiles group kernels by them)
@@ -125,7 +128,8 @@ class RoutedFFN(nnx.Module):
       if backend == "all_experts":
         y_TxD = all_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down)
       elif backend == "capacity":
-        y_TxD = capacity_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down)
+        y_TxD = capacity_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down,
+                                 stacked=stacked)
       elif not mesh.empty and mesh.shape.get("expert", 1) > 1:
         y_TxD = expert_parallel.routed_experts(
             x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, mesh=mesh,

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mohge_jax import routing
+from mohge_jax import dispatch, routing
 from mohge_jax.attention import MLA, MLACache
 from mohge_jax.losses import logits_matmul
 from mohge_jax.model import Transformer, head_weight
@@ -142,15 +142,21 @@ def decode_expert_backend(m, tokens: int) -> str:
   return "capacity" if tokens * m.top_k >= 8 * m.num_experts else "all_experts"
 
 
-def _ffn(block, h_BxLxD, expert_backend: str | None = None):
-  """The block's FFN on [B, L, D]: (y, routed ids or None)."""
+def _ffn(block, h_BxLxD, expert_backend: str | None = None, stacked=None):
+  """The block's FFN on [B, L, D]: (y, routed ids or None). `stacked`: the layer's
+  `dispatch.StackedExperts` (decode_backend="capacity_kernel")."""
   if block.ffn_kind == "dense":
     with jax.named_scope("dense_ffn"):
       return block.ffn(h_BxLxD), None
   if expert_backend == "auto":
     expert_backend = decode_expert_backend(block.ffn.cfg.model,
                                            h_BxLxD.shape[0] * h_BxLxD.shape[1])
-  y_BxLxD, aux = block.ffn(h_BxLxD, backend=expert_backend)
+  if expert_backend == "capacity_kernel":
+    if stacked is None:
+      raise ValueError("decode_backend='capacity_kernel' needs the layers' stacked experts: "
+                       "unstack_layers(model, stack_experts=True)")
+    expert_backend = "capacity"
+  y_BxLxD, aux = block.ffn(h_BxLxD, backend=expert_backend, stacked=stacked)
   return y_BxLxD, routing.Forced(aux["expert_ids"], aux["group_ids"])
 
 
@@ -229,14 +235,27 @@ def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
   return _logits(model, x_Bx1xD)[:, 0], new_caches, routes
 
 
-def unstack_layers(model: Transformer) -> list[list]:
-  """Per stack, its layers' states as separate arrays (copies made here, outside any jit:
-  the model's weights are held twice while both are alive), for `decode_step(...,
-  layers=)`."""
+def unstack_layers(model: Transformer, stack_experts: bool = False) -> list[list]:
+  """Per stack, its layers as (state, stacked experts or None) pairs, the states separate
+  arrays (copies made here, outside any jit: the model's weights are held twice while both
+  are alive), for `decode_step(..., layers=)`. stack_experts: each routed layer's expert
+  weights also stacked for the Mosaic GPU kernels in the compute dtype
+  (`dispatch.stack_experts`: a third copy of the expert weights), which
+  decode_backend="capacity_kernel" reads."""
+  stack_fn = jax.jit(dispatch.stack_experts)
   out = []
   for stack in model.stacks:
     state = nnx.state(stack.layers)
-    out.append([jax.tree.map(lambda a, i=i: a[i], state) for i in range(stack.num)])
+    layers = []
+    for i in range(stack.num):
+      layer_state = jax.tree.map(lambda a, i=i: a[i], state)
+      stacked = None
+      if stack_experts and stack.layers.ffn_kind != "dense":
+        ffn = nnx.merge(nnx.graphdef(stack.layers), layer_state).ffn
+        stacked = stack_fn([w[...].astype(ffn.dtype) for w in ffn.w_gate_up],
+                           [w[...].astype(ffn.dtype) for w in ffn.w_down])
+      layers.append((layer_state, stacked))
+    out.append(layers)
   return out
 
 
@@ -252,12 +271,12 @@ def _decode_step_unrolled(model, tokens_B, positions_B, caches, expert_backend, 
   for stack, stack_caches, stack_layers in zip(model.stacks, caches, layers):
     graphdef = nnx.graphdef(stack.layers)
     updated, ids_n = [], []
-    for layer_state, cache in zip(stack_layers, stack_caches):
+    for (layer_state, stacked), cache in zip(stack_layers, stack_caches):
       block = nnx.merge(graphdef, layer_state)
       with jax.named_scope("attention"):
         a_Bx1xD, cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B, cache)
       x_Bx1xD = x_Bx1xD + a_Bx1xD
-      y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD), expert_backend)
+      y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD), expert_backend, stacked)
       x_Bx1xD = x_Bx1xD + y_Bx1xD
       updated.append(cache)
       ids_n.append(ids)
@@ -275,7 +294,8 @@ def _routed(routes_per_stack: list) -> routing.Forced:
 # ----------------------------------------------------------------------------- the loop
 
 
-DECODE_BACKENDS = ("auto", None, "all_experts", "capacity")  # None: model.expert_backend
+# None: model.expert_backend; capacity_kernel: capacity through the Mosaic GPU kernels
+DECODE_BACKENDS = ("auto", None, "all_experts", "capacity", "capacity_kernel")
 
 
 def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
@@ -303,7 +323,11 @@ def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
   if S > model.cfg.model.max_seq_len:
     raise ValueError(f"prompt length {prompts_BxP.shape[1]} + max_new_tokens "
                      f"{max_new_tokens} exceeds model.max_seq_len={model.cfg.model.max_seq_len}")
-  layers = unstack_layers(model) if unrolled else None
+  if decode_backend == "capacity_kernel" and not unrolled:
+    raise ValueError("decode_backend='capacity_kernel' needs unrolled=True (the experts "
+                     "are stacked per layer once, before the decode loop)")
+  layers = (unstack_layers(model, stack_experts=decode_backend == "capacity_kernel")
+            if unrolled else None)
   return _generate(graphdef, state, layers, prompts_BxP, lengths_B, key,
                    max_new_tokens=max_new_tokens, temperature=float(temperature),
                    top_k=int(top_k), top_p=float(top_p),

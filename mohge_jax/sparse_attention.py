@@ -165,23 +165,81 @@ def top_k_positions(x_NxS: jax.Array, k: int, *, digit_bits: int = 4) -> jax.Arr
     raise ValueError(f"k={k}: must be between 1 and the row length {S}")
   if digit_bits not in (1, 2, 4, 8):
     raise ValueError(f"digit_bits={digit_bits}: must divide the key's 32 bits (1, 2, 4 or 8)")
-  key = _order_key(x_NxS)
+  return _top_positions(_order_key(x_NxS), k, digit_bits)
+
+
+def _kth_key(key_NxS: jax.Array, k: int, digit_bits: int = 4) -> jax.Array:
+  """Each row's k-th largest order key [N] uint32, digit by digit from the top (a pass of
+  2^digit_bits - 1 compare-and-counts an entry per digit)."""
   ways = 1 << digit_bits
   digits = jnp.arange(1, ways, dtype=jnp.uint32)
-  prefix = jnp.zeros((N,), jnp.uint32)
-  for shift in range(32 - digit_bits, -1, -digit_bits):  # the k-th key, digit by digit
+  prefix = jnp.zeros(key_NxS.shape[:1], jnp.uint32)
+  for shift in range(32 - digit_bits, -1, -digit_bits):
     cand_NxW = prefix[:, None] | (digits[None, :] << shift)
-    count_NxW = jnp.sum(key[:, :, None] >= cand_NxW[:, None, :], axis=1, dtype=jnp.int32)
+    count_NxW = jnp.sum(key_NxS[:, :, None] >= cand_NxW[:, None, :], axis=1, dtype=jnp.int32)
     d = jnp.sum(count_NxW >= k, axis=1, dtype=jnp.uint32)  # counts fall as digits rise
     prefix = prefix | (d << shift)
-  above = key > prefix[:, None]
-  tie = key == prefix[:, None]
+  return prefix
+
+
+def _top_positions(key_NxS: jax.Array, k: int, digit_bits: int = 4) -> jax.Array:
+  """`top_k_positions` on order keys."""
+  N, S = key_NxS.shape
+  kth_N = _kth_key(key_NxS, k, digit_bits)
+  above = key_NxS > kth_N[:, None]
+  tie = key_NxS == kth_N[:, None]
   room = k - jnp.sum(above, axis=1, dtype=jnp.int32)  # >= 1: the k-th value is a tie
   take = above | (tie & (jnp.cumsum(tie, axis=1, dtype=jnp.int32) <= room[:, None]))
   slot = jnp.where(take, jnp.cumsum(take, axis=1, dtype=jnp.int32) - 1, k)
   rows = jnp.broadcast_to(jnp.arange(N)[:, None], (N, S))
   pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (N, S))
   return jnp.zeros((N, k), jnp.int32).at[rows, slot].set(pos, mode="drop")
+
+
+def top_k_threshold(x_NxS: jax.Array, k: int, *, sample: int = 8192,
+                    oversample: float = 2.0, cap_factor: int = 8) -> jax.Array:
+  """`top_k_positions(x, k)` exactly (the same positions, rising), touching the whole row
+  only a few times and never sorting.
+
+  As `top_k_sampled`: a strided sample of ~`sample` entries a row gives a threshold that
+  ~`oversample` * k of the row's entries reach (here the sample's ks-th largest key by
+  `_kth_key`, not a top_k of the sample), those entries are compacted in position order
+  into a buffer of `cap_factor` * k; then the radix select of `top_k_positions` runs on
+  the buffer (8k entries a row, not S: at DSA's 2048 of 128k keys a query, 1/8 of the
+  row) instead of top_k's sort of it. Rows whose threshold let through fewer than k or
+  more than the buffer's entries (causal rows with few keys; a sample unlike its row;
+  ties: a ReLU index score is exactly 0 for ~1/16 of the keys when all of a query's head
+  weights are negative): all of `x` takes `top_k_positions` (a `lax.cond`), so the result
+  is exact either way. The buffer is 2x `top_k_sampled`'s because its radix select costs
+  little more at 8k, and each chunk that misses costs a full radix select (on the H200 at
+  128k, 186 of 512 chunks missed with a 4k buffer). Not differentiable."""
+  N, S = x_NxS.shape
+  if not 0 < k <= S:
+    raise ValueError(f"k={k}: must be between 1 and the row length {S}")
+  key_NxS = _order_key(x_NxS)
+  stride = max(1, S // sample)
+  key_sample = key_NxS[:, ::stride]
+  ks = min(key_sample.shape[1], max(1, round(oversample * k / stride)))
+  tau_N = _kth_key(key_sample, ks)
+  cap = min(S, cap_factor * k)
+  cand_NxC, count_N = _compact(key_NxS >= tau_N[:, None], cap)
+  filled = jnp.arange(cap)[None, :] < count_N[:, None]
+  # empty slots get key 0, below every real entry's (-inf's key is 0x007fffff)
+  ckey_NxC = jnp.where(filled, jnp.take_along_axis(key_NxS, cand_NxC, axis=1), 0)
+  fast_NxK = jnp.take_along_axis(cand_NxC, _top_positions(ckey_NxC, k), axis=1)
+  ok = jnp.all((count_N >= k) & (count_N <= cap))
+  return jax.lax.cond(ok, lambda: fast_NxK, lambda: _top_positions(key_NxS, k))
+
+
+def _compact(take_NxS: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
+  """The positions of each row's taken entries, in order, in a buffer [N, cap] int32 (slots
+  past the row's count hold 0; entries past cap are dropped) and the counts [N]."""
+  N, S = take_NxS.shape
+  count_N = jnp.sum(take_NxS, axis=1, dtype=jnp.int32)
+  slot_NxS = jnp.where(take_NxS, jnp.cumsum(take_NxS, axis=1, dtype=jnp.int32) - 1, cap)
+  rows = jnp.broadcast_to(jnp.arange(N)[:, None], (N, S))
+  pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (N, S))
+  return jnp.zeros((N, cap), jnp.int32).at[rows, slot_NxS].set(pos, mode="drop"), count_N
 
 
 def top_k_sampled(x_NxS: jax.Array, k: int, *, sample: int = 8192,
@@ -226,18 +284,15 @@ def _top_k_of_candidates(x_NxS, k: int, *, sample: int, oversample: float,
   tau_N = jax.lax.top_k(key_sample, ks)[0][:, -1]  # the ks-th largest sampled key
   cap = min(S, 4 * k)
   take_NxS = key_NxS >= tau_N[:, None]
-  count_N = jnp.sum(take_NxS, axis=1, dtype=jnp.int32)
-  running_NxS = jnp.cumsum(take_NxS, axis=1, dtype=jnp.int32)
   if compact == "search":  # slot c holds the first position whose running count is c + 1
+    count_N = jnp.sum(take_NxS, axis=1, dtype=jnp.int32)
+    running_NxS = jnp.cumsum(take_NxS, axis=1, dtype=jnp.int32)
     want_C = jnp.arange(1, cap + 1, dtype=jnp.int32)
     cand_NxC = jax.vmap(lambda r: jnp.searchsorted(r, want_C, side="left",
                                                    method="scan_unrolled"))(running_NxS)
     cand_NxC = jnp.minimum(cand_NxC, S - 1).astype(jnp.int32)  # slots past the count: unused
   else:
-    slot_NxS = jnp.where(take_NxS, running_NxS - 1, cap)
-    rows = jnp.broadcast_to(jnp.arange(N)[:, None], (N, S))
-    pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (N, S))
-    cand_NxC = jnp.zeros((N, cap), jnp.int32).at[rows, slot_NxS].set(pos, mode="drop")
+    cand_NxC, count_N = _compact(take_NxS, cap)
   filled = jnp.arange(cap)[None, :] < count_N[:, None]
   vals = jnp.where(filled, jnp.take_along_axis(x_NxS, cand_NxC, axis=1), -jnp.inf)
   # the padding (-inf) sits after the candidates: a tie with it goes to the real entry
@@ -256,7 +311,8 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   the indexer's outputs (the selection itself is not). method: "sort" (`jax.lax.top_k`,
   keys by falling score), "radix" (`top_k_positions`, the same set by rising position) or
   "sample" (`top_k_sampled`: top_k's result, sorting ~2k candidates a row; `_compact` is
-  its compaction, for benchmarks/dsa.py).
+  its compaction, for benchmarks/dsa.py) or "threshold" (`top_k_threshold`: radix's set,
+  from ~2k candidates a row, no sort).
   """
   if method not in DSA_TOPK_METHODS:
     raise ValueError(f"top-k method {method!r}: must be one of {DSA_TOPK_METHODS}")
@@ -277,6 +333,9 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
     elif method == "sample":
       Bq = masked.shape[:2]
       idx_BxQxK = top_k_sampled(masked.reshape(-1, S), K, compact=_compact).reshape(*Bq, K)
+    elif method == "threshold":
+      Bq = masked.shape[:2]
+      idx_BxQxK = top_k_threshold(masked.reshape(-1, S), K).reshape(*Bq, K)
     else:
       Bq = masked.shape[:2]
       idx_BxQxK = top_k_positions(masked.reshape(-1, S), K).reshape(*Bq, K)

@@ -218,6 +218,10 @@ def hgmm(lhs, rhs, group_sizes, *, transpose_rhs=False, lhs_split=False, out_spl
   """Row-ragged grouped matmul on Hopper; see reference.hgmm_ref. Returns a list of outputs.
 
   rhs: G per-group arrays (stacked here), or an already stacked (matrix, Stacking) pair.
+  group_sizes: int32 [E], or a tuple of ints known when tracing (decoding's fixed slot
+  blocks): the work table is then built while tracing, a constant of the program, instead
+  of by ~50 small kernels a call (a searchsorted loop among them: at decode they cost
+  more than the kernel).
   epilogue="swiglu": rhs is w_gate_up; returns h [M, Wmax] (and gu, split layout, when
   save_gu). epilogue="swiglu_bwd": rhs is w_down (transpose_rhs), gu is the saved
   split-layout gate/up; returns d[gate | up] (split layout).
@@ -226,15 +230,19 @@ def hgmm(lhs, rhs, group_sizes, *, transpose_rhs=False, lhs_split=False, out_spl
     flat, st = rhs
   else:
     flat, st = stack_weights(rhs)
+  static_sizes = None
+  if isinstance(group_sizes, tuple):
+    static_sizes, group_sizes = tuple(int(g) for g in group_sizes), None
   return _hgmm(lhs, flat, group_sizes, gu, st=st, transpose_rhs=transpose_rhs,
                lhs_split=lhs_split, out_split=out_split, out_cols=out_cols,
-               epilogue=epilogue, save_gu=save_gu, cfg=cfg)
+               epilogue=epilogue, save_gu=save_gu, cfg=cfg, static_sizes=static_sizes)
 
 
 @functools.partial(jax.jit, static_argnames=("st", "transpose_rhs", "lhs_split", "out_split",
-                                             "out_cols", "epilogue", "save_gu", "cfg"))
+                                             "out_cols", "epilogue", "save_gu", "cfg",
+                                             "static_sizes"))
 def _hgmm(lhs, rhs_flat, group_sizes, gu, *, st, transpose_rhs, lhs_split, out_split,
-          out_cols, epilogue, save_gu, cfg):
+          out_cols, epilogue, save_gu, cfg, static_sizes=None):
   m, kl = lhs.shape
   dtype = lhs.dtype
   n, num_groups = st.n, len(st.shapes)
@@ -275,8 +283,13 @@ def _hgmm(lhs, rhs_flat, group_sizes, gu, *, st, transpose_rhs, lhs_split, out_s
                      f // 2 // bn if out_split else 0)
   pad_cols = wmax // bn if epilogue in ("swiglu", "swiglu_bwd") else out_cols // bn
   per_expert[-1] = (pad_cols, 0, 0, 0, 0, 0)   # padding rows: no K steps → zeros
-  table, num_work = _hgmm_work(group_sizes, m, bm, num_groups, per_expert,
-                               out_cols // 2 // bn, cfg.zero_padding)
+  if static_sizes is not None:
+    with jax.ensure_compile_time_eval():  # concrete sizes: computed now, a constant table
+      table, num_work = _hgmm_work(np.asarray(static_sizes, np.int32), m, bm, num_groups,
+                                   per_expert, out_cols // 2 // bn, cfg.zero_padding)
+  else:
+    table, num_work = _hgmm_work(group_sizes, m, bm, num_groups, per_expert,
+                                 out_cols // 2 // bn, cfg.zero_padding)
   # One K extent for all groups (the up projection and dh: K = d) → a static pipeline grid.
   static_nk = ks[0] // bk if len(set(ks)) == 1 else None
   kl_half_blocks = kl // 2 // bk

@@ -191,3 +191,37 @@ def test_capacity_experts_equals_per_pair_loop(rng, case):
                                   [f32(a) for a in wgu], [f32(a) for a in wd])
   np.testing.assert_allclose(np.asarray(got), _pairs_reference(x, ids, w, wgu, wd),
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["bounded", "overflow"])
+def test_capacity_experts_through_the_kernels_equals_per_pair_loop(rng, case):
+  """capacity_experts(stacked=stack_experts(...)): the slot block through the Mosaic GPU
+  kernels (Pallas interpreter here; C rounded up to the 64-row tile, one tile an expert):
+  the routed value in bf16, bounded, and when an expert overflows C (the fallback)."""
+  widths, N, D, K, T = (128, 256), 4, 128, 2, 48
+  E = N * len(widths)
+  if case == "bounded":
+    ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)])
+  else:  # expert 3 in all 80 rows: C = 40 rounded up to 64
+    T = 80
+    ids = np.stack([np.concatenate([[3], rng.choice(np.delete(np.arange(E), 3), K - 1,
+                                                     replace=False)]) for _ in range(T)])
+  st = dispatch.stack_experts
+  C = -(-dispatch.expert_capacity(T, K, E) // 64) * 64
+  assert (np.bincount(ids.ravel(), minlength=E).max() <= C) == (case == "bounded")
+  x = rng.normal(size=(T, D))
+  w = rng.uniform(size=(T, K))
+  wgu = [rng.normal(size=(N, D, 2 * f)) / 12 for f in widths]
+  wd = [rng.normal(size=(N, f, D)) / 12 for f in widths]
+  bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+  wgu_b, wd_b = [bf(a) for a in wgu], [bf(a) for a in wd]
+  stacked = st(wgu_b, wd_b, interpret=True)
+  got = jax.jit(lambda x, i, w, s: dispatch.capacity_experts(x, i, w, wgu_b, wd_b, stacked=s))(
+      bf(x), jnp.asarray(ids, jnp.int32), jnp.asarray(w, jnp.float32), stacked)
+  want = _pairs_reference(np.asarray(bf(x), np.float64), ids, w,
+                          [np.asarray(a, np.float64) for a in wgu_b],
+                          [np.asarray(a, np.float64) for a in wd_b])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0.03, atol=0.03 * np.abs(want).max())
+  with pytest.raises(ValueError, match="stack_experts: the Mosaic GPU kernels need expert "
+                                       "widths and d_model to be multiples of 128"):
+    st([bf(np.zeros((N, D, 2 * 96)))], [bf(np.zeros((N, 96, D)))])

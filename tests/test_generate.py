@@ -181,6 +181,34 @@ def test_generate_decode_options_sample_the_same(rng, monkeypatch):
     gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="fast", **kw)
 
 
+def test_capacity_kernel_decode_backend_samples_the_same(rng, monkeypatch):
+  """generate(decode_backend="capacity_kernel"): each routed layer's experts stacked once
+  (`unstack_layers(stack_experts=True)`) and the slot blocks through the Mosaic GPU
+  kernels (here the Pallas interpreter): greedy tokens and routes as with "capacity", and
+  logits within bf16's reach of them; refused with the layer scan."""
+  from mohge_jax import dispatch
+  monkeypatch.setattr(dispatch, "DECODE_KERNEL_TUNING", {"bm": 64, "interpret": True})
+  model = make_model(int(rng.integers(1 << 30)), [
+      "model.d_model=128", "model.group_widths=[128,256]", "model.experts_per_group=2",
+      "model.top_k_groups=1", "model.top_k=2", "model.first_dense_layers=1",
+      "model.dtype=bfloat16"])
+  prompts, lens = ragged(rng, [3, 6, 1, 5], 6)
+  kw = dict(max_new_tokens=4, temperature=0.0, record_routes=True)
+  want = gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="capacity", **kw)
+  got = gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="capacity_kernel",
+                     **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.routes.expert_ids),
+                                np.asarray(want.routes.expert_ids))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=0.05)
+  layers = gen.unstack_layers(model, stack_experts=True)
+  assert [st is None for stack in layers for _, st in stack] == [
+      s.layers.ffn_kind == "dense" for s in model.stacks for _ in range(s.num)]
+  with pytest.raises(ValueError, match="capacity_kernel' needs unrolled=True"):
+    gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="capacity_kernel",
+                 unrolled=False, **kw)
+
+
 def test_auto_decode_backend_follows_rows_per_expert():
   """decode_backend="auto": capacity slots from 8 routed rows per expert on average, every
   expert on every token below (MoHGE-3B: 64 experts, top 6: the switch at 86 tokens)."""

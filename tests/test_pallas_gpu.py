@@ -91,3 +91,24 @@ def test_forward_at_decode_sizes(rng, m):
   wd = tuple((nrm(n, w, d) / np.sqrt(w)).astype(jnp.bfloat16) for w in widths)
   y = jax.jit(lambda x: pk.expert_ffn(x, gs, wgu, wd, backend="mosaic_gpu"))(x)
   assert _err(y, R.expert_ffn_ref(x, gs, wgu, wd)) < 1e-2
+
+
+def test_capacity_experts_through_the_kernels_at_decode(rng):
+  """decode_backend="capacity_kernel"'s expert step on the device: MoHGE-3B's widths,
+  batch 256 x top-6 over 64 experts, slot blocks of 64 rows through the stacked-weight
+  kernels, against XLA's capacity path (float32 products of the same bf16 operands)."""
+  from mohge_jax import dispatch
+  widths, n, d, T, K = (384, 512, 640, 768, 896, 1024, 1152, 1280), 8, 1024, 256, 6
+  e = len(widths) * n
+  ids = jnp.asarray(np.stack([rng.choice(e, K, replace=False) for _ in range(T)]), jnp.int32)
+  w = jnp.asarray(rng.dirichlet(np.ones(K), size=T), jnp.float32)
+  nrm = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+  x = nrm(T, d).astype(jnp.bfloat16)
+  wgu = [(nrm(n, d, 2 * f) / np.sqrt(d)).astype(jnp.bfloat16) for f in widths]
+  wd = [(nrm(n, f, d) / np.sqrt(f)).astype(jnp.bfloat16) for f in widths]
+  stacked = jax.jit(dispatch.stack_experts)(wgu, wd)
+  got = jax.jit(lambda x, s: dispatch.capacity_experts(x, ids, w, wgu, wd, stacked=s))(
+      x, stacked)
+  f32 = [[a.astype(jnp.float32) for a in ws] for ws in (wgu, wd)]
+  want = dispatch.capacity_experts(x.astype(jnp.float32), ids, w, *f32)
+  assert _err(got, want) < 1e-2

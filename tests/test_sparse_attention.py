@@ -59,7 +59,7 @@ def _np_scores(q, w, k):
 @pytest.mark.parametrize("T,topk,chunk,method", [(9, 4, 4, "sort"), (6, 16, 4, "sort"),
                                                  (7, 7, 3, "sort"), (9, 4, 4, "radix"),
                                                  (6, 16, 4, "radix"), (9, 4, 4, "sample"),
-                                                 (30, 4, 8, "sample")])
+                                                 (30, 4, 8, "sample"), (30, 4, 8, "threshold")])
 def test_select_topk_is_the_causal_top_k(rng, T, topk, chunk, method):
   B, J, I = 2, 3, 5
   q, w, k = rng.normal(size=(B, T, J, I)), rng.normal(size=(B, T, J)), rng.normal(size=(B, T, I))
@@ -168,6 +168,35 @@ def test_top_k_positions_is_top_k_without_a_sort(rng):
   with pytest.raises(ValueError, match="top-k method 'heap'"):
     dsa.select_topk(jnp.zeros((1, 2, 1, 2)), jnp.zeros((1, 2, 1)), jnp.zeros((1, 2, 2)),
                     topk=1, chunk=2, method="heap")
+
+
+def test_top_k_threshold_is_top_k_positions(rng):
+  """top_k_threshold returns top_k_positions' result exactly (jax.lax.top_k's set, by
+  rising position) on fresh rows: through the candidates' path (checked: every row's
+  threshold let k..4k entries through, a sample of every 2nd entry) and, for rows it cannot
+  serve (many ties at the k-th value, half or all masked, zeros of both signs), through the
+  fallback; k from 1 to the row length. Its program has no sort."""
+  N, S, k = 5, 4000, int(rng.integers(100, 200))
+  x = rng.normal(size=(N, S)).astype(np.float32)
+  f = jax.jit(functools.partial(dsa.top_k_threshold, sample=2000), static_argnums=1)
+  want = np.sort(np.asarray(jax.lax.top_k(jnp.asarray(x), k)[1]), axis=1)
+  key = dsa._order_key(jnp.asarray(x))
+  tau = dsa._kth_key(key[:, ::2], round(2.0 * k / 2))
+  count = np.asarray(jnp.sum(key >= tau[:, None], axis=1))
+  assert ((count >= k) & (count <= 4 * k)).all(), count  # the fast path serves these rows
+  np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x), k)), want)
+  x[1] = np.round(x[1] * 2) / 2
+  x[2, rng.random(S) < 0.5] = -np.inf
+  x[3] = -np.inf
+  x[4] = np.where(rng.random(S) < 0.5, np.float32(0.0), np.float32(-0.0))
+  for kk in (1, k, S):
+    np.testing.assert_array_equal(
+        np.asarray(f(jnp.asarray(x), kk)),
+        np.sort(np.asarray(jax.lax.top_k(jnp.asarray(x), kk)[1]), axis=1), err_msg=f"k={kk}")
+  text = f.lower(jnp.asarray(x), k).as_text()
+  assert "stablehlo.sort" not in text and "chlo.top_k" not in text
+  with pytest.raises(ValueError, match="k=0: must be between 1 and the row length 5"):
+    dsa.top_k_threshold(jnp.zeros((2, 5)), 0)
 
 
 def test_select_topk_respects_documents(rng):
@@ -285,7 +314,7 @@ def test_radix_top_k_model_equals_sort(rng):
   the length."""
   outs, seed = [], int(rng.integers(1 << 30))
   tokens = jnp.asarray(rng.integers(1, 257, size=(2, 14)))
-  for method in ("sort", "radix", "sample"):
+  for method in ("sort", "radix", "sample", "threshold"):
     cfg = load_config("configs/tiny.yaml", TINY + ["model.dsa_topk=4", "train.dsa_stage=sparse",
                                                    f"model.dsa_topk_method={method}"])
     model = Transformer(cfg, rngs=nnx.Rngs(seed))

@@ -1,0 +1,151 @@
+"""The routed experts of one decode step, by backend, against their bandwidth limit (issue 15).
+
+    python -m benchmarks.decode_experts [--config configs/mohge_3b.yaml] [--batches 256,64]
+        [--backends capacity,capacity_kernel,all_experts] [--reps 20] [--out FILE.json]
+
+Per batch: every routed layer of the config (its own random bf16 weights, as a decode step
+reads them) in one jitted program, each layer's input the normalised output of the one
+before; routes drawn uniformly (each token K distinct experts, softmax weights), per
+layer. Backends (`dispatch`): `capacity` (XLA: per group one batched product, 8 launches a
+layer for each projection in MoHGE-3B), `capacity_kernel` (the same slot block through the
+Mosaic GPU kernels with weights stacked once before the timed calls,
+`dispatch.stack_experts`), `all_experts`. The kernels' error against `capacity` is in the
+same run (relative max error of the first layer's output: the later layers' inputs drift
+apart through the chain). The limit: the bytes of the experts
+the routes hit (3 d W_g each, bf16) at 4.8 TB/s; the step's time is the median of --reps
+calls. Forward only: decoding is the use.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mohge_jax import dispatch
+from mohge_jax.config import load_config
+
+HBM_BYTES_PER_S = 4.8e12
+
+
+def _time(f, args, reps):
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="configs/mohge_3b.yaml")
+  ap.add_argument("--batches", default="256,64")
+  ap.add_argument("--backends", default="capacity,capacity_kernel,all_experts")
+  ap.add_argument("--reps", type=int, default=20)
+  ap.add_argument("--interpret", action="store_true", help="the kernels in the interpreter")
+  ap.add_argument("--tunings", default="default",
+                  help="capacity_kernel rows, one per tuning: 'default' or gpu.Config fields "
+                       "as name=value joined by '+' (e.g. steps=6, bk=128+steps=3)")
+  ap.add_argument("--layers", type=int, default=0, help="routed layers (0: the config's)")
+  ap.add_argument("--out", default=None)
+  ap.add_argument("overrides", nargs="*")
+  args = ap.parse_args(argv)
+  cfg = load_config(args.config, args.overrides)
+  m = cfg.model
+  L = args.layers or sum(k != "dense" for k in m.ffn_kinds)
+  N, D, E, K = m.experts_per_group, m.d_model, m.num_experts, m.top_k
+  key = jax.random.key(0)
+  std = m.init_std
+  w_gate_up, w_down = [], []
+  for layer in range(L):
+    kl = jax.random.fold_in(key, layer)
+    w_gate_up.append([(std * jax.random.normal(jax.random.fold_in(kl, g), (N, D, 2 * w))
+                       ).astype(jnp.bfloat16) for g, w in enumerate(m.group_widths)])
+    w_down.append([(std * jax.random.normal(jax.random.fold_in(kl, 100 + g), (N, w, D))
+                    ).astype(jnp.bfloat16) for g, w in enumerate(m.group_widths)])
+  bytes_E = np.repeat(3 * D * np.asarray(m.group_widths, np.float64) * 2, N)
+  tunings = {}
+  for t in args.tunings.split(","):
+    kw = {} if t == "default" else {k: int(v) for k, v in (p.split("=") for p in t.split("+"))}
+    tunings[t] = kw
+  print(f"{args.config}: {L} routed layers, E={E}, K={K}, widths {list(m.group_widths)}",
+        flush=True)
+
+  def program(backend):
+    def f(x_TxD, ids_LxTxK, w_LxTxK, w_gate_up, w_down, stacked):
+      ys = []
+      for layer in range(L):
+        if backend == "all_experts":
+          y = dispatch.all_experts(x_TxD, ids_LxTxK[layer], w_LxTxK[layer], w_gate_up[layer],
+                                   w_down[layer])
+        else:
+          y = dispatch.capacity_experts(
+              x_TxD, ids_LxTxK[layer], w_LxTxK[layer], w_gate_up[layer], w_down[layer],
+              stacked=stacked[layer] if backend == "capacity_kernel" else None)
+        ys.append(y)
+        x_TxD = (y * jax.lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6)
+                 ).astype(jnp.bfloat16)
+      return jnp.stack(ys)
+    return jax.jit(f)
+
+  rows = []
+  for B in [int(b) for b in args.batches.split(",")]:
+    kb = jax.random.fold_in(key, 10_000 + B)
+    x = jax.random.normal(kb, (B, D), jnp.float32).astype(jnp.bfloat16)
+    logits = jax.random.normal(jax.random.fold_in(kb, 1), (L, B, E))
+    ids = jax.lax.top_k(logits, K)[1].astype(jnp.int32)  # uniform: K distinct experts
+    wts = jax.nn.softmax(jax.random.normal(jax.random.fold_in(kb, 2), (L, B, K)), -1)
+    ids_np = np.asarray(ids)
+    hit = np.zeros((L, E), bool)
+    hit[np.arange(L)[:, None], ids_np.reshape(L, -1)] = True
+    limit_ms = float((hit * bytes_E).sum()) / HBM_BYTES_PER_S * 1e3
+    counts = np.stack([np.bincount(ids_np[i].ravel(), minlength=E) for i in range(L)])
+    outs = {}
+    runs = [(b, None) for b in args.backends.split(",") if b != "capacity_kernel"]
+    if "capacity_kernel" in args.backends.split(","):
+      runs[1:1] = [("capacity_kernel", t) for t in tunings]
+    for backend, tuning in runs:
+      stacked = None
+      if tuning is not None:
+        stack = jax.jit(lambda gu, d, kw=tunings[tuning]: dispatch.stack_experts(
+            gu, d, interpret=args.interpret, **kw))
+        stacked = [stack(gu, d) for gu, d in zip(w_gate_up, w_down)]
+      f = program(backend)
+      fargs = (x, ids, wts, w_gate_up, w_down, stacked)
+      t0 = time.perf_counter()
+      out = jax.block_until_ready(f(*fargs))
+      compile_s = time.perf_counter() - t0
+      outs[backend] = np.asarray(out[0], np.float32)  # the first layer: later ones
+      # amplify bf16 rounding through the normalisation chain (all_experts too)
+      ms = _time(f, fargs, args.reps) * 1e3
+      name = backend if tuning is None else f"{backend}[{tuning}]"
+      row = {"config": args.config, "batch": B, "backend": name, "layers": L,
+             "ms": ms, "ms_per_layer": ms / L, "limit_ms": limit_ms,
+             "fraction_of_bandwidth": limit_ms / ms, "first_call_s": compile_s,
+             "max_rows_per_expert": int(counts.max()),
+             "capacity": dispatch.expert_capacity(B, K, E)}
+      if backend != "capacity" and "capacity" in outs:
+        ref = outs["capacity"]
+        row["rel_err_vs_capacity"] = float(np.max(np.abs(outs[backend] - ref))
+                                           / np.max(np.abs(ref)))
+      rows.append(row)
+      del stacked
+      print(f"  batch {B:4d} {name:28s} {ms:8.3f} ms ({ms / L:.4f} a layer)  "
+            f"{100 * limit_ms / ms:5.1f}% of {limit_ms:.3f} ms"
+            + (f"  err {row['rel_err_vs_capacity']:.2e}" if "rel_err_vs_capacity" in row
+               else ""), flush=True)
+      if args.out:
+        with open(args.out, "w") as fh:
+          json.dump({"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+                     "date": datetime.date.today().isoformat(), "rows": rows}, fh, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
