@@ -204,7 +204,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
   for layout, backend in [(lay, b) for lay in layouts for b in backends]:
     if layout == "unrolled":
       layers = gen.unstack_layers(nnx.merge(graphdef, state),
-                                  stack_experts=backend == "capacity_kernel")
+                                  stack_experts=gen.stacks_experts(m, backend, batch))
       args = (state, layers, first_B, lengths_B, gen.unstack_caches(caches))
     else:
       layers, args = None, (state, None, first_B, lengths_B, caches)

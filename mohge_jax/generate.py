@@ -2,7 +2,8 @@
 
     python -m mohge_jax.generate WORKDIR_OR_EXPORT --prompt "def f(" [--prompt ...]
         [--batch-file FILE] [--max-new-tokens 64] [--temperature 1.0] [--top-k 0]
-        [--top-p 1.0] [--seed 0] [--decode-backend auto|model|all_experts|capacity]
+        [--top-p 1.0] [--seed 0]
+        [--decode-backend auto|model|all_experts|capacity|capacity_kernel]
         [--scan-layers]
 
     out = generate(model, prompts_BxP, lengths_B, jax.random.key(0), max_new_tokens=32,
@@ -135,11 +136,30 @@ def _logits(model: Transformer, x: jax.Array) -> jax.Array:
 
 def decode_expert_backend(m, tokens: int) -> str:
   """decode_backend="auto" for `tokens` tokens a step: `dispatch.capacity_experts` from 8
-  routed rows per expert on average (tokens * top_k >= 8 * experts), `dispatch.all_experts`
-  below. On the H200 (MoHGE-3B, unrolled layers; benchmarks/results/decode_h200.json):
-  batch 256 (24 rows per expert) capacity 6.0 ms a step against all_experts 7.3 and the
-  Mosaic kernels 11.1; batch 32 (3 rows) all_experts 3.5 against capacity 3.9 and 9.1."""
-  return "capacity" if tokens * m.top_k >= 8 * m.num_experts else "all_experts"
+  routed rows per expert on average (tokens * top_k >= 8 * experts), through the Mosaic
+  GPU kernels ("capacity_kernel") on a Hopper GPU that takes the widths, else in XLA;
+  `dispatch.all_experts` below. On the H200 (MoHGE-3B, unrolled layers;
+  benchmarks/results/decode_h200.json): batch 256 (24 rows per expert) capacity_kernel
+  4.56 ms a step against capacity 5.34 (ninth session), all_experts 7.3 and the training
+  kernels 11.1 (fifth); batch 128: 4.04 against 4.73; batch 32 (3 rows) all_experts 3.5
+  against capacity 3.9."""
+  if tokens * m.top_k < 8 * m.num_experts:
+    return "all_experts"
+  return "capacity_kernel" if expert_kernels_for_decode(m) else "capacity"
+
+
+def expert_kernels_for_decode(m) -> bool:
+  """Whether the decode experts can run through the Mosaic GPU kernels: a Hopper GPU, no
+  mesh of several devices, bf16/f16, and widths and d_model the kernels' tiles take."""
+  import pallas_kernels  # noqa: PLC0415 - only asked for on the decode path
+  if pallas_kernels.resolve_backend("auto") != "mosaic_gpu":
+    return False
+  from pallas_kernels import gpu  # noqa: PLC0415
+  mesh = jax.sharding.get_abstract_mesh()
+  return ((mesh.empty or mesh.size == 1)
+          and jnp.dtype(m.dtype) in (jnp.bfloat16, jnp.float16)
+          and gpu.unsupported_reason(m.group_widths, m.d_model,
+                                     gpu.Config(**dispatch.DECODE_KERNEL_TUNING)) is None)
 
 
 def _ffn(block, h_BxLxD, expert_backend: str | None = None, stacked=None):
@@ -151,6 +171,8 @@ def _ffn(block, h_BxLxD, expert_backend: str | None = None, stacked=None):
   if expert_backend == "auto":
     expert_backend = decode_expert_backend(block.ffn.cfg.model,
                                            h_BxLxD.shape[0] * h_BxLxD.shape[1])
+    if expert_backend == "capacity_kernel" and stacked is None:  # (the layer scan)
+      expert_backend = "capacity"
   if expert_backend == "capacity_kernel":
     if stacked is None:
       raise ValueError("decode_backend='capacity_kernel' needs the layers' stacked experts: "
@@ -233,6 +255,13 @@ def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
     new_caches.append(cache)
     routes.append(ids)
   return _logits(model, x_Bx1xD)[:, 0], new_caches, routes
+
+
+def stacks_experts(m, decode_backend: str | None, batch: int) -> bool:
+  """Whether decoding `batch` rows with `decode_backend` reads stacked experts (so
+  `unstack_layers` must make them)."""
+  return decode_backend == "capacity_kernel" or (
+      decode_backend == "auto" and decode_expert_backend(m, batch) == "capacity_kernel")
 
 
 def unstack_layers(model: Transformer, stack_experts: bool = False) -> list[list]:
@@ -326,8 +355,8 @@ def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
   if decode_backend == "capacity_kernel" and not unrolled:
     raise ValueError("decode_backend='capacity_kernel' needs unrolled=True (the experts "
                      "are stacked per layer once, before the decode loop)")
-  layers = (unstack_layers(model, stack_experts=decode_backend == "capacity_kernel")
-            if unrolled else None)
+  layers = (unstack_layers(model, stack_experts=stacks_experts(
+      model.cfg.model, decode_backend, prompts_BxP.shape[0])) if unrolled else None)
   return _generate(graphdef, state, layers, prompts_BxP, lengths_B, key,
                    max_new_tokens=max_new_tokens, temperature=float(temperature),
                    top_k=int(top_k), top_p=float(top_p),
@@ -439,8 +468,9 @@ def main(argv: list[str]) -> int:
   p.add_argument("--decode-backend", default="auto",
                  choices=["model" if b is None else b for b in DECODE_BACKENDS],
                  help="the decode steps' expert backend: auto (by the batch: capacity from 8 "
-                      "routed rows per expert, else all_experts), model (model.expert_backend), "
-                      "all_experts, capacity")
+                      "routed rows per expert, through the Mosaic GPU kernels on Hopper, else "
+                      "all_experts), model (model.expert_backend), all_experts, capacity, "
+                      "capacity_kernel")
   p.add_argument("--scan-layers", action="store_true",
                  help="decode with the layer scan over the stacked weights (less memory: "
                       "the default unrolled decode holds the weights twice; slower)")

@@ -302,7 +302,7 @@ def _top_k_of_candidates(x_NxS, k: int, *, sample: int, oversample: float,
 
 def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
                 segment_ids_BxT: jax.Array | None = None, method: str = "sort",
-                _compact: str = "scatter"):
+                _compact: str = "scatter", _scores: str = "dense"):
   """Each query's top-k keys by index score among the keys it may attend to.
 
   Returns idx [B,T,K] int32, valid [B,T,K] bool, score [B,T,K] float32 with K = min(topk, S).
@@ -312,10 +312,15 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   keys by falling score), "radix" (`top_k_positions`, the same set by rising position) or
   "sample" (`top_k_sampled`: top_k's result, sorting ~2k candidates a row; `_compact` is
   its compaction, for benchmarks/dsa.py) or "threshold" (`top_k_threshold`: radix's set,
-  from ~2k candidates a row, no sort).
+  from ~2k candidates a row, no sort). `_scores` (for benchmarks/dsa.py): how the selected
+  keys' scores are computed, "dense" (a chunk's index scores, then those of its selected
+  keys; the backward recomputes the chunk's O(Q S) scores) or "gather" (the selected keys'
+  index keys gathered, O(Q K); the backward scatter-adds into the keys' gradient).
   """
   if method not in DSA_TOPK_METHODS:
     raise ValueError(f"top-k method {method!r}: must be one of {DSA_TOPK_METHODS}")
+  if _scores not in ("dense", "gather"):
+    raise ValueError(f"_scores={_scores!r}: must be 'dense' or 'gather'")
   B, T = q_BxTxJxI.shape[:2]
   S = k_BxSxI.shape[1]
   K = min(topk, S)
@@ -343,6 +348,11 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
     return idx_BxQxK.astype(jnp.int32), valid
 
   def score_fn(t0, q_BxQxJxI, w_BxQxJ, idx_BxQxK):
+    if _scores == "gather":
+      k_BxQxKxI = _gather_rows(k_BxSxI, idx_BxQxK)
+      dots = jnp.einsum("bqji,bqki->bqjk", q_BxQxJxI, k_BxQxKxI,
+                        preferred_element_type=jnp.float32)
+      return jnp.einsum("bqjk,bqj->bqk", jax.nn.relu(dots), w_BxQxJ.astype(jnp.float32))
     return jnp.take_along_axis(index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI), idx_BxQxK, -1)
 
   # The selection without gradients (so the backward pass does not run the top-k again, as

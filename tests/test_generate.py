@@ -220,6 +220,27 @@ def test_auto_decode_backend_follows_rows_per_expert():
   assert gen.decode_expert_backend(m, 1) == "all_experts"
 
 
+def test_auto_decode_backend_takes_the_kernels_on_hopper(monkeypatch):
+  """On a Hopper GPU (faked) auto's capacity slots go through the Mosaic GPU kernels when
+  they take the widths (MoHGE-3B, bf16), and generate then stacks the experts; not for
+  widths off the kernels' tiles, float32, or below 8 rows per expert."""
+  import pallas_kernels
+  m = load_config(str(ROOT / "configs/mohge_3b.yaml")).model
+  assert not gen.stacks_experts(m, "auto", 256)  # this CPU
+  resolve = pallas_kernels.resolve_backend
+  monkeypatch.setattr(pallas_kernels, "resolve_backend",
+                      lambda b="auto": "mosaic_gpu" if b == "auto" else resolve(b))
+  assert gen.decode_expert_backend(m, 256) == "capacity_kernel"
+  assert gen.decode_expert_backend(m, 85) == "all_experts"
+  assert gen.stacks_experts(m, "auto", 256) and not gen.stacks_experts(m, "auto", 32)
+  assert gen.stacks_experts(m, "capacity_kernel", 1)
+  assert not gen.stacks_experts(m, "capacity", 256)
+  for bad in (["model.group_widths=[384,448,512,576,640,704,768,832]"],
+              ["model.dtype=float32"]):
+    mb = load_config(str(ROOT / "configs/mohge_3b.yaml"), bad).model
+    assert gen.decode_expert_backend(mb, 256) == "capacity", bad
+
+
 def mask_reference(logits, temperature, top_k, top_p, vocab):
   """numpy, float64, one row at a time."""
   out = np.zeros(logits.shape, bool)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import gpu
 from pallas_kernels import reference as R
 from test_pallas_kernels import _sizes
 
