@@ -25,8 +25,7 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        others chose sort's keys
   dsa_pallas_sample    dsa_pallas with the top-k by `top_k_sampled` (_threshold:
                        `top_k_threshold`; so for every dsa_ row; a method suffix ":gather"
-                       computes the selected keys' index scores from gathered keys,
-                       select_topk's _scores="gather")
+                       or ":dense" sets select_topk's scores, else its "auto")
   dsa_pallas_mma_sample  both: the MMA kernel and the sampled top-k
   dsa_pallas_mma_bwd[_sample]: with the MMA kernel's backward kernel too
   sparse_mla_reference / sparse_mla_pallas / sparse_mla_pallas_mma / _pallas_mma_bwd:
@@ -142,11 +141,11 @@ def dense_fn(pss):
 
 
 def dsa_fn(pss, impl, method="sort"):
-  method, _, scores = method.partition(":")  # <method>[:gather]: select_topk's _scores
+  method, _, scores = method.partition(":")  # <method>[:gather|:dense]: select_topk's scores
 
   def fwd(q_lat, q_rope, c, kr, q_I, w_I, k_I):
     idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=TOPK, chunk=CHUNK, method=method,
-                                        _scores=scores or "dense")
+                                        scores=scores or "auto")
     o, p = dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=SCALE, chunk=CHUNK,
                           impl=impl)
     return o, jnp.mean(dsa.sparse_indexer_kl(p, score, valid))

@@ -137,22 +137,25 @@ def _logits(model: Transformer, x: jax.Array) -> jax.Array:
 def decode_expert_backend(m, tokens: int) -> str:
   """decode_backend="auto" for `tokens` tokens a step: `dispatch.capacity_experts` from 8
   routed rows per expert on average (tokens * top_k >= 8 * experts), through the Mosaic
-  GPU kernels ("capacity_kernel") on a Hopper GPU that takes the widths, else in XLA;
-  `dispatch.all_experts` below. On the H200 (MoHGE-3B, unrolled layers;
-  benchmarks/results/decode_h200.json): batch 256 (24 rows per expert) capacity_kernel
-  4.56 ms a step against capacity 5.34 (ninth session), all_experts 7.3 and the training
-  kernels 11.1 (fifth); batch 128: 4.04 against 4.73; batch 32 (3 rows) all_experts 3.5
-  against capacity 3.9."""
+  GPU kernels ("capacity_kernel") for experts of several widths on a Hopper GPU that takes
+  them, else in XLA; `dispatch.all_experts` below. On the H200 (unrolled layers;
+  benchmarks/results/decode_h200.json): MoHGE-3B at batch 256 (24 rows per expert)
+  capacity_kernel 4.48 ms a step against capacity 5.25 (ninth session), all_experts 7.3
+  and the training kernels 11.1 (fifth); batch 128: 4.02 against 4.68; batch 32 (3 rows)
+  all_experts 3.56 against capacity 3.86. One group of equal experts (MoE-3B) is one
+  batched product a projection, which XLA runs near the kernels' speed: there batch 256
+  took 4.69 ms with the kernels against 4.45 without (calls apart), so XLA's stays."""
   if tokens * m.top_k < 8 * m.num_experts:
     return "all_experts"
   return "capacity_kernel" if expert_kernels_for_decode(m) else "capacity"
 
 
 def expert_kernels_for_decode(m) -> bool:
-  """Whether the decode experts can run through the Mosaic GPU kernels: a Hopper GPU, no
-  mesh of several devices, bf16/f16, and widths and d_model the kernels' tiles take."""
+  """Whether decode_backend="auto" runs the decode experts through the Mosaic GPU
+  kernels: groups of several widths (`decode_expert_backend`), a Hopper GPU, no mesh of
+  several devices, bf16/f16, and widths and d_model the kernels' tiles take."""
   import pallas_kernels  # noqa: PLC0415 - only asked for on the decode path
-  if pallas_kernels.resolve_backend("auto") != "mosaic_gpu":
+  if m.num_groups < 2 or pallas_kernels.resolve_backend("auto") != "mosaic_gpu":
     return False
   from pallas_kernels import gpu  # noqa: PLC0415
   mesh = jax.sharding.get_abstract_mesh()

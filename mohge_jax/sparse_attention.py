@@ -302,7 +302,7 @@ def _top_k_of_candidates(x_NxS, k: int, *, sample: int, oversample: float,
 
 def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
                 segment_ids_BxT: jax.Array | None = None, method: str = "sort",
-                _compact: str = "scatter", _scores: str = "dense"):
+                _compact: str = "scatter", scores: str = "auto"):
   """Each query's top-k keys by index score among the keys it may attend to.
 
   Returns idx [B,T,K] int32, valid [B,T,K] bool, score [B,T,K] float32 with K = min(topk, S).
@@ -312,18 +312,25 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   keys by falling score), "radix" (`top_k_positions`, the same set by rising position) or
   "sample" (`top_k_sampled`: top_k's result, sorting ~2k candidates a row; `_compact` is
   its compaction, for benchmarks/dsa.py) or "threshold" (`top_k_threshold`: radix's set,
-  from ~2k candidates a row, no sort). `_scores` (for benchmarks/dsa.py): how the selected
-  keys' scores are computed, "dense" (a chunk's index scores, then those of its selected
-  keys; the backward recomputes the chunk's O(Q S) scores) or "gather" (the selected keys'
-  index keys gathered, O(Q K); the backward scatter-adds into the keys' gradient).
+  from ~2k candidates a row, no sort).
+
+  scores: how the selected keys' (differentiable) scores are computed: "dense" (a chunk's
+  index scores, then those of its selected keys; the backward recomputes the chunk's
+  O(Q S) scores), "gather" (the selected keys' index keys gathered, O(Q K); the backward
+  scatter-adds into the keys' gradient) or "auto": gather from S >= 32 K keys. On the H200
+  (DSA fwd+bwd, K = 2048, ninth session) gather took 1,499 ms against 1,768 at 128k, the
+  same at 64k (636 / 645), and lost at 32k (304 / 274) and 16k (150 / 120): its
+  scatter-add grows with T K, the dense backward with T S.
   """
   if method not in DSA_TOPK_METHODS:
     raise ValueError(f"top-k method {method!r}: must be one of {DSA_TOPK_METHODS}")
-  if _scores not in ("dense", "gather"):
-    raise ValueError(f"_scores={_scores!r}: must be 'dense' or 'gather'")
+  if scores not in ("auto", "dense", "gather"):
+    raise ValueError(f"scores={scores!r}: must be 'auto', 'dense' or 'gather'")
   B, T = q_BxTxJxI.shape[:2]
   S = k_BxSxI.shape[1]
   K = min(topk, S)
+  if scores == "auto":
+    scores = "gather" if S >= 32 * K else "dense"
   seg = segment_ids_BxT if segment_ids_BxT is not None else jnp.zeros((B, T), jnp.int32)
   sg = jax.lax.stop_gradient
 
@@ -348,7 +355,7 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
     return idx_BxQxK.astype(jnp.int32), valid
 
   def score_fn(t0, q_BxQxJxI, w_BxQxJ, idx_BxQxK):
-    if _scores == "gather":
+    if scores == "gather":
       k_BxQxKxI = _gather_rows(k_BxSxI, idx_BxQxK)
       dots = jnp.einsum("bqji,bqki->bqjk", q_BxQxJxI, k_BxQxKxI,
                         preferred_element_type=jnp.float32)

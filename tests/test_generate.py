@@ -223,7 +223,8 @@ def test_auto_decode_backend_follows_rows_per_expert():
 def test_auto_decode_backend_takes_the_kernels_on_hopper(monkeypatch):
   """On a Hopper GPU (faked) auto's capacity slots go through the Mosaic GPU kernels when
   they take the widths (MoHGE-3B, bf16), and generate then stacks the experts; not for
-  widths off the kernels' tiles, float32, or below 8 rows per expert."""
+  widths off the kernels' tiles, float32, one group of experts (MoE-3B), or below 8 rows
+  per expert."""
   import pallas_kernels
   m = load_config(str(ROOT / "configs/mohge_3b.yaml")).model
   assert not gen.stacks_experts(m, "auto", 256)  # this CPU
@@ -239,6 +240,9 @@ def test_auto_decode_backend_takes_the_kernels_on_hopper(monkeypatch):
               ["model.dtype=float32"]):
     mb = load_config(str(ROOT / "configs/mohge_3b.yaml"), bad).model
     assert gen.decode_expert_backend(mb, 256) == "capacity", bad
+  moe = load_config(str(ROOT / "configs/moe_3b.yaml")).model  # one group: XLA's product
+  assert gen.decode_expert_backend(moe, 256) == "capacity"
+  assert gen.stacks_experts(moe, "capacity_kernel", 256)  # asked for by name: taken
 
 
 def mask_reference(logits, temperature, top_k, top_p, vocab):

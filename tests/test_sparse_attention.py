@@ -109,10 +109,13 @@ def test_select_topk_gradient_runs_the_selection_once(rng):
       dsa.index_scores(q, w, k), idx, -1) * ct), argnums=(0, 1, 2))(q, w, k)
   for a, b in zip(grad(q, w, k), want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  g = lambda q, w, k: jnp.sum(dsa.select_topk(  # noqa: E731
-      q, w, k, topk=K, chunk=4, _scores="gather")[2] * ct)  # the gathered keys' form
-  for a, b in zip(jax.grad(g, argnums=(0, 1, 2))(q, w, k), want):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for scores in ("gather", "dense"):  # (auto: dense at S = 12 < 32 K)
+    g = lambda q, w, k, s=scores: jnp.sum(dsa.select_topk(  # noqa: E731
+        q, w, k, topk=K, chunk=4, scores=s)[2] * ct)
+    for a, b in zip(jax.grad(g, argnums=(0, 1, 2))(q, w, k), want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=scores)
+  with pytest.raises(ValueError, match="scores='sparse': must be"):
+    dsa.select_topk(q, w, k, topk=K, chunk=4, scores="sparse")
 
 
 def test_top_k_sampled_is_top_k(rng):
