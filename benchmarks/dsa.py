@@ -24,8 +24,9 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        top_k_sampled or top_k_threshold; "check_topk" rows say whether the
                        others chose sort's keys
   dsa_pallas_sample    dsa_pallas with the top-k by `top_k_sampled` (_threshold:
-                       `top_k_threshold`; so for every dsa_ row; a method suffix ":gather"
-                       or ":dense" sets select_topk's scores, else its "auto")
+                       `top_k_threshold`; so for every dsa_ row; suffixes
+                       ":<scores>[:<bands>]" set select_topk's scores (auto, gather, dense)
+                       and causal bands (default 4), e.g. dsa_pallas_mma_bwd_threshold:auto:1)
   dsa_pallas_mma_sample  both: the MMA kernel and the sampled top-k
   dsa_pallas_mma_bwd[_sample]: with the MMA kernel's backward kernel too
   sparse_mla_reference / sparse_mla_pallas / sparse_mla_pallas_mma / _pallas_mma_bwd:
@@ -141,11 +142,12 @@ def dense_fn(pss):
 
 
 def dsa_fn(pss, impl, method="sort"):
-  method, _, scores = method.partition(":")  # <method>[:gather|:dense]: select_topk's scores
+  # <method>[:<scores>[:<bands>]]: select_topk's scores (auto, gather, dense) and bands
+  method, scores, bands = (method.split(":") + ["", ""])[:3]
 
   def fwd(q_lat, q_rope, c, kr, q_I, w_I, k_I):
     idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=TOPK, chunk=CHUNK, method=method,
-                                        scores=scores or "auto")
+                                        scores=scores or "auto", bands=int(bands or 4))
     o, p = dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=SCALE, chunk=CHUNK,
                           impl=impl)
     return o, jnp.mean(dsa.sparse_indexer_kl(p, score, valid))

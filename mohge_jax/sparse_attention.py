@@ -134,6 +134,30 @@ def _gather_rows(x_BxSxX: jax.Array, idx_BxQxK: jax.Array) -> jax.Array:
   return jax.vmap(lambda x, i: x[i])(x_BxSxX, idx_BxQxK)
 
 
+def over_causal_bands(fn, chunk: int, T: int, S: int, min_keys: int, bands: int, *per_query):
+  """`over_query_chunks` for causal queries at positions 0..T-1 over keys 0..S-1 (a key
+  after its query is never used): fn(t0, extent, *arrays [B, Q, ...]) with a static
+  `extent`, the keys its chunk may need. The chunks are split into up to `bands` runs,
+  each its own `lax.map` whose chunks see keys [0, extent): the band's last query + 1,
+  rounded up to a whole chunk, at least `min_keys` (a top-k's k), at most S. A chunk's
+  O(Q S) work (index scores, top-k passes) then covers about (bands + 1) / (2 bands) of the
+  square instead of all of it."""
+  Q = min(chunk, T)
+  n = -(-T // Q)
+  per_band = -(-n // max(1, min(bands, n)))
+  outs = []
+  for c0 in range(0, n, per_band):
+    c1 = min(n, c0 + per_band)
+    extent = min(S, max(c1 * Q, -(-min_keys // Q) * Q))
+    lo, hi = c0 * Q, min(T, c1 * Q)
+    part = [a[:, lo:hi] for a in per_query]
+    outs.append(over_query_chunks(
+        lambda t0, *a, lo=lo, extent=extent: fn(t0 + lo, extent, *a), chunk, hi - lo, *part))
+  if len(outs) == 1:
+    return outs[0]
+  return jax.tree.map(lambda *a: jnp.concatenate(a, axis=1), *outs)
+
+
 # ----------------------------------------------------------------------------- indexer
 
 
@@ -302,7 +326,7 @@ def _top_k_of_candidates(x_NxS, k: int, *, sample: int, oversample: float,
 
 def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
                 segment_ids_BxT: jax.Array | None = None, method: str = "sort",
-                _compact: str = "scatter", scores: str = "auto"):
+                _compact: str = "scatter", scores: str = "auto", bands: int = 4):
   """Each query's top-k keys by index score among the keys it may attend to.
 
   Returns idx [B,T,K] int32, valid [B,T,K] bool, score [B,T,K] float32 with K = min(topk, S).
@@ -321,6 +345,12 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   (DSA fwd+bwd, K = 2048, ninth session) gather took 1,499 ms against 1,768 at 128k, the
   same at 64k (636 / 645), and lost at 32k (304 / 274) and 16k (150 / 120): its
   scatter-add grows with T K, the dense backward with T S.
+
+  bands: the query chunks run in up to this many causal bands, each over only the keys
+  its queries may see (`over_causal_bands`; 1: every chunk over all S keys). Queries are
+  at positions 0..T-1 and keys at 0..S-1, as in the forward pass. The valid entries are the
+  same for any `bands`; the invalid slots of a query with fewer than K keys point at other
+  (masked) keys.
   """
   if method not in DSA_TOPK_METHODS:
     raise ValueError(f"top-k method {method!r}: must be one of {DSA_TOPK_METHODS}")
@@ -334,11 +364,11 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   seg = segment_ids_BxT if segment_ids_BxT is not None else jnp.zeros((B, T), jnp.int32)
   sg = jax.lax.stop_gradient
 
-  def select_fn(t0, q_BxQxJxI, w_BxQxJ, seg_BxQ):
+  def select_fn(t0, S, q_BxQxJxI, w_BxQxJ, seg_BxQ):  # S: the keys this chunk may need
     Q = q_BxQxJxI.shape[1]
-    s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, sg(k_BxSxI))
+    s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, sg(k_BxSxI[:, :S]))
     ok_BxQxS = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_BxQ,
-                        None if segment_ids_BxT is None else segment_ids_BxT)
+                        None if segment_ids_BxT is None else segment_ids_BxT[:, :S])
     masked = jnp.where(ok_BxQxS, s_BxQxS, -jnp.inf)
     if method == "sort":
       _, idx_BxQxK = jax.lax.top_k(masked, K)
@@ -354,26 +384,28 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
     valid = jnp.take_along_axis(ok_BxQxS, idx_BxQxK, axis=-1)
     return idx_BxQxK.astype(jnp.int32), valid
 
-  def score_fn(t0, q_BxQxJxI, w_BxQxJ, idx_BxQxK):
+  def score_fn(t0, S, q_BxQxJxI, w_BxQxJ, idx_BxQxK):
     if scores == "gather":
       k_BxQxKxI = _gather_rows(k_BxSxI, idx_BxQxK)
       dots = jnp.einsum("bqji,bqki->bqjk", q_BxQxJxI, k_BxQxKxI,
                         preferred_element_type=jnp.float32)
       return jnp.einsum("bqjk,bqj->bqk", jax.nn.relu(dots), w_BxQxJ.astype(jnp.float32))
-    return jnp.take_along_axis(index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI), idx_BxQxK, -1)
+    return jnp.take_along_axis(index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI[:, :S]), idx_BxQxK,
+                               -1)
 
   # The selection without gradients (so the backward pass does not run the top-k again, as
   # it would rematerialising one chunk function for both), then the selected keys' scores,
-  # differentiable: their chunks' backward recomputes only the index scores. The price: the
-  # forward computes the index scores twice (an O(T^2 J I) matmul, against a top-k that
-  # costs several times more at DSA's lengths); gathering the selected keys' index keys
-  # instead would make it O(T K I), with a scatter-add in the backward: not yet timed.
+  # differentiable ("dense": their chunks' backward recomputes the index scores, and the
+  # forward computes them twice; "gather": O(T K I), a scatter-add in the backward). The
+  # chunks run in causal bands: a chunk computes scores only for the keys its band's
+  # queries may see (`over_causal_bands`: ~5/8 of the T x S square at 4 bands).
   # (Named scopes: profiles group kernels by them, benchmarks/dsa.py --profile.)
   with jax.named_scope("dsa_topk"):
-    idx_BxTxK, valid_BxTxK = over_query_chunks(select_fn, chunk, T, sg(q_BxTxJxI),
-                                               sg(w_BxTxJ), seg)
+    idx_BxTxK, valid_BxTxK = over_causal_bands(select_fn, chunk, T, S, K, bands,
+                                               sg(q_BxTxJxI), sg(w_BxTxJ), seg)
   with jax.named_scope("dsa_selected_scores"):
-    score_BxTxK = over_query_chunks(score_fn, chunk, T, q_BxTxJxI, w_BxTxJ, idx_BxTxK)
+    score_BxTxK = over_causal_bands(score_fn, chunk, T, S, K, bands, q_BxTxJxI, w_BxTxJ,
+                                    idx_BxTxK)
   return idx_BxTxK, valid_BxTxK, score_BxTxK
 
 

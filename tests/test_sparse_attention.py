@@ -103,7 +103,12 @@ def test_select_topk_gradient_runs_the_selection_once(rng):
   ct = jnp.asarray(rng.normal(size=(B, T, K)), jnp.float32)
   f = lambda q, w, k: jnp.sum(dsa.select_topk(q, w, k, topk=K, chunk=4)[2] * ct)  # noqa: E731
   grad = jax.grad(f, argnums=(0, 1, 2))
-  assert _count_primitive(jax.make_jaxpr(grad)(q, w, k).jaxpr, "top_k") == 1
+  # one top_k per causal band (3 chunks: 3 bands) in the forward, none more in the gradient
+  assert _count_primitive(jax.make_jaxpr(f)(q, w, k).jaxpr, "top_k") == 3
+  assert _count_primitive(jax.make_jaxpr(grad)(q, w, k).jaxpr, "top_k") == 3
+  f1 = lambda q, w, k: jnp.sum(dsa.select_topk(  # noqa: E731
+      q, w, k, topk=K, chunk=4, bands=1)[2] * ct)
+  assert _count_primitive(jax.make_jaxpr(jax.grad(f1))(q, w, k).jaxpr, "top_k") == 1
   idx = dsa.select_topk(q, w, k, topk=K, chunk=4)[0]
   want = jax.grad(lambda q, w, k: jnp.sum(jnp.take_along_axis(
       dsa.index_scores(q, w, k), idx, -1) * ct), argnums=(0, 1, 2))(q, w, k)
@@ -204,6 +209,34 @@ def test_top_k_threshold_is_top_k_positions(rng):
   assert "stablehlo.sort" not in text and "chlo.top_k" not in text
   with pytest.raises(ValueError, match="k=0: must be between 1 and the row length 5"):
     dsa.top_k_threshold(jnp.zeros((2, 5)), 0)
+
+
+@pytest.mark.parametrize("method", ["sort", "threshold"])
+def test_causal_bands_select_the_same_keys(rng, method):
+  """select_topk's causal bands (each band's chunks over only the keys its queries may see):
+  for 1 to 7 bands the same valid keys, the same scores of them and the same gradients, with
+  a ragged last chunk, documents, and top-k above the first band's keys."""
+  B, T, J, I, K = 2, 37, 2, 4, 6
+  q, w, k = (jnp.asarray(rng.normal(size=s), jnp.float32)
+             for s in ((B, T, J, I), (B, T, J), (B, T, I)))
+  seg = jnp.asarray(np.sort(rng.integers(0, 3, size=(B, T)), axis=1))
+  ct = jnp.asarray(rng.normal(size=(B, T, K)), jnp.float32)
+  outs = []
+  for bands in (1, 2, 4, 7):
+    def f(q, w, k, bands=bands):
+      idx, valid, score = dsa.select_topk(q, w, k, topk=K, chunk=4, segment_ids_BxT=seg,
+                                          method=method, bands=bands)
+      return jnp.sum(jnp.where(valid, score, 0) * ct), (idx, valid, score)
+    grads, (idx, valid, score) = jax.grad(f, argnums=(0, 1, 2), has_aux=True)(q, w, k)
+    order = np.argsort(np.where(valid, idx, T + 1), axis=-1)  # valid keys by position
+    take = lambda a, order=order: np.take_along_axis(np.asarray(a), order, -1)  # noqa: E731
+    outs.append((take(np.where(valid, idx, -1)), take(valid),
+                 take(np.where(valid, score, 0)), grads))
+  for got in outs[1:]:
+    for a, b in zip(got[:3], outs[0][:3]):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got[3], outs[0][3]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_select_topk_respects_documents(rng):
