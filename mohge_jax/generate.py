@@ -340,11 +340,13 @@ def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
   lengths. One jit-compiled program per (shapes, sampler settings).
 
   decode_backend: the experts' backend of the decode steps ("auto": by the batch,
-  `decode_expert_backend`; None: model.expert_backend; "all_experts", "capacity";
-  `decode_step`). unrolled (default): the decode steps run the layers unrolled over
-  separate per-layer copies of the weights (`unstack_layers`, made here: the weights are
-  held twice while generating); False: the layer scan over the stacked weights, which on
-  the H200 took 1.8x as long a step (MoHGE-3B, batch 256: 10.9 ms against 6.0)."""
+  `decode_expert_backend`; None: model.expert_backend; "all_experts", "capacity",
+  "capacity_kernel"; `decode_step`). unrolled (default): the decode steps run the layers
+  unrolled over separate per-layer copies of the weights (`unstack_layers`, made here: the
+  weights are held twice while generating, the expert weights three times when the
+  kernels read them stacked); False: the layer scan over the stacked weights, which on
+  the H200 took 1.8x as long a step (MoHGE-3B, batch 256: 10.9 ms against 6.0), without
+  capacity_kernel."""
   _check_model(model)
   if decode_backend not in DECODE_BACKENDS:
     raise ValueError(f"decode_backend={decode_backend!r}: must be one of {DECODE_BACKENDS}")
