@@ -26,20 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.mla_decode import median_seconds
 from mohge_jax import dispatch
 from mohge_jax.config import load_config
 
 HBM_BYTES_PER_S = 4.8e12
-
-
-def _time(f, args, reps):
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def main(argv=None) -> int:
@@ -123,7 +114,7 @@ def main(argv=None) -> int:
       compile_s = time.perf_counter() - t0
       outs[backend] = np.asarray(out[0], np.float32)  # the first layer: later ones
       # amplify bf16 rounding through the normalisation chain (all_experts too)
-      ms = _time(f, fargs, args.reps) * 1e3
+      ms = median_seconds(f, fargs, args.reps) * 1e3
       name = backend if tuning is None else f"{backend}[{tuning}]"
       row = {"config": args.config, "batch": B, "backend": name, "layers": L,
              "ms": ms, "ms_per_layer": ms / L, "limit_ms": limit_ms,

@@ -35,7 +35,8 @@ HBM_BYTES_PER_S = 4.8e12
 H, C, R = 16, 512, 64
 
 
-def _time(f, args, reps):
+def median_seconds(f, args, reps):
+  """f(*args) once to warm up, then the median wall time of `reps` calls (seconds)."""
   jax.block_until_ready(f(*args))
   times = []
   for _ in range(reps):
@@ -91,9 +92,9 @@ def main(argv=None) -> int:
         row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
         row["finite"] = bool(np.isfinite(got).all())
         if xla_ms is None:
-          xla_ms = 1e3 * _time(ref_L, a, args.reps) / L
+          xla_ms = 1e3 * median_seconds(ref_L, a, args.reps) / L
         row["xla_ms"] = xla_ms
-        row["kernel_ms"] = 1e3 * _time(layers(kern), a, args.reps) / L
+        row["kernel_ms"] = 1e3 * median_seconds(layers(kern), a, args.reps) / L
         nbytes = 2 * (B * S * (C + R) + 2 * B * H * C + B * H * R)  # bf16
         row["limit_ms"] = 1e3 * nbytes / HBM_BYTES_PER_S
         row["xla_fraction"] = row["limit_ms"] / row["xla_ms"]

@@ -1,7 +1,9 @@
 """benchmarks/decode.py on CPU at tiny sizes: its timed loop decodes what `generate` decodes
 (greedy), and its bytes per step equal a count over the real arrays (the bf16 parameter
-tree's leaves, the experts each step's routes hit, the prefilled cache's entries)."""
+tree's leaves, the experts each step's routes hit, the prefilled cache's entries); and
+benchmarks/decode_experts.py's rows in the Pallas interpreter."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -157,3 +159,19 @@ def test_backend_names_are_generates():
   assert decode._backend_name(m, "auto", 1) == "auto: all_experts"
   assert decode._backend_name(m, None, 1) == dispatch.resolve_backend(
       m.expert_backend, m.group_widths, m.d_model)
+
+
+def test_decode_experts_benchmark_runs_and_checks_the_kernels(tmp_path):
+  """benchmarks.decode_experts on a kernel-sized tiny MoHGE (interpreter): a row per backend
+  and tuning, the kernels' first-layer output within bf16 of XLA's capacity path."""
+  from benchmarks import decode_experts
+  out = tmp_path / "experts.json"
+  assert decode_experts.main([
+      "--config", str(ROOT / "configs/tiny.yaml"), "--batches", "64", "--reps", "1", "--interpret",
+      "--layers", "2", "--tunings", "default,steps=2", "--out", str(out),
+      "model.group_widths=[128,256]"]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["backend"] for r in rows] == ["capacity", "capacity_kernel[default]",
+                                          "capacity_kernel[steps=2]", "all_experts"]
+  for r in rows[1:]:
+    assert r["rel_err_vs_capacity"] < 2e-2, r
