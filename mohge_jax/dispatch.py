@@ -497,6 +497,10 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
                                   gpu.Config(**tuning))
   if reason:
     raise ValueError(f"stack_experts: {reason}")
+  dtypes = {jnp.dtype(w.dtype) for w in (*w_gate_up, *w_down)}
+  if not dtypes <= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}:
+    raise ValueError(f"stack_experts: the Mosaic GPU kernels take bfloat16 or float16 "
+                     f"weights; got {sorted(str(d) for d in dtypes)} (cast them first)")
   gu, gu_layout = gpu.stack_weights(list(w_gate_up))
   down, down_layout = gpu.stack_weights(list(w_down))
   return StackedExperts(gu, down, gu_layout, down_layout, tuple(sorted(tuning.items())))

@@ -225,3 +225,5 @@ def test_capacity_experts_through_the_kernels_equals_per_pair_loop(rng, case):
   with pytest.raises(ValueError, match="stack_experts: the Mosaic GPU kernels need expert "
                                        "widths and d_model to be multiples of 128"):
     st([bf(np.zeros((N, D, 2 * 96)))], [bf(np.zeros((N, 96, D)))])
+  with pytest.raises(ValueError, match="take bfloat16 or float16 weights; got \\['float32'\\]"):
+    st([jnp.zeros((N, D, 2 * 128))], [jnp.zeros((N, 128, D))])
