@@ -333,10 +333,10 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   Queries with fewer than K allowed keys (the first K-1 positions, short sequences) get
   every allowed key, the rest of their K slots marked invalid. `score` is differentiable in
   the indexer's outputs (the selection itself is not). method: "sort" (`jax.lax.top_k`,
-  keys by falling score), "radix" (`top_k_positions`, the same set by rising position) or
+  keys by falling score), "radix" (`top_k_positions`, the same set by rising position),
   "sample" (`top_k_sampled`: top_k's result, sorting ~2k candidates a row; `_compact` is
-  its compaction, for benchmarks/dsa.py) or "threshold" (`top_k_threshold`: radix's set,
-  from ~2k candidates a row, no sort).
+  its compaction, for benchmarks/dsa.py) or "threshold" (`top_k_threshold`: radix's
+  result, found among ~2k candidates a row, no sort).
 
   scores: how the selected keys' (differentiable) scores are computed: "dense" (a chunk's
   index scores, then those of its selected keys; the backward recomputes the chunk's
