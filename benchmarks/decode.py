@@ -171,6 +171,18 @@ def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | No
   return decode
 
 
+def _backend_and_tuning(label: str | None) -> tuple[str | None, dict | None]:
+  """'capacity_kernel[kernel=hgmm+bk=64]' -> ('capacity_kernel', {'kernel': 'hgmm', 'bk':
+  64}): a backend and the decode kernels' tuning (`dispatch.stack_experts`)."""
+  if label is None or "[" not in label:
+    return label, None
+  name, rest = label.split("[", 1)
+  if not rest.endswith("]"):
+    raise ValueError(f"decode backend {label!r}: expected name[key=value+...]")
+  return name, {k: int(v) if v.isdigit() else v
+                for k, v in (kv.split("=", 1) for kv in rest[:-1].split("+"))}
+
+
 def _greedy(cfg: Config, logits_BxV: jax.Array) -> jax.Array:
   return jnp.argmax(logits_BxV[:, :cfg.model.vocab_size], -1).astype(jnp.int32)
 
@@ -201,10 +213,12 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     jax.block_until_ready(prefill(state, prompts_BxP, lengths_B))
     prefill_times.append(T() - t2)
   first_tokens_BxN = None
-  for layout, backend in [(lay, b) for lay in layouts for b in backends]:
+  for layout, label in [(lay, b) for lay in layouts for b in backends]:
+    backend, tuning = _backend_and_tuning(label)
     if layout == "unrolled":
       layers = gen.unstack_layers(nnx.merge(graphdef, state),
-                                  stack_experts=gen.stacks_experts(m, backend, batch))
+                                  stack_experts=gen.stacks_experts(m, backend, batch),
+                                  kernel_tuning=tuning)
       args = (state, layers, first_B, lengths_B, gen.unstack_caches(caches))
     else:
       layers, args = None, (state, None, first_B, lengths_B, caches)
@@ -217,7 +231,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
       t5 = T()
       out = jax.block_until_ready(decode(*args))
       times.append((T() - t5) / new_tokens)
-    top = _profile(decode, args, profile, f"b{batch}_{layout}_{backend or 'model'}", new_tokens)
+    top = _profile(decode, args, profile, f"b{batch}_{layout}_{label or 'model'}", new_tokens)
     step_s = float(np.median(times))
     tokens_NxB, ids_NxRxBxK = (np.asarray(a) for a in out)
     per_step = [step_bytes(cfg, np.full(batch, prompt_len + t), ids_NxRxBxK[t])
@@ -228,7 +242,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     hit = np.mean([len(np.unique(ids_NxRxBxK[t, r])) for t in range(new_tokens)
                    for r in range(R)]) if R else 0.0
     row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-           "layout": layout, "expert_backend": _backend_name(m, backend, batch),
+           "layout": layout, "expert_backend": _backend_name(m, backend, batch)
+           + (f"[{label.split('[', 1)[1]}" if tuning else ""),
            "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
            "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],
            "weight_bytes": mean["fixed_weights"] + mean["experts"],
@@ -348,7 +363,9 @@ def main(argv: list[str] | None = None) -> None:
                        "capacity from 8 routed rows per expert, else all_experts), model "
                        "(model.expert_backend: the Mosaic GPU kernels on the H200), "
                        "all_experts (dispatch.all_experts), capacity "
-                       "(dispatch.capacity_experts)")
+                       "(dispatch.capacity_experts), capacity_kernel (the same through "
+                       "the Mosaic GPU kernels); a kernel tuning for dispatch.stack_experts "
+                       "as NAME[key=value+...], e.g. capacity_kernel[kernel=hgmm+bk=64]")
   ap.add_argument("--layouts", default="scan,unrolled",
                   help="how the decode step runs the layers: scan (one lax.scan over the "
                        "stacked weights and cache of each stack) and/or unrolled (separate "

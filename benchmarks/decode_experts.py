@@ -42,7 +42,8 @@ def main(argv=None) -> int:
   ap.add_argument("--interpret", action="store_true", help="the kernels in the interpreter")
   ap.add_argument("--tunings", default="default",
                   help="capacity_kernel rows, one per tuning: 'default' or gpu.Config fields "
-                       "as name=value joined by '+' (e.g. steps=6, bk=128+steps=3)")
+                       "and kernel=slot|hgmm as name=value joined by '+' (e.g. steps=6, "
+                       "kernel=hgmm+bk=128)")
   ap.add_argument("--layers", type=int, default=0, help="routed layers (0: the config's)")
   ap.add_argument("--out", default=None)
   ap.add_argument("overrides", nargs="*")
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
   bytes_E = np.repeat(3 * D * np.asarray(m.group_widths, np.float64) * 2, N)
   tunings = {}
   for t in args.tunings.split(","):
-    kw = {} if t == "default" else {k: int(v) for k, v in (p.split("=") for p in t.split("+"))}
+    kw = {} if t == "default" else {k: int(v) if v.isdigit() else v
+                                    for k, v in (p.split("=") for p in t.split("+"))}
     tunings[t] = kw
   print(f"{args.config}: {L} routed layers, E={E}, K={K}, widths {list(m.group_widths)}",
         flush=True)

@@ -445,7 +445,8 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
 class StackedExperts:
   """A routed layer's expert weights stacked for the Mosaic GPU kernels
   (`pallas_kernels.gpu.stack_weights`: w_gate_up side by side [D, sum 2W], w_down one
-  below the other [sum W, D]), for `capacity_experts(stacked=...)`. Stacking is a copy of
+  below the other [sum W, D]; for the slot kernels then tiled, `slot_gpu.tile_weights`),
+  for `capacity_experts(stacked=...)`. Stacking is a copy of
   the expert weights: made once for a whole generation (`stack_experts`), not per step
   (the kernels' training path stacks per call, which at decode cost 2.9 ms a step).
   tuning: `pallas_kernels.gpu.Config` fields as sorted (name, value) pairs (static)."""
@@ -464,7 +465,13 @@ class StackedExperts:
 
   def config(self):
     from pallas_kernels import gpu
-    return gpu.Config(**dict(self.tuning))
+    return gpu.Config(**{k: v for k, v in self.tuning if k != "kernel"})
+
+  @property
+  def kernel(self) -> str:
+    """'slot' (`pallas_kernels.slot_gpu`: one pipeline per SM across its work items) or
+    'hgmm' (the training kernels, a pipeline per work item; the ninth session's path)."""
+    return dict(self.tuning).get("kernel", "slot")
 
   @property
   def tile_rows(self) -> int:
@@ -473,28 +480,40 @@ class StackedExperts:
   def ffn(self, x_MxD: jax.Array) -> jax.Array:
     """SwiGLU experts over `x` [E * C, D] in slot layout (C rows an expert, a multiple of
     tile_rows): [E * C, D] in x's dtype."""
-    from pallas_kernels import gpu
+    from pallas_kernels import gpu, slot_gpu
     E = self.gate_up_layout.n * len(self.gate_up_layout.shapes)
-    sizes_E = (x_MxD.shape[0] // E,) * E  # static: the kernels' work table is a constant
+    C = x_MxD.shape[0] // E
     cfg = self.config()
+    if self.kernel == "slot":
+      W = max(q for _, q in self.gate_up_layout.shapes) // 2
+      h_MxW = slot_gpu.slot_gmm(x_MxD, (self.gate_up, self.gate_up_layout),
+                                rows_per_expert=C, swiglu=True, out_cols=W, cfg=cfg)
+      return slot_gpu.slot_gmm(h_MxW, (self.down, self.down_layout), rows_per_expert=C,
+                               swiglu=False, out_cols=x_MxD.shape[1], cfg=cfg)
+    sizes_E = (C,) * E  # static: the kernels' work table is a constant
     h_MxW = gpu.hgmm(x_MxD, (self.gate_up, self.gate_up_layout), sizes_E,
                      epilogue="swiglu", cfg=cfg)[0]
     return gpu.hgmm(h_MxW, (self.down, self.down_layout), sizes_E, cfg=cfg)[0]
 
 
 # The decode kernels' tiles: one expert's slot block is one 64-row tile (wgmma's smallest
-# M; capacity_experts rounds C up to it), the rest as the training kernels'.
-DECODE_KERNEL_TUNING = {"bm": 64}
+# M; capacity_experts rounds C up to it), 128-deep K steps (MoHGE-3B's 14 routed layers at
+# batch 256 on the H200: 2.79 ms against 3.00 with 64, benchmarks/notes_generate.md), the
+# rest as the training kernels'.
+DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128}
 
 
 def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   """`StackedExperts` of one layer's per-group weights (in the compute dtype, bf16).
   tuning: `pallas_kernels.gpu.Config` fields over DECODE_KERNEL_TUNING (interpret=True
-  runs the kernels in the Pallas interpreter, for tests on CPU)."""
+  runs the kernels in the Pallas interpreter, for tests on CPU), and kernel="slot" (the
+  default) or "hgmm" (`StackedExperts.kernel`)."""
   from pallas_kernels import gpu
   tuning = {**DECODE_KERNEL_TUNING, **tuning}
-  reason = gpu.unsupported_reason([w.shape[1] for w in w_down], w_down[0].shape[2],
-                                  gpu.Config(**tuning))
+  if tuning.get("kernel", "slot") not in ("slot", "hgmm"):
+    raise ValueError(f"stack_experts: kernel={tuning['kernel']!r}: must be 'slot' or 'hgmm'")
+  cfg = gpu.Config(**{k: v for k, v in tuning.items() if k != "kernel"})
+  reason = gpu.unsupported_reason([w.shape[1] for w in w_down], w_down[0].shape[2], cfg)
   if reason:
     raise ValueError(f"stack_experts: {reason}")
   dtypes = {jnp.dtype(w.dtype) for w in (*w_gate_up, *w_down)}
@@ -503,4 +522,8 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
                      f"weights; got {sorted(str(d) for d in dtypes)} (cast them first)")
   gu, gu_layout = gpu.stack_weights(list(w_gate_up))
   down, down_layout = gpu.stack_weights(list(w_down))
+  if tuning.get("kernel", "slot") == "slot":  # the order slot_gmm reads them in
+    from pallas_kernels import slot_gpu
+    gu, _ = slot_gpu.tile_weights(gu, gu_layout, cfg, swiglu=True)
+    down, _ = slot_gpu.tile_weights(down, down_layout, cfg, swiglu=False)
   return StackedExperts(gu, down, gu_layout, down_layout, tuple(sorted(tuning.items())))

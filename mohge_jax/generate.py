@@ -267,14 +267,15 @@ def stacks_experts(m, decode_backend: str | None, batch: int) -> bool:
       decode_backend == "auto" and decode_expert_backend(m, batch) == "capacity_kernel")
 
 
-def unstack_layers(model: Transformer, stack_experts: bool = False) -> list[list]:
+def unstack_layers(model: Transformer, stack_experts: bool = False,
+                   kernel_tuning: dict | None = None) -> list[list]:
   """Per stack, its layers as (state, stacked experts or None) pairs, the states separate
   arrays (copies made here, outside any jit: the model's weights are held twice while both
   are alive), for `decode_step(..., layers=)`. stack_experts: each routed layer's expert
   weights also stacked for the Mosaic GPU kernels in the compute dtype
-  (`dispatch.stack_experts`: a third copy of the expert weights), which
-  decode_backend="capacity_kernel" reads."""
-  stack_fn = jax.jit(dispatch.stack_experts)
+  (`dispatch.stack_experts`, with `kernel_tuning` over its defaults: a third copy of the
+  expert weights), which decode_backend="capacity_kernel" reads."""
+  stack_fn = jax.jit(functools.partial(dispatch.stack_experts, **(kernel_tuning or {})))
   out = []
   for stack in model.stacks:
     state = nnx.state(stack.layers)

@@ -175,3 +175,13 @@ def test_decode_experts_benchmark_runs_and_checks_the_kernels(tmp_path):
                                           "capacity_kernel[steps=2]", "all_experts"]
   for r in rows[1:]:
     assert r["rel_err_vs_capacity"] < 2e-2, r
+
+
+def test_backend_labels_carry_the_kernel_tuning():
+  from benchmarks import decode
+  assert decode._backend_and_tuning("auto") == ("auto", None)
+  assert decode._backend_and_tuning(None) == (None, None)
+  assert decode._backend_and_tuning("capacity_kernel[kernel=hgmm+bk=64]") == (
+      "capacity_kernel", {"kernel": "hgmm", "bk": 64})
+  with pytest.raises(ValueError, match="expected name\\[key=value"):
+    decode._backend_and_tuning("capacity_kernel[bk=64")

@@ -1,5 +1,7 @@
 """Mosaic GPU kernels on a Hopper GPU against the reference, in the same run (skipped
 without a GPU). Fresh random inputs: empty and one-row experts, ragged tiles, padding."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,10 +94,12 @@ def test_forward_at_decode_sizes(rng, m):
   assert _err(y, R.expert_ffn_ref(x, gs, wgu, wd)) < 1e-2
 
 
-def test_capacity_experts_through_the_kernels_at_decode(rng):
+@pytest.mark.parametrize("kernel", ["slot", "hgmm"])
+def test_capacity_experts_through_the_kernels_at_decode(rng, kernel):
   """decode_backend="capacity_kernel"'s expert step on the device: MoHGE-3B's widths,
   batch 256 x top-6 over 64 experts, slot blocks of 64 rows through the stacked-weight
-  kernels, against XLA's capacity path (float32 products of the same bf16 operands)."""
+  kernels (`slot_gpu`'s one pipeline an SM, or the training kernels), against XLA's
+  capacity path (float32 products of the same bf16 operands)."""
   from mohge_jax import dispatch
   widths, n, d, T, K = (384, 512, 640, 768, 896, 1024, 1152, 1280), 8, 1024, 256, 6
   e = len(widths) * n
@@ -105,9 +109,34 @@ def test_capacity_experts_through_the_kernels_at_decode(rng):
   x = nrm(T, d).astype(jnp.bfloat16)
   wgu = [(nrm(n, d, 2 * f) / np.sqrt(d)).astype(jnp.bfloat16) for f in widths]
   wd = [(nrm(n, f, d) / np.sqrt(f)).astype(jnp.bfloat16) for f in widths]
-  stacked = jax.jit(dispatch.stack_experts)(wgu, wd)
+  stacked = jax.jit(functools.partial(dispatch.stack_experts, kernel=kernel))(wgu, wd)
   got = jax.jit(lambda x, s: dispatch.capacity_experts(x, ids, w, wgu, wd, stacked=s))(
       x, stacked)
   f32 = [[a.astype(jnp.float32) for a in ws] for ws in (wgu, wd)]
   want = dispatch.capacity_experts(x.astype(jnp.float32), ids, w, *f32)
   assert _err(got, want) < 1e-2
+
+
+def test_slot_gmm_on_the_device(rng):
+  """The decode kernels (`slot_gpu`) compiled for the GPU: slot blocks of two row tiles an
+  expert (C = 128), up projection with SwiGLU and down projection, against the reference:
+  the copy ring across items and the two output buffers run for real here (the
+  interpreter stores synchronously)."""
+  from pallas_kernels import gpu, slot_gpu
+  widths, n, d, rows = (384, 512, 640, 768, 896, 1024, 1152, 1280), 8, 1024, 128
+  e = len(widths) * n
+  gs = jnp.full((e,), rows, jnp.int32)
+  nrm = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+  x = nrm(e * rows, d).astype(jnp.bfloat16)
+  wgu = tuple((nrm(n, d, 2 * w) / np.sqrt(d)).astype(jnp.bfloat16) for w in widths)
+  wd = tuple((nrm(n, w, d) / np.sqrt(w)).astype(jnp.bfloat16) for w in widths)
+  cfg = gpu.Config(bm=64)
+  h = slot_gpu.slot_gmm(x, slot_gpu.tile_weights(*gpu.stack_weights(wgu), cfg, swiglu=True),
+                        rows_per_expert=rows, swiglu=True, out_cols=max(widths), cfg=cfg)
+  h_ref = R.swiglu_ref(R.hgmm_ref(x, wgu, gs, out_split=True))
+  used = np.arange(max(widths))[None] < np.repeat(np.repeat(widths, n), rows)[:, None]
+  assert _err(np.where(used, np.asarray(h, np.float32), 0), h_ref) < 1e-2
+  y = slot_gpu.slot_gmm(h_ref.astype(jnp.bfloat16),
+                        slot_gpu.tile_weights(*gpu.stack_weights(wd), cfg, swiglu=False),
+                        rows_per_expert=rows, swiglu=False, out_cols=d, cfg=cfg)
+  assert _err(y, R.hgmm_ref(h_ref.astype(jnp.bfloat16), wd, gs, out_cols=d)) < 1e-2

@@ -270,3 +270,69 @@ def test_mosaic_gpu_forward_at_decode_sizes_interpreted(rng, m):
   _, x, wgu, wd = _problem(rng, jnp.bfloat16, widths=widths, n=n, d=d, m=m, padding=0)
   y = ffn.expert_ffn_with(gpu.GpuOps(interpret=True), x, gs, wgu, wd)
   _close(y, R.expert_ffn_ref(x, gs, wgu, wd), TOL[jnp.bfloat16])
+
+
+@pytest.mark.parametrize("rows,sms,widths,n", [(64, 3, (64, 192, 128), 2),
+                                               (128, 5, (64, 192, 128), 2),
+                                               (64, 4, (128,), 3)])   # MoE: stacked by rows
+def test_slot_gmm_interpreted(rng, rows, sms, widths, n):
+  """The decode kernels (`slot_gpu`: fixed slot blocks of `rows` rows an expert, one copy
+  ring per SM across its work items, tiled weights) in the GPU interpreter against the
+  reference: the SwiGLU up projection and the down projection of heterogeneous experts
+  (w_gate_up stacked side by side) or of one group (MoE: stacked by rows), several items
+  an SM, items of different K lengths, 1 or 2 row tiles an expert; the step cursor
+  against the stacked offsets at every step; the SMs' shares cover every step once."""
+  from pallas_kernels import gpu, slot_gpu
+  d = 128
+  e = len(widths) * n
+  gs = jnp.full((e,), rows, jnp.int32)
+  _, x, wgu, wd = _problem(rng, jnp.bfloat16, widths=widths, n=n, d=d, m=e * rows, padding=0)
+  cfg = gpu.Config(interpret=True, num_sms=sms, **GPU_TILES)
+  wmax = max(widths)
+  h = slot_gpu.slot_gmm(x, slot_gpu.tile_weights(*gpu.stack_weights(wgu), cfg, swiglu=True),
+                        rows_per_expert=rows, swiglu=True, out_cols=wmax, cfg=cfg)
+  used = np.arange(wmax)[None] < _row_width(gs, widths, n, e * rows)[:, None]
+  h_ref = R.swiglu_ref(R.hgmm_ref(x, wgu, gs, out_split=True))
+  _close(np.where(used, np.asarray(h, np.float32), 0), h_ref, 1e-2)
+  y = slot_gpu.slot_gmm(jnp.where(used, h, jnp.nan).astype(jnp.bfloat16),  # unused: never read
+                        slot_gpu.tile_weights(*gpu.stack_weights(wd), cfg, swiglu=False),
+                        rows_per_expert=rows, swiglu=False, out_cols=d, cfg=cfg)
+  _close(y, R.hgmm_ref(h_ref.astype(jnp.bfloat16), wd, gs, out_cols=d), 1e-2)
+  with pytest.raises(ValueError, match="is not the tiled matrix of these weights"):
+    slot_gpu.slot_gmm(x, gpu.stack_weights(wgu), rows_per_expert=rows, swiglu=True,
+                      out_cols=wmax, cfg=cfg)
+  flat, st = gpu.stack_weights(wd)   # block (kb, fb) of the tiled matrix is the stacked one's
+  tiled = np.asarray(slot_gpu.tile_weights(flat, st, cfg, swiglu=False)[0])
+  kb, fb = int(rng.integers(flat.shape[0] // cfg.bk)), int(rng.integers(d // cfg.bn))
+  row = (fb * (flat.shape[0] // cfg.bk) + kb) * cfg.bk
+  np.testing.assert_array_equal(tiled[row:row + cfg.bk], np.asarray(
+      flat[kb * cfg.bk:(kb + 1) * cfg.bk, fb * cfg.bn:(fb + 1) * cfg.bn]))
+  for w, swiglu in ((wgu, True), (wd, False)):
+    st = gpu.stack_weights(w)[1]
+    layout = slot_gpu._Layout.of(st, rows, swiglu, cfg)
+    want = []   # every step in order, from the stacked offsets directly
+    off, bn = st.offsets(), (cfg.bn_up if swiglu else cfg.bn)
+    for ex in range(e):
+      p, q = st.shapes[ex // n]
+      for r in range(rows // cfg.bm):
+        for c in range((q // 2 if swiglu else q) // bn):
+          for kk in range(p // cfg.bk):
+            row = ex * (rows // cfg.bm) + r
+            rk, f0 = (off[ex] // cfg.bk + kk, c) if st.by_rows else (kk, off[ex] // bn + c)
+            want.append((row, kk, rk, f0, f0 + q // 2 // bn if swiglu else -1, c))
+    def walk(cur, pos):   # the kernel's per-step cursor against a fresh one at each step
+      b = layout.blocks(cur)
+      rhs = (*b["rhs"], -1)[:3] if not swiglu else b["rhs"]
+      row = jnp.stack([b["lhs"][0], b["lhs"][1], rhs[0], rhs[1], rhs[2], b["out_col"]])
+      return layout.advance(cur), (row, jnp.stack(cur), jnp.stack(layout.cursor(pos)))
+    _, (got, walked, fresh) = jax.lax.scan(walk, layout.cursor(jnp.int32(0)),
+                                           jnp.arange(layout.num_steps, dtype=jnp.int32))
+    if not swiglu:
+      got = got.at[:, 4].set(-1)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(walked), np.asarray(fresh))
+    ranges = slot_gpu.sm_ranges(layout, sms)
+    assert ranges[0, 0] == 0 and (ranges[1:, 0] == ranges[:-1, :2].sum(1)).all()
+    assert ranges[:, 1].sum() == layout.num_steps
+    assert set(ranges[:, 0]) <= {0, *layout.item_ends()}   # cut at item ends
+    assert ranges[:, 2].sum() == len(layout.item_ends())

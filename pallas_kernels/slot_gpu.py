@@ -1,0 +1,294 @@
+"""The routed experts at decode on Hopper: fixed slot blocks, one copy ring per SM.
+
+At decode (`mohge_jax.dispatch.capacity_experts` with stacked weights) every expert owns
+a slot block of C rows (C a multiple of the row tile), so every work item is known when
+tracing: (expert, row tile, output column tile), each a K loop of TMA copies and wgmma.
+`gpu.hgmm`, built for training, runs one `emit_pipeline` per work item: it fills and
+drains ~6 times an SM per projection, each item waits for its output's store, and its
+weight tiles are bk rows of 2 bn bytes spread over the stacked matrix. At decode the
+kernels are bound by reading the weights, so both cost bandwidth (61% of it in the ninth
+session: 1.57 ms of a 4.48 ms MoHGE-3B step at batch 256).
+
+Here:
+- All items' steps form one global sequence (group by group; in a group expert by expert,
+  then row tile, column tile, K). SM i runs the contiguous steps [start_i, start_i +
+  count_i), cut at item ends with the smallest largest share (`sm_ranges`).
+- One ring of `steps` SMEM slots per SM, filled across item boundaries: the copies of the
+  next item's first steps are in flight during an item's last steps and its epilogue. A
+  step's blocks come from a cursor advanced by selects and adds (`_Layout.advance`); a
+  first version derived them from the step's position by divisions, or read them from a
+  table in global memory, in every fetch: 1.25-1.4x slower than `gpu.hgmm` on the H200.
+- Outputs go through two SMEM buffers, so a store is not awaited before the next item.
+- The weights are stored tiled (`tile_weights`, once per generation): an item's K loop
+  reads one contiguous run.
+
+Reference: `reference.hgmm_ref` with every expert's rows = C.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import gpu
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """The global step sequence of one projection (static, hashable). Per group g: K steps
+  an item nk[g], output column tiles cols[g], its first step, and where its experts'
+  weight blocks start in the stacked matrix (k_base/f_base, in bk-row / bn-column blocks)
+  and how far apart they are (k_stride/f_stride: along whichever axis they are stacked)."""
+  n: int              # experts a group
+  tiles: int          # row tiles an expert (C / bm)
+  swiglu: bool
+  k_blocks: int       # bk-row blocks of the stacked matrix (its K / bk): `tile_weights`
+  nk: tuple[int, ...]
+  cols: tuple[int, ...]
+  first_step: tuple[int, ...]
+  k_base: tuple[int, ...]
+  k_stride: tuple[int, ...]
+  f_base: tuple[int, ...]
+  f_stride: tuple[int, ...]
+
+  @staticmethod
+  def of(st: gpu.Stacking, rows_per_expert: int, swiglu: bool, cfg: gpu.Config):
+    bm, bk = cfg.bm, cfg.bk
+    bn = cfg.bn_up if swiglu else cfg.bn
+    if rows_per_expert % bm:
+      raise ValueError(f"rows per expert {rows_per_expert} is not a multiple of bm={bm}")
+    tiles = rows_per_expert // bm
+    off = st.offsets()
+    nk, cols, k_base, k_stride, f_base, f_stride = [], [], [], [], [], []
+    for g, (p, q) in enumerate(st.shapes):
+      f = q // 2 if swiglu else q   # swiglu: gate columns, then as many up columns
+      if p % bk or f % bn:
+        raise ValueError(f"weights [{p}, {q}] do not tile by bk={bk}, bn={bn}")
+      nk.append(p // bk)
+      cols.append(f // bn)
+      first = int(off[g * st.n])
+      if st.by_rows:    # [sum P, Q]: an expert's rows
+        k_base.append(first // bk), k_stride.append(p // bk), f_base.append(0), f_stride.append(0)
+      else:             # [P, sum Q]: an expert's columns
+        k_base.append(0), k_stride.append(0), f_base.append(first // bn), f_stride.append(q // bn)
+    items = [st.n * tiles * c for c in cols]
+    first_step = np.concatenate([[0], np.cumsum(np.multiply(items, nk))[:-1]])
+    k_total = sum(p for p, _ in st.shapes) * st.n if st.by_rows else st.shapes[0][0]
+    return _Layout(st.n, tiles, swiglu, k_total // bk, tuple(nk), tuple(cols),
+                   tuple(int(v) for v in first_step), tuple(k_base), tuple(k_stride),
+                   tuple(f_base), tuple(f_stride))
+
+  @property
+  def num_steps(self) -> int:
+    return self.first_step[-1] + self.n * self.tiles * self.cols[-1] * self.nk[-1]
+
+  def item_ends(self) -> np.ndarray:
+    """Global step index one past each item's last step, in order."""
+    ends = [self.first_step[g] + (i + 1) * self.nk[g]
+            for g in range(len(self.nk)) for i in range(self.n * self.tiles * self.cols[g])]
+    return np.asarray(ends, np.int64)
+
+  def cursor(self, pos):
+    """The step at global position pos (int32 scalar, traced): (g, expert in group, row
+    tile, column tile, K step) as int32 scalars. Divisions: once per SM, not per step."""
+    g = jnp.int32(0)
+    for gi in range(1, len(self.nk)):
+      g = jnp.where(pos >= self.first_step[gi], jnp.int32(gi), g)
+    nk, cols = gpu._pick(g, self.nk), gpu._pick(g, self.cols)
+    rel = pos - gpu._pick(g, self.first_step)
+    it = lax.div(rel, nk)
+    kk = rel - it * nk
+    per_expert = cols * self.tiles
+    el = lax.div(it, per_expert)
+    rem = it - el * per_expert
+    r = lax.div(rem, cols)
+    return (g, el, r, rem - r * cols, kk)
+
+  def advance(self, cur):
+    """The cursor of the next step: selects and adds, no divisions (run every step)."""
+    g, el, r, c, kk = cur
+    kk = kk + 1
+    wrap = kk == gpu._pick(g, self.nk)
+    kk = jnp.where(wrap, 0, kk)
+    c = c + wrap.astype(jnp.int32)
+    wrap = c == gpu._pick(g, self.cols)
+    c = jnp.where(wrap, 0, c)
+    r = r + wrap.astype(jnp.int32)
+    wrap = r == self.tiles
+    r = jnp.where(wrap, 0, r)
+    el = el + wrap.astype(jnp.int32)
+    wrap = el == self.n
+    el = jnp.where(wrap, 0, el)
+    return (g + wrap.astype(jnp.int32), el, r, c, kk)
+
+  def blocks(self, cur):
+    """A cursor's block indices: lhs (row, K), rhs (K, F[, F of the up half]) and the
+    output column block."""
+    g, el, r, c, kk = cur
+    pick = gpu._pick
+    rk = pick(g, self.k_base) + el * pick(g, self.k_stride) + kk
+    f = pick(g, self.f_base) + el * pick(g, self.f_stride) + c
+    rhs = (rk, f, f + pick(g, self.cols)) if self.swiglu else (rk, f)
+    return dict(lhs=((g * self.n + el) * self.tiles + r, kk), rhs=rhs, out_col=c)
+
+
+def sm_ranges(layout: _Layout, num_sms: int) -> np.ndarray:
+  """int32 [num_sms, 3]: each SM's (first global step, step count, item count): the items cut into
+  num_sms contiguous runs with the smallest largest run (a binary search over that bound,
+  each SM filled greedily up to it)."""
+  ends = layout.item_ends()
+  sizes = np.diff(np.concatenate([[0], ends]))
+
+  def cuts_for(bound):
+    cuts, load = [0], 0
+    for end, size in zip(ends, sizes):
+      if load + size > bound:
+        cuts.append(int(end - size))
+        load = 0
+      load += size
+    return cuts
+
+  lo, hi = max(int(sizes.max()), -(-int(ends[-1]) // num_sms)), int(ends[-1])
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if len(cuts_for(mid)) <= num_sms:
+      hi = mid
+    else:
+      lo = mid + 1
+  cuts = cuts_for(lo)
+  cuts += [int(ends[-1])] * (num_sms + 1 - len(cuts))   # idle SMs: no steps
+  cuts = np.asarray(cuts, np.int64)
+  items = np.diff(np.searchsorted(ends, cuts, side="right"))   # items ending in each run
+  return np.stack([cuts[:-1], np.diff(cuts), items], axis=1).astype(np.int32)
+
+
+def tile_weights(flat, st: gpu.Stacking, cfg: gpu.Config = gpu.Config(), *, swiglu: bool):
+  """A stacked weight matrix [K, F] (`gpu.stack_weights`: experts side by side, K = d, or
+  one below the other, K = the sum of their rows) as `slot_gmm` reads it: its (bk x bn) blocks in
+  the order the kernel's work items stream them, column block by column block, K blocks
+  in order within each, every block's rows consecutive: [(F / bn) (K / bk) bk, bn]. A work
+  item's whole K loop is then one contiguous run (128 KB for MoHGE-3B's up projection)
+  instead of bk rows of 2 bn bytes at a stride of 2F bytes (the stacked matrix: rows
+  213 KB apart for w_gate_up), which DRAM serves at well below its peak. Returns the
+  pair (tiled matrix, st) that `slot_gmm` takes."""
+  bk, bn = cfg.bk, (cfg.bn_up if swiglu else cfg.bn)
+  k, f = flat.shape
+  if k % bk or f % bn:
+    raise ValueError(f"a [{k}, {f}] weight matrix does not tile by bk={bk}, bn={bn}")
+  tiled = flat.reshape(k // bk, bk, f // bn, bn).transpose(2, 0, 1, 3)
+  return tiled.reshape(f // bn * k, bn), st
+
+
+def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
+             cfg: gpu.Config = gpu.Config()):
+  """Every expert's `rows_per_expert` rows of lhs [E * C, K] times its weights.
+
+  rhs: (tiled matrix, gpu.Stacking) from `tile_weights(*gpu.stack_weights(ws))` with the
+  same cfg and swiglu. swiglu: rhs is w_gate_up
+  (side by side) and the output [E * C, out_cols] holds silu(gate) * up in its first W_e
+  columns (the rest unwritten); else rhs is w_down (one below the other) and the output
+  [E * C, out_cols] = lhs[:, :W_e] @ w_down_e.
+  """
+  flat, st = rhs
+  layout = _Layout.of(st, rows_per_expert, swiglu, cfg)
+  f_total = st.shapes[0][1] if st.by_rows else sum(q for _, q in st.shapes) * st.n
+  bn = cfg.bn_up if swiglu else cfg.bn
+  if flat.shape != (f_total // bn * layout.k_blocks * cfg.bk, bn):
+    raise ValueError(f"slot_gmm: rhs {flat.shape} is not the tiled matrix of these weights "
+                     f"({(f_total // bn * layout.k_blocks * cfg.bk, bn)}): tile_weights")
+  if lhs.shape[0] != rows_per_expert * st.n * len(st.shapes):
+    raise ValueError(f"lhs has {lhs.shape[0]} rows, not {rows_per_expert} for each of "
+                     f"{st.n * len(st.shapes)} experts")
+  ranges = sm_ranges(layout, gpu._num_sms(cfg))
+  return _slot_gmm(lhs, flat, jnp.asarray(ranges), layout=layout, out_cols=out_cols, cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "out_cols", "cfg"))
+def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg):
+  m, _ = lhs.shape
+  dtype = lhs.dtype
+  bm, bk, steps = cfg.bm, cfg.bk, cfg.steps
+  swiglu = layout.swiglu
+  bn = cfg.bn_up if swiglu else cfg.bn
+  n_rhs = 2 if swiglu else 1
+
+  def body(ranges_ref, lhs_gmem, rhs_gmem, out_gmem, lhs_ring, *scratch):
+    *rhs_rings, o_smem, bar = scratch
+    sm = lax.axis_index("sm")
+    start, count, n_items = ranges_ref[sm, 0], ranges_ref[sm, 1], ranges_ref[sm, 2]
+
+    def fetch(step, cur):
+      """Issue step `step`'s copies (its cursor `cur`) into its ring slot."""
+      slot = lax.rem(step, steps)
+      b = layout.blocks(cur)
+      row, k = b["lhs"]
+      plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(row * bm, bm), pl.ds(k * bk, bk)],
+                              lhs_ring.at[slot], bar.at[slot])
+      rk, *fs = b["rhs"]
+      for ring, f in zip(rhs_rings, fs):   # block (rk, f) of the tiled matrix
+        plgpu.copy_gmem_to_smem(rhs_gmem.at[pl.ds((f * layout.k_blocks + rk) * bk, bk)],
+                                ring.at[slot], bar.at[slot])
+
+    # prologue: the first `steps` steps' copies in flight
+    cur = layout.cursor(start)
+    fcur = cur
+    for i in range(steps):
+      @pl.when(i < count)
+      def _(i=i, fcur=fcur):
+        fetch(jnp.int32(i), fcur)
+      fcur = layout.advance(fcur)
+
+    def item(j, carry):
+      s0, cur, fcur = carry
+
+      def acc_scope(*accs):
+        def k_step(_, carry):
+          s, cur, fcur = carry
+          slot = lax.rem(s, steps)
+          plgpu.barrier_wait(bar.at[slot])
+          for acc, ring in zip(accs, rhs_rings):
+            plgpu.wgmma(acc, lhs_ring.at[slot], ring.at[slot])
+          plgpu.wgmma_wait(1)     # the step before's products are done: its slot is free,
+          nxt = s + steps - 1     # refilled with the step `steps` - 1 ahead (any item's)
+
+          @pl.when((s > 0) & (nxt < count))
+          def _():
+            fetch(nxt, fcur)
+          fcur = jax.tree.map(functools.partial(jnp.where, s > 0), layout.advance(fcur), fcur)
+          return s + 1, layout.advance(cur), fcur
+
+        nk = gpu._pick(cur[0], layout.nk)
+        return (lax.fori_loop(0, nk, k_step, (s0, cur, fcur)),
+                *[acc[...] for acc in accs])
+
+      (s1, cur1, fcur1), *vals = pl.run_scoped(acc_scope,
+                                               *[plgpu.ACC((bm, bn)) for _ in range(n_rhs)])
+      if swiglu:
+        gate, up = (v.astype(dtype).astype(jnp.float32) for v in vals)
+        out = gate * gpu._sigmoid(gate) * up
+      else:
+        out = vals[0]
+      buf = lax.rem(j, 2)
+      b = layout.blocks(cur)
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this buffer's store two items ago
+      o_smem[buf] = out.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[buf], out_gmem.at[pl.ds(b["lhs"][0] * bm, bm),
+                                                           pl.ds(b["out_col"] * bn, bn)])
+      return s1, cur1, fcur1
+
+    lax.fori_loop(0, n_items, item, (jnp.int32(0), cur, fcur))
+    plgpu.wait_smem_to_gmem(0)
+
+  out_type = jax.ShapeDtypeStruct((m, out_cols), dtype)
+  scratch = (plgpu.SMEM((steps, bm, bk), dtype),
+             *[plgpu.SMEM((steps, bk, bn), dtype) for _ in range(n_rhs)],
+             plgpu.SMEM((2, bm, bn), dtype),
+             plgpu.Barrier(num_arrivals=1 + n_rhs, num_barriers=steps))
+  return gpu._kernel(body, out_type, cfg, scratch_types=scratch)(ranges, lhs, rhs_flat)
