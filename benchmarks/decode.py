@@ -189,7 +189,8 @@ def _greedy(cfg: Config, logits_BxV: jax.Array) -> jax.Array:
 
 def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: int, reps: int,
         backends: tuple[str | None, ...] = (None,), seed: int = 0,
-        layouts: tuple[str, ...] = ("scan",), profile: str | None = None):
+        layouts: tuple[str, ...] = ("scan",), profile: str | None = None,
+        profile_top: int = 15):
   """One (config, batch): the prompt's prefill, then per layer layout ("scan": the layer
   scan over stacked weights; "unrolled": separate per-layer buffers, `make_decode`) and
   expert backend of the decode steps (None: model.expert_backend; "all_experts") yields
@@ -231,7 +232,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
       t5 = T()
       out = jax.block_until_ready(decode(*args))
       times.append((T() - t5) / new_tokens)
-    top = _profile(decode, args, profile, f"b{batch}_{layout}_{label or 'model'}", new_tokens)
+    top = _profile(decode, args, profile, f"b{batch}_{layout}_{label or 'model'}", new_tokens,
+                   profile_top)
     step_s = float(np.median(times))
     tokens_NxB, ids_NxRxBxK = (np.asarray(a) for a in out)
     per_step = [step_bytes(cfg, np.full(batch, prompt_len + t), ids_NxRxBxK[t])
@@ -266,10 +268,11 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     del layers, args, decode, out
 
 
-def _profile(decode, args, logdir: str | None, name: str, new_tokens: int) -> list[dict]:
+def _profile(decode, args, logdir: str | None, name: str, new_tokens: int,
+             top: int = 15) -> list[dict]:
   """With `logdir`: one traced run of the decode loop; prints its top device operations per
   decode step, by kernel name and by JAX name stack (`profile_summary.source`), and returns
-  both top 15s ({by, name, category, ms_per_token_step, count, share})."""
+  both top `top`s ({by, name, category, ms_per_token_step, count, share})."""
   if not logdir:
     return []
   from benchmarks import profile_summary as ps
@@ -278,7 +281,7 @@ def _profile(decode, args, logdir: str | None, name: str, new_tokens: int) -> li
   tot = ps.totals(trace, steps=new_tokens)
   out, hlo = [], ps.hlo_op_names(decode.as_text())  # the GPU's events lack the name stack
   for by in ("name", "source"):  # kernels, then where in the model (the JAX name stack)
-    rows = ps.summarise(trace, 15, by, hlo=hlo)
+    rows = ps.summarise(trace, top, by, hlo=hlo)
     print(f"  profile {name} by {by} (per decode step):\n" + ps.format_table(rows, tot),
           flush=True)
     out += [{"by": by, "name": r["name"], "category": r["category"], "count": r["count"],
@@ -308,7 +311,8 @@ def _child(path: str, args) -> None:
     try:
       for row, _ in run(cfg, graphdef, state, b, args.prompt_len, args.new_tokens, args.reps,
                         tuple(backends), layouts=layouts,
-                        profile=args.profile if b in args.profile_batches else None):
+                        profile=args.profile if b in args.profile_batches else None,
+                        profile_top=args.profile_top):
         stats = jax.devices()[0].memory_stats() or {}
         row.update(init_s=init_s, peak_mem_gb=stats.get("peak_bytes_in_use", 0) / 2**30,
                    device=jax.devices()[0].device_kind)
@@ -374,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
                   help="trace one run of each decode loop at --profile-batches into this "
                        "directory and print (and record) its top device operations")
   ap.add_argument("--profile-batches", default="256,1")
+  ap.add_argument("--profile-top", type=int, default=15,
+                  help="operations listed (and recorded) per profile, by name and by source")
   ap.add_argument("--out", default=None)
   ap.add_argument("--dry-run", action="store_true", help="the byte arithmetic only, no device")
   ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -399,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
            "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
            "--decode-backends", args.decode_backends, "--layouts", args.layouts,
            "--profile-batches", ",".join(map(str, args.profile_batches)),
+           "--profile-top", str(args.profile_top),
            *(["--profile", args.profile] if args.profile else []), *args.overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
