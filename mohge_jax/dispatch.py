@@ -402,8 +402,9 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
   `all_experts` instead (a `lax.cond` on the counts; exact either way).
 
   stacked (`stack_experts`, made once outside the decode loop): the slot block goes through
-  the Mosaic GPU kernels instead (`pallas_kernels.gpu.hgmm`: the up projection with SwiGLU,
-  then the down projection, each one launch for all E experts of every width), C rounded
+  a Mosaic GPU kernel instead (`pallas_kernels.slot_gpu.slot_gmm`, or the training
+  kernels `gpu.hgmm` with kernel="hgmm": the up projection with SwiGLU, then the down
+  projection, each one launch for all E experts of every width), C rounded
   up to the kernels' row tile so an expert is one tile and its weights are read once.
   XLA's per-group products run 8 launches a layer each (MoHGE-3B), most with too few
   tiles to fill the GPU (the down products at ~1/3 of the bandwidth on the H200,
