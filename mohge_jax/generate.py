@@ -141,7 +141,7 @@ def decode_expert_backend(m, tokens: int) -> str:
   them, else in XLA; `dispatch.all_experts` below. On the H200 (unrolled layers;
   benchmarks/results/decode_h200.json): MoHGE-3B at batch 256 (24 rows per expert)
   capacity_kernel 4.48 ms a step against capacity 5.25 (ninth session; with the decode
-  kernel `slot_gpu` 4.30-4.49, tenth), all_experts 7.3 and the training kernels 11.1
+  kernel `slot_gpu` 4.28-4.49, tenth), all_experts 7.3 and the training kernels 11.1
   (fifth); batch 128: 4.02 against 4.68 (3.82 tenth); batch 32 (3 rows)
   all_experts 3.56 against capacity 3.86. One group of equal experts (MoE-3B) is one
   batched product a projection, which XLA runs near the kernels' speed: there batch 256
