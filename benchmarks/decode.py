@@ -16,9 +16,11 @@ sampler replaced by an argmax) as one jitted `lax.scan`, once per decode expert 
 from 8 routed rows per expert else all_experts (`generate.decode_expert_backend`); `model`:
 model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
 `dispatch.all_experts`; `capacity`: `dispatch.capacity_experts`; `capacity_kernel`: the
-same through the Mosaic GPU kernels, unrolled only) and layer layout
-(`--layouts`: the layer scan, or unrolled over separate per-layer buffers), run --reps times from the same prefilled cache after a warm-up
-run; step time = median over runs of run time / new tokens, tokens/s = batch / step time.
+same through the Mosaic GPU kernels, unrolled only; NAME[key=value+...] adds a tuning of
+those kernels, e.g. `capacity_kernel[kernel=hgmm+bk=64]`) and layer layout (`--layouts`:
+the layer scan, or unrolled over separate per-layer buffers), run --reps times from the
+same prefilled cache after a warm-up run; step time = median over runs of run time / new
+tokens, tokens/s = batch / step time.
 compile_s: lower + compile of the decode loop (prefill's apart, in prefill_compile_s);
 each batch is a new program (its shapes), so it compiles again. Each config runs in its
 own process (its batches in it, one after the other: a failing batch reports an error row

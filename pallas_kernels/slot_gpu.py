@@ -15,9 +15,10 @@ Here:
   count_i), cut at item ends with the smallest largest share (`sm_ranges`).
 - One ring of `steps` SMEM slots per SM, filled across item boundaries: the copies of the
   next item's first steps are in flight during an item's last steps and its epilogue. A
-  step's blocks come from a cursor advanced by selects and adds (`_Layout.advance`); a
-  first version derived them from the step's position by divisions, or read them from a
-  table in global memory, in every fetch: 1.25-1.4x slower than `gpu.hgmm` on the H200.
+  step's blocks come from a cursor advanced by selects and adds (`_Layout.advance`);
+  earlier versions (one `emit_pipeline` over an SM's steps) read them from a table in
+  global memory or derived them from the step's position by divisions in every fetch:
+  1.15-1.4x slower than `gpu.hgmm` on the H200 (benchmarks/notes_generate.md).
 - Outputs go through two SMEM buffers, so a store is not awaited before the next item.
 - The weights are stored tiled (`tile_weights`, once per generation): an item's K loop
   reads one contiguous run.
@@ -139,9 +140,9 @@ class _Layout:
 
 
 def sm_ranges(layout: _Layout, num_sms: int) -> np.ndarray:
-  """int32 [num_sms, 3]: each SM's (first global step, step count, item count): the items cut into
-  num_sms contiguous runs with the smallest largest run (a binary search over that bound,
-  each SM filled greedily up to it)."""
+  """int32 [num_sms, 3]: each SM's (first global step, step count, item count): the items
+  cut into num_sms contiguous runs with the smallest largest run (a binary search over
+  that bound, each SM filled greedily up to it)."""
   ends = layout.item_ends()
   sizes = np.diff(np.concatenate([[0], ends]))
 
@@ -170,9 +171,10 @@ def sm_ranges(layout: _Layout, num_sms: int) -> np.ndarray:
 
 def tile_weights(flat, st: gpu.Stacking, cfg: gpu.Config = gpu.Config(), *, swiglu: bool):
   """A stacked weight matrix [K, F] (`gpu.stack_weights`: experts side by side, K = d, or
-  one below the other, K = the sum of their rows) as `slot_gmm` reads it: its (bk x bn) blocks in
-  the order the kernel's work items stream them, column block by column block, K blocks
-  in order within each, every block's rows consecutive: [(F / bn) (K / bk) bk, bn]. A work
+  one below the other, K = the sum of their rows) as `slot_gmm` reads it: its (bk x bn)
+  blocks in the order the kernel's work items stream them, column block by column block,
+  K blocks in order within each, every block's rows consecutive: [(F / bn) (K / bk) bk,
+  bn]. A work
   item's whole K loop is then one contiguous run (128 KB for MoHGE-3B's up projection)
   instead of bk rows of 2 bn bytes at a stride of 2F bytes (the stacked matrix: rows
   213 KB apart for w_gate_up), which DRAM serves at well below its peak. Returns the
@@ -190,10 +192,11 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
   """Every expert's `rows_per_expert` rows of lhs [E * C, K] times its weights.
 
   rhs: (tiled matrix, gpu.Stacking) from `tile_weights(*gpu.stack_weights(ws))` with the
-  same cfg and swiglu. swiglu: rhs is w_gate_up
-  (side by side) and the output [E * C, out_cols] holds silu(gate) * up in its first W_e
-  columns (the rest unwritten); else rhs is w_down (one below the other) and the output
-  [E * C, out_cols] = lhs[:, :W_e] @ w_down_e.
+  same cfg and swiglu. swiglu: rhs is w_gate_up and the output [E * C, out_cols] holds
+  silu(gate) * up in its first W_e columns (the rest unwritten); else rhs is w_down and
+  the output [E * C, out_cols] = lhs[:, :W_e] @ w_down_e. Products in bf16/f16 with
+  float32 accumulation; gate and up rounded to the input dtype before the SwiGLU, as
+  `gpu.hgmm`.
   """
   flat, st = rhs
   layout = _Layout.of(st, rows_per_expert, swiglu, cfg)
