@@ -272,10 +272,11 @@ def test_mosaic_gpu_forward_at_decode_sizes_interpreted(rng, m):
   _close(y, R.expert_ffn_ref(x, gs, wgu, wd), TOL[jnp.bfloat16])
 
 
-@pytest.mark.parametrize("rows,sms,widths,n", [(64, 3, (64, 192, 128), 2),
-                                               (128, 5, (64, 192, 128), 2),
-                                               (64, 4, (128,), 3)])   # MoE: stacked by rows
-def test_slot_gmm_interpreted(rng, rows, sms, widths, n):
+@pytest.mark.parametrize("rows,sms,steps,widths,n", [
+    (64, 3, 2, (64, 192, 128), 2),
+    (128, 5, 3, (64, 192, 128), 2),
+    (64, 7, 3, (128,), 3)])   # MoE (stacked by rows); SMs with fewer steps than the ring, none
+def test_slot_gmm_interpreted(rng, rows, sms, steps, widths, n):
   """The decode kernels (`slot_gpu`: fixed slot blocks of `rows` rows an expert, one copy
   ring per SM across its work items, tiled weights) in the GPU interpreter against the
   reference: the SwiGLU up projection and the down projection of heterogeneous experts
@@ -287,7 +288,7 @@ def test_slot_gmm_interpreted(rng, rows, sms, widths, n):
   e = len(widths) * n
   gs = jnp.full((e,), rows, jnp.int32)
   _, x, wgu, wd = _problem(rng, jnp.bfloat16, widths=widths, n=n, d=d, m=e * rows, padding=0)
-  cfg = gpu.Config(interpret=True, num_sms=sms, **GPU_TILES)
+  cfg = gpu.Config(interpret=True, num_sms=sms, **dict(GPU_TILES, steps=steps))
   wmax = max(widths)
   h = slot_gpu.slot_gmm(x, slot_gpu.tile_weights(*gpu.stack_weights(wgu), cfg, swiglu=True),
                         rows_per_expert=rows, swiglu=True, out_cols=wmax, cfg=cfg)
@@ -336,3 +337,5 @@ def test_slot_gmm_interpreted(rng, rows, sms, widths, n):
     assert ranges[:, 1].sum() == layout.num_steps
     assert set(ranges[:, 0]) <= {0, *layout.item_ends()}   # cut at item ends
     assert ranges[:, 2].sum() == len(layout.item_ends())
+    if sms == 7:
+      assert ranges[:, 1].min() < steps   # a short share (or an idle SM) runs too
