@@ -113,8 +113,8 @@ def test_expected_experts_under_uniform_routing():
 def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
   """The benchmark's prefill and decode loop of the 3B models at batch 1 (6 expert rows: far
   below the kernels' 128-row tile) and 256, through the Mosaic GPU expert kernels (forced:
-  this host is a CPU) and the decode loop through `all_experts`, trace and lower for CUDA:
-  what would first fail on the H200."""
+  this host is a CPU) and the decode loop through `all_experts`, `capacity` and (at 256,
+  unrolled) `capacity_kernel`, trace and lower for CUDA: what would first fail on the H200."""
   import pallas_kernels
   from pallas_kernels import gpu
   from mohge_jax import dispatch
@@ -142,6 +142,13 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
     if B == 1:  # the unrolled layout over separate per-layer buffers
       layers = jax.eval_shape(lambda s: gen.unstack_layers(nnx.merge(graphdef, s)), state)
       text = jax.jit(decode.make_decode(cfg, graphdef, N, None)).trace(
+          state, layers, lengths, lengths, jax.eval_shape(gen.unstack_caches, caches)).lower(
+              lowering_platforms=("cuda",)).as_text()
+      assert "mosaic_gpu" in text
+    else:  # ... with the decode experts' kernel (`slot_gpu`) over stacked, tiled weights
+      layers = jax.eval_shape(lambda s: gen.unstack_layers(nnx.merge(graphdef, s),
+                                                           stack_experts=True), state)
+      text = jax.jit(decode.make_decode(cfg, graphdef, N, "capacity_kernel")).trace(
           state, layers, lengths, lengths, jax.eval_shape(gen.unstack_caches, caches)).lower(
               lowering_platforms=("cuda",)).as_text()
       assert "mosaic_gpu" in text
