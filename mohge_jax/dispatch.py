@@ -470,8 +470,9 @@ class StackedExperts:
 
   @property
   def kernel(self) -> str:
-    """'slot' (`pallas_kernels.slot_gpu`: one pipeline per SM across its work items) or
-    'hgmm' (the training kernels, a pipeline per work item; the ninth session's path)."""
+    """'slot' (`pallas_kernels.slot_gpu`: one copy ring per SM across its work items,
+    tiled weights) or 'hgmm' (the training kernels, a pipeline per work item; the ninth
+    session's path, kept for comparison)."""
     return dict(self.tuning).get("kernel", "slot")
 
   @property

@@ -98,7 +98,7 @@ def test_forward_at_decode_sizes(rng, m):
 def test_capacity_experts_through_the_kernels_at_decode(rng, kernel):
   """decode_backend="capacity_kernel"'s expert step on the device: MoHGE-3B's widths,
   batch 256 x top-6 over 64 experts, slot blocks of 64 rows through the stacked-weight
-  kernels (`slot_gpu`'s one pipeline an SM, or the training kernels), against XLA's
+  kernels (`slot_gpu`'s copy ring an SM, or the training kernels), against XLA's
   capacity path (float32 products of the same bf16 operands)."""
   from mohge_jax import dispatch
   widths, n, d, T, K = (384, 512, 640, 768, 896, 1024, 1152, 1280), 8, 1024, 256, 6
