@@ -44,6 +44,10 @@ def main(argv=None) -> int:
                   help="capacity_kernel rows, one per tuning: 'default' or gpu.Config fields "
                        "and kernel=slot|hgmm as name=value joined by '+' (e.g. steps=6, "
                        "kernel=hgmm+bk=128)")
+  ap.add_argument("--parts", action="store_true",
+                  help="also time the slot kernel's up and down projections apart, with and "
+                       "without their products (_ablate=no_mma: the copies alone), on "
+                       "fixed slot blocks, each against its own weights' bandwidth limit")
   ap.add_argument("--layers", type=int, default=0, help="routed layers (0: the config's)")
   ap.add_argument("--out", default=None)
   ap.add_argument("overrides", nargs="*")
@@ -128,16 +132,58 @@ def main(argv=None) -> int:
         row["rel_err_vs_capacity"] = float(np.max(np.abs(outs[backend] - ref))
                                            / np.max(np.abs(ref)))
       rows.append(row)
-      del stacked
       print(f"  batch {B:4d} {name:28s} {ms:8.3f} ms ({ms / L:.4f} a layer)  "
             f"{100 * limit_ms / ms:5.1f}% of {limit_ms:.3f} ms"
             + (f"  err {row['rel_err_vs_capacity']:.2e}" if "rel_err_vs_capacity" in row
                else ""), flush=True)
-      if args.out:
-        with open(args.out, "w") as fh:
-          json.dump({"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-                     "date": datetime.date.today().isoformat(), "rows": rows}, fh, indent=1)
+      if args.parts and stacked is not None and stacked[0].kernel == "slot":
+        for part in _parts(stacked, B, K, E, D, args.reps, key):
+          rows.append({"config": args.config, "batch": B, "layers": L,
+                       "backend": f"{part.pop('part')}[{tuning}]{part.pop('ablate')}", **part})
+          print(f"  batch {B:4d} {rows[-1]['backend']:28s} {rows[-1]['ms']:8.3f} ms  "
+                f"{100 * rows[-1]['fraction_of_bandwidth']:5.1f}% of "
+                f"{rows[-1]['limit_ms']:.3f} ms", flush=True)
+      del stacked
+      _write(args, rows)
   return 0
+
+
+def _write(args, rows):
+  if args.out:
+    with open(args.out, "w") as fh:
+      json.dump({"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+                 "date": datetime.date.today().isoformat(), "rows": rows}, fh, indent=1)
+
+
+def _parts(stacked, B, K, E, D, reps, key):
+  """The slot kernel's two projections timed apart over all layers (`--parts`), each on a
+  fixed random slot block (C rows an expert, as capacity_experts sizes it at batch B), with
+  and without the products: dicts of part, ablate, ms and the fraction of that
+  projection's weight bytes at 4.8 TB/s."""
+  from pallas_kernels import slot_gpu
+  s0 = stacked[0]
+  C = -(-dispatch.expert_capacity(B, K, E) // s0.tile_rows) * s0.tile_rows
+  W = max(q for _, q in s0.gate_up_layout.shapes) // 2
+  cfg = s0.config()
+  x = jax.random.normal(jax.random.fold_in(key, 7), (E * C, D), jnp.float32).astype(jnp.bfloat16)
+  h = jax.random.normal(jax.random.fold_in(key, 8), (E * C, W), jnp.float32).astype(jnp.bfloat16)
+  out = []
+  for part, swiglu, lhs in (("slot_up", True, x), ("slot_down", False, h)):
+    mats = [s.gate_up if swiglu else s.down for s in stacked]
+    layout = s0.gate_up_layout if swiglu else s0.down_layout   # the same for every layer
+    weight_bytes = sum(m.size * m.dtype.itemsize for m in mats)
+    for ablate in ("", "no_mma"):
+      def f(lhs, mats, ablate=ablate, swiglu=swiglu, layout=layout):  # an output corner
+        return jnp.stack([slot_gpu.slot_gmm(lhs, (m, layout), rows_per_expert=C,  # (no DCE)
+                                            swiglu=swiglu, out_cols=W if swiglu else D,
+                                            cfg=cfg, _ablate=ablate)[0, 0] for m in mats])
+      f = jax.jit(f)
+      jax.block_until_ready(f(lhs, mats))
+      ms = median_seconds(f, (lhs, mats), reps) * 1e3
+      limit_ms = weight_bytes / HBM_BYTES_PER_S * 1e3
+      out.append({"part": part, "ablate": ":no_mma" if ablate else "", "ms": ms,
+                  "limit_ms": limit_ms, "fraction_of_bandwidth": limit_ms / ms})
+  return out
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def tile_weights(flat, st: gpu.Stacking, cfg: gpu.Config = gpu.Config(), *, swig
 
 
 def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
-             cfg: gpu.Config = gpu.Config()):
+             cfg: gpu.Config = gpu.Config(), _ablate: str = ""):
   """Every expert's `rows_per_expert` rows of lhs [E * C, K] times its weights.
 
   rhs: (tiled matrix, gpu.Stacking) from `tile_weights(*gpu.stack_weights(ws))` with the
@@ -196,8 +196,11 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
   silu(gate) * up in its first W_e columns (the rest unwritten); else rhs is w_down and
   the output [E * C, out_cols] = lhs[:, :W_e] @ w_down_e. Products in bf16/f16 with
   float32 accumulation; gate and up rounded to the input dtype before the SwiGLU, as
-  `gpu.hgmm`.
+  `gpu.hgmm`. _ablate="no_mma" (benchmarks only: a wrong result) skips the products: the
+  copies, ring and stores alone.
   """
+  if _ablate not in ("", "no_mma"):
+    raise ValueError(f"slot_gmm: _ablate={_ablate!r}: must be '' or 'no_mma'")
   flat, st = rhs
   layout = _Layout.of(st, rows_per_expert, swiglu, cfg)
   f_total = st.shapes[0][1] if st.by_rows else sum(q for _, q in st.shapes) * st.n
@@ -209,11 +212,12 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
     raise ValueError(f"lhs has {lhs.shape[0]} rows, not {rows_per_expert} for each of "
                      f"{st.n * len(st.shapes)} experts")
   ranges = sm_ranges(layout, gpu._num_sms(cfg))
-  return _slot_gmm(lhs, flat, jnp.asarray(ranges), layout=layout, out_cols=out_cols, cfg=cfg)
+  return _slot_gmm(lhs, flat, jnp.asarray(ranges), layout=layout, out_cols=out_cols, cfg=cfg,
+                   ablate=_ablate)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "out_cols", "cfg"))
-def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg):
+@functools.partial(jax.jit, static_argnames=("layout", "out_cols", "cfg", "ablate"))
+def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, ablate=""):
   m, _ = lhs.shape
   dtype = lhs.dtype
   bm, bk, steps = cfg.bm, cfg.bk, cfg.steps
@@ -256,7 +260,8 @@ def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg):
           slot = lax.rem(s, steps)
           plgpu.barrier_wait(bar.at[slot])
           for acc, ring in zip(accs, rhs_rings):
-            plgpu.wgmma(acc, lhs_ring.at[slot], ring.at[slot])
+            if ablate != "no_mma":
+              plgpu.wgmma(acc, lhs_ring.at[slot], ring.at[slot])
           plgpu.wgmma_wait(1)     # the step before's products are done: its slot is free,
           nxt = s + steps - 1     # refilled with the step `steps` - 1 ahead (any item's)
 

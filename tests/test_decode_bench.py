@@ -170,7 +170,8 @@ def test_backend_names_are_generates():
 
 def test_decode_experts_benchmark_runs_and_checks_the_kernels(tmp_path):
   """benchmarks.decode_experts on a kernel-sized tiny MoHGE (interpreter): a row per backend
-  and tuning, the kernels' first-layer output within bf16 of XLA's capacity path."""
+  and tuning (with --parts the slot kernel's projections apart, with and without their
+  products), the kernels' first-layer output within bf16 of XLA's capacity path."""
   from benchmarks import decode_experts
   out = tmp_path / "experts.json"
   assert decode_experts.main([
@@ -182,6 +183,14 @@ def test_decode_experts_benchmark_runs_and_checks_the_kernels(tmp_path):
                                           "capacity_kernel[steps=2]", "all_experts"]
   for r in rows[1:]:
     assert r["rel_err_vs_capacity"] < 2e-2, r
+  assert decode_experts.main([   # --parts: the slot kernel's projections apart
+      "--config", str(ROOT / "configs/tiny.yaml"), "--batches", "64", "--reps", "1", "--interpret",
+      "--layers", "1", "--backends", "capacity_kernel", "--parts", "--out", str(out),
+      "model.group_widths=[128,256]"]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["backend"] for r in rows] == ["capacity_kernel[default]"] + [
+      f"slot_{p}[default]{a}" for p in ("up", "down") for a in ("", ":no_mma")]
+  assert all(0 < r["fraction_of_bandwidth"] and r["limit_ms"] > 0 for r in rows)
 
 
 def test_backend_labels_carry_the_kernel_tuning():
