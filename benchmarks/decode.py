@@ -173,16 +173,24 @@ def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | No
   return decode
 
 
+def parse_tuning(text: str) -> dict:
+  """'kernel=hgmm+bk=64' -> {'kernel': 'hgmm', 'bk': 64}: the decode kernels' tuning
+  (`dispatch.stack_experts`), as the benchmarks take it on the command line."""
+  pairs = [kv.split("=", 1) for kv in text.split("+")]
+  if any(len(p) != 2 or not p[0] for p in pairs):
+    raise ValueError(f"kernel tuning {text!r}: expected key=value joined by '+'")
+  return {k: int(v) if v.isdigit() else v for k, v in pairs}
+
+
 def _backend_and_tuning(label: str | None) -> tuple[str | None, dict | None]:
   """'capacity_kernel[kernel=hgmm+bk=64]' -> ('capacity_kernel', {'kernel': 'hgmm', 'bk':
-  64}): a backend and the decode kernels' tuning (`dispatch.stack_experts`)."""
+  64}): a backend and the decode kernels' tuning (`parse_tuning`)."""
   if label is None or "[" not in label:
     return label, None
   name, rest = label.split("[", 1)
   if not rest.endswith("]"):
     raise ValueError(f"decode backend {label!r}: expected name[key=value+...]")
-  return name, {k: int(v) if v.isdigit() else v
-                for k, v in (kv.split("=", 1) for kv in rest[:-1].split("+"))}
+  return name, parse_tuning(rest[:-1])
 
 
 def _greedy(cfg: Config, logits_BxV: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.decode import parse_tuning
 from benchmarks.mla_decode import median_seconds
 from mohge_jax import dispatch
 from mohge_jax.config import load_config
@@ -68,9 +69,7 @@ def main(argv=None) -> int:
   bytes_E = np.repeat(3 * D * np.asarray(m.group_widths, np.float64) * 2, N)
   tunings = {}
   for t in args.tunings.split(","):
-    kw = {} if t == "default" else {k: int(v) if v.isdigit() else v
-                                    for k, v in (p.split("=") for p in t.split("+"))}
-    tunings[t] = kw
+    tunings[t] = {} if t == "default" else parse_tuning(t)
   print(f"{args.config}: {L} routed layers, E={E}, K={K}, widths {list(m.group_widths)}",
         flush=True)
 

@@ -139,6 +139,7 @@ class _Layout:
     return dict(lhs=((g * self.n + el) * self.tiles + r, kk), rhs=rhs, out_col=c)
 
 
+@functools.lru_cache(maxsize=None)   # per (layout, SMs): each layer's call traces the same
 def sm_ranges(layout: _Layout, num_sms: int) -> np.ndarray:
   """int32 [num_sms, 3]: each SM's (first global step, step count, item count): the items
   cut into num_sms contiguous runs with the smallest largest run (a binary search over
@@ -166,7 +167,9 @@ def sm_ranges(layout: _Layout, num_sms: int) -> np.ndarray:
   cuts += [int(ends[-1])] * (num_sms + 1 - len(cuts))   # idle SMs: no steps
   cuts = np.asarray(cuts, np.int64)
   items = np.diff(np.searchsorted(ends, cuts, side="right"))   # items ending in each run
-  return np.stack([cuts[:-1], np.diff(cuts), items], axis=1).astype(np.int32)
+  ranges = np.stack([cuts[:-1], np.diff(cuts), items], axis=1).astype(np.int32)
+  ranges.setflags(write=False)   # shared by the cache
+  return ranges
 
 
 def tile_weights(flat, st: gpu.Stacking, cfg: gpu.Config = gpu.Config(), *, swiglu: bool):

@@ -201,3 +201,5 @@ def test_backend_labels_carry_the_kernel_tuning():
       "capacity_kernel", {"kernel": "hgmm", "bk": 64})
   with pytest.raises(ValueError, match="expected name\\[key=value"):
     decode._backend_and_tuning("capacity_kernel[bk=64")
+  with pytest.raises(ValueError, match="'bk64': expected key=value joined by"):
+    decode._backend_and_tuning("capacity_kernel[bk64]")
