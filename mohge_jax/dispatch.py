@@ -390,9 +390,26 @@ def _capacity_slots(expert_ids_TxK: jax.Array, E: int, C: int):
   return token_ExC, filled_ExC, slot_M, counts_E
 
 
+def slot_capacity(T: int, K: int, E: int, stacked: StackedExperts | None = None,
+                  capacity_factor: float = 2.0, min_capacity: int = 8) -> int:
+  """The rows per expert of `capacity_experts`' slot block: `expert_capacity`, rounded up
+  to the kernels' row tile when `stacked`."""
+  C = expert_capacity(T, K, E, capacity_factor, min_capacity)
+  return C if stacked is None else -(-C // stacked.tile_rows) * stacked.tile_rows
+
+
+def _slot_tokens(slot_M: jax.Array, K: int, E: int, C: int):
+  """token_ExC and filled_ExC of `_capacity_slots` from the pairs' slots (distinct when no
+  expert has more than C pairs)."""
+  token = jnp.full((E * C,), -1, jnp.int32).at[slot_M].set(
+      jnp.arange(slot_M.shape[0], dtype=jnp.int32) // K)
+  return jnp.maximum(token, 0).reshape(E, C), (token >= 0).reshape(E, C)
+
+
 def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
                      capacity_factor: float = 2.0, min_capacity: int = 8,
-                     stacked: StackedExperts | None = None) -> jax.Array:
+                     stacked: StackedExperts | None = None,
+                     slots: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """`dispatch_and_combine`'s value (float32 [T, D]) for decoding's batches: each expert's
   rows gathered into a fixed-capacity slot block [E, C, D] (C = capacity_factor x the mean
   rows per expert, at least min_capacity, at most T), then per group one matmul batched
@@ -409,16 +426,25 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
   XLA's per-group products run 8 launches a layer each (MoHGE-3B), most with too few
   tiles to fill the GPU (the down products at ~1/3 of the bandwidth on the H200,
   benchmarks/notes_generate.md). The outputs are bf16 (the kernels' dtype), combined in
-  float32."""
+  float32.
+
+  slots: (slots [T, K], overflow) as `pallas_kernels.route_gpu.route_slots` computes them
+  with this C (`slot_capacity`), instead of the ranks here (with `stacked` only)."""
   T, D = x_TxD.shape
   K = expert_ids_TxK.shape[1]
   E = sum(w.shape[0] for w in w_gate_up)
-  C = expert_capacity(T, K, E, capacity_factor, min_capacity)
-  if stacked is not None:
-    C = -(-C // stacked.tile_rows) * stacked.tile_rows
-  elif C >= T:  # no saving over every token through every expert
+  C = slot_capacity(T, K, E, stacked, capacity_factor, min_capacity)
+  if stacked is None and C >= T:  # no saving over every token through every expert
     return all_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down)
-  token_ExC, filled_ExC, slot_M, counts_E = _capacity_slots(expert_ids_TxK, E, C)
+  if slots is None:
+    token_ExC, filled_ExC, slot_M, counts_E = _capacity_slots(expert_ids_TxK, E, C)
+    fits = jnp.max(counts_E) <= C
+  else:
+    if stacked is None:
+      raise ValueError("capacity_experts: slots= goes with stacked= (the kernel path)")
+    slot_M = slots[0].reshape(T * K)
+    token_ExC, filled_ExC = _slot_tokens(slot_M, K, E, C)
+    fits = jnp.logical_not(slots[1])
 
   def bounded(_):
     x_ExCxD = x_TxD[token_ExC] * filled_ExC[..., None].astype(x_TxD.dtype)
@@ -437,7 +463,7 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
     y_TxKxD = y_ExCxD.reshape(E * C, D)[slot_M].reshape(T, K, D)
     return combine(y_TxKxD, weights_TxK)
 
-  return jax.lax.cond(jnp.max(counts_E) <= C, bounded,
+  return jax.lax.cond(fits, bounded,
                       lambda _: all_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up,
                                             w_down), None)
 
@@ -466,7 +492,7 @@ class StackedExperts:
 
   def config(self):
     from pallas_kernels import gpu
-    return gpu.Config(**{k: v for k, v in self.tuning if k != "kernel"})
+    return gpu.Config(**{k: v for k, v in self.tuning if k not in _NOT_CONFIG})
 
   @property
   def kernel(self) -> str:
@@ -474,6 +500,12 @@ class StackedExperts:
     tiled weights) or 'hgmm' (the training kernels, a pipeline per work item; the ninth
     session's path, kept for comparison)."""
     return dict(self.tuning).get("kernel", "slot")
+
+  @property
+  def route(self) -> str:
+    """'kernel' (`pallas_kernels.route_gpu`: the layer's routing and slot assignment in one
+    launch, where its shapes fit) or 'xla' (the routing functions and `_capacity_slots`)."""
+    return dict(self.tuning).get("route", "kernel")
 
   @property
   def tile_rows(self) -> int:
@@ -503,18 +535,22 @@ class StackedExperts:
 # batch 256 on the H200: 2.79 ms against 3.00 with 64, benchmarks/notes_generate.md), the
 # rest as the training kernels'.
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128}
+_NOT_CONFIG = ("kernel", "route")   # StackedExperts' own tuning keys
 
 
 def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   """`StackedExperts` of one layer's per-group weights (in the compute dtype, bf16).
   tuning: `pallas_kernels.gpu.Config` fields over DECODE_KERNEL_TUNING (interpret=True
-  runs the kernels in the Pallas interpreter, for tests on CPU), and kernel="slot" (the
-  default) or "hgmm" (`StackedExperts.kernel`)."""
+  runs the kernels in the Pallas interpreter, for tests on CPU), kernel="slot" (the
+  default) or "hgmm" (`StackedExperts.kernel`) and route="kernel" (the default) or "xla"
+  (`StackedExperts.route`)."""
   from pallas_kernels import gpu
   tuning = {**DECODE_KERNEL_TUNING, **tuning}
   if tuning.get("kernel", "slot") not in ("slot", "hgmm"):
     raise ValueError(f"stack_experts: kernel={tuning['kernel']!r}: must be 'slot' or 'hgmm'")
-  cfg = gpu.Config(**{k: v for k, v in tuning.items() if k != "kernel"})
+  if tuning.get("route", "kernel") not in ("kernel", "xla"):
+    raise ValueError(f"stack_experts: route={tuning['route']!r}: must be 'kernel' or 'xla'")
+  cfg = gpu.Config(**{k: v for k, v in tuning.items() if k not in _NOT_CONFIG})
   reason = gpu.unsupported_reason([w.shape[1] for w in w_down], w_down[0].shape[2], cfg)
   if reason:
     raise ValueError(f"stack_experts: {reason}")

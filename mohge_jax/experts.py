@@ -16,7 +16,7 @@ from flax import nnx
 from mohge_jax import expert_parallel, losses, routing
 from mohge_jax.config import Config
 from mohge_jax.dispatch import (StackedExperts, all_experts, capacity_experts,
-                                dispatch_and_combine, swiglu)
+                                dispatch_and_combine, slot_capacity, swiglu)
 
 # ----------------------------------------------------------------------------- modules
 
@@ -114,6 +114,13 @@ class RoutedFFN(nnx.Module):
     the slot block through the Mosaic GPU kernels."""
     B, L, D = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(B * L, D)
+    if backend == "capacity" and stacked is not None and forced is None:
+      fused = self._decode_with_route_kernel(x_TxD, stacked)
+      if fused is not None:
+        y_TxD, aux = fused
+        return y_TxD.astype(self.dtype).reshape(B, L, D), {
+            "expert_ids": aux.expert_ids.reshape(B, L, -1),
+            "group_ids": aux.group_ids.reshape(B, L, -1)}
     with jax.named_scope("router"):  # (named scopes: profiles group kernels by them)
       r, aux = self.route(x_TxD, forced)
     aux["expert_ids"] = r.expert_ids.reshape(B, L, -1)
@@ -138,7 +145,39 @@ class RoutedFFN(nnx.Module):
       else:
         y_TxD = dispatch_and_combine(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, E,
                                      backend=backend)
-    if self.shared is not None:
-      with jax.named_scope("shared_experts"):
-        y_TxD = y_TxD + self.shared(x_TxD).astype(jnp.float32)
+    y_TxD = self._add_shared(x_TxD, y_TxD)
     return y_TxD.astype(self.dtype).reshape(B, L, D), aux
+
+  def _add_shared(self, x_TxD, y_TxD):
+    if self.shared is None:
+      return y_TxD
+    with jax.named_scope("shared_experts"):
+      return y_TxD + self.shared(x_TxD).astype(jnp.float32)
+
+  def _decode_with_route_kernel(self, x_TxD, stacked: StackedExperts):
+    """Decoding through the slot kernels with the routing and slot assignment in one
+    kernel (`pallas_kernels.route_gpu`): (y [T, D] float32, its RouteSlots), or None where
+    `stacked.route` is 'xla' or the kernel does not take these shapes. The same function
+    as `route` + `capacity_experts` (tested against them); no loss terms (decoding)."""
+    from pallas_kernels import route_gpu   # noqa: PLC0415 - a GPU kernel, decode only
+    m = self.cfg.model
+    T = x_TxD.shape[0]
+    G = m.num_groups if self.kind == "mohge" else 0
+    if stacked.route != "kernel" or route_gpu.unsupported_reason(
+        T, G, m.num_experts, m.top_k_groups, m.top_k):
+      return None
+    with jax.named_scope("router"):
+      w_DxL = (jnp.concatenate([self.group_router[...], self.expert_router[...]], axis=1)
+               if G else self.expert_router[...])
+      logits_TxL = x_TxD.astype(jnp.float32) @ w_DxL
+      r = route_gpu.route_slots(
+          logits_TxL, num_groups=G, top_k_groups=m.top_k_groups, top_k=m.top_k,
+          combine_weights=m.combine_weights,
+          capacity=slot_capacity(T, m.top_k, m.num_experts, stacked),
+          interpret=stacked.config().interpret)
+    w_gate_up = [w[...].astype(self.dtype) for w in self.w_gate_up]
+    w_down = [w[...].astype(self.dtype) for w in self.w_down]
+    with jax.named_scope("routed_experts"):
+      y_TxD = capacity_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down,
+                               stacked=stacked, slots=(r.slots, r.overflow))
+    return self._add_shared(x_TxD, y_TxD), r

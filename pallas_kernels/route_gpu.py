@@ -1,0 +1,240 @@
+"""Routing and slot assignment of one decode step in one Mosaic GPU kernel (Hopper).
+
+    r = route_slots(logits [T, G + E] f32, num_groups=G, top_k_groups=Kg, top_k=K,
+                    combine_weights=..., capacity=C)
+
+For decoding's batches through fixed slot blocks (`mohge_jax.dispatch.capacity_experts`
+with stacked weights): the router's scores, choices and combine weights
+(`mohge_jax.routing.two_level_route` for MoHGE, G > 0, group logits first; `topk_route` for
+homogeneous MoE, G = 0) and each token-expert pair's slot e * C + c, c its rank among expert
+e's pairs in token order (`dispatch._capacity_slots`). Returns `RouteSlots`: expert_ids,
+weights, group_ids, slots [T, K] (ranks clipped to C - 1) and overflow (a bool scalar:
+some expert got more than C pairs, so the slots are not valid and the caller must take
+its exact fallback).
+
+Why a kernel: in XLA this is ~20 launches a routed layer at decode (two top_k's, the
+normalisations, a one-hot running count for the ranks, compares, maxima), ~0.6 ms of a
+4.3 ms MoHGE-3B step at batch 256 on the H200 (benchmarks/notes_generate.md, tenth and
+eleventh sessions): each a few microseconds on a [256, 64] problem.
+
+Layout of the work: one CTA, one warpgroup (Lane semantics), tokens in chunks of 64 rows
+(the WGMMA register layout: a row's 64 scores over the four threads of a quad). Per chunk:
+the two-level router's float32 math with row reductions (a group's softmax by masking its
+columns), top-k by repeated maxima (ties to the lower index, as `lax.top_k`); then the
+ranks from two tensor-core products of the chunk's 0/1 choices (bf16 in SMEM, exact in
+the float32 accumulator): a strictly lower triangular [64, 64] times the choices counts
+the chunk's earlier tokens, an all-ones one the chunk's totals, which carry to the next
+chunk. Outputs are [T, 8] tiles (K, Kg <= 8), sliced by the wrapper; the spare last
+column of the group tile carries each token's largest rank (for `overflow`).
+
+Reference: `reference` (the routing functions and `_capacity_slots`' ranks in plain JAX).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+ROWS = 64   # tokens a chunk (the WGMMA layout's rows)
+COLS = 8    # columns of the small output tiles (K, Kg <= COLS; Kg < COLS)
+COMBINES = ("softmax", "renormalize", "raw")
+
+
+class RouteSlots(NamedTuple):
+  expert_ids: jax.Array  # [T, K] int32
+  weights: jax.Array     # [T, K] float32 combine weights
+  group_ids: jax.Array   # [T, Kg] int32 (MoE: zeros [T, 1])
+  slots: jax.Array       # [T, K] int32: e * C + min(rank, C - 1)
+  overflow: jax.Array    # bool scalar: some expert has more than C pairs
+
+
+def unsupported_reason(T: int, num_groups: int, E: int, top_k_groups: int, top_k: int
+                       ) -> str | None:
+  """Why these shapes cannot run (None when they can)."""
+  if T % ROWS or T < ROWS:
+    return f"route kernel: tokens must be a positive multiple of {ROWS}, got {T}"
+  if E % 64 or E > 256:
+    return f"route kernel: experts must be 64, 128, 192 or 256, got {E}"
+  if not 1 <= top_k <= COLS:
+    return f"route kernel: top_k must be 1..{COLS}, got {top_k}"
+  if num_groups and (num_groups != COLS or E % num_groups or not 1 <= top_k_groups < COLS):
+    return (f"route kernel: two-level routing needs {COLS} groups and top_k_groups below "
+            f"{COLS}; got {num_groups} groups, top_k_groups={top_k_groups}")
+  return None
+
+
+def _combine(vals, mode):
+  """routing.combine on a list of per-rank row vectors."""
+  if mode == "softmax":
+    e = [jnp.exp(v - vals[0]) for v in vals]   # vals[0] is the largest
+    total = functools.reduce(jnp.add, e)
+    return [x / total for x in e]
+  if mode == "renormalize":
+    total = functools.reduce(jnp.add, vals)
+    return [v / total for v in vals]
+  return list(vals)
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups", "top_k_groups", "top_k",
+                                             "combine_weights", "capacity", "interpret"))
+def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
+                combine_weights: str, capacity: int, interpret: bool = False) -> RouteSlots:
+  """See the module docstring. logits: [T, G + E] float32 (G = num_groups, 0 for
+  homogeneous top-K). interpret: the Pallas GPU interpreter (CPU tests)."""
+  T, width = logits.shape
+  G, K, Kg, C = num_groups, top_k, top_k_groups, capacity
+  E = width - G
+  reason = unsupported_reason(T, G, E, Kg, K)
+  if reason:
+    raise ValueError(reason)
+  if combine_weights not in COMBINES:
+    raise ValueError(f"combine_weights={combine_weights!r}: must be one of {COMBINES}")
+  if C < 1:
+    raise ValueError(f"capacity must be positive, got {C}")
+  wg = plgpu.Layout.WGMMA
+  row = wg.reduce(1)
+  f32, i32, bf16 = jnp.float32, jnp.int32, jnp.bfloat16
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+  def iota(cols, dim=1):
+    return plgpu.broadcasted_iota(i32, (ROWS, cols), dim, layout=wg)
+
+  def across(v, cols):   # a row vector as a [ROWS, cols] tile
+    return plgpu.layout_cast(lax.broadcast_in_dim(plgpu.layout_cast(v, row), (ROWS, cols),
+                                                  (0,)), wg)
+
+  def top(x, k):
+    """The k largest of each row (ties to the lower column): their columns and values
+    (row vectors, in falling order) and the 0/1 mask of the chosen columns."""
+    col = iota(x.shape[1])
+    ids, vals = [], []
+    chosen = jnp.zeros(x.shape, jnp.bool_)
+    for _ in range(k):
+      m = x.max(axis=1)
+      idx = jnp.where(x == across(m, x.shape[1]), col, x.shape[1]).min(axis=1)
+      hit = col == across(idx, x.shape[1])
+      chosen = chosen | hit
+      x = jnp.where(hit, -jnp.inf, x)
+      ids.append(idx)
+      vals.append(m)
+    return ids, vals, chosen
+
+  def tile(vs, dtype, fill=0):   # row vectors -> the columns of a [ROWS, COLS] tile
+    col = iota(COLS)
+    out = jnp.full((ROWS, COLS), fill, dtype)
+    out = plgpu.layout_cast(out, wg)
+    for j, v in enumerate(vs):
+      out = jnp.where(col == j, across(v.astype(dtype), COLS), out)
+    return out
+
+  def route(v, u):
+    """One chunk's router: expert ids, values (row vectors), the chosen mask and group
+    ids (row vectors)."""
+    if not G:
+      m = v.max(axis=1)
+      e = jnp.exp(v - across(m, E))
+      probs = e / across(e.sum(axis=1), E)
+      ids, vals, chosen = top(probs, K)
+      return ids, vals, chosen, [jnp.zeros_like(ids[0])]
+    N = E // G
+    s = 1.0 / (1.0 + jnp.exp(-u))                       # [ROWS, G] sigmoid
+    gids, _, gsel = top(s, Kg)
+    masked = jnp.where(gsel, s, 0.0)
+    p = masked / across(masked.sum(axis=1), G)
+    grp = lax.div(iota(E), N)
+    gcol = iota(G)
+    vmax = jnp.zeros((ROWS, E), f32)
+    vmax = plgpu.layout_cast(vmax, wg)
+    for g in range(G):                                   # each group's max, then sum
+      mg = jnp.where(grp == g, v, -jnp.inf).max(axis=1)
+      vmax = jnp.where(grp == g, across(mg, E), vmax)
+    e = jnp.exp(v - vmax)
+    r = jnp.zeros((ROWS, E), f32)
+    r = plgpu.layout_cast(r, wg)
+    for g in range(G):
+      sg = jnp.where(grp == g, e, 0.0).sum(axis=1)
+      pg = jnp.where(gcol == g, p, 0.0).sum(axis=1)
+      r = jnp.where(grp == g, across(pg, E) * (e / across(sg, E)), r)
+    r = r / across(r.sum(axis=1), E)
+    ids, vals, chosen = top(r, K)
+    return ids, vals, chosen, gids
+
+  def kernel(logits_ref, ids_ref, w_ref, slot_ref, gid_ref, sel_smem, lower_smem, ones_smem):
+    rowi, col = iota(ROWS, 0), iota(ROWS)
+    lower_smem[...] = (col < rowi).astype(bf16)          # strictly lower triangular
+    ones_smem[...] = plgpu.layout_cast(jnp.ones((ROWS, ROWS), bf16), wg)
+    ecol = iota(E)
+
+    def chunk(c, before):   # before: each expert's pairs in earlier chunks (every row)
+      rows = pl.ds(c * ROWS, ROWS)
+      v = plgpu.load(logits_ref.at[rows, pl.ds(G, E)], layout=wg, optimized=False)
+      u = (plgpu.load(logits_ref.at[rows, pl.ds(0, G)], layout=wg, optimized=False)
+           if G else None)
+      ids, vals, chosen, gids = route(v, u)
+      sel = chosen.astype(f32)
+      sel_smem[...] = sel.astype(bf16)
+      plgpu.commit_smem()
+      if interpret:   # the interpreter's dots (it has no accumulator refs to read back)
+        within = jnp.dot(lower_smem[...].astype(f32), sel, preferred_element_type=f32)
+        totals = jnp.dot(ones_smem[...].astype(f32), sel, preferred_element_type=f32)
+      else:
+        def products(acc_w, acc_t):
+          plgpu.wgmma(acc_w, lower_smem, sel_smem)
+          plgpu.wgmma(acc_t, ones_smem, sel_smem)
+          plgpu.wgmma_wait(0)
+          return acc_w[...], acc_t[...]
+        within, totals = pl.run_scoped(products, plgpu.ACC((ROWS, E)), plgpu.ACC((ROWS, E)))
+      rank = (before + within).astype(i32)
+      slot_TxE = ecol * C + jnp.minimum(rank, C - 1)
+      slots = [jnp.where(ecol == across(i, E), slot_TxE, 0).sum(axis=1) for i in ids]
+      worst = jnp.where(chosen, rank, -1).max(axis=1)
+      ids_ref[rows, :] = tile(ids, i32)
+      w_ref[rows, :] = tile(_combine(vals, combine_weights), f32)
+      slot_ref[rows, :] = tile(slots, i32)
+      gid_ref[rows, :] = tile(gids + [worst] * (COLS - len(gids)), i32)  # last: worst
+      return before + totals
+
+    lax.fori_loop(0, T // ROWS, chunk, plgpu.layout_cast(jnp.zeros((ROWS, E), f32), wg))
+
+  ints = jax.ShapeDtypeStruct((T, COLS), i32)
+  out = plgpu.kernel(
+      kernel,
+      out_type=(ints, jax.ShapeDtypeStruct((T, COLS), f32), ints, ints),
+      grid=(1,), grid_names=("one",),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      scratch_types=[plgpu.SMEM((ROWS, E), bf16, transforms=transforms),
+                     plgpu.SMEM((ROWS, ROWS), bf16, transforms=transforms),
+                     plgpu.SMEM((ROWS, ROWS), bf16, transforms=transforms)],
+  )(logits.astype(jnp.float32))
+  ids8, w8, slot8, gid8 = out
+  return RouteSlots(expert_ids=ids8[:, :K], weights=w8[:, :K],
+                    group_ids=gid8[:, :Kg] if G else jnp.zeros((T, 1), i32),
+                    slots=slot8[:, :K], overflow=jnp.max(gid8[:, COLS - 1]) >= C)
+
+
+def reference(logits, *, num_groups: int, top_k_groups: int, top_k: int,
+              combine_weights: str, capacity: int) -> RouteSlots:
+  """The same in plain JAX: `routing.two_level_route` / `topk_route` and the ranks of
+  `dispatch._capacity_slots`."""
+  from mohge_jax import routing   # noqa: PLC0415 - pallas_kernels does not need the library
+  G, C = num_groups, capacity
+  logits = logits.astype(jnp.float32)
+  T, E = logits.shape[0], logits.shape[1] - G
+  if G:
+    r = routing.two_level_route(logits[:, :G], logits[:, G:], num_groups=G,
+                                top_k_groups=top_k_groups, top_k=top_k,
+                                combine_weights=combine_weights)
+  else:
+    r = routing.topk_route(logits, top_k=top_k, combine_weights=combine_weights)
+  ids_M = r.expert_ids.reshape(-1)
+  onehot_MxE = (ids_M[:, None] == jnp.arange(E)).astype(jnp.int32)
+  rank_M = jnp.sum(jnp.cumsum(onehot_MxE, axis=0) * onehot_MxE, axis=1) - 1
+  slots = (ids_M * C + jnp.minimum(rank_M, C - 1)).reshape(T, top_k)
+  return RouteSlots(r.expert_ids, r.weights, r.group_ids, slots.astype(jnp.int32),
+                    jnp.max(rank_M) >= C)

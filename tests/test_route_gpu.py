@@ -1,0 +1,172 @@
+"""pallas_kernels/route_gpu.py, decode's routing and slot assignment in one kernel: its
+reference against float64 numpy, the kernel in the GPU interpreter against the reference
+(two-level and top-K routing, every combine, overflow), its CUDA lowering here, the routed
+layer through it against the layer without it; the kernel against the reference on a
+Hopper GPU (skipped without one)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import pallas_kernels as pk
+from mohge_jax import dispatch
+from mohge_jax.config import load_config
+from mohge_jax.experts import RoutedFFN
+from pallas_kernels import route_gpu as rg
+
+MOHGE = dict(num_groups=8, top_k_groups=4, top_k=6)   # MoHGE-3B's router: 8 x 8 experts
+MOE = dict(num_groups=0, top_k_groups=1, top_k=6)
+
+
+def _logits(rng, T, G, E, skew=None):
+  logits = rng.normal(size=(T, G + E)) * 2.0
+  if skew is not None:   # expert `skew` far ahead in every row: more pairs than C
+    logits[:, G + skew] += 40.0
+    if G:
+      logits[:, skew // (E // G)] += 40.0
+  return jnp.asarray(logits, jnp.float32)
+
+
+def _numpy_route(logits, G, Kg, K, combine, C):
+  """Float64 numpy: MoHGE's two-level router (spec §2) or softmax top-K, then each pair's
+  slot (its rank among its expert's pairs in token order, clipped to C - 1)."""
+  x = np.asarray(logits, np.float64)
+  T, E = x.shape[0], x.shape[1] - G
+  if G:
+    N = E // G
+    s = 1.0 / (1.0 + np.exp(-x[:, :G]))
+    gids = np.argsort(-s, axis=1, kind="stable")[:, :Kg]
+    p = np.zeros_like(s)
+    np.put_along_axis(p, gids, np.take_along_axis(s, gids, 1), 1)
+    p /= p.sum(1, keepdims=True)
+    v = x[:, G:].reshape(T, G, N)
+    q = np.exp(v - v.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    r = (p[:, :, None] * q).reshape(T, E)
+    r /= r.sum(1, keepdims=True)
+  else:
+    gids = np.zeros((T, 1), np.int64)
+    r = np.exp(x - x.max(1, keepdims=True))
+    r /= r.sum(1, keepdims=True)
+  ids = np.argsort(-r, axis=1, kind="stable")[:, :K]
+  vals = np.take_along_axis(r, ids, 1)
+  if combine == "softmax":
+    w = np.exp(vals - vals.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+  elif combine == "renormalize":
+    w = vals / vals.sum(1, keepdims=True)
+  else:
+    w = vals
+  seen = np.zeros(E, np.int64)
+  slots = np.zeros_like(ids)
+  for t in range(T):
+    for k in range(K):
+      slots[t, k] = ids[t, k] * C + min(seen[ids[t, k]], C - 1)
+      seen[ids[t, k]] += 1
+  return ids, w, gids, slots, seen.max() > C
+
+
+def _check(got, want, overflow_ok=True):
+  ids, w, gids, slots, overflow = want
+  np.testing.assert_array_equal(np.asarray(got.expert_ids), ids)
+  np.testing.assert_allclose(np.asarray(got.weights), w, rtol=2e-6, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(got.group_ids), gids)
+  np.testing.assert_array_equal(np.asarray(got.slots), slots)
+  assert bool(got.overflow) == overflow
+
+
+@pytest.mark.parametrize("router,combine", [("mohge", "softmax"), ("mohge", "raw"),
+                                            ("moe", "renormalize"), ("moe", "softmax")])
+def test_reference_equals_float64(rng, router, combine):
+  kw = MOHGE if router == "mohge" else MOE
+  G, T, C = kw["num_groups"], 128, 24
+  logits = _logits(rng, T, G, 64)
+  want = _numpy_route(logits, G, kw["top_k_groups"], kw["top_k"], combine, C)
+  _check(rg.reference(logits, combine_weights=combine, capacity=C, **kw), want)
+
+
+@pytest.mark.parametrize("router,combine,T,E,skew", [
+    ("mohge", "softmax", 128, 64, None),      # MoHGE-3B's router, two chunks of 64 tokens
+    ("mohge", "renormalize", 64, 128, 77),    # 16 experts a group; expert 77 overflows C
+    ("moe", "raw", 192, 64, None),            # top-K over one group, three chunks
+    ("moe", "softmax", 128, 64, 5)])
+def test_kernel_in_the_gpu_interpreter_matches_numpy(rng, router, combine, T, E, skew):
+  """Ranks carried across chunks (the second chunk's first token counts the first chunk's
+  pairs), overflow found (and the clipped slots as the reference clips them)."""
+  kw = dict(MOHGE if router == "mohge" else MOE)
+  G = kw["num_groups"]
+  C = 64 if skew is None else 32
+  logits = _logits(rng, T, G, E, skew)
+  want = _numpy_route(logits, G, kw["top_k_groups"], kw["top_k"], combine, C)
+  assert want[4] == (skew is not None)
+  got = rg.route_slots(logits, combine_weights=combine, capacity=C, interpret=True, **kw)
+  _check(got, want)
+
+
+def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
+  for kw, E in ((MOHGE, 64), (MOE, 128)):
+    G = kw["num_groups"]
+    text = jax.jit(lambda x, kw=kw: rg.route_slots(
+        x, combine_weights="softmax", capacity=64, **kw)).trace(
+            jax.ShapeDtypeStruct((256, G + E), jnp.float32)).lower(
+                lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+  for T, E, kw, match in ((100, 64, MOHGE, "multiple of 64"), (128, 96, MOE, "experts must"),
+                          (128, 64, dict(MOE, top_k=9), "top_k must be"),
+                          (128, 64, dict(MOHGE, num_groups=4), "needs 8 groups")):
+    with pytest.raises(ValueError, match=match):
+      rg.route_slots(jnp.zeros((T, kw["num_groups"] + E)), combine_weights="softmax",
+                     capacity=64, **kw)
+  with pytest.raises(ValueError, match="combine_weights='max'"):
+    rg.route_slots(jnp.zeros((64, 72)), combine_weights="max", capacity=64, **MOHGE)
+
+
+def _layer(rng, kind):
+  if kind == "mohge":   # 8 groups of 8 experts, widths multiples of the kernels' 128
+    router = ["model.group_widths=[128,256,384,512,640,768,896,1024]",
+              "model.experts_per_group=8", "model.top_k_groups=3", "model.top_k=5"]
+  else:                 # one group of 64
+    router = ["model.group_widths=[128]", "model.experts_per_group=64", "model.top_k=6"]
+  cfg = load_config(None, router + [
+      f"model.ffn={kind}", "model.d_model=128", "model.num_shared_experts=1",
+      "model.shared_expert_width=128", "model.dtype=bfloat16"])
+  layer = RoutedFFN(cfg, kind, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  for w in (layer.expert_router, *([layer.group_router] if kind == "mohge" else [])):
+    w[...] = w[...] * 40.0     # spread the router's scores (no near-ties)
+  return cfg, layer
+
+
+@pytest.mark.parametrize("kind", ["mohge", "moe"])
+def test_layer_decodes_the_same_with_the_route_kernel(rng, kind):
+  """RoutedFFN at decode (backend="capacity", stacked experts in the interpreter): the
+  routing kernel's path equals route() + capacity_experts (stacked.route="xla"): the same
+  experts and groups, the same output."""
+  cfg, layer = _layer(rng, kind)
+  x = jnp.asarray(rng.normal(size=(2, 32, 128)), jnp.bfloat16)   # T = 64 tokens
+  kw = dict(bm=64, interpret=True)
+  w = lambda ws: [a[...].astype(jnp.bfloat16) for a in ws]  # noqa: E731
+  stacks = {r: dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), route=r, **kw)
+            for r in ("kernel", "xla")}
+  out = {r: layer(x, backend="capacity", stacked=s) for r, s in stacks.items()}
+  y_k, aux_k = out["kernel"]
+  y_x, aux_x = out["xla"]
+  assert "group_aux" not in aux_k and "group_aux" in aux_x   # the kernel path ran
+  np.testing.assert_array_equal(np.asarray(aux_k["expert_ids"]), np.asarray(aux_x["expert_ids"]))
+  np.testing.assert_array_equal(np.asarray(aux_k["group_ids"]), np.asarray(aux_x["group_ids"]))
+  np.testing.assert_allclose(np.asarray(y_k, np.float32), np.asarray(y_x, np.float32),
+                             rtol=0, atol=1e-6)
+  with pytest.raises(ValueError, match="route='fast'"):
+    dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), route="fast", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
+@pytest.mark.parametrize("router,T,skew", [("mohge", 256, None), ("mohge", 128, 9),
+                                           ("moe", 256, None)])
+def test_kernel_matches_numpy_on_the_gpu(rng, router, T, skew):
+  kw = MOHGE if router == "mohge" else MOE
+  G = kw["num_groups"]
+  logits = _logits(rng, T, G, 64, skew)
+  want = _numpy_route(logits, G, kw["top_k_groups"], kw["top_k"], "softmax", 64)
+  _check(rg.route_slots(logits, combine_weights="softmax", capacity=64, **kw), want)
