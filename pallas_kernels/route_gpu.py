@@ -17,15 +17,20 @@ normalisations, a one-hot running count for the ranks, compares, maxima), ~0.6 m
 4.3 ms MoHGE-3B step at batch 256 on the H200 (benchmarks/notes_generate.md, tenth and
 eleventh sessions): each a few microseconds on a [256, 64] problem.
 
-Layout of the work: one CTA, one warpgroup (Lane semantics), tokens in chunks of 64 rows
-(the WGMMA register layout: a row's 64 scores over the four threads of a quad). Per chunk:
-the two-level router's float32 math with row reductions (a group's softmax by masking its
-columns), top-k by repeated maxima (ties to the lower index, as `lax.top_k`); then the
-ranks from two tensor-core products of the chunk's 0/1 choices (bf16 in SMEM, exact in
-the float32 accumulator): a strictly lower triangular [64, 64] times the choices counts
-the chunk's earlier tokens, an all-ones one the chunk's totals, which carry to the next
-chunk. Outputs are [T, 8] tiles (K, Kg <= 8), sliced by the wrapper; the spare last
+Layout of the work: one CTA, a warpgroup for each chunk of 64 tokens (Lane semantics, the
+WGMMA register layout: a row's scores over the four threads of a quad), so up to 256
+tokens. Each warpgroup: the two-level router's float32 math with row reductions (a
+group's softmax by masking its columns), top-k by repeated maxima (ties to the lower
+index, as `lax.top_k`); then two tensor-core products of the chunk's 0/1 choices (bf16 in
+SMEM, exact in the float32 accumulator): a strictly lower triangular [64, 64] times the
+choices counts the chunk's earlier tokens, an all-ones one the chunk's totals. The totals
+go through SMEM (one mbarrier for all warpgroups) and each chunk adds those of the chunks
+before it. Outputs are [T, 8] tiles (K, Kg <= 8), sliced by the wrapper; the spare last
 column of the group tile carries each token's largest rank (for `overflow`).
+
+The first version ran the chunks one after another in one warpgroup: 43 us a MoHGE-3B
+layer at batch 256 on the H200, slower than the XLA launches it replaces (one warp a
+scheduler: every reduction's latency exposed).
 
 Reference: `reference` (the routing functions and `_capacity_slots`' ranks in plain JAX).
 """
@@ -43,6 +48,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 ROWS = 64   # tokens a chunk (the WGMMA layout's rows)
 COLS = 8    # columns of the small output tiles (K, Kg <= COLS; Kg < COLS)
 COMBINES = ("softmax", "renormalize", "raw")
+MAX_WARPGROUPS = 4   # one a chunk of tokens: up to 256 tokens (a decode batch)
 
 
 class RouteSlots(NamedTuple):
@@ -56,10 +62,11 @@ class RouteSlots(NamedTuple):
 def unsupported_reason(T: int, num_groups: int, E: int, top_k_groups: int, top_k: int
                        ) -> str | None:
   """Why these shapes cannot run (None when they can)."""
-  if T % ROWS or T < ROWS:
-    return f"route kernel: tokens must be a positive multiple of {ROWS}, got {T}"
-  if E % 64 or E > 256:
-    return f"route kernel: experts must be 64, 128, 192 or 256, got {E}"
+  if T % ROWS or not ROWS <= T <= MAX_WARPGROUPS * ROWS:
+    return (f"route kernel: tokens must be a multiple of {ROWS} up to "
+            f"{MAX_WARPGROUPS * ROWS}, got {T}")
+  if E not in (64, 128):
+    return f"route kernel: experts must be 64 or 128, got {E}"
   if not 1 <= top_k <= COLS:
     return f"route kernel: top_k must be 1..{COLS}, got {top_k}"
   if num_groups and (num_groups != COLS or E % num_groups or not 1 <= top_k_groups < COLS):
@@ -96,6 +103,7 @@ def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
     raise ValueError(f"combine_weights={combine_weights!r}: must be one of {COMBINES}")
   if C < 1:
     raise ValueError(f"capacity must be positive, got {C}")
+  W = T // ROWS   # warpgroups: one a chunk of tokens
   wg = plgpu.Layout.WGMMA
   row = wg.reduce(1)
   f32, i32, bf16 = jnp.float32, jnp.int32, jnp.bfloat16
@@ -164,53 +172,60 @@ def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
     ids, vals, chosen = top(r, K)
     return ids, vals, chosen, gids
 
-  def kernel(logits_ref, ids_ref, w_ref, slot_ref, gid_ref, sel_smem, lower_smem, ones_smem):
+  def kernel(logits_ref, ids_ref, w_ref, slot_ref, gid_ref, sel_smem, lower_smem, ones_smem,
+             tot_smem, bar):
+    c = lax.axis_index("wg")   # this warpgroup's chunk of tokens
     rowi, col = iota(ROWS, 0), iota(ROWS)
-    lower_smem[...] = (col < rowi).astype(bf16)          # strictly lower triangular
-    ones_smem[...] = plgpu.layout_cast(jnp.ones((ROWS, ROWS), bf16), wg)
+    lower_smem[c] = (col < rowi).astype(bf16)          # strictly lower triangular
+    ones_smem[c] = plgpu.layout_cast(jnp.ones((ROWS, ROWS), bf16), wg)
     ecol = iota(E)
-
-    def chunk(c, before):   # before: each expert's pairs in earlier chunks (every row)
-      rows = pl.ds(c * ROWS, ROWS)
-      v = plgpu.load(logits_ref.at[rows, pl.ds(G, E)], layout=wg, optimized=False)
-      u = (plgpu.load(logits_ref.at[rows, pl.ds(0, G)], layout=wg, optimized=False)
-           if G else None)
-      ids, vals, chosen, gids = route(v, u)
-      sel = chosen.astype(f32)
-      sel_smem[...] = sel.astype(bf16)
-      plgpu.commit_smem()
-      if interpret:   # the interpreter's dots (it has no accumulator refs to read back)
-        within = jnp.dot(lower_smem[...].astype(f32), sel, preferred_element_type=f32)
-        totals = jnp.dot(ones_smem[...].astype(f32), sel, preferred_element_type=f32)
-      else:
-        def products(acc_w, acc_t):
-          plgpu.wgmma(acc_w, lower_smem, sel_smem)
-          plgpu.wgmma(acc_t, ones_smem, sel_smem)
-          plgpu.wgmma_wait(0)
-          return acc_w[...], acc_t[...]
-        within, totals = pl.run_scoped(products, plgpu.ACC((ROWS, E)), plgpu.ACC((ROWS, E)))
-      rank = (before + within).astype(i32)
-      slot_TxE = ecol * C + jnp.minimum(rank, C - 1)
-      slots = [jnp.where(ecol == across(i, E), slot_TxE, 0).sum(axis=1) for i in ids]
-      worst = jnp.where(chosen, rank, -1).max(axis=1)
-      ids_ref[rows, :] = tile(ids, i32)
-      w_ref[rows, :] = tile(_combine(vals, combine_weights), f32)
-      slot_ref[rows, :] = tile(slots, i32)
-      gid_ref[rows, :] = tile(gids + [worst] * (COLS - len(gids)), i32)  # last: worst
-      return before + totals
-
-    lax.fori_loop(0, T // ROWS, chunk, plgpu.layout_cast(jnp.zeros((ROWS, E), f32), wg))
+    rows = pl.ds(c * ROWS, ROWS)
+    v = plgpu.load(logits_ref.at[rows, pl.ds(G, E)], layout=wg, optimized=False)
+    u = (plgpu.load(logits_ref.at[rows, pl.ds(0, G)], layout=wg, optimized=False)
+         if G else None)
+    ids, vals, chosen, gids = route(v, u)
+    sel = chosen.astype(f32)
+    sel_smem[c] = sel.astype(bf16)
+    plgpu.commit_smem()
+    if interpret:   # the interpreter's dots (it has no accumulator refs to read back)
+      within = jnp.dot(lower_smem[c].astype(f32), sel, preferred_element_type=f32)
+      totals = jnp.dot(ones_smem[c].astype(f32), sel, preferred_element_type=f32)
+    else:
+      def products(acc_w, acc_t):
+        plgpu.wgmma(acc_w, lower_smem.at[c], sel_smem.at[c])
+        plgpu.wgmma(acc_t, ones_smem.at[c], sel_smem.at[c])
+        plgpu.wgmma_wait(0)
+        return acc_w[...], acc_t[...]
+      within, totals = pl.run_scoped(products, plgpu.ACC((ROWS, E)), plgpu.ACC((ROWS, E)))
+    tot_smem[c] = totals.astype(bf16)     # pairs an expert in this chunk (<= 64: exact)
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(bar)             # every chunk's totals written
+    plgpu.barrier_wait(bar)
+    before = plgpu.layout_cast(jnp.zeros((ROWS, E), f32), wg)
+    for j in range(W - 1):                # the earlier chunks' pairs
+      t_j = plgpu.load(tot_smem.at[j], layout=wg, optimized=False).astype(f32)
+      before = before + jnp.where(c > j, t_j, 0.0)
+    rank = (before + within).astype(i32)
+    slot_TxE = ecol * C + jnp.minimum(rank, C - 1)
+    slots = [jnp.where(ecol == across(i, E), slot_TxE, 0).sum(axis=1) for i in ids]
+    worst = jnp.where(chosen, rank, -1).max(axis=1)
+    ids_ref[rows, :] = tile(ids, i32)
+    w_ref[rows, :] = tile(_combine(vals, combine_weights), f32)
+    slot_ref[rows, :] = tile(slots, i32)
+    gid_ref[rows, :] = tile(gids + [worst] * (COLS - len(gids)), i32)  # last: worst
 
   ints = jax.ShapeDtypeStruct((T, COLS), i32)
   out = plgpu.kernel(
       kernel,
       out_type=(ints, jax.ShapeDtypeStruct((T, COLS), f32), ints, ints),
-      grid=(1,), grid_names=("one",),
+      grid=(1,), grid_names=("one",), num_threads=W, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-      scratch_types=[plgpu.SMEM((ROWS, E), bf16, transforms=transforms),
-                     plgpu.SMEM((ROWS, ROWS), bf16, transforms=transforms),
-                     plgpu.SMEM((ROWS, ROWS), bf16, transforms=transforms)],
+      scratch_types=[plgpu.SMEM((W, ROWS, E), bf16, transforms=transforms),
+                     plgpu.SMEM((W, ROWS, ROWS), bf16, transforms=transforms),
+                     plgpu.SMEM((W, ROWS, ROWS), bf16, transforms=transforms),
+                     plgpu.SMEM((W, ROWS, E), bf16),
+                     plgpu.Barrier(num_arrivals=W)],
   )(logits.astype(jnp.float32))
   ids8, w8, slot8, gid8 = out
   return RouteSlots(expert_ids=ids8[:, :K], weights=w8[:, :K],

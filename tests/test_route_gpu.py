@@ -92,7 +92,7 @@ def test_reference_equals_float64(rng, router, combine):
     ("moe", "raw", 192, 64, None),            # top-K over one group, three chunks
     ("moe", "softmax", 128, 64, 5)])
 def test_kernel_in_the_gpu_interpreter_matches_numpy(rng, router, combine, T, E, skew):
-  """Ranks carried across chunks (the second chunk's first token counts the first chunk's
+  """Ranks carried across chunks (each warpgroup's first token counts the earlier chunks'
   pairs), overflow found (and the clipped slots as the reference clips them)."""
   kw = dict(MOHGE if router == "mohge" else MOE)
   G = kw["num_groups"]
@@ -112,7 +112,9 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
             jax.ShapeDtypeStruct((256, G + E), jnp.float32)).lower(
                 lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-  for T, E, kw, match in ((100, 64, MOHGE, "multiple of 64"), (128, 96, MOE, "experts must"),
+  for T, E, kw, match in ((100, 64, MOHGE, "multiple of 64 up to 256"),
+                          (320, 64, MOHGE, "multiple of 64 up to 256"),
+                          (128, 96, MOE, "experts must be 64 or 128"),
                           (128, 64, dict(MOE, top_k=9), "top_k must be"),
                           (128, 64, dict(MOHGE, num_groups=4), "needs 8 groups")):
     with pytest.raises(ValueError, match=match):
