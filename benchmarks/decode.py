@@ -47,6 +47,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -286,7 +287,8 @@ def _profile(decode, args, logdir: str | None, name: str, new_tokens: int,
   if not logdir:
     return []
   from benchmarks import profile_summary as ps
-  trace = ps.load_trace(ps.capture(decode, *args, logdir=os.path.join(logdir, name),
+  folder = re.sub(r"[^\w.+-]", "_", name)   # a tuned label's brackets would glob
+  trace = ps.load_trace(ps.capture(decode, *args, logdir=os.path.join(logdir, folder),
                                    warmup=0, steps=1))
   tot = ps.totals(trace, steps=new_tokens)
   out, hlo = [], ps.hlo_op_names(decode.as_text())  # the GPU's events lack the name stack

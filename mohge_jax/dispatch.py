@@ -503,9 +503,11 @@ class StackedExperts:
 
   @property
   def route(self) -> str:
-    """'kernel' (`pallas_kernels.route_gpu`: the layer's routing and slot assignment in one
-    launch, where its shapes fit) or 'xla' (the routing functions and `_capacity_slots`)."""
-    return dict(self.tuning).get("route", "kernel")
+    """'xla' (the default: the routing functions and `_capacity_slots`) or 'kernel'
+    (`pallas_kernels.route_gpu`: the layer's routing and slot assignment in one launch,
+    where its shapes fit; on the H200 still slower than XLA's ~20 launches, 30 us a
+    MoHGE-3B layer at batch 256, benchmarks/notes_generate.md, eleventh session)."""
+    return dict(self.tuning).get("route", "xla")
 
   @property
   def tile_rows(self) -> int:
@@ -542,13 +544,13 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   """`StackedExperts` of one layer's per-group weights (in the compute dtype, bf16).
   tuning: `pallas_kernels.gpu.Config` fields over DECODE_KERNEL_TUNING (interpret=True
   runs the kernels in the Pallas interpreter, for tests on CPU), kernel="slot" (the
-  default) or "hgmm" (`StackedExperts.kernel`) and route="kernel" (the default) or "xla"
+  default) or "hgmm" (`StackedExperts.kernel`) and route="xla" (the default) or "kernel"
   (`StackedExperts.route`)."""
   from pallas_kernels import gpu
   tuning = {**DECODE_KERNEL_TUNING, **tuning}
   if tuning.get("kernel", "slot") not in ("slot", "hgmm"):
     raise ValueError(f"stack_experts: kernel={tuning['kernel']!r}: must be 'slot' or 'hgmm'")
-  if tuning.get("route", "kernel") not in ("kernel", "xla"):
+  if tuning.get("route", "xla") not in ("kernel", "xla"):
     raise ValueError(f"stack_experts: route={tuning['route']!r}: must be 'kernel' or 'xla'")
   cfg = gpu.Config(**{k: v for k, v in tuning.items() if k not in _NOT_CONFIG})
   reason = gpu.unsupported_reason([w.shape[1] for w in w_down], w_down[0].shape[2], cfg)
