@@ -111,16 +111,17 @@ class RoutedFFN(nnx.Module):
     experts' backend for this call (None: model.expert_backend), or "all_experts" /
     "capacity" (`all_experts`, `capacity_experts`: for decoding; not under expert
     parallelism); with "capacity", `stacked` (this layer's `dispatch.stack_experts`) runs
-    the slot block through the Mosaic GPU kernels."""
+    the slot block through the Mosaic GPU kernels (and with stacked.route="kernel" the
+    routing too, `_decode_with_route_kernel`: aux then holds the routing alone)."""
     B, L, D = x_BxLxD.shape
     x_TxD = x_BxLxD.reshape(B * L, D)
     if backend == "capacity" and stacked is not None and forced is None:
       fused = self._decode_with_route_kernel(x_TxD, stacked)
-      if fused is not None:
-        y_TxD, aux = fused
+      if fused is not None:   # routing only, no loss terms (decoding)
+        y_TxD, rs = fused
         return y_TxD.astype(self.dtype).reshape(B, L, D), {
-            "expert_ids": aux.expert_ids.reshape(B, L, -1),
-            "group_ids": aux.group_ids.reshape(B, L, -1)}
+            "expert_ids": rs.expert_ids.reshape(B, L, -1),
+            "group_ids": rs.group_ids.reshape(B, L, -1)}
     with jax.named_scope("router"):  # (named scopes: profiles group kernels by them)
       r, aux = self.route(x_TxD, forced)
     aux["expert_ids"] = r.expert_ids.reshape(B, L, -1)
