@@ -3,7 +3,7 @@ XLA's two latent-cache products (its jitted `reference`, what `attention.MLA.dec
 one layer at MoHGE-3B's shapes (16 heads, latent 512 + rope 64), on one GPU.
 
     python -m benchmarks.mla_decode [--batches 256,32,1] [--slots 576] [--layers 16]
-        [--splits auto,1] [--variants pad8,pad8late,pad0late] [--reps 20] [--out FILE.json]
+        [--splits auto,1] [--variants wgmma,pad8,pad8late,pad0late] [--reps 20] [--out FILE.json]
 
 Per batch: random inputs with every slot visible; the kernel's error against the reference
 in the same run (relative, bf16 outputs), then the median time of --reps calls of each,
@@ -13,10 +13,11 @@ Each timed call runs --layers layers (each its own cache, as a decode step does)
 jitted program and the time is reported per layer: a call of one layer is mostly the
 host's dispatch (~0.07 ms on the H200, seventh session), as long as the layer itself.
 --splits: the kernel's CTAs a row (auto: `mla_decode_gpu.default_splits`), a row each;
---variants: the kernel's SMEM row padding and copy issue, a row each: pad8 (the default:
-rows padded against bank conflicts, a step's copy issued when the step before starts),
-pad8late (the copy issued after the step before's scores), pad0late (the unpadded layout
-of the first measurement).
+--variants, a row each: wgmma (the default kernel: both products on the warpgroup MMA,
+transposed, operands from SMEM), and the warp-level MMA form's SMEM row padding and copy
+issue: pad8 (rows padded against bank conflicts, a step's copy issued when the step before
+starts), pad8late (the copy issued after the step before's scores), pad0late (the unpadded
+layout of the first measurement).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
   ap.add_argument("--slots", type=int, default=576)
   ap.add_argument("--layers", type=int, default=16)
   ap.add_argument("--splits", default="auto,1")
-  ap.add_argument("--variants", default="pad8,pad8late,pad0late")
+  ap.add_argument("--variants", default="wgmma,pad8")
   ap.add_argument("--reps", type=int, default=20)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
@@ -81,12 +82,14 @@ def main(argv=None) -> int:
                 for sp in reversed(args.splits.split(","))}  # each count once, first name
     for (splits, sp), var in ((k, v) for k in reversed(resolved.items())
                               for v in args.variants.split(",")):
-      pad, early = int(var[3]), not var.endswith("late")
+      impl = "wgmma" if var == "wgmma" else "mma"
+      pad, early = ((mdk.ROW_PAD, True) if impl == "wgmma"
+                    else (int(var[3]), not var.endswith("late")))
       row = {"batch": B, "slots": S, "splits": splits, "splits_arg": sp, "variant": var,
-             "row_pad": pad, "early_fetch": early, "layers_per_call": L}
+             "impl": impl, "row_pad": pad, "early_fetch": early, "layers_per_call": L}
       try:
         kern = functools.partial(mdk.mla_decode, scale=scale, splits=splits, row_pad=pad,
-                                 early_fetch=early)
+                                 early_fetch=early, impl=impl)
         want = np.asarray(ref(*one, scale), np.float32)
         got = np.asarray(kern(*one), np.float32)
         row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))

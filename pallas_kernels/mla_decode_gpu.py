@@ -125,18 +125,23 @@ def mma(acc, a, b, interpret: bool):
   return plgpu.mma(acc, a, b)
 
 
+IMPLS = ("wgmma", "mma")
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "splits", "interpret", "row_pad",
-                                             "early_fetch"))
+                                             "early_fetch", "impl"))
 def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B, *,
                scale: float, splits: int | None = None, interpret: bool = False,
-               row_pad: int = ROW_PAD, early_fetch: bool = True):
+               row_pad: int = ROW_PAD, early_fetch: bool = True, impl: str = "wgmma"):
   """o_lat [B, H, C] (see the module docstring); lengths_B: visible slots per row (>= 1);
   splits: CTAs a row (None: `default_splits`). interpret: run in the GPU interpreter (on
   CPU; the MMAs as dots), to test everything but the MMA instruction itself. row_pad: 8
   (the latent's SMEM rows padded against bank conflicts) or 0 (unpadded, for comparison).
   early_fetch: the copy of step t+buffers-1 is issued when step t starts (after a
   warpgroup barrier), so it has the whole step to land; False: after the step's scores (the
-  first version: half a step)."""
+  first version: half a step). impl: "wgmma" (the default: `_mla_decode_wgmma`, the
+  products transposed on the warpgroup MMA, operands straight from SMEM) or "mma" (the
+  warp-level MMA form above; row_pad and early_fetch apply to it only)."""
   B, H, C = q_lat_BxHxC.shape
   S, R = latent_BxSxC.shape[1], k_rope_BxSxR.shape[2]
   dt = latent_BxSxC.dtype
@@ -147,6 +152,11 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
   if not 1 <= J <= S // SLOTS:
     raise ValueError(f"mla_decode kernel: splits must be 1..{S // SLOTS} (steps of {SLOTS} "
                      f"slots in {S}), got {J}")
+  if impl not in IMPLS:
+    raise ValueError(f"mla_decode kernel: impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "wgmma":
+    return _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR,
+                             lengths_B, scale=scale, J=J, interpret=interpret)
   if row_pad not in (0, 8):
     raise ValueError(f"mla_decode kernel: row_pad must be 0 or 8, got {row_pad}")
   per_split = -(-(S // SLOTS) // J)  # steps a split
@@ -268,3 +278,141 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
     return out
   o_parts, lse_parts = out
   return combine_splits(o_parts, lse_parts[..., 0], dt)
+
+
+def _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B, *,
+                      scale: float, J: int, interpret: bool):
+  """`mla_decode` on the warpgroup MMA (wgmma), both products transposed so that the 16
+  heads are the N dimension (wgmma takes N = 16; M is 64 rows, which 16 heads would pad
+  4x) and every operand is read from SMEM by the tensor cores, with no register loads:
+
+      scores^T [64 slots, H] = latent block [64, C] @ q_lat^T [C, H] + k_rope block @ q_rope^T
+      o^T [C, H] += latent block^T [C, 64] @ P^T [64, H]      (A read transposed from SMEM)
+
+  The per-head softmax statistics are column reductions of scores^T: the running max is
+  reduced across the warpgroup each step (the rescale of o^T must agree in every warp);
+  the running sum stays an elementwise [64, H] accumulator, reduced once at the end. P is
+  stored transposed into SMEM ([H, 64], K-major for the PV product). A step's latent and
+  rope blocks come by TMA into a ring of 2 (2 x 72 KB of SMEM; the copy of step t+1 is
+  issued when step t starts, once step t-1's products are done with its slot). The
+  output o [H, C] goes out through SMEM (the query's buffer, free by then) and TMA;
+  with splits, the float32 partial o^T [C, H] and log2-sum-exp2 go to GMEM directly."""
+  B, H, C = q_lat_BxHxC.shape
+  S, R = latent_BxSxC.shape[1], k_rope_BxSxR.shape[2]
+  dt = latent_BxSxC.dtype
+  f32 = jnp.float32
+  per_split = -(-(S // SLOTS) // J)  # steps a split
+  buffers = 2
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  wg = plgpu.Layout.WGMMA
+  col = wg.reduce(0)  # a per-head vector (a column of an [rows, H] tile)
+  log2e = math.log2(math.e)
+  T = lambda ref: ref.transpose((1, 0))  # noqa: E731
+
+  def across(v_H, rows):  # a per-head vector as an [rows, H] WGMMA-layout tile
+    return lax.broadcast_in_dim(v_H, (rows, H), (1,))
+
+  def kernel(ql_ref, qr_ref, lat_ref, kr_ref, len_ref, *refs):
+    o_ref, lse_ref = refs[:2] if J > 1 else (refs[0], None)
+    q_smem, qr_smem, lat_smem, kr_smem, p_smem, bars, q_bar = refs[-7:]
+    b, j = lax.axis_index("b"), lax.axis_index("split")
+    visible = jnp.minimum(len_ref[b], S)  # slots 0..visible-1 of this row's cache
+    first = j * per_split  # this split's steps: first .. first+count-1
+    count = jnp.clip((visible + SLOTS - 1) // SLOTS - first, 0, per_split)
+
+    def fetch(t):  # step first+t's blocks into ring slot t % buffers
+      slots, buf = pl.ds((first + t) * SLOTS, SLOTS), t % buffers
+      plgpu.copy_gmem_to_smem(lat_ref.at[b, slots], lat_smem.at[buf], bars.at[buf])
+      plgpu.copy_gmem_to_smem(kr_ref.at[b, slots], kr_smem.at[buf], bars.at[buf])
+
+    plgpu.copy_gmem_to_smem(ql_ref.at[b], q_smem, q_bar)
+    plgpu.copy_gmem_to_smem(qr_ref.at[b], qr_smem, q_bar)
+
+    @pl.when(count > 0)
+    def _():
+      fetch(0)
+
+    plgpu.barrier_wait(q_bar)
+
+    def step(t, carry):
+      oT, m_run, l_acc = carry
+      buf = t % buffers
+      plgpu.commit_smem()  # a warpgroup barrier: every warp is past step t-1's products
+
+      @pl.when(t + 1 < count)  # into the other slot, which step t-1's products read
+      def _():
+        fetch(t + 1)
+
+      plgpu.barrier_wait(bars.at[buf])
+      lat, kr = lat_smem.at[buf], kr_smem.at[buf]
+      if interpret:  # the interpreter has no accumulators to read back: dots
+        sT = (jnp.dot(lat[...], q_smem[...].T, preferred_element_type=f32)
+              + jnp.dot(kr[...], qr_smem[...].T, preferred_element_type=f32))
+      else:
+        def scores(acc):
+          plgpu.wgmma(acc, lat, T(q_smem))
+          plgpu.wgmma(acc, kr, T(qr_smem))
+          return acc[...]
+        sT = pl.run_scoped(scores, plgpu.ACC((SLOTS, H), f32))
+      slot = plgpu.broadcasted_iota(jnp.int32, (SLOTS, H), 0, layout=wg) + (first + t) * SLOTS
+      sT = jnp.where(slot < visible, sT * (scale * log2e), -jnp.inf)  # base 2 from here
+      m_new = jnp.maximum(m_run, sT.max(axis=0))
+      m_safe = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
+      alpha = jnp.exp2(m_run - m_safe)
+      pT = jnp.exp2(sT - across(m_safe, SLOTS))
+      l_acc = l_acc * across(alpha, SLOTS) + pT
+      oT = oT * across(alpha, C)
+      if interpret:
+        p_smem[...] = pT.astype(dt).T
+        oT = oT + jnp.dot(lat[...].T, p_smem[...].T.astype(f32).astype(dt),
+                          preferred_element_type=f32)
+      else:
+        T(p_smem)[...] = pT.astype(dt)  # P [H, 64]: the K-major B operand of P x latent
+        plgpu.commit_smem()
+
+        def pv(acc):
+          plgpu.wgmma(acc, T(lat), T(p_smem))
+        oT = pl.run_state(pv)(plgpu.ACC.init(oT))
+      return oT, m_new, l_acc
+
+    init = (plgpu.layout_cast(jnp.zeros((C, H), f32), wg),
+            plgpu.layout_cast(jnp.full((H,), -jnp.inf, f32), col),
+            plgpu.layout_cast(jnp.zeros((SLOTS, H), f32), wg))
+    oT, m_run, l_acc = lax.fori_loop(0, count, step, init)
+    l_run = l_acc.sum(axis=0)
+    oT = oT * across(1.0 / jnp.maximum(l_run, 1e-30), C)  # a split with no slot: o = 0
+    if J == 1:  # o [H, C] through the query's SMEM (its last reader, step count-1, is done)
+      if interpret:
+        q_smem[...] = oT.astype(dt).T
+      else:
+        T(q_smem)[...] = oT.astype(dt)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b])
+      plgpu.wait_smem_to_gmem(0)
+    else:
+      o_ref[b, j] = oT
+      lse_ref[b, j] = across(m_run + jnp.log2(l_run), SLOTS)  # row 0 read
+
+  if J == 1:
+    out_type = jax.ShapeDtypeStruct((B, H, C), dt)
+  else:
+    out_type = (jax.ShapeDtypeStruct((B, J, C, H), f32),
+                jax.ShapeDtypeStruct((B, J, SLOTS, H), f32))
+  out = plgpu.kernel(
+      kernel,
+      out_type=out_type,
+      grid=(B, J), grid_names=("b", "split"),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      scratch_types=[plgpu.SMEM((H, C), dt, transforms=transforms),
+                     plgpu.SMEM((H, R), dt, transforms=transforms),
+                     plgpu.SMEM((buffers, SLOTS, C), dt, transforms=transforms),
+                     plgpu.SMEM((buffers, SLOTS, R), dt, transforms=transforms),
+                     plgpu.SMEM((H, SLOTS), dt, transforms=transforms),
+                     plgpu.Barrier(num_arrivals=2, num_barriers=buffers),
+                     plgpu.Barrier(num_arrivals=2)],
+  )(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B.astype(jnp.int32))
+  if J == 1:
+    return out
+  oT_parts, lse_parts = out
+  return combine_splits(jnp.swapaxes(oT_parts, 2, 3), lse_parts[:, :, 0], dt)

@@ -2,6 +2,8 @@
 against float64 numpy, the kernel in the GPU interpreter (MMAs as dots) against the
 reference and its CUDA lowering here; the kernel against the reference on a Hopper GPU
 (skipped without one)."""
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,19 +64,21 @@ def test_splits_combine_to_the_whole_softmax(rng):
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("B,splits,row_pad,early", [(3, 1, 8, True), (3, 2, 0, False),
-                                                     (2, None, 8, False)])
-def test_kernel_in_the_gpu_interpreter_matches_reference(rng, B, splits, row_pad, early):
-  """Everything but the MMA instruction (the interpreter has none: a dot there): the ring
+@pytest.mark.parametrize("impl,B,splits,row_pad,early", [
+    ("wgmma", 3, 1, 8, True), ("wgmma", 3, 2, 8, True), ("wgmma", 2, None, 8, True),
+    ("mma", 3, 1, 8, True), ("mma", 3, 2, 0, False), ("mma", 2, None, 8, False)])
+def test_kernel_in_the_gpu_interpreter_matches_reference(rng, impl, B, splits, row_pad, early):
+  """Everything but the MMA instructions (the interpreter has none: dots there): the ring
   of TMA copies and its barriers, the steps a row and split walk, the masks of ragged
-  lengths (one row shorter than a step), the online softmax and the splits' combine; the
-  padded boxes (each 64-column chunk at its offset in its 72-column box) and unpadded; the
-  copies issued at a step's start or after its scores."""
+  lengths (one row shorter than a step), the online softmax (for wgmma along the columns
+  of the transposed scores) and the splits' combine; for mma the padded boxes (each
+  64-column chunk at its offset in its 72-column box) and unpadded, the copies issued at
+  a step's start or after its scores."""
   S = 64 * 5
   args = _inputs(rng, B, S)
   args = (*args[:4], args[4].at[-1].set(int(rng.integers(1, 64))))
   got = mdk.mla_decode(*args, scale=0.3, splits=splits, interpret=True, row_pad=row_pad,
-                       early_fetch=early)
+                       early_fetch=early, impl=impl)
   want = mdk.reference(*args, 0.3)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2  # bf16 P and output
@@ -85,12 +89,15 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
   args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((B, H, C), (B, H, R), (B, S, C),
                                                           (B, S, R))]
   args.append(jax.ShapeDtypeStruct((B,), jnp.int32))
-  for splits in (1, 2, None):  # one CTA a row; two (combined after); the default
-    text = jax.jit(lambda *a: mdk.mla_decode(*a, scale=0.1, splits=splits)).trace(
+  for splits, impl in itertools.product((1, 2, None), mdk.IMPLS):  # one CTA a row; two
+    text = jax.jit(lambda *a: mdk.mla_decode(  # (combined after); the default
+        *a, scale=0.1, splits=splits, impl=impl)).trace(
         *args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
   assert mdk.default_splits(256, 576) == 1 and mdk.default_splits(32, 576) == 5
   assert mdk.default_splits(1, 128) == 2  # at most one a step of 64 slots
+  with pytest.raises(ValueError, match="impl must be one of"):
+    mdk.mla_decode(*[jnp.zeros(a.shape, a.dtype) for a in args], scale=0.1, impl="wmma")
   with pytest.raises(ValueError, match="splits must be 1..2"):
     mdk.mla_decode(*[jnp.zeros(a.shape, a.dtype) for a in args], scale=0.1, splits=3)
   assert mdk.unsupported_reason(H, C, R, S, jnp.bfloat16) is None
@@ -105,13 +112,17 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
-@pytest.mark.parametrize("B,S,splits,row_pad,early", [
-    (2, 64, None, 8, True), (8, 576, None, 8, True), (8, 576, 1, 8, True),
-    (8, 576, 4, 8, True), (256, 576, None, 8, True), (8, 576, None, 0, False),
-    (8, 576, 2, 8, False)])
-def test_kernel_matches_reference_on_the_gpu(rng, B, S, splits, row_pad, early):
+@pytest.mark.parametrize("impl,B,S,splits,row_pad,early", [
+    ("wgmma", 2, 64, None, 8, True), ("wgmma", 8, 576, None, 8, True),
+    ("wgmma", 8, 576, 1, 8, True), ("wgmma", 8, 576, 4, 8, True),
+    ("wgmma", 256, 576, None, 8, True), ("wgmma", 256, 640, 1, 8, True),
+    ("mma", 2, 64, None, 8, True), ("mma", 8, 576, None, 8, True), ("mma", 8, 576, 1, 8, True),
+    ("mma", 8, 576, 4, 8, True), ("mma", 256, 576, None, 8, True),
+    ("mma", 8, 576, None, 0, False), ("mma", 8, 576, 2, 8, False)])
+def test_kernel_matches_reference_on_the_gpu(rng, impl, B, S, splits, row_pad, early):
   args = _inputs(rng, B, S)
-  got = mdk.mla_decode(*args, scale=0.3, splits=splits, row_pad=row_pad, early_fetch=early)
+  got = mdk.mla_decode(*args, scale=0.3, splits=splits, row_pad=row_pad, early_fetch=early,
+                       impl=impl)
   want = jax.jit(mdk.reference, static_argnums=5)(*args, 0.3)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.isfinite(got).all()
