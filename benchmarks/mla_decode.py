@@ -14,7 +14,8 @@ jitted program and the time is reported per layer: a call of one layer is mostly
 host's dispatch (~0.07 ms on the H200, seventh session), as long as the layer itself.
 --splits: the kernel's CTAs a row (auto: `mla_decode_gpu.default_splits`), a row each;
 --variants, a row each: wgmma (the default kernel: both products on the warpgroup MMA,
-transposed, operands from SMEM), and the warp-level MMA form's SMEM row padding and copy
+transposed, operands from SMEM; wgmmaN: its copy ring of N boxes of 8 KB; wgmma[N]-PART:
+a part skipped, `mla_decode(_ablate=PART)`: a wrong result, its time), and the warp-level MMA form's SMEM row padding and copy
 issue: pad8 (rows padded against bank conflicts, a step's copy issued when the step before
 starts), pad8late (the copy issued after the step before's scores), pad0late (the unpadded
 layout of the first measurement).
@@ -82,14 +83,17 @@ def main(argv=None) -> int:
                 for sp in reversed(args.splits.split(","))}  # each count once, first name
     for (splits, sp), var in ((k, v) for k in reversed(resolved.items())
                               for v in args.variants.split(",")):
-      impl = "wgmma" if var == "wgmma" else "mma"
+      impl = "wgmma" if var.startswith("wgmma") else "mma"
+      name, _, ablate = var.partition("-")
+      ring = int(name[5:]) if impl == "wgmma" and name[5:] else None
       pad, early = ((mdk.ROW_PAD, True) if impl == "wgmma"
                     else (int(var[3]), not var.endswith("late")))
       row = {"batch": B, "slots": S, "splits": splits, "splits_arg": sp, "variant": var,
-             "impl": impl, "row_pad": pad, "early_fetch": early, "layers_per_call": L}
+             "impl": impl, "ring": ring, "ablate": ablate, "row_pad": pad,
+             "early_fetch": early, "layers_per_call": L}
       try:
         kern = functools.partial(mdk.mla_decode, scale=scale, splits=splits, row_pad=pad,
-                                 early_fetch=early, impl=impl)
+                                 early_fetch=early, impl=impl, ring=ring, _ablate=ablate)
         want = np.asarray(ref(*one, scale), np.float32)
         got = np.asarray(kern(*one), np.float32)
         row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))

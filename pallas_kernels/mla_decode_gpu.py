@@ -66,6 +66,7 @@ CHUNK = 64    # contraction columns per MMA (scores), output columns per accumul
 ROW_PAD = 8   # extra bf16 columns per latent TMA box: its SMEM rows 144 bytes apart
 AUTO_MIN_BATCH = 32  # decode_attention=auto uses the kernel from this batch (measured faster)
 TARGET_CTAS = 132  # the H200's streaming multiprocessors (one CTA fits an SM)
+RING_BOXES = 18  # impl="wgmma": [64, 64] boxes (8 KB) of the copy ring: 2 steps, 144 KB
 
 
 def unsupported_reason(H: int, C: int, R: int, S: int, dtype) -> str | None:
@@ -129,10 +130,11 @@ IMPLS = ("wgmma", "mma")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "splits", "interpret", "row_pad",
-                                             "early_fetch", "impl"))
+                                             "early_fetch", "impl", "ring", "_ablate"))
 def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B, *,
                scale: float, splits: int | None = None, interpret: bool = False,
-               row_pad: int = ROW_PAD, early_fetch: bool = True, impl: str = "wgmma"):
+               row_pad: int = ROW_PAD, early_fetch: bool = True, impl: str = "wgmma",
+               ring: int | None = None, _ablate: str = ""):
   """o_lat [B, H, C] (see the module docstring); lengths_B: visible slots per row (>= 1);
   splits: CTAs a row (None: `default_splits`). interpret: run in the GPU interpreter (on
   CPU; the MMAs as dots), to test everything but the MMA instruction itself. row_pad: 8
@@ -141,7 +143,11 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
   warpgroup barrier), so it has the whole step to land; False: after the step's scores (the
   first version: half a step). impl: "wgmma" (the default: `_mla_decode_wgmma`, the
   products transposed on the warpgroup MMA, operands straight from SMEM) or "mma" (the
-  warp-level MMA form above; row_pad and early_fetch apply to it only)."""
+  warp-level MMA form above; row_pad and early_fetch apply to it only). ring: wgmma's
+  copy ring in boxes of 8 KB (None: RING_BOXES; at least a step's 9). _ablate (wgmma;
+  benchmarks only, a wrong result): "no_scores", "no_pv", "no_max" (the running max not
+  reduced across the warpgroup) or "no_compute" (the copies and their waits alone) skip
+  that part, to see what binds a step."""
   B, H, C = q_lat_BxHxC.shape
   S, R = latent_BxSxC.shape[1], k_rope_BxSxR.shape[2]
   dt = latent_BxSxC.dtype
@@ -154,9 +160,12 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
                      f"slots in {S}), got {J}")
   if impl not in IMPLS:
     raise ValueError(f"mla_decode kernel: impl must be one of {IMPLS}, got {impl!r}")
+  if _ablate not in ("", "no_scores", "no_pv", "no_max", "no_compute"):
+    raise ValueError(f"mla_decode kernel: unknown _ablate={_ablate!r}")
   if impl == "wgmma":
     return _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR,
-                             lengths_B, scale=scale, J=J, interpret=interpret)
+                             lengths_B, scale=scale, J=J, ring=ring, interpret=interpret,
+                             ablate=_ablate)
   if row_pad not in (0, 8):
     raise ValueError(f"mla_decode kernel: row_pad must be 0 or 8, got {row_pad}")
   per_split = -(-(S // SLOTS) // J)  # steps a split
@@ -281,7 +290,8 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
 
 
 def _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B, *,
-                      scale: float, J: int, interpret: bool):
+                      scale: float, J: int, ring: int | None, interpret: bool,
+                      ablate: str = ""):
   """`mla_decode` on the warpgroup MMA (wgmma), both products transposed so that the 16
   heads are the N dimension (wgmma takes N = 16; M is 64 rows, which 16 heads would pad
   4x) and every operand is read from SMEM by the tensor cores, with no register loads:
@@ -292,17 +302,29 @@ def _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, len
   The per-head softmax statistics are column reductions of scores^T: the running max is
   reduced across the warpgroup each step (the rescale of o^T must agree in every warp);
   the running sum stays an elementwise [64, H] accumulator, reduced once at the end. P is
-  stored transposed into SMEM ([H, 64], K-major for the PV product). A step's latent and
-  rope blocks come by TMA into a ring of 2 (2 x 72 KB of SMEM; the copy of step t+1 is
-  issued when step t starts, once step t-1's products are done with its slot). The
-  output o [H, C] goes out through SMEM (the query's buffer, free by then) and TMA;
-  with splits, the float32 partial o^T [C, H] and log2-sum-exp2 go to GMEM directly."""
+  stored transposed into SMEM ([H, 64], K-major for the PV product).
+
+  The copies: a step's blocks are 9 boxes of [64 slots, 64 columns] (8 KB: the latent's 8
+  column chunks and the rope key), each its own TMA copy and barrier, in a ring of `ring`
+  boxes (RING_BOXES = 18, two steps; up to 25 fit in SMEM). When step t starts, step t-1's
+  products are done with its 9 boxes, which take the next 9 boxes of this CTA's sequence,
+  and each box's product is issued as soon as it lands. What binds it (twelfth session,
+  benchmarks/notes_generate.md): the copies alone (`_ablate="no_compute"`) take ~90% of
+  the kernel's time and stream at ~55% of 4.8 TB/s whatever the ring (9, 18 or 24 boxes),
+  the order of a row's steps or the cache's layout (contiguous 8 KB tiles: no faster). o^T is 8 accumulators of [64, H], one a latent chunk (a box is the A operand of
+  its chunk's product). The output o [H, C] goes out through SMEM (the query's buffer, free
+  by then) and TMA; with splits, the float32 partial o^T [C, H] and log2-sum-exp2 go to GMEM
+  directly."""
   B, H, C = q_lat_BxHxC.shape
   S, R = latent_BxSxC.shape[1], k_rope_BxSxR.shape[2]
   dt = latent_BxSxC.dtype
   f32 = jnp.float32
   per_split = -(-(S // SLOTS) // J)  # steps a split
-  buffers = 2
+  chunks = C // CHUNK  # latent boxes a step
+  nbox = chunks + R // CHUNK  # boxes a step (the rope key's last)
+  ring = min(RING_BOXES if ring is None else ring, nbox * per_split)
+  if ring < nbox:
+    raise ValueError(f"mla_decode kernel: ring must hold a step's {nbox} boxes, got {ring}")
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   wg = plgpu.Layout.WGMMA
   col = wg.reduce(0)  # a per-head vector (a column of an [rows, H] tile)
@@ -314,83 +336,100 @@ def _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, len
 
   def kernel(ql_ref, qr_ref, lat_ref, kr_ref, len_ref, *refs):
     o_ref, lse_ref = refs[:2] if J > 1 else (refs[0], None)
-    q_smem, qr_smem, lat_smem, kr_smem, p_smem, bars, q_bar = refs[-7:]
+    q_smem, qr_smem, box_smem, p_smem, bars, q_bar = refs[-6:]
     b, j = lax.axis_index("b"), lax.axis_index("split")
     visible = jnp.minimum(len_ref[b], S)  # slots 0..visible-1 of this row's cache
     first = j * per_split  # this split's steps: first .. first+count-1
     count = jnp.clip((visible + SLOTS - 1) // SLOTS - first, 0, per_split)
 
-    def fetch(t):  # step first+t's blocks into ring slot t % buffers
-      slots, buf = pl.ds((first + t) * SLOTS, SLOTS), t % buffers
-      plgpu.copy_gmem_to_smem(lat_ref.at[b, slots], lat_smem.at[buf], bars.at[buf])
-      plgpu.copy_gmem_to_smem(kr_ref.at[b, slots], kr_smem.at[buf], bars.at[buf])
+    def fetch(t, c):  # box c of step first+t (t dynamic, c static) into its ring slot
+      slot = (nbox * t + c) % ring
+
+      @pl.when(t < count)
+      def _():
+        slots = pl.ds((first + t) * SLOTS, SLOTS)
+        src = (lat_ref.at[b, slots, pl.ds(c * CHUNK, CHUNK)] if c < chunks
+               else kr_ref.at[b, slots, pl.ds((c - chunks) * CHUNK, CHUNK)])
+        plgpu.copy_gmem_to_smem(src, box_smem.at[slot], bars.at[slot])
 
     plgpu.copy_gmem_to_smem(ql_ref.at[b], q_smem, q_bar)
     plgpu.copy_gmem_to_smem(qr_ref.at[b], qr_smem, q_bar)
-
-    @pl.when(count > 0)
-    def _():
-      fetch(0)
-
+    for g in range(ring - nbox):  # the ring's first boxes; the rest come in step 0
+      fetch(g // nbox, g % nbox)
     plgpu.barrier_wait(q_bar)
+    q_chunk = lambda c: (q_smem.at[:, pl.ds(c * CHUNK, CHUNK)] if c < chunks  # noqa: E731
+                         else qr_smem.at[:, pl.ds((c - chunks) * CHUNK, CHUNK)])
 
     def step(t, carry):
       oT, m_run, l_acc = carry
-      buf = t % buffers
       plgpu.commit_smem()  # a warpgroup barrier: every warp is past step t-1's products
-
-      @pl.when(t + 1 < count)  # into the other slot, which step t-1's products read
-      def _():
-        fetch(t + 1)
-
-      plgpu.barrier_wait(bars.at[buf])
-      lat, kr = lat_smem.at[buf], kr_smem.at[buf]
-      if interpret:  # the interpreter has no accumulators to read back: dots
-        sT = (jnp.dot(lat[...], q_smem[...].T, preferred_element_type=f32)
-              + jnp.dot(kr[...], qr_smem[...].T, preferred_element_type=f32))
+      for i in range(nbox):  # the boxes step t-1 freed take boxes ring-nbox.. ring-1 on
+        g = ring - nbox + i
+        fetch(t + g // nbox, g % nbox)
+      box = lambda c: box_smem.at[(nbox * t + c) % ring]  # noqa: E731
+      if ablate == "no_compute":
+        for c in range(nbox):
+          plgpu.barrier_wait(bars.at[(nbox * t + c) % ring])
+        return oT, m_run, l_acc
+      if ablate == "no_scores":
+        for c in range(nbox):
+          plgpu.barrier_wait(bars.at[(nbox * t + c) % ring])
+        sT = plgpu.layout_cast(jnp.zeros((SLOTS, H), f32), wg)
+      elif interpret:  # the interpreter has no accumulators to read back: dots
+        sT = jnp.zeros((SLOTS, H), f32)
+        for c in range(nbox):
+          plgpu.barrier_wait(bars.at[(nbox * t + c) % ring])
+          sT += jnp.dot(box(c)[...], q_chunk(c)[...].T, preferred_element_type=f32)
       else:
         def scores(acc):
-          plgpu.wgmma(acc, lat, T(q_smem))
-          plgpu.wgmma(acc, kr, T(qr_smem))
+          for c in range(nbox):  # each box's product issued as soon as it has landed
+            plgpu.barrier_wait(bars.at[(nbox * t + c) % ring])
+            plgpu.wgmma(acc, box(c), T(q_chunk(c)))
           return acc[...]
         sT = pl.run_scoped(scores, plgpu.ACC((SLOTS, H), f32))
       slot = plgpu.broadcasted_iota(jnp.int32, (SLOTS, H), 0, layout=wg) + (first + t) * SLOTS
       sT = jnp.where(slot < visible, sT * (scale * log2e), -jnp.inf)  # base 2 from here
-      m_new = jnp.maximum(m_run, sT.max(axis=0))
+      m_new = (jnp.maximum(m_run, sT.max(axis=0)) if ablate != "no_max"
+               else plgpu.layout_cast(jnp.zeros((H,), f32), col))
       m_safe = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
       alpha = jnp.exp2(m_run - m_safe)
       pT = jnp.exp2(sT - across(m_safe, SLOTS))
       l_acc = l_acc * across(alpha, SLOTS) + pT
-      oT = oT * across(alpha, C)
+      oT = tuple(o * across(alpha, CHUNK) for o in oT)
       if interpret:
         p_smem[...] = pT.astype(dt).T
-        oT = oT + jnp.dot(lat[...].T, p_smem[...].T.astype(f32).astype(dt),
-                          preferred_element_type=f32)
-      else:
+        oT = tuple(o + jnp.dot(box(c)[...].T, p_smem[...].T, preferred_element_type=f32)
+                   for c, o in enumerate(oT))
+      elif ablate != "no_pv":
         T(p_smem)[...] = pT.astype(dt)  # P [H, 64]: the K-major B operand of P x latent
         plgpu.commit_smem()
 
-        def pv(acc):
-          plgpu.wgmma(acc, T(lat), T(p_smem))
-        oT = pl.run_state(pv)(plgpu.ACC.init(oT))
+        def pv(accs):
+          for c, acc in enumerate(accs):
+            plgpu.wgmma(acc, T(box(c)), T(p_smem))
+        oT = pl.run_state(pv)(tuple(plgpu.ACC.init(o) for o in oT))
       return oT, m_new, l_acc
 
-    init = (plgpu.layout_cast(jnp.zeros((C, H), f32), wg),
+    init = (tuple(plgpu.layout_cast(jnp.zeros((CHUNK, H), f32), wg) for _ in range(chunks)),
             plgpu.layout_cast(jnp.full((H,), -jnp.inf, f32), col),
             plgpu.layout_cast(jnp.zeros((SLOTS, H), f32), wg))
     oT, m_run, l_acc = lax.fori_loop(0, count, step, init)
     l_run = l_acc.sum(axis=0)
-    oT = oT * across(1.0 / jnp.maximum(l_run, 1e-30), C)  # a split with no slot: o = 0
-    if J == 1:  # o [H, C] through the query's SMEM (its last reader, step count-1, is done)
-      if interpret:
-        q_smem[...] = oT.astype(dt).T
+    inv = across(1.0 / jnp.maximum(l_run, 1e-30), CHUNK)  # a split with no slot: o = 0
+    for c, o in enumerate(oT):
+      cols = pl.ds(c * CHUNK, CHUNK)
+      if J == 1:  # o [H, C] through the query's SMEM (its last reader, step count-1, is done)
+        if interpret:
+          q_smem[:, cols] = (o * inv).astype(dt).T
+        else:
+          T(q_smem.at[:, cols])[...] = (o * inv).astype(dt)
       else:
-        T(q_smem)[...] = oT.astype(dt)
+        o_ref[b, j, cols, :] = o * inv
+    if J == 1:
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, o_ref.at[b])
       plgpu.wait_smem_to_gmem(0)
     else:
-      o_ref[b, j] = oT
       lse_ref[b, j] = across(m_run + jnp.log2(l_run), SLOTS)  # row 0 read
 
   if J == 1:
@@ -406,10 +445,9 @@ def _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, len
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       scratch_types=[plgpu.SMEM((H, C), dt, transforms=transforms),
                      plgpu.SMEM((H, R), dt, transforms=transforms),
-                     plgpu.SMEM((buffers, SLOTS, C), dt, transforms=transforms),
-                     plgpu.SMEM((buffers, SLOTS, R), dt, transforms=transforms),
+                     plgpu.SMEM((ring, SLOTS, CHUNK), dt, transforms=transforms),
                      plgpu.SMEM((H, SLOTS), dt, transforms=transforms),
-                     plgpu.Barrier(num_arrivals=2, num_barriers=buffers),
+                     plgpu.Barrier(num_barriers=ring),
                      plgpu.Barrier(num_arrivals=2)],
   )(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B.astype(jnp.int32))
   if J == 1:

@@ -64,21 +64,24 @@ def test_splits_combine_to_the_whole_softmax(rng):
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("impl,B,splits,row_pad,early", [
-    ("wgmma", 3, 1, 8, True), ("wgmma", 3, 2, 8, True), ("wgmma", 2, None, 8, True),
-    ("mma", 3, 1, 8, True), ("mma", 3, 2, 0, False), ("mma", 2, None, 8, False)])
-def test_kernel_in_the_gpu_interpreter_matches_reference(rng, impl, B, splits, row_pad, early):
+@pytest.mark.parametrize("impl,B,splits,row_pad,early,ring", [
+    ("wgmma", 3, 1, 8, True, None), ("wgmma", 3, 2, 8, True, 13), ("wgmma", 2, None, 8, True, 9),
+    ("wgmma", 2, 1, 8, True, 20),
+    ("mma", 3, 1, 8, True, None), ("mma", 3, 2, 0, False, None), ("mma", 2, None, 8, False, None)])
+def test_kernel_in_the_gpu_interpreter_matches_reference(rng, impl, B, splits, row_pad, early,
+                                                         ring):
   """Everything but the MMA instructions (the interpreter has none: dots there): the ring
   of TMA copies and its barriers, the steps a row and split walk, the masks of ragged
   lengths (one row shorter than a step), the online softmax (for wgmma along the columns
-  of the transposed scores) and the splits' combine; for mma the padded boxes (each
+  of the transposed scores) and the splits' combine; for wgmma rings of boxes that hold
+  one step, a step and a part, and more than two steps; for mma the padded boxes (each
   64-column chunk at its offset in its 72-column box) and unpadded, the copies issued at
   a step's start or after its scores."""
   S = 64 * 5
   args = _inputs(rng, B, S)
   args = (*args[:4], args[4].at[-1].set(int(rng.integers(1, 64))))
   got = mdk.mla_decode(*args, scale=0.3, splits=splits, interpret=True, row_pad=row_pad,
-                       early_fetch=early, impl=impl)
+                       early_fetch=early, impl=impl, ring=ring)
   want = mdk.reference(*args, 0.3)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2  # bf16 P and output
@@ -96,6 +99,8 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
     assert "mosaic_gpu" in text
   assert mdk.default_splits(256, 576) == 1 and mdk.default_splits(32, 576) == 5
   assert mdk.default_splits(1, 128) == 2  # at most one a step of 64 slots
+  with pytest.raises(ValueError, match="ring must hold a step.s 9 boxes"):
+    mdk.mla_decode(*[jnp.zeros(a.shape, a.dtype) for a in args], scale=0.1, ring=8)
   with pytest.raises(ValueError, match="impl must be one of"):
     mdk.mla_decode(*[jnp.zeros(a.shape, a.dtype) for a in args], scale=0.1, impl="wmma")
   with pytest.raises(ValueError, match="splits must be 1..2"):
@@ -116,13 +121,14 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
     ("wgmma", 2, 64, None, 8, True), ("wgmma", 8, 576, None, 8, True),
     ("wgmma", 8, 576, 1, 8, True), ("wgmma", 8, 576, 4, 8, True),
     ("wgmma", 256, 576, None, 8, True), ("wgmma", 256, 640, 1, 8, True),
+    ("wgmma", 8, 576, 2, 8, False),  # (early=False: the ring of 13 boxes, below)
     ("mma", 2, 64, None, 8, True), ("mma", 8, 576, None, 8, True), ("mma", 8, 576, 1, 8, True),
     ("mma", 8, 576, 4, 8, True), ("mma", 256, 576, None, 8, True),
     ("mma", 8, 576, None, 0, False), ("mma", 8, 576, 2, 8, False)])
 def test_kernel_matches_reference_on_the_gpu(rng, impl, B, S, splits, row_pad, early):
   args = _inputs(rng, B, S)
   got = mdk.mla_decode(*args, scale=0.3, splits=splits, row_pad=row_pad, early_fetch=early,
-                       impl=impl)
+                       impl=impl, ring=None if early or impl == "mma" else 13)
   want = jax.jit(mdk.reference, static_argnums=5)(*args, 0.3)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.isfinite(got).all()
