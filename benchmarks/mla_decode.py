@@ -16,9 +16,9 @@ host's dispatch (~0.07 ms on the H200, seventh session), as long as the layer it
 --variants, a row each: wgmma (the default kernel: both products on the warpgroup MMA,
 transposed, operands from SMEM; wgmmaN: its copy ring of N boxes of 8 KB; wgmma[N]-PART:
 a part skipped, `mla_decode(_ablate=PART)`: a wrong result, its time), and the warp-level
-MMA form's SMEM row padding and copy issue: pad8 (rows padded against bank conflicts, a step's copy issued when the step before
-starts), pad8late (the copy issued after the step before's scores), pad0late (the unpadded
-layout of the first measurement).
+MMA form's SMEM row padding and copy issue: pad8 (rows padded against bank conflicts, a
+step's copy issued when the step before starts), pad8late (the copy issued after the step
+before's scores), pad0late (the unpadded layout of the first measurement).
 """
 from __future__ import annotations
 
