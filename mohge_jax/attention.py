@@ -121,6 +121,11 @@ class MLA(nnx.Module):
 
   def queries(self, x_BxLxD, positions_BxL, cq_BxLxQ=None) -> jax.Array:
     """Per-head queries [B, L, H, P+R]: [q_nope; RoPE(q_rope)] (from c_q when given)."""
+    return jnp.concatenate(self._query_parts(x_BxLxD, positions_BxL, cq_BxLxQ), axis=-1)
+
+  def _query_parts(self, x_BxLxD, positions_BxL, cq_BxLxQ=None) -> tuple[jax.Array, jax.Array]:
+    """(q_nope [B, L, H, P], RoPE(q_rope) [B, L, H, R]): the queries apart, for decoding,
+    which uses them apart."""
     m = self.m
     B, L, _ = x_BxLxD.shape
     H, P, R = m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim
@@ -130,8 +135,7 @@ class MLA(nnx.Module):
     else:
       q = self._mm(x_BxLxD, self.w_q)
     q_BxLxHxPR = q.reshape(B, L, H, P + R)
-    q_rope = apply_rope(q_BxLxHxPR[..., P:], positions_BxL, self.inv_freq)
-    return jnp.concatenate([q_BxLxHxPR[..., :P], q_rope], axis=-1)
+    return q_BxLxHxPR[..., :P], apply_rope(q_BxLxHxPR[..., P:], positions_BxL, self.inv_freq)
 
   def latent(self, x_BxLxD, positions_BxL) -> tuple[jax.Array, jax.Array]:
     """What the KV cache holds per position: the normed latent c_kv [B, L, C] and the
@@ -149,6 +153,55 @@ class MLA(nnx.Module):
     w_CxHxPV = self.w_ukv[...].astype(self.dtype).reshape(
         m.kv_lora_rank, m.num_heads, m.qk_nope_head_dim + m.v_head_dim)
     return w_CxHxPV[..., :m.qk_nope_head_dim], w_CxHxPV[..., m.qk_nope_head_dim:]
+
+  def decode_weights(self) -> "MLADecodeWeights":
+    """The projections `decode(prepared=)` reads, laid out for it once (see
+    `MLADecodeWeights`), in the compute dtype."""
+    m = self.m
+    H, P, R, V, C = (m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim,
+                     m.kv_lora_rank)
+    cast = lambda w: w[...].astype(self.dtype)  # noqa: E731
+
+    def nope_rope(w_NxHPR):  # columns per head [P; R] -> [every head's P | every head's R]
+      w_NxHxPR = w_NxHPR.reshape(-1, H, P + R)
+      return w_NxHxPR[..., :P].reshape(-1, H * P), w_NxHxPR[..., P:].reshape(-1, H * R)
+
+    if m.q_lora_rank:  # x -> [c_q | c_kv | k_rope]; c_q -> [q_nope | q_rope]
+      w_in, w_uq = cast(self.w_dq), jnp.concatenate(nope_rope(cast(self.w_uq)), axis=1)
+    else:  # x -> [q_nope | q_rope | c_kv | k_rope]
+      w_in, w_uq = jnp.concatenate(nope_rope(cast(self.w_q)), axis=1), None
+    w_in = jnp.concatenate([w_in, cast(self.w_dkv)], axis=1)
+    w_CxHxPV = cast(self.w_ukv).reshape(C, H, P + V)
+    return MLADecodeWeights(w_in, w_uq, jnp.transpose(w_CxHxPV[..., :P], (1, 2, 0)),
+                            jnp.transpose(w_CxHxPV[..., P:], (1, 0, 2)), cast(self.w_o))
+
+  def _decode_inputs(self, x_Bx1xD, pos_Bx1, prepared: "MLADecodeWeights | None"):
+    """One token per row -> (c_q [B, 1, Q] or None, q_nope [B, H, P], RoPE(q_rope)
+    [B, H, R], the token's cache entry MLACache [B, 1, ...]), from the module's weights or
+    from `prepared`: one GEMM for the query (or c_q) and the latent, its columns split."""
+    if prepared is None:
+      cq_Bx1xQ = self.query_latent(x_Bx1xD)
+      q_nope_Bx1xHxP, q_rope_Bx1xHxR = self._query_parts(x_Bx1xD, pos_Bx1, cq_Bx1xQ)
+      return (cq_Bx1xQ, q_nope_Bx1xHxP[:, 0], q_rope_Bx1xHxR[:, 0],
+              MLACache(*self.latent(x_Bx1xD, pos_Bx1)))
+    m = self.m
+    B = x_Bx1xD.shape[0]
+    H, P, R, C, Q = (m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank,
+                     m.q_lora_rank)
+    y_BxN = jnp.dot(x_Bx1xD[:, 0], prepared.w_in)  # [q (or c_q) | c_kv | k_rope]
+    N = y_BxN.shape[1]
+    cq_Bx1xQ = None
+    if Q:
+      cq_BxQ = self.q_norm(y_BxN[:, :Q])
+      cq_Bx1xQ, q_BxHPR = cq_BxQ[:, None], jnp.dot(cq_BxQ, prepared.w_uq)
+    else:
+      q_BxHPR = y_BxN[:, :H * (P + R)]
+    rope = lambda a_BxJxR: apply_rope(a_BxJxR[:, None], pos_Bx1, self.inv_freq)[:, 0]  # noqa: E731
+    q_rope_BxHxR = rope(q_BxHPR[:, H * P:].reshape(B, H, R))
+    k_rope_BxR = rope(y_BxN[:, None, N - R:])[:, 0]
+    c_BxC = self.kv_norm(y_BxN[:, N - R - C:N - R])
+    return (cq_Bx1xQ, q_BxHPR[:, :H * P].reshape(B, H, P), q_rope_BxHxR,
+            MLACache(c_BxC[:, None], k_rope_BxR[:, None]))
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, *, return_latent=False):
     """Causal self-attention over the L positions -> (output, aux). Dense: keys and values
@@ -215,8 +268,8 @@ class MLA(nnx.Module):
     out = self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o)
     return out, {"dsa_kl": jnp.mean(kl_BxL)}, k_I
 
-  def decode(self, x_Bx1xD, positions_B, cache: "MLACache", layer: jax.Array | None = None
-             ) -> tuple[jax.Array, "MLACache"]:
+  def decode(self, x_Bx1xD, positions_B, cache: "MLACache", layer: jax.Array | None = None,
+             prepared: "MLADecodeWeights | None" = None) -> tuple[jax.Array, "MLACache"]:
     """One new token per row at per-row positions, in the absorbed form: W_UK folded into
     the query and W_UV applied after attention, so attention runs in the latent space
     against the cache (never per-head keys or values). Writes the token's latent and rope
@@ -228,14 +281,17 @@ class MLA(nnx.Module):
     output would copy the whole cache every step.
 
     DSA (sparse stage): the indexer's key of the token is cached too, and the token attends
-    to the top-k cached positions by index score (`_dsa_select`), as in the forward pass."""
+    to the top-k cached positions by index score (`_dsa_select`), as in the forward pass.
+
+    `prepared` (`decode_weights()`): the projections read from there, in the decode layout,
+    instead of the module's weights (which may then be placeholders; the norms and DSA's
+    indexer still come from the module): the same function, fewer ops around the GEMMs."""
     m = self.m
     B = x_Bx1xD.shape[0]
-    H, P, V = m.num_heads, m.qk_nope_head_dim, m.v_head_dim
+    H, V = m.num_heads, m.v_head_dim
     pos_Bx1 = positions_B[:, None]
-    cq_Bx1xQ = self.query_latent(x_Bx1xD)
-    q_BxHxPR = self.queries(x_Bx1xD, pos_Bx1, cq_Bx1xQ)[:, 0]
-    new_Bx1 = MLACache(*self.latent(x_Bx1xD, pos_Bx1))
+    cq_Bx1xQ, q_nope_BxHxP, q_rope_BxHxR, new_Bx1 = self._decode_inputs(x_Bx1xD, pos_Bx1,
+                                                                       prepared)
     if m.sparse_attention == "dsa":
       q_I, w_I, k_I = self.indexer(x_Bx1xD, cq_Bx1xQ, pos_Bx1)
       new_Bx1 = new_Bx1._replace(index_key=k_I)
@@ -243,14 +299,17 @@ class MLA(nnx.Module):
     at = (rows_B, positions_B) if layer is None else (layer, rows_B, positions_B)
     cache = jax.tree.map(lambda c, n: c.at[at].set(n[:, 0]), cache, new_Bx1)
     mine = cache if layer is None else jax.tree.map(lambda c: c[layer], cache)  # [B, S, ...]
-    w_uk_CxHxP, w_uv_CxHxV = self._w_uk_uv()
-    q_lat_BxHxC = jnp.einsum("bhp,chp->bhc", q_BxHxPR[..., :P], w_uk_CxHxP)
+    if prepared is None:
+      w_uk_CxHxP, w_uv_CxHxV = self._w_uk_uv()
+      q_lat_BxHxC = jnp.einsum("bhp,chp->bhc", q_nope_BxHxP, w_uk_CxHxP)
+    else:
+      q_lat_BxHxC = jnp.einsum("bhp,hpc->bhc", q_nope_BxHxP, prepared.w_uk_HxPxC)
     S = mine.latent.shape[1]
     visible_BxS = jnp.arange(S)[None, :] <= positions_B[:, None]
     if m.sparse_attention == "dsa" and self.dsa_stage != "dense_warmup":
       idx_Bx1xK, valid_Bx1xK = self._dsa_select(q_I, w_I, mine.index_key, visible_BxS)
       o_lat_Bx1xHxC, _ = dsa.sparse_mla(
-          q_lat_BxHxC[:, None], q_BxHxPR[:, None, :, P:], mine.latent, mine.k_rope, idx_Bx1xK,
+          q_lat_BxHxC[:, None], q_rope_BxHxR[:, None], mine.latent, mine.k_rope, idx_Bx1xK,
           valid_Bx1xK, scale=self.scale, chunk=1, impl=m.dsa_impl)
       o_lat_BxHxC = o_lat_Bx1xHxC[:, 0]
     elif m.decode_attention == "pallas" or (m.decode_attention == "auto" and (
@@ -260,18 +319,21 @@ class MLA(nnx.Module):
         raise ValueError(f"model.decode_attention=pallas needs a cache length that is a "
                          f"multiple of {mla_decode_gpu.SLOTS} (prompt + new tokens), got {S}")
       o_lat_BxHxC = mla_decode_gpu.mla_decode(
-          q_lat_BxHxC.astype(mine.latent.dtype), q_BxHxPR[..., P:].astype(mine.latent.dtype),
+          q_lat_BxHxC.astype(mine.latent.dtype), q_rope_BxHxR.astype(mine.latent.dtype),
           mine.latent, mine.k_rope, positions_B + 1, scale=float(self.scale))
     else:
       scores_BxHxS = (
           jnp.einsum("bhc,bsc->bhs", q_lat_BxHxC, mine.latent, preferred_element_type=jnp.float32)
-          + jnp.einsum("bhr,bsr->bhs", q_BxHxPR[..., P:], mine.k_rope,
+          + jnp.einsum("bhr,bsr->bhs", q_rope_BxHxR, mine.k_rope,
                        preferred_element_type=jnp.float32)) * self.scale
       scores_BxHxS = jnp.where(visible_BxS[:, None, :], scores_BxHxS, jnp.finfo(jnp.float32).min)
       probs_BxHxS = jax.nn.softmax(scores_BxHxS, axis=-1).astype(self.dtype)
       o_lat_BxHxC = jnp.einsum("bhs,bsc->bhc", probs_BxHxS, mine.latent)
-    o_BxHxV = jnp.einsum("bhc,chv->bhv", o_lat_BxHxC, w_uv_CxHxV)
-    return self._mm(o_BxHxV.reshape(B, 1, H * V), self.w_o), cache
+    if prepared is None:
+      o_BxHxV = jnp.einsum("bhc,chv->bhv", o_lat_BxHxC, w_uv_CxHxV)
+      return self._mm(o_BxHxV.reshape(B, 1, H * V), self.w_o), cache
+    o_BxHxV = jnp.einsum("bhc,hcv->bhv", o_lat_BxHxC, prepared.w_uv_HxCxV)
+    return jnp.dot(o_BxHxV.reshape(B, 1, H * V), prepared.w_o), cache
 
   def _dsa_select(self, q_Bx1xJxI, w_Bx1xJ, index_key_BxSxI, visible_BxS):
     """The decoded token's top-k cached positions by index score among the visible ones:
@@ -282,6 +344,31 @@ class MLA(nnx.Module):
     _, idx_Bx1xK = jax.lax.top_k(jnp.where(visible_BxS[:, None], scores_Bx1xS, -jnp.inf), K)
     valid_Bx1xK = jnp.take_along_axis(visible_BxS[:, None], idx_Bx1xK, axis=-1)
     return idx_Bx1xK.astype(jnp.int32), valid_Bx1xK
+
+
+class MLADecodeWeights(NamedTuple):
+  """MLA's projections laid out for decoding (`MLA.decode_weights`, `MLA.decode(prepared=)`),
+  in the compute dtype, once before the decode loop: the same numbers as the module's
+  weights (nothing absorbed into larger products), arranged so that a step runs its GEMMs
+  with no slice, concatenation or transpose of a weight between them.
+
+  w_in: x's projections fused into one GEMM (both read x), w_q (q_lora_rank 0: [D, H*P +
+    H*R], columns [every head's q_nope | every head's q_rope]) or w_dq ([D, Q]), then w_dkv
+    ([D, C + R]): column blocks that need no gather.
+  w_uq: q_lora_rank > 0: [Q, H*P + H*R], columns [every head's q_nope | every head's
+    q_rope]; else None.
+  w_uk_HxPxC, w_uv_HxCxV: w_ukv's key and value halves per head, heads leading (the batch
+    axis of the absorbed products "bhp,hpc->bhc" and "bhc,hcv->bhv").
+  w_o: [H*V, D]."""
+  w_in: jax.Array
+  w_uq: jax.Array | None
+  w_uk_HxPxC: jax.Array
+  w_uv_HxCxV: jax.Array
+  w_o: jax.Array
+
+
+# The MLA parameters `MLADecodeWeights` holds (what `MLA.decode(prepared=)` does not read).
+DECODE_WEIGHT_NAMES = ("w_q", "w_dq", "w_uq", "w_dkv", "w_ukv", "w_o")
 
 
 class MLACache(NamedTuple):

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from mohge_jax import dispatch, routing
-from mohge_jax.attention import MLA, MLACache
+from mohge_jax.attention import DECODE_WEIGHT_NAMES, MLA, MLACache, MLADecodeWeights
 from mohge_jax.losses import logits_matmul
 from mohge_jax.model import Transformer, head_weight
 from pallas_kernels import mla_decode_gpu
@@ -268,27 +269,47 @@ def stacks_experts(m, decode_backend: str | None, batch: int) -> bool:
       decode_backend == "auto" and decode_expert_backend(m, batch) == "capacity_kernel")
 
 
+class DecodeLayer(NamedTuple):
+  """One layer's weights for the unrolled decode step (`unstack_layers`)."""
+  state: nnx.State  # the layer's own arrays; the attention's projections empty placeholders
+  attn: MLADecodeWeights  # ... which are here, in the decode layout and compute dtype
+  experts: dispatch.StackedExperts | None  # stacked for the Mosaic GPU kernels, or None
+
+
 def unstack_layers(model: Transformer, stack_experts: bool = False,
-                   kernel_tuning: dict | None = None) -> list[list]:
-  """Per stack, its layers as (state, stacked experts or None) pairs, the states separate
-  arrays (copies made here, outside any jit: the model's weights are held twice while both
-  are alive), for `decode_step(..., layers=)`. stack_experts: each routed layer's expert
-  weights also stacked for the Mosaic GPU kernels in the compute dtype
-  (`dispatch.stack_experts`, with `kernel_tuning` over its defaults: a third copy of the
-  expert weights), which decode_backend="capacity_kernel" reads."""
+                   kernel_tuning: dict | None = None) -> list[list[DecodeLayer]]:
+  """Per stack, its layers as `DecodeLayer`s, separate arrays made here, outside any jit,
+  for `decode_step(..., layers=)`. Held while they are alive, besides the model: a copy of
+  every layer's weights, the attention's projections (`attention.DECODE_WEIGHT_NAMES`) as
+  `MLA.decode_weights` in the compute dtype (the decode layout, in place of their copy in
+  the layer's state, where they are zero-size placeholders: the unrolled step reads only
+  the prepared ones). stack_experts: each routed layer's expert weights also stacked for
+  the Mosaic GPU kernels in the compute dtype (`dispatch.stack_experts`, with
+  `kernel_tuning` over its defaults: a third copy of the expert weights), which
+  decode_backend="capacity_kernel" reads."""
   stack_fn = jax.jit(functools.partial(dispatch.stack_experts, **(kernel_tuning or {})))
   out = []
   for stack in model.stacks:
     state = nnx.state(stack.layers)
+    attn_graphdef, attn_state = nnx.split(stack.layers.attn)
+    prepare = jax.jit(lambda s, i, g=attn_graphdef: nnx.merge(
+        g, jax.tree.map(lambda a: a[i], s)).decode_weights())
+
+    def layer_copy(path, a, i):
+      names = [getattr(k, "key", None) for k in path[:2]]
+      if names[0] == "attn" and names[1] in DECODE_WEIGHT_NAMES:
+        return jnp.zeros((0,), a.dtype)
+      return a[i]
+
     layers = []
     for i in range(stack.num):
-      layer_state = jax.tree.map(lambda a, i=i: a[i], state)
+      layer_state = jax.tree_util.tree_map_with_path(functools.partial(layer_copy, i=i), state)
       stacked = None
       if stack_experts and stack.layers.ffn_kind != "dense":
         ffn = nnx.merge(nnx.graphdef(stack.layers), layer_state).ffn
         stacked = stack_fn([w[...].astype(ffn.dtype) for w in ffn.w_gate_up],
                            [w[...].astype(ffn.dtype) for w in ffn.w_down])
-      layers.append((layer_state, stacked))
+      layers.append(DecodeLayer(layer_state, prepare(attn_state, i), stacked))
     out.append(layers)
   return out
 
@@ -305,12 +326,13 @@ def _decode_step_unrolled(model, tokens_B, positions_B, caches, expert_backend, 
   for stack, stack_caches, stack_layers in zip(model.stacks, caches, layers):
     graphdef = nnx.graphdef(stack.layers)
     updated, ids_n = [], []
-    for (layer_state, stacked), cache in zip(stack_layers, stack_caches):
-      block = nnx.merge(graphdef, layer_state)
+    for layer, cache in zip(stack_layers, stack_caches):
+      block = nnx.merge(graphdef, layer.state)
       with jax.named_scope("attention"):
-        a_Bx1xD, cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B, cache)
+        a_Bx1xD, cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B, cache,
+                                           prepared=layer.attn)
       x_Bx1xD = x_Bx1xD + a_Bx1xD
-      y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD), expert_backend, stacked)
+      y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD), expert_backend, layer.experts)
       x_Bx1xD = x_Bx1xD + y_Bx1xD
       updated.append(cache)
       ids_n.append(ids)

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from mohge_jax import generate as gen
-from mohge_jax.attention import MLACache
+from mohge_jax.attention import DECODE_WEIGHT_NAMES, MLA, MLACache, MLADecodeWeights
 from mohge_jax.config import load_config
 from mohge_jax.model import Transformer
 from conftest import xla_flags
@@ -85,6 +85,37 @@ def test_cached_decode_equals_full_forward(rng, extra):
   full = np.asarray(full_logits(model, jnp.asarray(seqs)))
   for b in range(B):
     np.testing.assert_allclose(got[b], full[b, lens[b] - 1:lens[b] + N], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [[], ["model.q_lora_rank=12"], DSA + ["model.q_lora_rank=12"]])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_decode_with_prepared_weights_equals_decode_without(rng, extra, stacked):
+  """MLA.decode(prepared=decode_weights()) (fused projections, heads-leading W_UK and
+  W_UV) gives the output and cache of MLA.decode from the module's weights, float32, at
+  positions ragged across rows, on a layer's cache or a stack's (`layer`); the prepared
+  weights hold the projections' numbers once (as many as the module's)."""
+  m = load_config(str(ROOT / "configs/tiny.yaml"), TINY + extra).model
+  attn = MLA(m, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  prepared = attn.decode_weights()
+  own = sum(getattr(attn, n)[...].size for n in DECODE_WEIGHT_NAMES if hasattr(attn, n))
+  assert sum(a.size for a in jax.tree.leaves(prepared)) == own
+  assert prepared.w_uk_HxPxC.shape == (m.num_heads, m.qk_nope_head_dim, m.kv_lora_rank)
+  assert prepared.w_uv_HxCxV.shape == (m.num_heads, m.kv_lora_rank, m.v_head_dim)
+  assert (prepared.w_uq is None) == (m.q_lora_rank == 0)
+  B, S = 4, 16
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+  lead = (2,) if stacked else ()
+  cache = MLACache(normal(*lead, B, S, m.kv_lora_rank), normal(*lead, B, S, m.qk_rope_head_dim),
+                   normal(*lead, B, S, m.dsa_index_dim) if "dsa" in str(extra) else None)
+  x_Bx1xD, positions_B = normal(B, 1, m.d_model), jnp.asarray([0, 5, 15, 9], jnp.int32)
+  layer = jnp.int32(1) if stacked else None
+  decode = nnx.jit(lambda attn, x, p, c, prepared: attn.decode(x, p, c, layer, prepared))
+  want, want_cache = decode(attn, x_Bx1xD, positions_B, cache, None)
+  got, got_cache = decode(attn, x_Bx1xD, positions_B, cache, prepared)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                       rtol=1e-5, atol=1e-6), got_cache, want_cache)
+  assert not np.allclose(np.asarray(got_cache.latent), np.asarray(cache.latent))  # written
 
 
 def test_bf16_absorbed_decode_error_is_the_forward_passs_own(rng):
@@ -202,7 +233,7 @@ def test_capacity_kernel_decode_backend_samples_the_same(rng, monkeypatch):
                                 np.asarray(want.routes.expert_ids))
   np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=0.05)
   layers = gen.unstack_layers(model, stack_experts=True)
-  assert [st is None for stack in layers for _, st in stack] == [
+  assert [layer.experts is None for stack in layers for layer in stack] == [
       s.layers.ffn_kind == "dense" for s in model.stacks for _ in range(s.num)]
   with pytest.raises(ValueError, match="capacity_kernel' needs unrolled=True"):
     gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="capacity_kernel",
@@ -350,10 +381,13 @@ def test_cli_on_workdir_and_export(tmp_path):
   assert r.returncode == 2 and "neither an export" in r.stderr
 
 
-@pytest.mark.parametrize("extra", [DSA])  # (without DSA: test_generate_decode_options...)
+# (without DSA and query compression: test_generate_decode_options...)
+@pytest.mark.parametrize("extra", [DSA, ["model.q_lora_rank=12"]])
 def test_unrolled_decode_over_separate_layer_buffers_equals_the_scan(rng, extra):
   """decode_step(layers=unstack_layers(model)) on per-layer caches gives the scan's logits,
-  caches and routes, step after step (the layers read separate buffers, not slices)."""
+  caches and routes, step after step (the layers read separate buffers, not slices, and
+  the attention's projections from `MLA.decode_weights` only: their copies in the layer
+  states are empty)."""
   model = make_model(int(rng.integers(1 << 30)), ["model.first_dense_layers=1", *extra])
   B, P, N = 3, 7, 4
   prompts, lens = ragged(rng, [7, 2, 4], P)
@@ -361,6 +395,11 @@ def test_unrolled_decode_over_separate_layer_buffers_equals_the_scan(rng, extra)
   _, caches, _ = gen.prefill(model, jnp.asarray(prompts), jnp.asarray(lens), P + N)
   layers, flat = gen.unstack_layers(model), gen.unstack_caches(caches)
   assert [len(s) for s in layers] == [s.num for s in model.stacks] == [len(c) for c in flat]
+  for layer in (layer for stack in layers for layer in stack):
+    attn = nnx.to_pure_dict(layer.state["attn"])
+    assert {k for k, a in attn.items() if getattr(a, "size", 1) == 0} == (
+        set(DECODE_WEIGHT_NAMES) & set(attn))
+    assert isinstance(layer.attn, MLADecodeWeights)
   step = nnx.jit(gen.decode_step)  # (op by op, the unrolled step compiles every op apart)
   for t in range(N):
     want, caches, routes = step(model, jnp.asarray(fed[:, t]), jnp.asarray(lens + t), caches)
