@@ -212,26 +212,48 @@ def test_generate_decode_options_sample_the_same(rng, monkeypatch):
     gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="fast", **kw)
 
 
-def test_capacity_kernel_decode_backend_samples_the_same(rng, monkeypatch):
-  """generate(decode_backend="capacity_kernel"): each routed layer's experts stacked once
+def test_capacity_kernel_decode_backend_matches_capacity(rng, monkeypatch):
+  """decode_backend="capacity_kernel": each routed layer's experts stacked once
   (`unstack_layers(stack_experts=True)`) and the slot blocks through the Mosaic GPU
-  kernels (here the Pallas interpreter): greedy tokens and routes as with "capacity", and
-  logits within bf16's reach of them; refused with the layer scan."""
+  kernels (here the Pallas interpreter), against "capacity" from the same prefilled cache
+  on the same fed tokens, step after step: logits within bf16's reach, routes alike, and
+  the greedy token the same wherever capacity's top two logits are further apart than the
+  two backends' logits differ (free-running greedy generations may part at a near-tie:
+  bf16 sums in another order). generate takes it, and refuses it with the layer scan."""
   from mohge_jax import dispatch
   monkeypatch.setattr(dispatch, "DECODE_KERNEL_TUNING", {"bm": 64, "interpret": True})
   model = make_model(int(rng.integers(1 << 30)), [
       "model.d_model=128", "model.group_widths=[128,256]", "model.experts_per_group=2",
       "model.top_k_groups=1", "model.top_k=2", "model.first_dense_layers=1",
       "model.dtype=bfloat16"])
-  prompts, lens = ragged(rng, [3, 6, 1, 5], 6)
-  kw = dict(max_new_tokens=4, temperature=0.0, record_routes=True)
-  want = gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="capacity", **kw)
+  B, P, N, V = 4, 6, 4, model.cfg.model.vocab_size
+  prompts, lens = ragged(rng, [3, 6, 1, 5], P)
+  fed = jnp.asarray(rng.integers(0, V, size=(B, N)))
+  _, caches, _ = gen.prefill(model, jnp.asarray(prompts), jnp.asarray(lens), P + N)
+  step = nnx.jit(gen.decode_step, static_argnames=("expert_backend",))
+  out = {}
+  for backend, stacked in (("capacity", False), ("capacity_kernel", True)):
+    layers, flat = gen.unstack_layers(model, stack_experts=stacked), gen.unstack_caches(caches)
+    logits, ids = [], []
+    for t in range(N):
+      logits_BxV, flat, routes = step(model, fed[:, t], jnp.asarray(lens + t), flat,
+                                      expert_backend=backend, layers=layers)
+      logits.append(np.asarray(logits_BxV, np.float32)[:, :V])
+      ids.append(np.concatenate([np.asarray(r.expert_ids).ravel() for r in routes
+                                 if r is not None]))
+    out[backend] = np.stack(logits), np.stack(ids)
+  (want, want_ids), (got, got_ids) = out["capacity"], out["capacity_kernel"]
+  diff = np.abs(got - want).max()
+  assert diff < 0.1 and np.abs(want).max() > 1  # bf16 rounding (measured 0.02-0.03)
+  assert np.mean(got_ids == want_ids) >= 0.9  # (a near-tie in a later layer may flip one)
+  top2 = np.sort(want, axis=-1)[..., -2:]
+  sure = top2[..., 1] - top2[..., 0] > 2 * diff
+  assert sure.mean() > 0.5
+  np.testing.assert_array_equal(got.argmax(-1)[sure], want.argmax(-1)[sure])
+  kw = dict(max_new_tokens=3, temperature=0.0, record_routes=True)
   got = gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="capacity_kernel",
                      **kw)
-  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
-  np.testing.assert_array_equal(np.asarray(got.routes.expert_ids),
-                                np.asarray(want.routes.expert_ids))
-  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=0.05)
+  assert got.tokens.shape == (B, 3) and got.routes.expert_ids.shape[1] == B
   layers = gen.unstack_layers(model, stack_experts=True)
   assert [layer.experts is None for stack in layers for layer in stack] == [
       s.layers.ffn_kind == "dense" for s in model.stacks for _ in range(s.num)]
