@@ -95,7 +95,10 @@ def test_per_expert_backend_across_several_row_tiles(rng):
     return jax.jit(jax.value_and_grad(lambda x, a, b: jnp.sum(
         dispatch.grouped_ffn(x, gs, a, b, backend=backend) * ct), argnums=(0, 1, 2)))(x, wgu, wd)
   (want, want_g), (got, got_g) = loss("reference"), loss("per_expert")
-  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  # The loss sums ~4k float32 terms that largely cancel: a tolerance on its value alone
+  # failed for 1 seed in a few hundred (|diff| 5e-6 on -0.28); scale it by the terms.
+  terms = np.abs(np.asarray(dispatch.grouped_ffn(x, gs, wgu, wd, backend="reference") * ct))
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6 * terms.sum())
   for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
