@@ -317,7 +317,9 @@ def _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, len
   and each box's product is issued as soon as it lands. What binds it (twelfth session,
   benchmarks/notes_generate.md): the copies alone (`_ablate="no_compute"`) take ~90% of
   the kernel's time and stream at ~55% of 4.8 TB/s whatever the ring (9, 18 or 24 boxes),
-  the order of a row's steps or the cache's layout (contiguous 8 KB tiles: no faster).
+  the order of a row's steps or the cache's layout (contiguous 8 KB tiles: no faster):
+  what any plain read of a layer's cache reaches on the H200, by TMA or by XLA
+  (`benchmarks/tma_stream.py`).
   o^T is 8 accumulators of [64, H], one a latent chunk (a box is the A operand of its
   chunk's product). The output o [H, C] goes out through SMEM (the query's buffer, free by
   then) and TMA; with splits, the float32 partial o^T [C, H] and log2-sum-exp2 go to GMEM
