@@ -117,18 +117,19 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
-@pytest.mark.parametrize("impl,B,S,splits,row_pad,early", [
-    ("wgmma", 2, 64, None, 8, True), ("wgmma", 8, 576, None, 8, True),
-    ("wgmma", 8, 576, 1, 8, True), ("wgmma", 8, 576, 4, 8, True),
-    ("wgmma", 256, 576, None, 8, True), ("wgmma", 256, 640, 1, 8, True),
-    ("wgmma", 8, 576, 2, 8, False),  # (early=False: the ring of 13 boxes, below)
-    ("mma", 2, 64, None, 8, True), ("mma", 8, 576, None, 8, True), ("mma", 8, 576, 1, 8, True),
-    ("mma", 8, 576, 4, 8, True), ("mma", 256, 576, None, 8, True),
-    ("mma", 8, 576, None, 0, False), ("mma", 8, 576, 2, 8, False)])
-def test_kernel_matches_reference_on_the_gpu(rng, impl, B, S, splits, row_pad, early):
+@pytest.mark.parametrize("impl,B,S,splits,row_pad,early,ring", [
+    ("wgmma", 2, 64, None, 8, True, None), ("wgmma", 8, 576, None, 8, True, None),
+    ("wgmma", 8, 576, 1, 8, True, None), ("wgmma", 8, 576, 4, 8, True, None),
+    ("wgmma", 256, 576, None, 8, True, None), ("wgmma", 256, 640, 1, 8, True, None),
+    ("wgmma", 8, 576, 2, 8, True, 13),
+    ("mma", 2, 64, None, 8, True, None), ("mma", 8, 576, None, 8, True, None),
+    ("mma", 8, 576, 1, 8, True, None), ("mma", 8, 576, 4, 8, True, None),
+    ("mma", 256, 576, None, 8, True, None), ("mma", 8, 576, None, 0, False, None),
+    ("mma", 8, 576, 2, 8, False, None)])
+def test_kernel_matches_reference_on_the_gpu(rng, impl, B, S, splits, row_pad, early, ring):
   args = _inputs(rng, B, S)
   got = mdk.mla_decode(*args, scale=0.3, splits=splits, row_pad=row_pad, early_fetch=early,
-                       impl=impl, ring=None if early or impl == "mma" else 13)
+                       impl=impl, ring=ring)
   want = jax.jit(mdk.reference, static_argnums=5)(*args, 0.3)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.isfinite(got).all()
