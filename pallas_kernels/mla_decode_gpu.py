@@ -168,6 +168,8 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
     raise ValueError(f"mla_decode kernel: impl must be one of {IMPLS}, got {impl!r}")
   if _ablate not in ("", "no_scores", "no_pv", "no_max", "no_compute"):
     raise ValueError(f"mla_decode kernel: unknown _ablate={_ablate!r}")
+  if impl == "mma" and (ring is not None or _ablate):
+    raise ValueError("mla_decode kernel: ring and _ablate apply to impl='wgmma' only")
   if impl == "wgmma":
     return _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR,
                              lengths_B, scale=scale, J=J, ring=ring, interpret=interpret,

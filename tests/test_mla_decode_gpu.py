@@ -101,6 +101,8 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
   assert mdk.default_splits(1, 128) == 2  # at most one a step of 64 slots
   with pytest.raises(ValueError, match="ring must hold a step.s 9 boxes"):
     mdk.mla_decode(*[jnp.zeros(a.shape, a.dtype) for a in args], scale=0.1, ring=8)
+  with pytest.raises(ValueError, match="apply to impl='wgmma' only"):
+    mdk.mla_decode(*[jnp.zeros(a.shape, a.dtype) for a in args], scale=0.1, impl="mma", ring=18)
   with pytest.raises(ValueError, match="impl must be one of"):
     mdk.mla_decode(*[jnp.zeros(a.shape, a.dtype) for a in args], scale=0.1, impl="wmma")
   with pytest.raises(ValueError, match="splits must be 1..2"):
