@@ -216,10 +216,11 @@ def test_capacity_kernel_decode_backend_matches_capacity(rng, monkeypatch):
   """decode_backend="capacity_kernel": each routed layer's experts stacked once
   (`unstack_layers(stack_experts=True)`) and the slot blocks through the Mosaic GPU
   kernels (here the Pallas interpreter), against "capacity" from the same prefilled cache
-  on the same fed tokens, step after step: logits within bf16's reach, routes alike, and
-  the greedy token the same wherever capacity's top two logits are further apart than the
-  two backends' logits differ (free-running greedy generations may part at a near-tie:
-  bf16 sums in another order). generate takes it, and refuses it with the layer scan."""
+  on the same fed tokens, step after step: every row's routes alike until a near-tie flips
+  one (bf16 sums in another order; from then on that row's cache differs too, so it leaves
+  the comparison), logits within bf16's reach on the rows still alike, and the greedy token
+  the same wherever capacity's top two logits are further apart than the two backends'
+  logits differ. generate takes it, and refuses it with the layer scan."""
   from mohge_jax import dispatch
   monkeypatch.setattr(dispatch, "DECODE_KERNEL_TUNING", {"bm": 64, "interpret": True})
   model = make_model(int(rng.integers(1 << 30)), [
@@ -239,16 +240,18 @@ def test_capacity_kernel_decode_backend_matches_capacity(rng, monkeypatch):
       logits_BxV, flat, routes = step(model, fed[:, t], jnp.asarray(lens + t), flat,
                                       expert_backend=backend, layers=layers)
       logits.append(np.asarray(logits_BxV, np.float32)[:, :V])
-      ids.append(np.concatenate([np.asarray(r.expert_ids).ravel() for r in routes
-                                 if r is not None]))
+      # Each routed stack's ids are [layers, B, 1, k]: rows leading, every layer's choice.
+      ids.append(np.concatenate([np.moveaxis(np.asarray(r.expert_ids), 1, 0).reshape(B, -1)
+                                 for r in routes if r is not None], axis=1))
     out[backend] = np.stack(logits), np.stack(ids)
   (want, want_ids), (got, got_ids) = out["capacity"], out["capacity_kernel"]
-  diff = np.abs(got - want).max()
+  alike_NxB = np.cumprod(np.all(got_ids == want_ids, axis=-1), axis=0).astype(bool)
+  assert alike_NxB.mean() >= 0.75  # a near-tie may flip a row now and then, not many
+  diff = np.abs(got - want)[alike_NxB].max()
   assert diff < 0.1 and np.abs(want).max() > 1  # bf16 rounding (measured 0.02-0.03)
-  assert np.mean(got_ids == want_ids) >= 0.9  # (a near-tie in a later layer may flip one)
   top2 = np.sort(want, axis=-1)[..., -2:]
-  sure = top2[..., 1] - top2[..., 0] > 2 * diff
-  assert sure.mean() > 0.5
+  sure = (top2[..., 1] - top2[..., 0] > 2 * diff) & alike_NxB
+  assert sure.mean() > 0.4
   np.testing.assert_array_equal(got.argmax(-1)[sure], want.argmax(-1)[sure])
   kw = dict(max_new_tokens=3, temperature=0.0, record_routes=True)
   got = gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="capacity_kernel",
