@@ -43,6 +43,12 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        loads before their stores; kernel_mma_nogather / _nomma: the
                        kernel without the gather or without the products (wrong results:
                        how the time divides)
+  kernel_bwd           the MMA backward kernel alone (given the forward's LSE, a random
+                       cotangent and its delta), TMA reduce-adds; kernel_bwd_atomic: the
+                       keys' gradients added by the warpgroup's atomics; either with
+                       _no_reduce / _no_dk / _no_gather (nothing added; nor the keys'
+                       gradients computed; no gather: how the time divides). TFLOP/s:
+                       2.5x the forward's (the backward's 5 products of the 7)
 TFLOP/s counts useful FLOPs: dense H·T(T+1)/2·2·(192+128); sparse H·Σ_t min(t+1, k)·2·
 (576+512); indexer T(T+1)/2·2·J·I; forward+backward = 3.5x forward for attention (the
 backward recomputes the scores: 5 products vs 2) and 1x for the indexer (its backward only
@@ -85,6 +91,8 @@ def flops(seq: int, impl: str, pss: str) -> float:
   attn = indexer = 0.0
   if impl.startswith("topk_"):  # the indexer's scores and the selection
     return pairs_causal * 2 * J * I
+  if impl.startswith("kernel_bwd"):
+    return flops(seq, "kernel_mma", "fwd") * (BWD_FACTOR - 1)
   if impl == "dense_cudnn":
     attn = H * pairs_causal * 2 * (P + R + V)
   else:
@@ -206,6 +214,31 @@ def kernel_fn(name, idx, valid):
   return jax.jit(fwd), ("q_lat", "q_rope", "c", "kr")
 
 
+def kernel_bwd_fn(name, idx, valid):
+  """The backward kernel alone: name = kernel_bwd[_atomic][_no_reduce|_no_dk|_no_gather]."""
+  idx_enc = jnp.where(valid, idx, -1)
+  rest = name.removeprefix("kernel_bwd")
+  reduce = "atomic" if rest.startswith("_atomic") else "tma"
+  ablate = rest.removeprefix("_atomic").removeprefix("_")
+
+  def fwd_then_bwd_inputs(q_lat, q_rope, c, kr, lat_ct):
+    ckr = jnp.concatenate([c, kr], -1)
+    o, lse = sparse_mla_mma_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=SCALE)
+    delta = jnp.sum(lat_ct.astype(jnp.float32) * o.astype(jnp.float32), -1)
+    return ckr, lse, delta
+  prep = jax.jit(fwd_then_bwd_inputs)
+  bwd = jax.jit(lambda q_lat, q_rope, ckr, lse, g, delta: sparse_mla_mma_gpu.sparse_mla_bwd(
+      q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=SCALE, reduce=reduce, _ablate=ablate))
+  cache = {}
+
+  def f(q_lat, q_rope, c, kr, lat_ct):  # the forward's outputs made once, then the backward
+    if not cache:
+      cache["in"] = jax.block_until_ready(prep(q_lat, q_rope, c, kr, lat_ct))
+    ckr, lse, delta = cache["in"]
+    return bwd(q_lat, q_rope, ckr, lse, lat_ct, delta)
+  return f, ("q_lat", "q_rope", "c", "kr", "lat_ct")
+
+
 def profile(f, args, logdir: str, name: str) -> list[dict]:
   """One traced call of f: its top 15 device operations by kernel name and by source (the
   JAX name stack, from the compiled HLO's op_name metadata: the GPU's events lack it),
@@ -276,7 +309,8 @@ def main():
         return data["x"], data["sel"]
       outs = {}
       for impl in impls:
-        for pss in ("fwd",) if impl.startswith(("kernel", "topk")) else ("fwd", "fwd_bwd"):
+        for pss in (("bwd",) if impl.startswith("kernel_bwd") else ("fwd",)
+                    if impl.startswith(("kernel", "topk")) else ("fwd", "fwd_bwd")):
           row = dict(seq=seq, impl=impl, **{"pass": pss})
           if (impl, pss) in given_up:
             record(dict(row, skipped="failed or too slow at a shorter length"))
@@ -288,6 +322,8 @@ def main():
             x, sel = get()
             if impl == "dense_cudnn":
               f, names = dense_fn(pss)
+            elif impl.startswith("kernel_bwd"):
+              f, names = kernel_bwd_fn(impl, *sel)
             elif impl.startswith("kernel_"):
               f, names = kernel_fn(impl, *sel)
             elif impl.startswith("topk_"):
@@ -312,6 +348,8 @@ def main():
               outs[impl] = np.asarray(f(*(x[n] for n in names)), np.float32)
             if seq == seqs[0] and impl in ("kernel_mma", "kernel_wg_tpc3"):
               outs[impl] = np.asarray(f(*(x[n] for n in names))[0], np.float32)
+            if seq == seqs[0] and impl in ("kernel_bwd", "kernel_bwd_atomic"):
+              outs[impl] = [np.asarray(a, np.float32) for a in f(*(x[n] for n in names))]
             if seq == seqs[0] and impl.startswith("topk_"):  # each query's set of keys
               idx, valid = (np.asarray(a) for a in f(*(x[n] for n in names)))
               outs[impl] = np.sort(np.where(valid, idx, -1), axis=-1)
@@ -329,6 +367,11 @@ def main():
         record(dict(seq=seq, impl="check_mma", **{"pass": "fwd"}, against=base,
                     rel_err=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
                     finite=bool(np.isfinite(a).all())))
+      if "kernel_bwd" in outs and "kernel_bwd_atomic" in outs:  # the two ways of adding
+        record(dict(seq=seq, impl="check_bwd_atomic", **{"pass": "bwd"},
+                    rel_err=[float(np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in zip(
+                        outs["kernel_bwd_atomic"], outs["kernel_bwd"])],
+                    finite=bool(all(np.isfinite(a).all() for a in outs["kernel_bwd_atomic"]))))
       if "sparse_mla_pallas" in outs and "sparse_mla_reference" in outs:
         a, b = outs["sparse_mla_pallas"], outs["sparse_mla_reference"]
         record(dict(seq=seq, impl="check", **{"pass": "fwd"},

@@ -262,6 +262,8 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxT
 # ------------------------------------------------------------------------------ backward
 
 BWD_KEYS = 32  # keys a backward step (its f32 staging of the keys' gradients: 72 KB)
+ATOMIC_PAD = 8  # reduce="atomic": staging rows 8 floats further apart (stores 2-way, not 8-way)
+BWD_ABLATIONS = ("", "no_reduce", "no_dk", "no_gather")
 
 
 def _rows_layout(rows: int, cols: int):
@@ -269,10 +271,11 @@ def _rows_layout(rows: int, cols: int):
   return plgpu.Layout.WG_STRIDED((rows, cols), vec_size=8)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "reduce", "_ablate"))
 def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxTxH, g_BxTxHxC,
                    delta_BxTxH, *, scale: float,
-                   interpret: bool | plgpu.InterpretGPUParams = False):
+                   interpret: bool | plgpu.InterpretGPUParams = False, reduce: str = "tma",
+                   _ablate: str = ""):
   """The gradients of `sparse_mla_fwd`'s o_lat: (dq_lat [B,T,H,C] and dq_rope [B,T,H,R] in
   the queries' dtypes, dckr [B,S,C+R] float32), given its LSE, the output's cotangent g and
   delta = sum_c g * o [B,T,H] (float32). idx as the forward's (-1 invalid).
@@ -285,15 +288,26 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   viewed as [B, S, 3, (C+R)/3]: a box is at most 256 wide); a step's adds are waited for
   (read from SMEM) before the next step's staging.
   Invalid keys (idx -1) have p = ds = 0: their zero rows are added to row 0.
-  interpret: the GPU interpreter (on CPU), where the MMAs are dots and, as it has no TMA
-  reductions, each key's row is added by a load, add and store (the interpreter runs the
-  CTAs one after another). dckr starts as a zeroed `jax.new_ref` the kernel adds into."""
+  reduce="atomic" adds the staged rows by the whole warpgroup instead, as `red.global.add`s
+  (`plgpu.atomic_add`; the rows padded to a multiple of 128 columns, the staging rows
+  ATOMIC_PAD floats further apart, which a TMA source cannot be): no one-thread issue and no wait on the copies.
+  interpret: the GPU interpreter (on CPU), where the MMAs are dots and, as it has neither
+  TMA reductions nor atomics, each key's row is added by a load, add and store (the
+  interpreter runs the CTAs one after another). dckr starts as a zeroed `jax.new_ref` the
+  kernel adds into. _ablate ("no_reduce": nothing added into dckr; "no_dk": nor the keys'
+  gradients computed; "no_gather": the step's rows not loaded) is for benchmarks/dsa.py's
+  timing of the kernel's parts, and its results are wrong."""
   B, T, H, C, R, CR, K, dt = _checked_shapes(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR,
                                              idx_BxTxK)
   S = ckr_BxSxCR.shape[1]
   if CR % 3 or g_BxTxHxC.shape != q_lat_BxTxHxC.shape:
     raise ValueError(f"sparse_mla mma backward: C+R must be a multiple of 3 and g shaped as "
                      f"q_lat; got C+R = {CR}, g {g_BxTxHxC.shape}, q_lat {q_lat_BxTxHxC.shape}")
+  if reduce not in ("tma", "atomic") or _ablate not in BWD_ABLATIONS:
+    raise ValueError(f"sparse_mla mma backward: reduce must be 'tma' or 'atomic' and _ablate "
+                     f"one of {BWD_ABLATIONS}; got {reduce!r}, {_ablate!r}")
+  atomic = reduce == "atomic"
+  AC = -(-CR // 128) * 128  # reduce="atomic": a key's row in AC / 128 floats a thread
   N = -(-K // BWD_KEYS)  # steps; the idx row padded to 128 keys (one load by the warpgroup)
   Kp = -(-K // 128) * 128
   idx_BxTxNxKEYS = jnp.pad(idx_BxTxK.astype(jnp.int32), ((0, 0), (0, 0), (0, Kp - K)),
@@ -330,11 +344,16 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
     lse2 = plgpu.load(lse_ref.at[b, t], layout=row, optimized=False) * log2e
     delta = plgpu.load(delta_ref.at[b, t], layout=row, optimized=False)
 
+    if atomic and AC > CR:  # the padding columns of the staged rows: zeros, added as such
+      stage[:, pl.ds(CR, AC - CR)] = zeros((KB, AC - CR), acc2)
+
     def step(st, dq):
-      if not interpret:
+      if not interpret and not atomic:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's adds read stage
       plgpu.commit_smem()  # and every thread is done with the last step's tiles
-      _gather(ckr_ref.at[b], idx_smem.at[st], lat_smem, tail_smem, C=C, keys=KB, group=GROUP)
+      if _ablate != "no_gather":
+        _gather(ckr_ref.at[b], idx_smem.at[st], lat_smem, tail_smem, C=C, keys=KB,
+                group=GROUP)
       plgpu.commit_smem()
       s, dp = zeros((H, KB)), zeros((H, KB))
       for c in range(C // CHUNK):  # scores and dp = g . c, the latent read transposed
@@ -363,6 +382,8 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
              else tail_smem.at[:, pl.ds(TAIL - R + (i - C // CHUNK) * CHUNK, CHUNK)])
         new_dq.append(mma(d, ds_lhs, plgpu.load(v, layout=rhs, optimized=False),
                           bool(interpret)))
+      if _ablate == "no_dk":
+        return tuple(new_dq)
       ds_t = plgpu.load(ds_smem.at[:, pl.ds(0, KB)].T, layout=lhs2, optimized=False)
       p_t = plgpu.load(p_smem.at[:, pl.ds(0, KB)].T, layout=lhs2, optimized=False)
       for j in range(CR // CHUNK):  # the keys' gradients, 64 columns at a time, into stage
@@ -372,16 +393,29 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
         if j < C // CHUNK:
           dk = mma(dk, p_t, plgpu.load(g_smem.at[:, cols], layout=rhs2, optimized=False),
                    bool(interpret))
-        stage[:, (j * CHUNK) // third, pl.ds((j * CHUNK) % third, CHUNK)] = dk
-      plgpu.commit_smem()  # the staged rows, stored by all threads, are read by the TMA
+        if atomic:
+          stage[:, pl.ds(j * CHUNK, CHUNK)] = dk
+        else:
+          stage[:, (j * CHUNK) // third, pl.ds((j * CHUNK) % third, CHUNK)] = dk
+      plgpu.commit_smem()  # the staged rows, stored by all threads, are read by the adds
+      if _ablate == "no_reduce":
+        return tuple(new_dq)
       for k in range(KB):
         r = jnp.maximum(idx_smem[st, k], 0)
-        if interpret:
+        if interpret and atomic:
+          rows = pl.ds(b * S + r, 1)
+          dckr_ref[rows, :] = dckr_ref[rows, :] + stage[pl.ds(k, 1), pl.ds(0, AC)]
+        elif interpret:
           dckr_ref[b, r] = dckr_ref[b, r] + stage[k]
+        elif atomic:  # every thread AC / 128 of the row's floats, a warp 128 contiguous bytes
+          row_layout = plgpu.Layout.WG_STRIDED((1, AC), vec_size=1)
+          plgpu.atomic_add(dckr_ref.at[pl.ds(b * S + r, 1)],
+                           plgpu.load(stage.at[pl.ds(k, 1), pl.ds(0, AC)],
+                                      layout=row_layout, optimized=False))
         else:
           plgpu.copy_smem_to_gmem(stage.at[k], dckr_ref.at[b, r], commit_group=False,
                                   reduction_op="add")
-      if not interpret:
+      if not interpret and not atomic:
         plgpu.commit_smem_to_gmem_group()
       return tuple(new_dq)
 
@@ -391,10 +425,13 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
         dql_ref[b, t, :, pl.ds(i * CHUNK, CHUNK)] = d.astype(dt)
       else:
         dqr_ref[b, t, :, pl.ds((i - C // CHUNK) * CHUNK, CHUNK)] = d.astype(dt)
-    if not interpret:
+    if not interpret and not atomic:
       plgpu.wait_smem_to_gmem(0)
 
-  dckr = jax.new_ref(jnp.zeros((B, S, 3, third), f32))  # the kernel adds into it
+  # dckr starts zeroed; the kernel adds into it
+  dckr = jax.new_ref(jnp.zeros((B * S, AC) if atomic else (B, S, 3, third), f32))
+  stage_type = (plgpu.SMEM((KB, AC + ATOMIC_PAD), f32) if atomic
+                else plgpu.SMEM((KB, 3, third), f32))
   dql, dqr = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((B, T, H, C), dt), jax.ShapeDtypeStruct((B, T, H, R), dt)),
@@ -402,11 +439,13 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
       scratch_types=[plgpu.SMEM((H, CR + pad), dt), plgpu.SMEM((H, C + pad), dt),
                       plgpu.SMEM((KB, C + pad), dt), plgpu.SMEM((KB, TAIL + pad), dt),
                       plgpu.SMEM((H, KB + pad), dt), plgpu.SMEM((H, KB + pad), dt),
-                      plgpu.SMEM((KB, 3, third), f32), plgpu.SMEM((Kp // KB, KB), jnp.int32)],
+                      stage_type, plgpu.SMEM((Kp // KB, KB), jnp.int32)],
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane,
                                            unsafe_no_auto_barriers=True),
       interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
                  else plgpu.InterpretGPUParams() if interpret else None),
   )(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxNxKEYS, lse_BxTxH.astype(f32),
     g_BxTxHxC.astype(dt), delta_BxTxH.astype(f32), dckr)
-  return dql, dqr, dckr[...].reshape(B, S, CR)
+  dckr = dckr[...]
+  return dql, dqr, (dckr.reshape(B, S, AC)[..., :CR] if atomic
+                    else dckr.reshape(B, S, CR))
