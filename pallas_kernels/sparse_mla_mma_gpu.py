@@ -290,7 +290,9 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   Invalid keys (idx -1) have p = ds = 0: their zero rows are added to row 0.
   reduce="atomic" adds the staged rows by the whole warpgroup instead, as `red.global.add`s
   (`plgpu.atomic_add`; the rows padded to a multiple of 128 columns, the staging rows
-  ATOMIC_PAD floats further apart, which a TMA source cannot be): no one-thread issue and no wait on the copies.
+  ATOMIC_PAD floats further apart, which a TMA source cannot be): no one-thread issue and
+  no wait on the copies. On the H200 (16k, notes_dsa.md, thirteenth session) both ways add
+  at ~2.2 TB/s; the adds are more than half the kernel's time either way.
   interpret: the GPU interpreter (on CPU), where the MMAs are dots and, as it has neither
   TMA reductions nor atomics, each key's row is added by a load, add and store (the
   interpreter runs the CTAs one after another). dckr starts as a zeroed `jax.new_ref` the
