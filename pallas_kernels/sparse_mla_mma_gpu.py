@@ -1,6 +1,6 @@
-"""DSA sparse MLA attention in latent form, forward, as a Mosaic GPU kernel on the warp-level
-16-row MMA (EXPERIMENTAL: CPU-tested in the GPU interpreter and lowered for CUDA; not yet
-run on a GPU, and not used by the model).
+"""DSA sparse MLA attention in latent form, forward and backward, as Mosaic GPU kernels on
+the warp-level 16-row MMA: right on the H200 against the pure-JAX reference, and what
+`dsa_impl: auto` runs on one Hopper GPU ("pallas_mma_bwd"). The forward first:
 
     o_lat, lse = sparse_mla_fwd(q_lat [B,T,H,C], q_rope [B,T,H,R], ckr [B,S,C+R], idx [B,T,K])
 
@@ -34,7 +34,7 @@ replays of its ~550 loads a thread predict). Each SMEM row is padded by ROW_PAD 
 (16 bytes): row r starts 4r banks further, and 8 rows cover all 32.
 Scores: C/64 + R/64 MMAs of K = 64 over the key tile read transposed from SMEM; online
 softmax along the keys (rows are heads); P through SMEM as the A operand of P x latent.
-The backward stays pure JAX (`sparse_attention._sparse_mla_bwd`).
+The backward kernel is below (`sparse_mla_bwd`).
 """
 from __future__ import annotations
 
