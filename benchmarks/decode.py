@@ -3,7 +3,7 @@
     python -m benchmarks.decode [--configs configs/mohge_3b.yaml,configs/moe_3b.yaml]
         [--batches 256,32,1] [--prompt-len 512] [--new-tokens 128] [--reps 3]
         [--decode-backends auto,model,all_experts,capacity,capacity_kernel]
-        [--layouts scan,unrolled]
+        [--layouts scan,unrolled] [--decode-options generate,xla]
         [--profile DIR] [--profile-batches 256,1] [--out benchmarks/results/decode_h200.json]
         [--dry-run] [key=value ...]
 
@@ -66,6 +66,10 @@ from mohge_jax.trainer import graph_def
 
 HBM_BYTES_PER_S = 4.8e12  # H200, datasheet
 BYTES = 2  # bf16 weights and cache
+# --decode-options: the decode program's compiler options. "generate": what
+# `generate.generate` compiles its decode loop with (`generate.decode_compiler_options`);
+# "xla": XLA's defaults.
+DECODE_OPTIONS = {"generate": lambda: gen.decode_compiler_options(), "xla": lambda: {}}
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -201,10 +205,11 @@ def _greedy(cfg: Config, logits_BxV: jax.Array) -> jax.Array:
 def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: int, reps: int,
         backends: tuple[str | None, ...] = (None,), seed: int = 0,
         layouts: tuple[str, ...] = ("scan",), profile: str | None = None,
-        profile_top: int = 15):
+        profile_top: int = 15, decode_options: tuple[str, ...] = ("generate",)):
   """One (config, batch): the prompt's prefill, then per layer layout ("scan": the layer
   scan over stacked weights; "unrolled": separate per-layer buffers, `make_decode`) and
-  expert backend of the decode steps (None: model.expert_backend; "all_experts") yields
+  expert backend of the decode steps (None: model.expert_backend; "all_experts") and
+  compiler options of the decode program (`DECODE_OPTIONS`) yields
   (the row, the run's arrays:
   `prompts_BxP`, `tokens_BxN` (the first token from the prefill, then one per decode step)
   and `expert_ids_NxRxBxK`, the routes of each decode step)."""
@@ -225,7 +230,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     jax.block_until_ready(prefill(state, prompts_BxP, lengths_B))
     prefill_times.append(T() - t2)
   first_tokens_BxN = None
-  for layout, label in [(lay, b) for lay in layouts for b in backends]:
+  for layout, label, opts in [(lay, b, o) for lay in layouts for b in backends
+                               for o in decode_options]:
     backend, tuning = _backend_and_tuning(label)
     if layout == "unrolled":
       layers = gen.unstack_layers(nnx.merge(graphdef, state),
@@ -235,7 +241,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     else:
       layers, args = None, (state, None, first_B, lengths_B, caches)
     t3 = T()
-    decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend)).lower(*args).compile()
+    decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend)).lower(*args).compile(
+        compiler_options=DECODE_OPTIONS[opts]() or None)
     t4 = T()
     out = jax.block_until_ready(decode(*args))  # warm-up
     times = []
@@ -243,7 +250,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
       t5 = T()
       out = jax.block_until_ready(decode(*args))
       times.append((T() - t5) / new_tokens)
-    top = _profile(decode, args, profile, f"b{batch}_{layout}_{label or 'model'}", new_tokens,
+    top = _profile(decode, args, profile, f"b{batch}_{layout}_{label or 'model'}_{opts}",
+                   new_tokens,
                    profile_top)
     step_s = float(np.median(times))
     tokens_NxB, ids_NxRxBxK = (np.asarray(a) for a in out)
@@ -257,6 +265,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
            "layout": layout, "expert_backend": _backend_name(m, backend, batch)
            + (f"[{label.split('[', 1)[1]}" if tuning else ""),
+           "decode_options": opts, "compiler_options": DECODE_OPTIONS[opts](),
            "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
            "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],
            "weight_bytes": mean["fixed_weights"] + mean["experts"],
@@ -323,11 +332,13 @@ def _child(path: str, args) -> None:
     try:
       for row, _ in run(cfg, graphdef, state, b, args.prompt_len, args.new_tokens, args.reps,
                         tuple(backends), layouts=layouts,
+                        decode_options=tuple(args.decode_options.split(",")),
                         profile=args.profile if b in args.profile_batches else None,
                         profile_top=args.profile_top):
         stats = jax.devices()[0].memory_stats() or {}
         row.update(init_s=init_s, peak_mem_gb=stats.get("peak_bytes_in_use", 0) / 2**30,
-                   device=jax.devices()[0].device_kind)
+                   device=jax.devices()[0].device_kind,
+                   xla_flags=os.environ.get("XLA_FLAGS", ""))
         print("ROW " + json.dumps({"config": path, **row}), flush=True)
     except Exception as e:  # noqa: BLE001 - one batch's failure (e.g. out of memory) is a row
       row = {"batch": b, "error": f"{type(e).__name__}: {str(e)[:1500]}"}
@@ -386,6 +397,11 @@ def main(argv: list[str] | None = None) -> None:
                   help="how the decode step runs the layers: scan (one lax.scan over the "
                        "stacked weights and cache of each stack) and/or unrolled (separate "
                        "per-layer buffers: generate.unstack_layers)")
+  ap.add_argument("--decode-options", default="generate",
+                  help="the decode program's compiler options, each its own row: generate "
+                       "(what generate compiles decoding with: "
+                       "generate.DECODE_COMPILER_OPTIONS on a GPU) and/or xla (XLA's "
+                       "defaults)")
   ap.add_argument("--profile", default=None,
                   help="trace one run of each decode loop at --profile-batches into this "
                        "directory and print (and record) its top device operations")
@@ -400,6 +416,9 @@ def main(argv: list[str] | None = None) -> None:
   args.configs = args.configs.split(",")
   args.batches = [int(b) for b in args.batches.split(",")]
   args.profile_batches = [int(b) for b in args.profile_batches.split(",")]
+  unknown = sorted(set(args.decode_options.split(",")) - set(DECODE_OPTIONS))
+  if unknown:
+    ap.error(f"--decode-options: {unknown} not among {sorted(DECODE_OPTIONS)}")
   if args.dry_run:
     _dry_run(args)
     return
@@ -416,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
            "--batches", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--reps", str(args.reps),
            "--decode-backends", args.decode_backends, "--layouts", args.layouts,
+           "--decode-options", args.decode_options,
            "--profile-batches", ",".join(map(str, args.profile_batches)),
            "--profile-top", str(args.profile_top),
            *(["--profile", args.profile] if args.profile else []), *args.overrides]
@@ -428,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         _write(args, rows)
         r = rows[-1]
         print(f"  batch {r['batch']}: " + (f"error {r['error'][:300]}" if "error" in r else
-              f"{r['layout']} {r['expert_backend']}: {r['step_ms']:.3f} ms/step, "
+              f"{r['layout']} {r['expert_backend']} ({r.get('decode_options')}): "
+              f"{r['step_ms']:.3f} ms/step, "
               f"{r['tokens_per_s']:,.0f} tok/s, "
               f"{r['fraction_of_bandwidth']:.1%} of bandwidth (compile {r['compile_s']:.1f} s)"),
               flush=True)
@@ -439,11 +460,13 @@ def main(argv: list[str] | None = None) -> None:
     if proc.wait() != 0:
       sys.stdout.write("".join(tail))
       print(f"{path}: process failed ({proc.returncode}); rows so far kept", flush=True)
-  print(f"\n{'config':<24}{'batch':>6}{'layout':>9}{'experts':>20}{'step ms':>9}{'tok/s':>10}"
+  print(f"\n{'config':<24}{'batch':>6}{'layout':>9}{'experts':>20}{'options':>9}"
+        f"{'step ms':>9}{'tok/s':>10}"
         f"{'GB/step':>9}{'limit ms':>9}{'fraction':>9}{'compile s':>10}{'prefill ms':>11}")
   for r in sorted((r for r in rows if "error" not in r),
                   key=lambda r: (r["config"], r["batch"], r["layout"], r["expert_backend"])):
     print(f"{r['config']:<24}{r['batch']:>6}{r['layout']:>9}{r['expert_backend']:>20}"
+          f"{r.get('decode_options', ''):>9}"
           f"{r['step_ms']:>9.3f}"
           f"{r['tokens_per_s']:>10,.0f}"
           f"{r['bytes_per_step'] / 1e9:>9.3f}{r['limit_ms']:>9.3f}"

@@ -394,10 +394,36 @@ def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
                    decode_backend=decode_backend)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=(
-    "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "pad_id", "record_routes",
-    "return_mask", "decode_backend"))
-def _generate(graphdef, state, layers, prompts_BxP, lengths_B, key, *, max_new_tokens,
+# XLA records a GPU program's kernels into command buffers (CUDA graphs). By default
+# ("LHS") a buffer's kernels run one after another in program order; under "CONCURRENT" the
+# graph's edges are the kernels' data dependencies, so kernels that do not depend on each
+# other overlap: the decode step is ~650 kernels, most of a few microseconds, and several
+# run beside each other (a routed layer's shared experts beside its routing and dispatch).
+# On the H200, MoHGE-3B's decode step at batch 256: 4.08-4.10 ms -> 3.87 ms, peak memory
+# +0.1 GB (benchmarks/notes_generate.md, fourteenth session). Options of the decode
+# programs only (`decode_compiler_options`), not of training's.
+DECODE_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+
+
+def decode_compiler_options() -> dict[str, str]:
+  """`jax.jit(compiler_options=)` for programs that decode: DECODE_COMPILER_OPTIONS on a
+  GPU backend, none elsewhere."""
+  return dict(DECODE_COMPILER_OPTIONS) if jax.default_backend() == "gpu" else {}
+
+
+def _generate(graphdef, state, layers, prompts_BxP, lengths_B, key, **kw):
+  return _generate_jit(tuple(sorted(decode_compiler_options().items())))(
+      graphdef, state, layers, prompts_BxP, lengths_B, key, **kw)
+
+
+@functools.cache
+def _generate_jit(compiler_options: tuple[tuple[str, str], ...]):
+  return jax.jit(_generate_fn, static_argnums=0, static_argnames=(
+      "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "pad_id", "record_routes",
+      "return_mask", "decode_backend"), compiler_options=dict(compiler_options) or None)
+
+
+def _generate_fn(graphdef, state, layers, prompts_BxP, lengths_B, key, *, max_new_tokens,
               temperature, top_k, top_p, stop_ids, pad_id, record_routes, return_mask,
               decode_backend):
   model = nnx.merge(graphdef, state)

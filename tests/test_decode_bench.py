@@ -94,6 +94,14 @@ def test_decode_benchmark_bytes_and_tokens():
     assert row["first_decoded_token_agreement"] == 1.0
     assert 0 <= row_all["first_decoded_token_agreement"] <= 1
 
+  # --decode-options: a row per option, the same tokens (here on the CPU both compile
+  # without options: generate's are a GPU's)
+  rows = list(decode.run(cfg, graphdef, state, 2, prompt_len=P, new_tokens=N, reps=1,
+                         decode_options=("generate", "xla")))
+  assert [r["decode_options"] for r, _ in rows] == ["generate", "xla"]
+  assert [r["compiler_options"] for r, _ in rows] == [gen.decode_compiler_options(), {}]
+  np.testing.assert_array_equal(rows[0][1]["tokens_BxN"], rows[1][1]["tokens_BxN"])
+
 
 def test_expected_experts_under_uniform_routing():
   """The dry run's expected distinct experts, E * (1 - (1 - K/E)^B), against sampling MoE

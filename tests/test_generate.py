@@ -212,6 +212,29 @@ def test_generate_decode_options_sample_the_same(rng, monkeypatch):
     gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="fast", **kw)
 
 
+def test_decode_compiler_options_reach_generates_program(rng, monkeypatch):
+  """generate compiles its program with `decode_compiler_options`: XLA's command-buffer
+  scheduling on a GPU backend, nothing elsewhere. XLA takes the options' names and values
+  (it refuses a value it does not know, by name), and generate's program is compiled
+  with whatever the function returns (a refused value fails generate)."""
+  assert jax.default_backend() != "gpu" and gen.decode_compiler_options() == {}
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert gen.decode_compiler_options() == gen.DECODE_COMPILER_OPTIONS
+  monkeypatch.undo()
+  x = jnp.asarray(rng.normal(size=8), jnp.float32)
+  f = jax.jit(lambda a: a * 2 + 1, compiler_options=gen.DECODE_COMPILER_OPTIONS)
+  np.testing.assert_allclose(np.asarray(f(x)), np.asarray(x) * 2 + 1)
+  with pytest.raises(Exception, match="BOGUS"):
+    jax.jit(lambda a: a * 3, compiler_options={
+        "xla_gpu_command_buffer_scheduling_mode": "BOGUS"})(x)
+  model = make_model(int(rng.integers(1 << 30)))
+  prompts, lens = ragged(rng, [2, 4], 4)
+  monkeypatch.setattr(gen, "decode_compiler_options",
+                      lambda: {"xla_gpu_command_buffer_scheduling_mode": "BOGUS"})
+  with pytest.raises(Exception, match="BOGUS"):
+    gen.generate(model, prompts, lens, jax.random.key(0), max_new_tokens=2)
+
+
 def test_capacity_kernel_decode_backend_matches_capacity(rng, monkeypatch):
   """decode_backend="capacity_kernel": each routed layer's experts stacked once
   (`unstack_layers(stack_experts=True)`) and the slot blocks through the Mosaic GPU
