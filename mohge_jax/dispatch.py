@@ -375,14 +375,18 @@ def _capacity_slots(expert_ids_TxK: jax.Array, E: int, C: int):
   pair (in token order). Returns token_ExC (its token; 0 when empty), filled_ExC, slot_M (each
   pair's slot e * C + c, pairs flattened [T*K]; c clipped to C - 1) and counts_E.
 
-  A pair's rank within its expert is a running count over a one-hot [T*K, E] (a cumsum, one
-  fused pass at decoding's few thousand pairs), not a sort by expert: on the H200 the sort
-  was ~13 us of each MoHGE-3B layer's decode step."""
+  A pair's rank within its expert is the number of earlier tokens that chose the expert
+  (a token's K experts are distinct, as top-k ids are): a running count over the tokens'
+  0/1 choices [T, E], not a sort by expert (on the H200 the sort was ~13 us of each MoHGE-3B
+  layer's decode step) nor a running count over the [T*K, E] pairs (K times the rows, and
+  a reduce_window's work grows with the square of its length: ~5 us a layer)."""
   T, K = expert_ids_TxK.shape
+  hit_TxE = jnp.any(expert_ids_TxK[:, :, None] == jnp.arange(E, dtype=expert_ids_TxK.dtype),
+                    axis=1).astype(jnp.int32)
+  before_TxE = jnp.cumsum(hit_TxE, axis=0) - hit_TxE
+  rank_M = jnp.take_along_axis(before_TxE, expert_ids_TxK, axis=1).reshape(T * K)
+  counts_E = jnp.sum(hit_TxE, axis=0)
   ids_M = expert_ids_TxK.reshape(T * K)
-  onehot_MxE = (ids_M[:, None] == jnp.arange(E, dtype=ids_M.dtype)).astype(jnp.int32)
-  rank_M = jnp.sum(jnp.cumsum(onehot_MxE, axis=0) * onehot_MxE, axis=1) - 1
-  counts_E = jnp.sum(onehot_MxE, axis=0)
   slot_M = ids_M * C + jnp.minimum(rank_M, C - 1)
   token_ExC = jnp.zeros((E * C,), jnp.int32).at[jnp.where(rank_M < C, slot_M, E * C)].set(
       jnp.arange(T * K, dtype=jnp.int32) // K, mode="drop").reshape(E, C)

@@ -18,6 +18,8 @@ from mohge_jax.config import Config
 from mohge_jax.dispatch import (StackedExperts, all_experts, capacity_experts,
                                 dispatch_and_combine, slot_capacity, swiglu)
 
+_DECODING_BACKENDS = ("all_experts", "capacity")   # `RoutedFFN.__call__`'s, for decoding
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -62,8 +64,9 @@ class RoutedFFN(nnx.Module):
                           rngs=rngs)
                    if m.num_shared_experts else None)
 
-  def route(self, x_TxD: jax.Array, forced: routing.Forced | None = None
-            ) -> tuple[routing.Routing, dict[str, jax.Array]]:
+  def route(self, x_TxD: jax.Array, forced: routing.Forced | None = None,
+            top_k_impl: str = "sort") -> tuple[routing.Routing, dict[str, jax.Array]]:
+    """top_k_impl: `routing.select_top_k`'s ("rank" when decoding)."""
     m, lo = self.cfg.model, self.cfg.loss
     x32_TxD = x_TxD.astype(jnp.float32)
     # The aux losses' statistics per chunk of loss.aux_tokens tokens. Config validation makes
@@ -76,7 +79,8 @@ class RoutedFFN(nnx.Module):
       u_TxG = x32_TxD @ self.group_router[...]
       r = routing.two_level_route(u_TxG, v_TxE, num_groups=m.num_groups,
                                   top_k_groups=m.top_k_groups, top_k=m.top_k,
-                                  combine_weights=m.combine_weights, forced=forced)
+                                  combine_weights=m.combine_weights, forced=forced,
+                                  top_k_impl=top_k_impl)
       aux = {
           "group_aux": losses.group_wise_aux_loss(
               r.group_softmax, r.group_ids, widths=m.group_widths,
@@ -88,7 +92,7 @@ class RoutedFFN(nnx.Module):
       z_logits = (u_TxG, v_TxE)
     else:
       r = routing.topk_route(v_TxE, top_k=m.top_k, combine_weights=m.combine_weights,
-                             forced=forced)
+                             forced=forced, top_k_impl=top_k_impl)
       aux = {
           "group_aux": jnp.zeros((), jnp.float32),
           "expert_aux": losses.switch_aux_loss(r.router_probs, r.expert_ids,
@@ -123,7 +127,9 @@ class RoutedFFN(nnx.Module):
             "expert_ids": rs.expert_ids.reshape(B, L, -1),
             "group_ids": rs.group_ids.reshape(B, L, -1)}
     with jax.named_scope("router"):  # (named scopes: profiles group kernels by them)
-      r, aux = self.route(x_TxD, forced)
+      # decoding's backends: a few rows, top-k's without a sort (`routing.select_top_k`)
+      r, aux = self.route(x_TxD, forced, top_k_impl="rank" if backend in _DECODING_BACKENDS
+                          else "sort")
     aux["expert_ids"] = r.expert_ids.reshape(B, L, -1)
     aux["group_ids"] = r.group_ids.reshape(B, L, -1)
     E = self.cfg.model.num_experts

@@ -47,14 +47,44 @@ def _scatter_TxE(values_TxK: jax.Array, ids_TxK: jax.Array, num: int) -> jax.Arr
   return jnp.sum(values_TxK[..., None] * one_hot_TxKxE, axis=1)  # a fusion, not T tiny GEMMs
 
 
+TOP_K_IMPLS = ("sort", "rank")
+
+
+def select_top_k(x_TxN: jax.Array, k: int, impl: str = "sort") -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last axis: (values, indices), values falling, ties to the lower
+  index. impl="rank" finds them without a sort: each entry's rank in its row (how many
+  entries beat it: larger, or equal at a lower index) from an [..., N, N] compare-and-count,
+  then the entry of each rank 0..k-1 by a masked sum. The same values and indices as
+  `lax.top_k` for rows without NaN (and without a -0.0 tied with a 0.0); the values'
+  gradient is the same selection. For decoding's few rows (N = 8 groups or 64 experts):
+  XLA fuses it with its neighbours, where a top_k is a sort kernel after a copy of its
+  input (two of each a MoHGE layer's decode step on the H200, on the step's serial
+  path; benchmarks/notes_generate.md, fourteenth session)."""
+  if impl == "sort":
+    return jax.lax.top_k(x_TxN, k)
+  if impl != "rank":
+    raise ValueError(f"select_top_k: impl={impl!r}: must be one of {TOP_K_IMPLS}")
+  N = x_TxN.shape[-1]
+  idx_N = jnp.arange(N, dtype=jnp.int32)
+  x_i, x_j = x_TxN[..., :, None], x_TxN[..., None, :]
+  beats_TxNxN = (x_j > x_i) | ((x_j == x_i) & (idx_N[None, :] < idx_N[:, None]))
+  rank_TxN = jnp.sum(beats_TxNxN, axis=-1, dtype=jnp.int32)
+  at_TxKxN = rank_TxN[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]
+  ids_TxK = jnp.sum(jnp.where(at_TxKxN, idx_N, 0), axis=-1, dtype=jnp.int32)
+  vals_TxK = jnp.sum(jnp.where(at_TxKxN, x_TxN[..., None, :], 0), axis=-1)
+  return vals_TxK, ids_TxK
+
+
 def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_groups: int,
                     top_k_groups: int, top_k: int, combine_weights: str = "softmax",
-                    forced: Forced | None = None) -> Routing:
+                    forced: Forced | None = None, top_k_impl: str = "sort") -> Routing:
   """MoHGE routing: sigmoid group gate (top-Kg), per-group softmax expert gate, global top-K.
 
   group_logits: [T, G]; expert_logits: [T, G*N]. Ties go to the lower index. With
   `forced`, its groups and experts replace both top-k choices; the scores (and so the
   combine weights and their gradients) are still the live ones, gathered at those ids.
+  top_k_impl: how both top-k's run (`select_top_k`: "sort", XLA's, or "rank", for
+  decoding).
   """
   u_TxG = group_logits.astype(jnp.float32)
   v_TxE = expert_logits.astype(jnp.float32)
@@ -70,7 +100,7 @@ def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_gr
   # 1. Group gate: sigmoid scores, top-Kg, renormalised over the selected groups.
   s_TxG = jax.nn.sigmoid(u_TxG)
   if forced is None:
-    _, group_ids = jax.lax.top_k(s_TxG, top_k_groups)
+    _, group_ids = select_top_k(s_TxG, top_k_groups, top_k_impl)
   else:
     group_ids = forced.group_ids.reshape(T, top_k_groups)
   selected_TxG = jnp.sum(jax.nn.one_hot(group_ids, G, dtype=jnp.float32), axis=1)
@@ -84,7 +114,7 @@ def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_gr
 
   # 4-5. Global top-K over the masked scores, then the combine weights.
   if forced is None:
-    r_sel_TxK, expert_ids = jax.lax.top_k(r_TxE, top_k)
+    r_sel_TxK, expert_ids = select_top_k(r_TxE, top_k, top_k_impl)
   else:
     expert_ids = forced.expert_ids.reshape(T, top_k)
     r_sel_TxK = jnp.take_along_axis(r_TxE, expert_ids, axis=-1)
@@ -101,14 +131,15 @@ def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_gr
 
 
 def topk_route(logits: jax.Array, *, top_k: int, combine_weights: str = "raw",
-               forced: Forced | None = None) -> Routing:
+               forced: Forced | None = None, top_k_impl: str = "sort") -> Routing:
   """Homogeneous MoE baseline: softmax over all E experts, top-K (one group of E experts).
-  With `forced`, its expert ids replace the top-K (live probabilities gathered at them)."""
+  With `forced`, its expert ids replace the top-K (live probabilities gathered at them).
+  top_k_impl: as `two_level_route`'s."""
   logits_TxE = logits.astype(jnp.float32)
   T, E = logits_TxE.shape
   probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
   if forced is None:
-    probs_sel_TxK, expert_ids = jax.lax.top_k(probs_TxE, top_k)
+    probs_sel_TxK, expert_ids = select_top_k(probs_TxE, top_k, top_k_impl)
   else:
     expert_ids = forced.expert_ids.reshape(T, top_k)
     probs_sel_TxK = jnp.take_along_axis(probs_TxE, expert_ids, axis=-1)

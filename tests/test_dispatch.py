@@ -196,6 +196,33 @@ def test_capacity_experts_equals_per_pair_loop(rng, case):
                              rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("C", [2, 5, 40])
+def test_capacity_slots_rank_pairs_in_token_order(rng, C):
+  """_capacity_slots against a loop over the pairs in token order: each pair's slot e * C
+  + (its rank among expert e's pairs, clipped to C - 1), the token in every slot filled
+  (ranks below C), empty slots token 0 and not filled, the counts; skewed routing so some
+  experts overflow the small capacities."""
+  T, K, E = 37, 4, 16
+  p = rng.dirichlet(np.full(E, 0.3))
+  ids = np.stack([rng.choice(E, K, replace=False, p=p) for _ in range(T)]).astype(np.int32)
+  token, filled, slot, counts = (np.asarray(a) for a in dispatch._capacity_slots(
+      jnp.asarray(ids), E, C))
+  seen = np.zeros(E, np.int64)
+  want_token, want_slot = np.zeros((E, C), np.int64), []
+  for t in range(T):
+    for k in range(K):
+      e = ids[t, k]
+      if seen[e] < C:
+        want_token[e, seen[e]] = t
+      want_slot.append(e * C + min(seen[e], C - 1))
+      seen[e] += 1
+  np.testing.assert_array_equal(counts, seen)
+  np.testing.assert_array_equal(slot, want_slot)
+  np.testing.assert_array_equal(filled, np.arange(C) < seen[:, None])
+  np.testing.assert_array_equal(token, want_token)
+  assert (C < 40) == (seen.max() > C)   # the small capacities overflow, 40 does not
+
+
 @pytest.mark.parametrize("case", ["bounded", "overflow"])
 def test_capacity_experts_through_the_kernels_equals_per_pair_loop(rng, case):
   """capacity_experts(stacked=stack_experts(...)): the slot block through the Mosaic GPU

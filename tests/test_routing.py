@@ -43,14 +43,19 @@ def np_two_level(u, v, G, Kg, K, mode):
               group_softmax=softmax(u), expert_probs=P, router_probs=r)
 
 
+IMPLS = pytest.mark.parametrize("impl", routing.TOP_K_IMPLS)
+
+
+@IMPLS
 @pytest.mark.parametrize("mode", ["softmax", "renormalize", "raw"])
 @pytest.mark.parametrize("G,N,Kg,K", [(8, 8, 4, 6), (4, 4, 2, 8), (3, 5, 3, 7), (2, 2, 1, 2)])
-def test_two_level_matches_numpy(rng, mode, G, N, Kg, K):
+def test_two_level_matches_numpy(rng, mode, G, N, Kg, K, impl):
   T = 97
   u = rng.normal(size=(T, G)).astype(np.float32) * 2
   v = rng.normal(size=(T, G * N)).astype(np.float32) * 2
   got = routing.two_level_route(jnp.asarray(u), jnp.asarray(v), num_groups=G,
-                                top_k_groups=Kg, top_k=K, combine_weights=mode)
+                                top_k_groups=Kg, top_k=K, combine_weights=mode,
+                                top_k_impl=impl)
   want = np_two_level(u, v, G, Kg, K, mode)
   np.testing.assert_array_equal(np.asarray(got.group_ids), want["group_ids"])
   np.testing.assert_array_equal(np.asarray(got.expert_ids), want["expert_ids"])
@@ -65,20 +70,22 @@ def test_two_level_matches_numpy(rng, mode, G, N, Kg, K):
     assert np.all([len(set(row)) > 1 for row in np.asarray(got.expert_ids) // N])
 
 
-def test_ties_go_to_lower_index():
+@IMPLS
+def test_ties_go_to_lower_index(impl):
   # Equal group logits in every row, and every group's expert logits identical: all
   # scores tie exactly, so the lowest group and expert indices must win.
   T, G, N, Kg, K = 5, 4, 3, 2, 4
   u = np.zeros((T, G), np.float32)
   v = np.tile(np.array([0.5, 0.5, 0.1], np.float32), (T, G))
   got = routing.two_level_route(jnp.asarray(u), jnp.asarray(v), num_groups=G,
-                                top_k_groups=Kg, top_k=K)
+                                top_k_groups=Kg, top_k=K, top_k_impl=impl)
   np.testing.assert_array_equal(np.asarray(got.group_ids), np.tile([0, 1], (T, 1)))
   # r: groups 0 and 1 equal; experts 0,1 tie (0.5) above expert 2 -> ids 0,1,3,4.
   np.testing.assert_array_equal(np.asarray(got.expert_ids), np.tile([0, 1, 3, 4], (T, 1)))
 
 
-def test_near_ties_resolved_by_value(rng):
+@IMPLS
+def test_near_ties_resolved_by_value(rng, impl):
   T, G, N = 64, 4, 4
   base = rng.normal(size=(T, 1)).astype(np.float32)
   eps = np.float32(1e-3)
@@ -86,17 +93,19 @@ def test_near_ties_resolved_by_value(rng):
   u = np.concatenate([base, base - 5, base - 5, base + eps], axis=1)
   v = rng.normal(size=(T, G * N)).astype(np.float32)
   got = routing.two_level_route(jnp.asarray(u), jnp.asarray(v), num_groups=G,
-                                top_k_groups=1, top_k=2)
+                                top_k_groups=1, top_k=2, top_k_impl=impl)
   np.testing.assert_array_equal(np.asarray(got.group_ids)[:, 0], 3)
   want = np_two_level(u, v, G, 1, 2, "softmax")
   np.testing.assert_array_equal(np.asarray(got.expert_ids), want["expert_ids"])
 
 
+@IMPLS
 @pytest.mark.parametrize("mode", ["softmax", "renormalize", "raw"])
-def test_topk_route_matches_numpy(rng, mode):
+def test_topk_route_matches_numpy(rng, mode, impl):
   T, E, K = 50, 16, 4
   logits = rng.normal(size=(T, E)).astype(np.float32)
-  got = routing.topk_route(jnp.asarray(logits), top_k=K, combine_weights=mode)
+  got = routing.topk_route(jnp.asarray(logits), top_k=K, combine_weights=mode,
+                           top_k_impl=impl)
   probs = softmax(logits.astype(np.float64))
   ids = top_k_stable(probs, K)
   np.testing.assert_array_equal(np.asarray(got.expert_ids), ids)
@@ -114,6 +123,29 @@ def test_one_group_equals_topk_softmax(rng):
   one = routing.topk_route(jnp.asarray(v), top_k=K, combine_weights="renormalize")
   np.testing.assert_array_equal(np.asarray(two.expert_ids), np.asarray(one.expert_ids))
   np.testing.assert_allclose(np.asarray(two.weights), np.asarray(one.weights), rtol=1e-6)
+
+
+@pytest.mark.parametrize("N,k", [(8, 4), (64, 6), (5, 5)])
+def test_select_top_k_by_rank_equals_lax_top_k(rng, N, k):
+  """select_top_k(impl="rank") against lax.top_k: the same values and indices on rows with
+  many exact ties (values from a few levels, zeros among them) and on distinct values,
+  with leading axes; the values' gradient is the same selection."""
+  import jax
+  levels = rng.normal(size=4).astype(np.float32)
+  tied = np.concatenate([levels, [0.0]]).astype(np.float32)[rng.integers(0, 5, (3, 40, N))]
+  plain = rng.normal(size=(3, 40, N)).astype(np.float32)
+  for x in (jnp.asarray(tied), jnp.asarray(plain)):
+    want_v, want_i = jax.lax.top_k(x, k)
+    got_v, got_i = routing.select_top_k(x, k, "rank")
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    assert got_i.dtype == jnp.int32
+  w = jnp.asarray(rng.normal(size=(3, 40, k)), jnp.float32)
+  grad = lambda impl: jax.grad(  # noqa: E731
+      lambda a: jnp.sum(routing.select_top_k(a, k, impl)[0] * w))(jnp.asarray(plain))
+  np.testing.assert_array_equal(np.asarray(grad("rank")), np.asarray(grad("sort")))
+  with pytest.raises(ValueError, match="impl='heap'"):
+    routing.select_top_k(jnp.asarray(plain), k, "heap")
 
 
 def test_bad_arguments():
