@@ -68,15 +68,14 @@ class RoutedFFN(nnx.Module):
             top_k_impl: str = "sort") -> tuple[routing.Routing, dict[str, jax.Array]]:
     """top_k_impl: `routing.select_top_k`'s ("rank" when decoding)."""
     m, lo = self.cfg.model, self.cfg.loss
-    x32_TxD = x_TxD.astype(jnp.float32)
     # The aux losses' statistics per chunk of loss.aux_tokens tokens. Config validation makes
     # every training micro-batch a multiple; other inputs (inference, where the aux losses
     # are unused) that are not use the whole batch.
     T = x_TxD.shape[0]
     chunk = lo.aux_tokens if lo.aux_tokens and T % lo.aux_tokens == 0 else 0
-    v_TxE = x32_TxD @ self.expert_router[...]
+    v_TxE = routing.router_logits(x_TxD, self.expert_router[...])
     if self.kind == "mohge":
-      u_TxG = x32_TxD @ self.group_router[...]
+      u_TxG = routing.router_logits(x_TxD, self.group_router[...])
       r = routing.two_level_route(u_TxG, v_TxE, num_groups=m.num_groups,
                                   top_k_groups=m.top_k_groups, top_k=m.top_k,
                                   combine_weights=m.combine_weights, forced=forced,
@@ -176,7 +175,7 @@ class RoutedFFN(nnx.Module):
     with jax.named_scope("router"):
       w_DxL = (jnp.concatenate([self.group_router[...], self.expert_router[...]], axis=1)
                if G else self.expert_router[...])
-      logits_TxL = x_TxD.astype(jnp.float32) @ w_DxL
+      logits_TxL = routing.router_logits(x_TxD, w_DxL)
       r = route_gpu.route_slots(
           logits_TxL, num_groups=G, top_k_groups=m.top_k_groups, top_k=m.top_k,
           combine_weights=m.combine_weights,

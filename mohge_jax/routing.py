@@ -30,6 +30,17 @@ class Forced(NamedTuple):
   group_ids: jax.Array  # [..., Kg] int32 (two-level routing; ignored by top-K)
 
 
+def router_logits(x_TxD: jax.Array, w_DxL: jax.Array) -> jax.Array:
+  """The router's logits x @ w, float32 [T, L], at float32 precision on every backend.
+  jnp's DEFAULT precision lets XLA round float32 operands to TF32 (10-bit mantissas) on
+  NVIDIA GPUs and to bfloat16 on TPUs (https://docs.jax.dev/en/latest/201/precision.html):
+  the router's weights would be used at ~3 decimal digits and its top-k choices would
+  follow those roundings. HIGHEST is true float32 on a GPU, its float32 emulation (six
+  bf16 passes) on a TPU; the product ([T, D] x [D, G + E]) is small beside the layer's others."""
+  return jnp.matmul(x_TxD.astype(jnp.float32), w_DxL.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
 def combine(scores_TxK: jax.Array, mode: str) -> jax.Array:
   """Final combine weights from the selected scores (spec §2 step 5)."""
   if mode == "softmax":

@@ -1,6 +1,7 @@
 """The routed layer (mohge_jax.experts) against a naive per-token loop. The grouped FFN
 backends and the dispatch primitives: tests/test_dispatch.py."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,3 +120,33 @@ def test_gradients_reach_both_routers_and_every_used_expert(rng):
       for w in (grads.w_gate_up[g], grads.w_down[g]):
         has_grad = np.abs(np.asarray(w[...][n])).sum() > 0
         assert has_grad == (tokens[g, n] > 0), (g, n, tokens[g, n])
+
+
+@pytest.mark.parametrize("kind", ["mohge", "moe"])
+def test_router_logits_are_float32_products_forward_and_backward(rng, kind):
+  """Every product of the router's weights (forward, and the router's gradient) asks for
+  HIGHEST precision: float32 operands, not the TF32 (GPU) or bf16 (TPU) passes of jnp's
+  DEFAULT; the logits equal float64's to float32 rounding (here bf16 activations)."""
+  shape = (["model.group_widths=[8]", "model.experts_per_group=6", "model.top_k=2"]
+           if kind == "moe" else [])
+  cfg = load_config(None, SMALL[:-1] + shape + [f"model.ffn={kind}", "model.dtype=bfloat16"])
+  layer = experts.RoutedFFN(cfg, kind, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+  x = jnp.asarray(rng.normal(size=(24, 32)), jnp.bfloat16)
+  graphdef, state = nnx.split(layer)
+
+  def loss(state):
+    r, _ = nnx.merge(graphdef, state).route(x)
+    return jnp.sum(r.weights * jnp.arange(r.weights.shape[1]))
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(state)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  routers = 2 if kind == "mohge" else 1
+  assert len(dots) >= 2 * routers   # each router's forward product and its gradient's
+  for e in dots:
+    assert e.params["precision"] is not None and set(e.params["precision"]) == {
+        jax.lax.Precision.HIGHEST}, e
+  ws = [layer.expert_router[...]]
+  want = np.asarray(x, np.float64) @ np.asarray(ws[0], np.float64)
+  got = experts.routing.router_logits(x, ws[0])
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
