@@ -276,6 +276,20 @@ class DecodeLayer(NamedTuple):
   experts: dispatch.StackedExperts | None  # stacked for the Mosaic GPU kernels, or None
 
 
+# unstack_layers' compiled steps, made once per process (per tuning / per layer stack's
+# structure), not in every call: `generate` unstacks in each call, and a new jax.jit of a
+# new function traces and compiles again each time.
+@functools.cache
+def _stack_experts_fn(tuning: tuple[tuple[str, object], ...]):
+  return jax.jit(functools.partial(dispatch.stack_experts, **dict(tuning)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _layer_decode_weights(attn_graphdef, attn_state, i):
+  """Layer i's attention weights of a stack (`attn_state`, stacked) in the decode layout."""
+  return nnx.merge(attn_graphdef, jax.tree.map(lambda a: a[i], attn_state)).decode_weights()
+
+
 def unstack_layers(model: Transformer, stack_experts: bool = False,
                    kernel_tuning: dict | None = None) -> list[list[DecodeLayer]]:
   """Per stack, its layers as `DecodeLayer`s, separate arrays made here, outside any jit,
@@ -287,13 +301,12 @@ def unstack_layers(model: Transformer, stack_experts: bool = False,
   the Mosaic GPU kernels in the compute dtype (`dispatch.stack_experts`, with
   `kernel_tuning` over its defaults: a third copy of the expert weights), which
   decode_backend="capacity_kernel" reads."""
-  stack_fn = jax.jit(functools.partial(dispatch.stack_experts, **(kernel_tuning or {})))
+  stack_fn = _stack_experts_fn(tuple(sorted((kernel_tuning or {}).items())))
   out = []
   for stack in model.stacks:
     state = nnx.state(stack.layers)
     attn_graphdef, attn_state = nnx.split(stack.layers.attn)
-    prepare = jax.jit(lambda s, i, g=attn_graphdef: nnx.merge(
-        g, jax.tree.map(lambda a: a[i], s)).decode_weights())
+    prepare = functools.partial(_layer_decode_weights, attn_graphdef)
 
     def layer_copy(path, a, i):
       names = [getattr(k, "key", None) for k in path[:2]]

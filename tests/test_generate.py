@@ -443,6 +443,13 @@ def test_unrolled_decode_over_separate_layer_buffers_equals_the_scan(rng, extra)
   _, caches, _ = gen.prefill(model, jnp.asarray(prompts), jnp.asarray(lens), P + N)
   layers, flat = gen.unstack_layers(model), gen.unstack_caches(caches)
   assert [len(s) for s in layers] == [s.num for s in model.stacks] == [len(c) for c in flat]
+  # unstacking again (generate unstacks in every call) compiles nothing new
+  compiled = gen._layer_decode_weights._cache_size()
+  again = gen.unstack_layers(model)
+  assert gen._layer_decode_weights._cache_size() == compiled
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               [[(l.state, l.attn) for l in st] for st in again],
+               [[(l.state, l.attn) for l in st] for st in layers])
   for layer in (layer for stack in layers for layer in stack):
     attn = nnx.to_pure_dict(layer.state["attn"])
     assert {k for k, a in attn.items() if getattr(a, "size", 1) == 0} == (
