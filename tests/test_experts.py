@@ -145,8 +145,8 @@ def test_router_logits_are_float32_products_forward_and_backward(rng, kind):
   for e in dots:
     assert e.params["precision"] is not None and set(e.params["precision"]) == {
         jax.lax.Precision.HIGHEST}, e
-  ws = [layer.expert_router[...]]
-  want = np.asarray(x, np.float64) @ np.asarray(ws[0], np.float64)
-  got = experts.routing.router_logits(x, ws[0])
+  w = layer.expert_router[...]
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  got = experts.routing.router_logits(x, w)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)

@@ -448,8 +448,8 @@ def test_unrolled_decode_over_separate_layer_buffers_equals_the_scan(rng, extra)
   again = gen.unstack_layers(model)
   assert gen._layer_decode_weights._cache_size() == compiled
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               [[(l.state, l.attn) for l in st] for st in again],
-               [[(l.state, l.attn) for l in st] for st in layers])
+               [[(one.state, one.attn) for one in st] for st in again],
+               [[(one.state, one.attn) for one in st] for st in layers])
   for layer in (layer for stack in layers for layer in stack):
     attn = nnx.to_pure_dict(layer.state["attn"])
     assert {k for k, a in attn.items() if getattr(a, "size", 1) == 0} == (
