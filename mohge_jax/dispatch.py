@@ -507,10 +507,12 @@ class StackedExperts:
 
   @property
   def route(self) -> str:
-    """'xla' (the default: the routing functions and `_capacity_slots`) or 'kernel'
+    """'xla' (the default: the routing functions and `_capacity_slots`), 'kernel'
     (`pallas_kernels.route_gpu`: the layer's routing and slot assignment in one launch,
     where its shapes fit; on the H200 still slower than XLA's ~20 launches, 30 us a
-    MoHGE-3B layer at batch 256, benchmarks/notes_generate.md, eleventh session)."""
+    MoHGE-3B layer at batch 256, benchmarks/notes_generate.md, eleventh session) or
+    'kernel_rows' (the same kernel with a thread a token, `route_gpu.route_slots(impl=
+    "rows")`; not yet run on a GPU)."""
     return dict(self.tuning).get("route", "xla")
 
   @property
@@ -542,20 +544,21 @@ class StackedExperts:
 # rest as the training kernels'.
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128}
 _NOT_CONFIG = ("kernel", "route")   # StackedExperts' own tuning keys
+ROUTES = ("xla", "kernel", "kernel_rows")   # StackedExperts.route
 
 
 def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   """`StackedExperts` of one layer's per-group weights (in the compute dtype, bf16).
   tuning: `pallas_kernels.gpu.Config` fields over DECODE_KERNEL_TUNING (interpret=True
   runs the kernels in the Pallas interpreter, for tests on CPU), kernel="slot" (the
-  default) or "hgmm" (`StackedExperts.kernel`) and route="xla" (the default) or "kernel"
-  (`StackedExperts.route`)."""
+  default) or "hgmm" (`StackedExperts.kernel`) and route="xla" (the default), "kernel" or
+  "kernel_rows" (`StackedExperts.route`)."""
   from pallas_kernels import gpu
   tuning = {**DECODE_KERNEL_TUNING, **tuning}
   if tuning.get("kernel", "slot") not in ("slot", "hgmm"):
     raise ValueError(f"stack_experts: kernel={tuning['kernel']!r}: must be 'slot' or 'hgmm'")
-  if tuning.get("route", "xla") not in ("kernel", "xla"):
-    raise ValueError(f"stack_experts: route={tuning['route']!r}: must be 'kernel' or 'xla'")
+  if tuning.get("route", "xla") not in ROUTES:
+    raise ValueError(f"stack_experts: route={tuning['route']!r}: must be one of {ROUTES}")
   cfg = gpu.Config(**{k: v for k, v in tuning.items() if k not in _NOT_CONFIG})
   reason = gpu.unsupported_reason([w.shape[1] for w in w_down], w_down[0].shape[2], cfg)
   if reason:

@@ -163,14 +163,16 @@ class RoutedFFN(nnx.Module):
   def _decode_with_route_kernel(self, x_TxD, stacked: StackedExperts):
     """Decoding through the slot kernels with the routing and slot assignment in one
     kernel (`pallas_kernels.route_gpu`): (y [T, D] float32, its RouteSlots), or None where
-    `stacked.route` is 'xla' or the kernel does not take these shapes. The same function
+    `stacked.route` is 'xla' or the kernel does not take these shapes (route 'kernel':
+    impl "wgmma", 'kernel_rows': impl "rows"). The same function
     as `route` + `capacity_experts` (tested against them); no loss terms (decoding)."""
     from pallas_kernels import route_gpu   # noqa: PLC0415 - a GPU kernel, decode only
     m = self.cfg.model
     T = x_TxD.shape[0]
     G = m.num_groups if self.kind == "mohge" else 0
-    if stacked.route != "kernel" or route_gpu.unsupported_reason(
-        T, G, m.num_experts, m.top_k_groups, m.top_k):
+    impl = {"kernel": "wgmma", "kernel_rows": "rows"}.get(stacked.route)
+    if impl is None or route_gpu.unsupported_reason(
+        T, G, m.num_experts, m.top_k_groups, m.top_k, impl):
       return None
     with jax.named_scope("router"):
       w_DxL = (jnp.concatenate([self.group_router[...], self.expert_router[...]], axis=1)
@@ -180,7 +182,7 @@ class RoutedFFN(nnx.Module):
           logits_TxL, num_groups=G, top_k_groups=m.top_k_groups, top_k=m.top_k,
           combine_weights=m.combine_weights,
           capacity=slot_capacity(T, m.top_k, m.num_experts, stacked),
-          interpret=stacked.config().interpret)
+          interpret=stacked.config().interpret, impl=impl)
     w_gate_up = [w[...].astype(self.dtype) for w in self.w_gate_up]
     w_down = [w[...].astype(self.dtype) for w in self.w_down]
     with jax.named_scope("routed_experts"):

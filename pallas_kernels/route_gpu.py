@@ -30,7 +30,13 @@ column of the group tile carries each token's largest rank (for `overflow`).
 
 The first version ran the chunks one after another in one warpgroup: 43 us a MoHGE-3B
 layer at batch 256 on the H200, slower than the XLA launches it replaces (one warp a
-scheduler: every reduction's latency exposed).
+scheduler: every reduction's latency exposed). With a warpgroup a chunk, 30 us: its
+module is ~20k operations of unrolled code issued by each of 16 warps (each group's
+softmax a masked pass over all columns), so it is likely bound by instruction issue.
+impl="rows" (`_route_rows`, 64 experts) takes a thread a token instead: 128 tokens a
+warpgroup, a token's scores in its registers (register-only reductions, a group's
+columns only), half the warps; right in the interpreter, lowered for CUDA, not yet run
+on a GPU.
 
 Reference: `reference` (the routing functions and `_capacity_slots`' ranks in plain JAX).
 """
@@ -49,6 +55,8 @@ ROWS = 64   # tokens a chunk (the WGMMA layout's rows)
 COLS = 8    # columns of the small output tiles (K, Kg <= COLS; Kg < COLS)
 COMBINES = ("softmax", "renormalize", "raw")
 MAX_WARPGROUPS = 4   # one a chunk of tokens: up to 256 tokens (a decode batch)
+IMPLS = ("wgmma", "rows")
+ROW_TOKENS = 128     # impl="rows": tokens a warpgroup, one a thread
 
 
 class RouteSlots(NamedTuple):
@@ -59,9 +67,11 @@ class RouteSlots(NamedTuple):
   overflow: jax.Array    # bool scalar: some expert has more than C pairs
 
 
-def unsupported_reason(T: int, num_groups: int, E: int, top_k_groups: int, top_k: int
-                       ) -> str | None:
-  """Why these shapes cannot run (None when they can)."""
+def unsupported_reason(T: int, num_groups: int, E: int, top_k_groups: int, top_k: int,
+                       impl: str = "wgmma") -> str | None:
+  """Why these shapes cannot run with `impl` (None when they can)."""
+  if impl == "rows" and E != 64:
+    return f"route kernel (impl='rows'): experts must be 64 (a token's scores in registers), got {E}"
   if T % ROWS or not ROWS <= T <= MAX_WARPGROUPS * ROWS:
     return (f"route kernel: tokens must be a multiple of {ROWS} up to "
             f"{MAX_WARPGROUPS * ROWS}, got {T}")
@@ -88,21 +98,30 @@ def _combine(vals, mode):
 
 
 @functools.partial(jax.jit, static_argnames=("num_groups", "top_k_groups", "top_k",
-                                             "combine_weights", "capacity", "interpret"))
+                                             "combine_weights", "capacity", "interpret",
+                                             "impl"))
 def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
-                combine_weights: str, capacity: int, interpret: bool = False) -> RouteSlots:
+                combine_weights: str, capacity: int, interpret: bool = False,
+                impl: str = "wgmma") -> RouteSlots:
   """See the module docstring. logits: [T, G + E] float32 (G = num_groups, 0 for
-  homogeneous top-K). interpret: the Pallas GPU interpreter (CPU tests)."""
+  homogeneous top-K). interpret: the Pallas GPU interpreter (CPU tests). impl: "wgmma"
+  (a warpgroup a chunk of 64 tokens in the WGMMA layout) or "rows" (`_route_rows`: a
+  thread a token)."""
   T, width = logits.shape
   G, K, Kg, C = num_groups, top_k, top_k_groups, capacity
   E = width - G
-  reason = unsupported_reason(T, G, E, Kg, K)
+  if impl not in IMPLS:
+    raise ValueError(f"route_slots: impl={impl!r}: must be one of {IMPLS}")
+  reason = unsupported_reason(T, G, E, Kg, K, impl)
   if reason:
     raise ValueError(reason)
   if combine_weights not in COMBINES:
     raise ValueError(f"combine_weights={combine_weights!r}: must be one of {COMBINES}")
   if C < 1:
     raise ValueError(f"capacity must be positive, got {C}")
+  if impl == "rows":
+    return _route_rows(logits.astype(jnp.float32), G=G, K=K, Kg=Kg, C=C,
+                       combine=combine_weights, interpret=interpret)
   W = T // ROWS   # warpgroups: one a chunk of tokens
   wg = plgpu.Layout.WGMMA
   row = wg.reduce(1)
@@ -228,6 +247,154 @@ def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
                      plgpu.Barrier(num_arrivals=W)],
   )(logits.astype(jnp.float32))
   ids8, w8, slot8, gid8 = out
+  return RouteSlots(expert_ids=ids8[:, :K], weights=w8[:, :K],
+                    group_ids=gid8[:, :Kg] if G else jnp.zeros((T, 1), i32),
+                    slots=slot8[:, :K], overflow=jnp.max(gid8[:, COLS - 1]) >= C)
+
+
+def _route_rows(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interpret: bool
+                ) -> RouteSlots:
+  """route_slots with a thread a token: each warpgroup takes 128 tokens (T padded up to a
+  multiple of 128, the padding's choices not counted) in `plgpu.Layout.TCGEN05_TMEM_NATIVE`,
+  where a thread holds its token's whole row of scores, so the router's reductions (row
+  maxima, sums, the top-k's passes) are register-only, and a group's softmax reads that
+  group's columns only (the WGMMA layout's kernel spreads a row over four threads and
+  masks all 64 columns for each group: ~20k operations issued by every warp, ~30 us on
+  the H200, benchmarks/notes_generate.md). The ranks as the WGMMA kernel's: the 0/1
+  choices through SMEM into the WGMMA layout, a strictly lower triangular and an all-ones
+  product (bf16, exact in float32) per 64-token half, the earlier warpgroups' totals
+  through SMEM; back to a thread a token through SMEM for the slots."""
+  T, width = logits.shape
+  E = width - G
+  Tp = -(-T // ROW_TOKENS) * ROW_TOKENS
+  W = Tp // ROW_TOKENS
+  if Tp != T:
+    logits = jnp.pad(logits, ((0, Tp - T), (0, 0)))
+  R, H = ROW_TOKENS, ROW_TOKENS // 2   # a warpgroup's tokens, and each half's (wgmma's M)
+  L, WG = plgpu.Layout.TCGEN05_TMEM_NATIVE, plgpu.Layout.WGMMA
+  f32, i32, bf16 = jnp.float32, jnp.int32, jnp.bfloat16
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+  def col(n, layout=L, rows=R, dim=1):
+    return plgpu.broadcasted_iota(i32, (rows, n), dim, layout=layout)
+
+  def bc(v, n):   # a row vector (a value a thread) as [R, n]
+    return lax.broadcast_in_dim(v, (R, n), (0,))
+
+  def top(x, k):
+    """The k largest of each row (ties to the lower column): columns and values (row
+    vectors, falling) and the 0/1 mask of the chosen columns."""
+    n = x.shape[1]
+    c = col(n)
+    ids, vals, chosen = [], [], c < 0
+    for _ in range(k):
+      m = x.max(axis=1)
+      idx = jnp.where(x == bc(m, n), c, n).min(axis=1)
+      hit = c == bc(idx, n)
+      chosen = chosen | hit
+      x = jnp.where(hit, -jnp.inf, x)
+      ids.append(idx)
+      vals.append(m)
+    return ids, vals, chosen
+
+  def softmax(x):
+    e = jnp.exp(x - bc(x.max(axis=1), x.shape[1]))
+    return e / bc(e.sum(axis=1), x.shape[1])
+
+  def route(v, u):
+    if not G:
+      ids, vals, chosen = top(softmax(v), K)
+      return ids, vals, chosen, [ids[0] - ids[0]]   # (zeros in the rows' layout)
+    N = E // G
+    s = 1.0 / (1.0 + jnp.exp(-u))
+    gids, _, gsel = top(s, Kg)
+    masked = jnp.where(gsel, s, 0.0)
+    p = masked / bc(masked.sum(axis=1), G)
+    gc = col(G)
+    r = jnp.concatenate([bc(jnp.where(gc == g, p, 0.0).sum(axis=1), N)
+                         * softmax(v[:, g * N:(g + 1) * N]) for g in range(G)], axis=1)
+    r = r / bc(r.sum(axis=1), E)
+    ids, vals, chosen = top(r, K)
+    return ids, vals, chosen, gids
+
+  def tile(vs, dtype):   # row vectors -> the columns of an [R, COLS] tile
+    c = col(COLS)
+    out = jnp.where(c < 0, bc(vs[0], COLS), 0).astype(dtype)
+    for j, v in enumerate(vs):
+      out = jnp.where(c == j, bc(v.astype(dtype), COLS), out)
+    return out
+
+  def kernel(logits_ref, ids_ref, w_ref, slot_ref, gid_ref, plain_smem, sel_sw, lower_sw,
+             ones_sw, tot_smem, bar):
+    c = lax.axis_index("wg")   # this warpgroup's 128 tokens
+    rows = pl.ds(c * R, R)
+    v = plgpu.load(logits_ref.at[rows, pl.ds(G, E)], (), layout=L, optimized=False)
+    u = (plgpu.load(logits_ref.at[rows, pl.ds(0, G)], (), layout=L, optimized=False)
+         if G else None)
+    ids, vals, chosen, gids = route(v, u)
+    chosen = chosen & (col(E, dim=0) + c * R < T)   # the padding's tokens choose nothing
+    # The choices into the WGMMA layout (through SMEM), bf16 for the products.
+    plain_smem[c] = chosen.astype(f32)
+    plgpu.commit_smem()
+    halves = [plgpu.load(plain_smem.at[c, pl.ds(h * H, H)], (), layout=WG, optimized=False)
+              for h in range(2)]
+    for h in range(2):
+      sel_sw[c, h] = halves[h].astype(bf16)
+    r_wg, c_wg = col(H, WG, H, 0), col(H, WG, H, 1)
+    lower_sw[c] = (c_wg < r_wg).astype(bf16)          # strictly lower triangular
+    ones_sw[c] = (c_wg >= 0).astype(bf16)
+    plgpu.commit_smem()
+    if interpret:   # the interpreter's dots (it has no accumulator refs to read back)
+      lo, ones = lower_sw[c].astype(f32), ones_sw[c].astype(f32)
+      dot = lambda a, b: jnp.dot(a, b, preferred_element_type=f32)  # noqa: E731
+      within = [dot(lo, halves[0]), dot(ones, halves[0]) + dot(lo, halves[1])]
+      totals = dot(ones, halves[0]) + dot(ones, halves[1])
+    else:
+      def products(acc0, acc1, acc_t):
+        plgpu.wgmma(acc0, lower_sw.at[c], sel_sw.at[c, 0])
+        plgpu.wgmma(acc1, ones_sw.at[c], sel_sw.at[c, 0])
+        plgpu.wgmma(acc1, lower_sw.at[c], sel_sw.at[c, 1])
+        plgpu.wgmma(acc_t, ones_sw.at[c], sel_sw.at[c, 0])
+        plgpu.wgmma(acc_t, ones_sw.at[c], sel_sw.at[c, 1])
+        plgpu.wgmma_wait(0)
+        return [acc0[...], acc1[...]], acc_t[...]
+      within, totals = pl.run_scoped(products, *[plgpu.ACC((H, E)) for _ in range(3)])
+    tot_smem[c] = totals                    # every row: this warpgroup's pairs an expert
+    plgpu.commit_smem()
+    plgpu.barrier_arrive(bar)               # every warpgroup's totals written
+    plgpu.barrier_wait(bar)
+    before = jnp.zeros((H, E), f32)
+    for j in range(W - 1):                  # the earlier warpgroups' pairs
+      t_j = plgpu.load(tot_smem.at[j], (), layout=WG, optimized=False)
+      before = before + jnp.where(c > j, t_j, 0.0)
+    for h in range(2):                      # the ranks back to a thread a token
+      plain_smem[c, pl.ds(h * H, H)] = within[h] + before
+    plgpu.commit_smem()
+    rank = plgpu.load(plain_smem.at[c], (), layout=L, optimized=False).astype(i32)
+    ecol = col(E)
+    slot_TxE = ecol * C + jnp.minimum(rank, C - 1)
+    slots = [jnp.where(ecol == bc(i, E), slot_TxE, 0).sum(axis=1) for i in ids]
+    worst = jnp.where(chosen, rank, -1).max(axis=1)
+    ids_ref[rows, :] = tile(ids, i32)
+    w_ref[rows, :] = tile(_combine(vals, combine), f32)
+    slot_ref[rows, :] = tile(slots, i32)
+    gid_ref[rows, :] = tile(gids + [worst] * (COLS - len(gids)), i32)  # last: worst
+
+  ints = jax.ShapeDtypeStruct((Tp, COLS), i32)
+  out = plgpu.kernel(
+      kernel,
+      out_type=(ints, jax.ShapeDtypeStruct((Tp, COLS), f32), ints, ints),
+      grid=(1,), grid_names=("one",), num_threads=W, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      scratch_types=[plgpu.SMEM((W, R, E), f32),
+                     plgpu.SMEM((W, 2, H, E), bf16, transforms=transforms),
+                     plgpu.SMEM((W, H, H), bf16, transforms=transforms),
+                     plgpu.SMEM((W, H, H), bf16, transforms=transforms),
+                     plgpu.SMEM((W, H, E), f32),
+                     plgpu.Barrier(num_arrivals=W)],
+  )(logits)
+  ids8, w8, slot8, gid8 = (a[:T] for a in out)
   return RouteSlots(expert_ids=ids8[:, :K], weights=w8[:, :K],
                     group_ids=gid8[:, :Kg] if G else jnp.zeros((T, 1), i32),
                     slots=slot8[:, :K], overflow=jnp.max(gid8[:, COLS - 1]) >= C)

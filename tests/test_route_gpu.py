@@ -86,32 +86,45 @@ def test_reference_equals_float64(rng, router, combine):
   _check(rg.reference(logits, combine_weights=combine, capacity=C, **kw), want)
 
 
-@pytest.mark.parametrize("router,combine,T,E,skew", [
-    ("mohge", "softmax", 128, 64, None),      # MoHGE-3B's router, two chunks of 64 tokens
-    ("mohge", "renormalize", 64, 128, 77),    # 16 experts a group; expert 77 overflows C
-    ("moe", "raw", 192, 64, None),            # top-K over one group, three chunks
-    ("moe", "softmax", 128, 64, 5)])
-def test_kernel_in_the_gpu_interpreter_matches_numpy(rng, router, combine, T, E, skew):
+@pytest.mark.parametrize("router,combine,T,E,skew,impl", [
+    ("mohge", "softmax", 128, 64, None, "wgmma"),    # MoHGE-3B's router, two chunks of 64
+    ("mohge", "renormalize", 64, 128, 77, "wgmma"),  # 16 experts a group; 77 overflows C
+    ("moe", "raw", 192, 64, None, "wgmma"),          # top-K over one group, three chunks
+    ("moe", "softmax", 128, 64, 5, "wgmma"),
+    ("mohge", "softmax", 256, 64, None, "rows"),     # two warpgroups of 128 tokens
+    ("mohge", "renormalize", 64, 64, 9, "rows"),     # padded to 128 tokens; 9 overflows C
+    ("moe", "raw", 192, 64, None, "rows"),           # padded to 256
+    ("moe", "softmax", 128, 64, 5, "rows")])
+def test_kernel_in_the_gpu_interpreter_matches_numpy(rng, router, combine, T, E, skew, impl):
   """Ranks carried across chunks (each warpgroup's first token counts the earlier chunks'
-  pairs), overflow found (and the clipped slots as the reference clips them)."""
+  pairs), overflow found (and the clipped slots as the reference clips them); impl="rows"
+  pads the tokens to a multiple of 128 without counting the padding's choices."""
   kw = dict(MOHGE if router == "mohge" else MOE)
   G = kw["num_groups"]
   C = 64 if skew is None else 32
   logits = _logits(rng, T, G, E, skew)
   want = _numpy_route(logits, G, kw["top_k_groups"], kw["top_k"], combine, C)
   assert want[4] == (skew is not None)
-  got = rg.route_slots(logits, combine_weights=combine, capacity=C, interpret=True, **kw)
+  got = rg.route_slots(logits, combine_weights=combine, capacity=C, interpret=True,
+                       impl=impl, **kw)
   _check(got, want)
 
 
 def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
-  for kw, E in ((MOHGE, 64), (MOE, 128)):
+  for kw, E, impl in ((MOHGE, 64, "wgmma"), (MOE, 128, "wgmma"), (MOHGE, 64, "rows"),
+                      (MOE, 64, "rows")):
     G = kw["num_groups"]
-    text = jax.jit(lambda x, kw=kw: rg.route_slots(
-        x, combine_weights="softmax", capacity=64, **kw)).trace(
+    text = jax.jit(lambda x, kw=kw, impl=impl: rg.route_slots(
+        x, combine_weights="softmax", capacity=64, impl=impl, **kw)).trace(
             jax.ShapeDtypeStruct((256, G + E), jnp.float32)).lower(
                 lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+  with pytest.raises(ValueError, match="impl='rows'.*experts must be 64"):
+    rg.route_slots(jnp.zeros((128, 128)), combine_weights="softmax", capacity=64,
+                   impl="rows", **MOE)
+  with pytest.raises(ValueError, match="impl='lanes'"):
+    rg.route_slots(jnp.zeros((128, 72)), combine_weights="softmax", capacity=64,
+                   impl="lanes", **MOHGE)
   for T, E, kw, match in ((100, 64, MOHGE, "multiple of 64 up to 256"),
                           (320, 64, MOHGE, "multiple of 64 up to 256"),
                           (128, 96, MOE, "experts must be 64 or 128"),
@@ -139,8 +152,9 @@ def _layer(rng, kind):
   return cfg, layer
 
 
+@pytest.mark.parametrize("route", ["kernel", "kernel_rows"])
 @pytest.mark.parametrize("kind", ["mohge", "moe"])
-def test_layer_decodes_the_same_with_the_route_kernel(rng, kind):
+def test_layer_decodes_the_same_with_the_route_kernel(rng, kind, route):
   """RoutedFFN at decode (backend="capacity", stacked experts in the interpreter): the
   routing kernel's path equals route() + capacity_experts (stacked.route="xla"): the same
   experts and groups, the same output."""
@@ -149,9 +163,9 @@ def test_layer_decodes_the_same_with_the_route_kernel(rng, kind):
   kw = dict(bm=64, interpret=True)
   w = lambda ws: [a[...].astype(jnp.bfloat16) for a in ws]  # noqa: E731
   stacks = {r: dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), route=r, **kw)
-            for r in ("kernel", "xla")}
+            for r in (route, "xla")}
   out = {r: layer(x, backend="capacity", stacked=s) for r, s in stacks.items()}
-  y_k, aux_k = out["kernel"]
+  y_k, aux_k = out[route]
   y_x, aux_x = out["xla"]
   assert "group_aux" not in aux_k and "group_aux" in aux_x   # the kernel path ran
   np.testing.assert_array_equal(np.asarray(aux_k["expert_ids"]), np.asarray(aux_x["expert_ids"]))
@@ -169,11 +183,13 @@ def test_layer_decodes_the_same_with_the_route_kernel(rng, kind):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
+@pytest.mark.parametrize("impl", rg.IMPLS)
 @pytest.mark.parametrize("router,T,skew", [("mohge", 256, None), ("mohge", 128, 9),
                                            ("moe", 256, None)])
-def test_kernel_matches_numpy_on_the_gpu(rng, router, T, skew):
+def test_kernel_matches_numpy_on_the_gpu(rng, router, T, skew, impl):
   kw = MOHGE if router == "mohge" else MOE
   G = kw["num_groups"]
   logits = _logits(rng, T, G, 64, skew)
   want = _numpy_route(logits, G, kw["top_k_groups"], kw["top_k"], "softmax", 64)
-  _check(rg.route_slots(logits, combine_weights="softmax", capacity=64, **kw), want)
+  _check(rg.route_slots(logits, combine_weights="softmax", capacity=64, impl=impl, **kw),
+         want)
