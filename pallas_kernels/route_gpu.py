@@ -97,6 +97,40 @@ def _combine(vals, mode):
   return list(vals)
 
 
+def _write_outputs(out_refs, rows, rank, chosen, ids, vals, gids, *, C, combine, ecol,
+                   across, tile):
+  """Both kernels' epilogue: each pair's slot (its expert's column of the token's ranks),
+  the token's largest rank (for `overflow`) and the four [rows, COLS] output tiles."""
+  ids_ref, w_ref, slot_ref, gid_ref = out_refs
+  E = ecol.shape[1]
+  slot_TxE = ecol * C + jnp.minimum(rank, C - 1)
+  slots = [jnp.where(ecol == across(i, E), slot_TxE, 0).sum(axis=1) for i in ids]
+  worst = jnp.where(chosen, rank, -1).max(axis=1)
+  ids_ref[rows, :] = tile(ids, jnp.int32)
+  w_ref[rows, :] = tile(_combine(vals, combine), jnp.float32)
+  slot_ref[rows, :] = tile(slots, jnp.int32)
+  gid_ref[rows, :] = tile(gids + [worst] * (COLS - len(gids)), jnp.int32)  # last: worst
+
+
+def _launch(kernel, logits, *, T, W, G, K, Kg, C, interpret, scratch) -> RouteSlots:
+  """Both kernels' launch (one CTA of W warpgroups) and their outputs' first T rows as
+  RouteSlots."""
+  Tp = logits.shape[0]
+  ints = jax.ShapeDtypeStruct((Tp, COLS), jnp.int32)
+  out = plgpu.kernel(
+      kernel,
+      out_type=(ints, jax.ShapeDtypeStruct((Tp, COLS), jnp.float32), ints, ints),
+      grid=(1,), grid_names=("one",), num_threads=W, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      scratch_types=scratch,
+  )(logits)
+  ids8, w8, slot8, gid8 = (a[:T] for a in out)
+  return RouteSlots(expert_ids=ids8[:, :K], weights=w8[:, :K],
+                    group_ids=gid8[:, :Kg] if G else jnp.zeros((T, 1), jnp.int32),
+                    slots=slot8[:, :K], overflow=jnp.max(gid8[:, COLS - 1]) >= C)
+
+
 @functools.partial(jax.jit, static_argnames=("num_groups", "top_k_groups", "top_k",
                                              "combine_weights", "capacity", "interpret",
                                              "impl"))
@@ -225,31 +259,16 @@ def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
       t_j = plgpu.load(tot_smem.at[j], layout=wg, optimized=False).astype(f32)
       before = before + jnp.where(c > j, t_j, 0.0)
     rank = (before + within).astype(i32)
-    slot_TxE = ecol * C + jnp.minimum(rank, C - 1)
-    slots = [jnp.where(ecol == across(i, E), slot_TxE, 0).sum(axis=1) for i in ids]
-    worst = jnp.where(chosen, rank, -1).max(axis=1)
-    ids_ref[rows, :] = tile(ids, i32)
-    w_ref[rows, :] = tile(_combine(vals, combine_weights), f32)
-    slot_ref[rows, :] = tile(slots, i32)
-    gid_ref[rows, :] = tile(gids + [worst] * (COLS - len(gids)), i32)  # last: worst
+    _write_outputs((ids_ref, w_ref, slot_ref, gid_ref), rows, rank, chosen, ids, vals, gids,
+                   C=C, combine=combine_weights, ecol=ecol, across=across, tile=tile)
 
-  ints = jax.ShapeDtypeStruct((T, COLS), i32)
-  out = plgpu.kernel(
-      kernel,
-      out_type=(ints, jax.ShapeDtypeStruct((T, COLS), f32), ints, ints),
-      grid=(1,), grid_names=("one",), num_threads=W, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-      scratch_types=[plgpu.SMEM((W, ROWS, E), bf16, transforms=transforms),
-                     plgpu.SMEM((W, ROWS, ROWS), bf16, transforms=transforms),
-                     plgpu.SMEM((W, ROWS, ROWS), bf16, transforms=transforms),
-                     plgpu.SMEM((W, ROWS, E), bf16),
-                     plgpu.Barrier(num_arrivals=W)],
-  )(logits.astype(jnp.float32))
-  ids8, w8, slot8, gid8 = out
-  return RouteSlots(expert_ids=ids8[:, :K], weights=w8[:, :K],
-                    group_ids=gid8[:, :Kg] if G else jnp.zeros((T, 1), i32),
-                    slots=slot8[:, :K], overflow=jnp.max(gid8[:, COLS - 1]) >= C)
+  return _launch(kernel, logits.astype(jnp.float32), T=T, W=W, G=G, K=K, Kg=Kg, C=C,
+                 interpret=interpret,
+                 scratch=[plgpu.SMEM((W, ROWS, E), bf16, transforms=transforms),
+                          plgpu.SMEM((W, ROWS, ROWS), bf16, transforms=transforms),
+                          plgpu.SMEM((W, ROWS, ROWS), bf16, transforms=transforms),
+                          plgpu.SMEM((W, ROWS, E), bf16),
+                          plgpu.Barrier(num_arrivals=W)])
 
 
 def _route_rows(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interpret: bool
@@ -371,33 +390,16 @@ def _route_rows(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interp
       plain_smem[c, pl.ds(h * H, H)] = within[h] + before
     plgpu.commit_smem()
     rank = plgpu.load(plain_smem.at[c], (), layout=L, optimized=False).astype(i32)
-    ecol = col(E)
-    slot_TxE = ecol * C + jnp.minimum(rank, C - 1)
-    slots = [jnp.where(ecol == bc(i, E), slot_TxE, 0).sum(axis=1) for i in ids]
-    worst = jnp.where(chosen, rank, -1).max(axis=1)
-    ids_ref[rows, :] = tile(ids, i32)
-    w_ref[rows, :] = tile(_combine(vals, combine), f32)
-    slot_ref[rows, :] = tile(slots, i32)
-    gid_ref[rows, :] = tile(gids + [worst] * (COLS - len(gids)), i32)  # last: worst
+    _write_outputs((ids_ref, w_ref, slot_ref, gid_ref), rows, rank, chosen, ids, vals, gids,
+                   C=C, combine=combine, ecol=col(E), across=bc, tile=tile)
 
-  ints = jax.ShapeDtypeStruct((Tp, COLS), i32)
-  out = plgpu.kernel(
-      kernel,
-      out_type=(ints, jax.ShapeDtypeStruct((Tp, COLS), f32), ints, ints),
-      grid=(1,), grid_names=("one",), num_threads=W, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-      scratch_types=[plgpu.SMEM((W, R, E), f32),
-                     plgpu.SMEM((W, 2, H, E), bf16, transforms=transforms),
-                     plgpu.SMEM((W, H, H), bf16, transforms=transforms),
-                     plgpu.SMEM((W, H, H), bf16, transforms=transforms),
-                     plgpu.SMEM((W, H, E), f32),
-                     plgpu.Barrier(num_arrivals=W)],
-  )(logits)
-  ids8, w8, slot8, gid8 = (a[:T] for a in out)
-  return RouteSlots(expert_ids=ids8[:, :K], weights=w8[:, :K],
-                    group_ids=gid8[:, :Kg] if G else jnp.zeros((T, 1), i32),
-                    slots=slot8[:, :K], overflow=jnp.max(gid8[:, COLS - 1]) >= C)
+  return _launch(kernel, logits, T=T, W=W, G=G, K=K, Kg=Kg, C=C, interpret=interpret,
+                 scratch=[plgpu.SMEM((W, R, E), f32),
+                          plgpu.SMEM((W, 2, H, E), bf16, transforms=transforms),
+                          plgpu.SMEM((W, H, H), bf16, transforms=transforms),
+                          plgpu.SMEM((W, H, H), bf16, transforms=transforms),
+                          plgpu.SMEM((W, H, E), f32),
+                          plgpu.Barrier(num_arrivals=W)])
 
 
 def reference(logits, *, num_groups: int, top_k_groups: int, top_k: int,
