@@ -353,9 +353,10 @@ def _route_rows(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interp
     ids, vals, chosen, gids = route(v, u)
     chosen = chosen & (col(E, dim=0) + c * R < T)   # the padding's tokens choose nothing
     # The choices into the WGMMA layout (through SMEM), bf16 for the products.
-    plain_smem[c] = chosen.astype(f32)
+    plain = plain_smem.at[c, :, pl.ds(0, E)]   # rows padded by 2: conflict-free by rows
+    plain[...] = chosen.astype(f32)
     plgpu.commit_smem()
-    halves = [plgpu.load(plain_smem.at[c, pl.ds(h * H, H)], (), layout=WG, optimized=False)
+    halves = [plgpu.load(plain.at[pl.ds(h * H, H)], (), layout=WG, optimized=False)
               for h in range(2)]
     for h in range(2):
       sel_sw[c, h] = halves[h].astype(bf16)
@@ -387,14 +388,14 @@ def _route_rows(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interp
       t_j = plgpu.load(tot_smem.at[j], (), layout=WG, optimized=False)
       before = before + jnp.where(c > j, t_j, 0.0)
     for h in range(2):                      # the ranks back to a thread a token
-      plain_smem[c, pl.ds(h * H, H)] = within[h] + before
+      plain.at[pl.ds(h * H, H)][...] = within[h] + before
     plgpu.commit_smem()
-    rank = plgpu.load(plain_smem.at[c], (), layout=L, optimized=False).astype(i32)
+    rank = plgpu.load(plain, (), layout=L, optimized=True).astype(i32)
     _write_outputs((ids_ref, w_ref, slot_ref, gid_ref), rows, rank, chosen, ids, vals, gids,
                    C=C, combine=combine, ecol=col(E), across=bc, tile=tile)
 
   return _launch(kernel, logits, T=T, W=W, G=G, K=K, Kg=Kg, C=C, interpret=interpret,
-                 scratch=[plgpu.SMEM((W, R, E), f32),
+                 scratch=[plgpu.SMEM((W, R, E + 2), f32),
                           plgpu.SMEM((W, 2, H, E), bf16, transforms=transforms),
                           plgpu.SMEM((W, H, H), bf16, transforms=transforms),
                           plgpu.SMEM((W, H, H), bf16, transforms=transforms),
