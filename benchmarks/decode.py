@@ -69,7 +69,7 @@ BYTES = 2  # bf16 weights and cache
 # --decode-options: the decode program's compiler options. "generate": what
 # `generate.generate` compiles its decode loop with (`generate.decode_compiler_options`);
 # "xla": XLA's defaults.
-DECODE_OPTIONS = {"generate": lambda: gen.decode_compiler_options(), "xla": lambda: {}}
+DECODE_OPTIONS = {"generate": gen.decode_compiler_options, "xla": dict}
 
 
 # ----------------------------------------------------------------------------- bytes

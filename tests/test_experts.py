@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mohge_jax import experts
+from mohge_jax import experts, routing
 from mohge_jax.config import load_config
 
 SMALL = ["model.d_model=32", "model.group_widths=[8,16,24]", "model.experts_per_group=3",
@@ -147,6 +147,6 @@ def test_router_logits_are_float32_products_forward_and_backward(rng, kind):
         jax.lax.Precision.HIGHEST}, e
   w = layer.expert_router[...]
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-  got = experts.routing.router_logits(x, w)
+  got = routing.router_logits(x, w)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
