@@ -35,10 +35,60 @@ def router_logits(x_TxD: jax.Array, w_DxL: jax.Array) -> jax.Array:
   jnp's DEFAULT precision lets XLA round float32 operands to TF32 (10-bit mantissas) on
   NVIDIA GPUs and to bfloat16 on TPUs (https://docs.jax.dev/en/latest/201/precision.html):
   the router's weights would be used at ~3 decimal digits and its top-k choices would
-  follow those roundings. HIGHEST is true float32 on a GPU, its float32 emulation (six
-  bf16 passes) on a TPU; the product ([T, D] x [D, G + E]) is small beside the layer's others."""
-  return jnp.matmul(x_TxD.astype(jnp.float32), w_DxL.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
+  follow those roundings.
+
+  bf16 activations (the models' compute dtype): one bf16 product against the weights'
+  three bf16 parts (`bf16_parts`: w = w_hi + w_mid + w_lo exactly), float32 accumulation.
+  Each product of a bf16 activation and a bf16 part is exact in float32, so the logits are
+  float32 products, on the tensor cores. On the H200 the HIGHEST product (float32 FMAs)
+  took ~11 us a MoHGE-3B layer at decode, on the step's serial path (benchmarks/
+  notes_generate.md, fifteenth session). The gradient (`_bf16_logits_bwd`) at HIGHEST.
+  Other activations: HIGHEST (true float32 on a GPU, six bf16 passes on a TPU)."""
+  w_DxL = w_DxL.astype(jnp.float32)
+  if x_TxD.dtype == jnp.bfloat16:
+    return _bf16_logits(x_TxD, w_DxL)
+  return _f32_product(x_TxD.astype(jnp.float32), w_DxL)
+
+
+def _f32_product(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def bf16_parts(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """float32 w -> bf16 (hi, mid, lo) with hi + mid + lo == w exactly: each part the top 8
+  significant bits of what is left (cut by masking the low 16 bits, so each part and each
+  remainder is exact; converts would let XLA's excess-precision rewrite fold
+  f32 -> bf16 -> f32 away and lose the low parts). Exact for normal float32 values above
+  ~2^-100 (smaller ones leave parts below float32's normal range)."""
+  def top(v):
+    bits = jax.lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+  w = w.astype(jnp.float32)
+  hi = top(w)
+  mid = top(w - hi)
+  lo = w - hi - mid
+  return hi.astype(jnp.bfloat16), mid.astype(jnp.bfloat16), lo.astype(jnp.bfloat16)
+
+
+@jax.custom_vjp
+def _bf16_logits(x_TxD: jax.Array, w_DxL: jax.Array) -> jax.Array:
+  L = w_DxL.shape[1]
+  y_Tx3L = jnp.dot(x_TxD, jnp.concatenate(bf16_parts(w_DxL), axis=1),
+                   preferred_element_type=jnp.float32)
+  return y_Tx3L[:, :L] + (y_Tx3L[:, L:2 * L] + y_Tx3L[:, 2 * L:])
+
+
+def _bf16_logits_fwd(x_TxD, w_DxL):
+  return _bf16_logits(x_TxD, w_DxL), (x_TxD, w_DxL)
+
+
+def _bf16_logits_bwd(res, g_TxL):
+  x_TxD, w_DxL = res
+  return (_f32_product(g_TxL, w_DxL.T).astype(x_TxD.dtype),
+          _f32_product(x_TxD.astype(jnp.float32).T, g_TxL))
+
+
+_bf16_logits.defvjp(_bf16_logits_fwd, _bf16_logits_bwd)
 
 
 def combine(scores_TxK: jax.Array, mode: str) -> jax.Array:

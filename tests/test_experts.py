@@ -2,6 +2,7 @@
 backends and the dispatch primitives: tests/test_dispatch.py."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -122,11 +123,22 @@ def test_gradients_reach_both_routers_and_every_used_expert(rng):
         assert has_grad == (tokens[g, n] > 0), (g, n, tokens[g, n])
 
 
+def _dots(jaxpr):
+  """Every dot_general of a jaxpr, nested ones (custom_vjp, pjit) included."""
+  for e in jaxpr.eqns:
+    if e.primitive.name == "dot_general":
+      yield e
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      yield from _dots(sub)
+
+
 @pytest.mark.parametrize("kind", ["mohge", "moe"])
 def test_router_logits_are_float32_products_forward_and_backward(rng, kind):
-  """Every product of the router's weights (forward, and the router's gradient) asks for
-  HIGHEST precision: float32 operands, not the TF32 (GPU) or bf16 (TPU) passes of jnp's
-  DEFAULT; the logits equal float64's to float32 rounding (here bf16 activations)."""
+  """Every product of the router's weights (forward, and the router's gradient) is a
+  float32 product: float32 operands at HIGHEST precision (not the TF32 (GPU) or bf16 (TPU)
+  passes of jnp's DEFAULT), or bf16 operands (exact products) accumulated in float32; the
+  logits equal float64's to float32 rounding (here bf16 activations: the weights' three bf16
+  parts; a CPU computes float32 products exactly at any precision, hence the jaxpr check)."""
   shape = (["model.group_widths=[8]", "model.experts_per_group=6", "model.top_k=2"]
            if kind == "moe" else [])
   cfg = load_config(None, SMALL[:-1] + shape + [f"model.ffn={kind}", "model.dtype=bfloat16"])
@@ -138,15 +150,50 @@ def test_router_logits_are_float32_products_forward_and_backward(rng, kind):
     r, _ = nnx.merge(graphdef, state).route(x)
     return jnp.sum(r.weights * jnp.arange(r.weights.shape[1]))
 
-  jaxpr = jax.make_jaxpr(jax.grad(loss))(state)
-  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  dots = list(_dots(jax.make_jaxpr(jax.grad(loss))(state).jaxpr))
   routers = 2 if kind == "mohge" else 1
   assert len(dots) >= 2 * routers   # each router's forward product and its gradient's
   for e in dots:
-    assert e.params["precision"] is not None and set(e.params["precision"]) == {
-        jax.lax.Precision.HIGHEST}, e
+    dtypes = {v.aval.dtype for v in e.invars}
+    if dtypes == {jnp.dtype(jnp.bfloat16)}:
+      assert e.params["preferred_element_type"] == jnp.float32, e
+    else:
+      assert dtypes == {jnp.dtype(jnp.float32)}, e
+      assert e.params["precision"] is not None and set(e.params["precision"]) == {
+          jax.lax.Precision.HIGHEST}, e
   w = layer.expert_router[...]
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
   got = routing.router_logits(x, w)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
+def test_router_logits_and_gradients_against_float64(rng, x_dtype):
+  """router_logits' value and both gradients (its custom backward for bf16 activations)
+  against float64 numpy, weights of every magnitude."""
+  T, D, L = 40, 64, 24
+  x = jnp.asarray(rng.normal(size=(T, D)), x_dtype)
+  w = jnp.asarray(rng.normal(size=(D, L)) * 10.0 ** rng.uniform(-4, 2, size=(D, L)), jnp.float32)
+  c = jnp.asarray(rng.normal(size=(T, L)), jnp.float32)
+  x64, w64, c64 = (np.asarray(a, np.float64) for a in (x, w, c))
+  got = routing.router_logits(x, w)
+  scale = np.abs(x64) @ np.abs(w64)  # float32 accumulation's error scale, per entry
+  assert np.all(np.abs(np.asarray(got) - x64 @ w64) <= 1e-6 * scale + 1e-30)
+  dx, dw = jax.grad(lambda x, w: jnp.sum(routing.router_logits(x, w) * c), (0, 1))(x, w)
+  assert dx.dtype == x_dtype and dw.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(dw), x64.T @ c64, rtol=1e-5,
+                             atol=1e-6 * np.abs(x64.T @ c64).max())
+  tol = 1e-2 if x_dtype == jnp.bfloat16 else 1e-5   # dx rounded to x's dtype
+  np.testing.assert_allclose(np.asarray(dx, np.float64), c64 @ w64.T, rtol=tol,
+                             atol=tol * np.abs(c64 @ w64.T).max())
+
+
+def test_bf16_parts_sum_to_the_weights_exactly(rng):
+  """hi + mid + lo == w for float32 w over magnitudes 1e-25..1e25 and both signs; each part
+  a bf16 value."""
+  w = (rng.normal(size=(4096,)) * 10.0 ** rng.uniform(-25, 25, size=(4096,))).astype(np.float32)
+  parts = routing.bf16_parts(jnp.asarray(w))
+  assert all(p.dtype == jnp.bfloat16 for p in parts)
+  total = sum(np.asarray(p, np.float64) for p in parts)
+  np.testing.assert_array_equal(total, w.astype(np.float64))
