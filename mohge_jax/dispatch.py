@@ -370,10 +370,14 @@ def expert_capacity(T: int, K: int, E: int, capacity_factor: float = 2.0,
   return int(min(T, max(min_capacity, math.ceil(capacity_factor * T * K / E))))
 
 
-def _capacity_slots(expert_ids_TxK: jax.Array, E: int, C: int):
+def _capacity_slots(expert_ids_TxK: jax.Array, E: int, C: int,
+                    chosen_TxE: jax.Array | None = None):
   """The slot block of `capacity_experts`: slot (e, c) holds expert e's c-th token-expert
   pair (in token order). Returns token_ExC (its token; 0 when empty), filled_ExC, slot_M (each
   pair's slot e * C + c, pairs flattened [T*K]; c clipped to C - 1) and counts_E.
+  chosen_TxE (`Routing.chosen`, the one-hot of the ids summed over K): given, the counts
+  start from it instead of from the ids (on decoding's serial path: the routing's ranks
+  lead to it directly, where the ids are one reduction further).
 
   A pair's rank within its expert is the number of earlier tokens that chose the expert
   (a token's K experts are distinct, as top-k ids are): a running count over the tokens'
@@ -381,8 +385,12 @@ def _capacity_slots(expert_ids_TxK: jax.Array, E: int, C: int):
   layer's decode step) nor a running count over the [T*K, E] pairs (K times the rows, and
   a reduce_window's work grows with the square of its length: ~5 us a layer)."""
   T, K = expert_ids_TxK.shape
-  hit_TxE = jnp.any(expert_ids_TxK[:, :, None] == jnp.arange(E, dtype=expert_ids_TxK.dtype),
-                    axis=1).astype(jnp.int32)
+  if chosen_TxE is None:
+    chosen_TxE = jnp.any(
+        expert_ids_TxK[:, :, None] == jnp.arange(E, dtype=expert_ids_TxK.dtype), axis=1)
+  elif chosen_TxE.shape != (T, E):
+    raise ValueError(f"_capacity_slots: chosen {chosen_TxE.shape} is not [T, E] = {(T, E)}")
+  hit_TxE = chosen_TxE.astype(jnp.int32)
   before_TxE = jnp.cumsum(hit_TxE, axis=0) - hit_TxE
   rank_M = jnp.take_along_axis(before_TxE, expert_ids_TxK, axis=1).reshape(T * K)
   counts_E = jnp.sum(hit_TxE, axis=0)
@@ -413,7 +421,8 @@ def _slot_tokens(slot_M: jax.Array, K: int, E: int, C: int):
 def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
                      capacity_factor: float = 2.0, min_capacity: int = 8,
                      stacked: StackedExperts | None = None,
-                     slots: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                     slots: tuple[jax.Array, jax.Array] | None = None,
+                     chosen_TxE: jax.Array | None = None) -> jax.Array:
   """`dispatch_and_combine`'s value (float32 [T, D]) for decoding's batches: each expert's
   rows gathered into a fixed-capacity slot block [E, C, D] (C = capacity_factor x the mean
   rows per expert, at least min_capacity, at most T), then per group one matmul batched
@@ -433,7 +442,8 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
   float32.
 
   slots: (slots [T, K], overflow) as `pallas_kernels.route_gpu.route_slots` computes them
-  with this C (`slot_capacity`), instead of the ranks here (with `stacked` only)."""
+  with this C (`slot_capacity`), instead of the ranks here (with `stacked` only).
+  chosen_TxE: `Routing.chosen` where the routing has it (`_capacity_slots`)."""
   T, D = x_TxD.shape
   K = expert_ids_TxK.shape[1]
   E = sum(w.shape[0] for w in w_gate_up)
@@ -441,7 +451,8 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
   if stacked is None and C >= T:  # no saving over every token through every expert
     return all_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down)
   if slots is None:
-    token_ExC, filled_ExC, slot_M, counts_E = _capacity_slots(expert_ids_TxK, E, C)
+    token_ExC, filled_ExC, slot_M, counts_E = _capacity_slots(expert_ids_TxK, E, C,
+                                                              chosen_TxE)
     fits = jnp.max(counts_E) <= C
   else:
     if stacked is None:

@@ -142,7 +142,7 @@ class RoutedFFN(nnx.Module):
         y_TxD = all_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down)
       elif backend == "capacity":
         y_TxD = capacity_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down,
-                                 stacked=stacked)
+                                 stacked=stacked, chosen_TxE=r.chosen)
       elif not mesh.empty and mesh.shape.get("expert", 1) > 1:
         y_TxD = expert_parallel.routed_experts(
             x_TxD, r.expert_ids, r.weights, w_gate_up, w_down, mesh=mesh,

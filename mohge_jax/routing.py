@@ -21,6 +21,10 @@ class Routing(NamedTuple):
   group_softmax: jax.Array  # [T, G] float32 S = softmax(u) (Group-Wise loss)
   expert_probs: jax.Array  # [T, E] float32 P: combine weight if chosen, else 0 (Intra-Group loss)
   router_probs: jax.Array  # [T, E] float32 r: masked combined scores (full softmax for MoE)
+  # [T, E] bool: expert e among token t's K (the one-hot of expert_ids, summed), where the
+  # selection has it at hand (top_k_impl="rank": its ranks < K; decoding's slot assignment
+  # starts from it); else None.
+  chosen: jax.Array | None = None
 
 
 class Forced(NamedTuple):
@@ -125,6 +129,13 @@ def select_top_k(x_TxN: jax.Array, k: int, impl: str = "sort") -> tuple[jax.Arra
     return jax.lax.top_k(x_TxN, k)
   if impl != "rank":
     raise ValueError(f"select_top_k: impl={impl!r}: must be one of {TOP_K_IMPLS}")
+  vals_TxK, ids_TxK, _ = top_k_by_rank(x_TxN, k)
+  return vals_TxK, ids_TxK
+
+
+def top_k_by_rank(x_TxN: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`select_top_k(impl="rank")`'s values and indices, and each entry's rank [..., N]
+  int32 (0 for the largest; entries with rank < k are the chosen ones)."""
   N = x_TxN.shape[-1]
   idx_N = jnp.arange(N, dtype=jnp.int32)
   x_i, x_j = x_TxN[..., :, None], x_TxN[..., None, :]
@@ -133,7 +144,15 @@ def select_top_k(x_TxN: jax.Array, k: int, impl: str = "sort") -> tuple[jax.Arra
   at_TxKxN = rank_TxN[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]
   ids_TxK = jnp.sum(jnp.where(at_TxKxN, idx_N, 0), axis=-1, dtype=jnp.int32)
   vals_TxK = jnp.sum(jnp.where(at_TxKxN, x_TxN[..., None, :], 0), axis=-1)
-  return vals_TxK, ids_TxK
+  return vals_TxK, ids_TxK, rank_TxN
+
+
+def _select(x_TxN: jax.Array, k: int, impl: str):
+  """select_top_k's (values, indices) and the chosen mask [T, N] (impl "rank"; else None)."""
+  if impl == "rank":
+    vals_TxK, ids_TxK, rank_TxN = top_k_by_rank(x_TxN, k)
+    return vals_TxK, ids_TxK, rank_TxN < k
+  return (*select_top_k(x_TxN, k, impl), None)
 
 
 def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_groups: int,
@@ -168,14 +187,21 @@ def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_gr
   masked_TxG = s_TxG * selected_TxG
   p_TxG = masked_TxG / jnp.sum(masked_TxG, axis=-1, keepdims=True)
 
-  # 2-3. Expert gate: softmax within each group, scaled by the group probability.
+  # 2-3. Expert gate: softmax within each group, scaled by the group probability, then
+  # renormalised over all E (spec: a no-op in exact arithmetic, p sums to 1).
   q_TxGxN = jax.nn.softmax(v_TxE.reshape(T, G, N), axis=-1)
-  r_TxE = (p_TxG[:, :, None] * q_TxGxN).reshape(T, G * N)
-  r_TxE = r_TxE / jnp.sum(r_TxE, axis=-1, keepdims=True)
+  pq_TxE = (p_TxG[:, :, None] * q_TxGxN).reshape(T, G * N)
+  sum_Tx1 = jnp.sum(pq_TxE, axis=-1, keepdims=True)
+  r_TxE = pq_TxE / sum_Tx1
 
-  # 4-5. Global top-K over the masked scores, then the combine weights.
+  # 4-5. Global top-K over the masked scores, then the combine weights. The top-K of r is
+  # the top-K of p*q (one positive divisor a row), so the selection reads p*q and the
+  # selected values are divided after (the same numbers as gathering r): the sum and the
+  # division are then off decoding's serial path (two launches a layer on the H200).
+  chosen_TxE = None
   if forced is None:
-    r_sel_TxK, expert_ids = select_top_k(r_TxE, top_k, top_k_impl)
+    pq_sel_TxK, expert_ids, chosen_TxE = _select(pq_TxE, top_k, top_k_impl)
+    r_sel_TxK = pq_sel_TxK / sum_Tx1
   else:
     expert_ids = forced.expert_ids.reshape(T, top_k)
     r_sel_TxK = jnp.take_along_axis(r_TxE, expert_ids, axis=-1)
@@ -188,6 +214,7 @@ def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_gr
       group_softmax=jax.nn.softmax(u_TxG, axis=-1),
       expert_probs=_scatter_TxE(weights_TxK, expert_ids, G * N),
       router_probs=r_TxE,
+      chosen=chosen_TxE,
   )
 
 
@@ -199,8 +226,9 @@ def topk_route(logits: jax.Array, *, top_k: int, combine_weights: str = "raw",
   logits_TxE = logits.astype(jnp.float32)
   T, E = logits_TxE.shape
   probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
+  chosen_TxE = None
   if forced is None:
-    probs_sel_TxK, expert_ids = select_top_k(probs_TxE, top_k, top_k_impl)
+    probs_sel_TxK, expert_ids, chosen_TxE = _select(probs_TxE, top_k, top_k_impl)
   else:
     expert_ids = forced.expert_ids.reshape(T, top_k)
     probs_sel_TxK = jnp.take_along_axis(probs_TxE, expert_ids, axis=-1)
@@ -214,4 +242,5 @@ def topk_route(logits: jax.Array, *, top_k: int, combine_weights: str = "raw",
       group_softmax=ones_Tx1,
       expert_probs=_scatter_TxE(weights_TxK, expert_ids, E),
       router_probs=probs_TxE,
+      chosen=chosen_TxE,
   )

@@ -205,8 +205,15 @@ def test_capacity_slots_rank_pairs_in_token_order(rng, C):
   T, K, E = 37, 4, 16
   p = rng.dirichlet(np.full(E, 0.3))
   ids = np.stack([rng.choice(E, K, replace=False, p=p) for _ in range(T)]).astype(np.int32)
-  token, filled, slot, counts = (np.asarray(a) for a in dispatch._capacity_slots(
-      jnp.asarray(ids), E, C))
+  got = dispatch._capacity_slots(jnp.asarray(ids), E, C)
+  chosen = np.zeros((T, E), bool)
+  np.put_along_axis(chosen, ids, True, axis=1)
+  # the same from the routing's chosen mask (Routing.chosen) as from the ids
+  jax.tree.map(np.testing.assert_array_equal, got,
+               dispatch._capacity_slots(jnp.asarray(ids), E, C, jnp.asarray(chosen)))
+  with pytest.raises(ValueError, match="chosen"):
+    dispatch._capacity_slots(jnp.asarray(ids), E, C, jnp.asarray(chosen[:, 1:]))
+  token, filled, slot, counts = (np.asarray(a) for a in got)
   seen = np.zeros(E, np.int64)
   want_token, want_slot = np.zeros((E, C), np.int64), []
   for t in range(T):

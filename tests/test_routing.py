@@ -63,11 +63,25 @@ def test_two_level_matches_numpy(rng, mode, G, N, Kg, K, impl):
     np.testing.assert_allclose(np.asarray(getattr(got, name)), want[name], rtol=2e-5,
                                atol=1e-6, err_msg=name)
   assert got.expert_ids.dtype == jnp.int32 and got.weights.dtype == jnp.float32
+  _check_chosen(got, G * N, impl)
   # Chosen experts lie in chosen groups; K > N forces several groups per token.
   chosen_group_TxK = np.asarray(got.expert_ids) // N
   assert (chosen_group_TxK[:, :, None] == np.asarray(got.group_ids)[:, None, :]).any(-1).all()
   if K > N:
     assert np.all([len(set(row)) > 1 for row in np.asarray(got.expert_ids) // N])
+
+
+def _check_chosen(r: routing.Routing, E: int, impl: str):
+  """Routing.chosen: the one-hot of expert_ids summed over K, [T, E] bool, where the
+  selection computes it (impl "rank"), else None."""
+  if impl != "rank":
+    assert r.chosen is None
+    return
+  ids = np.asarray(r.expert_ids)
+  want = np.zeros((ids.shape[0], E), bool)
+  np.put_along_axis(want, ids, True, axis=1)
+  assert r.chosen.dtype == jnp.bool_
+  np.testing.assert_array_equal(np.asarray(r.chosen), want)
 
 
 @IMPLS
@@ -82,6 +96,7 @@ def test_ties_go_to_lower_index(impl):
   np.testing.assert_array_equal(np.asarray(got.group_ids), np.tile([0, 1], (T, 1)))
   # r: groups 0 and 1 equal; experts 0,1 tie (0.5) above expert 2 -> ids 0,1,3,4.
   np.testing.assert_array_equal(np.asarray(got.expert_ids), np.tile([0, 1, 3, 4], (T, 1)))
+  _check_chosen(got, G * N, impl)
 
 
 @IMPLS
@@ -112,6 +127,7 @@ def test_topk_route_matches_numpy(rng, mode, impl):
   np.testing.assert_allclose(np.asarray(got.weights),
                              np_combine(np.take_along_axis(probs, ids, 1), mode), rtol=2e-5)
   np.testing.assert_allclose(np.asarray(got.router_probs), probs, rtol=2e-5, atol=1e-7)
+  _check_chosen(got, E, impl)
 
 
 def test_one_group_equals_topk_softmax(rng):
