@@ -166,19 +166,22 @@ class MLA(nnx.Module):
       w_NxHxPR = w_NxHPR.reshape(-1, H, P + R)
       return w_NxHxPR[..., :P].reshape(-1, H * P), w_NxHxPR[..., P:].reshape(-1, H * R)
 
-    if m.q_lora_rank:  # x -> [c_q | c_kv | k_rope]; c_q -> [q_nope | q_rope]
-      w_in, w_uq = cast(self.w_dq), jnp.concatenate(nope_rope(cast(self.w_uq)), axis=1)
-    else:  # x -> [q_nope | q_rope | c_kv | k_rope]
-      w_in, w_uq = jnp.concatenate(nope_rope(cast(self.w_q)), axis=1), None
+    if m.q_lora_rank:  # x -> [c_q | c_kv | k_rope]; c_q -> q_nope, c_q -> q_rope
+      w_q_nope, w_uq = nope_rope(cast(self.w_uq))
+      w_in = cast(self.w_dq)
+    else:  # x -> q_nope, x -> [q_rope | c_kv | k_rope]
+      (w_q_nope, w_in), w_uq = nope_rope(cast(self.w_q)), None
     w_in = jnp.concatenate([w_in, cast(self.w_dkv)], axis=1)
     w_CxHxPV = cast(self.w_ukv).reshape(C, H, P + V)
-    return MLADecodeWeights(w_in, w_uq, jnp.transpose(w_CxHxPV[..., :P], (1, 2, 0)),
+    return MLADecodeWeights(w_in, w_uq, w_q_nope, jnp.transpose(w_CxHxPV[..., :P], (1, 2, 0)),
                             jnp.transpose(w_CxHxPV[..., P:], (1, 0, 2)), cast(self.w_o))
 
   def _decode_inputs(self, x_Bx1xD, pos_Bx1, prepared: "MLADecodeWeights | None"):
     """One token per row -> (c_q [B, 1, Q] or None, q_nope [B, H, P], RoPE(q_rope)
     [B, H, R], the token's cache entry MLACache [B, 1, ...]), from the module's weights or
-    from `prepared`: one GEMM for the query (or c_q) and the latent, its columns split."""
+    from `prepared`: q_nope's GEMM apart (the absorbed product reads its output whole: a
+    column block of a fused GEMM's was copied out first, on the H200 a launch on the decode
+    step's serial path), one GEMM for the rest of x's projections, its columns split."""
     if prepared is None:
       cq_Bx1xQ = self.query_latent(x_Bx1xD)
       q_nope_Bx1xHxP, q_rope_Bx1xHxR = self._query_parts(x_Bx1xD, pos_Bx1, cq_Bx1xQ)
@@ -188,7 +191,8 @@ class MLA(nnx.Module):
     B = x_Bx1xD.shape[0]
     H, P, R, C, Q = (m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank,
                      m.q_lora_rank)
-    y_BxN = jnp.dot(x_Bx1xD[:, 0], prepared.w_in)  # [q (or c_q) | c_kv | k_rope]
+    x_BxD = x_Bx1xD[:, 0]
+    y_BxN = jnp.dot(x_BxD, prepared.w_in)  # [q_rope (or c_q) | c_kv | k_rope]
     # Materialised whole before its columns are split (H200 profile, MoHGE-3B batch 256:
     # attention's GEMMs 0.311 ms a step with the barrier, 0.341 without; notes_generate.md).
     y_BxN = jax.lax.optimization_barrier(y_BxN)
@@ -196,14 +200,15 @@ class MLA(nnx.Module):
     cq_Bx1xQ = None
     if Q:
       cq_BxQ = self.q_norm(y_BxN[:, :Q])
-      cq_Bx1xQ, q_BxHPR = cq_BxQ[:, None], jnp.dot(cq_BxQ, prepared.w_uq)
+      cq_Bx1xQ, q_rope_BxHR = cq_BxQ[:, None], jnp.dot(cq_BxQ, prepared.w_uq)
+      q_nope_BxHP = jnp.dot(cq_BxQ, prepared.w_q_nope)
     else:
-      q_BxHPR = y_BxN[:, :H * (P + R)]
+      q_rope_BxHR, q_nope_BxHP = y_BxN[:, :H * R], jnp.dot(x_BxD, prepared.w_q_nope)
     rope = lambda a_BxJxR: apply_rope(a_BxJxR[:, None], pos_Bx1, self.inv_freq)[:, 0]  # noqa: E731
-    q_rope_BxHxR = rope(q_BxHPR[:, H * P:].reshape(B, H, R))
+    q_rope_BxHxR = rope(q_rope_BxHR.reshape(B, H, R))
     k_rope_BxR = rope(y_BxN[:, None, N - R:])[:, 0]
     c_BxC = self.kv_norm(y_BxN[:, N - R - C:N - R])
-    return (cq_Bx1xQ, q_BxHPR[:, :H * P].reshape(B, H, P), q_rope_BxHxR,
+    return (cq_Bx1xQ, q_nope_BxHP.reshape(B, H, P), q_rope_BxHxR,
             MLACache(c_BxC[:, None], k_rope_BxR[:, None]))
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, *, return_latent=False):
@@ -355,16 +360,18 @@ class MLADecodeWeights(NamedTuple):
   weights (nothing absorbed into larger products), arranged so that a step runs its GEMMs
   with no slice, concatenation or transpose of a weight between them.
 
-  w_in: x's projections fused into one GEMM (both read x), w_q (q_lora_rank 0: [D, H*P +
-    H*R], columns [every head's q_nope | every head's q_rope]) or w_dq ([D, Q]), then w_dkv
+  w_in: x's projections but q_nope's fused into one GEMM (all read x): w_q's q_rope
+    columns (q_lora_rank 0: [D, H*R], every head's) or w_dq ([D, Q]), then w_dkv
     ([D, C + R]): column blocks that need no gather.
-  w_uq: q_lora_rank > 0: [Q, H*P + H*R], columns [every head's q_nope | every head's
-    q_rope]; else None.
+  w_uq: q_lora_rank > 0: w_uq's q_rope columns [Q, H*R] (every head's); else None.
+  w_q_nope: the q_nope columns [D or Q, H*P] (every head's) of w_q or w_uq: a GEMM of its
+    own, whose output the absorbed product reads whole.
   w_uk_HxPxC, w_uv_HxCxV: w_ukv's key and value halves per head, heads leading (the batch
     axis of the absorbed products "bhp,hpc->bhc" and "bhc,hcv->bhv").
   w_o: [H*V, D]."""
   w_in: jax.Array
   w_uq: jax.Array | None
+  w_q_nope: jax.Array
   w_uk_HxPxC: jax.Array
   w_uv_HxCxV: jax.Array
   w_o: jax.Array

@@ -453,7 +453,10 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
   if slots is None:
     token_ExC, filled_ExC, slot_M, counts_E = _capacity_slots(expert_ids_TxK, E, C,
                                                               chosen_TxE)
-    fits = jnp.max(counts_E) <= C
+    # all(counts <= C), not max(counts) <= C: the compare inside the reduction, one kernel
+    # (on the H200 the max and the compare were two 1-thread-block launches before the
+    # cond, on decoding's serial path)
+    fits = jnp.all(counts_E <= C)
   else:
     if stacked is None:
       raise ValueError("capacity_experts: slots= goes with stacked= (the kernel path)")

@@ -90,8 +90,8 @@ def test_cached_decode_equals_full_forward(rng, extra):
 @pytest.mark.parametrize("extra", [[], ["model.q_lora_rank=12"], DSA + ["model.q_lora_rank=12"]])
 @pytest.mark.parametrize("stacked", [False, True])
 def test_decode_with_prepared_weights_equals_decode_without(rng, extra, stacked):
-  """MLA.decode(prepared=decode_weights()) (fused projections, heads-leading W_UK and
-  W_UV) gives the output and cache of MLA.decode from the module's weights, float32, at
+  """MLA.decode(prepared=decode_weights()) (fused projections, q_nope's apart, heads-leading
+  W_UK and W_UV) gives the output and cache of MLA.decode from the module's weights, float32, at
   positions ragged across rows, on a layer's cache or a stack's (`layer`); the prepared
   weights hold the projections' numbers once (as many as the module's)."""
   m = load_config(str(ROOT / "configs/tiny.yaml"), TINY + extra).model
@@ -102,6 +102,8 @@ def test_decode_with_prepared_weights_equals_decode_without(rng, extra, stacked)
   assert prepared.w_uk_HxPxC.shape == (m.num_heads, m.qk_nope_head_dim, m.kv_lora_rank)
   assert prepared.w_uv_HxCxV.shape == (m.num_heads, m.kv_lora_rank, m.v_head_dim)
   assert (prepared.w_uq is None) == (m.q_lora_rank == 0)
+  assert prepared.w_q_nope.shape == (m.q_lora_rank or m.d_model,
+                                    m.num_heads * m.qk_nope_head_dim)
   B, S = 4, 16
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
   lead = (2,) if stacked else ()
