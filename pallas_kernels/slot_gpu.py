@@ -54,7 +54,7 @@ class _Layout:
   k_blocks: int       # bk-row blocks of the stacked matrix (its K / bk): `tile_weights`
   nk: tuple[int, ...]
   cols: tuple[int, ...]
-  first_step: tuple[int, ...]
+  first_step: tuple[int, ...]   # each group's first step, group by group (cursor, num_steps)
   k_base: tuple[int, ...]
   k_stride: tuple[int, ...]
   f_base: tuple[int, ...]
