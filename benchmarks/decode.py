@@ -291,8 +291,9 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
 def _profile(decode, args, logdir: str | None, name: str, new_tokens: int,
              top: int = 15) -> list[dict]:
   """With `logdir`: one traced run of the decode loop; prints its top device operations per
-  decode step, by kernel name and by JAX name stack (`profile_summary.source`), and returns
-  both top `top`s ({by, name, category, ms_per_token_step, count, share})."""
+  decode step, by kernel name, by JAX name stack (`profile_summary.source`) and by distinct
+  kernel (`by="kernel"`: one fusion summed over the layers, with its name stack), and
+  returns the three top `top`s ({by, name, category, ms_per_token_step, count, share})."""
   if not logdir:
     return []
   from benchmarks import profile_summary as ps
@@ -300,9 +301,10 @@ def _profile(decode, args, logdir: str | None, name: str, new_tokens: int,
   trace = ps.load_trace(ps.capture(decode, *args, logdir=os.path.join(logdir, folder),
                                    warmup=0, steps=1))
   tot = ps.totals(trace, steps=new_tokens)
-  out, hlo = [], ps.hlo_op_names(decode.as_text())  # the GPU's events lack the name stack
-  for by in ("name", "source"):  # kernels, then where in the model (the JAX name stack)
-    rows = ps.summarise(trace, top, by, hlo=hlo)
+  text = decode.as_text()
+  out, hlo, dedup = [], ps.hlo_op_names(text), ps.hlo_dedup_names(text)  # the GPU's events
+  for by in ("name", "source", "kernel"):  # lack the name stack
+    rows = ps.summarise(trace, top, by, hlo=hlo, dedup=dedup)
     print(f"  profile {name} by {by} (per decode step):\n" + ps.format_table(rows, tot),
           flush=True)
     out += [{"by": by, "name": r["name"], "category": r["category"], "count": r["count"],

@@ -1,7 +1,7 @@
 """Top device operations by time from a `jax.profiler` trace, without TensorBoard.
 
     python -m benchmarks.profile_summary TRACE_OR_LOGDIR [--top 25]
-        [--by name|op|source|category|module]
+        [--by name|op|source|kernel|category|module]
         [--raw] [--steps N] [--threads REGEX] [--hlo FILES] [--json OUT]
     python -m benchmarks.profile_summary --demo [--logdir DIR]   # profile a toy program here
 
@@ -191,15 +191,11 @@ def source(tf_op: str) -> str:
 
 _HLO_MODULE = re.compile(r"^HloModule\s+([\w.\-]+)")
 _HLO_OP_NAME = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bop_name="([^"]*)"')
+_HLO_DEDUP = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bdeduplicated_name="([^"]*)"')
 
 
-def hlo_op_names(hlo: str | list[str]) -> dict[str, dict[str, str]]:
-  """{module name: {instruction: op_name metadata}} from optimised HLO text
-  (`jax.stages.Compiled.as_text()`, or XLA's `*after_optimizations.txt` dumps): where an op
-  of the trace came from when its events do not say. On the GPU in jax 0.11.2 they do not:
-  a kernel's `tf_op` is the module's annotation ("XlaModule:"), not the op's name stack, so
-  `source` looks the event's `hlo_op` (or its kernel name, `fusion.3` -> `fusion_3`) up
-  here."""
+def _hlo_table(hlo: str | list[str], pattern: re.Pattern) -> dict[str, dict[str, str]]:
+  """{module: {instruction (and its kernel name): pattern's second group}} from HLO text."""
   out: dict[str, dict[str, str]] = {}
   for text in [hlo] if isinstance(hlo, str) else hlo:
     names: dict[str, str] = {}
@@ -209,12 +205,43 @@ def hlo_op_names(hlo: str | list[str]) -> dict[str, dict[str, str]]:
       if m:
         module = m.group(1)
         continue
-      m = _HLO_OP_NAME.match(line)
+      m = pattern.match(line)
       if m:
         names[m.group(1)] = m.group(2)
         names.setdefault(re.sub(r"[.\-]", "_", m.group(1)), m.group(2))  # kernel names
     out.setdefault(module, {}).update(names)
   return out
+
+
+def hlo_dedup_names(hlo: str | list[str]) -> dict[str, dict[str, str]]:
+  """{module name: {instruction: deduplicated_name metadata}} from optimised HLO text: XLA
+  names instructions that run the same fused computation alike (one routing fusion of
+  every layer of an unrolled model), so `by="kernel"` sums each distinct kernel over the
+  layers."""
+  return _hlo_table(hlo, _HLO_DEDUP)
+
+
+def hlo_op_names(hlo: str | list[str]) -> dict[str, dict[str, str]]:
+  """{module name: {instruction: op_name metadata}} from optimised HLO text
+  (`jax.stages.Compiled.as_text()`, or XLA's `*after_optimizations.txt` dumps): where an op
+  of the trace came from when its events do not say. On the GPU in jax 0.11.2 they do not:
+  a kernel's `tf_op` is the module's annotation ("XlaModule:"), not the op's name stack, so
+  `source` looks the event's `hlo_op` (or its kernel name, `fusion.3` -> `fusion_3`) up
+  here."""
+  return _hlo_table(hlo, _HLO_OP_NAME)
+
+
+def _lookup(args: dict, name: str, table: dict[str, dict[str, str]] | None) -> str | None:
+  """An event's entry in a {module: {instruction: value}} table, by module and `hlo_op`
+  or kernel name."""
+  if not table:
+    return None
+  module = re.sub(r"\(.*$", "", str(args.get("hlo_module", "")))
+  for t in [table[module]] if module in table else list(table.values()):
+    for key in (args.get("hlo_op"), name):
+      if key and key in t:
+        return t[key]
+  return None
 
 
 def _op_name(args: dict, name: str, hlo: dict[str, dict[str, str]] | None) -> str | None:
@@ -226,23 +253,20 @@ def _op_name(args: dict, name: str, hlo: dict[str, dict[str, str]] | None) -> st
     return tf_op
   if args.get("op_name"):
     return args["op_name"]
-  if not hlo:
-    return None
-  module = re.sub(r"\(.*$", "", str(args.get("hlo_module", "")))
-  tables = [hlo[module]] if module in hlo else list(hlo.values())
-  for table in tables:
-    for key in (args.get("hlo_op"), name):
-      if key and key in table:
-        return table[key]
-  return None
+  return _lookup(args, name, hlo)
 
 
 def _group_key(e: dict, by: str, raw: bool,
-               hlo: dict[str, dict[str, str]] | None = None) -> str:
+               hlo: dict[str, dict[str, str]] | None = None,
+               dedup: dict[str, dict[str, str]] | None = None) -> str:
   args = e.get("args", {})
   norm = (lambda s: s) if raw else normalise
   if by == "name":
     return norm(e["name"])
+  if by == "kernel":  # one distinct kernel (its deduplicated name) and where it comes from
+    op_name = _op_name(args, e["name"], hlo)
+    kernel = _lookup(args, e["name"], dedup) or args.get("hlo_op") or norm(e["name"])
+    return f"{kernel} {source(op_name)}" if op_name else kernel
   if by == "source":  # where in the program: the JAX name stack of the op
     op_name = _op_name(args, e["name"], hlo)
     if op_name:
@@ -257,19 +281,27 @@ def _group_key(e: dict, by: str, raw: bool,
     return category(e["name"], args.get("hlo_op", ""))
   if by == "module":
     return norm(args.get("hlo_module") or "?")
-  raise ValueError(f"by must be name, op, source, category or module, not {by!r}")
+  raise ValueError(f"by must be name, op, source, kernel, category or module, not {by!r}")
 
 
 def summarise(trace_path: str | dict, top: int | None = 25, by: str = "name",
               raw: bool = False, threads: str | None = None,
-              hlo: str | list[str] | dict | None = None) -> list[dict]:
+              hlo: str | list[str] | dict | None = None,
+              dedup: str | list[str] | dict | None = None) -> list[dict]:
   """Device ops grouped by `by` (normalised event name, normalised `hlo_op` arg, `source`:
   the JAX name stack of the op, category or `hlo_module`; `raw` keeps instance numbers),
   ranked by self time. Rows: {name, category,
   total_ms (all steps, all devices), count, share (of all device op time; the shares of all
   rows sum to 1)}; the first `top` rows (all if None). `trace_path`: file, logdir or loaded.
   `hlo`: the profiled program's optimised HLO text(s) (`Compiled.as_text()`) or
-  `hlo_op_names` of them, for `by="source"` where the events lack the name stack (GPU)."""
+  `hlo_op_names` of them, for `by="source"` where the events lack the name stack (GPU).
+  `by="kernel"`: each distinct kernel, by its instruction's `deduplicated_name` (`dedup`:
+  the HLO text or `hlo_dedup_names` of it; the text of `hlo` when not given), with its
+  name stack: a routing fusion of every layer is one row."""
+  if by == "kernel" and dedup is None and isinstance(hlo, (str, list)):
+    dedup = hlo
+  if isinstance(dedup, (str, list)):
+    dedup = hlo_dedup_names(dedup)
   if isinstance(hlo, (str, list)):
     hlo = hlo_op_names(hlo)
   events = device_events(trace_path, threads)
@@ -278,7 +310,7 @@ def summarise(trace_path: str | dict, top: int | None = 25, by: str = "name",
   count: dict[str, int] = collections.Counter()
   cats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
   for e, t in zip(events, times):
-    key = _group_key(e, by, raw, hlo)
+    key = _group_key(e, by, raw, hlo, dedup)
     total[key] += t
     count[key] += 1
     cats[key][category(e["name"], e.get("args", {}).get("hlo_op", ""))] += t
@@ -365,7 +397,8 @@ def main() -> None:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("trace", nargs="?", help="trace file (.json.gz) or jax.profiler log dir")
   ap.add_argument("--top", type=int, default=25)
-  ap.add_argument("--by", default="name", choices=("name", "op", "source", "category", "module"))
+  ap.add_argument("--by", default="name",
+                  choices=("name", "op", "source", "kernel", "category", "module"))
   ap.add_argument("--raw", action="store_true", help="keep instance numbers (fusion.123)")
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--threads", default=None, help="regex on 'process/thread' names")
@@ -373,7 +406,8 @@ def main() -> None:
   ap.add_argument("--demo", action="store_true", help="profile a toy program first")
   ap.add_argument("--logdir", default=None, help="with --demo: where the trace goes")
   ap.add_argument("--hlo", default=None,
-                  help="with --by source: the program's optimised HLO text, files or globs, "
+                  help="with --by source or kernel: the program's optimised HLO text, files "
+                       "or globs, "
                        "comma-separated (XLA_FLAGS='--xla_dump_to=DIR --xla_dump_hlo_as_text' "
                        "writes DIR/*after_optimizations.txt): the name stacks the GPU's "
                        "events lack")

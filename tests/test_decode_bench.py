@@ -103,6 +103,20 @@ def test_decode_benchmark_bytes_and_tokens():
   np.testing.assert_array_equal(rows[0][1]["tokens_BxN"], rows[1][1]["tokens_BxN"])
 
 
+def test_decode_benchmark_profile_rows(tmp_path):
+  """--profile: the row keeps the decode step's top operations by kernel name, by name
+  stack and by distinct kernel (`profile_summary`'s by="kernel"), per decode step."""
+  cfg = load_config(str(ROOT / "configs/tiny.yaml"), TINY)
+  graphdef, state = decode.init_bf16(cfg)
+  (row, _), = decode.run(cfg, graphdef, state, 2, prompt_len=6, new_tokens=3, reps=1,
+                         layouts=("unrolled",), profile=str(tmp_path), profile_top=5)
+  top = row["profile_top_ops"]
+  assert {r["by"] for r in top} == {"name", "source", "kernel"}
+  for by in ("name", "source", "kernel"):
+    rows = [r for r in top if r["by"] == by]
+    assert 0 < len(rows) <= 5 and all(r["ms_per_token_step"] > 0 for r in rows)
+
+
 def test_expected_experts_under_uniform_routing():
   """The dry run's expected distinct experts, E * (1 - (1 - K/E)^B), against sampling MoE
   routes (K distinct of E uniformly per token)."""

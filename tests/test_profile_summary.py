@@ -1,6 +1,7 @@
 """benchmarks.profile_summary: device-event selection, name grouping, shares and busy time on
 hand-written traces, then a real CPU capture."""
 
+import collections
 import gzip
 import json
 import sys
@@ -142,6 +143,41 @@ def test_group_by_source_name_stack(tmp_path, rng):
   rows = ps.summarise(_write(tmp_path / "s.trace.json.gz", ev), top=None, by="source")
   assert {r["name"]: r["total_ms"] for r in rows} == pytest.approx(
       {k: v / 1e3 for k, v in want.items()})
+
+
+def test_group_by_kernel_sums_a_fusion_over_the_layers(tmp_path, rng):
+  """by="kernel": instructions that XLA deduplicated to one fused computation (its
+  `deduplicated_name` metadata: one routing fusion of every layer) are one row, labelled
+  with their name stack; others are rows of their own instruction."""
+  hlo = "\n".join([
+      "HloModule jit_decode, entry_computation_layout={()->()}",
+      *[f'  %input_reduce_fusion.{i} = s32[256,64]{{1,0}} fusion(%p), kind=kInput, '
+        f'metadata={{op_name="jit(decode)/while/body/router/reduce_sum" '
+        f'deduplicated_name="input_reduce_fusion.15" scheduling_name="x"}}' for i in (28, 29)],
+      '  %fusion.3 = bf16[8]{0} fusion(%q), kind=kLoop, '
+      'metadata={op_name="jit(decode)/while/body/attention/convert_element_type"}',
+  ])
+  D = 1
+  ev = _meta(D, "/device:GPU:0", {1: "Stream #7(Kernel)"})
+  want = collections.Counter()
+  t = 0.0
+  for i in range(int(rng.integers(6, 20))):
+    op = ("input_reduce_fusion.28", "input_reduce_fusion.29", "fusion.3")[i % 3]
+    dur = float(rng.uniform(1, 50))
+    ev.append(_x(D, 1, t, dur, op.replace(".", "_"), hlo_op=op, hlo_module="jit_decode",
+                 tf_op="XlaModule:"))
+    want["fusion.3 attention/convert_element_type" if op == "fusion.3"
+         else "input_reduce_fusion.15 router/reduce_sum"] += dur
+    t += dur + 1
+  path = _write(tmp_path / "k.trace.json.gz", ev)
+  rows = ps.summarise(path, top=None, by="kernel", hlo=hlo)
+  assert {r["name"]: r["total_ms"] for r in rows} == pytest.approx(
+      {k: v / 1e3 for k, v in want.items()})
+  assert ps.summarise(path, top=None, by="kernel", hlo=ps.hlo_op_names(hlo),
+                      dedup=ps.hlo_dedup_names(hlo)) == rows
+  # without the HLO: one row per instruction
+  assert {r["name"] for r in ps.summarise(path, top=None, by="kernel")} == {
+      "input_reduce_fusion.28", "input_reduce_fusion.29", "fusion.3"}
 
 
 def test_synthetic_cpu_trace_self_time(tmp_path, rng):
