@@ -526,7 +526,7 @@ class StackedExperts:
     where its shapes fit; on the H200 still slower than XLA's ~20 launches, 30 us a
     MoHGE-3B layer at batch 256, benchmarks/notes_generate.md, eleventh session) or
     'kernel_rows' (the same kernel with a thread a token, `route_gpu.route_slots(impl=
-    "rows")`; not yet run on a GPU)."""
+    "rows")`; as slow on the H200, fifteenth session)."""
     return dict(self.tuning).get("route", "xla")
 
   @property
