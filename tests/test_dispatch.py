@@ -190,8 +190,10 @@ def test_capacity_experts_equals_per_pair_loop(rng, case):
   wgu = [rng.normal(size=(N, D, 2 * f)) / 4 for f in widths]
   wd = [rng.normal(size=(N, f, D)) / 4 for f in widths]
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-  got = dispatch.capacity_experts(f32(x), jnp.asarray(ids, jnp.int32), f32(w),
-                                  [f32(a) for a in wgu], [f32(a) for a in wd])
+  # float32 products on any backend (a GPU's default is TF32: 1e-3, against float64 here)
+  with jax.default_matmul_precision("highest"):
+    got = dispatch.capacity_experts(f32(x), jnp.asarray(ids, jnp.int32), f32(w),
+                                    [f32(a) for a in wgu], [f32(a) for a in wd])
   np.testing.assert_allclose(np.asarray(got), _pairs_reference(x, ids, w, wgu, wd),
                              rtol=1e-4, atol=1e-4)
 
