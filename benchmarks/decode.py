@@ -251,8 +251,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
       out = jax.block_until_ready(decode(*args))
       times.append((T() - t5) / new_tokens)
     top = _profile(decode, args, profile, f"b{batch}_{layout}_{label or 'model'}_{opts}",
-                   new_tokens,
-                   profile_top)
+                   new_tokens, profile_top)
     step_s = float(np.median(times))
     tokens_NxB, ids_NxRxBxK = (np.asarray(a) for a in out)
     per_step = [step_bytes(cfg, np.full(batch, prompt_len + t), ids_NxRxBxK[t])

@@ -125,11 +125,7 @@ def select_top_k(x_TxN: jax.Array, k: int, impl: str = "sort") -> tuple[jax.Arra
   XLA fuses it with its neighbours, where a top_k is a sort kernel after a copy of its
   input (two of each a MoHGE layer's decode step on the H200, on the step's serial
   path; benchmarks/notes_generate.md, fourteenth session)."""
-  if impl == "sort":
-    return jax.lax.top_k(x_TxN, k)
-  if impl != "rank":
-    raise ValueError(f"select_top_k: impl={impl!r}: must be one of {TOP_K_IMPLS}")
-  vals_TxK, ids_TxK, _ = top_k_by_rank(x_TxN, k)
+  vals_TxK, ids_TxK, _ = _select(x_TxN, k, impl)
   return vals_TxK, ids_TxK
 
 
@@ -149,10 +145,12 @@ def top_k_by_rank(x_TxN: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.A
 
 def _select(x_TxN: jax.Array, k: int, impl: str):
   """select_top_k's (values, indices) and the chosen mask [T, N] (impl "rank"; else None)."""
-  if impl == "rank":
-    vals_TxK, ids_TxK, rank_TxN = top_k_by_rank(x_TxN, k)
-    return vals_TxK, ids_TxK, rank_TxN < k
-  return (*select_top_k(x_TxN, k, impl), None)
+  if impl == "sort":
+    return (*jax.lax.top_k(x_TxN, k), None)
+  if impl != "rank":
+    raise ValueError(f"select_top_k: impl={impl!r}: must be one of {TOP_K_IMPLS}")
+  vals_TxK, ids_TxK, rank_TxN = top_k_by_rank(x_TxN, k)
+  return vals_TxK, ids_TxK, rank_TxN < k
 
 
 def two_level_route(group_logits: jax.Array, expert_logits: jax.Array, *, num_groups: int,
