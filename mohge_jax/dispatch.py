@@ -464,14 +464,10 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
     token_ExC, filled_ExC = _slot_tokens(slot_M, K, E, C)
     fits = jnp.logical_not(slots[1])
 
-  # Outside the cond, launched once x exists: L2 prefetches of the up projection's first
-  # weight blocks, loading while the routing above runs (`StackedExperts.l2_steps`)
-  warm = None if stacked is None else stacked.prefetch(x_TxD, C)
-
   def bounded(_):
     x_ExCxD = x_TxD[token_ExC] * filled_ExC[..., None].astype(x_TxD.dtype)
     if stacked is not None:
-      y_ExCxD = stacked.ffn(x_ExCxD.reshape(E * C, D), after=warm)
+      y_ExCxD = stacked.ffn(x_ExCxD.reshape(E * C, D))
     else:
       ys, first = [], 0
       for wgu_NxDxF2, wd_NxFxD in zip(w_gate_up, w_down):
@@ -537,25 +533,9 @@ class StackedExperts:
   def tile_rows(self) -> int:
     return self.config().bm
 
-  @property
-  def l2_steps(self) -> int:
-    """Steps of each SM's share of the up projection whose weights `prefetch` loads into
-    L2 ahead of the slot kernel (0: none; the slot kernel only)."""
-    return int(dict(self.tuning).get("l2_steps", 0))
-
-  def prefetch(self, after: jax.Array, C: int) -> jax.Array | None:
-    """`slot_gpu.prefetch_l2` of the up projection's first `l2_steps` steps an SM, launched
-    after `after`; the token for `ffn(after=)`, or None (nothing to prefetch)."""
-    if self.kernel != "slot" or not self.l2_steps:
-      return None
-    from pallas_kernels import slot_gpu
-    return slot_gpu.prefetch_l2((self.gate_up, self.gate_up_layout), rows_per_expert=C,
-                                swiglu=True, steps_per_sm=self.l2_steps, after=after,
-                                cfg=self.config())
-
-  def ffn(self, x_MxD: jax.Array, after: jax.Array | None = None) -> jax.Array:
+  def ffn(self, x_MxD: jax.Array) -> jax.Array:
     """SwiGLU experts over `x` [E * C, D] in slot layout (C rows an expert, a multiple of
-    tile_rows): [E * C, D] in x's dtype. after: `prefetch`'s token (the slot kernels)."""
+    tile_rows): [E * C, D] in x's dtype."""
     from pallas_kernels import gpu, slot_gpu
     E = self.gate_up_layout.n * len(self.gate_up_layout.shapes)
     C = x_MxD.shape[0] // E
@@ -563,8 +543,7 @@ class StackedExperts:
     if self.kernel == "slot":
       W = max(q for _, q in self.gate_up_layout.shapes) // 2
       h_MxW = slot_gpu.slot_gmm(x_MxD, (self.gate_up, self.gate_up_layout),
-                                rows_per_expert=C, swiglu=True, out_cols=W, cfg=cfg,
-                                after=after)
+                                rows_per_expert=C, swiglu=True, out_cols=W, cfg=cfg)
       return slot_gpu.slot_gmm(h_MxW, (self.down, self.down_layout), rows_per_expert=C,
                                swiglu=False, out_cols=x_MxD.shape[1], cfg=cfg)
     sizes_E = (C,) * E  # static: the kernels' work table is a constant
@@ -578,7 +557,7 @@ class StackedExperts:
 # batch 256 on the H200: 2.79 ms against 3.00 with 64, benchmarks/notes_generate.md), the
 # rest as the training kernels'.
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128}
-_NOT_CONFIG = ("kernel", "route", "l2_steps")   # StackedExperts' own tuning keys
+_NOT_CONFIG = ("kernel", "route")   # StackedExperts' own tuning keys
 ROUTES = ("xla", "kernel", "kernel_rows")   # StackedExperts.route
 
 

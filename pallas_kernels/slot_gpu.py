@@ -214,56 +214,6 @@ def sm_ranges(layout: _Layout, num_sms: int) -> np.ndarray:
   return ranges
 
 
-def first_blocks(layout: _Layout, ranges: np.ndarray, steps_per_sm: int) -> np.ndarray:
-  """int32 [SMs, steps_per_sm * rhs blocks a step]: the tiled matrix's (bk-row) blocks that
-  each SM's first `steps_per_sm` steps read (`sm_ranges`; the gate's and the up half's for
-  the SwiGLU projection), -1 past an SM's last step: what `prefetch_l2` warms."""
-  blocks = []
-  for g, el, r, c in layout.items():
-    f = layout.f_base[g] + el * layout.f_stride[g] + c
-    for kk in range(layout.nk[g]):
-      rk = layout.k_base[g] + el * layout.k_stride[g] + kk
-      fs = (f, f + layout.cols[g]) if layout.swiglu else (f,)
-      blocks.append([fi * layout.k_blocks + rk for fi in fs])
-  blocks = np.asarray(blocks, np.int64)
-  out = np.full((len(ranges), steps_per_sm, blocks.shape[1]), -1, np.int64)
-  for sm, (start, count, _) in enumerate(ranges):
-    n = min(steps_per_sm, int(count))
-    out[sm, :n] = blocks[start:start + n]
-  return out.reshape(len(ranges), -1).astype(np.int32)
-
-
-def prefetch_l2(rhs, *, rows_per_expert: int, swiglu: bool, steps_per_sm: int,
-                after: jax.Array, cfg: gpu.Config = gpu.Config()) -> jax.Array:
-  """Starts loading into L2 the weight blocks of the first `steps_per_sm` steps of every
-  SM's share of `slot_gmm(lhs, rhs, ...)` (same rows_per_expert, swiglu and cfg), and
-  returns at once (TMA prefetches: nothing waits for them). At decode the slot kernel
-  waits for the routing's ~20 small launches, during which HBM is idle: issued before
-  them (once `after` exists: a data dependency that orders the launch, e.g. the layer's
-  normed input) the prefetched blocks come from L2 when the kernel starts. Returns an
-  int32 token for `slot_gmm(after=)`, so that the kernel is launched after this one.
-  Values: unchanged (a prefetch only moves data into the cache)."""
-  flat, st = rhs
-  layout = _Layout.of(st, rows_per_expert, swiglu, cfg)
-  ids = first_blocks(layout, sm_ranges(layout, gpu._num_sms(cfg)), steps_per_sm)
-  return _prefetch_l2(flat, jnp.asarray(ids), after, bk=cfg.bk, cfg=cfg)
-
-
-@functools.partial(jax.jit, static_argnames=("bk", "cfg"))
-def _prefetch_l2(flat, ids, after, *, bk, cfg):
-  n = ids.shape[1]
-
-  def body(ids_ref, flat_gmem, after_gmem, token_gmem):
-    del after_gmem, token_gmem   # a dependency in, an ordering token out
-    sm = lax.axis_index("sm")
-    for j in range(n):
-      b = ids_ref[sm, j]
-      plgpu.async_prefetch(flat_gmem.at[pl.ds(jnp.maximum(b, 0) * bk, bk)], predicate=b >= 0)
-
-  out_type = jax.ShapeDtypeStruct((1,), jnp.int32)
-  return gpu._kernel(body, out_type, cfg)(ids, flat, after)
-
-
 def tile_weights(flat, st: gpu.Stacking, cfg: gpu.Config = gpu.Config(), *, swiglu: bool):
   """A stacked weight matrix [K, F] (`gpu.stack_weights`: experts side by side, K = d, or
   one below the other, K = the sum of their rows) as `slot_gmm` reads it: its (bk x bn)
@@ -283,8 +233,7 @@ def tile_weights(flat, st: gpu.Stacking, cfg: gpu.Config = gpu.Config(), *, swig
 
 
 def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
-             cfg: gpu.Config = gpu.Config(), after: jax.Array | None = None,
-             _ablate: str = ""):
+             cfg: gpu.Config = gpu.Config(), _ablate: str = ""):
   """Every expert's `rows_per_expert` rows of lhs [E * C, K] times its weights.
 
   rhs: (tiled matrix, gpu.Stacking) from `tile_weights(*gpu.stack_weights(ws))` with the
@@ -292,8 +241,7 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
   silu(gate) * up in its first W_e columns (the rest unwritten); else rhs is w_down and
   the output [E * C, out_cols] = lhs[:, :W_e] @ w_down_e. Products in bf16/f16 with
   float32 accumulation; gate and up rounded to the input dtype before the SwiGLU, as
-  `gpu.hgmm`. after: an array the kernel takes and does not read, so that it is launched
-  after whatever makes it (`prefetch_l2`'s token). _ablate="no_mma" (benchmarks only: a wrong result) skips the products: the
+  `gpu.hgmm`. _ablate="no_mma" (benchmarks only: a wrong result) skips the products: the
   copies, ring and stores alone.
   """
   if _ablate not in ("", "no_mma"):
@@ -309,13 +257,12 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
     raise ValueError(f"lhs has {lhs.shape[0]} rows, not {rows_per_expert} for each of "
                      f"{st.n * len(st.shapes)} experts")
   ranges = sm_ranges(layout, gpu._num_sms(cfg))
-  after = jnp.zeros((1,), jnp.int32) if after is None else after
-  return _slot_gmm(lhs, flat, jnp.asarray(ranges), after, layout=layout, out_cols=out_cols,
-                   cfg=cfg, ablate=_ablate)
+  return _slot_gmm(lhs, flat, jnp.asarray(ranges), layout=layout, out_cols=out_cols, cfg=cfg,
+                   ablate=_ablate)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "out_cols", "cfg", "ablate"))
-def _slot_gmm(lhs, rhs_flat, ranges, after, *, layout, out_cols, cfg, ablate=""):
+def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, ablate=""):
   m, _ = lhs.shape
   dtype = lhs.dtype
   bm, bk, steps = cfg.bm, cfg.bk, cfg.steps
@@ -323,8 +270,7 @@ def _slot_gmm(lhs, rhs_flat, ranges, after, *, layout, out_cols, cfg, ablate="")
   bn = cfg.bn_up if swiglu else cfg.bn
   n_rhs = 2 if swiglu else 1
 
-  def body(ranges_ref, lhs_gmem, rhs_gmem, after_gmem, out_gmem, lhs_ring, *scratch):
-    del after_gmem   # an ordering dependency only
+  def body(ranges_ref, lhs_gmem, rhs_gmem, out_gmem, lhs_ring, *scratch):
     *rhs_rings, o_smem, bar = scratch
     sm = lax.axis_index("sm")
     start, count, n_items = ranges_ref[sm, 0], ranges_ref[sm, 1], ranges_ref[sm, 2]
@@ -398,4 +344,4 @@ def _slot_gmm(lhs, rhs_flat, ranges, after, *, layout, out_cols, cfg, ablate="")
              *[plgpu.SMEM((steps, bk, bn), dtype) for _ in range(n_rhs)],
              plgpu.SMEM((2, bm, bn), dtype),
              plgpu.Barrier(num_arrivals=1 + n_rhs, num_barriers=steps))
-  return gpu._kernel(body, out_type, cfg, scratch_types=scratch)(ranges, lhs, rhs_flat, after)
+  return gpu._kernel(body, out_type, cfg, scratch_types=scratch)(ranges, lhs, rhs_flat)
