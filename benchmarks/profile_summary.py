@@ -265,7 +265,13 @@ def _group_key(e: dict, by: str, raw: bool,
     return norm(e["name"])
   if by == "kernel":  # one distinct kernel (its deduplicated name) and where it comes from
     op_name = _op_name(args, e["name"], hlo)
-    kernel = _lookup(args, e["name"], dedup) or args.get("hlo_op") or norm(e["name"])
+    kernel = _lookup(args, e["name"], dedup)
+    if kernel is None:
+      op = args.get("hlo_op", "")
+      # a kernel launched from a command buffer carries the buffer's instruction as its
+      # hlo_op (every kernel in it alike): then the kernel's own name
+      kernel = (f"{norm(e['name'])} [{normalise(op)}]" if op.startswith("command_buffer")
+                else op or norm(e["name"]))
     return f"{kernel} {source(op_name)}" if op_name else kernel
   if by == "source":  # where in the program: the JAX name stack of the op
     op_name = _op_name(args, e["name"], hlo)

@@ -169,6 +169,13 @@ def test_group_by_kernel_sums_a_fusion_over_the_layers(tmp_path, rng):
     want["fusion.3 attention/convert_element_type" if op == "fusion.3"
          else "input_reduce_fusion.15 router/reduce_sum"] += dur
     t += dur + 1
+  for name in ("body_mosaic_gpu_kernel", "kernel_mosaic_gpu_kernel", "body_mosaic_gpu_kernel"):
+    # launched from a command buffer: its hlo_op is the buffer's, so the kernel's name counts
+    dur = float(rng.uniform(1, 50))
+    ev.append(_x(D, 1, t, dur, name, hlo_op="command_buffer_38", hlo_module="jit_decode",
+                 tf_op="XlaModule:"))
+    want[f"{name} [command_buffer]"] += dur
+    t += dur + 1
   path = _write(tmp_path / "k.trace.json.gz", ev)
   rows = ps.summarise(path, top=None, by="kernel", hlo=hlo)
   assert {r["name"]: r["total_ms"] for r in rows} == pytest.approx(
@@ -177,7 +184,8 @@ def test_group_by_kernel_sums_a_fusion_over_the_layers(tmp_path, rng):
                       dedup=ps.hlo_dedup_names(hlo)) == rows
   # without the HLO: one row per instruction
   assert {r["name"] for r in ps.summarise(path, top=None, by="kernel")} == {
-      "input_reduce_fusion.28", "input_reduce_fusion.29", "fusion.3"}
+      "input_reduce_fusion.28", "input_reduce_fusion.29", "fusion.3",
+      "body_mosaic_gpu_kernel [command_buffer]", "kernel_mosaic_gpu_kernel [command_buffer]"}
 
 
 def test_synthetic_cpu_trace_self_time(tmp_path, rng):
