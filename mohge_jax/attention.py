@@ -197,18 +197,13 @@ class MLA(nnx.Module):
     # attention's GEMMs 0.311 ms a step with the barrier, 0.341 without; notes_generate.md).
     y_BxN = jax.lax.optimization_barrier(y_BxN)
     N = y_BxN.shape[1]
-    # q_nope's GEMM reads its input through a barrier: XLA's dot merger otherwise fuses it
-    # with the other GEMM of the same input ([256, 1600] and [256, 2048] into [256, 3648]
-    # in MoHGE-3B's decode program) and copies both column blocks out of the result, two
-    # launches a layer on the serial path (H200 HLO dump, notes_generate.md).
-    apart = jax.lax.optimization_barrier
     cq_Bx1xQ = None
     if Q:
       cq_BxQ = self.q_norm(y_BxN[:, :Q])
       cq_Bx1xQ, q_rope_BxHR = cq_BxQ[:, None], jnp.dot(cq_BxQ, prepared.w_uq)
-      q_nope_BxHP = jnp.dot(apart(cq_BxQ), prepared.w_q_nope)
+      q_nope_BxHP = jnp.dot(cq_BxQ, prepared.w_q_nope)
     else:
-      q_rope_BxHR, q_nope_BxHP = y_BxN[:, :H * R], jnp.dot(apart(x_BxD), prepared.w_q_nope)
+      q_rope_BxHR, q_nope_BxHP = y_BxN[:, :H * R], jnp.dot(x_BxD, prepared.w_q_nope)
     rope = lambda a_BxJxR: apply_rope(a_BxJxR[:, None], pos_Bx1, self.inv_freq)[:, 0]  # noqa: E731
     q_rope_BxHxR = rope(q_rope_BxHR.reshape(B, H, R))
     k_rope_BxR = rope(y_BxN[:, None, N - R:])[:, 0]
