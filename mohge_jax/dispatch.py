@@ -370,9 +370,6 @@ def expert_capacity(T: int, K: int, E: int, capacity_factor: float = 2.0,
   return int(min(T, max(min_capacity, math.ceil(capacity_factor * T * K / E))))
 
 
-_RANK_BY_REDUCTION_MAX_T = 1024   # _capacity_slots' running count as a [T, T, E] reduction
-
-
 def _capacity_slots(expert_ids_TxK: jax.Array, E: int, C: int,
                     chosen_TxE: jax.Array | None = None):
   """The slot block of `capacity_experts`: slot (e, c) holds expert e's c-th token-expert
@@ -394,14 +391,7 @@ def _capacity_slots(expert_ids_TxK: jax.Array, E: int, C: int,
   elif chosen_TxE.shape != (T, E):
     raise ValueError(f"_capacity_slots: chosen {chosen_TxE.shape} is not [T, E] = {(T, E)}")
   hit_TxE = chosen_TxE.astype(jnp.int32)
-  if T <= _RANK_BY_REDUCTION_MAX_T:
-    # the earlier tokens' choices summed: a reduction over [T, T, E] that XLA spreads over
-    # many thread blocks, where its cumsum is a reduce_window in one thread block on the
-    # GPU (6.1 us of each MoHGE-3B layer's decode step on the H200, sixteenth session)
-    earlier_TxT = jnp.arange(T)[:, None] > jnp.arange(T)[None, :]
-    before_TxE = jnp.sum(earlier_TxT[:, :, None] & chosen_TxE[None], axis=1, dtype=jnp.int32)
-  else:
-    before_TxE = jnp.cumsum(hit_TxE, axis=0) - hit_TxE
+  before_TxE = jnp.cumsum(hit_TxE, axis=0) - hit_TxE
   rank_M = jnp.take_along_axis(before_TxE, expert_ids_TxK, axis=1).reshape(T * K)
   counts_E = jnp.sum(hit_TxE, axis=0)
   ids_M = expert_ids_TxK.reshape(T * K)
