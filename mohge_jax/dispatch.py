@@ -542,10 +542,11 @@ class StackedExperts:
     cfg = self.config()
     if self.kernel == "slot":
       W = max(q for _, q in self.gate_up_layout.shapes) // 2
+      pdl = bool(dict(self.tuning).get("pdl", 0))
       h_MxW = slot_gpu.slot_gmm(x_MxD, (self.gate_up, self.gate_up_layout),
-                                rows_per_expert=C, swiglu=True, out_cols=W, cfg=cfg)
+                                rows_per_expert=C, swiglu=True, out_cols=W, cfg=cfg, pdl=pdl)
       return slot_gpu.slot_gmm(h_MxW, (self.down, self.down_layout), rows_per_expert=C,
-                               swiglu=False, out_cols=x_MxD.shape[1], cfg=cfg)
+                               swiglu=False, out_cols=x_MxD.shape[1], cfg=cfg, pdl=pdl)
     sizes_E = (C,) * E  # static: the kernels' work table is a constant
     h_MxW = gpu.hgmm(x_MxD, (self.gate_up, self.gate_up_layout), sizes_E,
                      epilogue="swiglu", cfg=cfg)[0]
@@ -557,7 +558,7 @@ class StackedExperts:
 # batch 256 on the H200: 2.79 ms against 3.00 with 64, benchmarks/notes_generate.md), the
 # rest as the training kernels'.
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128}
-_NOT_CONFIG = ("kernel", "route")   # StackedExperts' own tuning keys
+_NOT_CONFIG = ("kernel", "route", "pdl")   # StackedExperts' own tuning keys
 ROUTES = ("xla", "kernel", "kernel_rows")   # StackedExperts.route
 
 
@@ -565,8 +566,10 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   """`StackedExperts` of one layer's per-group weights (in the compute dtype, bf16).
   tuning: `pallas_kernels.gpu.Config` fields over DECODE_KERNEL_TUNING (interpret=True
   runs the kernels in the Pallas interpreter, for tests on CPU), kernel="slot" (the
-  default) or "hgmm" (`StackedExperts.kernel`) and route="xla" (the default), "kernel" or
-  "kernel_rows" (`StackedExperts.route`)."""
+  default) or "hgmm" (`StackedExperts.kernel`), route="xla" (the default), "kernel" or
+  "kernel_rows" (`StackedExperts.route`) and pdl=1 (the slot kernels launched with
+  programmatic dependent launch, `slot_gpu.slot_gmm(pdl=True)`; not yet timed, off by
+  default)."""
   from pallas_kernels import gpu
   tuning = {**DECODE_KERNEL_TUNING, **tuning}
   if tuning.get("kernel", "slot") not in ("slot", "hgmm"):

@@ -233,7 +233,7 @@ def tile_weights(flat, st: gpu.Stacking, cfg: gpu.Config = gpu.Config(), *, swig
 
 
 def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
-             cfg: gpu.Config = gpu.Config(), _ablate: str = ""):
+             cfg: gpu.Config = gpu.Config(), pdl: bool = False, _ablate: str = ""):
   """Every expert's `rows_per_expert` rows of lhs [E * C, K] times its weights.
 
   rhs: (tiled matrix, gpu.Stacking) from `tile_weights(*gpu.stack_weights(ws))` with the
@@ -241,7 +241,11 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
   silu(gate) * up in its first W_e columns (the rest unwritten); else rhs is w_down and
   the output [E * C, out_cols] = lhs[:, :W_e] @ w_down_e. Products in bf16/f16 with
   float32 accumulation; gate and up rounded to the input dtype before the SwiGLU, as
-  `gpu.hgmm`. _ablate="no_mma" (benchmarks only: a wrong result) skips the products: the
+  `gpu.hgmm`. pdl: launched with programmatic dependent launch (`plgpu.griddepcontrol_wait`):
+  the kernel may start while the kernels before it finish; it issues its first steps'
+  weight copies (nothing before it writes the weights), then waits for them before its
+  first lhs copy. Not in the interpreter (it has no such wait; the copies' order is the
+  same). _ablate="no_mma" (benchmarks only: a wrong result) skips the products: the
   copies, ring and stores alone.
   """
   if _ablate not in ("", "no_mma"):
@@ -258,11 +262,11 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
                      f"{st.n * len(st.shapes)} experts")
   ranges = sm_ranges(layout, gpu._num_sms(cfg))
   return _slot_gmm(lhs, flat, jnp.asarray(ranges), layout=layout, out_cols=out_cols, cfg=cfg,
-                   ablate=_ablate)
+                   pdl=bool(pdl), ablate=_ablate)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "out_cols", "cfg", "ablate"))
-def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, ablate=""):
+@functools.partial(jax.jit, static_argnames=("layout", "out_cols", "cfg", "pdl", "ablate"))
+def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, pdl=False, ablate=""):
   m, _ = lhs.shape
   dtype = lhs.dtype
   bm, bk, steps = cfg.bm, cfg.bk, cfg.steps
@@ -275,26 +279,34 @@ def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, ablate=""):
     sm = lax.axis_index("sm")
     start, count, n_items = ranges_ref[sm, 0], ranges_ref[sm, 1], ranges_ref[sm, 2]
 
-    def fetch(step, cur):
+    def fetch(step, cur, lhs=True, rhs=True):
       """Issue step `step`'s copies (its cursor `cur`) into its ring slot."""
       slot = lax.rem(step, steps)
       b = layout.blocks(cur)
-      row, k = b["lhs"]
-      plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(row * bm, bm), pl.ds(k * bk, bk)],
-                              lhs_ring.at[slot], bar.at[slot])
+      if lhs:
+        row, k = b["lhs"]
+        plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(row * bm, bm), pl.ds(k * bk, bk)],
+                                lhs_ring.at[slot], bar.at[slot])
       rk, *fs = b["rhs"]
-      for ring, f in zip(rhs_rings, fs):   # block (rk, f) of the tiled matrix
+      for ring, f in zip(rhs_rings if rhs else (), fs):   # block (rk, f) of the tiled matrix
         plgpu.copy_gmem_to_smem(rhs_gmem.at[pl.ds((f * layout.k_blocks + rk) * bk, bk)],
                                 ring.at[slot], bar.at[slot])
 
-    # prologue: the first `steps` steps' copies in flight
+    # prologue: the first `steps` steps' copies in flight; with pdl the weights' first,
+    # while the kernels before this one may still run, the lhs (their output) after the wait
     cur = layout.cursor(start)
     fcur = cur
-    for i in range(steps):
-      @pl.when(i < count)
-      def _(i=i, fcur=fcur):
-        fetch(jnp.int32(i), fcur)
-      fcur = layout.advance(fcur)
+    parts = ((dict(lhs=False), dict(rhs=False)) if pdl else (dict(),))
+    for n, part in enumerate(parts):
+      if n:
+        if not cfg.interpret:
+          plgpu.griddepcontrol_wait()
+        fcur = cur
+      for i in range(steps):
+        @pl.when(i < count)
+        def _(i=i, fcur=fcur, part=part):
+          fetch(jnp.int32(i), fcur, **part)
+        fcur = layout.advance(fcur)
 
     def item(j, carry):
       s0, cur, fcur = carry

@@ -261,6 +261,11 @@ def test_capacity_experts_through_the_kernels_equals_per_pair_loop(rng, case):
                           [np.asarray(a, np.float64) for a in wgu_b],
                           [np.asarray(a, np.float64) for a in wd_b])
   np.testing.assert_allclose(np.asarray(got), want, rtol=0.03, atol=0.03 * np.abs(want).max())
+  if case == "bounded":   # the slot kernels with pdl=1: the same values
+    pdl = jax.jit(lambda x, i, w, s: dispatch.capacity_experts(x, i, w, wgu_b, wd_b, stacked=s))(
+        bf(x), jnp.asarray(ids, jnp.int32), jnp.asarray(w, jnp.float32),
+        st(wgu_b, wd_b, interpret=True, pdl=1))
+    np.testing.assert_array_equal(np.asarray(pdl), np.asarray(got))
   with pytest.raises(ValueError, match="stack_experts: the Mosaic GPU kernels need expert "
                                        "widths and d_model to be multiples of 128"):
     st([bf(np.zeros((N, D, 2 * 96)))], [bf(np.zeros((N, 96, D)))])

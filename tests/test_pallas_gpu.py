@@ -117,11 +117,14 @@ def test_capacity_experts_through_the_kernels_at_decode(rng, kernel):
   assert _err(got, want) < 1e-2
 
 
-def test_slot_gmm_on_the_device(rng):
+@pytest.mark.parametrize("pdl", [False, True])
+def test_slot_gmm_on_the_device(rng, pdl):
   """The decode kernels (`slot_gpu`) compiled for the GPU: slot blocks of two row tiles an
   expert (C = 128), up projection with SwiGLU and down projection, against the reference:
   the copy ring across items and the two output buffers run for real here (the
-  interpreter stores synchronously)."""
+  interpreter stores synchronously). pdl: launched with programmatic dependent launch, the
+  lhs made by an XLA kernel just before in the same program (x doubled), so a missing
+  wait would read it unfinished."""
   from pallas_kernels import gpu, slot_gpu
   widths, n, d, rows = (384, 512, 640, 768, 896, 1024, 1152, 1280), 8, 1024, 128
   e = len(widths) * n
@@ -131,12 +134,15 @@ def test_slot_gmm_on_the_device(rng):
   wgu = tuple((nrm(n, d, 2 * w) / np.sqrt(d)).astype(jnp.bfloat16) for w in widths)
   wd = tuple((nrm(n, w, d) / np.sqrt(w)).astype(jnp.bfloat16) for w in widths)
   cfg = gpu.Config(bm=64)
-  h = slot_gpu.slot_gmm(x, slot_gpu.tile_weights(*gpu.stack_weights(wgu), cfg, swiglu=True),
-                        rows_per_expert=rows, swiglu=True, out_cols=max(widths), cfg=cfg)
-  h_ref = R.swiglu_ref(R.hgmm_ref(x, wgu, gs, out_split=True))
+  doubled = lambda a: (a.astype(jnp.float32) * 2).astype(jnp.bfloat16)  # noqa: E731 - exact
+  up = slot_gpu.tile_weights(*gpu.stack_weights(wgu), cfg, swiglu=True)
+  h = jax.jit(lambda x: slot_gpu.slot_gmm(doubled(x), up, rows_per_expert=rows, swiglu=True,
+                                          out_cols=max(widths), cfg=cfg, pdl=pdl))(x)
+  h_ref = R.swiglu_ref(R.hgmm_ref(doubled(x), wgu, gs, out_split=True))
   used = np.arange(max(widths))[None] < np.repeat(np.repeat(widths, n), rows)[:, None]
   assert _err(np.where(used, np.asarray(h, np.float32), 0), h_ref) < 1e-2
-  y = slot_gpu.slot_gmm(h_ref.astype(jnp.bfloat16),
-                        slot_gpu.tile_weights(*gpu.stack_weights(wd), cfg, swiglu=False),
-                        rows_per_expert=rows, swiglu=False, out_cols=d, cfg=cfg)
-  assert _err(y, R.hgmm_ref(h_ref.astype(jnp.bfloat16), wd, gs, out_cols=d)) < 1e-2
+  down = slot_gpu.tile_weights(*gpu.stack_weights(wd), cfg, swiglu=False)
+  y = jax.jit(lambda h: slot_gpu.slot_gmm(doubled(h), down, rows_per_expert=rows,
+                                          swiglu=False, out_cols=d, cfg=cfg, pdl=pdl))(
+      h_ref.astype(jnp.bfloat16))
+  assert _err(y, R.hgmm_ref(doubled(h_ref.astype(jnp.bfloat16)), wd, gs, out_cols=d)) < 1e-2

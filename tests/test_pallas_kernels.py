@@ -274,6 +274,22 @@ def test_mosaic_gpu_forward_at_decode_sizes_interpreted(rng, m):
   _close(y, R.expert_ffn_ref(x, gs, wgu, wd), TOL[jnp.bfloat16])
 
 
+def test_slot_gmm_pdl_lowers_with_the_wait():
+  """slot_gmm(pdl=True) lowered for the GPU (on any host): the kernel module carries
+  Mosaic GPU's PDL attribute and the grid-dependency wait; without pdl neither."""
+  from pallas_kernels import gpu, slot_gpu
+  cfg = gpu.Config(num_sms=8, bm=64, bk=128)
+  st = gpu.Stacking.of([(2, 128, 2 * w) for w in (64, 128)])
+  flat = jax.ShapeDtypeStruct((sum(2 * w for w in (64, 128)) * 2 // cfg.bn_up * 128,
+                               cfg.bn_up), jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((4 * 64, 128), jnp.bfloat16)
+  for pdl in (False, True):
+    text = jax.jit(lambda flat, x, pdl=pdl: slot_gpu.slot_gmm(
+        x, (flat, st), rows_per_expert=64, swiglu=True, out_cols=128, cfg=cfg, pdl=pdl)
+    ).trace(flat, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("mosaic_gpu.uses_pdl" in text) == pdl and ("griddepcontrol.wait" in text) == pdl
+
+
 @pytest.mark.parametrize("rows,sms,steps,widths,n", [
     (64, 3, 2, (64, 192, 128), 2),
     (128, 5, 3, (64, 192, 128), 2),
@@ -292,11 +308,15 @@ def test_slot_gmm_interpreted(rng, rows, sms, steps, widths, n):
   _, x, wgu, wd = _problem(rng, jnp.bfloat16, widths=widths, n=n, d=d, m=e * rows, padding=0)
   cfg = gpu.Config(interpret=True, num_sms=sms, **dict(GPU_TILES, steps=steps))
   wmax = max(widths)
-  h = slot_gpu.slot_gmm(x, slot_gpu.tile_weights(*gpu.stack_weights(wgu), cfg, swiglu=True),
-                        rows_per_expert=rows, swiglu=True, out_cols=wmax, cfg=cfg)
+  rhs_up = slot_gpu.tile_weights(*gpu.stack_weights(wgu), cfg, swiglu=True)
+  h = slot_gpu.slot_gmm(x, rhs_up, rows_per_expert=rows, swiglu=True, out_cols=wmax, cfg=cfg)
   used = np.arange(wmax)[None] < _row_width(gs, widths, n, e * rows)[:, None]
   h_ref = R.swiglu_ref(R.hgmm_ref(x, wgu, gs, out_split=True))
   _close(np.where(used, np.asarray(h, np.float32), 0), h_ref, 1e-2)
+  # pdl: the prologue's weight copies before its lhs copies (the wait itself is GPU-only)
+  h_pdl = slot_gpu.slot_gmm(x, rhs_up, rows_per_expert=rows, swiglu=True, out_cols=wmax,
+                            cfg=cfg, pdl=True)
+  np.testing.assert_array_equal(np.asarray(h_pdl)[used], np.asarray(h)[used])
   y = slot_gpu.slot_gmm(jnp.where(used, h, jnp.nan).astype(jnp.bfloat16),  # unused: never read
                         slot_gpu.tile_weights(*gpu.stack_weights(wd), cfg, swiglu=False),
                         rows_per_expert=rows, swiglu=False, out_cols=d, cfg=cfg)
