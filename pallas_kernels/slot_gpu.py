@@ -244,8 +244,9 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
   `gpu.hgmm`. pdl: launched with programmatic dependent launch (`plgpu.griddepcontrol_wait`):
   the kernel may start while the kernels before it finish; it issues its first steps'
   weight copies (nothing before it writes the weights), then waits for them before its
-  first lhs copy. Not in the interpreter (it has no such wait; the copies' order is the
-  same). _ablate="no_mma" (benchmarks only: a wrong result) skips the products: the
+  first lhs copy, and lets the kernel after it launch (the down projection's CTAs then
+  start as this one's leave their SMs). Not in the interpreter (it has no such wait; the
+  copies' order is the same). _ablate="no_mma" (benchmarks only: a wrong result) skips the products: the
   copies, ring and stores alone.
   """
   if _ablate not in ("", "no_mma"):
@@ -301,6 +302,9 @@ def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, pdl=False, ablate
       if n:
         if not cfg.interpret:
           plgpu.griddepcontrol_wait()
+          # the next kernel (the down projection after the up) may launch now: its CTAs
+          # take SMs as this kernel's leave and load their weights while the rest finish
+          plgpu.griddepcontrol_launch_dependents()
         fcur = cur
       for i in range(steps):
         @pl.when(i < count)
