@@ -246,8 +246,8 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
   weight copies (nothing before it writes the weights), then waits for them before its
   first lhs copy, and lets the kernel after it launch (the down projection's CTAs then
   start as this one's leave their SMs). Not in the interpreter (it has no such wait; the
-  copies' order is the same). _ablate="no_mma" (benchmarks only: a wrong result) skips the products: the
-  copies, ring and stores alone.
+  copies' order is the same). _ablate="no_mma" (benchmarks only: a wrong result) skips
+  the products: the copies, ring and stores alone.
   """
   if _ablate not in ("", "no_mma"):
     raise ValueError(f"slot_gmm: _ablate={_ablate!r}: must be '' or 'no_mma'")
