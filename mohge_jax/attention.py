@@ -328,7 +328,7 @@ class MLA(nnx.Module):
                          f"multiple of {mla_decode_gpu.SLOTS} (prompt + new tokens), got {S}")
       o_lat_BxHxC = mla_decode_gpu.mla_decode(
           q_lat_BxHxC.astype(mine.latent.dtype), q_rope_BxHxR.astype(mine.latent.dtype),
-          mine.latent, mine.k_rope, positions_B + 1, scale=float(self.scale))
+          mine.latent, mine.k_rope, positions_B + 1, scale=float(self.scale), pdl=m.decode_pdl)
     else:
       scores_BxHxS = (
           jnp.einsum("bhc,bsc->bhs", q_lat_BxHxC, mine.latent, preferred_element_type=jnp.float32)

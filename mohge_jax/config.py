@@ -108,6 +108,11 @@ class ModelConfig:
   # applies and was measured faster on the H200 (batch >= 32: 1.6x xla at 256, 1.5x at 32;
   # 0.9x at batch 1), else xla.
   decode_attention: str = "auto"
+  # Decode's Mosaic GPU kernels (the MLA decode kernel, the slot kernels of
+  # decode_backend="capacity_kernel") launched with programmatic dependent launch: each may
+  # start while the kernels before it finish, loading what they do not write (the expert
+  # weights; the cache into L2) before it waits for them. Not yet measured: off.
+  decode_pdl: bool = False
 
   # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.
   # `layer_ffn` (one entry per layer) overrides both when given.

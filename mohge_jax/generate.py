@@ -299,9 +299,12 @@ def unstack_layers(model: Transformer, stack_experts: bool = False,
   the layer's state, where they are zero-size placeholders: the unrolled step reads only
   the prepared ones). stack_experts: each routed layer's expert weights also stacked for
   the Mosaic GPU kernels in the compute dtype (`dispatch.stack_experts`, with
-  `kernel_tuning` over its defaults: a third copy of the expert weights), which
-  decode_backend="capacity_kernel" reads."""
-  stack_fn = _stack_experts_fn(tuple(sorted((kernel_tuning or {}).items())))
+  `kernel_tuning` over its defaults and `model.decode_pdl`: a third copy of the expert
+  weights), which decode_backend="capacity_kernel" reads."""
+  tuning = dict(kernel_tuning or {})
+  if model.cfg.model.decode_pdl:
+    tuning.setdefault("pdl", 1)
+  stack_fn = _stack_experts_fn(tuple(sorted(tuning.items())))
   out = []
   for stack in model.stacks:
     state = nnx.state(stack.layers)

@@ -136,11 +136,11 @@ IMPLS = ("wgmma", "mma")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "splits", "interpret", "row_pad",
-                                             "early_fetch", "impl", "ring", "_ablate"))
+                                             "early_fetch", "impl", "ring", "pdl", "_ablate"))
 def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B, *,
                scale: float, splits: int | None = None, interpret: bool = False,
                row_pad: int = ROW_PAD, early_fetch: bool = True, impl: str = "wgmma",
-               ring: int | None = None, _ablate: str = ""):
+               ring: int | None = None, pdl: bool = False, _ablate: str = ""):
   """o_lat [B, H, C] (see the module docstring); lengths_B: visible slots per row (>= 1);
   splits: CTAs a row (None: `default_splits`). interpret: run in the GPU interpreter (on
   CPU; the MMAs as dots), to test everything but the MMA instruction itself. row_pad: 8
@@ -150,7 +150,12 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
   first version: half a step). impl: "wgmma" (the default: `_mla_decode_wgmma`, the
   products transposed on the warpgroup MMA, operands straight from SMEM) or "mma" (the
   warp-level MMA form above; row_pad and early_fetch apply to it only). ring: wgmma's
-  copy ring in boxes of 8 KB (None: RING_BOXES; at least a step's 9). _ablate (wgmma;
+  copy ring in boxes of 8 KB (None: RING_BOXES; at least a step's 9). pdl (wgmma):
+  launched with programmatic dependent launch: the kernel may start while the kernels
+  before it (the query's products, the cache writes) finish; until its
+  `griddepcontrol_wait` it only prefetches its first step's cache blocks into L2 (a
+  prefetch reads nothing into the kernel: whatever those kernels still write reaches L2,
+  where the loads after the wait find it), then lets the kernel after it launch. _ablate (wgmma;
   benchmarks only, a wrong result): "no_scores", "no_pv", "no_max" (the running max not
   reduced across the warpgroup) or "no_compute" (the copies and their waits alone) skip
   that part, to see what binds a step."""
@@ -168,12 +173,12 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
     raise ValueError(f"mla_decode kernel: impl must be one of {IMPLS}, got {impl!r}")
   if _ablate not in ("", "no_scores", "no_pv", "no_max", "no_compute"):
     raise ValueError(f"mla_decode kernel: unknown _ablate={_ablate!r}")
-  if impl == "mma" and (ring is not None or _ablate):
-    raise ValueError("mla_decode kernel: ring and _ablate apply to impl='wgmma' only")
+  if impl == "mma" and (ring is not None or _ablate or pdl):
+    raise ValueError("mla_decode kernel: ring, pdl and _ablate apply to impl='wgmma' only")
   if impl == "wgmma":
     return _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR,
                              lengths_B, scale=scale, J=J, ring=ring, interpret=interpret,
-                             ablate=_ablate)
+                             pdl=bool(pdl), ablate=_ablate)
   if row_pad not in (0, 8):
     raise ValueError(f"mla_decode kernel: row_pad must be 0 or 8, got {row_pad}")
   per_split = -(-(S // SLOTS) // J)  # steps a split
@@ -299,7 +304,7 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
 
 def _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B, *,
                       scale: float, J: int, ring: int | None, interpret: bool,
-                      ablate: str = ""):
+                      pdl: bool = False, ablate: str = ""):
   """`mla_decode` on the warpgroup MMA (wgmma), both products transposed so that the 16
   heads are the N dimension (wgmma takes N = 16; M is 64 rows, which 16 heads would pad
   4x) and every operand is read from SMEM by the tensor cores, with no register loads:
@@ -349,6 +354,13 @@ def _mla_decode_wgmma(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, len
     o_ref, lse_ref = refs[:2] if J > 1 else (refs[0], None)
     q_smem, qr_smem, box_smem, p_smem, bars, q_bar = refs[-6:]
     b, j = lax.axis_index("b"), lax.axis_index("split")
+    if pdl and not interpret:  # before the wait: L2 prefetches only (no kernel input read)
+      slots0 = pl.ds(jnp.minimum(j * per_split, S // SLOTS - 1) * SLOTS, SLOTS)  # in range
+      for c in range(nbox):
+        plgpu.async_prefetch(lat_ref.at[b, slots0, pl.ds(c * CHUNK, CHUNK)] if c < chunks
+                             else kr_ref.at[b, slots0, pl.ds((c - chunks) * CHUNK, CHUNK)])
+      plgpu.griddepcontrol_wait()
+      plgpu.griddepcontrol_launch_dependents()
     visible = jnp.minimum(len_ref[b], S)  # slots 0..visible-1 of this row's cache
     first = j * per_split  # this split's steps: first .. first+count-1
     count = jnp.clip((visible + SLOTS - 1) // SLOTS - first, 0, per_split)

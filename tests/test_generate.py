@@ -290,6 +290,23 @@ def test_capacity_kernel_decode_backend_matches_capacity(rng, monkeypatch):
                  unrolled=False, **kw)
 
 
+def test_decode_pdl_reaches_the_slot_kernels(rng, monkeypatch):
+  """model.decode_pdl: unstack_layers stacks each routed layer's experts with pdl=1 (the
+  slot kernels' programmatic dependent launch; `test_dispatch` checks their values), an
+  explicit kernel tuning still winning; off: no pdl key."""
+  from mohge_jax import dispatch
+  monkeypatch.setattr(dispatch, "DECODE_KERNEL_TUNING", {"bm": 64, "interpret": True})
+  flags = ["model.d_model=128", "model.group_widths=[128,256]", "model.experts_per_group=2",
+           "model.top_k_groups=1", "model.top_k=2", "model.first_dense_layers=1",
+           "model.dtype=bfloat16"]
+  for pdl in (False, True):
+    model = make_model(int(rng.integers(1 << 30)), [*flags, f"model.decode_pdl={pdl}"])
+    for tuning, want in ((None, int(pdl)), ({"pdl": 0}, 0)):
+      stacked = [layer.experts for stack in gen.unstack_layers(model, True, tuning)
+                 for layer in stack if layer.experts is not None]
+      assert stacked and all(dict(s.tuning).get("pdl", 0) == want for s in stacked)
+
+
 def test_auto_decode_backend_follows_rows_per_expert():
   """decode_backend="auto": capacity slots from 8 routed rows per expert on average, every
   expert on every token below (MoHGE-3B: 64 experts, top 6: the switch at 86 tokens)."""

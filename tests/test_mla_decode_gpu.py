@@ -97,6 +97,14 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
         *a, scale=0.1, splits=splits, impl=impl)).trace(
         *args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+  for pdl in (False, True):   # PDL: the kernel module's attribute, the wait, the prefetches
+    text = jax.jit(lambda *a, pdl=pdl: mdk.mla_decode(*a, scale=0.1, pdl=pdl)).trace(
+        *args).lower(lowering_platforms=("cuda",)).as_text()
+    assert all((k in text) == pdl for k in ("mosaic_gpu.uses_pdl", "griddepcontrol.wait",
+                                            "cp.async.bulk.prefetch"))
+  with pytest.raises(ValueError, match="pdl and _ablate apply to impl='wgmma' only"):
+    mdk.mla_decode(*[jnp.zeros(a.shape, a.dtype) for a in args], scale=0.1, impl="mma",
+                   pdl=True)
   assert mdk.default_splits(256, 576) == 1 and mdk.default_splits(32, 576) == 5
   assert mdk.default_splits(1, 128) == 2  # at most one a step of 64 slots
   with pytest.raises(ValueError, match="ring must hold a step.s 9 boxes"):
@@ -180,3 +188,22 @@ def test_model_decode_step_lowers_with_the_kernel(monkeypatch):
   with pytest.raises(ValueError, match="multiple of 64 .* got 65"):
     jax.jit(decode.make_decode(cfg, graphdef, N, "all_experts")).trace(
         state, None, lengths, lengths, caches)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
+@pytest.mark.parametrize("B,S,splits", [(256, 576, None), (8, 576, 4)])
+def test_kernel_with_pdl_on_the_gpu(rng, B, S, splits):
+  """pdl=True (programmatic dependent launch): the queries and the cache made by XLA
+  kernels just before the kernel in the same program (each doubled, exactly), as at decode
+  (the query's products, the cache writes), so a read before the wait would see them
+  unfinished; against the reference of the doubled inputs."""
+  args = _inputs(rng, B, S)
+  doubled = lambda a: (a.astype(jnp.float32) * 2).astype(a.dtype)  # noqa: E731 - exact
+  got = jax.jit(lambda q, qr, lat, kr, n: mdk.mla_decode(
+      doubled(q), doubled(qr), doubled(lat), doubled(kr), n, scale=0.3, splits=splits,
+      pdl=True))(*args)
+  want = jax.jit(mdk.reference, static_argnums=5)(*[doubled(a) for a in args[:4]], args[4], 0.3)
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert np.isfinite(got).all()
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
