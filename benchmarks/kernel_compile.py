@@ -146,7 +146,7 @@ def measure_run(lowered, rows, reps, check):
     res["rel_err"] = errs
     res["finite"] = bool(all(np.isfinite(np.asarray(a, np.float32)).all()
                              for a in jax.tree.leaves((y, grads))))
-    _log(f"relative L2 error vs float32 reference: "
+    _log("relative L2 error vs float32 reference: "
          + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()) + f"; all finite: {res['finite']}")
     del y_r, grads_r
   del y, grads

@@ -14,8 +14,6 @@ visited twice. Experts without rows get one empty item, so their gradient is wri
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
