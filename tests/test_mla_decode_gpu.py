@@ -195,15 +195,17 @@ def test_model_decode_step_lowers_with_the_kernel(monkeypatch):
 @pytest.mark.parametrize("B,S,splits", [(256, 576, None), (8, 576, 4)])
 def test_kernel_with_pdl_on_the_gpu(rng, B, S, splits):
   """pdl=True (programmatic dependent launch): the queries and the cache made by XLA
-  kernels just before the kernel in the same program (each doubled, exactly), as at decode
-  (the query's products, the cache writes), so a read before the wait would see them
-  unfinished; against the reference of the doubled inputs."""
+  kernels just before the kernel in the same program (the queries doubled, the cache
+  halved: exact, the scores unchanged), as at decode (the query's products, the cache
+  writes), so a read before the wait would see them unfinished; against the reference of
+  the scaled inputs."""
   args = _inputs(rng, B, S)
-  doubled = lambda a: (a.astype(jnp.float32) * 2).astype(a.dtype)  # noqa: E731 - exact
+  times = lambda a, f: (a.astype(jnp.float32) * f).astype(a.dtype)  # noqa: E731 - exact
+  scaled = lambda q, qr, lat, kr: (times(q, 2), times(qr, 2), times(lat, 0.5),  # noqa: E731
+                                   times(kr, 0.5))
   got = jax.jit(lambda q, qr, lat, kr, n: mdk.mla_decode(
-      doubled(q), doubled(qr), doubled(lat), doubled(kr), n, scale=0.3, splits=splits,
-      pdl=True))(*args)
-  want = jax.jit(mdk.reference, static_argnums=5)(*[doubled(a) for a in args[:4]], args[4], 0.3)
+      *scaled(q, qr, lat, kr), n, scale=0.3, splits=splits, pdl=True))(*args)
+  want = jax.jit(mdk.reference, static_argnums=5)(*scaled(*args[:4]), args[4], 0.3)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   assert np.isfinite(got).all()
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
