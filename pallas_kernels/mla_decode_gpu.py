@@ -155,8 +155,8 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
   before it (the query's products, the cache writes) finish; until its
   `griddepcontrol_wait` it only prefetches its first step's cache blocks into L2 (a
   prefetch reads nothing into the kernel: whatever those kernels still write reaches L2,
-  where the loads after the wait find it), then lets the kernel after it launch. _ablate (wgmma;
-  benchmarks only, a wrong result): "no_scores", "no_pv", "no_max" (the running max not
+  where the loads after the wait find it), then lets the kernel after it launch.
+  _ablate (wgmma; benchmarks only, a wrong result): "no_scores", "no_pv", "no_max" (the running max not
   reduced across the warpgroup) or "no_compute" (the copies and their waits alone) skip
   that part, to see what binds a step."""
   B, H, C = q_lat_BxHxC.shape
