@@ -156,9 +156,9 @@ def mla_decode(q_lat_BxHxC, q_rope_BxHxR, latent_BxSxC, k_rope_BxSxR, lengths_B,
   `griddepcontrol_wait` it only prefetches its first step's cache blocks into L2 (a
   prefetch reads nothing into the kernel: whatever those kernels still write reaches L2,
   where the loads after the wait find it), then lets the kernel after it launch.
-  _ablate (wgmma; benchmarks only, a wrong result): "no_scores", "no_pv", "no_max" (the running max not
-  reduced across the warpgroup) or "no_compute" (the copies and their waits alone) skip
-  that part, to see what binds a step."""
+  _ablate (wgmma; benchmarks only, a wrong result): "no_scores", "no_pv", "no_max" (the
+  running max not reduced across the warpgroup) or "no_compute" (the copies and their
+  waits alone) skip that part, to see what binds a step."""
   B, H, C = q_lat_BxHxC.shape
   S, R = latent_BxSxC.shape[1], k_rope_BxSxR.shape[2]
   dt = latent_BxSxC.dtype
