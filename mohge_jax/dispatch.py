@@ -576,6 +576,8 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
     raise ValueError(f"stack_experts: kernel={tuning['kernel']!r}: must be 'slot' or 'hgmm'")
   if tuning.get("route", "xla") not in ROUTES:
     raise ValueError(f"stack_experts: route={tuning['route']!r}: must be one of {ROUTES}")
+  if tuning.get("pdl", 0) not in (0, 1):   # True and False compare equal to 1 and 0
+    raise ValueError(f"stack_experts: pdl={tuning['pdl']!r}: must be 0 or 1")
   cfg = gpu.Config(**{k: v for k, v in tuning.items() if k not in _NOT_CONFIG})
   reason = gpu.unsupported_reason([w.shape[1] for w in w_down], w_down[0].shape[2], cfg)
   if reason:

@@ -266,6 +266,8 @@ def test_capacity_experts_through_the_kernels_equals_per_pair_loop(rng, case):
         bf(x), jnp.asarray(ids, jnp.int32), jnp.asarray(w, jnp.float32),
         st(wgu_b, wd_b, interpret=True, pdl=1))
     np.testing.assert_array_equal(np.asarray(pdl), np.asarray(got))
+    with pytest.raises(ValueError, match="pdl=2: must be 0 or 1"):
+      st(wgu_b, wd_b, interpret=True, pdl=2)
   with pytest.raises(ValueError, match="stack_experts: the Mosaic GPU kernels need expert "
                                        "widths and d_model to be multiples of 128"):
     st([bf(np.zeros((N, D, 2 * 96)))], [bf(np.zeros((N, 96, D)))])
