@@ -350,8 +350,8 @@ def _route_rows(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interp
              ones_sw, tot_smem, bar):
     c = lax.axis_index("wg")   # this warpgroup's 128 tokens
     rows = pl.ds(c * R, R)
-    v = plgpu.load(logits_ref.at[rows, pl.ds(G, E)], (), layout=L, optimized=False)
-    u = (plgpu.load(logits_ref.at[rows, pl.ds(0, G)], (), layout=L, optimized=False)
+    v = plgpu.load(logits_ref.at[rows, pl.ds(G, E)], layout=L, optimized=False)
+    u = (plgpu.load(logits_ref.at[rows, pl.ds(0, G)], layout=L, optimized=False)
          if G else None)
     ids, vals, chosen, gids = route(v, u)
     chosen = chosen & (col(E, dim=0) + c * R < T)   # the padding's tokens choose nothing
@@ -359,7 +359,7 @@ def _route_rows(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interp
     plain = plain_smem.at[c, :, pl.ds(0, E)]   # rows padded by 2: conflict-free by rows
     plain[...] = chosen.astype(f32)
     plgpu.commit_smem()
-    halves = [plgpu.load(plain.at[pl.ds(h * H, H)], (), layout=WG, optimized=False)
+    halves = [plgpu.load(plain.at[pl.ds(h * H, H)], layout=WG, optimized=False)
               for h in range(2)]
     for h in range(2):
       sel_sw[c, h] = halves[h].astype(bf16)
@@ -388,12 +388,12 @@ def _route_rows(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interp
     plgpu.barrier_wait(bar)
     before = jnp.zeros((H, E), f32)
     for j in range(W - 1):                  # the earlier warpgroups' pairs
-      t_j = plgpu.load(tot_smem.at[j], (), layout=WG, optimized=False)
+      t_j = plgpu.load(tot_smem.at[j], layout=WG, optimized=False)
       before = before + jnp.where(c > j, t_j, 0.0)
     for h in range(2):                      # the ranks back to a thread a token
       plain.at[pl.ds(h * H, H)][...] = within[h] + before
     plgpu.commit_smem()
-    rank = plgpu.load(plain, (), layout=L, optimized=True).astype(i32)
+    rank = plgpu.load(plain, layout=L, optimized=True).astype(i32)
     _write_outputs((ids_ref, w_ref, slot_ref, gid_ref), rows, rank, chosen, ids, vals, gids,
                    C=C, combine=combine, ecol=col(E), across=bc, tile=tile)
 
