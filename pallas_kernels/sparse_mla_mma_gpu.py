@@ -263,7 +263,7 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxT
 
 BWD_KEYS = 32  # keys a backward step (its f32 staging of the keys' gradients: 72 KB)
 ATOMIC_PAD = 8  # reduce="atomic": staging rows 8 floats further apart (stores 2-way, not 8-way)
-BWD_ABLATIONS = ("", "no_reduce", "no_dk", "no_gather")
+BWD_ABLATIONS = ("", "no_reduce", "no_dk", "no_gather", "add_invalid")
 
 
 def _rows_layout(rows: int, cols: int):
@@ -271,11 +271,12 @@ def _rows_layout(rows: int, cols: int):
   return plgpu.Layout.WG_STRIDED((rows, cols), vec_size=8)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "reduce", "_ablate"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "reduce", "rotate",
+                                             "_ablate"))
 def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxTxH, g_BxTxHxC,
                    delta_BxTxH, *, scale: float,
                    interpret: bool | plgpu.InterpretGPUParams = False, reduce: str = "tma",
-                   _ablate: str = ""):
+                   rotate: bool = False, _ablate: str = ""):
   """The gradients of `sparse_mla_fwd`'s o_lat: (dq_lat [B,T,H,C] and dq_rope [B,T,H,R] in
   the queries' dtypes, dckr [B,S,C+R] float32), given its LSE, the output's cotangent g and
   delta = sum_c g * o [B,T,H] (float32). idx as the forward's (-1 invalid).
@@ -287,7 +288,12 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   the keys, staged in SMEM (f32), then added into dckr by one TMA reduce-add a key (dckr
   viewed as [B, S, 3, (C+R)/3]: a box is at most 256 wide); a step's adds are waited for
   (read from SMEM) before the next step's staging.
-  Invalid keys (idx -1) have p = ds = 0: their zero rows are added to row 0.
+  Invalid keys (idx -1) have p = ds = 0 and add nothing (until the eighteenth session
+  their zero rows were added to row 0: at 16k, K = 2048, 6.7% of all adds into one row;
+  _ablate="add_invalid" keeps that for benchmarks/dsa.py's comparison).
+  rotate: query t takes its steps from step t mod N on (the same sum, in another order).
+  A position-ordered selection (`top_k_threshold`'s) otherwise has the CTAs running at
+  once (neighbouring queries) add into the same region of dckr at the same time.
   reduce="atomic" adds the staged rows by the whole warpgroup instead, as `red.global.add`s
   (`plgpu.atomic_add`; the rows padded to a multiple of 128 columns, the staging rows
   ATOMIC_PAD floats further apart, which a TMA source cannot be): no one-thread issue and
@@ -298,7 +304,7 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   interpreter runs the CTAs one after another). dckr starts as a zeroed `jax.new_ref` the
   kernel adds into. _ablate ("no_reduce": nothing added into dckr; "no_dk": nor the keys'
   gradients computed; "no_gather": the step's rows not loaded) is for benchmarks/dsa.py's
-  timing of the kernel's parts, and its results are wrong."""
+  timing of the kernel's parts, and its results are wrong (but "add_invalid"'s)."""
   B, T, H, C, R, CR, K, dt = _checked_shapes(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR,
                                              idx_BxTxK)
   S = ckr_BxSxCR.shape[1]
@@ -349,7 +355,8 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
     if atomic and AC > CR:  # the padding columns of the staged rows: zeros, added as such
       stage[:, pl.ds(CR, AC - CR)] = zeros((KB, AC - CR), acc2)
 
-    def step(st, dq):
+    def step(i, dq):
+      st = lax.rem(i + t, N) if rotate else i   # the step's keys: idx_smem[st]
       if not interpret and not atomic:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's adds read stage
       plgpu.commit_smem()  # and every thread is done with the last step's tiles
@@ -403,20 +410,24 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
       if _ablate == "no_reduce":
         return tuple(new_dq)
       for k in range(KB):
-        r = jnp.maximum(idx_smem[st, k], 0)
-        if interpret and atomic:
-          rows = pl.ds(b * S + r, 1)
-          dckr_ref[rows, :] = dckr_ref[rows, :] + stage[pl.ds(k, 1), pl.ds(0, AC)]
-        elif interpret:
-          dckr_ref[b, r] = dckr_ref[b, r] + stage[k]
-        elif atomic:  # every thread AC / 128 of the row's floats, a warp 128 contiguous bytes
-          row_layout = plgpu.Layout.WG_STRIDED((1, AC), vec_size=1)
-          plgpu.atomic_add(dckr_ref.at[pl.ds(b * S + r, 1)],
-                           plgpu.load(stage.at[pl.ds(k, 1), pl.ds(0, AC)],
-                                      layout=row_layout, optimized=False))
-        else:
-          plgpu.copy_smem_to_gmem(stage.at[k], dckr_ref.at[b, r], commit_group=False,
-                                  reduction_op="add")
+        key = idx_smem[st, k]
+        r = jnp.maximum(key, 0)
+
+        @pl.when((key >= 0) | (_ablate == "add_invalid"))   # invalid keys add nothing
+        def _add():
+          if interpret and atomic:
+            rows = pl.ds(b * S + r, 1)
+            dckr_ref[rows, :] = dckr_ref[rows, :] + stage[pl.ds(k, 1), pl.ds(0, AC)]
+          elif interpret:
+            dckr_ref[b, r] = dckr_ref[b, r] + stage[k]
+          elif atomic:  # every thread AC / 128 of the row's floats, a warp 128 contiguous B
+            row_layout = plgpu.Layout.WG_STRIDED((1, AC), vec_size=1)
+            plgpu.atomic_add(dckr_ref.at[pl.ds(b * S + r, 1)],
+                             plgpu.load(stage.at[pl.ds(k, 1), pl.ds(0, AC)],
+                                        layout=row_layout, optimized=False))
+          else:
+            plgpu.copy_smem_to_gmem(stage.at[k], dckr_ref.at[b, r], commit_group=False,
+                                    reduction_op="add")
       if not interpret and not atomic:
         plgpu.commit_smem_to_gmem_group()
       return tuple(new_dq)

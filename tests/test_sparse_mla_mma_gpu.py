@@ -80,14 +80,17 @@ def test_probabilities_form_interpreted_equals_float64(rng):
   np.testing.assert_allclose(p.sum(-1)[rows], 1.0, rtol=1e-4)
 
 
-@pytest.mark.parametrize("C,R,K,reduce", [(128, 64, 70, "tma"), (256, 128, 32, "tma"),
-                                          (128, 64, 70, "atomic")])
-def test_backward_interpreted_equals_reference(rng, C, R, K, reduce):
+@pytest.mark.parametrize("C,R,K,reduce,rotate", [(128, 64, 70, "tma", False),
+                                                 (256, 128, 32, "tma", False),
+                                                 (128, 64, 70, "atomic", False),
+                                                 (128, 64, 70, "tma", True)])
+def test_backward_interpreted_equals_reference(rng, C, R, K, reduce, rotate):
   """sparse_mla_bwd in the GPU interpreter (MMAs as dots, each key's row added by a load
   and store where the GPU uses a TMA reduce-add or atomics) against the pure-JAX backward
   in float32 from the same o and LSE: dq_lat, dq_rope and dckr, with keys chosen by several
   queries (their rows' gradients add up), invalid keys, the idx row padded (K = 70: three
-  32-key steps), both rope widths, and (reduce="atomic") the rows staged padded to 256."""
+  32-key steps), both rope widths, (reduce="atomic") the rows staged padded to 256, and
+  (rotate) each query's steps begun at t mod 3."""
   args, idx, valid = _problem(rng, 2, 5, C, R, K)
   q_lat, q_rope, c, kr = args
   ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
@@ -95,7 +98,7 @@ def test_backward_interpreted_equals_reference(rng, C, R, K, reduce):
   g = jnp.asarray(rng.normal(size=q_lat.shape), jnp.bfloat16)
   delta = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), -1)
   got = k3.sparse_mla_bwd(q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=0.1,
-                          interpret=True, reduce=reduce)
+                          interpret=True, reduce=reduce, rotate=rotate)
   f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
   want = dsa._sparse_mla_bwd(f32(q_lat), f32(q_rope), f32(ckr), idx, valid, f32(o), lse,
                              f32(g), scale=0.1, chunk=4)
@@ -148,7 +151,8 @@ def test_lowers_for_cuda_at_mohge_3b_shapes_and_refuses_others():
       sds((1, T // 2, H, C), bf), sds((1, T // 2, H), jnp.float32)).lower(
           lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text  # the backward at 64k
-  text = jax.jit(lambda *a: k3.sparse_mla_bwd(*a, scale=0.04, reduce="atomic")).trace(
+  text = jax.jit(lambda *a: k3.sparse_mla_bwd(*a, scale=0.04, reduce="atomic",
+                                              rotate=True)).trace(
       sds((1, T // 2, H, C), bf), sds((1, T // 2, H, R), bf), sds((1, T // 2, C + R), bf),
       sds((1, T // 2, K), jnp.int32), sds((1, T // 2, H), jnp.float32),
       sds((1, T // 2, H, C), bf), sds((1, T // 2, H), jnp.float32)).lower(
@@ -178,9 +182,12 @@ def test_equals_reference_on_the_gpu(rng, T, K):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
-@pytest.mark.parametrize("T,K,reduce", [(1000, 256, "tma"), (4096, 2048, "tma"),
-                                        (1000, 256, "atomic"), (4096, 2048, "atomic")])
-def test_backward_equals_reference_on_the_gpu(rng, T, K, reduce):
+@pytest.mark.parametrize("T,K,reduce,rotate", [(1000, 256, "tma", False),
+                                               (4096, 2048, "tma", False),
+                                               (1000, 256, "atomic", False),
+                                               (4096, 2048, "atomic", False),
+                                               (4096, 2048, "tma", True)])
+def test_backward_equals_reference_on_the_gpu(rng, T, K, reduce, rotate):
   """The backward kernel (its MMAs, and its TMA reduce-adds or atomics, which the
   interpreter has not) against the pure-JAX backward in float32 from the same o and LSE."""
   args, idx, valid = _problem(rng, 1, T, 512, 64, K)
@@ -190,7 +197,7 @@ def test_backward_equals_reference_on_the_gpu(rng, T, K, reduce):
   g = jnp.asarray(rng.normal(size=q_lat.shape), jnp.bfloat16)
   delta = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), -1)
   got = k3.sparse_mla_bwd(q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=0.04,
-                          reduce=reduce)
+                          reduce=reduce, rotate=rotate)
   f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
   want = jax.jit(lambda *a: dsa._sparse_mla_bwd(*a, scale=0.04, chunk=256))(
       f32(q_lat), f32(q_rope), f32(ckr), idx, valid, f32(o), lse, f32(g))
