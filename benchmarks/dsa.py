@@ -47,7 +47,12 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        cotangent and its delta), TMA reduce-adds; kernel_bwd_atomic: the
                        keys' gradients added by the warpgroup's atomics; either with
                        _no_reduce / _no_dk / _no_gather (nothing added; nor the keys'
-                       gradients computed; no gather: how the time divides). TFLOP/s:
+                       gradients computed; no gather: how the time divides) or
+                       _add_invalid (invalid keys' zero rows added to row 0, as before
+                       the seventeenth session); _sorted: each query's keys in position
+                       order (`top_k_threshold`'s); _rot: each query's steps rotated
+                       (`rotate=True`), e.g. kernel_bwd_sorted_rot. A "check_bwd" row
+                       gives each right variant's error against kernel_bwd. TFLOP/s:
                        2.5x the forward's (the backward's 5 products of the 7)
 TFLOP/s counts useful FLOPs: dense H·T(T+1)/2·2·(192+128); sparse H·Σ_t min(t+1, k)·2·
 (576+512); indexer T(T+1)/2·2·J·I; forward+backward = 3.5x forward for attention (the
@@ -84,6 +89,7 @@ H, P, R, V, C = 16, 128, 64, 128, 512
 J, I, TOPK, CHUNK = 4, 64, 2048, 256
 SCALE = (P + R) ** -0.5
 BWD_FACTOR = 3.5
+BWD_WRONG = ("_no_reduce", "_no_dk", "_no_gather")  # kernel_bwd ablations: wrong results
 
 
 def flops(seq: int, impl: str, pss: str) -> float:
@@ -215,11 +221,19 @@ def kernel_fn(name, idx, valid):
 
 
 def kernel_bwd_fn(name, idx, valid):
-  """The backward kernel alone: name = kernel_bwd[_atomic][_no_reduce|_no_dk|_no_gather]."""
+  """The backward kernel alone: name = kernel_bwd[_atomic][_sorted][_rot][_no_reduce|_no_dk|
+  _no_gather|_add_invalid] (_sorted: each query's keys in position order, as
+  `top_k_threshold` gives them, instead of `lax.top_k`'s score order; _rot: rotate=True)."""
   idx_enc = jnp.where(valid, idx, -1)
   rest = name.removeprefix("kernel_bwd")
-  reduce = "atomic" if rest.startswith("_atomic") else "tma"
-  ablate = rest.removeprefix("_atomic").removeprefix("_")
+  flags = {}
+  for flag in ("_atomic", "_sorted", "_rot"):
+    flags[flag] = rest.startswith(flag)
+    rest = rest.removeprefix(flag)
+  reduce = "atomic" if flags["_atomic"] else "tma"
+  ablate = rest.removeprefix("_")
+  if flags["_sorted"]:  # the invalid (-1) first, as they would sort
+    idx_enc = jnp.sort(idx_enc, axis=-1)
 
   def fwd_then_bwd_inputs(q_lat, q_rope, c, kr, lat_ct):
     ckr = jnp.concatenate([c, kr], -1)
@@ -228,7 +242,8 @@ def kernel_bwd_fn(name, idx, valid):
     return ckr, lse, delta
   prep = jax.jit(fwd_then_bwd_inputs)
   bwd = jax.jit(lambda q_lat, q_rope, ckr, lse, g, delta: sparse_mla_mma_gpu.sparse_mla_bwd(
-      q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=SCALE, reduce=reduce, _ablate=ablate))
+      q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=SCALE, reduce=reduce,
+      rotate=flags["_rot"], _ablate=ablate))
   cache = {}
 
   def f(q_lat, q_rope, c, kr, lat_ct):  # the forward's outputs made once, then the backward
@@ -348,7 +363,8 @@ def main():
               outs[impl] = np.asarray(f(*(x[n] for n in names)), np.float32)
             if seq == seqs[0] and impl in ("kernel_mma", "kernel_wg_tpc3"):
               outs[impl] = np.asarray(f(*(x[n] for n in names))[0], np.float32)
-            if seq == seqs[0] and impl in ("kernel_bwd", "kernel_bwd_atomic"):
+            if seq == seqs[0] and impl.startswith("kernel_bwd") and not impl.endswith(
+                BWD_WRONG):  # the variants with right results, checked below
               outs[impl] = [np.asarray(a, np.float32) for a in f(*(x[n] for n in names))]
             if seq == seqs[0] and impl.startswith("topk_"):  # each query's set of keys
               idx, valid = (np.asarray(a) for a in f(*(x[n] for n in names)))
@@ -367,11 +383,12 @@ def main():
         record(dict(seq=seq, impl="check_mma", **{"pass": "fwd"}, against=base,
                     rel_err=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
                     finite=bool(np.isfinite(a).all())))
-      if "kernel_bwd" in outs and "kernel_bwd_atomic" in outs:  # the two ways of adding
-        record(dict(seq=seq, impl="check_bwd_atomic", **{"pass": "bwd"},
-                    rel_err=[float(np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in zip(
-                        outs["kernel_bwd_atomic"], outs["kernel_bwd"])],
-                    finite=bool(all(np.isfinite(a).all() for a in outs["kernel_bwd_atomic"]))))
+      for other in [k for k in outs if k.startswith("kernel_bwd_")]:  # against kernel_bwd
+        if "kernel_bwd" in outs:
+          record(dict(seq=seq, impl="check_bwd", variant=other, **{"pass": "bwd"},
+                      rel_err=[float(np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in zip(
+                          outs[other], outs["kernel_bwd"])],
+                      finite=bool(all(np.isfinite(a).all() for a in outs[other]))))
       if "sparse_mla_pallas" in outs and "sparse_mla_reference" in outs:
         a, b = outs["sparse_mla_pallas"], outs["sparse_mla_reference"]
         record(dict(seq=seq, impl="check", **{"pass": "fwd"},
