@@ -2,6 +2,8 @@
 index's ones into dst (against a numpy count), for every pattern and with rotated steps;
 the check refuses a wrong dst; the kernel's CUDA lowering uses TMA reduce-adds; bad input
 is refused."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,3 +52,18 @@ def test_lowers_for_cuda_with_tma_reduce_adds_and_refuses_bad_input():
     rp.add_rows(jnp.zeros((4, 48), jnp.int32), 4)
   with pytest.raises(ValueError, match="unknown pattern"):
     rp.pattern_rows("sorted", jnp.zeros((4, 32), jnp.int32), jnp.ones((4, 32), bool))
+
+
+def test_main_writes_checked_rows(monkeypatch, tmp_path):
+  """The command line end to end at a toy length (the kernel in the interpreter; two
+  patterns, the rest are the test above's): a row a pattern, correct, with the adds the
+  benchmark's causal selection makes."""
+  real = rp.add_rows
+  monkeypatch.setattr(rp, "add_rows", lambda *a, **k: real(*a, **k, interpret=True))
+  out = tmp_path / "probe.json"
+  assert rp.main(["--seqs", "32", "--patterns", "dsa_rot,distinct", "--reps", "1",
+                  "--out", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["pattern"], r["correct"]) for r in rows] == [("dsa_rot", True),
+                                                           ("distinct", True)], rows
+  assert [r["adds"] for r in rows] == [32 * 33 // 2, 32 * 32]  # causal: every key <= t
