@@ -54,7 +54,7 @@ def test_grouped_ffn_backends_agree_with_padding_and_empty_experts(rng, dtype):
   def grads(backend, *args):
     return jax.grad(lambda x, a, c, ct: jnp.sum(dispatch.grouped_ffn(
         x, gs, a, c, backend=backend).astype(jnp.float32) * ct), argnums=(0, 1, 2))(*args)
-  f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+  f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
   truth = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads("reference", *f32(
       (x, wgu, wd, ct))))]
   for b in BACKENDS:
