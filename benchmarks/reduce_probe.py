@@ -22,7 +22,7 @@ negative index are skipped (the kernel's invalid keys). The rows ([T, topk], S =
   distinct     row (t * topk + k) mod S: no two adds at once into one row
   uniform      uniform random rows
   row0         dsa with every invalid key added into row 0 (the kernel before the
-               seventeenth session: 6.7% of the adds at 16k)
+               seventeenth session: 6.2% of the adds at 16k)
 
 Rows {seq, pattern, ms, adds, tb_per_s, correct}: tb_per_s counts the rows' bytes added
 (576 x 4 a row), correct whether dst equals the row counts (a bincount) in every column.

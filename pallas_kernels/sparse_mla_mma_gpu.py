@@ -289,7 +289,7 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   viewed as [B, S, 3, (C+R)/3]: a box is at most 256 wide); a step's adds are waited for
   (read from SMEM) before the next step's staging.
   Invalid keys (idx -1) have p = ds = 0 and add nothing (until the seventeenth session
-  their zero rows were added to row 0: at 16k, K = 2048, 6.7% of all adds into one row;
+  their zero rows were added to row 0: at 16k, K = 2048, 6.2% of all adds into one row;
   _ablate="add_invalid" keeps that for benchmarks/dsa.py's comparison).
   rotate: query t takes its steps from step t mod N on (the same sum, in another order).
   A position-ordered selection (`top_k_threshold`'s) otherwise has the CTAs running at
