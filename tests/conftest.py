@@ -23,8 +23,21 @@ def xla_flags(devices: int) -> str:
 # 2 cores the cache saved ~0% (test_generate, test_model) to ~7% (test_train). The tests
 # that run train.py in subprocesses keep a cache of their own for those runs.
 
-import numpy as np
-import pytest
+import jax  # noqa: E402
+
+# Computations on the CPU run inline, not queued. The Pallas GPU interpreter runs a kernel's
+# threads as nested computations from inside the kernel's own (io_callback), and XLA:CPU
+# admits a bounded number of computations in flight per device: with asynchronous dispatch
+# the test's next operations (queued behind the interpreted kernel) can fill that bound,
+# and the interpreter's next nested computation then waits for a slot that only its own
+# kernel's end would free: a deadlock (gdb: `xla::Semaphore::ScopedAcquire` in
+# `CpuPjRtRawLoadedExecutable::Execute`; eighteenth session, 2 of 3 repeated runs of the
+# suite's interpreter tests hung). The flag has no environment variable; it must be set
+# before the CPU backend starts.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture
