@@ -196,6 +196,7 @@ def test_generate_decode_options_sample_the_same(rng, monkeypatch):
                     (gen, "_decode_step_unrolled")):
     fn = getattr(mod, name)
     monkeypatch.setattr(mod, name, lambda *a, _f=fn, _n=name, **k: used.add(_n) or _f(*a, **k))
+  jax.clear_caches()   # traced anew here, whatever an earlier test (or repeat) compiled
   model = make_model(int(rng.integers(1 << 30)))
   prompts, lens = ragged(rng, [3, 6, 1, 5], 6)
   kw = dict(max_new_tokens=6, temperature=1.0, record_routes=True)
