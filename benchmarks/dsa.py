@@ -49,9 +49,7 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        _no_reduce / _no_dk / _no_gather (nothing added; nor the keys'
                        gradients computed; no gather: how the time divides) or
                        _add_invalid (invalid keys' zero rows added to row 0, as before
-                       the seventeenth session) or _wait_first (the last step's adds
-                       waited for when a step begins, as before the nineteenth session,
-                       not just before its staging); _sorted: each query's keys in position
+                       the seventeenth session); _sorted: each query's keys in position
                        order (`top_k_threshold`'s); _rot: each query's steps rotated
                        (`rotate=True`), e.g. kernel_bwd_sorted_rot. A "check_bwd" row
                        gives each right variant's error against kernel_bwd. TFLOP/s:
@@ -224,7 +222,7 @@ def kernel_fn(name, idx, valid):
 
 def kernel_bwd_fn(name, idx, valid):
   """The backward kernel alone: name = kernel_bwd[_atomic][_sorted][_rot][_no_reduce|_no_dk|
-  _no_gather|_add_invalid|_wait_first] (_sorted: each query's keys in position order, as
+  _no_gather|_add_invalid] (_sorted: each query's keys in position order, as
   `top_k_threshold` gives them, instead of `lax.top_k`'s score order; _rot: rotate=True)."""
   idx_enc = jnp.where(valid, idx, -1)
   rest = name.removeprefix("kernel_bwd")

@@ -263,7 +263,7 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxT
 
 BWD_KEYS = 32  # keys a backward step (its f32 staging of the keys' gradients: 72 KB)
 ATOMIC_PAD = 8  # reduce="atomic": staging rows 8 floats further apart (stores 2-way, not 8-way)
-BWD_ABLATIONS = ("", "no_reduce", "no_dk", "no_gather", "add_invalid", "wait_first")
+BWD_ABLATIONS = ("", "no_reduce", "no_dk", "no_gather", "add_invalid")
 
 
 def _rows_layout(rows: int, cols: int):
@@ -287,11 +287,7 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   [32, C+R] = ds^T [q_lat | q_rope] + p^T [g | 0] on the 16-row MMA with two warps along
   the keys, staged in SMEM (f32), then added into dckr by one TMA reduce-add a key (dckr
   viewed as [B, S, 3, (C+R)/3]: a box is at most 256 wide); a step's adds are waited for
-  (read from SMEM) just before the next step's staging, so that they run under its gather
-  and its products up to dq (one CTA an SM: nothing else would hide them). Until the
-  nineteenth session the wait began the step (`_ablate="wait_first"`, for
-  benchmarks/dsa.py): there the adds (19.5 ms alone at 16k) and the rest (30.6 ms) took
-  47.6 ms together.
+  (read from SMEM) before the next step's staging.
   Invalid keys (idx -1) have p = ds = 0 and add nothing (until the seventeenth session
   their zero rows were added to row 0: at 16k, K = 2048, 6.2% of all adds into one row;
   _ablate="add_invalid" keeps that for benchmarks/dsa.py's comparison).
@@ -308,8 +304,7 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   interpreter runs the CTAs one after another). dckr starts as a zeroed `jax.new_ref` the
   kernel adds into. _ablate ("no_reduce": nothing added into dckr; "no_dk": nor the keys'
   gradients computed; "no_gather": the step's rows not loaded) is for benchmarks/dsa.py's
-  timing of the kernel's parts, and its results are wrong (but "add_invalid"'s and
-  "wait_first"'s)."""
+  timing of the kernel's parts, and its results are wrong (but "add_invalid"'s)."""
   B, T, H, C, R, CR, K, dt = _checked_shapes(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR,
                                              idx_BxTxK)
   S = ckr_BxSxCR.shape[1]
@@ -360,16 +355,11 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
     if atomic and AC > CR:  # the padding columns of the staged rows: zeros, added as such
       stage[:, pl.ds(CR, AC - CR)] = zeros((KB, AC - CR), acc2)
 
-    tma_adds = not interpret and not atomic
-
-    def wait_for_adds():  # the last step's adds have read stage (then a warpgroup barrier)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
     def step(i, dq):
       st = lax.rem(i + t, N) if rotate else i   # the step's keys: idx_smem[st]
-      if tma_adds and _ablate == "wait_first":
-        wait_for_adds()
-      plgpu.commit_smem()  # every thread is done with the last step's tiles
+      if not interpret and not atomic:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's adds read stage
+      plgpu.commit_smem()  # and every thread is done with the last step's tiles
       if _ablate != "no_gather":
         _gather(ckr_ref.at[b], idx_smem.at[st], lat_smem, tail_smem, C=C, keys=KB,
                 group=GROUP)
@@ -405,9 +395,6 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
         return tuple(new_dq)
       ds_t = plgpu.load(ds_smem.at[:, pl.ds(0, KB)].T, layout=lhs2, optimized=False)
       p_t = plgpu.load(p_smem.at[:, pl.ds(0, KB)].T, layout=lhs2, optimized=False)
-      if tma_adds and _ablate != "wait_first":  # the last step's adds ran under this
-        wait_for_adds()                         # step's gather and products so far
-        plgpu.commit_smem()
       for j in range(CR // CHUNK):  # the keys' gradients, 64 columns at a time, into stage
         cols = pl.ds(j * CHUNK, CHUNK)
         dk = mma(zeros((KB, CHUNK), acc2), ds_t,
@@ -441,7 +428,7 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
           else:
             plgpu.copy_smem_to_gmem(stage.at[k], dckr_ref.at[b, r], commit_group=False,
                                     reduction_op="add")
-      if tma_adds:
+      if not interpret and not atomic:
         plgpu.commit_smem_to_gmem_group()
       return tuple(new_dq)
 
@@ -451,7 +438,7 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
         dql_ref[b, t, :, pl.ds(i * CHUNK, CHUNK)] = d.astype(dt)
       else:
         dqr_ref[b, t, :, pl.ds((i - C // CHUNK) * CHUNK, CHUNK)] = d.astype(dt)
-    if tma_adds:
+    if not interpret and not atomic:
       plgpu.wait_smem_to_gmem(0)
 
   # dckr starts zeroed; the kernel adds into it
