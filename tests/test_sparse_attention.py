@@ -227,7 +227,7 @@ def test_causal_bands_select_the_same_keys(rng, method):
       idx, valid, score = dsa.select_topk(q, w, k, topk=K, chunk=4, segment_ids_BxT=seg,
                                           method=method, bands=bands)
       return jnp.sum(jnp.where(valid, score, 0) * ct), (idx, valid, score)
-    grads, (idx, valid, score) = jax.grad(f, argnums=(0, 1, 2), has_aux=True)(q, w, k)
+    grads, (idx, valid, score) = jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))(q, w, k)
     order = np.argsort(np.where(valid, idx, T + 1), axis=-1)  # valid keys by position
     take = lambda a, order=order: np.take_along_axis(np.asarray(a), order, -1)  # noqa: E731
     outs.append((take(np.where(valid, idx, -1)), take(valid),
