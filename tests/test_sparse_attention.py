@@ -493,7 +493,7 @@ def test_model_with_the_kernel_interpreted_equals_reference(rng):
     def loss(model):
       logits, aux = model(tokens, None, None)
       return jnp.mean(logits ** 2) + aux["dsa_kl"], (logits, aux["dsa_kl"])
-    (_, out), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    (_, out), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
     return out, jax.tree.leaves(nnx.state(grads, nnx.Param))
 
   (logits, kl), grads = run("interpret")
