@@ -25,8 +25,10 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        others chose sort's keys
   dsa_pallas_sample    dsa_pallas with the top-k by `top_k_sampled` (_threshold:
                        `top_k_threshold`; so for every dsa_ row; suffixes
-                       ":<scores>[:<bands>]" set select_topk's scores (auto, gather, dense)
-                       and causal bands (default 4), e.g. dsa_pallas_mma_bwd_threshold:auto:1)
+                       ":<scores>[:<bands>[:<chunk>]]" set select_topk's scores (auto,
+                       gather, dense), causal bands (default 4) and query chunk (default
+                       256, model.dsa_query_chunk), e.g. dsa_pallas_mma_bwd_threshold:auto:1
+                       or dsa_pallas_mma_bwd_threshold::4:1024; topk_<method>:<chunk> too)
   dsa_pallas_mma_sample  both: the MMA kernel and the sampled top-k
   dsa_pallas_mma_bwd[_sample]: with the MMA kernel's backward kernel too
   sparse_mla_reference / sparse_mla_pallas / sparse_mla_pallas_mma / _pallas_mma_bwd:
@@ -156,13 +158,15 @@ def dense_fn(pss):
 
 
 def dsa_fn(pss, impl, method="sort"):
-  # <method>[:<scores>[:<bands>]]: select_topk's scores (auto, gather, dense) and bands
-  method, scores, bands = (method.split(":") + ["", ""])[:3]
+  # <method>[:<scores>[:<bands>[:<chunk>]]]: select_topk's scores (auto, gather, dense),
+  # bands and the query chunk (model.dsa_query_chunk; CHUNK when empty)
+  method, scores, bands, chunk = (method.split(":") + ["", "", ""])[:4]
+  chunk = int(chunk or CHUNK)
 
   def fwd(q_lat, q_rope, c, kr, q_I, w_I, k_I):
-    idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=TOPK, chunk=CHUNK, method=method,
+    idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=TOPK, chunk=chunk, method=method,
                                         scores=scores or "auto", bands=int(bands or 4))
-    o, p = dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=SCALE, chunk=CHUNK,
+    o, p = dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=SCALE, chunk=chunk,
                           impl=impl)
     return o, jnp.mean(dsa.sparse_indexer_kl(p, score, valid))
   names = ("q_lat", "q_rope", "c", "kr", "q_I", "w_I", "k_I")
@@ -177,9 +181,11 @@ def dsa_fn(pss, impl, method="sort"):
 
 def topk_fn(method):
   """The indexer's scores and the top-k selection alone (forward: positions only);
-  method "sample_search": the sampled top-k with the searched compaction."""
+  method "sample_search": the sampled top-k with the searched compaction; a suffix
+  ":<chunk>" sets the query chunk (CHUNK when absent), e.g. threshold:1024."""
+  method, _, chunk = method.partition(":")
   method, _, compact = method.partition("_")
-  return jax.jit(lambda a, b, c: dsa.select_topk(a, b, c, topk=TOPK, chunk=CHUNK,
+  return jax.jit(lambda a, b, c: dsa.select_topk(a, b, c, topk=TOPK, chunk=int(chunk or CHUNK),
                                                   method=method,
                                                   _compact=compact or "scatter")[:2]), (
                                                       "q_I", "w_I", "k_I")
@@ -372,8 +378,8 @@ def main():
           except Exception as e:  # noqa: BLE001 -- recorded; the next row runs
             record(dict(row, error=f"{type(e).__name__}: {str(e)[:400]}"))
             given_up.add((impl, pss))
-      for other in ("topk_radix", "topk_sample", "topk_sample_search", "topk_threshold"):
-        if "topk_sort" in outs and other in outs:
+      for other in [k for k in outs if k.startswith("topk_") and k != "topk_sort"]:
+        if "topk_sort" in outs:  # each method's (and chunk's) keys against lax.top_k's
           record(dict(seq=seq, impl="check_topk", **{"pass": "fwd"}, method=other,
                       equals_sort=bool((outs[other] == outs["topk_sort"]).all()),
                       queries_differing=int((outs[other] != outs["topk_sort"]).any(-1).sum())))
