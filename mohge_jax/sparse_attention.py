@@ -236,16 +236,21 @@ def top_k_threshold(x_NxS: jax.Array, k: int, *, sample: int = 8192,
   weights are negative): all of `x` takes `top_k_positions` (a `lax.cond`), so the result
   is exact either way. The buffer is 2x `top_k_sampled`'s because its radix select costs
   little more at 8k, and each chunk that misses costs a full radix select (on the H200 at
-  128k, 186 of 512 chunks missed with a 4k buffer). Not differentiable."""
+  128k, 186 of 512 chunks missed with a 4k buffer). Where the buffer would hold the whole
+  row (S <= cap_factor * k: at DSA's k = 2048, rows of up to 16k keys, e.g. the first
+  causal bands) the radix select runs on the row itself: the sample, its search and the
+  compaction would only add passes. Not differentiable."""
   N, S = x_NxS.shape
   if not 0 < k <= S:
     raise ValueError(f"k={k}: must be between 1 and the row length {S}")
   key_NxS = _order_key(x_NxS)
+  if S <= cap_factor * k:
+    return _top_positions(key_NxS, k)
   stride = max(1, S // sample)
   key_sample = key_NxS[:, ::stride]
   ks = min(key_sample.shape[1], max(1, round(oversample * k / stride)))
   tau_N = _kth_key(key_sample, ks)
-  cap = min(S, cap_factor * k)
+  cap = cap_factor * k
   cand_NxC, count_N = _compact(key_NxS >= tau_N[:, None], cap)
   filled = jnp.arange(cap)[None, :] < count_N[:, None]
   # empty slots get key 0, below every real entry's (-inf's key is 0x007fffff)

@@ -187,7 +187,8 @@ def test_top_k_threshold_is_top_k_positions(rng):
   rising position) on fresh rows: through the candidates' path (checked: every row's
   threshold let k..4k entries through, a sample of every 2nd entry) and, for rows it cannot
   serve (many ties at the k-th value, half or all masked, zeros of both signs), through the
-  fallback; k from 1 to the row length. Its program has no sort."""
+  fallback; k from 1 to the row length, and k >= S / 8 (a buffer of 8k would hold the row:
+  no candidates' path). Its program has no sort."""
   N, S, k = 5, 4000, int(rng.integers(100, 200))
   x = rng.normal(size=(N, S)).astype(np.float32)
   f = jax.jit(functools.partial(dsa.top_k_threshold, sample=2000), static_argnums=1)
@@ -207,6 +208,13 @@ def test_top_k_threshold_is_top_k_positions(rng):
         np.sort(np.asarray(jax.lax.top_k(jnp.asarray(x), kk)[1]), axis=1), err_msg=f"k={kk}")
   text = f.lower(jnp.asarray(x), k).as_text()
   assert "stablehlo.sort" not in text and "chlo.top_k" not in text
+  assert "stablehlo.case" in text  # the candidates' path with its fallback
+  # A buffer of 8k entries would hold the whole row: the radix select on the row itself.
+  kk = -(-S // 8)
+  np.testing.assert_array_equal(
+      np.asarray(f(jnp.asarray(x), kk)),
+      np.sort(np.asarray(jax.lax.top_k(jnp.asarray(x), kk)[1]), axis=1), err_msg=f"k={kk}")
+  assert "stablehlo.case" not in f.lower(jnp.asarray(x), kk).as_text()
   with pytest.raises(ValueError, match="k=0: must be between 1 and the row length 5"):
     dsa.top_k_threshold(jnp.zeros((2, 5)), 0)
 
@@ -215,8 +223,11 @@ def test_top_k_threshold_is_top_k_positions(rng):
 def test_causal_bands_select_the_same_keys(rng, method):
   """select_topk's causal bands (each band's chunks over only the keys its queries may see):
   for 1 to 7 bands the same valid keys, the same scores of them and the same gradients, with
-  a ragged last chunk, documents, and top-k above the first band's keys."""
-  B, T, J, I, K = 2, 37, 2, 4, 6
+  a ragged last chunk, documents, and top-k above the first band's keys. (threshold: K = 4,
+  so that a band's 37 keys pass the 8K = 32 its candidates' buffer holds and it takes that
+  path, not the radix select of the whole row.)"""
+  B, T, J, I = 2, 37, 2, 4
+  K = 4 if method == "threshold" else 6
   q, w, k = (jnp.asarray(rng.normal(size=s), jnp.float32)
              for s in ((B, T, J, I), (B, T, J), (B, T, I)))
   seg = jnp.asarray(np.sort(rng.integers(0, 3, size=(B, T)), axis=1))
