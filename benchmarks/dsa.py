@@ -185,7 +185,8 @@ def topk_fn(method):
   ":<chunk>" sets the query chunk (CHUNK when absent), e.g. threshold:1024."""
   method, _, chunk = method.partition(":")
   method, _, compact = method.partition("_")
-  return jax.jit(lambda a, b, c: dsa.select_topk(a, b, c, topk=TOPK, chunk=int(chunk or CHUNK),
+  chunk = int(chunk or CHUNK)
+  return jax.jit(lambda a, b, c: dsa.select_topk(a, b, c, topk=TOPK, chunk=chunk,
                                                   method=method,
                                                   _compact=compact or "scatter")[:2]), (
                                                       "q_I", "w_I", "k_I")

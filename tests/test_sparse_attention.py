@@ -224,8 +224,8 @@ def test_causal_bands_select_the_same_keys(rng, method):
   """select_topk's causal bands (each band's chunks over only the keys its queries may see):
   for 1 to 7 bands the same valid keys, the same scores of them and the same gradients, with
   a ragged last chunk, documents, and top-k above the first band's keys. (threshold: K = 4,
-  so that a band's 37 keys pass the 8K = 32 its candidates' buffer holds and it takes that
-  path, not the radix select of the whole row.)"""
+  so that a band over more than 8K = 32 keys, the one band or the last, takes the
+  candidates' path, not the radix select of the whole row.)"""
   B, T, J, I = 2, 37, 2, 4
   K = 4 if method == "threshold" else 6
   q, w, k = (jnp.asarray(rng.normal(size=s), jnp.float32)
