@@ -9,7 +9,7 @@ queries): the size of the union of their selected keys over one query's set (n w
 share nothing, 1 when they share all), median and mean; and how many queries choose each
 key (quantiles). Runs on CPU (~30 s at 16k); prints a table and writes JSON.
 
-    python -m benchmarks.dsa_overlap --workdir RUN [--batches 2] [--out PATH]
+    python -m benchmarks.dsa_overlap --workdir RUN [--batches 2] [--rows 16] [--out PATH]
 
 The same ratios for a trained model's indexer (a DSA training workdir, e.g. a dense
 warm-up's, or an export): validation windows of the run's data through the model, layer by
@@ -78,7 +78,7 @@ def layer_selections(model, tokens_BxT: jax.Array, indexers=None):
   return out, x
 
 
-def trained(workdir: str, batches: int, out: str) -> None:
+def trained(workdir: str, batches: int, rows: int, out: str) -> None:
   """The --workdir mode (module docstring)."""
   from mohge_jax import data
   from mohge_jax.generate import load_model
@@ -97,16 +97,16 @@ def trained(workdir: str, batches: int, out: str) -> None:
   ratios = {}  # (source, layer, n) -> ratios
   starts = np.arange(K, t.seq_len - max(NS))
   for b, batch in enumerate(data.eval_batches(prepared.val_tokens, seq_len=t.seq_len,
-                                              batch=t.batch_size,
+                                              batch=rows,
                                               eos_id=prepared.tokenizer.eos_id,
                                               max_batches=batches)):
     tokens = jnp.asarray(batch["inputs"])
-    rows = np.asarray(batch["loss_mask"]).any(-1)  # False: a padding row
+    real_B = np.asarray(batch["loss_mask"]).any(-1)  # False: a padding row
     for source, sel in (("trained", layer_selections(model, tokens)[0]),
                         ("fresh", layer_selections(model, tokens, fresh)[0])):
       for layer, (idx, valid) in enumerate(sel):
         for r in range(idx.shape[0]):
-          if not rows[r]:
+          if not real_B[r]:
             continue
           for n in NS:
             ratios.setdefault((source, layer, n), []).append(
@@ -124,7 +124,7 @@ def trained(workdir: str, batches: int, out: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as fh:
     json.dump(dict(workdir=str(workdir), seq=t.seq_len, topk=K, batches=batches,
-                   rows=result), fh, indent=1)
+                   windows_a_batch=rows, rows=result), fh, indent=1)
   print(f"wrote {out}")
 
 
@@ -136,10 +136,11 @@ def main():
   ap.add_argument("--groups", type=int, default=200)
   ap.add_argument("--workdir", default=None, help="a DSA training workdir or export")
   ap.add_argument("--batches", type=int, default=2, help="--workdir: validation batches")
+  ap.add_argument("--rows", type=int, default=16, help="--workdir: windows a batch")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   if args.workdir:
-    trained(args.workdir, args.batches, args.out or os.path.join(
+    trained(args.workdir, args.batches, args.rows, args.out or os.path.join(
         os.path.dirname(__file__), "results", "dsa_overlap_trained.json"))
     return
   args.out = args.out or os.path.join(os.path.dirname(__file__), "results",
