@@ -379,11 +379,12 @@ def main():
           except Exception as e:  # noqa: BLE001 -- recorded; the next row runs
             record(dict(row, error=f"{type(e).__name__}: {str(e)[:400]}"))
             given_up.add((impl, pss))
-      for other in [k for k in outs if k.startswith("topk_") and k != "topk_sort"]:
-        if "topk_sort" in outs:  # each method's (and chunk's) keys against lax.top_k's
-          record(dict(seq=seq, impl="check_topk", **{"pass": "fwd"}, method=other,
-                      equals_sort=bool((outs[other] == outs["topk_sort"]).all()),
-                      queries_differing=int((outs[other] != outs["topk_sort"]).any(-1).sum())))
+      others = ([k for k in outs if k.startswith("topk_") and k != "topk_sort"]
+                if "topk_sort" in outs else [])
+      for other in others:  # each method's (and chunk's) keys against lax.top_k's
+        record(dict(seq=seq, impl="check_topk", **{"pass": "fwd"}, method=other,
+                    equals_sort=bool((outs[other] == outs["topk_sort"]).all()),
+                    queries_differing=int((outs[other] != outs["topk_sort"]).any(-1).sum())))
       base = next((k for k in ("sparse_mla_reference", "kernel_wg_tpc3") if k in outs), None)
       if "kernel_mma" in outs and base:
         a, b = outs["kernel_mma"], outs[base]
