@@ -31,7 +31,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DSA_IMPLS = ("auto", "reference", "pallas", "interpret", "pallas_mma", "interpret_mma",
              "pallas_mma_bwd", "interpret_mma_bwd")
 DECODE_ATTENTION = ("auto", "xla", "pallas")
-DSA_TOPK_METHODS = ("sort", "radix", "sample", "threshold")
+DSA_TOPK_METHODS = ("sort", "radix", "sample", "threshold", "fused")
 ROPE_SCALINGS = ("none", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -99,7 +99,9 @@ class ModelConfig:
   # keys from a digit-by-digit search for the k-th score, no sort), "sample"
   # (top_k_sampled: top_k's result from ~2k candidates a row above a sampled threshold) or
   # "threshold" (top_k_threshold: radix's keys, the search run on those candidates only;
-  # on the H200 the fastest at 64k-128k).
+  # on the H200 the fastest of these four at 64k-128k) or "fused" (top_k_fused:
+  # threshold's keys, the index scores and candidates from one GPU kernel that never
+  # writes the scores out; the same in XLA off the GPU).
   dsa_topk_method: str = "sort"
   # Decode-time attention over the MLA cache (attention.MLA.decode, dense attention):
   # "xla" (two einsums: scores, then P x latent; the cache read twice), "pallas"

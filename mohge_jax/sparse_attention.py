@@ -162,9 +162,13 @@ def over_causal_bands(fn, chunk: int, T: int, S: int, min_keys: int, bands: int,
 
 
 def index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI) -> jax.Array:
-  """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]): [B, Q, S] float32 (unmasked)."""
+  """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]): [B, Q, S] float32 (unmasked). A zero
+  score is +0.0 (a negative weight times ReLU's 0 is -0.0, and whether a sum of such keeps
+  the sign depends on how it is summed: XLA folds 0 + x): every implementation, the top-k
+  kernel's too, then orders zero scores alike."""
   dots = jnp.einsum("bqji,bsi->bqjs", q_BxQxJxI, k_BxSxI, preferred_element_type=jnp.float32)
-  return jnp.einsum("bqjs,bqj->bqs", jax.nn.relu(dots), w_BxQxJ.astype(jnp.float32))
+  s = jnp.einsum("bqjs,bqj->bqs", jax.nn.relu(dots), w_BxQxJ.astype(jnp.float32))
+  return jnp.where(s == 0, 0.0, s)
 
 
 def _order_key(x: jax.Array) -> jax.Array:
@@ -271,6 +275,74 @@ def _compact(take_NxS: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
   return jnp.zeros((N, cap), jnp.int32).at[rows, slot_NxS].set(pos, mode="drop"), count_N
 
 
+_NEG_INF_KEY = 0x007FFFFF  # _order_key(-inf): a masked entry's
+
+
+def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_BxS=None, *,
+                sample: int = 8192, oversample: float = 2.0, cap_factor: int = 8,
+                impl: str = "auto") -> jax.Array:
+  """`top_k_threshold` of the indexer's masked scores for queries at t0.. over keys
+  [0, S) (S = k's length), without the [B, Q, S] scores: positions [B, Q, k] int32, each
+  query's k best allowed keys by rising position (those of `top_k_positions` on the
+  scores `index_scores` gives, up to their float32 rounding, ties to lower positions).
+
+  The threshold comes, as there, from the scores of a strided sample of keys (an XLA
+  product over S / stride keys); the candidates at or above it, in position order, from
+  `pallas_kernels.index_topk_gpu.threshold_candidates` (impl "kernel": the scores and the
+  compaction in a GPU kernel, never written out; "interpret": it in the interpreter;
+  "reference": the same in XLA; "auto": the kernel on a GPU with no mesh of several
+  devices, else the reference); then the radix select on the candidates. A chunk whose
+  threshold let through fewer than k or more than cap_factor * k of some row's keys (or
+  whose sample had fewer than its quota of allowed keys) takes `top_k_positions` of its
+  whole scores instead (`lax.cond`): exact either way. Rows of at most cap_factor * k keys
+  go to the radix select directly, as in `top_k_threshold`. Not differentiable."""
+  from pallas_kernels import index_topk_gpu
+
+  if impl not in ("auto", "kernel", "interpret", "reference"):
+    raise ValueError(f"top_k_fused impl={impl!r}: must be auto, kernel, interpret or reference")
+  B, Q = q_BxQxJxI.shape[:2]
+  S = k_BxSxI.shape[1]
+  if not 0 < k <= S:
+    raise ValueError(f"k={k}: must be between 1 and the keys' length {S}")
+  if impl == "auto":
+    mesh = jax.sharding.get_abstract_mesh()
+    impl = "kernel" if (jax.default_backend() == "gpu" and (mesh.empty or mesh.size == 1)) \
+        else "reference"
+
+  def all_scores():
+    s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI)
+    ok = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_q_BxQ, seg_k_BxS)
+    return _order_key(jnp.where(ok, s_BxQxS, -jnp.inf)).reshape(B * Q, S)
+
+  if S <= cap_factor * k:
+    return _top_positions(all_scores(), k).reshape(B, Q, k)
+  stride = max(1, S // sample)
+  at_M = jnp.arange(0, S, stride, dtype=jnp.int32)
+  s_BxQxM = index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI[:, ::stride])
+  ok_BxQxM = _allowed(t0, Q, at_M, seg_q_BxQ,
+                      None if seg_k_BxS is None else seg_k_BxS[:, ::stride])
+  key_sample = _order_key(jnp.where(ok_BxQxM, s_BxQxM, -jnp.inf)).reshape(B * Q, -1)
+  ks = min(key_sample.shape[1], max(1, round(oversample * k / stride)))
+  tau_BxQ = _kth_key(key_sample, ks).reshape(B, Q)
+  cap = cap_factor * k
+  q_BxJxQxI = jnp.swapaxes(q_BxQxJxI, 1, 2)
+  w_BxJxQ = jnp.swapaxes(w_BxQxJ, 1, 2)
+  if impl == "reference":
+    cand, ckey, count_BxQ = index_topk_gpu.reference(
+        q_BxJxQxI, w_BxJxQ, k_BxSxI, tau_BxQ, t0, seg_q_BxQ, seg_k_BxS, extent=S, cap=cap)
+  else:
+    cand, ckey, count_BxQ = index_topk_gpu.threshold_candidates(
+        q_BxJxQxI, w_BxJxQ, k_BxSxI, tau_BxQ, t0, seg_q_BxQ, seg_k_BxS, extent=S, cap=cap,
+        interpret=impl == "interpret")
+  # Only allowed keys are candidates: a row whose threshold is -inf's key would take its
+  # masked keys as well in `top_k_threshold` (all S > cap of them): a miss there too.
+  hit = (tau_BxQ > _NEG_INF_KEY) & (count_BxQ >= k) & (count_BxQ <= cap)
+  fast_BxQxK = jnp.take_along_axis(
+      cand, _top_positions(ckey.reshape(B * Q, cap), k).reshape(B, Q, k), axis=-1)
+  return jax.lax.cond(jnp.all(hit), lambda: fast_BxQxK,
+                      lambda: _top_positions(all_scores(), k).reshape(B, Q, k))
+
+
 def top_k_sampled(x_NxS: jax.Array, k: int, *, sample: int = 8192,
                   oversample: float = 2.0, compact: str = "scatter") -> jax.Array:
   """`jax.lax.top_k(x, k)[1]` exactly (the same positions in the same order: falling value,
@@ -329,9 +401,13 @@ def _top_k_of_candidates(x_NxS, k: int, *, sample: int, oversample: float,
   return fast_NxK.astype(jnp.int32), (count_N >= k) & (count_N <= cap)
 
 
+FUSED_CHUNK = 2048  # the fused top-k's queries a chunk (at least)
+
+
 def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
                 segment_ids_BxT: jax.Array | None = None, method: str = "sort",
-                _compact: str = "scatter", scores: str = "auto", bands: int = 4):
+                _compact: str = "scatter", scores: str = "auto", bands: int = 4,
+                fused_impl: str = "auto", fused_chunk: int = FUSED_CHUNK):
   """Each query's top-k keys by index score among the keys it may attend to.
 
   Returns idx [B,T,K] int32, valid [B,T,K] bool, score [B,T,K] float32 with K = min(topk, S).
@@ -340,8 +416,11 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   the indexer's outputs (the selection itself is not). method: "sort" (`jax.lax.top_k`,
   keys by falling score), "radix" (`top_k_positions`, the same set by rising position),
   "sample" (`top_k_sampled`: top_k's result, sorting ~2k candidates a row; `_compact` is
-  its compaction, for benchmarks/dsa.py) or "threshold" (`top_k_threshold`: radix's
-  result, found among ~2k candidates a row, no sort).
+  its compaction, for benchmarks/dsa.py), "threshold" (`top_k_threshold`: radix's
+  result, found among ~2k candidates a row, no sort) or "fused" (`top_k_fused`:
+  threshold's, the scores and candidates from a GPU kernel that never writes the scores
+  out (`fused_impl`, "auto": on a GPU); its chunks of max(chunk, fused_chunk) queries, as
+  its memory is O(chunk x 8 topk), not O(chunk x S)).
 
   scores: how the selected keys' (differentiable) scores are computed: "dense" (a chunk's
   index scores, then those of its selected keys; the backward recomputes the chunk's
@@ -371,9 +450,13 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
 
   def select_fn(t0, S, q_BxQxJxI, w_BxQxJ, seg_BxQ):  # S: the keys this chunk may need
     Q = q_BxQxJxI.shape[1]
+    seg_k = None if segment_ids_BxT is None else segment_ids_BxT[:, :S]
+    if method == "fused":
+      idx_BxQxK = top_k_fused(q_BxQxJxI, w_BxQxJ, sg(k_BxSxI[:, :S]), t0, K,
+                              None if seg_k is None else seg_BxQ, seg_k, impl=fused_impl)
+      return idx_BxQxK, _allowed(t0, Q, idx_BxQxK, seg_BxQ, seg_k)
     s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, sg(k_BxSxI[:, :S]))
-    ok_BxQxS = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_BxQ,
-                        None if segment_ids_BxT is None else segment_ids_BxT[:, :S])
+    ok_BxQxS = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_BxQ, seg_k)
     masked = jnp.where(ok_BxQxS, s_BxQxS, -jnp.inf)
     if method == "sort":
       _, idx_BxQxK = jax.lax.top_k(masked, K)
@@ -406,8 +489,9 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   # queries may see (`over_causal_bands`: ~5/8 of the T x S square at 4 bands).
   # (Named scopes: profiles group kernels by them, benchmarks/dsa.py --profile.)
   with jax.named_scope("dsa_topk"):
-    idx_BxTxK, valid_BxTxK = over_causal_bands(select_fn, chunk, T, S, K, bands,
-                                               sg(q_BxTxJxI), sg(w_BxTxJ), seg)
+    idx_BxTxK, valid_BxTxK = over_causal_bands(
+        select_fn, max(chunk, fused_chunk) if method == "fused" else chunk, T, S, K, bands,
+        sg(q_BxTxJxI), sg(w_BxTxJ), seg)
   with jax.named_scope("dsa_selected_scores"):
     score_BxTxK = over_causal_bands(score_fn, chunk, T, S, K, bands, q_BxTxJxI, w_BxTxJ,
                                     idx_BxTxK)

@@ -1,0 +1,180 @@
+"""The lightning indexer's scores and the threshold top-k's candidates in one GPU kernel.
+
+    pos_BxNxC, key_BxNxC, count_BxN = threshold_candidates(
+        q_BxJxNxI, w_BxJxN, k_BxSxI, tau_BxN, t0, extent=S, cap=C)
+
+For DSA's top-k (`mohge_jax.sparse_attention.select_topk(method="fused")`): query n (at
+position t0 + n) scores key s as I[n, s] = sum_j w[j, n] ReLU(q[j, n] . k[s]) (float32),
+for the keys it may see (s <= t0 + n, s < extent, the same segment when segment ids are
+given; a zero score as +0.0, as `sparse_attention.index_scores`); the keys whose score's
+order key (`sparse_attention._order_key`: float32 bits in `jax.lax.top_k`'s total order,
+as uint32) is >= tau[n] are the row's candidates. Returns their positions in rising order
+in [cap] slots (pos; key: their order keys), the slots past the count holding 0, and the
+counts (all candidates, also past cap).
+
+Why a kernel: in XLA the threshold top-k writes each query chunk's [Q, S] float32 scores
+and reads them back in ~30 launches (the order keys, the candidates' running count, their
+scatter into the buffer, selects): at 128k tokens ~414 ms of DSA's 1.34 s fwd+bwd on the
+H200, where the scores are ~4.4 TFLOP of bf16 products and the candidates ~4k a row
+(benchmarks/notes_dsa.md, twentieth session). Here the scores never leave the chip: two
+passes over the (query block, key segment) grid compute them on the tensor cores, the
+first counts each segment's candidates a row, the second (after an exclusive prefix sum
+over segments, in XLA) writes them at their slots by a running count (`cumsum` along the
+block's keys). The products are computed twice; nothing of size Q x S is written.
+
+Why Pallas's Triton backend, deprecated in JAX 0.11 in favour of Mosaic GPU: the second
+pass is a stream compaction (a prefix sum along a row, stores to computed addresses), and
+Mosaic GPU's Pallas lowering has neither a cumsum nor per-element scattered stores
+(jax 0.11.2); Triton has both. The pure-JAX reference (`reference`) is the same
+definition in XLA and the path on other platforms; the kernel runs in the Pallas
+interpreter on CPU for the tests.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+BLOCK_Q = 64      # queries a program (the products' M)
+BLOCK_K = 64      # keys a step
+SEGMENT = 1024    # keys a program (the grid's third axis)
+_SIGN = -(2 ** 31)  # int32 0x80000000: signed key <-> uint32 order key
+
+
+def _signed_key(x):
+  """float32 -> int32 in `_order_key`'s order, as a signed integer (order key ^ 2^31)."""
+  bits = lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _kernel(t0_ref, q_ref, w_ref, k_ref, tau_ref, *rest, J: int, extent: int, cap: int,
+            segments: bool, write: bool):
+  if segments:
+    segq_ref, segk_ref, *rest = rest
+  if write:
+    base_ref, pos_ref, key_ref = rest
+  else:
+    (count_ref,) = rest
+  b, qb, sg = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows = pl.ds(qb * BLOCK_Q, BLOCK_Q)
+  t_Q = t0_ref[0] + qb * BLOCK_Q + lax.iota(jnp.int32, BLOCK_Q)
+  s_lo = sg * SEGMENT
+  s_end = jnp.minimum(jnp.minimum(s_lo + SEGMENT, extent), t0_ref[0] + (qb + 1) * BLOCK_Q)
+  steps = jnp.maximum(0, (s_end - s_lo + BLOCK_K - 1) // BLOCK_K)
+  q_J = [q_ref[b, j, rows, :] for j in range(J)]
+  w_J = [w_ref[b, j, rows] for j in range(J)]
+  tau_Q = tau_ref[b, rows]
+  seg_Q = segq_ref[b, rows] if segments else None
+  n_Q = qb * BLOCK_Q + lax.iota(jnp.int32, BLOCK_Q)
+
+  def step(i, base_Q):
+    s0 = s_lo + i * BLOCK_K
+    k_KxI = k_ref[b, pl.ds(s0, BLOCK_K), :]
+    score = jnp.zeros((BLOCK_Q, BLOCK_K), jnp.float32)
+    for q_QxI, w in zip(q_J, w_J):
+      dots = lax.dot_general(q_QxI, k_KxI, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+      score = score + w[:, None] * jnp.maximum(dots, 0.0)
+    s_K = s0 + lax.iota(jnp.int32, BLOCK_K)
+    take = (s_K[None, :] <= t_Q[:, None]) & (s_K[None, :] < extent)
+    if segments:
+      take = take & (segk_ref[b, pl.ds(s0, BLOCK_K)][None, :] == seg_Q[:, None])
+    key = _signed_key(jnp.where(score == 0.0, 0.0, score))  # -0.0 as +0.0, as index_scores
+    take = take & (key >= tau_Q[:, None])
+    take_i = take.astype(jnp.int32)
+    if write:
+      slot = base_Q[:, None] + jnp.cumsum(take_i, axis=1) - 1
+      ok = take & (slot < cap)
+      # Masked lanes store nothing on the GPU; the interpreter's masked store writes the
+      # old value back at their index, so they get distinct spill columns past cap.
+      slot = jnp.where(ok, slot, cap + lax.broadcasted_iota(jnp.int32, slot.shape, 1))
+      n_QxK = jnp.broadcast_to(n_Q[:, None], slot.shape)
+      plt.store(pos_ref.at[b, n_QxK, slot], jnp.broadcast_to(s_K[None, :], slot.shape),
+                mask=ok)
+      plt.store(key_ref.at[b, n_QxK, slot], key, mask=ok)
+    return base_Q + jnp.sum(take_i, axis=1)
+
+  start = base_ref[b, sg, rows] if write else jnp.zeros((BLOCK_Q,), jnp.int32)
+  count = lax.fori_loop(0, steps, step, start)
+  if not write:
+    count_ref[b, sg, rows] = count
+
+
+@functools.partial(jax.jit, static_argnames=("extent", "cap", "interpret"))
+def threshold_candidates(q_BxJxNxI, w_BxJxN, k_BxSxI, tau_BxN, t0, seg_q_BxN=None,
+                         seg_k_BxS=None, *, extent: int, cap: int, interpret: bool = False):
+  """See the module docstring. q, k: bf16 (or float32); w: float32; tau: uint32 order
+  keys; t0: the first query's position (int, may be traced). Returns pos [B, N, cap] int32,
+  key [B, N, cap] uint32, count [B, N] int32. N is padded to a multiple of 64 and S to one
+  of 64 internally."""
+  B, J, N, I = q_BxJxNxI.shape
+  S = k_BxSxI.shape[1]
+  if not 0 < extent <= S:
+    raise ValueError(f"extent={extent}: must be between 1 and the keys' length {S}")
+  if (seg_q_BxN is None) != (seg_k_BxS is None):
+    raise ValueError("segment ids: give both the queries' and the keys' or neither")
+  Np = -(-N // BLOCK_Q) * BLOCK_Q
+  Sp = -(-S // BLOCK_K) * BLOCK_K
+  pad_n = lambda a, axis: jnp.pad(a, [(0, Np - N if d == axis else 0) for d in range(a.ndim)])
+  q = pad_n(q_BxJxNxI, 2)
+  w = pad_n(w_BxJxN.astype(jnp.float32), 2)
+  tau = pad_n(lax.bitcast_convert_type(tau_BxN.astype(jnp.uint32) ^ jnp.uint32(1 << 31),
+                                       jnp.int32), 1)
+  k = jnp.pad(k_BxSxI, [(0, 0), (0, Sp - S), (0, 0)])
+  segments = seg_q_BxN is not None
+  seg_args = ((pad_n(seg_q_BxN.astype(jnp.int32), 1),
+               jnp.pad(seg_k_BxS.astype(jnp.int32), [(0, 0), (0, Sp - S)]))
+              if segments else ())
+  t0_1 = jnp.asarray(t0, jnp.int32).reshape(1)
+  G = -(-extent // SEGMENT)
+  grid = (B, Np // BLOCK_Q, G)
+  params = plt.CompilerParams(num_warps=4, num_stages=2)
+  common = dict(J=J, extent=extent, cap=cap, segments=segments)
+  args = (t0_1, q, w, k, tau, *seg_args)
+  counts_BxGxN = pl.pallas_call(
+      functools.partial(_kernel, write=False, **common), grid=grid,
+      out_shape=jax.ShapeDtypeStruct((B, G, Np), jnp.int32),
+      compiler_params=params, interpret=interpret, name="dsa_index_count")(*args)
+  base_BxGxN = jnp.cumsum(counts_BxGxN, axis=1) - counts_BxGxN
+  pos, key = pl.pallas_call(
+      functools.partial(_kernel, write=True, **common), grid=grid,
+      out_shape=(jax.ShapeDtypeStruct((B, Np, cap + BLOCK_K), jnp.int32),
+                 jax.ShapeDtypeStruct((B, Np, cap + BLOCK_K), jnp.int32)),
+      compiler_params=params, interpret=interpret, name="dsa_index_candidates")(
+          *args, base_BxGxN)
+  count_BxN = jnp.sum(counts_BxGxN, axis=1)[:, :N]
+  filled = jnp.arange(cap)[None, None, :] < count_BxN[:, :, None]
+  pos = jnp.where(filled, pos[:, :N, :cap], 0)
+  key = jnp.where(filled, lax.bitcast_convert_type(key[:, :N, :cap], jnp.uint32) ^ jnp.uint32(1 << 31),
+                  jnp.uint32(0))
+  return pos, key, count_BxN
+
+
+def reference(q_BxJxNxI, w_BxJxN, k_BxSxI, tau_BxN, t0, seg_q_BxN=None, seg_k_BxS=None, *,
+              extent: int, cap: int):
+  """`threshold_candidates` in XLA: the [B, N, extent] scores, a running count and a
+  scatter."""
+  B, J, N, I = q_BxJxNxI.shape
+  k = k_BxSxI[:, :extent]
+  dots = jnp.einsum("bjni,bsi->bjns", q_BxJxNxI, k, preferred_element_type=jnp.float32)
+  score = jnp.einsum("bjns,bjn->bns", jnp.maximum(dots, 0.0), w_BxJxN.astype(jnp.float32))
+  s_S = jnp.arange(extent, dtype=jnp.int32)
+  t_N = jnp.asarray(t0, jnp.int32) + jnp.arange(N, dtype=jnp.int32)
+  take = s_S[None, None, :] <= t_N[None, :, None]
+  if seg_q_BxN is not None:
+    take = take & (seg_q_BxN[:, :, None] == seg_k_BxS[:, None, :extent])
+  key = lax.bitcast_convert_type(_signed_key(jnp.where(score == 0, 0.0, score)), jnp.uint32)
+  key = key ^ jnp.uint32(1 << 31)
+  take = take & (key >= tau_BxN[:, :, None].astype(jnp.uint32))
+  count = jnp.sum(take, axis=-1, dtype=jnp.int32)
+  slot = jnp.where(take, jnp.cumsum(take, axis=-1, dtype=jnp.int32) - 1, cap)
+  b_ = jnp.arange(B)[:, None, None]
+  n_ = jnp.arange(N)[None, :, None]
+  pos = jnp.zeros((B, N, cap), jnp.int32).at[b_, n_, slot].set(
+      jnp.broadcast_to(s_S, take.shape), mode="drop")
+  keys = jnp.zeros((B, N, cap), jnp.uint32).at[b_, n_, slot].set(key, mode="drop")
+  return pos, keys, count

@@ -1,0 +1,160 @@
+"""pallas_kernels/index_topk_gpu.py, the indexer's scores and the threshold top-k's
+candidates in one Triton kernel, and `sparse_attention.top_k_fused` / `select_topk(method=
+"fused")` around it: in the Pallas interpreter against the XLA reference and against
+`top_k_threshold` (exactly: inputs whose scores are exact in float32, so that the kernel's
+and XLA's sums agree to the bit), its CUDA lowering at MoHGE-3B's shapes; on a GPU against
+the XLA top-k (skipped without one)."""
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mohge_jax import sparse_attention as dsa
+from pallas_kernels import index_topk_gpu as ik
+
+
+def _exact(rng, shape, bound, scale, dtype=jnp.bfloat16):
+  """Integers in [-bound, bound] times a power of two: products and the indexer's sums of
+  them are exact in float32 at these sizes (|q . k| < 2^15 with I <= 8, w . ReLU < 2^20)."""
+  return jnp.asarray(rng.integers(-bound, bound + 1, shape) * scale, jnp.float32).astype(dtype)
+
+
+def _indexer(rng, B, N, S, J=4, I=8):
+  return (_exact(rng, (B, N, J, I), 63, 2 ** -4), _exact(rng, (B, N, J), 7, 1.0, jnp.float32),
+          _exact(rng, (B, S, I), 63, 2 ** -4))
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_candidates_interpreted_equal_reference(rng, segments):
+  """Positions, order keys and counts against the XLA reference: a ragged number of
+  queries and keys (padding to 64), causal rows that start before, inside and past the
+  key segments (1024), an extent short of the keys, a cap that cuts rows off (counts
+  still whole), document segments."""
+  B, N, S = 2, 80, 2100
+  q, w, k = _indexer(rng, B, N, S)
+  q, w = jnp.swapaxes(q, 1, 2), jnp.swapaxes(w, 1, 2)
+  # thresholds around the middle of the scores' order keys (2^31 is +0.0)
+  tau = jnp.asarray(rng.integers(2 ** 31 - 2 ** 28, 2 ** 31 + 2 ** 30, (B, N)), jnp.uint32)
+  seg = ((jnp.asarray(np.cumsum(rng.random((B, N)) < 0.05, 1), jnp.int32),
+          jnp.asarray(np.cumsum(rng.random((B, S)) < 0.002, 1), jnp.int32))
+         if segments else (None, None))
+  for t0, extent, cap in ((1900, 2000, 64), (0, 1024, 1024), (500, 2100, 300)):
+    got = ik.threshold_candidates(q, w, k, tau, t0, *seg, extent=extent, cap=cap,
+                                  interpret=True)
+    want = ik.reference(q, w, k, tau, t0, *seg, extent=extent, cap=cap)
+    assert int(want[2].max()) > 0
+    for name, a, b in zip(("pos", "key", "count"), got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{name}, t0={t0}")
+
+
+def test_candidates_refuse_bad_arguments(rng):
+  q, w, k = _indexer(rng, 1, 64, 128)
+  q, w = jnp.swapaxes(q, 1, 2), jnp.swapaxes(w, 1, 2)
+  tau = jnp.zeros((1, 64), jnp.uint32)
+  with pytest.raises(ValueError, match="extent=200"):
+    ik.threshold_candidates(q, w, k, tau, 0, extent=200, cap=64, interpret=True)
+  with pytest.raises(ValueError, match="segment ids"):
+    ik.threshold_candidates(q, w, k, tau, 0, jnp.zeros((1, 64), jnp.int32), extent=128,
+                            cap=64, interpret=True)
+
+
+@pytest.mark.parametrize("impl", ["interpret", "reference"])
+def test_top_k_fused_equals_threshold(rng, impl):
+  """top_k_fused = top_k_threshold of the masked scores, exactly, for a chunk whose rows
+  all take the candidates' path (checked: their counts are between k and the cap) and for
+  one whose first rows have fewer keys than the sample's quota (the whole-row fallback);
+  rows of at most cap keys go to the radix select directly."""
+  B, Q, S, K = 2, 64, 1536, 16
+  q, w, k = _indexer(rng, B, Q, S)
+  w = jnp.abs(w) + 1  # positive head weights: a zero score is the lowest, rarely the k-th
+  for t0 in (S - Q, 40):
+    s = dsa.index_scores(q, w, k)
+    ok = dsa._allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), None, None)
+    masked = jnp.where(ok, s, -jnp.inf).reshape(B * Q, S)
+    want = dsa.top_k_threshold(masked, K, sample=768, cap_factor=8).reshape(B, Q, K)
+    got = dsa.top_k_fused(q, w, k, t0, K, sample=768, cap_factor=8, impl=impl)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"t0={t0}")
+    if t0 == S - Q:  # the candidates' path: every row between k and the cap
+      key = dsa._order_key(masked)
+      tau = dsa._kth_key(key[:, ::2], K)  # stride 1536 // 768, quota 2 K / 2
+      count = jnp.sum(key >= tau[:, None], axis=1)
+      assert bool(jnp.all((count >= K) & (count <= 8 * K)))
+  short = dsa.top_k_fused(q, w, k[:, :128], S - Q, K, cap_factor=8, impl=impl)
+  want = dsa.top_k_positions(dsa.index_scores(q, w, k[:, :128]).reshape(B * Q, 128), K)
+  np.testing.assert_array_equal(np.asarray(short), np.asarray(want).reshape(B, Q, K))
+
+
+def test_select_topk_fused_equals_threshold(rng):
+  """select_topk(method="fused") against method="threshold": the same keys, valid flags
+  and (differentiable) scores, over causal bands and chunks, with documents (the kernel's
+  segment masks; without them in the tests above)."""
+  B, T, K = 2, 640, 8
+  q, w, k = _indexer(rng, B, T, T)
+  seg = jnp.asarray(np.cumsum(rng.random((B, T)) < 0.004, axis=1), jnp.int32)
+  want = dsa.select_topk(q, w, k, topk=K, chunk=128, method="threshold", segment_ids_BxT=seg)
+  got = dsa.select_topk(q, w, k, topk=K, chunk=128, method="fused", segment_ids_BxT=seg,
+                        fused_impl="interpret", fused_chunk=128)
+  for name, a, b in zip(("idx", "valid", "score"), got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+def test_lowers_for_cuda_at_mohge_3b_shapes():
+  """The Triton kernels lower (jax's Pallas-to-Triton rules; ptxas runs only on a GPU) at
+  MoHGE-3B DSA's shapes (4 indexer heads x 64, a 2048-query chunk over 64k keys, cap 8 x
+  2048), with and without segment ids. The lowering asks for the GPU's compute capability:
+  an H100's is given here."""
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
+
+  info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion("NVIDIA H100"))
+  sds = jax.ShapeDtypeStruct
+  B, J, N, I, S = 1, 4, 2048, 64, 65536
+  for segments in (False, True):
+    args = [sds((B, J, N, I), jnp.bfloat16), sds((B, J, N), jnp.float32),
+            sds((B, S, I), jnp.bfloat16), sds((B, N), jnp.uint32), sds((), jnp.int32)]
+    if segments:
+      args += [sds((B, N), jnp.int32), sds((B, S), jnp.int32)]
+    with mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: info):
+      text = jax.jit(lambda *a: ik.threshold_candidates(*a, extent=S, cap=8 * 2048)).trace(
+          *args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("dsa_index_count") and text.count("dsa_index_candidates")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+def test_kernel_selects_the_top_k_on_the_gpu(rng):
+  """On the GPU at a MoHGE-3B DSA chunk (2048 queries at 30k-32k over 32k keys, 4 x 64
+  indexer, top-2048, bf16 random inputs): the kernel's candidates against the XLA
+  reference (their scores' float32 sums may differ in the last bit: counts within a few,
+  positions equal where the counts are), and select_topk(method="fused") against
+  method="threshold": the same keys for nearly every query, and every key chosen by one
+  and not the other within 1e-5 of the k-th score."""
+  B, T, J, I, K = 1, 32768, 4, 64, 2048
+  key = jax.random.split(jax.random.key(int(rng.integers(2 ** 31))), 3)
+  q = jax.random.normal(key[0], (B, T, J, I), jnp.bfloat16)
+  w = jax.random.normal(key[1], (B, T, J), jnp.float32)
+  k = jax.random.normal(key[2], (B, T, I), jnp.bfloat16)
+  t0 = T - 2048
+  qc, wc = jnp.swapaxes(q[:, t0:], 1, 2), jnp.swapaxes(w[:, t0:], 1, 2)
+  s = dsa.index_scores(q[:, t0:], w[:, t0:], k)
+  tau = dsa._kth_key(dsa._order_key(s[0]), 2 * K)[None]
+  got = ik.threshold_candidates(qc, wc, k, tau, t0, extent=T, cap=8 * K)
+  want = ik.reference(qc, wc, k, tau, t0, extent=T, cap=8 * K)
+  assert int(jnp.max(jnp.abs(got[2] - want[2]))) <= 4
+  same = np.asarray(got[2] == want[2])[0]
+  assert same.mean() > 0.9
+  np.testing.assert_array_equal(np.asarray(got[0])[0][same], np.asarray(want[0])[0][same])
+
+  sel = jax.jit(lambda m: dsa.select_topk(q, w, k, topk=K, chunk=256, method=m)[:2],
+                static_argnums=0)
+  (i_f, v_f), (i_t, v_t) = sel("fused"), sel("threshold")
+  assert bool(jnp.all(v_f == v_t))
+  differ = np.asarray(jnp.any(i_f != i_t, axis=-1))[0]
+  assert differ.mean() < 0.01
+  scores = np.asarray(dsa.index_scores(q, w, k)[0], np.float64)
+  for t in np.nonzero(differ)[0][:32]:
+    a, b = set(np.asarray(i_f)[0, t]), set(np.asarray(i_t)[0, t])
+    kth = np.sort(scores[t, :t + 1])[::-1][K - 1]
+    for s_ in a ^ b:
+      assert abs(scores[t, s_] - kth) <= 1e-5 * max(1.0, abs(kth))
