@@ -21,8 +21,11 @@ a failure or OOM in one row is recorded and the next row runs. impls:
   topk_sort / topk_radix / topk_sample / topk_sample_search (its compaction by binary
                        searches, not a scatter) / topk_threshold: the indexer's scores and
                        the selection alone (forward), by jax.lax.top_k, top_k_positions,
-                       top_k_sampled or top_k_threshold; "check_topk" rows say whether the
-                       others chose sort's keys
+                       top_k_sampled or top_k_threshold; topk_fused: `top_k_fused` (the
+                       scores and candidates by a Triton kernel; options after the chunk,
+                       topk_fused:<chunk>:cf4+d2+s4096+o1.5: cap_factor, digit_bits,
+                       sample, oversample); "check_topk" rows say whether the others chose
+                       sort's keys
   dsa_pallas_sample    dsa_pallas with the top-k by `top_k_sampled` (_threshold:
                        `top_k_threshold`; so for every dsa_ row; suffixes
                        ":<scores>[:<bands>[:<chunk>]]" set select_topk's scores (auto,
@@ -179,17 +182,31 @@ def dsa_fn(pss, impl, method="sort"):
   return jax.jit(fb), ("lat_ct",) + names
 
 
+FUSED_OPTIONS = {"cf": ("cap_factor", int), "d": ("digit_bits", int), "s": ("sample", int),
+                 "o": ("oversample", float)}
+
+
 def topk_fn(method):
   """The indexer's scores and the top-k selection alone (forward: positions only);
   method "sample_search": the sampled top-k with the searched compaction; a suffix
-  ":<chunk>" sets the query chunk (CHUNK when absent), e.g. threshold:1024."""
-  method, _, chunk = method.partition(":")
+  ":<chunk>" sets the query chunk (CHUNK when absent), e.g. threshold:1024; for "fused"
+  (whose chunk is at least dsa.FUSED_CHUNK) a further ":<options>" sets top_k_fused's
+  cap_factor, digit_bits, sample, oversample, e.g. fused::cf4+d2 or fused:4096:s4096."""
+  method, _, rest = method.partition(":")
+  chunk, _, opts = rest.partition(":")
   method, _, compact = method.partition("_")
   chunk = int(chunk or CHUNK)
-  return jax.jit(lambda a, b, c: dsa.select_topk(a, b, c, topk=TOPK, chunk=chunk,
-                                                  method=method,
-                                                  _compact=compact or "scatter")[:2]), (
-                                                      "q_I", "w_I", "k_I")
+  fused_options = {}
+  for opt in filter(None, opts.split("+")):
+    key = next((k for k in sorted(FUSED_OPTIONS, key=len, reverse=True) if opt.startswith(k)),
+               None)
+    if key is None:
+      raise ValueError(f"top-k option {opt!r}: must start with one of {list(FUSED_OPTIONS)}")
+    name, cast = FUSED_OPTIONS[key]
+    fused_options[name] = cast(opt[len(key):])
+  return jax.jit(lambda a, b, c: dsa.select_topk(
+      a, b, c, topk=TOPK, chunk=chunk, method=method, _compact=compact or "scatter",
+      fused_options=fused_options or None)[:2]), ("q_I", "w_I", "k_I")
 
 
 def sparse_mla_fn(pss, impl, idx, valid):

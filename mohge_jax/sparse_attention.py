@@ -280,22 +280,26 @@ _NEG_INF_KEY = 0x007FFFFF  # _order_key(-inf): a masked entry's
 
 def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_BxS=None, *,
                 sample: int = 8192, oversample: float = 2.0, cap_factor: int = 8,
-                impl: str = "auto") -> jax.Array:
+                digit_bits: int = 4, impl: str = "auto") -> jax.Array:
   """`top_k_threshold` of the indexer's masked scores for queries at t0.. over keys
   [0, S) (S = k's length), without the [B, Q, S] scores: positions [B, Q, k] int32, each
   query's k best allowed keys by rising position (those of `top_k_positions` on the
   scores `index_scores` gives, up to their float32 rounding, ties to lower positions).
 
   The threshold comes, as there, from the scores of a strided sample of keys (an XLA
-  product over S / stride keys); the candidates at or above it, in position order, from
-  `pallas_kernels.index_topk_gpu.threshold_candidates` (impl "kernel": the scores and the
-  compaction in a GPU kernel, never written out; "interpret": it in the interpreter;
-  "reference": the same in XLA; "auto": the kernel on a GPU with no mesh of several
-  devices, else the reference); then the radix select on the candidates. A chunk whose
+  product over S / stride keys) and their ks-th largest; the candidates at or above it, in
+  position order, from `pallas_kernels.index_topk_gpu.threshold_candidates`; then the
+  radix select on the candidates. impl "kernel": the GPU kernels of
+  `pallas_kernels.index_topk_gpu` (the candidates' scores and compaction, never written
+  out; the sample's threshold and the candidates' select a row a program, the row in
+  registers); "interpret": them in the interpreter; "reference": the same in XLA
+  (`_kth_key`, `_top_positions` with `digit_bits`); "auto": the kernels on a GPU with no
+  mesh of several devices, else the reference. A chunk whose
   threshold let through fewer than k or more than cap_factor * k of some row's keys (or
   whose sample had fewer than its quota of allowed keys) takes `top_k_positions` of its
   whole scores instead (`lax.cond`): exact either way. Rows of at most cap_factor * k keys
-  go to the radix select directly, as in `top_k_threshold`. Not differentiable."""
+  go to the radix select directly, as in `top_k_threshold`. digit_bits: the radix
+  selects' (`top_k_positions`). Not differentiable."""
   from pallas_kernels import index_topk_gpu
 
   if impl not in ("auto", "kernel", "interpret", "reference"):
@@ -304,43 +308,64 @@ def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_B
   S = k_BxSxI.shape[1]
   if not 0 < k <= S:
     raise ValueError(f"k={k}: must be between 1 and the keys' length {S}")
+  if digit_bits not in (1, 2, 4, 8) or cap_factor < 1 or oversample < 1 or sample < 1:
+    raise ValueError(f"top_k_fused: digit_bits={digit_bits} must be 1, 2, 4 or 8, "
+                     f"cap_factor={cap_factor}, oversample={oversample} and sample={sample} "
+                     "at least 1")
   if impl == "auto":
     mesh = jax.sharding.get_abstract_mesh()
     impl = "kernel" if (jax.default_backend() == "gpu" and (mesh.empty or mesh.size == 1)) \
         else "reference"
 
-  def all_scores():
+  def whole_rows():  # top_k_positions of the chunk's masked scores
     s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI)
     ok = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_q_BxQ, seg_k_BxS)
-    return _order_key(jnp.where(ok, s_BxQxS, -jnp.inf)).reshape(B * Q, S)
+    key_NxS = _order_key(jnp.where(ok, s_BxQxS, -jnp.inf)).reshape(B * Q, S)
+    if impl != "reference" and S <= index_topk_gpu.MAX_ROW:  # a row in registers
+      return index_topk_gpu.top_positions(key_NxS, k, interpret=impl == "interpret").reshape(
+          B, Q, k)
+    return _top_positions(key_NxS, k, digit_bits).reshape(B, Q, k)
 
   if S <= cap_factor * k:
-    return _top_positions(all_scores(), k).reshape(B, Q, k)
-  stride = max(1, S // sample)
-  at_M = jnp.arange(0, S, stride, dtype=jnp.int32)
-  s_BxQxM = index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI[:, ::stride])
-  ok_BxQxM = _allowed(t0, Q, at_M, seg_q_BxQ,
-                      None if seg_k_BxS is None else seg_k_BxS[:, ::stride])
-  key_sample = _order_key(jnp.where(ok_BxQxM, s_BxQxM, -jnp.inf)).reshape(B * Q, -1)
-  ks = min(key_sample.shape[1], max(1, round(oversample * k / stride)))
-  tau_BxQ = _kth_key(key_sample, ks).reshape(B, Q)
+    return whole_rows()
+  # (Named scopes: profiles group kernels by them, benchmarks/dsa.py --profile.)
+  with jax.named_scope("sample"):
+    stride = max(1, S // sample)
+    at_M = jnp.arange(0, S, stride, dtype=jnp.int32)
+    s_BxQxM = index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI[:, ::stride])
+    ok_BxQxM = _allowed(t0, Q, at_M, seg_q_BxQ,
+                        None if seg_k_BxS is None else seg_k_BxS[:, ::stride])
+    key_sample = _order_key(jnp.where(ok_BxQxM, s_BxQxM, -jnp.inf)).reshape(B * Q, -1)
+    ks = min(key_sample.shape[1], max(1, round(oversample * k / stride)))
+    if impl == "reference":
+      tau_BxQ = _kth_key(key_sample, ks, digit_bits).reshape(B, Q)
+    else:
+      tau_BxQ = index_topk_gpu.kth_largest(key_sample, ks,
+                                           interpret=impl == "interpret").reshape(B, Q)
   cap = cap_factor * k
   q_BxJxQxI = jnp.swapaxes(q_BxQxJxI, 1, 2)
   w_BxJxQ = jnp.swapaxes(w_BxQxJ, 1, 2)
-  if impl == "reference":
-    cand, ckey, count_BxQ = index_topk_gpu.reference(
-        q_BxJxQxI, w_BxJxQ, k_BxSxI, tau_BxQ, t0, seg_q_BxQ, seg_k_BxS, extent=S, cap=cap)
-  else:
-    cand, ckey, count_BxQ = index_topk_gpu.threshold_candidates(
-        q_BxJxQxI, w_BxJxQ, k_BxSxI, tau_BxQ, t0, seg_q_BxQ, seg_k_BxS, extent=S, cap=cap,
-        interpret=impl == "interpret")
+  with jax.named_scope("candidates"):
+    if impl == "reference":
+      cand, ckey, count_BxQ = index_topk_gpu.reference(
+          q_BxJxQxI, w_BxJxQ, k_BxSxI, tau_BxQ, t0, seg_q_BxQ, seg_k_BxS, extent=S, cap=cap)
+    else:
+      cand, ckey, count_BxQ = index_topk_gpu.threshold_candidates(
+          q_BxJxQxI, w_BxJxQ, k_BxSxI, tau_BxQ, t0, seg_q_BxQ, seg_k_BxS, extent=S, cap=cap,
+          interpret=impl == "interpret")
   # Only allowed keys are candidates: a row whose threshold is -inf's key would take its
   # masked keys as well in `top_k_threshold` (all S > cap of them): a miss there too.
   hit = (tau_BxQ > _NEG_INF_KEY) & (count_BxQ >= k) & (count_BxQ <= cap)
-  fast_BxQxK = jnp.take_along_axis(
-      cand, _top_positions(ckey.reshape(B * Q, cap), k).reshape(B, Q, k), axis=-1)
-  return jax.lax.cond(jnp.all(hit), lambda: fast_BxQxK,
-                      lambda: _top_positions(all_scores(), k).reshape(B, Q, k))
+  with jax.named_scope("radix"):
+    if impl == "reference":
+      top = _top_positions(ckey.reshape(B * Q, cap), k, digit_bits).reshape(B, Q, k)
+      fast_BxQxK = jnp.take_along_axis(cand, top, axis=-1)
+    else:
+      fast_BxQxK = index_topk_gpu.top_positions(
+          ckey.reshape(B * Q, cap), k, cand.reshape(B * Q, cap),
+          interpret=impl == "interpret").reshape(B, Q, k)
+  with jax.named_scope("fallback"):
+    return jax.lax.cond(jnp.all(hit), lambda: fast_BxQxK, whole_rows)
 
 
 def top_k_sampled(x_NxS: jax.Array, k: int, *, sample: int = 8192,
@@ -407,7 +432,8 @@ FUSED_CHUNK = 2048  # the fused top-k's queries a chunk (at least)
 def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
                 segment_ids_BxT: jax.Array | None = None, method: str = "sort",
                 _compact: str = "scatter", scores: str = "auto", bands: int = 4,
-                fused_impl: str = "auto", fused_chunk: int = FUSED_CHUNK):
+                fused_impl: str = "auto", fused_chunk: int = FUSED_CHUNK,
+                fused_options: dict | None = None):
   """Each query's top-k keys by index score among the keys it may attend to.
 
   Returns idx [B,T,K] int32, valid [B,T,K] bool, score [B,T,K] float32 with K = min(topk, S).
@@ -420,7 +446,8 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   result, found among ~2k candidates a row, no sort) or "fused" (`top_k_fused`:
   threshold's, the scores and candidates from a GPU kernel that never writes the scores
   out (`fused_impl`, "auto": on a GPU); its chunks of max(chunk, fused_chunk) queries, as
-  its memory is O(chunk x 8 topk), not O(chunk x S)).
+  its memory is O(chunk x 8 topk), not O(chunk x S); `fused_options`: top_k_fused's
+  sample, oversample, cap_factor, digit_bits, for benchmarks).
 
   scores: how the selected keys' (differentiable) scores are computed: "dense" (a chunk's
   index scores, then those of its selected keys; the backward recomputes the chunk's
@@ -453,7 +480,8 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
     seg_k = None if segment_ids_BxT is None else segment_ids_BxT[:, :S]
     if method == "fused":
       idx_BxQxK = top_k_fused(q_BxQxJxI, w_BxQxJ, sg(k_BxSxI[:, :S]), t0, K,
-                              None if seg_k is None else seg_BxQ, seg_k, impl=fused_impl)
+                              None if seg_k is None else seg_BxQ, seg_k, impl=fused_impl,
+                              **(fused_options or {}))
       return idx_BxQxK, _allowed(t0, Q, idx_BxQxK, seg_BxQ, seg_k)
     s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, sg(k_BxSxI[:, :S]))
     ok_BxQxS = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_BxQ, seg_k)

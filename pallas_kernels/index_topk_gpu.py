@@ -42,6 +42,7 @@ from jax.experimental.pallas import triton as plt
 BLOCK_Q = 64      # queries a program (the products' M)
 BLOCK_K = 64      # keys a step
 SEGMENT = 1024    # keys a program (the grid's third axis)
+MAX_ROW = 16384   # the row selects' longest row (kept in registers: 64 KB a program)
 _SIGN = -(2 ** 31)  # int32 0x80000000: signed key <-> uint32 order key
 
 
@@ -178,3 +179,72 @@ def reference(q_BxJxNxI, w_BxJxN, k_BxSxI, tau_BxN, t0, seg_q_BxN=None, seg_k_Bx
       jnp.broadcast_to(s_S, take.shape), mode="drop")
   keys = jnp.zeros((B, N, cap), jnp.uint32).at[b_, n_, slot].set(key, mode="drop")
   return pos, keys, count
+
+
+# ----------------------------------------------------------------------------- row selects
+
+
+def _select_kernel(key_ref, *rest, k: int, positions: bool, given_pos: bool):
+  """One row a program, the row's M keys in registers: the k-th largest key by a 32-step
+  binary search on its bits (count >= candidate, a block reduction each step), then with
+  `positions` the row's k largest entries' positions, rising (ties to lower positions)."""
+  if given_pos:
+    pos_ref, *rest = rest
+  out_ref = rest[0]
+  row = pl.program_id(0)
+  key_M = key_ref[row, :]  # signed keys (order key ^ 2^31)
+
+  def bit(i, prefix):  # prefix: the unsigned order key's bits found so far
+    cand = prefix | (jnp.int32(1) << (31 - i))
+    count = jnp.sum((key_M >= (cand ^ _SIGN)).astype(jnp.int32))
+    return jnp.where(count >= k, cand, prefix)
+
+  kth = lax.fori_loop(0, 32, bit, jnp.int32(0)) ^ _SIGN
+  if not positions:
+    out_ref[row] = kth
+    return
+  above, tie = key_M > kth, key_M == kth
+  room = k - jnp.sum(above.astype(jnp.int32))
+  take = above | (tie & (jnp.cumsum(tie.astype(jnp.int32)) <= room))
+  slot = jnp.cumsum(take.astype(jnp.int32)) - 1
+  slot = jnp.where(take, slot, k)  # the interpreter writes masked lanes: one spill column
+  pos_M = pos_ref[row, :] if given_pos else lax.iota(jnp.int32, key_M.shape[0])
+  plt.store(out_ref.at[row, slot], pos_M, mask=take)
+
+
+def _rows_select(key_NxM, k: int, pos_NxM, positions: bool, interpret: bool):
+  N, M = key_NxM.shape
+  if not 0 < k <= M <= MAX_ROW:
+    raise ValueError(f"k={k}, rows of {M}: must be 0 < k <= M <= {MAX_ROW}")
+  Mp = max(16, 1 << (M - 1).bit_length())  # a power of two: padded with the lowest key
+  skey = lax.bitcast_convert_type(key_NxM.astype(jnp.uint32) ^ jnp.uint32(1 << 31), jnp.int32)
+  skey = jnp.pad(skey, [(0, 0), (0, Mp - M)], constant_values=_SIGN)
+  args = [skey]
+  if pos_NxM is not None:
+    args.append(jnp.pad(pos_NxM.astype(jnp.int32), [(0, 0), (0, Mp - M)]))
+  out = (jax.ShapeDtypeStruct((N, k + 1), jnp.int32) if positions
+         else jax.ShapeDtypeStruct((N,), jnp.int32))
+  got = pl.pallas_call(
+      functools.partial(_select_kernel, k=k, positions=positions,
+                        given_pos=pos_NxM is not None),
+      grid=(N,), out_shape=out, interpret=interpret,
+      compiler_params=plt.CompilerParams(num_warps=8 if Mp >= 8192 else 4, num_stages=1),
+      name="dsa_topk_rows" if positions else "dsa_kth_rows")(*args)
+  if positions:
+    return got[:, :k]
+  return lax.bitcast_convert_type(got, jnp.uint32) ^ jnp.uint32(1 << 31)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "interpret"))
+def kth_largest(key_NxM, k: int, *, interpret: bool = False):
+  """Each row's k-th largest uint32 key [N] (`sparse_attention._kth_key`), a program a row.
+  Rows are padded to a power of two with key 0; M up to MAX_ROW (a row lives in registers)."""
+  return _rows_select(key_NxM, k, None, False, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "interpret"))
+def top_positions(key_NxM, k: int, pos_NxM=None, *, interpret: bool = False):
+  """Each row's k largest uint32 keys' positions [N, k] int32, rising, ties to the lower
+  positions (`sparse_attention._top_positions`); with pos_NxM, pos at those positions
+  (the candidates' own positions in the sequence)."""
+  return _rows_select(key_NxM, k, pos_NxM, True, interpret)

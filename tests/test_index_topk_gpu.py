@@ -60,6 +60,32 @@ def test_candidates_refuse_bad_arguments(rng):
                             cap=64, interpret=True)
 
 
+def _keys_with_ties(rng, N, M):
+  key = rng.integers(0, 2 ** 32, (N, M), dtype=np.uint64).astype(np.uint32)
+  key[:, 10:40] = key[:, 5:6]  # a tie of 31 in every row
+  key[1] = 7                   # a row of one value
+  key[2, :M // 2] = 0          # the lowest key, as the padding's
+  return jnp.asarray(key)
+
+
+def test_row_selects_interpreted_equal_radix(rng):
+  """kth_largest = `_kth_key` and top_positions = `_top_positions` (and of given
+  positions) exactly, on rows with ties, a constant row, zero keys, lengths that are not a
+  power of two (padded with key 0), k = 1 and k = the row's length."""
+  for N, M, k in ((5, 100, 7), (3, 256, 256), (4, 300, 1)):
+    key = _keys_with_ties(rng, N, M)
+    pos = jnp.asarray(rng.integers(0, 10 ** 6, (N, M)), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(ik.kth_largest(key, k, interpret=True)),
+                                  np.asarray(dsa._kth_key(key, k)))
+    want = dsa._top_positions(key, k)
+    np.testing.assert_array_equal(np.asarray(ik.top_positions(key, k, interpret=True)),
+                                  np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(ik.top_positions(key, k, pos, interpret=True)),
+                                  np.asarray(jnp.take_along_axis(pos, want, 1)))
+  with pytest.raises(ValueError, match="k=9, rows of 8"):
+    ik.kth_largest(key[:, :8], 9, interpret=True)
+
+
 @pytest.mark.parametrize("impl", ["interpret", "reference"])
 def test_top_k_fused_equals_threshold(rng, impl):
   """top_k_fused = top_k_threshold of the masked scores, exactly, for a chunk whose rows
@@ -119,17 +145,32 @@ def test_lowers_for_cuda_at_mohge_3b_shapes():
       text = jax.jit(lambda *a: ik.threshold_candidates(*a, extent=S, cap=8 * 2048)).trace(
           *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("dsa_index_count") and text.count("dsa_index_candidates")
+  for M, positions in ((8192, False), (16384, True)):  # the sample's and the candidates'
+    args = [sds((N, M), jnp.uint32)] + ([sds((N, M), jnp.int32)] if positions else [])
+    fn = ((lambda key, pos: ik.top_positions(key, 2048, pos)) if positions
+          else (lambda key: ik.kth_largest(key, 512)))
+    with mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: info):
+      text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("dsa_topk_rows" if positions else "dsa_kth_rows")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
 def test_kernel_selects_the_top_k_on_the_gpu(rng):
-  """On the GPU at a MoHGE-3B DSA chunk (2048 queries at 30k-32k over 32k keys, 4 x 64
-  indexer, top-2048, bf16 random inputs): the kernel's candidates against the XLA
+  """On the GPU: the row selects against the XLA radix exactly (rows of 16k keys with
+  ties); at a MoHGE-3B DSA chunk (2048 queries at 30k-32k over 32k keys, 4 x 64 indexer,
+  top-2048, bf16 random inputs) the candidates' kernel against the XLA
   reference (their scores' float32 sums may differ in the last bit: counts within a few,
   positions equal where the counts are), and select_topk(method="fused") against
   method="threshold": the same keys for nearly every query, and every key chosen by one
   and not the other within 1e-5 of the k-th score."""
+  keys = _keys_with_ties(rng, 64, 16384)
+  pos = jnp.asarray(rng.integers(0, 10 ** 6, keys.shape), jnp.int32)
+  np.testing.assert_array_equal(np.asarray(ik.kth_largest(keys, 4096)),
+                                np.asarray(dsa._kth_key(keys, 4096)))
+  np.testing.assert_array_equal(np.asarray(ik.top_positions(keys, 2048, pos)), np.asarray(
+      jnp.take_along_axis(pos, dsa._top_positions(keys, 2048), 1)))
+
   B, T, J, I, K = 1, 32768, 4, 64, 2048
   key = jax.random.split(jax.random.key(int(rng.integers(2 ** 31))), 3)
   q = jax.random.normal(key[0], (B, T, J, I), jnp.bfloat16)
