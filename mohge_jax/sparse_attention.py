@@ -288,9 +288,9 @@ def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_B
 
   The threshold comes, as there, from the scores of a strided sample of keys (an XLA
   product over S / stride keys) and their ks-th largest; the candidates at or above it, in
-  position order, from `pallas_kernels.index_topk_gpu.threshold_candidates`; then the
+  position order, from `pallas_kernels.indexer_gpu.threshold_candidates`; then the
   radix select on the candidates. impl "kernel": the GPU kernels of
-  `pallas_kernels.index_topk_gpu` (the candidates' scores and compaction, never written
+  `pallas_kernels.indexer_gpu` (the candidates' scores and compaction, never written
   out; the sample's threshold and the candidates' select a row a program, the row in
   registers); "interpret": them in the interpreter; "reference": the same in XLA
   (`_kth_key`, `_top_positions` with `digit_bits`); "auto": the kernels on a GPU with no
@@ -300,7 +300,7 @@ def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_B
   whole scores instead (`lax.cond`): exact either way. Rows of at most cap_factor * k keys
   go to the radix select directly, as in `top_k_threshold`. digit_bits: the radix
   selects' (`top_k_positions`). Not differentiable."""
-  from pallas_kernels import index_topk_gpu
+  from pallas_kernels import indexer_gpu
 
   if impl not in ("auto", "kernel", "interpret", "reference"):
     raise ValueError(f"top_k_fused impl={impl!r}: must be auto, kernel, interpret or reference")
@@ -321,8 +321,8 @@ def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_B
     s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI)
     ok = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_q_BxQ, seg_k_BxS)
     key_NxS = _order_key(jnp.where(ok, s_BxQxS, -jnp.inf)).reshape(B * Q, S)
-    if impl != "reference" and S <= index_topk_gpu.MAX_ROW:  # a row in registers
-      return index_topk_gpu.top_positions(key_NxS, k, interpret=impl == "interpret").reshape(
+    if impl != "reference" and S <= indexer_gpu.MAX_ROW:  # a row in registers
+      return indexer_gpu.top_positions(key_NxS, k, interpret=impl == "interpret").reshape(
           B, Q, k)
     return _top_positions(key_NxS, k, digit_bits).reshape(B, Q, k)
 
@@ -340,17 +340,17 @@ def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_B
     if impl == "reference":
       tau_BxQ = _kth_key(key_sample, ks, digit_bits).reshape(B, Q)
     else:
-      tau_BxQ = index_topk_gpu.kth_largest(key_sample, ks,
+      tau_BxQ = indexer_gpu.kth_largest(key_sample, ks,
                                            interpret=impl == "interpret").reshape(B, Q)
   cap = cap_factor * k
   q_BxJxQxI = jnp.swapaxes(q_BxQxJxI, 1, 2)
   w_BxJxQ = jnp.swapaxes(w_BxQxJ, 1, 2)
   with jax.named_scope("candidates"):
     if impl == "reference":
-      cand, ckey, count_BxQ = index_topk_gpu.reference(
+      cand, ckey, count_BxQ = indexer_gpu.reference(
           q_BxJxQxI, w_BxJxQ, k_BxSxI, tau_BxQ, t0, seg_q_BxQ, seg_k_BxS, extent=S, cap=cap)
     else:
-      cand, ckey, count_BxQ = index_topk_gpu.threshold_candidates(
+      cand, ckey, count_BxQ = indexer_gpu.threshold_candidates(
           q_BxJxQxI, w_BxJxQ, k_BxSxI, tau_BxQ, t0, seg_q_BxQ, seg_k_BxS, extent=S, cap=cap,
           interpret=impl == "interpret")
   # Only allowed keys are candidates: a row whose threshold is -inf's key would take its
@@ -361,7 +361,7 @@ def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_B
       top = _top_positions(ckey.reshape(B * Q, cap), k, digit_bits).reshape(B, Q, k)
       fast_BxQxK = jnp.take_along_axis(cand, top, axis=-1)
     else:
-      fast_BxQxK = index_topk_gpu.top_positions(
+      fast_BxQxK = indexer_gpu.top_positions(
           ckey.reshape(B * Q, cap), k, cand.reshape(B * Q, cap),
           interpret=impl == "interpret").reshape(B, Q, k)
   with jax.named_scope("fallback"):

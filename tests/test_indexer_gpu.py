@@ -1,4 +1,4 @@
-"""pallas_kernels/index_topk_gpu.py, the indexer's scores and the threshold top-k's
+"""pallas_kernels/indexer_gpu.py, the indexer's scores and the threshold top-k's
 candidates in one Triton kernel, and `sparse_attention.top_k_fused` / `select_topk(method=
 "fused")` around it: in the Pallas interpreter against the XLA reference and against
 `top_k_threshold` (exactly: inputs whose scores are exact in float32, so that the kernel's
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mohge_jax import sparse_attention as dsa
-from pallas_kernels import index_topk_gpu as ik
+from pallas_kernels import indexer_gpu as ik
 
 
 def _exact(rng, shape, bound, scale, dtype=jnp.bfloat16):
