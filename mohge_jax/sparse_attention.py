@@ -452,7 +452,10 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   scores: how the selected keys' (differentiable) scores are computed: "dense" (a chunk's
   index scores, then those of its selected keys; the backward recomputes the chunk's
   O(Q S) scores), "gather" (the selected keys' index keys gathered, O(Q K); the backward
-  scatter-adds into the keys' gradient) or "auto": gather from S >= 32 K keys. On the H200
+  scatter-adds into the keys' gradient), "kernel" (`pallas_kernels.indexer_gpu.
+  selected_scores`: a GPU kernel a query gathers its keys' index rows itself, the backward
+  adds the keys' gradient by float32 atomics; "interpret": it in the interpreter, for
+  tests) or "auto": gather from S >= 32 K keys. On the H200
   (DSA fwd+bwd, K = 2048, ninth session) gather took 1,499 ms against 1,768 at 128k, the
   same at 64k (636 / 645), and lost at 32k (304 / 274) and 16k (150 / 120): its
   scatter-add grows with T K, the dense backward with T S.
@@ -465,8 +468,9 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   """
   if method not in DSA_TOPK_METHODS:
     raise ValueError(f"top-k method {method!r}: must be one of {DSA_TOPK_METHODS}")
-  if scores not in ("auto", "dense", "gather"):
-    raise ValueError(f"scores={scores!r}: must be 'auto', 'dense' or 'gather'")
+  if scores not in ("auto", "dense", "gather", "kernel", "interpret"):
+    raise ValueError(f"scores={scores!r}: must be 'auto', 'dense', 'gather', 'kernel' or "
+                     "'interpret'")
   B, T = q_BxTxJxI.shape[:2]
   S = k_BxSxI.shape[1]
   K = min(topk, S)
@@ -521,8 +525,14 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
         select_fn, max(chunk, fused_chunk) if method == "fused" else chunk, T, S, K, bands,
         sg(q_BxTxJxI), sg(w_BxTxJ), seg)
   with jax.named_scope("dsa_selected_scores"):
-    score_BxTxK = over_causal_bands(score_fn, chunk, T, S, K, bands, q_BxTxJxI, w_BxTxJ,
-                                    idx_BxTxK)
+    if scores in ("kernel", "interpret"):  # no [Q, K, I] gather: no chunks
+      from pallas_kernels import indexer_gpu
+
+      score_BxTxK = indexer_gpu.selected_scores(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK,
+                                                interpret=scores == "interpret")
+    else:
+      score_BxTxK = over_causal_bands(score_fn, chunk, T, S, K, bands, q_BxTxJxI, w_BxTxJ,
+                                      idx_BxTxK)
   return idx_BxTxK, valid_BxTxK, score_BxTxK
 
 

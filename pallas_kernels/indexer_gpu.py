@@ -32,6 +32,7 @@ interpreter on CPU for the tests.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -248,3 +249,114 @@ def top_positions(key_NxM, k: int, pos_NxM=None, *, interpret: bool = False):
   positions (`sparse_attention._top_positions`); with pos_NxM, pos at those positions
   (the candidates' own positions in the sequence)."""
   return _rows_select(key_NxM, k, pos_NxM, True, interpret)
+
+
+# ----------------------------------------------------------------------------- selected scores
+
+
+def _scores_kernel(q_ref, w_ref, k_ref, idx_ref, *rest, J: int, K: int, BK: int, S: int,
+                   backward: bool):
+  """One query a program, its K selected keys BK at a time: each key's index row gathered
+  (one load of I numbers a key), its J head products on the CUDA cores (I is small), the
+  score; backward: dq and dw summed in registers, each key's gradient added into dk by
+  float32 atomics."""
+  if backward:
+    g_ref, _, dq_ref, dw_ref, dk_ref = rest
+  else:
+    (s_ref,) = rest
+  b, t = pl.program_id(0), pl.program_id(1)
+  I = q_ref.shape[-1]
+  q_J = [q_ref[b, t, j, :].astype(jnp.float32) for j in range(J)]
+  w_J = [w_ref[b, t, j] for j in range(J)]
+  col_I = lax.iota(jnp.int32, I)
+
+  def step(i, carry):
+    row = jnp.clip(idx_ref[b, t, pl.ds(i * BK, BK)], 0, S - 1)
+    k_KxI = k_ref[b, row[:, None], col_I[None, :]].astype(jnp.float32)
+    dots = [jnp.sum(k_KxI * q[None, :], axis=1) for q in q_J]
+    if not backward:
+      score = sum(w * jnp.maximum(d, 0.0) for w, d in zip(w_J, dots))
+      s_ref[b, t, pl.ds(i * BK, BK)] = score
+      return carry
+    dq_J, dw_J = carry
+    g = g_ref[b, t, pl.ds(i * BK, BK)]
+    coef = [jnp.where(d > 0, g * w, 0.0) for w, d in zip(w_J, dots)]
+    dw_J = [dw + jnp.sum(g * jnp.maximum(d, 0.0)) for dw, d in zip(dw_J, dots)]
+    dq_J = [dq + jnp.sum(c[:, None] * k_KxI, axis=0) for dq, c in zip(dq_J, coef)]
+    dk_KxI = sum(c[:, None] * q[None, :] for c, q in zip(coef, q_J))
+    # (no mask: BK divides K; the interpreter's atomics take none, and its add of a
+    # block's rows assumes them distinct, as a query's selected keys are)
+    plt.atomic_add(dk_ref, (b, row[:, None], col_I[None, :]), dk_KxI)
+    return dq_J, dw_J
+
+  steps = K // BK
+  if not backward:
+    lax.fori_loop(0, steps, step, 0)
+    return
+  zero_I, zero = jnp.zeros((I,), jnp.float32), jnp.float32(0.0)
+  dq_J, dw_J = lax.fori_loop(0, steps, step, ([zero_I] * J, [zero] * J))
+  for j in range(J):
+    dq_ref[b, t, j, :] = dq_J[j]
+    dw_ref[b, t, j] = dw_J[j]
+
+
+def _scores_call(q, w, k, idx, g, *, interpret: bool):
+  B, T, J, I = q.shape
+  S, K = k.shape[1], idx.shape[-1]
+  BK = math.gcd(K, 128)  # a power of two that divides K (K = 2048: 128)
+  idx = idx.astype(jnp.int32)
+  kw = dict(J=J, K=K, BK=BK, S=S, backward=g is not None)
+  params = plt.CompilerParams(num_warps=4, num_stages=2)
+  if g is None:
+    return pl.pallas_call(
+        functools.partial(_scores_kernel, **kw), grid=(B, T),
+        out_shape=jax.ShapeDtypeStruct((B, T, K), jnp.float32), compiler_params=params,
+        interpret=interpret, name="dsa_selected_scores")(q, w, k, idx)
+  g = g.astype(jnp.float32)
+  dq, dw, dk = pl.pallas_call(
+      functools.partial(_scores_kernel, **kw), grid=(B, T),
+      out_shape=(jax.ShapeDtypeStruct((B, T, J, I), jnp.float32),
+                 jax.ShapeDtypeStruct((B, T, J), jnp.float32),
+                 jax.ShapeDtypeStruct((B, S, I), jnp.float32)),
+      input_output_aliases={5: 2}, compiler_params=params, interpret=interpret,
+      name="dsa_selected_scores_bwd")(q, w, k, idx, g, jnp.zeros((B, S, I), jnp.float32))
+  return dq, dw, dk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _selected_scores(q, w, k, idx, interpret):
+  return _scores_call(q, w, k, idx, None, interpret=interpret)
+
+
+def _selected_scores_fwd(q, w, k, idx, interpret):
+  return _scores_call(q, w, k, idx, None, interpret=interpret), (q, w, k, idx)
+
+
+def _selected_scores_bwd(interpret, res, g):
+  q, w, k, idx = res
+  dq, dw, dk = _scores_call(q, w, k, idx, g, interpret=interpret)
+  return dq.astype(q.dtype), dw.astype(w.dtype), dk.astype(k.dtype), None
+
+
+_selected_scores.defvjp(_selected_scores_fwd, _selected_scores_bwd)
+
+
+def selected_scores(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK, *, interpret: bool = False):
+  """The index scores of each query's selected keys, I[t, idx[t, k]] [B, T, K] float32
+  (`sparse_attention.select_topk`'s differentiable scores), differentiable in q, w and k:
+  a program a query gathers its keys' index rows itself (nothing of size [T, K, I] is
+  written), and the backward adds each key's gradient into dk by float32 atomics (in an
+  order that varies from run to run) where XLA's scatter-add of [T, K, I] took 144 ms at
+  128k on the H200 (ninth session). I must be a power of two; each query's K keys distinct
+  (a top-k's); the keys go BK = gcd(K, 128) a step."""
+  I = q_BxTxJxI.shape[-1]
+  if I & (I - 1):
+    raise ValueError(f"selected_scores: the index dim {I} must be a power of two")
+  return _selected_scores(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK, interpret)
+
+
+def selected_scores_reference(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK):
+  """`selected_scores` in XLA: the keys' rows gathered, [B, T, K, I]."""
+  k_BxTxKxI = jax.vmap(lambda k, i: k[i])(k_BxSxI, idx_BxTxK)
+  dots = jnp.einsum("btji,btki->btjk", q_BxTxJxI, k_BxTxKxI, preferred_element_type=jnp.float32)
+  return jnp.einsum("btjk,btj->btk", jnp.maximum(dots, 0.0), w_BxTxJ.astype(jnp.float32))

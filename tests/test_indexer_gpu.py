@@ -126,6 +126,67 @@ def test_select_topk_fused_equals_threshold(rng):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
 
+def _distinct_keys(rng, B, T, S, K):
+  """Each query's K distinct keys (as a top-k's), in a random order."""
+  return jnp.asarray(np.argsort(rng.random((B, T, S)), -1)[..., :K], jnp.int32)
+
+
+@pytest.mark.parametrize("K", [24, 256])
+def test_selected_scores_interpreted_equal_reference(rng, K):
+  """selected_scores and its gradients in q, w and k (the keys' by atomics) against the
+  XLA gather: K = 24 (8 keys a step) and 256 (two steps of 128), bf16 q and k."""
+  B, T, J, I, S = 2, 20, 4, 16, 300
+  q = jnp.asarray(rng.normal(size=(B, T, J, I)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(B, T, J)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(B, S, I)), jnp.bfloat16)
+  idx = _distinct_keys(rng, B, T, S, K)
+  g = jnp.asarray(rng.normal(size=(B, T, K)), jnp.float32)
+
+  def loss(fn):
+    return lambda q, w, k: jnp.sum(fn(q, w, k, idx) * g)
+  kern = lambda *a: ik.selected_scores(*a, interpret=True)  # noqa: E731
+  np.testing.assert_allclose(np.asarray(kern(q, w, k, idx)),
+                             np.asarray(ik.selected_scores_reference(q, w, k, idx)),
+                             rtol=1e-5, atol=1e-5)
+  got = jax.grad(loss(kern), (0, 1, 2))(q, w, k)
+  # the reference on the same values in float32: XLA's gradient of a bf16 gather adds the
+  # keys' contributions in bf16 (a scatter-add), the kernel in float32, rounded once
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  want = jax.grad(loss(ik.selected_scores_reference), (0, 1, 2))(f32(q), w, f32(k))
+  for name, a, b, like in zip(("dq", "dw", "dk"), got, want, (q, w, k)):
+    assert a.dtype == like.dtype, name
+    b = np.asarray(b)
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=1e-2,
+                               atol=1e-2 * np.abs(b).max(), err_msg=name)
+  with pytest.raises(ValueError, match="power of two"):
+    ik.selected_scores(q[..., :12], w, k[..., :12], idx, interpret=True)
+
+
+def test_select_topk_kernel_scores_equal_gather(rng):
+  """select_topk(scores="interpret") against scores="gather": the same keys and valid
+  flags, the scores and their gradients in the indexer's outputs equal up to float32
+  summation order."""
+  B, T, K = 1, 256, 16
+  q, w, k = _indexer(rng, B, T, T)
+
+  def run(scores, q, k):
+    def loss(q, w, k):
+      _, valid, score = dsa.select_topk(q, w, k, topk=K, chunk=64, method="threshold",
+                                        scores=scores)
+      return jnp.sum(jnp.where(valid, jnp.sin(score), 0.0))
+    return dsa.select_topk(q, w, k, topk=K, chunk=64, method="threshold", scores=scores), \
+        jax.grad(loss, (0, 1, 2))(q, w, k)
+  # "gather" on the same values in float32 (its bf16 gradient adds in bf16, see above)
+  (sel_a, grad_a) = run("interpret", q, k)
+  (sel_b, grad_b) = run("gather", q.astype(jnp.float32), k.astype(jnp.float32))
+  for name, a, b in zip(("idx", "valid", "score"), sel_a, sel_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)  # exact inputs
+  for name, a, b in zip(("dq", "dw", "dk"), grad_a, grad_b):
+    b = np.asarray(b)
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=1e-2,
+                               atol=1e-2 * np.abs(b).max(), err_msg=name)
+
+
 def test_lowers_for_cuda_at_mohge_3b_shapes():
   """The Triton kernels lower (jax's Pallas-to-Triton rules; ptxas runs only on a GPU) at
   MoHGE-3B DSA's shapes (4 indexer heads x 64, a 2048-query chunk over 64k keys, cap 8 x
@@ -152,6 +213,14 @@ def test_lowers_for_cuda_at_mohge_3b_shapes():
     with mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: info):
       text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("dsa_topk_rows" if positions else "dsa_kth_rows")
+  T = 4096  # the selected scores and their backward (atomics), K = 2048
+  args = (sds((B, T, J, I), jnp.bfloat16), sds((B, T, J), jnp.float32),
+          sds((B, T, I), jnp.bfloat16), sds((B, T, 2048), jnp.int32))
+  fb = lambda q, w, k, idx: jax.grad(  # noqa: E731
+      lambda q, w, k: jnp.sum(ik.selected_scores(q, w, k, idx)), (0, 1, 2))(q, w, k)
+  with mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: info):
+    text = jax.jit(fb).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("dsa_selected_scores") and text.count("dsa_selected_scores_bwd")
 
 
 @pytest.mark.gpu
@@ -159,7 +228,8 @@ def test_lowers_for_cuda_at_mohge_3b_shapes():
 def test_kernel_selects_the_top_k_on_the_gpu(rng):
   """On the GPU: the row selects against the XLA radix exactly (rows of 16k keys with
   ties); at a MoHGE-3B DSA chunk (2048 queries at 30k-32k over 32k keys, 4 x 64 indexer,
-  top-2048, bf16 random inputs) the candidates' kernel against the XLA
+  top-2048, bf16 random inputs) the selected scores' kernels (value and gradients within 1%
+  of the XLA gather's in float32: bf16 gradients), the candidates' kernel against the XLA
   reference (their scores' float32 sums may differ in the last bit: counts within a few,
   positions equal where the counts are), and select_topk(method="fused") against
   method="threshold": the same keys for nearly every query, and every key chosen by one
@@ -186,6 +256,20 @@ def test_kernel_selects_the_top_k_on_the_gpu(rng):
   same = np.asarray(got[2] == want[2])[0]
   assert same.mean() > 0.9
   np.testing.assert_array_equal(np.asarray(got[0])[0][same], np.asarray(want[0])[0][same])
+
+  idx = _distinct_keys(rng, 1, 4096, T, K)  # the selected scores: 4096 queries over 32k
+  g = jax.random.normal(key[0], idx.shape, jnp.float32)
+  qs, ws = q[:, :4096], w[:, :4096]
+  for fn, dt in ((ik.selected_scores, jnp.bfloat16),
+                 (ik.selected_scores_reference, jnp.float32)):  # its bf16 grad adds in bf16
+    val, grads = jax.jit(jax.value_and_grad(
+        lambda q, w, k: jnp.sum(fn(q, w, k, idx) * g), (0, 1, 2)))(qs.astype(dt), ws,
+                                                                     k.astype(dt))
+    if fn is ik.selected_scores:
+      got = [val] + list(grads)
+  for name, a, b in zip(("value", "dq", "dw", "dk"), got, [val] + list(grads)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), name
 
   sel = jax.jit(lambda m: dsa.select_topk(q, w, k, topk=K, chunk=256, method=m)[:2],
                 static_argnums=0)
