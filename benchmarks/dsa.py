@@ -56,7 +56,9 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        _add_invalid (invalid keys' zero rows added to row 0, as before
                        the seventeenth session); _sorted: each query's keys in position
                        order (`top_k_threshold`'s); _rot: each query's steps rotated
-                       (`rotate=True`), e.g. kernel_bwd_sorted_rot. A "check_bwd" row
+                       (`rotate=True`), e.g. kernel_bwd_sorted_rot; _p<N>: in N key
+                       ranges, a launch each (`passes=N`), e.g. kernel_bwd_sorted_p8,
+                       kernel_bwd_atomic_sorted_p4. A "check_bwd" row
                        gives each right variant's error against kernel_bwd. TFLOP/s:
                        2.5x the forward's (the backward's 5 products of the 7)
 TFLOP/s counts useful FLOPs: dense H·T(T+1)/2·2·(192+128); sparse H·Σ_t min(t+1, k)·2·
@@ -245,9 +247,10 @@ def kernel_fn(name, idx, valid):
 
 
 def kernel_bwd_fn(name, idx, valid):
-  """The backward kernel alone: name = kernel_bwd[_atomic][_sorted][_rot][_no_reduce|_no_dk|
-  _no_gather|_add_invalid] (_sorted: each query's keys in position order, as
-  `top_k_threshold` gives them, instead of `lax.top_k`'s score order; _rot: rotate=True)."""
+  """The backward kernel alone: name = kernel_bwd[_atomic][_sorted][_rot][_p<N>][_no_reduce|
+  _no_dk|_no_gather|_add_invalid] (_sorted: each query's keys in position order, as
+  `top_k_threshold` gives them, instead of `lax.top_k`'s score order; _rot: rotate=True;
+  _p<N>: passes=N, the keys in N position ranges, a launch each)."""
   idx_enc = jnp.where(valid, idx, -1)
   rest = name.removeprefix("kernel_bwd")
   flags = {}
@@ -255,6 +258,10 @@ def kernel_bwd_fn(name, idx, valid):
     flags[flag] = rest.startswith(flag)
     rest = rest.removeprefix(flag)
   reduce = "atomic" if flags["_atomic"] else "tma"
+  passes = 1
+  if rest.startswith("_p") and rest[2:3].isdigit():
+    digits = rest[2:].split("_")[0]
+    passes, rest = int(digits), rest[2 + len(digits):]
   ablate = rest.removeprefix("_")
   if flags["_sorted"]:  # the invalid (-1) first, as they would sort
     idx_enc = jnp.sort(idx_enc, axis=-1)
@@ -267,7 +274,7 @@ def kernel_bwd_fn(name, idx, valid):
   prep = jax.jit(fwd_then_bwd_inputs)
   bwd = jax.jit(lambda q_lat, q_rope, ckr, lse, g, delta: sparse_mla_mma_gpu.sparse_mla_bwd(
       q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=SCALE, reduce=reduce,
-      rotate=flags["_rot"], _ablate=ablate))
+      rotate=flags["_rot"], passes=passes, _ablate=ablate))
   cache = {}
 
   def f(q_lat, q_rope, c, kr, lat_ct):  # the forward's outputs made once, then the backward

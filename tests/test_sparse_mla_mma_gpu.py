@@ -2,6 +2,8 @@
 probabilities form, the backward): in the GPU interpreter (the MMAs as dots) against the
 pure-JAX reference and float64, their CUDA lowering at MoHGE-3B's shapes, their refusals; on
 a Hopper GPU against the reference (skipped without one)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +115,32 @@ def test_backward_interpreted_equals_reference(rng, C, R, K, reduce, rotate):
   assert (np.asarray(got[2])[~used] == 0).all()  # rows no query chose get nothing
 
 
+def test_backward_in_key_range_passes_equals_one_pass(rng):
+  """passes = 3 (one launch a range of key positions, dq summed in float32 across them)
+  against one pass: dq bit for bit (the same float32 sums in the same order), dckr to
+  rounding; batch row 0's keys in rising position order (the ranges' locality), row 1's in
+  random order (each step still goes to exactly one range). 3 steps of 32 keys a query
+  over 10 positions: a query's steps fall in one, two or three ranges, or none."""
+  args, idx, valid = _problem(rng, 2, 10, 128, 64, 96)
+  idx = idx.at[0].set(jnp.sort(idx[0], axis=-1))
+  valid = valid.at[0].set(idx[0] <= jnp.arange(10)[:, None])
+  q_lat, q_rope, c, kr = args
+  ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
+  o, lse = k3.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1, interpret=True)
+  g = jnp.asarray(rng.normal(size=q_lat.shape), jnp.bfloat16)
+  delta = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), -1)
+  bwd = functools.partial(k3.sparse_mla_bwd, q_lat, q_rope, ckr, idx_enc, lse, g, delta,
+                          scale=0.1, interpret=True)
+  want, got = bwd(), bwd(passes=3)
+  for name, a, b in zip(("dq_lat", "dq_rope"), got, want):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                  err_msg=name)
+  np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(want[2]).max()))
+  with pytest.raises(ValueError, match="passes must be >= 1"):
+    bwd(passes=2, rotate=True)
+
+
 def test_selected_through_dsa_impl():
   """dsa_impl=pallas_mma / interpret_mma reach this kernel (its gradients through
   sparse_mla are tested beside the wgmma kernel's:
@@ -151,6 +179,12 @@ def test_lowers_for_cuda_at_mohge_3b_shapes_and_refuses_others():
       sds((1, T // 2, H, C), bf), sds((1, T // 2, H), jnp.float32)).lower(
           lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text  # the backward at 64k
+  text = jax.jit(lambda *a: k3.sparse_mla_bwd(*a, scale=0.04, passes=4)).trace(
+      sds((1, T // 2, H, C), bf), sds((1, T // 2, H, R), bf), sds((1, T // 2, C + R), bf),
+      sds((1, T // 2, K), jnp.int32), sds((1, T // 2, H), jnp.float32),
+      sds((1, T // 2, H, C), bf), sds((1, T // 2, H), jnp.float32)).lower(
+          lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 4  # the backward in 4 key ranges: 4 launches
   text = jax.jit(lambda *a: k3.sparse_mla_bwd(*a, scale=0.04, reduce="atomic",
                                               rotate=True)).trace(
       sds((1, T // 2, H, C), bf), sds((1, T // 2, H, R), bf), sds((1, T // 2, C + R), bf),
@@ -182,22 +216,29 @@ def test_equals_reference_on_the_gpu(rng, T, K):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
-@pytest.mark.parametrize("T,K,reduce,rotate", [(1000, 256, "tma", False),
-                                               (4096, 2048, "tma", False),
-                                               (1000, 256, "atomic", False),
-                                               (4096, 2048, "atomic", False),
-                                               (4096, 2048, "tma", True)])
-def test_backward_equals_reference_on_the_gpu(rng, T, K, reduce, rotate):
+@pytest.mark.parametrize("T,K,reduce,rotate,passes", [(1000, 256, "tma", False, 1),
+                                                      (4096, 2048, "tma", False, 1),
+                                                      (1000, 256, "atomic", False, 1),
+                                                      (4096, 2048, "atomic", False, 1),
+                                                      (4096, 2048, "tma", True, 1),
+                                                      (4096, 2048, "tma", False, 4),
+                                                      (4096, 2048, "atomic", False, 3)])
+def test_backward_equals_reference_on_the_gpu(rng, T, K, reduce, rotate, passes):
   """The backward kernel (its MMAs, and its TMA reduce-adds or atomics, which the
-  interpreter has not) against the pure-JAX backward in float32 from the same o and LSE."""
+  interpreter has not; in key-range passes with each query's keys in rising order, as the
+  threshold and fused top-k give them) against the pure-JAX backward in float32 from the
+  same o and LSE."""
   args, idx, valid = _problem(rng, 1, T, 512, 64, K)
+  if passes > 1:
+    idx = jnp.sort(idx, axis=-1)
+    valid = idx <= jnp.arange(T)[None, :, None]
   q_lat, q_rope, c, kr = args
   ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
   o, lse = k3.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.04)
   g = jnp.asarray(rng.normal(size=q_lat.shape), jnp.bfloat16)
   delta = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), -1)
   got = k3.sparse_mla_bwd(q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=0.04,
-                          reduce=reduce, rotate=rotate)
+                          reduce=reduce, rotate=rotate, passes=passes)
   f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
   want = jax.jit(lambda *a: dsa._sparse_mla_bwd(*a, scale=0.04, chunk=256))(
       f32(q_lat), f32(q_rope), f32(ckr), idx, valid, f32(o), lse, f32(g))
