@@ -1,7 +1,11 @@
-"""The lightning indexer's scores and the threshold top-k's candidates in one GPU kernel.
+"""DSA's lightning indexer on the GPU: its scores and the threshold top-k's candidates in
+one kernel, the top-k's row selects, the selected keys' scores (Pallas, Triton backend).
 
     pos_BxNxC, key_BxNxC, count_BxN = threshold_candidates(
         q_BxJxNxI, w_BxJxN, k_BxSxI, tau_BxN, t0, extent=S, cap=C)
+    tau_N = kth_largest(key_NxM, k)                      # the sample's threshold
+    idx_NxK = top_positions(key_NxM, k, pos_NxM)         # the k best of the candidates
+    score_BxTxK = selected_scores(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK)  # differentiable
 
 For DSA's top-k (`mohge_jax.sparse_attention.select_topk(method="fused")`): query n (at
 position t0 + n) scores key s as I[n, s] = sum_j w[j, n] ReLU(q[j, n] . k[s]) (float32),
@@ -25,9 +29,11 @@ block's keys). The products are computed twice; nothing of size Q x S is written
 Why Pallas's Triton backend, deprecated in JAX 0.11 in favour of Mosaic GPU: the second
 pass is a stream compaction (a prefix sum along a row, stores to computed addresses), and
 Mosaic GPU's Pallas lowering has neither a cumsum nor per-element scattered stores
-(jax 0.11.2); Triton has both. The pure-JAX reference (`reference`) is the same
-definition in XLA and the path on other platforms; the kernel runs in the Pallas
-interpreter on CPU for the tests.
+(jax 0.11.2); Triton has both. The pure-JAX references (`reference`,
+`sparse_attention._kth_key` / `_top_positions`, `selected_scores_reference`) are the same
+definitions in XLA and the path on other platforms; the kernels run in the Pallas
+interpreter on CPU for the tests. The row selects and the selected scores are described
+where they are defined, below.
 """
 from __future__ import annotations
 
