@@ -278,6 +278,14 @@ def _compact(take_NxS: jax.Array, cap: int) -> tuple[jax.Array, jax.Array]:
 _NEG_INF_KEY = 0x007FFFFF  # _order_key(-inf): a masked entry's
 
 
+def _indexer_backend() -> str:
+  """top_k_fused's "auto": the GPU kernels on a GPU with no mesh of several devices (XLA
+  cannot partition their custom calls), else the XLA reference."""
+  mesh = jax.sharding.get_abstract_mesh()
+  on_gpu = jax.default_backend() == "gpu"
+  return "kernel" if on_gpu and (mesh.empty or mesh.size == 1) else "reference"
+
+
 def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_BxS=None, *,
                 sample: int = 8192, oversample: float = 2.0, cap_factor: int = 8,
                 digit_bits: int = 4, impl: str = "auto") -> jax.Array:
@@ -313,9 +321,7 @@ def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_B
                      f"cap_factor={cap_factor}, oversample={oversample} and sample={sample} "
                      "at least 1")
   if impl == "auto":
-    mesh = jax.sharding.get_abstract_mesh()
-    impl = "kernel" if (jax.default_backend() == "gpu" and (mesh.empty or mesh.size == 1)) \
-        else "reference"
+    impl = _indexer_backend()
 
   def whole_rows():  # top_k_positions of the chunk's masked scores
     s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI)

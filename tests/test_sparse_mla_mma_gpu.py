@@ -250,9 +250,11 @@ def test_backward_equals_reference_on_the_gpu(rng, T, K, reduce, rotate, passes)
 
 def test_mohge_3b_dsa_training_step_lowers_at_64k(monkeypatch):
   """configs/mohge_3b_dsa.yaml's training step (2 of its layers) at one 64k-token sequence
-  with dsa_impl=pallas_mma and the sampled top-k, the expert kernels forced (this host is
-  a CPU): traces and lowers for CUDA, as issue 16's 64k step will run on the H200."""
+  with dsa_impl=pallas_mma(_bwd) and the config's fused top-k (the sampled one for the
+  others), the expert and indexer kernels forced (this host is a CPU): traces and lowers
+  for CUDA, as issue 16's 64k step will run on the H200."""
   import pallas_kernels
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
   from mohge_jax import dispatch, sharding
   from mohge_jax.config import load_config
   from mohge_jax.trainer import abstract_state, graph_def, make_train_step
@@ -262,12 +264,17 @@ def test_mohge_3b_dsa_training_step_lowers_at_64k(monkeypatch):
   resolve = dispatch.resolve_backend
   monkeypatch.setattr(dispatch, "resolve_backend",
                       lambda b, *a: "pallas" if b == "auto" else resolve(b, *a))
+  monkeypatch.setattr(dsa, "_indexer_backend", lambda: "kernel")
+  info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion("NVIDIA H100"))
+  monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: info)  # Triton's lowering
   T = 65536
+  texts = {}
 
   def kernels(impl):  # Mosaic GPU calls in the lowered step
+    method = "fused" if impl == "pallas_mma_bwd" else "sample"
     cfg = load_config("configs/mohge_3b_dsa.yaml", [
         "train.batch_size=1", f"train.seq_len={T}", "train.grad_accum=1",
-        "model.num_layers=2", f"model.dsa_impl={impl}", "model.dsa_topk_method=sample",
+        "model.num_layers=2", f"model.dsa_impl={impl}", f"model.dsa_topk_method={method}",
         "model.attention_impl=xla"])
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     with jax.set_mesh(mesh):
@@ -276,8 +283,10 @@ def test_mohge_3b_dsa_training_step_lowers_at_64k(monkeypatch):
       batch = {k: jax.ShapeDtypeStruct((1, 1, T), dt, sharding=bs) for k, dt in (
           ("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
           ("segment_ids", jnp.int32), ("positions", jnp.int32))}
-      text = make_train_step(cfg, graph_def(cfg)).trace(state, batch).lower(
+      text = texts[impl] = make_train_step(cfg, graph_def(cfg)).trace(state, batch).lower(
           lowering_platforms=("cuda",)).as_text()
     return text.count("@mosaic_gpu")
 
   assert kernels("pallas_mma_bwd") > kernels("pallas_mma") > kernels("reference") > 0
+  for name in ("dsa_index_count", "dsa_index_candidates", "dsa_kth_rows", "dsa_topk_rows"):
+    assert name in texts["pallas_mma_bwd"] and name not in texts["pallas_mma"], name
