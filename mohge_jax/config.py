@@ -508,6 +508,11 @@ def validate(cfg: Config) -> None:
       _require(reason is None, f"model.dsa_impl={m.dsa_impl}: {reason}")
     for name in ("dsa_index_heads", "dsa_index_dim", "dsa_topk", "dsa_query_chunk"):
       _require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)}: must be >= 1")
+    if m.dsa_topk_method == "fused" and m.dsa_index_dim >= 1:
+      from pallas_kernels import indexer_gpu  # noqa: PLC0415 - only for this check
+      reason = indexer_gpu.unsupported_reason(m.dsa_index_dim)
+      _require(reason is None, f"model.dsa_topk_method=fused with model.dsa_index_dim="
+               f"{m.dsa_index_dim}: {reason}")
     _require(m.dsa_index_rope_dim % 2 == 0 and 0 <= m.dsa_index_rope_dim <= m.dsa_index_dim,
              f"model.dsa_index_rope_dim={m.dsa_index_rope_dim}: must be even and between 0 "
              f"and model.dsa_index_dim={m.dsa_index_dim}")

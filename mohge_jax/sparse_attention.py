@@ -300,9 +300,10 @@ def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_B
   radix select on the candidates. impl "kernel": the GPU kernels of
   `pallas_kernels.indexer_gpu` (the candidates' scores and compaction, never written
   out; the sample's threshold and the candidates' select a row a program, the row in
-  registers); "interpret": them in the interpreter; "reference": the same in XLA
-  (`_kth_key`, `_top_positions` with `digit_bits`); "auto": the kernels on a GPU with no
-  mesh of several devices, else the reference. A chunk whose
+  registers, up to `indexer_gpu.MAX_ROW` keys: longer rows take the XLA radix);
+  "interpret": them in the interpreter; "reference": the same in XLA (`_kth_key`,
+  `_top_positions` with `digit_bits`); "auto": the kernels on a GPU with no mesh of
+  several devices, else the reference. A chunk whose
   threshold let through fewer than k or more than cap_factor * k of some row's keys (or
   whose sample had fewer than its quota of allowed keys) takes `top_k_positions` of its
   whole scores instead (`lax.cond`): exact either way. Rows of at most cap_factor * k keys
@@ -322,12 +323,16 @@ def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_B
                      "at least 1")
   if impl == "auto":
     impl = _indexer_backend()
+  if impl != "reference" and (reason := indexer_gpu.unsupported_reason(q_BxQxJxI.shape[-1])):
+    raise ValueError(f"top_k_fused impl={impl!r}: {reason}")
+  # the row selects hold a row in registers: longer rows take the XLA radix
+  row_kernel = impl != "reference" and cap_factor * k <= indexer_gpu.MAX_ROW
 
   def whole_rows():  # top_k_positions of the chunk's masked scores
     s_BxQxS = index_scores(q_BxQxJxI, w_BxQxJ, k_BxSxI)
     ok = _allowed(t0, Q, jnp.arange(S, dtype=jnp.int32), seg_q_BxQ, seg_k_BxS)
     key_NxS = _order_key(jnp.where(ok, s_BxQxS, -jnp.inf)).reshape(B * Q, S)
-    if impl != "reference" and S <= indexer_gpu.MAX_ROW:  # a row in registers
+    if impl != "reference" and S <= indexer_gpu.MAX_ROW:
       return indexer_gpu.top_positions(key_NxS, k, interpret=impl == "interpret").reshape(
           B, Q, k)
     return _top_positions(key_NxS, k, digit_bits).reshape(B, Q, k)
@@ -343,7 +348,7 @@ def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_B
                         None if seg_k_BxS is None else seg_k_BxS[:, ::stride])
     key_sample = _order_key(jnp.where(ok_BxQxM, s_BxQxM, -jnp.inf)).reshape(B * Q, -1)
     ks = min(key_sample.shape[1], max(1, round(oversample * k / stride)))
-    if impl == "reference":
+    if impl == "reference" or key_sample.shape[1] > indexer_gpu.MAX_ROW:
       tau_BxQ = _kth_key(key_sample, ks, digit_bits).reshape(B, Q)
     else:
       tau_BxQ = indexer_gpu.kth_largest(key_sample, ks,
@@ -363,7 +368,7 @@ def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_B
   # masked keys as well in `top_k_threshold` (all S > cap of them): a miss there too.
   hit = (tau_BxQ > _NEG_INF_KEY) & (count_BxQ >= k) & (count_BxQ <= cap)
   with jax.named_scope("radix"):
-    if impl == "reference":
+    if not row_kernel:
       top = _top_positions(ckey.reshape(B * Q, cap), k, digit_bits).reshape(B, Q, k)
       fast_BxQxK = jnp.take_along_axis(cand, top, axis=-1)
     else:

@@ -53,6 +53,14 @@ MAX_ROW = 16384   # the row selects' longest row (kept in registers: 64 KB a pro
 _SIGN = -(2 ** 31)  # int32 0x80000000: signed key <-> uint32 order key
 
 
+def unsupported_reason(index_dim: int) -> str | None:
+  """Why the kernels cannot take this indexer (None when they can): Triton's blocks are
+  powers of two and its products need a contraction of at least 16."""
+  if index_dim < 16 or index_dim & (index_dim - 1):
+    return f"the indexer kernels need an index dim that is a power of two >= 16, got {index_dim}"
+  return None
+
+
 def _signed_key(x):
   """float32 -> int32 in `_order_key`'s order, as a signed integer (order key ^ 2^31)."""
   bits = lax.bitcast_convert_type(x, jnp.int32)
@@ -125,6 +133,8 @@ def threshold_candidates(q_BxJxNxI, w_BxJxN, k_BxSxI, tau_BxN, t0, seg_q_BxN=Non
     raise ValueError(f"extent={extent}: must be between 1 and the keys' length {S}")
   if (seg_q_BxN is None) != (seg_k_BxS is None):
     raise ValueError("segment ids: give both the queries' and the keys' or neither")
+  if reason := unsupported_reason(I):
+    raise ValueError(reason)
   Np = -(-N // BLOCK_Q) * BLOCK_Q
   Sp = -(-S // BLOCK_K) * BLOCK_K
   pad_n = lambda a, axis: jnp.pad(a, [(0, Np - N if d == axis else 0) for d in range(a.ndim)])
@@ -353,11 +363,10 @@ def selected_scores(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK, *, interpret: bool =
   a program a query gathers its keys' index rows itself (nothing of size [T, K, I] is
   written), and the backward adds each key's gradient into dk by float32 atomics (in an
   order that varies from run to run) where XLA's scatter-add of [T, K, I] took 144 ms at
-  128k on the H200 (ninth session). I must be a power of two; each query's K keys distinct
+  128k on the H200 (ninth session). I a power of two >= 16; each query's K keys distinct
   (a top-k's); the keys go BK = gcd(K, 128) a step."""
-  I = q_BxTxJxI.shape[-1]
-  if I & (I - 1):
-    raise ValueError(f"selected_scores: the index dim {I} must be a power of two")
+  if reason := unsupported_reason(q_BxTxJxI.shape[-1]):
+    raise ValueError(f"selected_scores: {reason}")
   return _selected_scores(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK, interpret)
 
 

@@ -39,6 +39,15 @@ def test_validation_errors_name_the_field(override, message):
     load_config("configs/tiny.yaml", [override] + extra)
 
 
+def test_fused_top_k_needs_a_power_of_two_index_dim():
+  """The fused top-k's GPU kernels take index dims that are powers of two >= 16: refused by
+  name at load time, not inside a trace on the GPU."""
+  base = ["model.attention=mla", "model.sparse_attention=dsa", "model.dsa_topk_method=fused"]
+  with pytest.raises(ConfigError, match=r"dsa_topk_method=fused with model.dsa_index_dim=48"):
+    load_config("configs/tiny.yaml", base + ["model.dsa_index_dim=48"])
+  load_config("configs/tiny.yaml", base + ["model.dsa_index_dim=32"])
+
+
 def test_moe_needs_equal_widths():
   with pytest.raises(ConfigError, match="homogeneous 'moe'"):
     load_config("configs/tiny.yaml", ["model.ffn=moe"])

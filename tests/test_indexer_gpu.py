@@ -17,11 +17,12 @@ from pallas_kernels import indexer_gpu as ik
 
 def _exact(rng, shape, bound, scale, dtype=jnp.bfloat16):
   """Integers in [-bound, bound] times a power of two: products and the indexer's sums of
-  them are exact in float32 at these sizes (|q . k| < 2^15 with I <= 8, w . ReLU < 2^20)."""
+  them are exact in float32 at these sizes (with I = 16, |q . k| < 2^16 units of 2^-8 and
+  w . ReLU summed over 4 heads < 2^21 units: within float32's 24 bits)."""
   return jnp.asarray(rng.integers(-bound, bound + 1, shape) * scale, jnp.float32).astype(dtype)
 
 
-def _indexer(rng, B, N, S, J=4, I=8):
+def _indexer(rng, B, N, S, J=4, I=16):
   return (_exact(rng, (B, N, J, I), 63, 2 ** -4), _exact(rng, (B, N, J), 7, 1.0, jnp.float32),
           _exact(rng, (B, S, I), 63, 2 ** -4))
 
@@ -58,6 +59,12 @@ def test_candidates_refuse_bad_arguments(rng):
   with pytest.raises(ValueError, match="segment ids"):
     ik.threshold_candidates(q, w, k, tau, 0, jnp.zeros((1, 64), jnp.int32), extent=128,
                             cap=64, interpret=True)
+  with pytest.raises(ValueError, match="power of two >= 16, got 8"):
+    ik.threshold_candidates(q[..., :8], w, k[..., :8], tau, 0, extent=128, cap=64,
+                            interpret=True)
+  with pytest.raises(ValueError, match="impl='interpret': the indexer kernels need"):
+    dsa.top_k_fused(jnp.swapaxes(q, 1, 2)[..., :12], jnp.swapaxes(w, 1, 2), k[..., :12], 0, 8,
+                    impl="interpret")
 
 
 def _keys_with_ties(rng, N, M):
@@ -110,6 +117,22 @@ def test_top_k_fused_equals_threshold(rng, impl):
   short = dsa.top_k_fused(q, w, k[:, :128], S - Q, K, cap_factor=8, impl=impl)
   want = dsa.top_k_positions(dsa.index_scores(q, w, k[:, :128]).reshape(B * Q, 128), K)
   np.testing.assert_array_equal(np.asarray(short), np.asarray(want).reshape(B, Q, K))
+
+
+def test_top_k_fused_takes_the_xla_radix_past_a_kernel_row(rng, monkeypatch):
+  """Rows longer than the row kernels hold (MAX_ROW, here made 64: the sample's 768 keys,
+  the 128 candidates' buffer) take the XLA radix: the same keys as top_k_threshold."""
+  monkeypatch.setattr(ik, "MAX_ROW", 64)
+  B, Q, S, K = 1, 64, 1536, 16
+  q, w, k = _indexer(rng, B, Q, S)
+  w = jnp.abs(w) + 1
+  ok = dsa._allowed(S - Q, Q, jnp.arange(S, dtype=jnp.int32), None, None)
+  s = jnp.where(ok, dsa.index_scores(q, w, k), -jnp.inf).reshape(B * Q, S)
+  want = dsa.top_k_threshold(s, K, sample=768, cap_factor=8).reshape(B, Q, K)
+  got = dsa.top_k_fused(q, w, k, S - Q, K, sample=768, cap_factor=8, impl="interpret")
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match="rows of 128"):  # what the fallback avoids
+    ik.top_positions(jnp.zeros((2, 128), jnp.uint32), 16, interpret=True)
 
 
 def test_select_topk_fused_equals_threshold(rng):
