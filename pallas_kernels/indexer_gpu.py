@@ -174,28 +174,22 @@ def threshold_candidates(q_BxJxNxI, w_BxJxN, k_BxSxI, tau_BxN, t0, seg_q_BxN=Non
 
 def reference(q_BxJxNxI, w_BxJxN, k_BxSxI, tau_BxN, t0, seg_q_BxN=None, seg_k_BxS=None, *,
               extent: int, cap: int):
-  """`threshold_candidates` in XLA: the [B, N, extent] scores, a running count and a
-  scatter."""
+  """`threshold_candidates` from the XLA path's own pieces (`sparse_attention`'s index
+  scores, causal and segment mask, order keys and compaction): the [B, N, extent] scores,
+  a running count and a scatter."""
+  from mohge_jax import sparse_attention as dsa  # noqa: PLC0415 - the library's definitions
+
   B, J, N, I = q_BxJxNxI.shape
-  k = k_BxSxI[:, :extent]
-  dots = jnp.einsum("bjni,bsi->bjns", q_BxJxNxI, k, preferred_element_type=jnp.float32)
-  score = jnp.einsum("bjns,bjn->bns", jnp.maximum(dots, 0.0), w_BxJxN.astype(jnp.float32))
-  s_S = jnp.arange(extent, dtype=jnp.int32)
-  t_N = jnp.asarray(t0, jnp.int32) + jnp.arange(N, dtype=jnp.int32)
-  take = s_S[None, None, :] <= t_N[None, :, None]
-  if seg_q_BxN is not None:
-    take = take & (seg_q_BxN[:, :, None] == seg_k_BxS[:, None, :extent])
-  key = lax.bitcast_convert_type(_signed_key(jnp.where(score == 0, 0.0, score)), jnp.uint32)
-  key = key ^ jnp.uint32(1 << 31)
-  take = take & (key >= tau_BxN[:, :, None].astype(jnp.uint32))
-  count = jnp.sum(take, axis=-1, dtype=jnp.int32)
-  slot = jnp.where(take, jnp.cumsum(take, axis=-1, dtype=jnp.int32) - 1, cap)
-  b_ = jnp.arange(B)[:, None, None]
-  n_ = jnp.arange(N)[None, :, None]
-  pos = jnp.zeros((B, N, cap), jnp.int32).at[b_, n_, slot].set(
-      jnp.broadcast_to(s_S, take.shape), mode="drop")
-  keys = jnp.zeros((B, N, cap), jnp.uint32).at[b_, n_, slot].set(key, mode="drop")
-  return pos, keys, count
+  score_BxNxS = dsa.index_scores(jnp.swapaxes(q_BxJxNxI, 1, 2), jnp.swapaxes(w_BxJxN, 1, 2),
+                                 k_BxSxI[:, :extent])
+  key_BxNxS = dsa._order_key(score_BxNxS)
+  take = dsa._allowed(t0, N, jnp.arange(extent, dtype=jnp.int32), seg_q_BxN,
+                      None if seg_k_BxS is None else seg_k_BxS[:, :extent])
+  take = take & (key_BxNxS >= tau_BxN[:, :, None].astype(jnp.uint32))
+  pos, count = dsa._compact(take.reshape(B * N, extent), cap)
+  filled = jnp.arange(cap)[None, :] < count[:, None]
+  keys = jnp.where(filled, jnp.take_along_axis(key_BxNxS.reshape(B * N, extent), pos, 1), 0)
+  return pos.reshape(B, N, cap), keys.astype(jnp.uint32).reshape(B, N, cap), count.reshape(B, N)
 
 
 # ----------------------------------------------------------------------------- row selects
