@@ -61,6 +61,12 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        kernel_bwd_atomic_sorted_p4. A "check_bwd" row
                        gives each right variant's error against kernel_bwd. TFLOP/s:
                        2.5x the forward's (the backward's 5 products of the 7)
+  selscores_kernel     the selected keys' index scores alone, forward+backward (the backward
+                       adds the keys' gradients by float32 atomics), on the fixed selection:
+                       _kernel (`indexer_gpu.selected_scores`, relaxed adds),
+                       _kernel_ordered (its acquire-release adds, `plt.atomic_add`'s),
+                       _gather (XLA: the rows gathered, a scatter-add); TFLOP/s: the
+                       products J·K·I·2 a query, 3x for forward+backward
 TFLOP/s counts useful FLOPs: dense H·T(T+1)/2·2·(192+128); sparse H·Σ_t min(t+1, k)·2·
 (576+512); indexer T(T+1)/2·2·J·I; forward+backward = 3.5x forward for attention (the
 backward recomputes the scores: 5 products vs 2) and 1x for the indexer (its backward only
@@ -106,6 +112,8 @@ def flops(seq: int, impl: str, pss: str) -> float:
     return pairs_causal * 2 * J * I
   if impl.startswith("kernel_bwd"):
     return flops(seq, "kernel_mma", "fwd") * (BWD_FACTOR - 1)
+  if impl.startswith("selscores"):
+    return seq * TOPK * 2 * J * I * 3
   if impl == "dense_cudnn":
     attn = H * pairs_causal * 2 * (P + R + V)
   else:
@@ -211,18 +219,40 @@ def topk_fn(method):
       fused_options=fused_options or None)[:2]), ("q_I", "w_I", "k_I")
 
 
+def selscores_fn(name, idx):
+  """The selected keys' scores, forward+backward, on the fixed selection idx."""
+  from pallas_kernels import indexer_gpu
+  mode = name.removeprefix("selscores_")
+
+  def scores(q_I, w_I, k_I, idx):
+    if mode == "gather":
+      return indexer_gpu.selected_scores_reference(q_I, w_I, k_I, idx)
+    return indexer_gpu.selected_scores(q_I, w_I, k_I, idx,
+                                       _ordered_adds=mode == "kernel_ordered")
+
+  def fb(q_I, w_I, k_I, idx):
+    s, vjp = jax.vjp(lambda *a: scores(*a, idx), q_I, w_I, k_I)
+    return s, vjp(jnp.ones_like(s) / s.size)
+  f = jax.jit(fb)
+  return (lambda *x: f(*x, idx)), ("q_I", "w_I", "k_I")
+
+
 def sparse_mla_fn(pss, impl, idx, valid):
-  def fwd(q_lat, q_rope, c, kr):
+  # the selection an argument of the jitted function, not a constant (slow to compile); in
+  # the backward not differentiated
+  def fwd(q_lat, q_rope, c, kr, idx, valid):
     return dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=SCALE, chunk=CHUNK,
                           impl=impl)[0]
   names = ("q_lat", "q_rope", "c", "kr")
   if pss == "fwd":
-    return jax.jit(fwd), names
+    f = jax.jit(fwd)
+    return (lambda *x: f(*x, idx, valid)), names
 
   def fb(ct, *args):
-    o, vjp = jax.vjp(fwd, *args)
+    o, vjp = jax.vjp(lambda *a: fwd(*a, *args[4:]), *args[:4])
     return o, vjp(ct)
-  return jax.jit(fb), ("lat_ct",) + names
+  f = jax.jit(fb)
+  return (lambda *x: f(*x, idx, valid)), ("lat_ct",) + names
 
 
 def kernel_fn(name, idx, valid):
@@ -233,17 +263,18 @@ def kernel_fn(name, idx, valid):
     kw = {"": {}, "_pad0": dict(row_pad=0), "_g8": dict(group=8), "_g32": dict(group=32),
           "_nogather": dict(_ablate="no_gather"), "_nomma": dict(_ablate="no_mma")}[
               name.removeprefix("kernel_mma")]
-    return jax.jit(lambda q_lat, q_rope, c, kr: sparse_mla_mma_gpu.sparse_mla_fwd(
-        q_lat, q_rope, jnp.concatenate([c, kr], -1), idx_enc, scale=SCALE, **kw)), (
-            "q_lat", "q_rope", "c", "kr")
+    mma = jax.jit(lambda q_lat, q_rope, c, kr, idx_enc: sparse_mla_mma_gpu.sparse_mla_fwd(
+        q_lat, q_rope, jnp.concatenate([c, kr], -1), idx_enc, scale=SCALE, **kw))
+    return (lambda *x: mma(*x, idx_enc)), ("q_lat", "q_rope", "c", "kr")
   split, tpc = name.split("_")[1:]
 
-  def fwd(q_lat, q_rope, c, kr):
+  def fwd(q_lat, q_rope, c, kr, idx_enc):
     ckr = jnp.concatenate([c, kr], -1)
     return sparse_mla_gpu.sparse_mla_fwd(
         q_lat, q_rope, ckr, idx_enc, scale=SCALE, tiles_per_copy=int(tpc.removeprefix("tpc")),
         split={"wg": "warpgroup", "cta": "cta"}[split])
-  return jax.jit(fwd), ("q_lat", "q_rope", "c", "kr")
+  fwd = jax.jit(fwd)
+  return (lambda *x: fwd(*x, idx_enc)), ("q_lat", "q_rope", "c", "kr")
 
 
 def kernel_bwd_fn(name, idx, valid):
@@ -266,22 +297,25 @@ def kernel_bwd_fn(name, idx, valid):
   if flags["_sorted"]:  # the invalid (-1) first, as they would sort
     idx_enc = jnp.sort(idx_enc, axis=-1)
 
-  def fwd_then_bwd_inputs(q_lat, q_rope, c, kr, lat_ct):
+  def fwd_then_bwd_inputs(q_lat, q_rope, c, kr, lat_ct, idx_enc):
     ckr = jnp.concatenate([c, kr], -1)
     o, lse = sparse_mla_mma_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=SCALE)
     delta = jnp.sum(lat_ct.astype(jnp.float32) * o.astype(jnp.float32), -1)
     return ckr, lse, delta
   prep = jax.jit(fwd_then_bwd_inputs)
-  bwd = jax.jit(lambda q_lat, q_rope, ckr, lse, g, delta: sparse_mla_mma_gpu.sparse_mla_bwd(
-      q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=SCALE, reduce=reduce,
-      rotate=flags["_rot"], passes=passes, _ablate=ablate))
+  # idx an argument, not a closed-over constant: as a constant (512 MB at 64k) it took a
+  # minute to compile (first_call_s 75 s at 64k in the twenty-first session's call 1)
+  bwd = jax.jit(lambda q_lat, q_rope, ckr, lse, g, delta, idx_enc:
+                sparse_mla_mma_gpu.sparse_mla_bwd(
+                    q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=SCALE, reduce=reduce,
+                    rotate=flags["_rot"], passes=passes, _ablate=ablate))
   cache = {}
 
   def f(q_lat, q_rope, c, kr, lat_ct):  # the forward's outputs made once, then the backward
     if not cache:
-      cache["in"] = jax.block_until_ready(prep(q_lat, q_rope, c, kr, lat_ct))
+      cache["in"] = jax.block_until_ready(prep(q_lat, q_rope, c, kr, lat_ct, idx_enc))
     ckr, lse, delta = cache["in"]
-    return bwd(q_lat, q_rope, ckr, lse, lat_ct, delta)
+    return bwd(q_lat, q_rope, ckr, lse, lat_ct, delta, idx_enc)
   return f, ("q_lat", "q_rope", "c", "kr", "lat_ct")
 
 
@@ -293,7 +327,8 @@ def profile(f, args, logdir: str, name: str) -> list[dict]:
   trace = ps.load_trace(ps.capture(f, *args, logdir=os.path.join(logdir, name), warmup=0,
                                    steps=1))
   tot = ps.totals(trace, steps=1)
-  hlo = ps.hlo_op_names(f.lower(*args).compile().as_text())
+  hlo = (ps.hlo_op_names(f.lower(*args).compile().as_text()) if hasattr(f, "lower")
+         else None)  # the rows whose jitted function takes the selection too: no names
   out = []
   for by in ("name", "source"):
     rows = ps.summarise(trace, 15, by, hlo=hlo)
@@ -318,6 +353,8 @@ def main():
   ap.add_argument("--impls", default=None, help="comma-separated subset (default: all, in "
                   "two rounds over the lengths: " + "; ".join(",".join(r) for r in ROUNDS) + ")")
   ap.add_argument("--budget-s", type=float, default=330.0)
+  ap.add_argument("--passes", default="fwd,fwd_bwd",
+                  help="of the rows with both, the passes to time (e.g. fwd_bwd alone)")
   ap.add_argument("--profile", default=None, metavar="DIR",
                   help="after timing each row of --profile-impls, trace one call into DIR and "
                   "print its top device operations by kernel and by source (the DSA code's "
@@ -355,8 +392,10 @@ def main():
         return data["x"], data["sel"]
       outs = {}
       for impl in impls:
-        for pss in (("bwd",) if impl.startswith("kernel_bwd") else ("fwd",)
-                    if impl.startswith(("kernel", "topk")) else ("fwd", "fwd_bwd")):
+        for pss in (("bwd",) if impl.startswith("kernel_bwd") else ("fwd_bwd",)
+                    if impl.startswith("selscores") else ("fwd",)
+                    if impl.startswith(("kernel", "topk")) else
+                    tuple(p for p in ("fwd", "fwd_bwd") if p in args.passes.split(","))):
           row = dict(seq=seq, impl=impl, **{"pass": pss})
           if (impl, pss) in given_up:
             record(dict(row, skipped="failed or too slow at a shorter length"))
@@ -368,6 +407,8 @@ def main():
             x, sel = get()
             if impl == "dense_cudnn":
               f, names = dense_fn(pss)
+            elif impl.startswith("selscores_"):
+              f, names = selscores_fn(impl, sel[0])
             elif impl.startswith("kernel_bwd"):
               f, names = kernel_bwd_fn(impl, *sel)
             elif impl.startswith("kernel_"):

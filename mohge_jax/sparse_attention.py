@@ -466,10 +466,13 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   scatter-adds into the keys' gradient), "kernel" (`pallas_kernels.indexer_gpu.
   selected_scores`: a GPU kernel a query gathers its keys' index rows itself, the backward
   adds the keys' gradient by float32 atomics; "interpret": it in the interpreter, for
-  tests) or "auto": gather from S >= 32 K keys. On the H200
-  (DSA fwd+bwd, K = 2048, ninth session) gather took 1,499 ms against 1,768 at 128k, the
-  same at 64k (636 / 645), and lost at 32k (304 / 274) and 16k (150 / 120): its
-  scatter-add grows with T K, the dense backward with T S.
+  tests) or "auto": the kernel where the fused top-k's kernels run (`_indexer_backend`: a
+  GPU with no mesh of several devices; an index dim they take), else gather from S >= 32 K
+  keys. On the H200 (DSA fwd+bwd, K = 2048, ninth session) gather took 1,499 ms against
+  1,768 at 128k, the same at 64k (636 / 645), and lost at 32k (304 / 274) and 16k (150 /
+  120): its scatter-add grows with T K, the dense backward with T S; the kernel against
+  gather, with the fused top-k (twenty-first session): 371 ms against 446 at 64k, 865
+  against 995 at 128k; 343 and 800 with its adds relaxed.
 
   bands: the query chunks run in up to this many causal bands, each over only the keys
   its queries may see (`over_causal_bands`; 1: every chunk over all S keys). Queries are
@@ -486,7 +489,11 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   S = k_BxSxI.shape[1]
   K = min(topk, S)
   if scores == "auto":
-    scores = "gather" if S >= 32 * K else "dense"
+    from pallas_kernels import indexer_gpu
+
+    kernel_ok = (_indexer_backend() == "kernel"
+                 and indexer_gpu.unsupported_reason(q_BxTxJxI.shape[-1]) is None)
+    scores = "kernel" if kernel_ok else "gather" if S >= 32 * K else "dense"
   seg = segment_ids_BxT if segment_ids_BxT is not None else jnp.zeros((B, T), jnp.int32)
   sg = jax.lax.stop_gradient
 

@@ -261,15 +261,73 @@ def top_positions(key_NxM, k: int, pos_NxM=None, *, interpret: bool = False):
   return _rows_select(key_NxM, k, pos_NxM, True, interpret)
 
 
+# ----------------------------------------------------------------------------- relaxed adds
+#
+# `plt.atomic_add` lowers to Triton atomics with acquire-release ordering (jax 0.11.2's
+# `triton.lowering._atomic_rmw` default; the public call takes no `sem`): each add orders
+# the program's memory operations around it, where a sum needs only the add to be atomic
+# (Triton's own `tl.atomic_add(sem="relaxed")`). The selected scores' backward adds T x K x I
+# floats (8.6e9 at 64k tokens, K = 2048, I = 64), 54 ms of DSA's 371 at 64k on the H200
+# (twenty-first session's profile) with the ordered adds. This primitive is that add
+# with relaxed ordering; its interpreter rule (discharge) and abstract evaluation are
+# atomic_rmw's. The selected scores forward+backward alone: 28.5 ms against 59.9 at 64k,
+# 57.8 against 121.4 at 128k (XLA's gather and scatter-add: 119.4, 213.2).
+
+def _make_relaxed_add():
+  from jax._src import core as jax_core
+  from jax._src import tree_util
+  from jax._src.lib.triton import dialect as tt_dialect
+  from jax._src.pallas.triton import lowering as tl
+  from jax._src.pallas.triton import primitives as tp
+  from jax._src.state import discharge as state_discharge
+  from jax._src.state import indexing
+  from jax._src.state import primitives as state_primitives
+
+  add = tp.AtomicOpType.ADD
+  prim = jax_core.Primitive("dsa_relaxed_atomic_add")
+  prim.def_effectful_abstract_eval(
+      lambda *avals, args_tree: tp._atomic_abstract_eval(*avals, args_tree=args_tree,
+                                                         atomic_type=add))
+  state_discharge.register_discharge_rule(prim)(
+      lambda ctx, *args, args_tree: tp._atomic_rmw_discharge_rule(
+          ctx, *args, args_tree=args_tree, atomic_type=add))
+
+  @tl.register_lowering(prim)
+  def _lowering(ctx, *args_flat, args_tree):
+    block_info, *_ = ctx.block_infos
+    ptr, indexers, val, mask = args_tree.unflatten(args_flat)
+    *_, value_aval, _ = args_tree.unflatten(ctx.avals_in)
+    (idx,) = indexers
+    if not isinstance(idx, indexing.NDIndexer) or mask is not None:
+      raise NotImplementedError("relaxed_atomic_add: one indexer, no mask")
+    ptr = tl._compute_pointers_from_indices(ptr, block_info, idx)
+    val = tl._ensure_ir_value(val, value_aval)
+    return tl._atomic_rmw(tt_dialect.RMWOp.FADD, ptr, val,
+                          semantic=tt_dialect.MemSemantic.RELAXED)
+
+  def relaxed_add(ref, idx, val):
+    """ref[idx] += val (float32), atomic per element, unordered."""
+    if ref.dtype != jnp.float32:
+      raise TypeError(f"relaxed_atomic_add: float32 refs only, got {ref.dtype}")
+    x_ref, transforms = state_primitives.get_ref_and_transforms(ref, idx, "relaxed_add")
+    args_flat, args_tree = tree_util.tree_flatten((x_ref, transforms, val, None))
+    return prim.bind(*args_flat, args_tree=args_tree)
+  return relaxed_add
+
+
+relaxed_atomic_add = _make_relaxed_add()
+
+
 # ----------------------------------------------------------------------------- selected scores
 
 
 def _scores_kernel(q_ref, w_ref, k_ref, idx_ref, *rest, J: int, K: int, BK: int, S: int,
-                   backward: bool):
+                   backward: bool, relaxed: bool = True):
   """One query a program, its K selected keys BK at a time: each key's index row gathered
   (one load of I numbers a key), its J head products on the CUDA cores (I is small), the
   score; backward: dq and dw summed in registers, each key's gradient added into dk by
-  float32 atomics."""
+  float32 atomics (relaxed: unordered, `relaxed_atomic_add`; else `plt.atomic_add`'s
+  acquire-release ones)."""
   if backward:
     g_ref, _, dq_ref, dw_ref, dk_ref = rest
   else:
@@ -296,7 +354,10 @@ def _scores_kernel(q_ref, w_ref, k_ref, idx_ref, *rest, J: int, K: int, BK: int,
     dk_KxI = sum(c[:, None] * q[None, :] for c, q in zip(coef, q_J))
     # (no mask: BK divides K; the interpreter's atomics take none, and its add of a
     # block's rows assumes them distinct, as a query's selected keys are)
-    plt.atomic_add(dk_ref, (b, row[:, None], col_I[None, :]), dk_KxI)
+    if relaxed:
+      relaxed_atomic_add(dk_ref, (b, row[:, None], col_I[None, :]), dk_KxI)
+    else:
+      plt.atomic_add(dk_ref, (b, row[:, None], col_I[None, :]), dk_KxI)
     return dq_J, dw_J
 
   steps = K // BK
@@ -310,12 +371,12 @@ def _scores_kernel(q_ref, w_ref, k_ref, idx_ref, *rest, J: int, K: int, BK: int,
     dw_ref[b, t, j] = dw_J[j]
 
 
-def _scores_call(q, w, k, idx, g, *, interpret: bool):
+def _scores_call(q, w, k, idx, g, *, interpret: bool, relaxed: bool = True):
   B, T, J, I = q.shape
   S, K = k.shape[1], idx.shape[-1]
   BK = math.gcd(K, 128)  # a power of two that divides K (K = 2048: 128)
   idx = idx.astype(jnp.int32)
-  kw = dict(J=J, K=K, BK=BK, S=S, backward=g is not None)
+  kw = dict(J=J, K=K, BK=BK, S=S, backward=g is not None, relaxed=relaxed)
   params = plt.CompilerParams(num_warps=4, num_stages=2)
   if g is None:
     return pl.pallas_call(
@@ -333,35 +394,39 @@ def _scores_call(q, w, k, idx, g, *, interpret: bool):
   return dq, dw, dk
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _selected_scores(q, w, k, idx, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _selected_scores(q, w, k, idx, interpret, relaxed):
   return _scores_call(q, w, k, idx, None, interpret=interpret)
 
 
-def _selected_scores_fwd(q, w, k, idx, interpret):
+def _selected_scores_fwd(q, w, k, idx, interpret, relaxed):
   return _scores_call(q, w, k, idx, None, interpret=interpret), (q, w, k, idx)
 
 
-def _selected_scores_bwd(interpret, res, g):
+def _selected_scores_bwd(interpret, relaxed, res, g):
   q, w, k, idx = res
-  dq, dw, dk = _scores_call(q, w, k, idx, g, interpret=interpret)
+  dq, dw, dk = _scores_call(q, w, k, idx, g, interpret=interpret, relaxed=relaxed)
   return dq.astype(q.dtype), dw.astype(w.dtype), dk.astype(k.dtype), None
 
 
 _selected_scores.defvjp(_selected_scores_fwd, _selected_scores_bwd)
 
 
-def selected_scores(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK, *, interpret: bool = False):
+def selected_scores(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK, *, interpret: bool = False,
+                    _ordered_adds: bool = False):
   """The index scores of each query's selected keys, I[t, idx[t, k]] [B, T, K] float32
   (`sparse_attention.select_topk`'s differentiable scores), differentiable in q, w and k:
   a program a query gathers its keys' index rows itself (nothing of size [T, K, I] is
   written), and the backward adds each key's gradient into dk by float32 atomics (in an
   order that varies from run to run) where XLA's scatter-add of [T, K, I] took 144 ms at
   128k on the H200 (ninth session). I a power of two >= 16; each query's K keys distinct
-  (a top-k's); the keys go BK = gcd(K, 128) a step."""
+  (a top-k's); the keys go BK = gcd(K, 128) a step. The adds are unordered
+  (`relaxed_atomic_add`; _ordered_adds: `plt.atomic_add`'s acquire-release ones, for
+  benchmarks/dsa.py)."""
   if reason := unsupported_reason(q_BxTxJxI.shape[-1]):
     raise ValueError(f"selected_scores: {reason}")
-  return _selected_scores(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK, interpret)
+  return _selected_scores(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK, interpret,
+                          not _ordered_adds)
 
 
 def selected_scores_reference(q_BxTxJxI, w_BxTxJ, k_BxSxI, idx_BxTxK):

@@ -275,7 +275,7 @@ def _rows_layout(rows: int, cols: int):
                                              "passes", "_ablate"))
 def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxTxH, g_BxTxHxC,
                    delta_BxTxH, *, scale: float,
-                   interpret: bool | plgpu.InterpretGPUParams = False, reduce: str = "tma",
+                   interpret: bool | plgpu.InterpretGPUParams = False, reduce: str = "atomic",
                    rotate: bool = False, passes: int = 1, _ablate: str = ""):
   """The gradients of `sparse_mla_fwd`'s o_lat: (dq_lat [B,T,H,C] and dq_rope [B,T,H,R] in
   the queries' dtypes, dckr [B,S,C+R] float32), given its LSE, the output's cotangent g and
@@ -298,7 +298,9 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   (`plgpu.atomic_add`; the rows padded to a multiple of 128 columns, the staging rows
   ATOMIC_PAD floats further apart, which a TMA source cannot be): no one-thread issue and
   no wait on the copies. On the H200 (16k, notes_dsa.md, thirteenth session) both ways add
-  at ~2.2 TB/s; the adds are more than half the kernel's time either way.
+  at ~2.2 TB/s; the adds are more than half the kernel's time either way. Atomics are the
+  default: with position-ordered keys 43.1 ms against 47.6 at 16k (twentieth session),
+  196.5 against 208.8 at 64k (twenty-first).
   passes > 1: the keys in `passes` ranges of S / passes positions, one launch a range, each
   query's steps whose keys lie in the range (a step goes to the range of the largest key
   so far in the query's list: with keys in rising position order, `top_k_threshold`'s and

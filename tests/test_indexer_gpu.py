@@ -215,7 +215,8 @@ def test_lowers_for_cuda_at_mohge_3b_shapes():
   MoHGE-3B DSA's shapes (4 indexer heads x 64, a 2048-query chunk over 64k keys, cap 8 x
   2048), with and without segment ids. The lowering asks for the GPU's compute capability:
   an H100's is given here."""
-  from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
+  from jax._src.lib.triton import dialect as tt_dialect
+  from jax._src.pallas.triton import gpu_info, lowering as tl, pallas_call_registration as reg
 
   info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion("NVIDIA H100"))
   sds = jax.ShapeDtypeStruct
@@ -241,9 +242,16 @@ def test_lowers_for_cuda_at_mohge_3b_shapes():
           sds((B, T, I), jnp.bfloat16), sds((B, T, 2048), jnp.int32))
   fb = lambda q, w, k, idx: jax.grad(  # noqa: E731
       lambda q, w, k: jnp.sum(ik.selected_scores(q, w, k, idx)), (0, 1, 2))(q, w, k)
-  with mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: info):
+  sems, rmw = [], tl._atomic_rmw  # the backward's adds: Triton atomics, relaxed ordering
+
+  def spy(*a, **kw):
+    sems.append(kw.get("semantic"))
+    return rmw(*a, **kw)
+  with mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: info), \
+       mock.patch.object(tl, "_atomic_rmw", spy):
     text = jax.jit(fb).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("dsa_selected_scores") and text.count("dsa_selected_scores_bwd")
+  assert sems and all(s == tt_dialect.MemSemantic.RELAXED for s in sems), sems
 
 
 @pytest.mark.gpu
