@@ -55,10 +55,9 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        gradients computed; no gather: how the time divides) or
                        _add_invalid (invalid keys' zero rows added to row 0, as before
                        the seventeenth session); _sorted: each query's keys in position
-                       order (`top_k_threshold`'s); _rot: each query's steps rotated
-                       (`rotate=True`), e.g. kernel_bwd_sorted_rot; _p<N>: in N key
-                       ranges, a launch each (`passes=N`), e.g. kernel_bwd_sorted_p8,
-                       kernel_bwd_atomic_sorted_p4. A "check_bwd" row
+                       order (`top_k_threshold`'s), e.g. kernel_bwd_atomic_sorted (rows
+                       _rot and _p<N> in the JSON are of variants since removed:
+                       notes_dsa.md). A "check_bwd" row
                        gives each right variant's error against kernel_bwd. TFLOP/s:
                        2.5x the forward's (the backward's 5 products of the 7)
   selscores_kernel     the selected keys' index scores alone, forward+backward (the backward
@@ -278,21 +277,17 @@ def kernel_fn(name, idx, valid):
 
 
 def kernel_bwd_fn(name, idx, valid):
-  """The backward kernel alone: name = kernel_bwd[_atomic][_sorted][_rot][_p<N>][_no_reduce|
-  _no_dk|_no_gather|_add_invalid] (_sorted: each query's keys in position order, as
-  `top_k_threshold` gives them, instead of `lax.top_k`'s score order; _rot: rotate=True;
-  _p<N>: passes=N, the keys in N position ranges, a launch each)."""
+  """The backward kernel alone: name = kernel_bwd[_atomic][_sorted][_no_reduce|_no_dk|
+  _no_gather|_add_invalid] (_atomic: reduce="atomic", else "tma"; _sorted: each query's
+  keys in position order, as `top_k_threshold` gives them, instead of `lax.top_k`'s score
+  order)."""
   idx_enc = jnp.where(valid, idx, -1)
   rest = name.removeprefix("kernel_bwd")
   flags = {}
-  for flag in ("_atomic", "_sorted", "_rot"):
+  for flag in ("_atomic", "_sorted"):
     flags[flag] = rest.startswith(flag)
     rest = rest.removeprefix(flag)
   reduce = "atomic" if flags["_atomic"] else "tma"
-  passes = 1
-  if rest.startswith("_p") and rest[2:3].isdigit():
-    digits = rest[2:].split("_")[0]
-    passes, rest = int(digits), rest[2 + len(digits):]
   ablate = rest.removeprefix("_")
   if flags["_sorted"]:  # the invalid (-1) first, as they would sort
     idx_enc = jnp.sort(idx_enc, axis=-1)
@@ -308,7 +303,7 @@ def kernel_bwd_fn(name, idx, valid):
   bwd = jax.jit(lambda q_lat, q_rope, ckr, lse, g, delta, idx_enc:
                 sparse_mla_mma_gpu.sparse_mla_bwd(
                     q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=SCALE, reduce=reduce,
-                    rotate=flags["_rot"], passes=passes, _ablate=ablate))
+                    _ablate=ablate))
   cache = {}
 
   def f(q_lat, q_rope, c, kr, lat_ct):  # the forward's outputs made once, then the backward

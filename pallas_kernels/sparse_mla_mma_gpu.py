@@ -271,12 +271,11 @@ def _rows_layout(rows: int, cols: int):
   return plgpu.Layout.WG_STRIDED((rows, cols), vec_size=8)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "reduce", "rotate",
-                                             "passes", "_ablate"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "reduce", "_ablate"))
 def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxTxH, g_BxTxHxC,
                    delta_BxTxH, *, scale: float,
                    interpret: bool | plgpu.InterpretGPUParams = False, reduce: str = "atomic",
-                   rotate: bool = False, passes: int = 1, _ablate: str = ""):
+                   _ablate: str = ""):
   """The gradients of `sparse_mla_fwd`'s o_lat: (dq_lat [B,T,H,C] and dq_rope [B,T,H,R] in
   the queries' dtypes, dckr [B,S,C+R] float32), given its LSE, the output's cotangent g and
   delta = sum_c g * o [B,T,H] (float32). idx as the forward's (-1 invalid).
@@ -291,25 +290,17 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   Invalid keys (idx -1) have p = ds = 0 and add nothing (until the seventeenth session
   their zero rows were added to row 0: at 16k, K = 2048, 6.2% of all adds into one row;
   _ablate="add_invalid" keeps that for benchmarks/dsa.py's comparison).
-  rotate: query t takes its steps from step t mod N on (the same sum, in another order).
-  A position-ordered selection (`top_k_threshold`'s) otherwise has the CTAs running at
-  once (neighbouring queries) add into the same region of dckr at the same time.
   reduce="atomic" adds the staged rows by the whole warpgroup instead, as `red.global.add`s
   (`plgpu.atomic_add`; the rows padded to a multiple of 128 columns, the staging rows
   ATOMIC_PAD floats further apart, which a TMA source cannot be): no one-thread issue and
   no wait on the copies. On the H200 (16k, notes_dsa.md, thirteenth session) both ways add
   at ~2.2 TB/s; the adds are more than half the kernel's time either way. Atomics are the
   default: with position-ordered keys 43.1 ms against 47.6 at 16k (twentieth session),
-  196.5 against 208.8 at 64k (twenty-first).
-  passes > 1: the keys in `passes` ranges of S / passes positions, one launch a range, each
-  query's steps whose keys lie in the range (a step goes to the range of the largest key
-  so far in the query's list: with keys in rising position order, `top_k_threshold`'s and
-  `top_k_fused`'s, a step's keys are in its range or the next) so that while a range runs,
-  the rows gathered and added into dckr are one range's, which the L2 can hold (at 64k-128k
-  dckr is 151-302 MB against the H200's 50 MB of L2: the adds ran at 1.9 TB/s in HBM
-  against 3.7 in L2, nineteenth session). dq is summed across the launches in float32
-  (read and written once a launch by each query with steps in it). Any key order gives
-  the same sums; only the locality needs the rising one. Not with rotate.
+  196.5 against 208.8 at 64k, 452 against 480 at 128k (twenty-first).
+  (Two variants measured and removed, notes_dsa.md: each query's steps rotated, so that
+  neighbouring queries add into different rows at once, gave nothing; the keys in 4 or 8
+  position ranges, a launch each, so that a range's adds stay in the L2, gave 4% at 64k
+  and lost 7% at 128k.)
   interpret: the GPU interpreter (on CPU), where the MMAs are dots and, as it has neither
   TMA reductions nor atomics, each key's row is added by a load, add and store (the
   interpreter runs the CTAs one after another). dckr starts as a zeroed `jax.new_ref` the
@@ -325,10 +316,6 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   if reduce not in ("tma", "atomic") or _ablate not in BWD_ABLATIONS:
     raise ValueError(f"sparse_mla mma backward: reduce must be 'tma' or 'atomic' and _ablate "
                      f"one of {BWD_ABLATIONS}; got {reduce!r}, {_ablate!r}")
-  if passes < 1 or (passes > 1 and rotate):
-    raise ValueError(f"sparse_mla mma backward: passes must be >= 1 (and 1 with rotate); got "
-                     f"passes={passes}, rotate={rotate}")
-  multi = passes > 1
   atomic = reduce == "atomic"
   AC = -(-CR // 128) * 128  # reduce="atomic": a key's row in AC / 128 floats a thread
   N = -(-K // BWD_KEYS)  # steps; the idx row padded to 128 keys (one load by the warpgroup)
@@ -353,28 +340,9 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
   def across(v_H, cols):
     return plgpu.layout_cast(lax.broadcast_in_dim(v_H, (H, cols), (0,)), acc)
 
-  def kernel(*refs):
-    ins, refs = refs[:7], refs[7:]  # q_lat, q_rope, ckr, idx, lse, g, delta
-    if multi:  # dq_ref: float32 [B, T, H, C+R], summed across the launches
-      (bounds_ref, pass_ref, dckr_ref, dq_ref, q_smem, g_smem, lat_smem, tail_smem, ds_smem,
-       p_smem, stage, idx_smem) = refs
-    else:
-      (dckr_ref, dql_ref, dqr_ref, q_smem, g_smem, lat_smem, tail_smem, ds_smem, p_smem,
-       stage, idx_smem) = refs
+  def kernel(ql_ref, qr_ref, ckr_ref, idx_ref, lse_ref, g_ref, delta_ref, dckr_ref, dql_ref,
+             dqr_ref, q_smem, g_smem, lat_smem, tail_smem, ds_smem, p_smem, stage, idx_smem):
     b, t = lax.axis_index("b"), lax.axis_index("t")
-    if multi:
-      r = pass_ref[0]
-      lo, hi = bounds_ref[b, t, r], bounds_ref[b, t, r + 1]
-      pl.when(hi > lo)(lambda: body(b, t, lo, hi, ins, dckr_ref, dq_ref, None, None, q_smem,
-                                    g_smem, lat_smem, tail_smem, ds_smem, p_smem, stage,
-                                    idx_smem))
-    else:
-      body(b, t, 0, N, ins, dckr_ref, None, dql_ref, dqr_ref, q_smem, g_smem, lat_smem,
-           tail_smem, ds_smem, p_smem, stage, idx_smem)
-
-  def body(b, t, lo, hi, ins, dckr_ref, dq_ref, dql_ref, dqr_ref, q_smem, g_smem, lat_smem,
-           tail_smem, ds_smem, p_smem, stage, idx_smem):
-    ql_ref, qr_ref, ckr_ref, idx_ref, lse_ref, g_ref, delta_ref = ins
     idx_smem[...] = plgpu.load(idx_ref.at[b, t], optimized=False,
                                layout=plgpu.Layout.WG_STRIDED((Kp // KB, KB), vec_size=1))
     q_smem[:, pl.ds(0, C)] = plgpu.load(ql_ref.at[b, t], layout=_rows_layout(H, C),
@@ -389,8 +357,7 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
     if atomic and AC > CR:  # the padding columns of the staged rows: zeros, added as such
       stage[:, pl.ds(CR, AC - CR)] = zeros((KB, AC - CR), acc2)
 
-    def step(i, dq):
-      st = lax.rem(i + t, N) if rotate else i   # the step's keys: idx_smem[st]
+    def step(st, dq):  # the step's keys: idx_smem[st]
       if not interpret and not atomic:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's adds read stage
       plgpu.commit_smem()  # and every thread is done with the last step's tiles
@@ -466,16 +433,9 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
         plgpu.commit_smem_to_gmem_group()
       return tuple(new_dq)
 
-    if multi:  # the launches before this one's sum
-      dq0 = tuple(plgpu.load(dq_ref.at[b, t, :, pl.ds(i * CHUNK, CHUNK)], layout=acc,
-                             optimized=False) for i in range(CR // CHUNK))
-    else:
-      dq0 = tuple(zeros((H, CHUNK)) for _ in range(CR // CHUNK))
-    dq = lax.fori_loop(lo, hi, step, dq0)
+    dq = lax.fori_loop(0, N, step, tuple(zeros((H, CHUNK)) for _ in range(CR // CHUNK)))
     for i, d in enumerate(dq):
-      if multi:
-        dq_ref[b, t, :, pl.ds(i * CHUNK, CHUNK)] = d
-      elif i < C // CHUNK:
+      if i < C // CHUNK:
         dql_ref[b, t, :, pl.ds(i * CHUNK, CHUNK)] = d.astype(dt)
       else:
         dqr_ref[b, t, :, pl.ds((i - C // CHUNK) * CHUNK, CHUNK)] = d.astype(dt)
@@ -488,8 +448,8 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
                 else plgpu.SMEM((KB, 3, third), f32))
   call = functools.partial(
       plgpu.kernel, kernel,
-      out_type=(() if multi else (jax.ShapeDtypeStruct((B, T, H, C), dt),
-                                  jax.ShapeDtypeStruct((B, T, H, R), dt))),
+      out_type=(jax.ShapeDtypeStruct((B, T, H, C), dt),
+                jax.ShapeDtypeStruct((B, T, H, R), dt)),
       grid=(B, T), grid_names=("b", "t"),
       scratch_types=[plgpu.SMEM((H, CR + pad), dt), plgpu.SMEM((H, C + pad), dt),
                       plgpu.SMEM((KB, C + pad), dt), plgpu.SMEM((KB, TAIL + pad), dt),
@@ -501,19 +461,7 @@ def sparse_mla_bwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_BxT
                  else plgpu.InterpretGPUParams() if interpret else None))
   ins = (q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxNxKEYS, lse_BxTxH.astype(f32),
          g_BxTxHxC.astype(dt), delta_BxTxH.astype(f32))
-  if multi:
-    # each step's range: of the largest key so far in the query's list (-1: invalid)
-    key_BxTxN = lax.cummax(jnp.max(idx_BxTxNxKEYS[:, :, :N], axis=-1), axis=2)
-    pass_BxTxN = jnp.clip(key_BxTxN // -(-S // passes), 0, passes - 1)
-    bounds_BxTxP = jnp.sum(pass_BxTxN[..., None] < jnp.arange(passes + 1), axis=2,
-                           dtype=jnp.int32)  # [lo, hi) of range r: bounds[r], bounds[r + 1]
-    dq = jax.new_ref(jnp.zeros((B, T, H, CR), f32))
-    for r in range(passes):
-      call()(*ins, bounds_BxTxP, jnp.full((1,), r, jnp.int32), dckr, dq)
-    dq = dq[...]
-    dql, dqr = dq[..., :C].astype(dt), dq[..., C:].astype(dt)
-  else:
-    dql, dqr = call()(*ins, dckr)
+  dql, dqr = call()(*ins, dckr)
   dckr = dckr[...]
   return dql, dqr, (dckr.reshape(B, S, AC)[..., :CR] if atomic
                     else dckr.reshape(B, S, CR))

@@ -2,7 +2,6 @@
 probabilities form, the backward): in the GPU interpreter (the MMAs as dots) against the
 pure-JAX reference and float64, their CUDA lowering at MoHGE-3B's shapes, their refusals; on
 a Hopper GPU against the reference (skipped without one)."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -82,17 +81,14 @@ def test_probabilities_form_interpreted_equals_float64(rng):
   np.testing.assert_allclose(p.sum(-1)[rows], 1.0, rtol=1e-4)
 
 
-@pytest.mark.parametrize("C,R,K,reduce,rotate", [(128, 64, 70, "tma", False),
-                                                 (256, 128, 32, "tma", False),
-                                                 (128, 64, 70, "atomic", False),
-                                                 (128, 64, 70, "tma", True)])
-def test_backward_interpreted_equals_reference(rng, C, R, K, reduce, rotate):
+@pytest.mark.parametrize("C,R,K,reduce", [(128, 64, 70, "tma"), (256, 128, 32, "tma"),
+                                          (128, 64, 70, "atomic")])
+def test_backward_interpreted_equals_reference(rng, C, R, K, reduce):
   """sparse_mla_bwd in the GPU interpreter (MMAs as dots, each key's row added by a load
   and store where the GPU uses a TMA reduce-add or atomics) against the pure-JAX backward
   in float32 from the same o and LSE: dq_lat, dq_rope and dckr, with keys chosen by several
   queries (their rows' gradients add up), invalid keys, the idx row padded (K = 70: three
-  32-key steps), both rope widths, (reduce="atomic") the rows staged padded to 256, and
-  (rotate) each query's steps begun at t mod 3."""
+  32-key steps), both rope widths and (reduce="atomic") the rows staged padded to 256."""
   args, idx, valid = _problem(rng, 2, 5, C, R, K)
   q_lat, q_rope, c, kr = args
   ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
@@ -100,7 +96,7 @@ def test_backward_interpreted_equals_reference(rng, C, R, K, reduce, rotate):
   g = jnp.asarray(rng.normal(size=q_lat.shape), jnp.bfloat16)
   delta = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), -1)
   got = k3.sparse_mla_bwd(q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=0.1,
-                          interpret=True, reduce=reduce, rotate=rotate)
+                          interpret=True, reduce=reduce)
   f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
   want = dsa._sparse_mla_bwd(f32(q_lat), f32(q_rope), f32(ckr), idx, valid, f32(o), lse,
                              f32(g), scale=0.1, chunk=4)
@@ -113,32 +109,6 @@ def test_backward_interpreted_equals_reference(rng, C, R, K, reduce, rotate):
   for bb in range(2):
     used[bb, np.asarray(idx[bb])[np.asarray(valid[bb])]] = True
   assert (np.asarray(got[2])[~used] == 0).all()  # rows no query chose get nothing
-
-
-def test_backward_in_key_range_passes_equals_one_pass(rng):
-  """passes = 3 (one launch a range of key positions, dq summed in float32 across them)
-  against one pass: dq bit for bit (the same float32 sums in the same order), dckr to
-  rounding; batch row 0's keys in rising position order (the ranges' locality), row 1's in
-  random order (each step still goes to exactly one range). 2 steps of 32 keys a query
-  over 8 positions in 3 ranges: a query's steps fall in one or two ranges, or none."""
-  args, idx, valid = _problem(rng, 2, 8, 128, 64, 64)
-  idx = idx.at[0].set(jnp.sort(idx[0], axis=-1))
-  valid = valid.at[0].set(idx[0] <= jnp.arange(8)[:, None])
-  q_lat, q_rope, c, kr = args
-  ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
-  o, lse = k3.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1, interpret=True)
-  g = jnp.asarray(rng.normal(size=q_lat.shape), jnp.bfloat16)
-  delta = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), -1)
-  bwd = functools.partial(k3.sparse_mla_bwd, q_lat, q_rope, ckr, idx_enc, lse, g, delta,
-                          scale=0.1, interpret=True)
-  want, got = bwd(), bwd(passes=3)
-  for name, a, b in zip(("dq_lat", "dq_rope"), got, want):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                  err_msg=name)
-  np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), rtol=1e-5,
-                             atol=1e-5 * float(jnp.abs(want[2]).max()))
-  with pytest.raises(ValueError, match="passes must be >= 1"):
-    bwd(passes=2, rotate=True)
 
 
 def test_selected_through_dsa_impl():
@@ -173,25 +143,13 @@ def test_lowers_for_cuda_at_mohge_3b_shapes_and_refuses_others():
   assert "rope dim" in k3.unsupported_reason(H, C, 32, K, bf)
   assert "bfloat16" in k3.unsupported_reason(H, C, R, K, jnp.float32)
   assert "selected keys" in k3.unsupported_reason(H, C, R, 64 * 257, bf)
-  text = jax.jit(lambda *a: k3.sparse_mla_bwd(*a, scale=0.04)).trace(
-      sds((1, T // 2, H, C), bf), sds((1, T // 2, H, R), bf), sds((1, T // 2, C + R), bf),
-      sds((1, T // 2, K), jnp.int32), sds((1, T // 2, H), jnp.float32),
-      sds((1, T // 2, H, C), bf), sds((1, T // 2, H), jnp.float32)).lower(
-          lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text  # the backward at 64k
-  text = jax.jit(lambda *a: k3.sparse_mla_bwd(*a, scale=0.04, passes=4)).trace(
-      sds((1, T // 2, H, C), bf), sds((1, T // 2, H, R), bf), sds((1, T // 2, C + R), bf),
-      sds((1, T // 2, K), jnp.int32), sds((1, T // 2, H), jnp.float32),
-      sds((1, T // 2, H, C), bf), sds((1, T // 2, H), jnp.float32)).lower(
-          lowering_platforms=("cuda",)).as_text()
-  assert text.count("mosaic_gpu") >= 4  # the backward in 4 key ranges: 4 launches
-  text = jax.jit(lambda *a: k3.sparse_mla_bwd(*a, scale=0.04, reduce="atomic",
-                                              rotate=True)).trace(
-      sds((1, T // 2, H, C), bf), sds((1, T // 2, H, R), bf), sds((1, T // 2, C + R), bf),
-      sds((1, T // 2, K), jnp.int32), sds((1, T // 2, H), jnp.float32),
-      sds((1, T // 2, H, C), bf), sds((1, T // 2, H), jnp.float32)).lower(
-          lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  for reduce in ("atomic", "tma"):  # the backward at 64k, both ways of adding
+    text = jax.jit(lambda *a: k3.sparse_mla_bwd(*a, scale=0.04, reduce=reduce)).trace(
+        sds((1, T // 2, H, C), bf), sds((1, T // 2, H, R), bf), sds((1, T // 2, C + R), bf),
+        sds((1, T // 2, K), jnp.int32), sds((1, T // 2, H), jnp.float32),
+        sds((1, T // 2, H, C), bf), sds((1, T // 2, H), jnp.float32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text, reduce
   z = jnp.zeros
   with pytest.raises(ValueError, match=r"ckr must be \[B, S, C\+R\]"):
     k3.sparse_mla_fwd(z((1, 2, H, C), bf), z((1, 2, H, R), bf), z((1, 2, C), bf),
@@ -216,20 +174,18 @@ def test_equals_reference_on_the_gpu(rng, T, K):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
-@pytest.mark.parametrize("T,K,reduce,rotate,passes", [(1000, 256, "tma", False, 1),
-                                                      (4096, 2048, "tma", False, 1),
-                                                      (1000, 256, "atomic", False, 1),
-                                                      (4096, 2048, "atomic", False, 1),
-                                                      (4096, 2048, "tma", True, 1),
-                                                      (4096, 2048, "tma", False, 4),
-                                                      (4096, 2048, "atomic", False, 3)])
-def test_backward_equals_reference_on_the_gpu(rng, T, K, reduce, rotate, passes):
+@pytest.mark.parametrize("T,K,reduce,ordered", [(1000, 256, "tma", False),
+                                                (4096, 2048, "tma", False),
+                                                (1000, 256, "atomic", False),
+                                                (4096, 2048, "atomic", False),
+                                                (4096, 2048, "atomic", True)])
+def test_backward_equals_reference_on_the_gpu(rng, T, K, reduce, ordered):
   """The backward kernel (its MMAs, and its TMA reduce-adds or atomics, which the
-  interpreter has not; in key-range passes with each query's keys in rising order, as the
-  threshold and fused top-k give them) against the pure-JAX backward in float32 from the
-  same o and LSE."""
+  interpreter has not; with each query's keys in random order or (ordered) in rising
+  position order, as the threshold and fused top-k give them) against the pure-JAX
+  backward in float32 from the same o and LSE."""
   args, idx, valid = _problem(rng, 1, T, 512, 64, K)
-  if passes > 1:
+  if ordered:
     idx = jnp.sort(idx, axis=-1)
     valid = idx <= jnp.arange(T)[None, :, None]
   q_lat, q_rope, c, kr = args
@@ -238,7 +194,7 @@ def test_backward_equals_reference_on_the_gpu(rng, T, K, reduce, rotate, passes)
   g = jnp.asarray(rng.normal(size=q_lat.shape), jnp.bfloat16)
   delta = jnp.sum(g.astype(jnp.float32) * o.astype(jnp.float32), -1)
   got = k3.sparse_mla_bwd(q_lat, q_rope, ckr, idx_enc, lse, g, delta, scale=0.04,
-                          reduce=reduce, rotate=rotate, passes=passes)
+                          reduce=reduce)
   f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
   want = jax.jit(lambda *a: dsa._sparse_mla_bwd(*a, scale=0.04, chunk=256))(
       f32(q_lat), f32(q_rope), f32(ckr), idx, valid, f32(o), lse, f32(g))
