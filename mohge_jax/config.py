@@ -33,7 +33,7 @@ DSA_IMPLS = ("auto", "reference", "pallas", "interpret", "pallas_mma", "interpre
 DECODE_ATTENTION = ("auto", "xla", "pallas")
 DSA_TOPK_METHODS = ("sort", "radix", "sample", "threshold", "fused")
 ROPE_SCALINGS = ("none", "yarn")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out", "save_dsa_selection")
 DTYPES = ("float32", "bfloat16", "float16")
 SPARSE_ATTENTION = ("none", "dsa")
 DSA_STAGES = ("dense_warmup", "sparse")
@@ -141,7 +141,9 @@ class ModelConfig:
   # init_std / sqrt(2 * num_layers), as the reference (0.008 / sqrt(30) for MoHGE-3B).
   scaled_output_init: bool = True
   dtype: str = "float32"  # compute dtype; parameters are float32
-  remat: str = "none"  # per layer: none, full, save_dots, save_attention_out
+  # per layer: none, full, save_dots, save_attention_out, save_dsa_selection (as full but
+  # the DSA top-k's selection kept: no second top-k in the backward pass)
+  remat: str = "none"
   # Run each stack of repeated layers as one jax.lax.scan over stacked parameters (compile
   # cost of one layer, not num_layers); false unrolls the same parameters in Python.
   scan_layers: bool = True

@@ -32,6 +32,9 @@ _REMAT_POLICIES = {
     "full": None,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    # DSA: the top-k selection (idx int32 + valid, T x K each a layer: 640 MB at 64k, K =
+    # 2048) kept, so the backward pass does not run the indexer's top-k again
+    "save_dsa_selection": jax.checkpoint_policies.save_only_these_names("dsa_selection"),
 }
 
 

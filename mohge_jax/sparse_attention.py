@@ -21,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from mohge_jax.config import DSA_IMPLS, DSA_TOPK_METHODS, ModelConfig
@@ -542,6 +543,9 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
     idx_BxTxK, valid_BxTxK = over_causal_bands(
         select_fn, max(chunk, fused_chunk) if method == "fused" else chunk, T, S, K, bands,
         sg(q_BxTxJxI), sg(w_BxTxJ), seg)
+  # named for remat policies (model.remat=save_dsa_selection keeps it: no top-k again in
+  # the backward pass, where the selected scores' and the attention's gradients use it)
+  idx_BxTxK, valid_BxTxK = checkpoint_name((idx_BxTxK, valid_BxTxK), "dsa_selection")
   with jax.named_scope("dsa_selected_scores"):
     if scores in ("kernel", "interpret"):  # no [Q, K, I] gather: no chunks
       from pallas_kernels import indexer_gpu

@@ -376,6 +376,28 @@ def test_radix_top_k_model_equals_sort(rng):
     np.testing.assert_allclose(float(aux_a["dsa_kl"]), float(aux_b["dsa_kl"]), rtol=1e-5)
 
 
+def test_remat_can_keep_the_selection(rng):
+  """model.remat=save_dsa_selection: the gradients of remat=full (to float32 rounding) with
+  one top-k a layer in the gradient's program instead of two (full runs the forward's
+  again in the backward pass)."""
+  tokens = jnp.asarray(rng.integers(1, 257, size=(2, 14)))
+  seed, grads, counts = int(rng.integers(1 << 30)), [], []
+  for remat in ("full", "save_dsa_selection"):
+    cfg = load_config("configs/tiny.yaml", TINY + ["model.dsa_topk=4", f"model.remat={remat}",
+                                                   "model.num_layers=2"])
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+    def loss(params, graphdef=graphdef):
+      logits, aux = nnx.merge(graphdef, params)(tokens)
+      return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]) + aux["dsa_kl"]
+    grad = jax.grad(loss)
+    counts.append(_count_primitive(jax.make_jaxpr(grad)(params).jaxpr, "top_k"))
+    grads.append(jax.jit(grad)(params))
+  assert counts[1] < counts[0], counts
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
 def test_bfloat16_sparse_step_is_finite(rng):
   cfg = load_config("configs/tiny.yaml", TINY + ["model.dsa_topk=4", "model.dtype=bfloat16"])
   model = Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
