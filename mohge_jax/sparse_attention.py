@@ -605,7 +605,7 @@ def resolve_sparse_mla_impl(impl: str, H: int, C: int, R: int, K: int, dtype) ->
 
 
 def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, valid_BxTxK, *,
-               scale: float, chunk: int, impl: str = "reference"):
+               scale: float, chunk: int, impl: str = "reference", _probs: str = "kernel"):
   """MLA in latent form over each query's selected keys.
 
   score[t, h, k] = scale (q_lat[t, h] . c[idx[t, k]] + q_rope[t, h] . k_rope[idx[t, k]]),
@@ -621,14 +621,19 @@ def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, 
   "interpret_mma_bwd" (that kernel's backward too, `sparse_mla_mma_gpu.sparse_mla_bwd`), "auto"
   (`resolve_sparse_mla_impl`). With the kernel, a query with no valid key at
   all gets the uniform average of its sequence's row 0 (the reference: of its idx rows).
+  _probs (the MMA kernels' p; for benchmarks/dsa.py until measured): "kernel"
+  (`sparse_mla_probs`, a second pass over the keys) or "steps" (the forward's own P and
+  maxima, `sparse_mla_mma_gpu.probs_from_steps`).
   """
+  if _probs not in ("kernel", "steps"):
+    raise ValueError(f"sparse_mla: _probs={_probs!r}: must be 'kernel' or 'steps'")
   with jax.named_scope("dsa_sparse_mla"):
     return _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK,
-                       valid_BxTxK, scale=scale, chunk=chunk, impl=impl)
+                       valid_BxTxK, scale=scale, chunk=chunk, impl=impl, probs=_probs)
 
 
 def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, valid_BxTxK, *,
-                scale: float, chunk: int, impl: str):
+                scale: float, chunk: int, impl: str, probs: str = "kernel"):
   T, H = q_lat_BxTxHxC.shape[1], q_lat_BxTxHxC.shape[2]
   ckr_BxSxCR = jnp.concatenate([c_BxSxC, k_rope_BxSxR.astype(c_BxSxC.dtype)], -1)
   C = c_BxSxC.shape[-1]
@@ -638,7 +643,8 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK,
     return _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK,
                               valid_BxTxK, scale=scale, chunk=chunk,
                               interpret=impl.startswith("interpret"),
-                              mma="_mma" in impl, kernel_bwd=impl.endswith("_bwd"))
+                              mma="_mma" in impl, kernel_bwd=impl.endswith("_bwd"),
+                              probs=probs)
 
   def chunk_fn(t0, q_lat, q_rope, idx, valid):
     sel_BxQxKxCR = _gather_rows(ckr_BxSxCR, idx)
@@ -653,31 +659,34 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK,
 
 def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, valid_BxTxK, *,
                        scale: float, chunk: int, interpret: bool, mma: bool = False,
-                       kernel_bwd: bool = False):
+                       kernel_bwd: bool = False, probs: str = "kernel"):
   """o_lat from the Mosaic GPU forward kernel (mma: the 16-row MMA one), under a custom VJP
   whose backward is, from the kernel's o and LSE, the MMA kernel's backward
   (`sparse_mla_mma_gpu.sparse_mla_bwd`) with kernel_bwd, else pure JAX (`_sparse_mla_bwd`).
   p (the KL target) is recomputed from the LSE: by the MMA kernel's probabilities form
   (`sparse_mla_mma_gpu.sparse_mla_probs`) with mma, else in pure JAX (one chunked gather
-  and score product)."""
+  and score product); with mma and probs="steps" from the forward kernel's own P and
+  maxima (`step_probs`, `sparse_mla_mma_gpu.probs_from_steps`: no second pass)."""
   from pallas_kernels import sparse_mla_gpu, sparse_mla_mma_gpu
 
   forward = (sparse_mla_mma_gpu if mma else sparse_mla_gpu).sparse_mla_fwd
 
   T, H, C = q_lat_BxTxHxC.shape[1:]
   sg = jax.lax.stop_gradient
+  step_probs = mma and probs == "steps"
+  kw = {"step_probs": True} if step_probs else {}
 
   @jax.custom_vjp
   def attend(q_lat, q_rope, ckr, idx, valid):
     return forward(q_lat, q_rope, ckr, jnp.where(valid, idx, -1), scale=scale,
-                   interpret=interpret)
+                   interpret=interpret, **kw)
 
   def fwd(q_lat, q_rope, ckr, idx, valid):
-    o, lse = attend(q_lat, q_rope, ckr, idx, valid)
-    return (o, lse), (q_lat, q_rope, ckr, idx, valid, o, lse)
+    outs = attend(q_lat, q_rope, ckr, idx, valid)
+    return outs, (q_lat, q_rope, ckr, idx, valid, outs[0], outs[1])
 
   def bwd(res, g):
-    g_o, _ = g  # the LSE leaves this function under stop_gradient
+    g_o = g[0]  # the LSE (and the step outputs) leave this function under stop_gradient
     if not kernel_bwd:
       return (*_sparse_mla_bwd(*res, g_o, scale=scale, chunk=chunk), None, None)
     q_lat, q_rope, ckr, idx, valid, o, lse = res
@@ -688,9 +697,13 @@ def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, val
     return dq_lat, dq_rope, dckr.astype(ckr.dtype), None, None
 
   attend.defvjp(fwd, bwd)
-  o_BxTxHxC, lse_BxTxH = attend(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK,
-                                valid_BxTxK)
+  o_BxTxHxC, lse_BxTxH, *steps = attend(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR,
+                                        idx_BxTxK, valid_BxTxK)
   lse_BxTxH, sg_ckr = sg(lse_BxTxH), sg(ckr_BxSxCR)
+  if step_probs:
+    p_BxTxK = sparse_mla_mma_gpu.probs_from_steps(*map(sg, steps), lse_BxTxH,
+                                                  jnp.where(valid_BxTxK, idx_BxTxK, -1))
+    return o_BxTxHxC, sg(p_BxTxK)
   if mma:  # the kernel's second form: the same gather and scores, P summed over heads
     p_BxTxK = sparse_mla_mma_gpu.sparse_mla_probs(
         sg(q_lat_BxTxHxC), sg(q_rope_BxTxHxR), sg_ckr, jnp.where(valid_BxTxK, idx_BxTxK, -1),

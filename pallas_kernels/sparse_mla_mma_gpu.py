@@ -109,19 +109,40 @@ def _gather(ckr_SxCR, idx_keys, lat_smem, tail_smem, *, C: int, keys: int, group
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "row_pad", "group",
-                                             "_ablate"))
+                                             "step_probs", "_ablate"))
 def sparse_mla_fwd(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, *, scale: float,
                    interpret: bool | plgpu.InterpretGPUParams = False, row_pad: int = ROW_PAD,
-                   group: int = GROUP, _ablate: str = ""):
+                   group: int = GROUP, step_probs: bool = False, _ablate: str = ""):
   """o_lat [B,T,H,C] (q_lat's dtype) and lse [B,T,H] float32 (natural log). idx: int32,
   -1 = invalid; K is padded to a multiple of 64 with -1. interpret: True (or the
   interpreter's parameters) runs it in the GPU interpreter (on CPU; the MMAs as dots).
+  step_probs: also each step's P and running maximum as the online softmax has them,
+  p_steps [B,T,N,H,64] (q_lat's dtype; N = K/64 steps, rounded up) = exp2(score2 - m) and
+  m_steps [B,T,N,H] float32 (score2: the scaled score in base 2), from which
+  `probs_from_steps` gives `sparse_mla_probs`'s p without a second pass over the keys
+  (4.3 GB at 64k tokens, K = 2048: written once, read once).
   row_pad (bf16 columns after each SMEM row, a multiple of 8) and group (keys loaded before
   their stores, dividing 64) are tuning knobs; _ablate ("no_gather": the step's rows are not
   loaded; "no_mma": no products) is for benchmarks/dsa.py's timing of the kernel's parts,
   and its results are wrong."""
   return _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, None, scale=scale,
-                     interpret=interpret, row_pad=row_pad, group=group, ablate=_ablate)
+                     interpret=interpret, row_pad=row_pad, group=group, ablate=_ablate,
+                     step_probs=step_probs)
+
+
+def probs_from_steps(p_steps_BxTxNxHxKEYS, m_steps_BxTxNxH, lse_BxTxH, idx_BxTxK):
+  """`sparse_mla_probs`'s p [B,T,K] float32 from the forward's step_probs outputs (XLA, one
+  pass): p[t, 64 n + j] = sum_h p_steps[t, n, h, j] exp2(m_steps[t, n, h] - lse2[t, h]) / H
+  on the valid keys (idx >= 0), 0 on the others. p_steps is rounded to its dtype (bf16:
+  within 2^-9 of the float32 form, relatively)."""
+  B, T, N, H, _ = p_steps_BxTxNxHxKEYS.shape
+  K = idx_BxTxK.shape[-1]
+  lse2_BxTxH = lse_BxTxH.astype(jnp.float32) * math.log2(math.e)
+  f_BxTxNxH = jnp.exp2(m_steps_BxTxNxH - lse2_BxTxH[:, :, None, :])
+  p_BxTxNxKEYS = jnp.einsum("btnhk,btnh->btnk", p_steps_BxTxNxHxKEYS.astype(jnp.float32),
+                            f_BxTxNxH) * (1.0 / H)
+  p_BxTxK = p_BxTxNxKEYS.reshape(B, T, N * KEYS)[..., :K]
+  return jnp.where(idx_BxTxK >= 0, p_BxTxK, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret"))
@@ -136,8 +157,9 @@ def sparse_mla_probs(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_B
 
 
 def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxTxH, *,
-                scale, interpret, row_pad, group, ablate):
-  """The kernel: the forward (lse_in None) or the probabilities from a given LSE."""
+                scale, interpret, row_pad, group, ablate, step_probs=False):
+  """The kernel: the forward (lse_in None; step_probs: with its steps' P and maxima) or the
+  probabilities from a given LSE."""
   probs = lse_in_BxTxH is not None
   B, T, H, C, R, CR, K, dt = _checked_shapes(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR,
                                              idx_BxTxK)
@@ -167,6 +189,8 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxT
   def kernel(ql_ref, qr_ref, ckr_ref, idx_ref, *refs):
     if probs:
       lse_in_ref, p_ref, *scratch = refs
+    elif step_probs:
+      o_ref, lse_ref, pst_ref, mst_ref, *scratch = refs
     else:
       o_ref, lse_ref, *scratch = refs
     p_smem, lat_smem, tail_smem, idx_smem, bar = scratch
@@ -215,6 +239,9 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxT
       alpha = jnp.exp2(m_run - m_new)
       p = jnp.exp2(s - across(m_new, KEYS))
       l_new = l_run * alpha + plgpu.layout_cast(p.sum(axis=1), row)
+      if step_probs:  # this step's P and maxima, for probs_from_steps
+        pst_ref[b, t, st] = p.astype(dt)
+        mst_ref[b, t, st] = m_new
       p_smem[:, pl.ds(0, KEYS)] = p.astype(dt)
       plgpu.commit_smem()  # P, stored by all threads, is the A operand of all
       p_lhs = plgpu.load(p_smem.at[:, pl.ds(0, KEYS)], layout=lhs, optimized=False)
@@ -243,6 +270,9 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, lse_in_BxT
   else:
     out_type = (jax.ShapeDtypeStruct((B, T, H, C), dt),
                 jax.ShapeDtypeStruct((B, T, H), jnp.float32))
+    if step_probs:
+      out_type += (jax.ShapeDtypeStruct((B, T, Kp // KEYS, H, KEYS), dt),
+                   jax.ShapeDtypeStruct((B, T, Kp // KEYS, H), jnp.float32))
     args = ()
   out = plgpu.kernel(
       kernel,

@@ -451,14 +451,17 @@ def _rel(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("dtype,C,R,K,tol,impl", [
-    (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret"), (jnp.float32, 64, 32, 70, 1e-5, "interpret"),
-    (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret_mma"),
-    (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret_mma_bwd")])
-def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol, impl):
+@pytest.mark.parametrize("dtype,C,R,K,tol,impl,probs", [
+    (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret", "kernel"),
+    (jnp.float32, 64, 32, 70, 1e-5, "interpret", "kernel"),
+    (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret_mma", "kernel"),
+    (jnp.bfloat16, 128, 64, 100, 1e-2, "interpret_mma_bwd", "steps")])  # (p's forms: alike
+    # with and without the backward kernel: one case each)
+def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol, impl, probs):
   """The Mosaic GPU kernels (wgmma; "interpret_mma": the 16-row MMA one, bf16 only) in the
   GPU interpreter: o_lat, p and the gradients (the custom VJP's pure-JAX backward from the
-  LSE; "interpret_mma_bwd": the MMA kernel's backward kernel) against impl="reference" in
+  LSE; "interpret_mma_bwd": the MMA kernel's backward kernel; p from the forward's steps
+  with probs="steps") against impl="reference" in
   float32 on the same inputs (in bf16 the reference's own gradient of c is off by ~3%: its
   dp is rounded to bf16 before the softmax backward); two batch rows (the gather's sequence
   offset), K over one 64-key step (the online softmax across steps), chunks that pad T."""
@@ -468,7 +471,7 @@ def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol
 
   def run(impl, args):
     def loss(*a):
-      o, p = dsa.sparse_mla(*a, idx, valid, scale=0.1, chunk=4, impl=impl)
+      o, p = dsa.sparse_mla(*a, idx, valid, scale=0.1, chunk=4, impl=impl, _probs=probs)
       return jnp.sum(o.astype(jnp.float32) * g_out), (o, p)
     return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
 

@@ -58,27 +58,41 @@ def test_interpreted_equals_reference(rng, C, R, K):
 
 
 def test_probabilities_form_interpreted_equals_float64(rng):
-  """sparse_mla_probs (the KL target: P summed over heads / H, from the forward's LSE) in
-  the GPU interpreter against float64: K = 130 (three steps, the last padded), invalid
-  keys 0, a query with no valid key all 0; rows sum to 1 where any key is valid."""
-  args, idx, valid = _problem(rng, 2, 5, 128, 64, 130)
-  valid = valid.at[1, 2].set(False)
+  """The KL target (P summed over heads / H, from the forward's LSE) in the GPU interpreter
+  against float64, both forms: sparse_mla_probs (a second pass over the keys) and
+  probs_from_steps (the forward's step_probs outputs; bf16 P: within 2^-8). K = 130 (three
+  steps, the last padded), invalid keys 0, a query with no valid key all 0; rows sum to 1
+  where any key is valid. The forward's o and LSE with step_probs against float64 too."""
+  args, idx, valid = _problem(rng, 1, 5, 128, 64, 130)
+  valid = valid.at[0, 2].set(False)
   q_lat, q_rope, c, kr = args
   ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
-  _, lse = k3.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1, interpret=True)
-  lse = lse.at[1, 2].set(0.0)  # whatever the LSE, a query with no valid key gets zeros
-  p = np.asarray(k3.sparse_mla_probs(q_lat, q_rope, ckr, idx_enc, lse, scale=0.1,
-                                     interpret=True))
+  o, lse, p_steps, m_steps = k3.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1,
+                                               interpret=True, step_probs=True)
+  assert p_steps.shape == (1, 5, 3, H, 64) and m_steps.shape == (1, 5, 3, H)
   f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
-  b = np.arange(2)[:, None, None]
-  s = (np.einsum("bthc,btkc->bthk", f64(q_lat), f64(c)[b, idx]) +
-       np.einsum("bthr,btkr->bthk", f64(q_rope), f64(kr)[b, idx])) * 0.1
-  want = np.where(np.asarray(valid), np.exp(s - f64(lse)[..., None]).sum(2) / H, 0.0)
-  assert p.shape == (2, 5, 130)
-  np.testing.assert_allclose(p, want, rtol=1e-4, atol=1e-6)
-  assert (p[1, 2] == 0).all()
-  rows = np.asarray(valid).any(-1)
-  np.testing.assert_allclose(p.sum(-1)[rows], 1.0, rtol=1e-4)
+  v = np.asarray(valid)
+  s = (np.einsum("bthc,btkc->bthk", f64(q_lat), f64(c)[0, idx]) +
+       np.einsum("bthr,btkr->bthk", f64(q_rope), f64(kr)[0, idx])) * 0.1
+  s = np.where(v[:, :, None], s, -np.inf)
+  rows = v.any(-1)
+  with np.errstate(divide="ignore", invalid="ignore"):  # the query with no valid key
+    lse_want = np.log(np.exp(s).sum(-1))
+    o_want = np.einsum("bthk,btkc->bthc", np.exp(s - lse_want[..., None]), f64(c)[0, idx])
+  np.testing.assert_allclose(np.asarray(lse)[rows], lse_want[rows], rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(o, np.float32)[rows], o_want[rows], rtol=2e-2,
+                             atol=2e-2 * np.abs(o_want[rows]).max())
+  for form, rtol in (("kernel", 1e-4), ("steps", 2.0 ** -8)):
+    lse_f = lse.at[0, 2].set(0.0) if form == "kernel" else lse  # a query with no valid key
+    p = np.asarray(k3.sparse_mla_probs(q_lat, q_rope, ckr, idx_enc, lse_f, scale=0.1,
+                                       interpret=True) if form == "kernel"
+                   else k3.probs_from_steps(p_steps, m_steps, lse, idx_enc))
+    with np.errstate(over="ignore"):  # the query with no valid key: masked below
+      want = np.where(v, np.exp(s - f64(lse_f)[..., None]).sum(2) / H, 0.0)
+    assert p.shape == (1, 5, 130), form
+    np.testing.assert_allclose(p, want, rtol=rtol, atol=1e-6, err_msg=form)
+    assert (p[0, 2] == 0).all(), form  # gets zeros whatever its LSE
+    np.testing.assert_allclose(p.sum(-1)[rows], 1.0, rtol=rtol, err_msg=form)
 
 
 @pytest.mark.parametrize("C,R,K,reduce", [(128, 64, 70, "tma"), (256, 128, 32, "tma"),
