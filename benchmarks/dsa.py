@@ -170,16 +170,17 @@ def dense_fn(pss):
 
 
 def dsa_fn(pss, impl, method="sort"):
-  # <method>[:<scores>[:<bands>[:<chunk>]]]: select_topk's scores (auto, gather, dense),
-  # bands and the query chunk (model.dsa_query_chunk; CHUNK when empty)
-  method, scores, bands, chunk = (method.split(":") + ["", "", ""])[:4]
+  # <method>[:<scores>[:<bands>[:<chunk>[:<probs>]]]]: select_topk's scores (auto, gather,
+  # dense, kernel), bands, the query chunk (model.dsa_query_chunk; CHUNK when empty) and
+  # sparse_mla's _probs (kernel, steps), e.g. dsa_pallas_mma_bwd_fused::::steps
+  method, scores, bands, chunk, probs = (method.split(":") + [""] * 4)[:5]
   chunk = int(chunk or CHUNK)
 
   def fwd(q_lat, q_rope, c, kr, q_I, w_I, k_I):
     idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=TOPK, chunk=chunk, method=method,
                                         scores=scores or "auto", bands=int(bands or 4))
     o, p = dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=SCALE, chunk=chunk,
-                          impl=impl)
+                          impl=impl, _probs=probs or "kernel")
     return o, jnp.mean(dsa.sparse_indexer_kl(p, score, valid))
   names = ("q_lat", "q_rope", "c", "kr", "q_I", "w_I", "k_I")
   if pss == "fwd":

@@ -147,10 +147,11 @@ def test_lowers_for_cuda_at_mohge_3b_shapes_and_refuses_others():
   shapes it cannot take are refused by name."""
   sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
   T, C, R, K = 131072, 512, 64, 2048
-  text = jax.jit(lambda *a: k3.sparse_mla_fwd(*a, scale=0.04)).trace(
-      sds((1, T, H, C), bf), sds((1, T, H, R), bf), sds((1, T, C + R), bf),
-      sds((1, T, K), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  for step_probs in (False, True):
+    text = jax.jit(lambda *a: k3.sparse_mla_fwd(*a, scale=0.04, step_probs=step_probs)).trace(
+        sds((1, T, H, C), bf), sds((1, T, H, R), bf), sds((1, T, C + R), bf),
+        sds((1, T, K), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text, step_probs
   assert k3.unsupported_reason(H, C, R, K, bf) is None
   assert "heads must be 16" in k3.unsupported_reason(32, C, R, K, bf)
   assert "latent dim" in k3.unsupported_reason(H, 384, R, K, bf)
@@ -174,16 +175,27 @@ def test_lowers_for_cuda_at_mohge_3b_shapes_and_refuses_others():
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
 @pytest.mark.parametrize("T,K", [(1000, 256), (4096, 2048)])
 def test_equals_reference_on_the_gpu(rng, T, K):
+  """The forward kernel (with step_probs: the same o and LSE, and the KL target from its
+  steps) against the pure-JAX reference in float32; the two forms of the target against
+  the reference's p."""
   args, idx, valid = _problem(rng, 1, T, 512, 64, K)
   q_lat, q_rope, c, kr = args
-  o, lse = k3.sparse_mla_fwd(q_lat, q_rope, jnp.concatenate([c, kr], -1),
-                             jnp.where(valid, idx, -1), scale=0.04)
+  ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
+  o, lse = k3.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.04)
+  o2, lse2, p_steps, m_steps = k3.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.04,
+                                                 step_probs=True)
   f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-  o_r, _ = jax.jit(lambda *a: dsa.sparse_mla(*a, idx, valid, scale=0.04, chunk=256))(
+  o_r, p_r = jax.jit(lambda *a: dsa.sparse_mla(*a, idx, valid, scale=0.04, chunk=256))(
       *map(f32, args))
-  o, o_r = np.asarray(o, np.float32), np.asarray(o_r)
+  o, o_r, p_r = np.asarray(o, np.float32), np.asarray(o_r), np.asarray(p_r)
   assert np.isfinite(o).all() and np.isfinite(np.asarray(lse)).all()
   assert np.linalg.norm(o - o_r) / np.linalg.norm(o_r) < 2e-2
+  np.testing.assert_array_equal(np.asarray(o2, np.float32), o)
+  np.testing.assert_array_equal(np.asarray(lse2), np.asarray(lse))
+  for p in (k3.sparse_mla_probs(q_lat, q_rope, ckr, idx_enc, lse, scale=0.04),
+            k3.probs_from_steps(p_steps, m_steps, lse, idx_enc)):
+    p = np.asarray(p)
+    assert np.linalg.norm(p - p_r) / np.linalg.norm(p_r) < 2e-2
 
 
 @pytest.mark.gpu
