@@ -265,14 +265,11 @@ class MLA(nnx.Module):
       o_BxLxHxV = attend(q_BxLxHxPR, k_BxLxHxPR, kv_BxLxHxPV[..., P:], scale=self.scale,
                          segment_ids_BxL=segment_ids_BxL, impl=m.attention_impl)
     else:
-      idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=m.dsa_topk, chunk=chunk,
-                                          segment_ids_BxT=segment_ids_BxL,
-                                          method=m.dsa_topk_method)
-      o_lat_BxLxHxC, p_BxLxK = dsa.sparse_mla(q_lat_BxLxHxC, q_rope_BxLxHxR, c_BxLxC,
-                                              k_rope_BxLxR, idx, valid, scale=self.scale,
-                                              chunk=chunk, impl=m.dsa_impl)
+      o_lat_BxLxHxC, kl_BxL = dsa.sparse_stage(
+          q_lat_BxLxHxC, q_rope_BxLxHxR, c_BxLxC, k_rope_BxLxR, q_I, w_I, k_I,
+          segment_ids_BxL, topk=m.dsa_topk, chunk=chunk, method=m.dsa_topk_method,
+          impl=m.dsa_impl, scale=self.scale)
       o_BxLxHxV = jnp.einsum("blhc,chv->blhv", o_lat_BxLxHxC, w_ukv_CxHxPV[..., P:])
-      kl_BxL = dsa.sparse_indexer_kl(p_BxLxK, score, valid)
     out = self._mm(o_BxLxHxV.reshape(B, L, H * V), self.w_o)
     return out, {"dsa_kl": jnp.mean(kl_BxL)}, k_I
 

@@ -4,6 +4,8 @@ over the selected positions in its latent (MQA) form, and the indexer's KL losse
     q_I, w, k_I = indexer(x, c_q, positions)          # [B,T,J,I], [B,T,J], [B,T,I]
     idx, valid, score = select_topk(q_I, w, k_I, ...)  # [B,T,K] each: K keys per query
     o_lat, p = sparse_mla(q_lat, q_rope, c, k_rope, idx, valid, ...)  # [B,T,H,C], [B,T,K]
+    o_lat, kl = sparse_stage(q_lat, q_rope, c, k_rope, q_I, w, k_I, ...)  # the three, and
+                                                # the KL per query [B,T]: a layer's sparse stage
 
 Every function that pairs queries with keys runs over chunks of Q queries (`lax.map`): the
 indexer scores [B,Q,S] and the gathered latents [B,Q,K,C+R] exist for one chunk at a time,
@@ -280,11 +282,11 @@ _NEG_INF_KEY = 0x007FFFFF  # _order_key(-inf): a masked entry's
 
 
 def _indexer_backend() -> str:
-  """top_k_fused's "auto": the GPU kernels on a GPU with no mesh of several devices (XLA
-  cannot partition their custom calls), else the XLA reference."""
-  mesh = jax.sharding.get_abstract_mesh()
+  """top_k_fused's "auto": the GPU kernels on a GPU where they take whole arrays
+  (`_kernels_run_here`: no mesh of several devices, or inside `sparse_stage`'s shard_map;
+  XLA cannot partition their custom calls), else the XLA reference."""
   on_gpu = jax.default_backend() == "gpu"
-  return "kernel" if on_gpu and (mesh.empty or mesh.size == 1) else "reference"
+  return "kernel" if on_gpu and _kernels_run_here() else "reference"
 
 
 def top_k_fused(q_BxQxJxI, w_BxQxJ, k_BxSxI, t0, k: int, seg_q_BxQ=None, seg_k_BxS=None, *,
@@ -576,9 +578,9 @@ def _logits(q_lat, q_rope, sel_BxQxKxCR, C: int, scale: float):
 
 
 def resolve_sparse_mla_impl(impl: str, H: int, C: int, R: int, K: int, dtype) -> str:
-  """"auto" → on a Hopper GPU with no mesh of several devices set (under one, XLA's
-  partitioner would gather the custom call's operands onto every device: the kernels want
-  a shard_map over the batch first): "pallas_mma_bwd" (the 16-row MMA kernels, forward and
+  """"auto" → on a Hopper GPU where the kernels take whole arrays (`_kernels_run_here`: no
+  mesh of several devices, or inside `sparse_stage`'s shard_map over the batch; under
+  plain jit over several devices XLA cannot partition the custom calls): "pallas_mma_bwd" (the 16-row MMA kernels, forward and
   backward: on the H200 2.2-3x the wgmma forward's speed and 2.3x the fwd+bwd with the
   pure-JAX backward) when they take these shapes, else "pallas" when the wgmma forward
   does, else "reference"; an explicit kernel impl with shapes it cannot take is an error."""
@@ -590,8 +592,7 @@ def resolve_sparse_mla_impl(impl: str, H: int, C: int, R: int, K: int, dtype) ->
   from pallas_kernels import sparse_mla_gpu, sparse_mla_mma_gpu
 
   if impl == "auto":
-    mesh = jax.sharding.get_abstract_mesh()
-    if pk.resolve_backend("auto") != "mosaic_gpu" or not (mesh.empty or mesh.size == 1):
+    if pk.resolve_backend("auto") != "mosaic_gpu" or not _kernels_run_here():
       return "reference"
     if sparse_mla_mma_gpu.unsupported_reason(H, C, R, K, dtype) is None:
       return "pallas_mma_bwd"
@@ -776,6 +777,73 @@ def dense_mask_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxT
                          preferred_element_type=jnp.float32)) * scale
   p = jax.nn.softmax(jnp.where(sel_BxTxS[:, :, None, :], logits, -jnp.inf), axis=-1)
   return jnp.einsum("bths,bsc->bthc", p.astype(c_BxSxC.dtype), c_BxSxC)
+
+
+# ----------------------------------------------------------------------------- a layer's stage
+
+
+def _batch_shard_mesh(B: int):
+  """The mesh to run a layer's sparse stage per batch shard on (`jax.shard_map`), or None:
+  under a mesh of several devices whose axes of size > 1 are all batch axes
+  (`sharding.BATCH_AXES`: the batch split over every device, as `sharding.batch_sharding`
+  splits it) and divide B. Not inside a shard_map already; not with a tensor axis (the
+  kernels want a query's heads on one device)."""
+  from mohge_jax.sharding import BATCH_AXES
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return None
+  if any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in BATCH_AXES):
+    return None
+  if any(a not in mesh.axis_names for a in BATCH_AXES):
+    return None
+  return mesh if B % math.prod(mesh.shape[a] for a in BATCH_AXES) == 0 else None
+
+
+def _kernels_run_here() -> bool:
+  """Whether the GPU kernels can take this trace's arrays as whole: no mesh of several
+  devices, or inside a shard_map over all of its axes of size > 1 (XLA cannot partition
+  their custom calls)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or all(mesh.shape[a] == 1 or a in mesh.manual_axes
+                           for a in mesh.axis_names)
+
+
+def sparse_stage(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, q_BxTxJxI, w_BxTxJ,
+                 k_BxSxI, segment_ids_BxT=None, *, topk: int, chunk: int, method: str,
+                 impl: str, scale: float):
+  """A layer's sparse-stage attention: `select_topk`, `sparse_mla` over the selection and
+  `sparse_indexer_kl` -> (o_lat [B,T,H,C], the KL per query [B,T]).
+
+  Under a mesh of several devices that split the batch only (`_batch_shard_mesh`), it runs
+  per batch shard in a `jax.shard_map` over the whole mesh: every device its own rows, no
+  communication (the selection and attention of a row are the row's), and the GPU kernels
+  (impl / method "auto" / "fused") run there as on one device, where under plain `jit`
+  XLA would have to partition their custom calls (it cannot: "auto" takes the pure-JAX
+  paths outside). Other meshes (a tensor axis, a batch the devices do not divide): as
+  before, XLA partitions the pure-JAX paths."""
+  B = q_lat_BxTxHxC.shape[0]
+
+  def stage(q_lat, q_rope, c, k_rope, q_I, w, k_I, seg):
+    idx, valid, score = select_topk(q_I, w, k_I, topk=topk, chunk=chunk, segment_ids_BxT=seg,
+                                    method=method)
+    o_lat, p = sparse_mla(q_lat, q_rope, c, k_rope, idx, valid, scale=scale, chunk=chunk,
+                          impl=impl)
+    return o_lat, sparse_indexer_kl(p, score, valid)
+
+  args = (q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, q_BxTxJxI, w_BxTxJ, k_BxSxI)
+  mesh = _batch_shard_mesh(B)
+  if mesh is None:
+    return stage(*args, segment_ids_BxT)
+  from mohge_jax.sharding import BATCH_AXES
+
+  rows = jax.sharding.PartitionSpec(BATCH_AXES)
+  if segment_ids_BxT is None:  # (no segments: not the same as one segment of zeros)
+    body, args = (lambda *a: stage(*a, None)), args
+  else:
+    body, args = stage, args + (segment_ids_BxT,)
+  return jax.shard_map(body, mesh=mesh, in_specs=(rows,) * len(args), out_specs=(rows, rows),
+                       check_vma=False)(*args)
 
 
 # ----------------------------------------------------------------------------- KL losses

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from flax import nnx
 
 from mohge_jax import sparse_attention as dsa
@@ -555,7 +556,8 @@ def test_auto_uses_the_kernel_on_one_device_only(monkeypatch):
   """dsa_impl=auto on a Hopper GPU (faked): the kernels without a mesh or on a one-device
   mesh (the MMA ones at 16 heads in bf16, else the wgmma forward: 32 heads, float32), the
   reference where neither applies (12 heads) or under a mesh of several devices (whose
-  partitioner would gather the kernel's operands onto each of them)."""
+  partitioner would gather the kernel's operands onto each of them), the kernels again
+  inside a shard_map over that mesh (`sparse_stage`'s)."""
   import pallas_kernels as pk
   monkeypatch.setattr(pk, "resolve_backend", lambda b="auto": "mosaic_gpu")
   shapes = (16, 512, 64, 2048, jnp.bfloat16)
@@ -565,9 +567,63 @@ def test_auto_uses_the_kernel_on_one_device_only(monkeypatch):
   assert dsa.resolve_sparse_mla_impl("auto", 12, 512, 64, 2048, jnp.bfloat16) == "reference"
   with jax.set_mesh(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])):
     assert dsa.resolve_sparse_mla_impl("auto", *shapes) == "pallas_mma_bwd"
-  with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+  with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2],
+                                  axis_types=(jax.sharding.AxisType.Auto,))):
     assert dsa.resolve_sparse_mla_impl("auto", *shapes) == "reference"
     assert dsa.resolve_sparse_mla_impl("pallas", *shapes) == "pallas"  # asked for: as asked
+    # inside sparse_stage's shard_map over the mesh the kernels take whole (local) arrays
+    resolved = []
+
+    def body(x):
+      resolved.append(dsa.resolve_sparse_mla_impl("auto", *shapes))
+      return x
+    jax.jit(jax.shard_map(body, in_specs=P("data"), out_specs=P("data")))(jnp.zeros(4))
+    assert resolved == ["pallas_mma_bwd"]
+
+
+def _stage_inputs(rng, B, T, H=4, C=32, R=16, J=2, I=16):
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+  return (f(B, T, H, C), f(B, T, H, R), f(B, T, C), f(B, T, R), f(B, T, J, I), f(B, T, J),
+          f(B, T, I))
+
+
+@pytest.mark.parametrize("method,segments,devices", [("sort", True, (2, 2)),
+                                                     ("fused", False, (4, 1))])
+def test_sparse_stage_per_batch_shard_equals_one_device(rng, monkeypatch, method, segments,
+                                                        devices):
+  """sparse_stage under a mesh that splits the batch (data x fsdp = 2 x 2 or 4 x 1: its
+  shard_map, every device its rows) against no mesh: o_lat, the KL and the gradients in all
+  seven inputs to float32 rounding, with segment ids or none; "fused": the fused top-k's
+  Triton kernels in the interpreter inside the shard_map. A mesh with a tensor axis, or a
+  batch the devices do not divide, or a trace inside a shard_map already: no shard_map."""
+  from mohge_jax import sharding
+  from mohge_jax.config import MeshConfig
+
+  monkeypatch.setattr(dsa, "_indexer_backend", lambda: "interpret")
+  B, T = 4, 40
+  args = _stage_inputs(rng, B, T)
+  seg = jnp.asarray(np.repeat([[0] * 15 + [1] * (T - 15)], B, 0)) if segments else None
+
+  def run():
+    def loss(*a):
+      o, kl = dsa.sparse_stage(*a, seg, topk=8, chunk=16, method=method, impl="reference",
+                               scale=0.1)
+      return jnp.sum(o ** 2) + jnp.sum(kl), (o, kl)
+    return jax.jit(jax.grad(loss, argnums=tuple(range(7)), has_aux=True))(*args)
+  want_g, want = run()
+  mesh = sharding.make_mesh(MeshConfig(data=devices[0], fsdp=devices[1], expert=1, tensor=1),
+                            jax.devices()[:4])
+  with jax.set_mesh(mesh):
+    assert dsa._batch_shard_mesh(B) is not None
+    got_g, got = run()
+  for name, a, b in zip(("o_lat", "kl", "dq_lat", "dq_rope", "dc", "dk_rope", "dq_I", "dw_I",
+                         "dk_I"), got + got_g, want + want_g):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6 * float(np.abs(b).max()), err_msg=name)
+  for cfg, batch in ((MeshConfig(data=2, fsdp=1, expert=1, tensor=2), B),
+                     (MeshConfig(data=4, fsdp=1, expert=1, tensor=1), 6)):
+    with jax.set_mesh(sharding.make_mesh(cfg, jax.devices()[:4])):
+      assert dsa._batch_shard_mesh(batch) is None
 
 
 def test_sparse_mla_kernel_lowers_for_cuda_at_mohge_3b_shapes():

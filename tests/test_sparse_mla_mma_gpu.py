@@ -272,3 +272,43 @@ def test_mohge_3b_dsa_training_step_lowers_at_64k(monkeypatch):
   assert kernels("pallas_mma_bwd") > kernels("pallas_mma") > kernels("reference") > 0
   for name in ("dsa_index_count", "dsa_index_candidates", "dsa_kth_rows", "dsa_topk_rows"):
     assert name in texts["pallas_mma_bwd"] and name not in texts["pallas_mma"], name
+
+
+def test_dsa_training_step_on_two_devices_lowers_the_kernels_per_shard(monkeypatch):
+  """The 3B DSA config's training step (2 layers, 16k tokens, batch 2) on a mesh of two
+  devices that split the batch, on a faked Hopper GPU: with dsa_impl=auto the DSA kernels
+  (the sparse attention's Mosaic GPU calls, the fused top-k's Triton ones) are in the
+  lowered step (inside `sparse_stage`'s shard_map), where before they were left out under
+  a mesh of several devices; dsa_impl=reference has none of them."""
+  import pallas_kernels
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
+  from mohge_jax import sharding
+  from mohge_jax.config import load_config
+  from mohge_jax.trainer import abstract_state, graph_def, make_train_step
+
+  monkeypatch.setattr(pallas_kernels, "resolve_backend", lambda *a, **k: "mosaic_gpu")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the fused top-k's "auto"
+  info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion("NVIDIA H100"))
+  monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: info)  # Triton's lowering
+  T = 16384
+
+  def lowered(impl):
+    cfg = load_config("configs/mohge_3b_dsa.yaml", [
+        "train.batch_size=2", f"train.seq_len={T}", "train.grad_accum=1",
+        "model.num_layers=2", f"model.dsa_impl={impl}", "model.attention_impl=xla",
+        "model.expert_backend=ragged_dot"])
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2])
+    assert dict(mesh.shape)["data"] == 2
+    with jax.set_mesh(mesh):
+      state = abstract_state(cfg, mesh)
+      bs = sharding.batch_sharding(mesh, leading=1)
+      batch = {k: jax.ShapeDtypeStruct((1, 2, T), dt, sharding=bs) for k, dt in (
+          ("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
+          ("segment_ids", jnp.int32), ("positions", jnp.int32))}
+      return make_train_step(cfg, graph_def(cfg)).trace(state, batch).lower(
+          lowering_platforms=("cuda",)).as_text()
+
+  auto, ref = lowered("auto"), lowered("reference")
+  assert auto.count("@mosaic_gpu") > 0 and ref.count("@mosaic_gpu") == 0
+  for name in ("dsa_topk_rows", "dsa_selected_scores_bwd"):  # (at 16k every key of a row
+    assert name in auto, name                                  # is a candidate: no compaction)
