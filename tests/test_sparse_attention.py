@@ -626,6 +626,47 @@ def test_sparse_stage_per_batch_shard_equals_one_device(rng, monkeypatch, method
       assert dsa._batch_shard_mesh(batch) is None
 
 
+@pytest.mark.gpu
+def test_sparse_stage_on_two_gpus_equals_one_gpu(rng):
+  """On 2 Hopper GPUs (mesh data = 2, batch 2): sparse_stage with the defaults of the 3B DSA
+  config (dsa_impl auto: the MMA kernels, the fused top-k, the selected scores' kernel) per
+  batch shard against the same on one GPU, at its attention shapes (16 heads, latent 512 +
+  rope 64, 4 x 64 indexer, top-2048 of 4096 keys, bf16): o_lat and the KL, and the
+  gradients in all seven inputs (the kernels' float32 atomics add in another order each
+  run: within 1e-2, relative norm). Run: JAX_PLATFORMS=cuda,cpu pytest -m gpu ..."""
+  import pallas_kernels as pk
+  from mohge_jax import sharding
+  from mohge_jax.config import MeshConfig
+
+  gpus = [d for d in jax.devices() if d.platform == "gpu"]
+  if len(gpus) < 2 or pk.resolve_backend("auto") != "mosaic_gpu":
+    pytest.skip(f"needs 2+ Hopper GPUs (found {len(gpus)})")
+  B, T, H, C, R, J, I = 2, 4096, 16, 512, 64, 4, 64
+  key = iter(jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 8))
+  bf = lambda *s: jax.random.normal(next(key), s, jnp.bfloat16)  # noqa: E731
+  args = (bf(B, T, H, C), bf(B, T, H, R), bf(B, T, C), bf(B, T, R), bf(B, T, J, I),
+          jax.random.normal(next(key), (B, T, J), jnp.float32), bf(B, T, I))
+  ct = bf(B, T, H, C).astype(jnp.float32)
+
+  def loss(*a):
+    o, kl = dsa.sparse_stage(*a, None, topk=2048, chunk=256, method="fused", impl="auto",
+                             scale=0.04)
+    return jnp.sum(o.astype(jnp.float32) * ct) + jnp.sum(kl), (o, kl)
+  step = jax.jit(jax.grad(loss, argnums=tuple(range(7)), has_aux=True))
+  results = []
+  for n in (1, 2):
+    mesh = sharding.make_mesh(MeshConfig(data=n), gpus[:n])
+    with jax.set_mesh(mesh):
+      assert (dsa._batch_shard_mesh(B) is not None) == (n > 1)
+      grads, (o, kl) = step(*[jax.device_put(a, sharding.batch_sharding(mesh, leading=0))
+                              for a in args])
+    results.append([np.asarray(x, np.float32) for x in (o, kl, *grads)])
+  for name, a, b in zip(("o_lat", "kl", "dq_lat", "dq_rope", "dc", "dk_rope", "dq_I", "dw_I",
+                         "dk_I"), *results):
+    assert np.isfinite(a).all(), name
+    assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), name
+
+
 def test_sparse_mla_kernel_lowers_for_cuda_at_mohge_3b_shapes():
   """Mosaic GPU lowering (no GPU needed; it checks the SMEM budget, not registers) at
   H = 16, C = 512, R = 64, K = 2048, T = 128k: the forward kernel alone (both splits, 1 or 3
