@@ -230,6 +230,28 @@ def test_backward_equals_reference_on_the_gpu(rng, T, K, reduce, ordered):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-2
 
 
+def _lowered_3b_dsa_step(T: int, devices: int, overrides: list[str]) -> str:
+  """configs/mohge_3b_dsa.yaml's training step (2 of its layers, one T-token row a device,
+  the batch over `devices` CPU devices as data), lowered for CUDA: its module text."""
+  from mohge_jax import sharding
+  from mohge_jax.config import load_config
+  from mohge_jax.trainer import abstract_state, graph_def, make_train_step
+
+  cfg = load_config("configs/mohge_3b_dsa.yaml", [
+      f"train.batch_size={devices}", f"train.seq_len={T}", "train.grad_accum=1",
+      "model.num_layers=2", "model.attention_impl=xla", *overrides])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:devices])
+  assert dict(mesh.shape)["data"] == devices
+  with jax.set_mesh(mesh):
+    state = abstract_state(cfg, mesh)
+    bs = sharding.batch_sharding(mesh, leading=1)
+    batch = {k: jax.ShapeDtypeStruct((1, devices, T), dt, sharding=bs) for k, dt in (
+        ("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
+        ("segment_ids", jnp.int32), ("positions", jnp.int32))}
+    return make_train_step(cfg, graph_def(cfg)).trace(state, batch).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+
 def test_mohge_3b_dsa_training_step_lowers_at_64k(monkeypatch):
   """configs/mohge_3b_dsa.yaml's training step (2 of its layers) at one 64k-token sequence
   with dsa_impl=pallas_mma(_bwd) and the config's fused top-k (the sampled one for the
@@ -237,9 +259,7 @@ def test_mohge_3b_dsa_training_step_lowers_at_64k(monkeypatch):
   for CUDA, as issue 16's 64k step will run on the H200."""
   import pallas_kernels
   from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
-  from mohge_jax import dispatch, sharding
-  from mohge_jax.config import load_config
-  from mohge_jax.trainer import abstract_state, graph_def, make_train_step
+  from mohge_jax import dispatch
   from pallas_kernels import gpu
 
   monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132, **k))
@@ -254,20 +274,9 @@ def test_mohge_3b_dsa_training_step_lowers_at_64k(monkeypatch):
 
   def kernels(impl):  # Mosaic GPU calls in the lowered step
     method = "fused" if impl == "pallas_mma_bwd" else "sample"
-    cfg = load_config("configs/mohge_3b_dsa.yaml", [
-        "train.batch_size=1", f"train.seq_len={T}", "train.grad_accum=1",
-        "model.num_layers=2", f"model.dsa_impl={impl}", f"model.dsa_topk_method={method}",
-        "model.attention_impl=xla"])
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    with jax.set_mesh(mesh):
-      state = abstract_state(cfg, mesh)
-      bs = sharding.batch_sharding(mesh, leading=1)
-      batch = {k: jax.ShapeDtypeStruct((1, 1, T), dt, sharding=bs) for k, dt in (
-          ("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
-          ("segment_ids", jnp.int32), ("positions", jnp.int32))}
-      text = texts[impl] = make_train_step(cfg, graph_def(cfg)).trace(state, batch).lower(
-          lowering_platforms=("cuda",)).as_text()
-    return text.count("@mosaic_gpu")
+    texts[impl] = _lowered_3b_dsa_step(T, 1, [f"model.dsa_impl={impl}",
+                                              f"model.dsa_topk_method={method}"])
+    return texts[impl].count("@mosaic_gpu")
 
   assert kernels("pallas_mma_bwd") > kernels("pallas_mma") > kernels("reference") > 0
   for name in ("dsa_index_count", "dsa_index_candidates", "dsa_kth_rows", "dsa_topk_rows"):
@@ -282,9 +291,6 @@ def test_dsa_training_step_on_two_devices_lowers_the_kernels_per_shard(monkeypat
   a mesh of several devices; dsa_impl=reference has none of them."""
   import pallas_kernels
   from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
-  from mohge_jax import sharding
-  from mohge_jax.config import load_config
-  from mohge_jax.trainer import abstract_state, graph_def, make_train_step
 
   monkeypatch.setattr(pallas_kernels, "resolve_backend", lambda *a, **k: "mosaic_gpu")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the fused top-k's "auto"
@@ -292,23 +298,9 @@ def test_dsa_training_step_on_two_devices_lowers_the_kernels_per_shard(monkeypat
   monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: info)  # Triton's lowering
   T = 16384
 
-  def lowered(impl):
-    cfg = load_config("configs/mohge_3b_dsa.yaml", [
-        "train.batch_size=2", f"train.seq_len={T}", "train.grad_accum=1",
-        "model.num_layers=2", f"model.dsa_impl={impl}", "model.attention_impl=xla",
-        "model.expert_backend=ragged_dot"])
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2])
-    assert dict(mesh.shape)["data"] == 2
-    with jax.set_mesh(mesh):
-      state = abstract_state(cfg, mesh)
-      bs = sharding.batch_sharding(mesh, leading=1)
-      batch = {k: jax.ShapeDtypeStruct((1, 2, T), dt, sharding=bs) for k, dt in (
-          ("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
-          ("segment_ids", jnp.int32), ("positions", jnp.int32))}
-      return make_train_step(cfg, graph_def(cfg)).trace(state, batch).lower(
-          lowering_platforms=("cuda",)).as_text()
-
-  auto, ref = lowered("auto"), lowered("reference")
+  auto, ref = (_lowered_3b_dsa_step(T, 2, [f"model.dsa_impl={impl}",
+                                           "model.expert_backend=ragged_dot"])
+               for impl in ("auto", "reference"))
   assert auto.count("@mosaic_gpu") > 0 and ref.count("@mosaic_gpu") == 0
   for name in ("dsa_topk_rows", "dsa_selected_scores_bwd"):  # (at 16k every key of a row
     assert name in auto, name                                  # is a candidate: no compaction)
