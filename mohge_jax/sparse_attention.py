@@ -469,8 +469,8 @@ def select_topk(q_BxTxJxI, w_BxTxJ, k_BxSxI, *, topk: int, chunk: int,
   scatter-adds into the keys' gradient), "kernel" (`pallas_kernels.indexer_gpu.
   selected_scores`: a GPU kernel a query gathers its keys' index rows itself, the backward
   adds the keys' gradient by float32 atomics; "interpret": it in the interpreter, for
-  tests) or "auto": the kernel where the fused top-k's kernels run (`_indexer_backend`: a
-  GPU with no mesh of several devices; an index dim they take), else gather from S >= 32 K
+  tests) or "auto": the kernel where the fused top-k's kernels run (`_indexer_backend`: on
+  a GPU where they take whole arrays; an index dim they take), else gather from S >= 32 K
   keys. On the H200 (DSA fwd+bwd, K = 2048, ninth session) gather took 1,499 ms against
   1,768 at 128k, the same at 64k (636 / 645), and lost at 32k (304 / 274) and 16k (150 /
   120): its scatter-add grows with T K, the dense backward with T S; the kernel against
@@ -580,10 +580,11 @@ def _logits(q_lat, q_rope, sel_BxQxKxCR, C: int, scale: float):
 def resolve_sparse_mla_impl(impl: str, H: int, C: int, R: int, K: int, dtype) -> str:
   """"auto" → on a Hopper GPU where the kernels take whole arrays (`_kernels_run_here`: no
   mesh of several devices, or inside `sparse_stage`'s shard_map over the batch; under
-  plain jit over several devices XLA cannot partition the custom calls): "pallas_mma_bwd" (the 16-row MMA kernels, forward and
-  backward: on the H200 2.2-3x the wgmma forward's speed and 2.3x the fwd+bwd with the
-  pure-JAX backward) when they take these shapes, else "pallas" when the wgmma forward
-  does, else "reference"; an explicit kernel impl with shapes it cannot take is an error."""
+  plain jit over several devices XLA cannot partition the custom calls): "pallas_mma_bwd"
+  (the 16-row MMA kernels, forward and backward: on the H200 2.2-3x the wgmma forward's
+  speed and 2.3x the fwd+bwd with the pure-JAX backward) when they take these shapes, else
+  "pallas" when the wgmma forward does, else "reference"; an explicit kernel impl with
+  shapes it cannot take is an error."""
   if impl not in SPARSE_MLA_IMPLS:
     raise ValueError(f"unknown sparse_mla impl {impl!r}; choose from {SPARSE_MLA_IMPLS}")
   if impl == "reference":
