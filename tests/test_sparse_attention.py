@@ -385,7 +385,7 @@ def test_remat_can_keep_the_selection(rng):
   seed, grads, counts = int(rng.integers(1 << 30)), [], []
   for remat in ("full", "save_dsa_selection"):
     cfg = load_config("configs/tiny.yaml", TINY + ["model.dsa_topk=4", f"model.remat={remat}",
-                                                   "model.num_layers=2"])
+                                                   "model.num_layers=1"])
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
 
     def loss(params, graphdef=graphdef):
