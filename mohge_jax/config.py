@@ -142,7 +142,8 @@ class ModelConfig:
   scaled_output_init: bool = True
   dtype: str = "float32"  # compute dtype; parameters are float32
   # per layer: none, full, save_dots, save_attention_out, save_dsa_selection (as full but
-  # the DSA top-k's selection kept: no second top-k in the backward pass)
+  # the DSA top-k's selection kept: no second top-k in the backward pass; without a
+  # selection, dense attention or DSA's warm-up, it is full, so one config serves all)
   remat: str = "none"
   # Run each stack of repeated layers as one jax.lax.scan over stacked parameters (compile
   # cost of one layer, not num_layers); false unrolls the same parameters in Python.
