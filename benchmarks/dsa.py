@@ -72,8 +72,9 @@ backward recomputes the scores: 5 products vs 2) and 1x for the indexer (its bac
 reaches the k selected scores). At the smallest length it also records the kernel's forward
 error against the reference (a "check" row).
 
-Time: two rounds (the issue's comparison dense_cudnn / dsa_pallas / dsa_reference over all
-lengths, then the attention alone and the kernel variants), each in order of length; a
+Time: two rounds (the issue's comparison dense_cudnn / dsa_pallas_mma_bwd_fused (what
+configs/mohge_3b_dsa.yaml runs) / dsa_reference_threshold over all lengths, then the
+top-k, the selected scores and the attention alone), each in order of length; a
 row starts only while the budget (default 330 s) is not
 spent, and an (impl, pass) that failed or took over 20 s a call is not run at larger
 lengths.
@@ -335,11 +336,12 @@ def profile(f, args, logdir: str, name: str) -> list[dict]:
 
 
 # Two rounds over the lengths: the issue's comparison first, then the attention alone.
-ROUNDS = (("dense_cudnn", "dsa_pallas", "dsa_pallas_mma", "dsa_pallas_radix",
-           "dsa_pallas_sample", "dsa_reference"),
-          ("topk_sort", "topk_radix", "topk_sample", "sparse_mla_pallas",
-           "sparse_mla_pallas_mma", "sparse_mla_reference", "kernel_wg_tpc1", "kernel_wg_tpc3",
-           "kernel_cta_tpc1", "kernel_cta_tpc3", "kernel_mma"))
+# The first: the issue's comparison with the 3B DSA config's path (the MMA kernels forward
+# and backward, the fused top-k, the selected scores' kernel) and the pure-JAX one; the
+# second: its parts alone.
+ROUNDS = (("dense_cudnn", "dsa_pallas_mma_bwd_fused", "dsa_reference_threshold"),
+          ("topk_threshold", "topk_fused", "selscores_kernel", "sparse_mla_pallas_mma_bwd",
+           "kernel_mma", "kernel_bwd_atomic_sorted"))
 
 
 def main():
