@@ -27,11 +27,14 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        sample, oversample); "check_topk" rows say whether the others chose
                        sort's keys
   dsa_pallas_sample    dsa_pallas with the top-k by `top_k_sampled` (_threshold:
-                       `top_k_threshold`; so for every dsa_ row; suffixes
-                       ":<scores>[:<bands>[:<chunk>]]" set select_topk's scores (auto,
-                       gather, dense), causal bands (default 4) and query chunk (default
-                       256, model.dsa_query_chunk), e.g. dsa_pallas_mma_bwd_threshold:auto:1
-                       or dsa_pallas_mma_bwd_threshold::4:1024; topk_<method>:<chunk> too)
+                       `top_k_threshold`, _fused: `top_k_fused`; so for every dsa_ row;
+                       suffixes ":<scores>[:<bands>[:<chunk>[:<probs>]]]" set select_topk's
+                       scores (auto, gather, dense, kernel), causal bands (default 4), query
+                       chunk (default 256, model.dsa_query_chunk) and sparse_mla's KL
+                       target (kernel: a second pass; steps: from the forward's steps),
+                       e.g. dsa_pallas_mma_bwd_threshold:auto:1,
+                       dsa_pallas_mma_bwd_threshold::4:1024 or
+                       dsa_pallas_mma_bwd_fused::::steps; topk_<method>:<chunk> too)
   dsa_pallas_mma_sample  both: the MMA kernel and the sampled top-k
   dsa_pallas_mma_bwd[_sample]: with the MMA kernel's backward kernel too
   sparse_mla_reference / sparse_mla_pallas / sparse_mla_pallas_mma / _pallas_mma_bwd:
