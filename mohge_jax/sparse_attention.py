@@ -27,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from mohge_jax.config import DSA_IMPLS, DSA_TOPK_METHODS, ModelConfig
+from mohge_jax.sharding import BATCH_AXES
 from mohge_jax.rope import apply_rope, rope_inv_freq
 
 # A finite "minus infinity": a row with every key masked stays finite (uniform) instead of
@@ -789,8 +790,6 @@ def _batch_shard_mesh(B: int):
   (`sharding.BATCH_AXES`: the batch split over every device, as `sharding.batch_sharding`
   splits it) and divide B. Not inside a shard_map already; not with a tensor axis (the
   kernels want a query's heads on one device)."""
-  from mohge_jax.sharding import BATCH_AXES
-
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or mesh.manual_axes:
     return None
@@ -836,11 +835,9 @@ def sparse_stage(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, q_BxTxJxI
   mesh = _batch_shard_mesh(B)
   if mesh is None:
     return stage(*args, segment_ids_BxT)
-  from mohge_jax.sharding import BATCH_AXES
-
   rows = jax.sharding.PartitionSpec(BATCH_AXES)
   if segment_ids_BxT is None:  # (no segments: not the same as one segment of zeros)
-    body, args = (lambda *a: stage(*a, None)), args
+    body = lambda *a: stage(*a, None)  # noqa: E731
   else:
     body, args = stage, args + (segment_ids_BxT,)
   return jax.shard_map(body, mesh=mesh, in_specs=(rows,) * len(args), out_specs=(rows, rows),
