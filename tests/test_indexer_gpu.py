@@ -38,10 +38,13 @@ def test_candidates_interpreted_equal_reference(rng, segments):
   q, w = jnp.swapaxes(q, 1, 2), jnp.swapaxes(w, 1, 2)
   # thresholds around the middle of the scores' order keys (2^31 is +0.0)
   tau = jnp.asarray(rng.integers(2 ** 31 - 2 ** 28, 2 ** 31 + 2 ** 30, (B, N)), jnp.uint32)
-  seg = ((jnp.asarray(np.cumsum(rng.random((B, N)) < 0.05, 1), jnp.int32),
-          jnp.asarray(np.cumsum(rng.random((B, S)) < 0.004, 1), jnp.int32))
-         if segments else (None, None))
+  # one document id per position (a boundary every ~50 positions); the queries' ids are the
+  # ids at their positions, as in a packed sequence
+  doc = np.cumsum(rng.random((B, 1000 + N)) < 0.02, 1).astype(np.int32)
   for t0, extent, cap in ((1000, 1050, 64), (0, 1024, 1024), (300, 1100, 300)):
+    seg = ((jnp.asarray(doc[:, t0:t0 + N]), jnp.asarray(np.pad(doc, ((0, 0), (0, 30)),
+                                                                 mode="edge")[:, :S]))
+           if segments else (None, None))
     got = ik.threshold_candidates(q, w, k, tau, t0, *seg, extent=extent, cap=cap,
                                   interpret=True)
     want = ik.reference(q, w, k, tau, t0, *seg, extent=extent, cap=cap)
