@@ -192,17 +192,17 @@ def test_backend_names_are_generates():
 
 def test_decode_experts_benchmark_runs_and_checks_the_kernels(tmp_path):
   """benchmarks.decode_experts on a kernel-sized tiny MoHGE (interpreter): a row per backend
-  and tuning (with --parts the slot kernel's projections apart, with and without their
-  products), the kernels' first-layer output within bf16 of XLA's capacity path."""
+  and tuning (a tuning, then with --parts the default's projections apart, with and without
+  their products), the kernels' first-layer output within bf16 of XLA's capacity path."""
   from benchmarks import decode_experts
   out = tmp_path / "experts.json"
   assert decode_experts.main([
       "--config", str(ROOT / "configs/tiny.yaml"), "--batches", "64", "--reps", "1", "--interpret",
-      "--layers", "2", "--tunings", "default,steps=2", "--out", str(out),
+      "--layers", "2", "--tunings", "steps=2", "--out", str(out),
       "model.group_widths=[128,256]"]) == 0
   rows = json.loads(out.read_text())["rows"]
-  assert [r["backend"] for r in rows] == ["capacity", "capacity_kernel[default]",
-                                          "capacity_kernel[steps=2]", "all_experts"]
+  assert [r["backend"] for r in rows] == ["capacity", "capacity_kernel[steps=2]",
+                                          "all_experts"]
   for r in rows[1:]:
     assert r["rel_err_vs_capacity"] < 2e-2, r
   assert decode_experts.main([   # --parts: the slot kernel's projections apart

@@ -223,7 +223,7 @@ def test_top_k_threshold_is_top_k_positions(rng):
 @pytest.mark.parametrize("method", ["sort", "threshold"])
 def test_causal_bands_select_the_same_keys(rng, method):
   """select_topk's causal bands (each band's chunks over only the keys its queries may see):
-  for 1 to 7 bands the same valid keys, the same scores of them and the same gradients, with
+  for 1, 3 and 7 bands the same valid keys, the same scores of them and the same gradients, with
   a ragged last chunk, documents, and top-k above the first band's keys. (threshold: K = 4,
   so that a band over more than 8K = 32 keys, the one band or the last, takes the
   candidates' path, not the radix select of the whole row.)"""
@@ -234,7 +234,7 @@ def test_causal_bands_select_the_same_keys(rng, method):
   seg = jnp.asarray(np.sort(rng.integers(0, 3, size=(B, T)), axis=1))
   ct = jnp.asarray(rng.normal(size=(B, T, K)), jnp.float32)
   outs = []
-  for bands in (1, 2, 4, 7):
+  for bands in (1, 3, 7):
     def f(q, w, k, bands=bands):
       idx, valid, score = dsa.select_topk(q, w, k, topk=K, chunk=4, segment_ids_BxT=seg,
                                           method=method, bands=bands)
@@ -485,8 +485,8 @@ def test_sparse_mla_kernel_interpreted_equals_reference(rng, dtype, C, R, K, tol
 
 
 def test_sparse_mla_kernel_variants_agree_and_are_race_free(rng):
-  """Both splits of C (two warpgroups sharing a gather, or two CTAs) and 1 or 3 column
-  tiles per TMA copy give the same o_lat and LSE, equal to the reference, and the GPU
+  """Both splits of C (two warpgroups sharing a gather, or two CTAs; with 1 and 3 column
+  tiles per TMA copy) give the same o_lat and LSE, equal to the reference, and the GPU
   interpreter's race detector finds no race (the warpgroups' k_ready / k_consumed / done
   handshakes); three 64-key steps."""
   from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
@@ -499,12 +499,12 @@ def test_sparse_mla_kernel_variants_agree_and_are_race_free(rng):
   ckr, idx_enc = jnp.concatenate([c, kr], -1), jnp.where(valid, idx, -1)
   params = plgpu.InterpretGPUParams(detect_races=True)
   outs = []
-  for split in sparse_mla_gpu.SPLITS:
-    for tiles_per_copy in (1, 3):
-      outs.append(sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1,
-                                                split=split, tiles_per_copy=tiles_per_copy,
-                                                interpret=params))
-      assert not gpu_callbacks.get_races().races_found, (split, tiles_per_copy)
+  # each split once, each with another copy size (the four pairs took 22 s of the suite)
+  for split, tiles_per_copy in zip(sparse_mla_gpu.SPLITS, (1, 3)):
+    outs.append(sparse_mla_gpu.sparse_mla_fwd(q_lat, q_rope, ckr, idx_enc, scale=0.1,
+                                              split=split, tiles_per_copy=tiles_per_copy,
+                                              interpret=params))
+    assert not gpu_callbacks.get_races().races_found, (split, tiles_per_copy)
   for o, lse in outs[1:]:
     np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(outs[0][0], np.float32))
     np.testing.assert_array_equal(lse, outs[0][1])

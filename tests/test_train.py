@@ -330,9 +330,20 @@ def test_export_load_refuses_a_damaged_file(tmp_path, rng):
     export.load(out)
 
 
-def test_export_cli_from_a_training_workdir(tmp_path):
-  out = run_train(tmp_path / "w", 2, ["train.ckpt_every=2"])
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+  """A 2-step run with its checkpoint at step 2 (train.py's output and the workdir): the
+  tests below copy the workdir before they write into it."""
+  work = tmp_path_factory.mktemp("two_steps") / "w"
+  out = run_train(work, 2, ["train.ckpt_every=2"])
   assert out.returncode == 0, out.stdout + out.stderr
+  return out, work
+
+
+# One worker runs both users of the fixture (under -n 2 each worker would train its own).
+@pytest.mark.xdist_group("two_steps")
+def test_export_cli_from_a_training_workdir(tmp_path, two_steps):
+  shutil.copytree(two_steps[1], tmp_path / "w")
   cli = subprocess.run([sys.executable, "-m", "mohge_jax.export", str(tmp_path / "w"),
                         str(tmp_path / "exp"), "--dtype", "f32"], capture_output=True,
                        text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -350,9 +361,10 @@ def test_export_cli_from_a_training_workdir(tmp_path):
   assert bad.returncode == 2 and "no checkpoints" in bad.stderr
 
 
-def test_incompatible_checkpoint_is_refused(tmp_path):
-  out = run_train(tmp_path / "w", 2, ["train.ckpt_every=2"])
-  assert out.returncode == 0, out.stdout + out.stderr
+@pytest.mark.xdist_group("two_steps")
+def test_incompatible_checkpoint_is_refused(tmp_path, two_steps):
+  out = two_steps[0]
+  shutil.copytree(two_steps[1], tmp_path / "w")
   # The start-up is timed: printed, in the first metrics row and in the summary.
   assert re.search(r"first step after [\d.]+ s \(lower [\d.]+ s, compile [\d.]+ s", out.stdout)
   first = json.loads((tmp_path / "w" / "metrics.jsonl").read_text().splitlines()[0])
