@@ -526,7 +526,8 @@ class StackedExperts:
     where its shapes fit; on the H200 still slower than XLA's ~20 launches, 30 us a
     MoHGE-3B layer at batch 256, benchmarks/notes_generate.md, eleventh session) or
     'kernel_rows' (the same kernel with a thread a token, `route_gpu.route_slots(impl=
-    "rows")`; as slow on the H200, fifteenth session)."""
+    "rows")`; as slow on the H200, fifteenth session) or 'kernel_triton' (impl="triton":
+    two Triton launches of 16 tokens a thread block; not yet timed on a GPU)."""
     return dict(self.tuning).get("route", "xla")
 
   @property
@@ -559,15 +560,15 @@ class StackedExperts:
 # rest as the training kernels'.
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128}
 _NOT_CONFIG = ("kernel", "route", "pdl")   # StackedExperts' own tuning keys
-ROUTES = ("xla", "kernel", "kernel_rows")   # StackedExperts.route
+ROUTES = ("xla", "kernel", "kernel_rows", "kernel_triton")   # StackedExperts.route
 
 
 def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   """`StackedExperts` of one layer's per-group weights (in the compute dtype, bf16).
   tuning: `pallas_kernels.gpu.Config` fields over DECODE_KERNEL_TUNING (interpret=True
   runs the kernels in the Pallas interpreter, for tests on CPU), kernel="slot" (the
-  default) or "hgmm" (`StackedExperts.kernel`), route="xla" (the default), "kernel" or
-  "kernel_rows" (`StackedExperts.route`) and pdl=1 (the slot kernels launched with
+  default) or "hgmm" (`StackedExperts.kernel`), route="xla" (the default), "kernel",
+  "kernel_rows" or "kernel_triton" (`StackedExperts.route`) and pdl=1 (the slot kernels launched with
   programmatic dependent launch, `slot_gpu.slot_gmm(pdl=True)`; right on the H200 and
   no faster, off by default)."""
   from pallas_kernels import gpu

@@ -164,13 +164,14 @@ class RoutedFFN(nnx.Module):
     """Decoding through the slot kernels with the routing and slot assignment in one
     kernel (`pallas_kernels.route_gpu`): (y [T, D] float32, its RouteSlots), or None where
     `stacked.route` is 'xla' or the kernel does not take these shapes (route 'kernel':
-    impl "wgmma", 'kernel_rows': impl "rows"). The same function
-    as `route` + `capacity_experts` (tested against them); no loss terms (decoding)."""
+    impl "wgmma", 'kernel_rows': impl "rows", 'kernel_triton': impl "triton"). The same
+    function as `route` + `capacity_experts` (tested against them); no loss terms."""
     from pallas_kernels import route_gpu   # noqa: PLC0415 - a GPU kernel, decode only
     m = self.cfg.model
     T = x_TxD.shape[0]
     G = m.num_groups if self.kind == "mohge" else 0
-    impl = {"kernel": "wgmma", "kernel_rows": "rows"}.get(stacked.route)
+    impl = {"kernel": "wgmma", "kernel_rows": "rows", "kernel_triton": "triton"}.get(
+        stacked.route)
     if impl is None or route_gpu.unsupported_reason(
         T, G, m.num_experts, m.top_k_groups, m.top_k, impl):
       return None

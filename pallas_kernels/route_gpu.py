@@ -58,8 +58,10 @@ ROWS = 64   # tokens a chunk (the WGMMA layout's rows)
 COLS = 8    # columns of the small output tiles (K, Kg <= COLS; Kg < COLS)
 COMBINES = ("softmax", "renormalize", "raw")
 MAX_WARPGROUPS = 4   # one a chunk of tokens: up to 256 tokens (a decode batch)
-IMPLS = ("wgmma", "rows")
+IMPLS = ("wgmma", "rows", "triton")
 ROW_TOKENS = 128     # impl="rows": tokens a warpgroup, one a thread
+BLOCK_TOKENS = 16    # impl="triton": tokens a program
+MAX_TRITON_TOKENS = 1024  # impl="triton": the slots' program holds every program's counts
 
 
 class RouteSlots(NamedTuple):
@@ -73,6 +75,8 @@ class RouteSlots(NamedTuple):
 def unsupported_reason(T: int, num_groups: int, E: int, top_k_groups: int, top_k: int,
                        impl: str = "wgmma") -> str | None:
   """Why these shapes cannot run with `impl` (None when they can)."""
+  if impl == "triton":
+    return _triton_unsupported_reason(T, num_groups, E, top_k_groups, top_k)
   if impl == "rows" and E != 64:
     return f"route kernel (impl='rows'): experts must be 64 (a token's scores in registers), got {E}"
   if T % ROWS or not ROWS <= T <= MAX_WARPGROUPS * ROWS:
@@ -142,8 +146,8 @@ def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
                 impl: str = "wgmma") -> RouteSlots:
   """See the module docstring. logits: [T, G + E] float32 (G = num_groups, 0 for
   homogeneous top-K). interpret: the Pallas GPU interpreter (CPU tests). impl: "wgmma"
-  (a warpgroup a chunk of 64 tokens in the WGMMA layout) or "rows" (`_route_rows`: a
-  thread a token)."""
+  (a warpgroup a chunk of 64 tokens in the WGMMA layout), "rows" (`_route_rows`: a
+  thread a token) or "triton" (`_route_triton`: two Triton launches over many SMs)."""
   T, width = logits.shape
   G, K, Kg, C = num_groups, top_k, top_k_groups, capacity
   E = width - G
@@ -159,6 +163,9 @@ def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
   if impl == "rows":
     return _route_rows(logits.astype(jnp.float32), G=G, K=K, Kg=Kg, C=C,
                        combine=combine_weights, interpret=interpret)
+  if impl == "triton":
+    return _route_triton(logits.astype(jnp.float32), G=G, K=K, Kg=Kg, C=C,
+                         combine=combine_weights, interpret=interpret)
   W = T // ROWS   # warpgroups: one a chunk of tokens
   wg = plgpu.Layout.WGMMA
   row = wg.reduce(1)
@@ -404,6 +411,165 @@ def _route_rows(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interp
                           plgpu.SMEM((W, H, H), bf16, transforms=transforms),
                           plgpu.SMEM((W, H, E), f32),
                           plgpu.Barrier(num_arrivals=W)])
+
+
+# ----------------------------------------------------------------------------- impl="triton"
+
+
+def _triton_unsupported_reason(T, G, E, Kg, K) -> str | None:
+  pow2 = lambda n: n >= 1 and n & (n - 1) == 0  # noqa: E731
+  if not 1 <= T <= MAX_TRITON_TOKENS:
+    return f"route kernel (impl='triton'): tokens must be 1..{MAX_TRITON_TOKENS}, got {T}"
+  if not pow2(E) or E < 16:
+    return f"route kernel (impl='triton'): experts must be a power of two >= 16, got {E}"
+  if not 1 <= K <= COLS:
+    return f"route kernel (impl='triton'): top_k must be 1..{COLS}, got {K}"
+  if G and (not pow2(G) or E % G or not 1 <= Kg <= min(G, COLS)):
+    return (f"route kernel (impl='triton'): two-level routing needs a power-of-two number "
+            f"of groups dividing the experts and 1 <= top_k_groups <= min(groups, {COLS}); "
+            f"got {G} groups of {E} experts, top_k_groups={Kg}")
+  return None
+
+
+def _triton_top(x, k):
+  """The k largest of each row of x [rows, n] (ties to the lower column): their columns and
+  values (row vectors, falling) and the chosen columns' mask."""
+  n = x.shape[1]
+  col = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  ids, vals, chosen = [], [], col < 0
+  for _ in range(k):
+    m = x.max(axis=1)
+    idx = jnp.where(x == m[:, None], col, n).min(axis=1)
+    hit = col == idx[:, None]
+    chosen = chosen | hit
+    x = jnp.where(hit, -jnp.inf, x)
+    ids.append(idx)
+    vals.append(m)
+  return ids, vals, chosen
+
+
+def _triton_tile(vs, dtype):
+  """Row vectors -> the first columns of a [rows, COLS] tile (zeros after)."""
+  col = lax.broadcasted_iota(jnp.int32, (vs[0].shape[0], COLS), 1)
+  out = jnp.zeros(col.shape, dtype)
+  for j, v in enumerate(vs):
+    out = jnp.where(col == j, v.astype(dtype)[:, None], out)
+  return out
+
+
+def _triton_column(tile, j):
+  """Column j of a [rows, COLS] tile as a row vector."""
+  col = lax.broadcasted_iota(jnp.int32, tile.shape, 1)
+  return jnp.where(col == j, tile, 0).sum(axis=1)
+
+
+def _triton_route_kernel(logits_ref, ids_ref, w_ref, gid_ref, rank_ref, count_ref, *, T, G,
+                         E, K, Kg, combine):
+  """Program i routes tokens [16 i, 16 i + 16): the router's float32 math as
+  `routing.two_level_route` / `topk_route` do it (the top-K read from p * q, its values
+  divided by the row sum after), each pair's rank among this program's pairs of its expert
+  (an exclusive cumsum of the 0/1 choices down the tokens) and this program's pairs an
+  expert."""
+  i = pl.program_id(0)
+  B = BLOCK_TOKENS
+  rows = pl.ds(i * B, B)
+  v = logits_ref[rows, pl.ds(G, E)]                                   # [B, E]
+  ecol = lax.broadcasted_iota(jnp.int32, (B, E), 1)
+  if G:
+    N = E // G
+    u = logits_ref[rows, pl.ds(0, G)]                                 # [B, G]
+    s = 1.0 / (1.0 + jnp.exp(-u))
+    gids, _, gsel = _triton_top(s, Kg)
+    masked = jnp.where(gsel, s, 0.0)
+    p = masked / masked.sum(axis=1)[:, None]
+    gcol = lax.broadcasted_iota(jnp.int32, (B, G), 1)
+    grp = ecol // N
+    vmax = jnp.zeros((B, E), jnp.float32)
+    for g in range(G):   # each group's softmax by masking its columns
+      vmax = jnp.where(grp == g, jnp.where(grp == g, v, -jnp.inf).max(axis=1)[:, None], vmax)
+    e = jnp.exp(v - vmax)
+    pq = jnp.zeros((B, E), jnp.float32)
+    for g in range(G):
+      sum_g = jnp.where(grp == g, e, 0.0).sum(axis=1)
+      p_g = jnp.where(gcol == g, p, 0.0).sum(axis=1)
+      pq = jnp.where(grp == g, p_g[:, None] * (e / sum_g[:, None]), pq)
+    ids, vals, chosen = _triton_top(pq, K)
+    total = pq.sum(axis=1)
+    vals = [x / total for x in vals]
+  else:
+    e = jnp.exp(v - v.max(axis=1)[:, None])
+    ids, vals, chosen = _triton_top(e / e.sum(axis=1)[:, None], K)
+    gids = [ids[0] * 0]
+  token = i * B + lax.broadcasted_iota(jnp.int32, (B, E), 0)
+  chosen_i = (chosen & (token < T)).astype(jnp.int32)   # the padding's tokens choose nothing
+  before = jnp.cumsum(chosen_i, axis=0) - chosen_i      # this program's earlier pairs
+  ranks = [jnp.where(ecol == x[:, None], before, 0).sum(axis=1) for x in ids]
+  ids_ref[rows, :] = _triton_tile(ids, jnp.int32)
+  w_ref[rows, :] = _triton_tile(_combine(vals, combine), jnp.float32)
+  gid_ref[rows, :] = _triton_tile(gids, jnp.int32)
+  rank_ref[rows, :] = _triton_tile(ranks, jnp.int32)
+  count_ref[i, :] = chosen_i.sum(axis=0)
+
+
+def _triton_slots_kernel(ids_ref, rank_ref, count_ref, slot_ref, over_ref, *, P, E, K, C):
+  """Program i's pairs' slots: e * C + min(rank, C - 1), the rank being the pair's rank in
+  its program plus the earlier programs' pairs of its expert (every program's counts are
+  read; rows of count_ref from P on are not written and are masked); program 0 also writes
+  whether some expert has more than C pairs."""
+  i = pl.program_id(0)
+  B = BLOCK_TOKENS
+  rows = pl.ds(i * B, B)
+  counts = count_ref[...]                                             # [Pp, E]
+  prog = lax.broadcasted_iota(jnp.int32, counts.shape, 0)
+  before_E = jnp.where(prog < i, counts, 0).sum(axis=0)
+  ids, ranks = ids_ref[rows, :], rank_ref[rows, :]
+  ecol = lax.broadcasted_iota(jnp.int32, (B, E), 1)
+  slots = []
+  for j in range(K):
+    e_j = _triton_column(ids, j)
+    earlier = jnp.where(ecol == e_j[:, None], before_E[None, :], 0).sum(axis=1)
+    slots.append(e_j * C + jnp.minimum(_triton_column(ranks, j) + earlier, C - 1))
+  slot_ref[rows, :] = _triton_tile(slots, jnp.int32)
+
+  @pl.when(i == 0)
+  def _():
+    most = jnp.where(prog < P, counts, 0).sum(axis=0).max()
+    over_ref[...] = jnp.full((1,), most > C, jnp.int32)
+
+
+def _route_triton(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interpret: bool
+                  ) -> RouteSlots:
+  """route_slots over many SMs: a program (thread block) of 16 tokens routes them and
+  counts its pairs an expert; a second launch turns the counts into slots. Why: the Mosaic
+  GPU kernels above run every token in one thread block (~30 us a MoHGE-3B layer on the
+  H200, issue-bound), XLA's routing chain is ~10 launches (~25 us); here 16 programs
+  of a [16, 64] tile each (8 values a thread), two launches. Pallas' Triton backend: the
+  ranks are a cumsum down the tokens, which Mosaic GPU's Pallas lowering does not have
+  (jax 0.11.2; `indexer_gpu` says more)."""
+  from jax.experimental.pallas import triton as plt   # noqa: PLC0415 - impl="triton" only
+
+  T = logits.shape[0]
+  E = logits.shape[1] - G
+  B = BLOCK_TOKENS
+  P = -(-T // B)
+  Pp = 1 << (P - 1).bit_length()   # the counts' rows, a power of two (Triton's blocks)
+  Tp = P * B
+  if Tp != T:
+    logits = jnp.pad(logits, ((0, Tp - T), (0, 0)))
+  ints = jax.ShapeDtypeStruct((Tp, COLS), jnp.int32)
+  params = plt.CompilerParams(num_warps=4, num_stages=1)
+  ids8, w8, gid8, rank8, counts = pl.pallas_call(
+      functools.partial(_triton_route_kernel, T=T, G=G, E=E, K=K, Kg=Kg, combine=combine),
+      grid=(P,), compiler_params=params, interpret=interpret, name="route_tokens",
+      out_shape=(ints, jax.ShapeDtypeStruct((Tp, COLS), jnp.float32), ints, ints,
+                 jax.ShapeDtypeStruct((Pp, E), jnp.int32)))(logits)
+  slot8, over = pl.pallas_call(
+      functools.partial(_triton_slots_kernel, P=P, E=E, K=K, C=C),
+      grid=(P,), compiler_params=params, interpret=interpret, name="route_slots",
+      out_shape=(ints, jax.ShapeDtypeStruct((1,), jnp.int32)))(ids8, rank8, counts)
+  return RouteSlots(expert_ids=ids8[:T, :K], weights=w8[:T, :K],
+                    group_ids=gid8[:T, :Kg] if G else jnp.zeros((T, 1), jnp.int32),
+                    slots=slot8[:T, :K], overflow=over[0] != 0)
 
 
 def reference(logits, *, num_groups: int, top_k_groups: int, top_k: int,

@@ -108,11 +108,17 @@ def test_reference_equals_float64(rng, router, combine):
     ("mohge", "softmax", 256, 64, None, "rows"),     # two warpgroups of 128 tokens
     ("mohge", "renormalize", 64, 64, 9, "rows"),     # padded to 128 tokens; 9 overflows C
     ("moe", "raw", 192, 64, None, "rows"),           # padded to 256
-    ("moe", "softmax", 128, 64, 5, "rows")])
+    ("moe", "softmax", 128, 64, 5, "rows"),
+    ("mohge", "softmax", 256, 64, None, "triton"),   # 16 programs of 16 tokens
+    ("mohge", "renormalize", 50, 128, 77, "triton"), # padded to 64; 77 overflows C
+    ("moe", "raw", 200, 64, None, "triton"),         # 13 programs: counts' rows padded to 16
+    ("moe", "softmax", 128, 64, 5, "triton")])
 def test_kernel_in_the_gpu_interpreter_matches_numpy(rng, router, combine, T, E, skew, impl):
   """Ranks carried across chunks (each warpgroup's first token counts the earlier chunks'
   pairs), overflow found (and the clipped slots as the reference clips them); impl="rows"
-  pads the tokens to a multiple of 128 without counting the padding's choices."""
+  pads the tokens to a multiple of 128 without counting the padding's choices, "triton"
+  (Pallas' Triton interpreter) to a multiple of 16, each program's ranks continued from
+  the earlier programs' counts by the second launch."""
   kw = dict(MOHGE if router == "mohge" else MOE)
   G = kw["num_groups"]
   C = 64 if skew is None else 32
@@ -151,6 +157,32 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
     rg.route_slots(jnp.zeros((64, 72)), combine_weights="max", capacity=64, **MOHGE)
 
 
+def test_triton_kernels_lower_for_cuda_and_refuse_other_shapes():
+  """impl="triton": both launches lower for CUDA (Pallas' Triton lowering asks for the
+  GPU's compute capability: an H100's is given), at a decode batch and at a ragged one;
+  shapes it cannot take are refused by name."""
+  from unittest import mock
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
+
+  info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion("NVIDIA H100"))
+  for kw, E, T in ((MOHGE, 64, 256), (MOE, 128, 1000)):
+    G = kw["num_groups"]
+    with mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: info):
+      text = jax.jit(lambda x, kw=kw: rg.route_slots(
+          x, combine_weights="softmax", capacity=64, impl="triton", **kw)).trace(
+              jax.ShapeDtypeStruct((T, G + E), jnp.float32)).lower(
+                  lowering_platforms=("cuda",)).as_text()
+    assert text.count("route_tokens") and text.count("route_slots")
+  for T, E, kw, match in ((1025, 64, MOE, "tokens must be 1..1024"),
+                          (64, 96, MOE, "experts must be a power of two"),
+                          (64, 64, dict(MOE, top_k=9), "top_k must be 1..8"),
+                          (64, 64, dict(MOHGE, num_groups=6), "power-of-two number of groups"),
+                          (64, 64, dict(MOHGE, num_groups=4, top_k_groups=5), "top_k_groups=5")):
+    with pytest.raises(ValueError, match=match):
+      rg.route_slots(jnp.zeros((T, kw["num_groups"] + E)), combine_weights="softmax",
+                     capacity=64, impl="triton", **kw)
+
+
 def _layer(rng, kind):
   if kind == "mohge":   # 8 groups of 8 experts, widths multiples of the kernels' 128
     router = ["model.group_widths=[128,256,384,512,640,768,896,1024]",
@@ -169,7 +201,8 @@ def _layer(rng, kind):
 # Each router with one of the two kernels: the layer's plumbing (the logits' layout, the
 # kernel's outputs into capacity_experts) is the same for both kernels, each of which the
 # tests above check on both routers; MoHGE with "kernel" took 45 s of the suite here.
-@pytest.mark.parametrize("kind,route", [("mohge", "kernel_rows"), ("moe", "kernel")])
+@pytest.mark.parametrize("kind,route", [("mohge", "kernel_rows"), ("moe", "kernel"),
+                                        ("moe", "kernel_triton")])
 def test_layer_decodes_the_same_with_the_route_kernel(rng, kind, route):
   """RoutedFFN at decode (backend="capacity", stacked experts in the interpreter): the
   routing kernel's path equals route() + capacity_experts (stacked.route="xla"): the same
