@@ -442,7 +442,9 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
   float32.
 
   slots: (slots [T, K], overflow) as `pallas_kernels.route_gpu.route_slots` computes them
-  with this C (`slot_capacity`), instead of the ranks here (with `stacked` only).
+  with this C (`slot_capacity`), instead of the ranks here (with `stacked` only); or
+  (slots, overflow, slot_tokens [E * C], counts [E]) where it also gives each slot's token
+  (any value where unfilled) and each expert's pairs (impl="triton": no scatter here).
   chosen_TxE: `Routing.chosen` where the routing has it (`_capacity_slots`)."""
   T, D = x_TxD.shape
   K = expert_ids_TxK.shape[1]
@@ -461,7 +463,11 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
     if stacked is None:
       raise ValueError("capacity_experts: slots= goes with stacked= (the kernel path)")
     slot_M = slots[0].reshape(T * K)
-    token_ExC, filled_ExC = _slot_tokens(slot_M, K, E, C)
+    if len(slots) == 4:
+      filled_ExC = jnp.arange(C)[None, :] < slots[3][:, None]
+      token_ExC = jnp.where(filled_ExC, slots[2].reshape(E, C), 0)
+    else:
+      token_ExC, filled_ExC = _slot_tokens(slot_M, K, E, C)
     fits = jnp.logical_not(slots[1])
 
   def bounded(_):

@@ -187,6 +187,8 @@ class RoutedFFN(nnx.Module):
     w_gate_up = [w[...].astype(self.dtype) for w in self.w_gate_up]
     w_down = [w[...].astype(self.dtype) for w in self.w_down]
     with jax.named_scope("routed_experts"):
+      slots = ((r.slots, r.overflow) if r.slot_tokens is None
+               else (r.slots, r.overflow, r.slot_tokens, r.counts))
       y_TxD = capacity_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down,
-                               stacked=stacked, slots=(r.slots, r.overflow))
+                               stacked=stacked, slots=slots)
     return self._add_shared(x_TxD, y_TxD), r

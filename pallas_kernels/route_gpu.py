@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas import triton as plt
 
 ROWS = 64   # tokens a chunk (the WGMMA layout's rows)
 COLS = 8    # columns of the small output tiles (K, Kg <= COLS; Kg < COLS)
@@ -70,6 +71,10 @@ class RouteSlots(NamedTuple):
   group_ids: jax.Array   # [T, Kg] int32 (MoE: zeros [T, 1])
   slots: jax.Array       # [T, K] int32: e * C + min(rank, C - 1)
   overflow: jax.Array    # bool scalar: some expert has more than C pairs
+  # impl="triton" only (None otherwise): each slot's token [E * C] int32 (unfilled slots:
+  # any value) and each expert's pairs [E] int32 (slot e * C + c is filled iff c < counts[e])
+  slot_tokens: jax.Array | None = None
+  counts: jax.Array | None = None
 
 
 def unsupported_reason(T: int, num_groups: int, E: int, top_k_groups: int, top_k: int,
@@ -511,11 +516,13 @@ def _triton_route_kernel(logits_ref, ids_ref, w_ref, gid_ref, rank_ref, count_re
   count_ref[i, :] = chosen_i.sum(axis=0)
 
 
-def _triton_slots_kernel(ids_ref, rank_ref, count_ref, slot_ref, over_ref, *, P, E, K, C):
+def _triton_slots_kernel(ids_ref, rank_ref, count_ref, slot_ref, tok_ref, over_ref,
+                         total_ref, *, P, E, K, C):
   """Program i's pairs' slots: e * C + min(rank, C - 1), the rank being the pair's rank in
   its program plus the earlier programs' pairs of its expert (every program's counts are
-  read; rows of count_ref from P on are not written and are masked); program 0 also writes
-  whether some expert has more than C pairs."""
+  read; rows of count_ref from P on are not written and are masked); each pair's token
+  stored at its slot (ranks past C - 1 store nothing); program 0 also writes each expert's
+  pairs and whether some expert has more than C."""
   i = pl.program_id(0)
   B = BLOCK_TOKENS
   rows = pl.ds(i * B, B)
@@ -524,17 +531,29 @@ def _triton_slots_kernel(ids_ref, rank_ref, count_ref, slot_ref, over_ref, *, P,
   before_E = jnp.where(prog < i, counts, 0).sum(axis=0)
   ids, ranks = ids_ref[rows, :], rank_ref[rows, :]
   ecol = lax.broadcasted_iota(jnp.int32, (B, E), 1)
-  slots = []
+  slots, fits = [], []
   for j in range(K):
     e_j = _triton_column(ids, j)
-    earlier = jnp.where(ecol == e_j[:, None], before_E[None, :], 0).sum(axis=1)
-    slots.append(e_j * C + jnp.minimum(_triton_column(ranks, j) + earlier, C - 1))
-  slot_ref[rows, :] = _triton_tile(slots, jnp.int32)
+    rank_j = _triton_column(ranks, j) + jnp.where(ecol == e_j[:, None], before_E[None, :],
+                                                  0).sum(axis=1)
+    slots.append(e_j * C + jnp.minimum(rank_j, C - 1))
+    fits.append(rank_j < C)
+  slot_BxCOLS = _triton_tile(slots, jnp.int32)
+  slot_ref[rows, :] = slot_BxCOLS
+  # Each pair's token at its slot. Masked lanes (ranks past C - 1, the tile's spare
+  # columns) get distinct spill places past E * C: the GPU's masked store writes nothing,
+  # the interpreter's writes the old value back at the lane's index.
+  lane = lax.broadcasted_iota(jnp.int32, slot_BxCOLS.shape, 0) * COLS + lax.broadcasted_iota(
+      jnp.int32, slot_BxCOLS.shape, 1)
+  store = _triton_tile(fits, jnp.int32) != 0
+  token = i * BLOCK_TOKENS + lax.broadcasted_iota(jnp.int32, slot_BxCOLS.shape, 0)
+  plt.store(tok_ref.at[jnp.where(store, slot_BxCOLS, E * C + lane)], token, mask=store)
 
   @pl.when(i == 0)
   def _():
-    most = jnp.where(prog < P, counts, 0).sum(axis=0).max()
-    over_ref[...] = jnp.full((1,), most > C, jnp.int32)
+    total_E = jnp.where(prog < P, counts, 0).sum(axis=0)
+    total_ref[...] = total_E
+    over_ref[...] = jnp.full((1,), total_E.max() > C, jnp.int32)
 
 
 def _route_triton(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interpret: bool
@@ -546,8 +565,6 @@ def _route_triton(logits, *, G: int, K: int, Kg: int, C: int, combine: str, inte
   of a [16, 64] tile each (8 values a thread), two launches. Pallas' Triton backend: the
   ranks are a cumsum down the tokens, which Mosaic GPU's Pallas lowering does not have
   (jax 0.11.2; `indexer_gpu` says more)."""
-  from jax.experimental.pallas import triton as plt   # noqa: PLC0415 - impl="triton" only
-
   T = logits.shape[0]
   E = logits.shape[1] - G
   B = BLOCK_TOKENS
@@ -563,13 +580,16 @@ def _route_triton(logits, *, G: int, K: int, Kg: int, C: int, combine: str, inte
       grid=(P,), compiler_params=params, interpret=interpret, name="route_tokens",
       out_shape=(ints, jax.ShapeDtypeStruct((Tp, COLS), jnp.float32), ints, ints,
                  jax.ShapeDtypeStruct((Pp, E), jnp.int32)))(logits)
-  slot8, over = pl.pallas_call(
+  slot8, tokens, over, totals = pl.pallas_call(
       functools.partial(_triton_slots_kernel, P=P, E=E, K=K, C=C),
       grid=(P,), compiler_params=params, interpret=interpret, name="route_slots",
-      out_shape=(ints, jax.ShapeDtypeStruct((1,), jnp.int32)))(ids8, rank8, counts)
+      out_shape=(ints, jax.ShapeDtypeStruct((E * C + B * COLS,), jnp.int32),
+                 jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((E,), jnp.int32))
+  )(ids8, rank8, counts)
   return RouteSlots(expert_ids=ids8[:T, :K], weights=w8[:T, :K],
                     group_ids=gid8[:T, :Kg] if G else jnp.zeros((T, 1), jnp.int32),
-                    slots=slot8[:T, :K], overflow=over[0] != 0)
+                    slots=slot8[:T, :K], overflow=over[0] != 0,
+                    slot_tokens=tokens[:E * C], counts=totals)
 
 
 def reference(logits, *, num_groups: int, top_k_groups: int, top_k: int,

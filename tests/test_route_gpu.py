@@ -88,6 +88,13 @@ def _check(got, want, overflow_ok=True):
   np.testing.assert_allclose(w_of_got[swapped], w[swapped], rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(got.group_ids), gids)
   assert bool(got.overflow) == overflow
+  if got.counts is not None:   # impl="triton": each expert's pairs, each filled slot's token
+    E = np.asarray(got.counts).shape[0]
+    np.testing.assert_array_equal(got.counts, np.bincount(ids.ravel(), minlength=E))
+    if not overflow:
+      T = ids.shape[0]
+      np.testing.assert_array_equal(np.asarray(got.slot_tokens)[slots],
+                                    np.repeat(np.arange(T)[:, None], ids.shape[1], 1))
 
 
 @pytest.mark.parametrize("router,combine", [("mohge", "softmax"), ("mohge", "raw"),
@@ -242,4 +249,4 @@ def test_kernel_matches_numpy_on_the_gpu(rng, router, T, skew, impl):
   logits = _logits(rng, T, G, 64, skew)
   want = _numpy_route(logits, G, kw["top_k_groups"], kw["top_k"], "softmax", 64)
   _check(rg.route_slots(logits, combine_weights="softmax", capacity=64, impl=impl, **kw),
-         want)
+         want)   # (with impl="triton" also its slots' tokens and counts)
