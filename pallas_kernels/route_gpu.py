@@ -1,4 +1,5 @@
-"""Routing and slot assignment of one decode step in one Mosaic GPU kernel (Hopper).
+"""Routing and slot assignment of one decode step in one Mosaic GPU kernel (Hopper), or in
+two Triton launches over many SMs (impl="triton", below).
 
     r = route_slots(logits [T, G + E] f32, num_groups=G, top_k_groups=Kg, top_k=K,
                     combine_weights=..., capacity=C)
@@ -40,6 +41,13 @@ decode step 4.30-4.38 ms against 3.93 with XLA's routing (~30 us a layer, fiftee
 session). Both run all tokens in one thread block: a routing kernel that pays must spread
 the tokens over many SMs (benchmarks/notes_generate.md; XLA's whole routing chain is
 worth ~0.36 ms a step, an ablation's bound).
+
+impl="triton" (`_route_triton`, Pallas' Triton backend) does: a thread block of 16 tokens
+routes them (a [16, E] tile: 8 values a thread at E = 64) and ranks its pairs among its
+own (a cumsum down the tokens), writing its pairs an expert; a second launch adds the
+earlier blocks' counts to the ranks, writes the slots, each slot's token (so
+`dispatch.capacity_experts` needs no scatter) and each expert's pairs. Two launches of
+16 blocks at batch 256 in place of XLA's ~10 a layer (not yet timed on a GPU).
 
 Reference: `reference` (the routing functions and `_capacity_slots`' ranks in plain JAX).
 """
