@@ -421,7 +421,7 @@ def _slot_tokens(slot_M: jax.Array, K: int, E: int, C: int):
 def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
                      capacity_factor: float = 2.0, min_capacity: int = 8,
                      stacked: StackedExperts | None = None,
-                     slots: tuple[jax.Array, jax.Array] | None = None,
+                     slots=None,
                      chosen_TxE: jax.Array | None = None) -> jax.Array:
   """`dispatch_and_combine`'s value (float32 [T, D]) for decoding's batches: each expert's
   rows gathered into a fixed-capacity slot block [E, C, D] (C = capacity_factor x the mean
@@ -441,10 +441,10 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
   benchmarks/notes_generate.md). The outputs are bf16 (the kernels' dtype), combined in
   float32.
 
-  slots: (slots [T, K], overflow) as `pallas_kernels.route_gpu.route_slots` computes them
-  with this C (`slot_capacity`), instead of the ranks here (with `stacked` only); or
-  (slots, overflow, slot_tokens [E * C], counts [E]) where it also gives each slot's token
-  (any value where unfilled) and each expert's pairs (impl="triton": no scatter here).
+  slots: a routing kernel's `RouteSlots` (`pallas_kernels.route_gpu.route_slots` with
+  this C, `slot_capacity`; with `stacked` only): its slots and overflow instead of the
+  ranks here; where it also has each slot's token and each expert's pairs (impl "triton")
+  no scatter here, and where it has the slot block's rows (`slot_x`) no gather either.
   chosen_TxE: `Routing.chosen` where the routing has it (`_capacity_slots`)."""
   T, D = x_TxD.shape
   K = expert_ids_TxK.shape[1]
@@ -462,15 +462,19 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
   else:
     if stacked is None:
       raise ValueError("capacity_experts: slots= goes with stacked= (the kernel path)")
-    slot_M = slots[0].reshape(T * K)
-    if len(slots) == 4:
-      filled_ExC = jnp.arange(C)[None, :] < slots[3][:, None]
-      token_ExC = jnp.where(filled_ExC, slots[2].reshape(E, C), 0)
+    slot_M = slots.slots.reshape(T * K)
+    if slots.counts is not None:
+      filled_ExC = jnp.arange(C)[None, :] < slots.counts[:, None]
+      token_ExC = jnp.where(filled_ExC, slots.slot_tokens.reshape(E, C), 0)
     else:
       token_ExC, filled_ExC = _slot_tokens(slot_M, K, E, C)
-    fits = jnp.logical_not(slots[1])
+    fits = jnp.logical_not(slots.overflow)
 
   def bounded(_):
+    if slots is not None and slots.slot_x is not None:   # the kernel's slot rows (unfilled:
+      y_ExCxD = stacked.ffn(slots.slot_x)               # any values, their outputs unread)
+      y_TxKxD = y_ExCxD.reshape(E * C, D)[slot_M].reshape(T, K, D)
+      return combine(y_TxKxD, weights_TxK)
     x_ExCxD = x_TxD[token_ExC] * filled_ExC[..., None].astype(x_TxD.dtype)
     if stacked is not None:
       y_ExCxD = stacked.ffn(x_ExCxD.reshape(E * C, D))

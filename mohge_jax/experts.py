@@ -179,16 +179,16 @@ class RoutedFFN(nnx.Module):
       w_DxL = (jnp.concatenate([self.group_router[...], self.expert_router[...]], axis=1)
                if G else self.expert_router[...])
       logits_TxL = routing.router_logits(x_TxD, w_DxL)
+      D = x_TxD.shape[1]   # impl "triton" also copies the tokens' rows to their slots
       r = route_gpu.route_slots(
           logits_TxL, num_groups=G, top_k_groups=m.top_k_groups, top_k=m.top_k,
           combine_weights=m.combine_weights,
           capacity=slot_capacity(T, m.top_k, m.num_experts, stacked),
-          interpret=stacked.config().interpret, impl=impl)
+          interpret=stacked.config().interpret, impl=impl,
+          x=x_TxD if impl == "triton" and D & (D - 1) == 0 else None)
     w_gate_up = [w[...].astype(self.dtype) for w in self.w_gate_up]
     w_down = [w[...].astype(self.dtype) for w in self.w_down]
     with jax.named_scope("routed_experts"):
-      slots = ((r.slots, r.overflow) if r.slot_tokens is None
-               else (r.slots, r.overflow, r.slot_tokens, r.counts))
       y_TxD = capacity_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down,
-                               stacked=stacked, slots=slots)
+                               stacked=stacked, slots=r)
     return self._add_shared(x_TxD, y_TxD), r

@@ -83,6 +83,8 @@ class RouteSlots(NamedTuple):
   # any value) and each expert's pairs [E] int32 (slot e * C + c is filled iff c < counts[e])
   slot_tokens: jax.Array | None = None
   counts: jax.Array | None = None
+  # impl="triton" with x: each slot's token's row of x [E * C, D] (unfilled slots: any value)
+  slot_x: jax.Array | None = None
 
 
 def unsupported_reason(T: int, num_groups: int, E: int, top_k_groups: int, top_k: int,
@@ -156,16 +158,22 @@ def _launch(kernel, logits, *, T, W, G, K, Kg, C, interpret, scratch) -> RouteSl
                                              "impl"))
 def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
                 combine_weights: str, capacity: int, interpret: bool = False,
-                impl: str = "wgmma") -> RouteSlots:
+                impl: str = "wgmma", x=None) -> RouteSlots:
   """See the module docstring. logits: [T, G + E] float32 (G = num_groups, 0 for
   homogeneous top-K). interpret: the Pallas GPU interpreter (CPU tests). impl: "wgmma"
   (a warpgroup a chunk of 64 tokens in the WGMMA layout), "rows" (`_route_rows`: a
-  thread a token) or "triton" (`_route_triton`: two Triton launches over many SMs)."""
+  thread a token) or "triton" (`_route_triton`: two Triton launches over many SMs).
+  x [T, D] (impl "triton", D a power of two): the tokens' rows, copied to their slots by
+  the second launch (`RouteSlots.slot_x`: the slot block's rows, no gather after)."""
   T, width = logits.shape
   G, K, Kg, C = num_groups, top_k, top_k_groups, capacity
   E = width - G
   if impl not in IMPLS:
     raise ValueError(f"route_slots: impl={impl!r}: must be one of {IMPLS}")
+  if x is not None and (impl != "triton" or x.shape[0] != T or x.ndim != 2
+                        or x.shape[1] & (x.shape[1] - 1)):
+    raise ValueError(f"route_slots: x goes with impl='triton' and must be [T, D] = [{T}, "
+                     f"a power of two]; got impl={impl!r}, x {x.shape}")
   reason = unsupported_reason(T, G, E, Kg, K, impl)
   if reason:
     raise ValueError(reason)
@@ -177,7 +185,7 @@ def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
     return _route_rows(logits.astype(jnp.float32), G=G, K=K, Kg=Kg, C=C,
                        combine=combine_weights, interpret=interpret)
   if impl == "triton":
-    return _route_triton(logits.astype(jnp.float32), G=G, K=K, Kg=Kg, C=C,
+    return _route_triton(logits.astype(jnp.float32), x, G=G, K=K, Kg=Kg, C=C,
                          combine=combine_weights, interpret=interpret)
   W = T // ROWS   # warpgroups: one a chunk of tokens
   wg = plgpu.Layout.WGMMA
@@ -524,13 +532,16 @@ def _triton_route_kernel(logits_ref, ids_ref, w_ref, gid_ref, rank_ref, count_re
   count_ref[i, :] = chosen_i.sum(axis=0)
 
 
-def _triton_slots_kernel(ids_ref, rank_ref, count_ref, slot_ref, tok_ref, over_ref,
-                         total_ref, *, P, E, K, C):
+def _triton_slots_kernel(ids_ref, rank_ref, count_ref, *refs, P, E, K, C, with_x):
   """Program i's pairs' slots: e * C + min(rank, C - 1), the rank being the pair's rank in
   its program plus the earlier programs' pairs of its expert (every program's counts are
   read; rows of count_ref from P on are not written and are masked); each pair's token
-  stored at its slot (ranks past C - 1 store nothing); program 0 also writes each expert's
-  pairs and whether some expert has more than C."""
+  (with_x: and its row of x) stored at its slot (ranks past C - 1 store nothing); program
+  0 also writes each expert's pairs and whether some expert has more than C."""
+  if with_x:
+    x_ref, slot_ref, tok_ref, over_ref, total_ref, xs_ref = refs
+  else:
+    slot_ref, tok_ref, over_ref, total_ref = refs
   i = pl.program_id(0)
   B = BLOCK_TOKENS
   rows = pl.ds(i * B, B)
@@ -556,6 +567,16 @@ def _triton_slots_kernel(ids_ref, rank_ref, count_ref, slot_ref, tok_ref, over_r
   store = _triton_tile(fits, jnp.int32) != 0
   token = i * BLOCK_TOKENS + lax.broadcasted_iota(jnp.int32, slot_BxCOLS.shape, 0)
   plt.store(tok_ref.at[jnp.where(store, slot_BxCOLS, E * C + lane)], token, mask=store)
+  if with_x:   # the tokens' rows to their pairs' slots (spill rows as above)
+    x_BxD = x_ref[rows, :]
+    D = x_BxD.shape[1]
+    col_D = lax.broadcasted_iota(jnp.int32, (B, D), 1)
+    row_B = lax.broadcasted_iota(jnp.int32, (B,), 0)
+    for j in range(K):
+      ok_B = fits[j]
+      dest_B = jnp.where(ok_B, slots[j], E * C + row_B)
+      plt.store(xs_ref.at[dest_B[:, None], col_D], x_BxD,
+                mask=jnp.broadcast_to(ok_B[:, None], (B, D)))
 
   @pl.when(i == 0)
   def _():
@@ -564,8 +585,8 @@ def _triton_slots_kernel(ids_ref, rank_ref, count_ref, slot_ref, tok_ref, over_r
     over_ref[...] = jnp.full((1,), total_E.max() > C, jnp.int32)
 
 
-def _route_triton(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interpret: bool
-                  ) -> RouteSlots:
+def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
+                  interpret: bool) -> RouteSlots:
   """route_slots over many SMs: a program (thread block) of 16 tokens routes them and
   counts its pairs an expert; a second launch turns the counts into slots. Why: the Mosaic
   GPU kernels above run every token in one thread block (~30 us a MoHGE-3B layer on the
@@ -581,23 +602,30 @@ def _route_triton(logits, *, G: int, K: int, Kg: int, C: int, combine: str, inte
   Tp = P * B
   if Tp != T:
     logits = jnp.pad(logits, ((0, Tp - T), (0, 0)))
+    x = None if x is None else jnp.pad(x, ((0, Tp - T), (0, 0)))
   ints = jax.ShapeDtypeStruct((Tp, COLS), jnp.int32)
+  # The interpreter's masked stores write at the masked lanes' (spill) places too; on the
+  # GPU they write nothing, and the slot rows are exactly [E * C, D] (no copy to slice).
+  spill = B if interpret else 0
   params = plt.CompilerParams(num_warps=4, num_stages=1)
   ids8, w8, gid8, rank8, counts = pl.pallas_call(
       functools.partial(_triton_route_kernel, T=T, G=G, E=E, K=K, Kg=Kg, combine=combine),
       grid=(P,), compiler_params=params, interpret=interpret, name="route_tokens",
       out_shape=(ints, jax.ShapeDtypeStruct((Tp, COLS), jnp.float32), ints, ints,
                  jax.ShapeDtypeStruct((Pp, E), jnp.int32)))(logits)
-  slot8, tokens, over, totals = pl.pallas_call(
-      functools.partial(_triton_slots_kernel, P=P, E=E, K=K, C=C),
+  out_shape = (ints, jax.ShapeDtypeStruct((E * C + B * COLS,), jnp.int32),
+               jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((E,), jnp.int32))
+  if x is not None:
+    out_shape += (jax.ShapeDtypeStruct((E * C + spill, x.shape[1]), x.dtype),)
+  slot8, tokens, over, totals, *xs = pl.pallas_call(
+      functools.partial(_triton_slots_kernel, P=P, E=E, K=K, C=C, with_x=x is not None),
       grid=(P,), compiler_params=params, interpret=interpret, name="route_slots",
-      out_shape=(ints, jax.ShapeDtypeStruct((E * C + B * COLS,), jnp.int32),
-                 jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((E,), jnp.int32))
-  )(ids8, rank8, counts)
+      out_shape=out_shape)(ids8, rank8, counts, *([] if x is None else [x]))
   return RouteSlots(expert_ids=ids8[:T, :K], weights=w8[:T, :K],
                     group_ids=gid8[:T, :Kg] if G else jnp.zeros((T, 1), jnp.int32),
                     slots=slot8[:T, :K], overflow=over[0] != 0,
-                    slot_tokens=tokens[:E * C], counts=totals)
+                    slot_tokens=tokens[:E * C], counts=totals,
+                    slot_x=xs[0][:E * C] if xs else None)
 
 
 def reference(logits, *, num_groups: int, top_k_groups: int, top_k: int,

@@ -164,6 +164,22 @@ def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
     rg.route_slots(jnp.zeros((64, 72)), combine_weights="max", capacity=64, **MOHGE)
 
 
+def test_triton_kernel_copies_the_tokens_rows_to_their_slots(rng):
+  """impl="triton" with x: every pair's slot row of `slot_x` is its token's row of x
+  (a ragged number of tokens; the interpreter); x with another impl is refused."""
+  T, C = 100, 64
+  logits = _logits(rng, T, 8, 64)
+  x = jnp.asarray(rng.normal(size=(T, 256)), jnp.bfloat16)
+  got = rg.route_slots(logits, combine_weights="softmax", capacity=C, interpret=True,
+                       impl="triton", x=x, **MOHGE)
+  assert got.slot_x.shape == (64 * C, 256) and not bool(got.overflow)
+  slots = np.asarray(got.slots)
+  np.testing.assert_array_equal(np.asarray(got.slot_x)[slots],
+                                np.broadcast_to(np.asarray(x)[:, None], (T, 6, 256)))
+  with pytest.raises(ValueError, match="x goes with impl='triton'"):
+    rg.route_slots(logits, combine_weights="softmax", capacity=C, impl="wgmma", x=x, **MOHGE)
+
+
 def test_triton_kernels_lower_for_cuda_and_refuse_other_shapes():
   """impl="triton": both launches lower for CUDA (Pallas' Triton lowering asks for the
   GPU's compute capability: an H100's is given), at a decode batch and at a ragged one;
@@ -175,9 +191,10 @@ def test_triton_kernels_lower_for_cuda_and_refuse_other_shapes():
   for kw, E, T in ((MOHGE, 64, 256), (MOE, 128, 1000)):
     G = kw["num_groups"]
     with mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: info):
-      text = jax.jit(lambda x, kw=kw: rg.route_slots(
-          x, combine_weights="softmax", capacity=64, impl="triton", **kw)).trace(
-              jax.ShapeDtypeStruct((T, G + E), jnp.float32)).lower(
+      text = jax.jit(lambda lg, x, kw=kw: rg.route_slots(
+          lg, combine_weights="softmax", capacity=64, impl="triton", x=x, **kw)).trace(
+              jax.ShapeDtypeStruct((T, G + E), jnp.float32),
+              jax.ShapeDtypeStruct((T, 1024), jnp.bfloat16)).lower(
                   lowering_platforms=("cuda",)).as_text()
     assert text.count("route_tokens") and text.count("route_slots")
   for T, E, kw, match in ((1025, 64, MOE, "tokens must be 1..1024"),
