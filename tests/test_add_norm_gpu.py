@@ -87,3 +87,19 @@ def test_decode_step_with_the_fused_norm_equals_without(rng, monkeypatch):
                  g_routes, w_routes)
   L = model.cfg.model.num_layers   # each trace of the step: every layer's two adds
   assert calls and len(calls) % (2 * L) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+def test_kernel_equals_reference_on_the_gpu(rng):
+  """On the GPU at MoHGE-3B's decode shapes (256 rows of 1024, bf16), and ragged rows."""
+  for M in (256, 77):
+    x = jnp.asarray(rng.normal(size=(M, 1024)) * 3.0, jnp.bfloat16)
+    a = jnp.asarray(rng.normal(size=(M, 1024)), jnp.bfloat16)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, size=1024), jnp.float32)
+    h, n = an.add_rms_norm(x, a, scale, eps=1e-6, out_dtype=jnp.bfloat16)
+    want_h, want_n = jax.jit(lambda *t: an.reference(*t, eps=1e-6, out_dtype=jnp.bfloat16))(
+        x, a, scale)
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(want_h))
+    np.testing.assert_allclose(np.asarray(n, np.float32), np.asarray(want_n, np.float32),
+                               rtol=2 ** -7, atol=0)
