@@ -578,9 +578,9 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   tuning: `pallas_kernels.gpu.Config` fields over DECODE_KERNEL_TUNING (interpret=True
   runs the kernels in the Pallas interpreter, for tests on CPU), kernel="slot" (the
   default) or "hgmm" (`StackedExperts.kernel`), route="xla" (the default), "kernel",
-  "kernel_rows" or "kernel_triton" (`StackedExperts.route`) and pdl=1 (the slot kernels launched with
-  programmatic dependent launch, `slot_gpu.slot_gmm(pdl=True)`; right on the H200 and
-  no faster, off by default)."""
+  "kernel_rows" or "kernel_triton" (`StackedExperts.route`) and pdl=1 (the slot kernels
+  launched with programmatic dependent launch, `slot_gpu.slot_gmm(pdl=True)`; right on
+  the H200 and no faster, off by default)."""
   from pallas_kernels import gpu
   tuning = {**DECODE_KERNEL_TUNING, **tuning}
   if tuning.get("kernel", "slot") not in ("slot", "hgmm"):
