@@ -232,10 +232,23 @@ def test_layer_decodes_the_same_with_the_route_kernel(rng, kind, route):
   """RoutedFFN at decode (backend="capacity", stacked experts in the interpreter): the
   routing kernel's path equals route() + capacity_experts (stacked.route="xla"): the same
   experts and groups, the same output."""
+  # (bn_up 128: half the interpreted up projection's programs, 31 -> 19 s here; the tiles
+  # are the expert kernels' tests' matter)
+  _layer_route_equals_xla(rng, kind, route, 64, dict(bm=64, bn_up=128, interpret=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
+@pytest.mark.parametrize("kind", ["mohge", "moe"])
+def test_layer_decodes_the_same_with_the_triton_route_on_the_gpu(rng, kind):
+  """The same on the device at a decode batch of 256 tokens, route="kernel_triton" (its
+  slot rows and tokens into the slot kernels) against XLA's routing."""
+  _layer_route_equals_xla(rng, kind, "kernel_triton", 256, {})
+
+
+def _layer_route_equals_xla(rng, kind, route, T, kw):
   cfg, layer = _layer(rng, kind)
-  x = jnp.asarray(rng.normal(size=(2, 32, 128)), jnp.bfloat16)   # T = 64 tokens
-  kw = dict(bm=64, bn_up=128, interpret=True)  # (bn_up 128: half the interpreted up
-  # projection's programs, 31 -> 19 s here; the tiles are the expert kernels' tests' matter)
+  x = jnp.asarray(rng.normal(size=(2, T // 2, 128)), jnp.bfloat16)
   w = lambda ws: [a[...].astype(jnp.bfloat16) for a in ws]  # noqa: E731
   stacks = {r: dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), route=r, **kw)
             for r in (route, "xla")}
