@@ -31,10 +31,11 @@ a failure or OOM in one row is recorded and the next row runs. impls:
                        suffixes ":<scores>[:<bands>[:<chunk>[:<probs>]]]" set select_topk's
                        scores (auto, gather, dense, kernel), causal bands (default 4), query
                        chunk (default 256, model.dsa_query_chunk) and sparse_mla's KL
-                       target (kernel: a second pass; steps: from the forward's steps),
+                       target (steps, the default: from the forward's steps; kernel: a
+                       second pass),
                        e.g. dsa_pallas_mma_bwd_threshold:auto:1,
                        dsa_pallas_mma_bwd_threshold::4:1024 or
-                       dsa_pallas_mma_bwd_fused::::steps; topk_<method>:<chunk> too)
+                       dsa_pallas_mma_bwd_fused::::kernel; topk_<method>:<chunk> too)
   dsa_pallas_mma_sample  both: the MMA kernel and the sampled top-k
   dsa_pallas_mma_bwd[_sample]: with the MMA kernel's backward kernel too
   sparse_mla_reference / sparse_mla_pallas / sparse_mla_pallas_mma / _pallas_mma_bwd:
@@ -176,7 +177,7 @@ def dense_fn(pss):
 def dsa_fn(pss, impl, method="sort"):
   # <method>[:<scores>[:<bands>[:<chunk>[:<probs>]]]]: select_topk's scores (auto, gather,
   # dense, kernel), bands, the query chunk (model.dsa_query_chunk; CHUNK when empty) and
-  # sparse_mla's _probs (kernel, steps), e.g. dsa_pallas_mma_bwd_fused::::steps
+  # sparse_mla's _probs (steps, kernel), e.g. dsa_pallas_mma_bwd_fused::::kernel
   method, scores, bands, chunk, probs = (method.split(":") + [""] * 4)[:5]
   chunk = int(chunk or CHUNK)
 
@@ -184,7 +185,7 @@ def dsa_fn(pss, impl, method="sort"):
     idx, valid, score = dsa.select_topk(q_I, w_I, k_I, topk=TOPK, chunk=chunk, method=method,
                                         scores=scores or "auto", bands=int(bands or 4))
     o, p = dsa.sparse_mla(q_lat, q_rope, c, kr, idx, valid, scale=SCALE, chunk=chunk,
-                          impl=impl, _probs=probs or "kernel")
+                          impl=impl, _probs=probs or "steps")
     return o, jnp.mean(dsa.sparse_indexer_kl(p, score, valid))
   names = ("q_lat", "q_rope", "c", "kr", "q_I", "w_I", "k_I")
   if pss == "fwd":

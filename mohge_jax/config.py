@@ -116,11 +116,6 @@ class ModelConfig:
   # weights; the cache into L2) before it waits for them. Right on the H200 and no faster
   # (MoHGE-3B batch 256: 3.877/3.860 ms against 3.879/3.853; notes_generate.md): off.
   decode_pdl: bool = False
-  # Decode's residual adds and the RMSNorm after each as one Triton kernel
-  # (pallas_kernels/add_norm_gpu.py, on a GPU at a power-of-two d_model; XLA elsewhere):
-  # one launch in place of XLA's two, twice a layer, on the unrolled step's serial path.
-  # The same numbers (up to the order of the norm's sum); not yet timed on a GPU: off.
-  decode_fused_norm: bool = False
 
   # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.
   # `layer_ffn` (one entry per layer) overrides both when given.

@@ -537,7 +537,8 @@ class StackedExperts:
     MoHGE-3B layer at batch 256, benchmarks/notes_generate.md, eleventh session) or
     'kernel_rows' (the same kernel with a thread a token, `route_gpu.route_slots(impl=
     "rows")`; as slow on the H200, fifteenth session) or 'kernel_triton' (impl="triton":
-    two Triton launches of 16 tokens a thread block; not yet timed on a GPU)."""
+    two Triton launches of 16 tokens a thread block; DECODE_KERNEL_TUNING's, -0.12 ms a
+    MoHGE-3B step at batch 256, twenty-third session)."""
     return dict(self.tuning).get("route", "xla")
 
   @property
@@ -567,9 +568,18 @@ class StackedExperts:
 # The decode kernels' tiles: one expert's slot block is one 64-row tile (wgmma's smallest
 # M; capacity_experts rounds C up to it), 128-deep K steps (MoHGE-3B's 14 routed layers at
 # batch 256 on the H200: 2.79 ms against 3.00 with 64, benchmarks/notes_generate.md), the
-# rest as the training kernels'.
-DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128}
+# rest as the training kernels'. The routing and slot assignment by the Triton route
+# kernel (`route_gpu.route_slots(impl="triton")`; XLA's where its shapes do not fit):
+# MoHGE-3B at batch 256 3.750 ms a step against 3.866-3.870 with XLA's routing
+# (twenty-third session, each its own process).
+DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128, "route": "kernel_triton"}
 _NOT_CONFIG = ("kernel", "route", "pdl")   # StackedExperts' own tuning keys
+
+
+def decode_kernel_config():
+  """`pallas_kernels.gpu.Config` of DECODE_KERNEL_TUNING (its kernel fields only)."""
+  from pallas_kernels import gpu
+  return gpu.Config(**{k: v for k, v in DECODE_KERNEL_TUNING.items() if k not in _NOT_CONFIG})
 ROUTES = ("xla", "kernel", "kernel_rows", "kernel_triton")   # StackedExperts.route
 
 
@@ -577,8 +587,8 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   """`StackedExperts` of one layer's per-group weights (in the compute dtype, bf16).
   tuning: `pallas_kernels.gpu.Config` fields over DECODE_KERNEL_TUNING (interpret=True
   runs the kernels in the Pallas interpreter, for tests on CPU), kernel="slot" (the
-  default) or "hgmm" (`StackedExperts.kernel`), route="xla" (the default), "kernel",
-  "kernel_rows" or "kernel_triton" (`StackedExperts.route`) and pdl=1 (the slot kernels
+  default) or "hgmm" (`StackedExperts.kernel`), route="kernel_triton" (the default),
+  "xla", "kernel" or "kernel_rows" (`StackedExperts.route`) and pdl=1 (the slot kernels
   launched with programmatic dependent launch, `slot_gpu.slot_gmm(pdl=True)`; right on
   the H200 and no faster, off by default)."""
   from pallas_kernels import gpu

@@ -164,7 +164,7 @@ def expert_kernels_for_decode(m) -> bool:
   return ((mesh.empty or mesh.size == 1)
           and jnp.dtype(m.dtype) in (jnp.bfloat16, jnp.float16)
           and gpu.unsupported_reason(m.group_widths, m.d_model,
-                                     gpu.Config(**dispatch.DECODE_KERNEL_TUNING)) is None)
+                                     dispatch.decode_kernel_config()) is None)
 
 
 def _ffn(block, h_BxLxD, expert_backend: str | None = None, stacked=None):
@@ -336,53 +336,25 @@ def unstack_caches(caches: list[MLACache]) -> list[list[MLACache]]:
           for cache in caches]
 
 
-def _add_norm_kernel(model: Transformer):
-  """The residual add and the norm after it as one kernel (`pallas_kernels.add_norm_gpu`)
-  where model.decode_fused_norm asks for it and it runs (a GPU, a power-of-two width),
-  else None (XLA's add, then the norm)."""
-  from pallas_kernels import add_norm_gpu   # noqa: PLC0415 - a GPU kernel, decode only
-  m = model.cfg.model
-  if (not m.decode_fused_norm or jax.default_backend() != "gpu"
-      or add_norm_gpu.unsupported_reason(m.d_model)):
-    return None
-  return add_norm_gpu.add_rms_norm
-
-
 def _decode_step_unrolled(model, tokens_B, positions_B, caches, expert_backend, layers):
-  kernel = _add_norm_kernel(model)
-
-  def add_norm(x_Bx1xD, a_Bx1xD, norm):   # (x + a, norm(x + a))
-    if kernel is None:
-      x_Bx1xD = x_Bx1xD + a_Bx1xD
-      return x_Bx1xD, norm(x_Bx1xD)
-    B, _, D = x_Bx1xD.shape
-    h, n = kernel(x_Bx1xD.reshape(B, D), a_Bx1xD.reshape(B, D), norm.scale[...],
-                  eps=norm.eps, out_dtype=norm.dtype)
-    return h.reshape(B, 1, D), n.reshape(B, 1, D)
-
-  # Every layer's module first: a layer's second add goes with the next layer's norm
-  blocks = [[nnx.merge(nnx.graphdef(stack.layers), layer.state) for layer in stack_layers]
-            for stack, stack_layers in zip(model.stacks, layers)]
-  norms_after = [b.attn_norm for stack_blocks in blocks for b in stack_blocks][1:] + [
-      model.final_norm]
   x_Bx1xD = _embed(model, tokens_B[:, None])
-  n_Bx1xD = blocks[0][0].attn_norm(x_Bx1xD)
-  new_caches, routes, i = [], [], 0
-  for stack_blocks, stack_caches, stack_layers in zip(blocks, caches, layers):
+  new_caches, routes = [], []
+  for stack, stack_caches, stack_layers in zip(model.stacks, caches, layers):
+    graphdef = nnx.graphdef(stack.layers)
     updated, ids_n = [], []
-    for block, layer, cache in zip(stack_blocks, stack_layers, stack_caches):
+    for layer, cache in zip(stack_layers, stack_caches):
+      block = nnx.merge(graphdef, layer.state)
       with jax.named_scope("attention"):
-        a_Bx1xD, cache = block.attn.decode(n_Bx1xD, positions_B, cache, prepared=layer.attn)
-      x_Bx1xD, h_Bx1xD = add_norm(x_Bx1xD, a_Bx1xD, block.ffn_norm)
-      y_Bx1xD, ids = _ffn(block, h_Bx1xD, expert_backend, layer.experts)
-      x_Bx1xD, n_Bx1xD = add_norm(x_Bx1xD, y_Bx1xD, norms_after[i])
+        a_Bx1xD, cache = block.attn.decode(block.attn_norm(x_Bx1xD), positions_B, cache,
+                                           prepared=layer.attn)
+      x_Bx1xD = x_Bx1xD + a_Bx1xD
+      y_Bx1xD, ids = _ffn(block, block.ffn_norm(x_Bx1xD), expert_backend, layer.experts)
+      x_Bx1xD = x_Bx1xD + y_Bx1xD
       updated.append(cache)
       ids_n.append(ids)
-      i += 1
     new_caches.append(updated)
     routes.append(None if ids_n[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ids_n))
-  with jax.named_scope("lm_head"):
-    return logits_matmul(n_Bx1xD, head_weight(model))[:, 0], new_caches, routes
+  return _logits(model, x_Bx1xD)[:, 0], new_caches, routes
 
 
 def _routed(routes_per_stack: list) -> routing.Forced:

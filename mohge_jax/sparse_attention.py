@@ -608,7 +608,7 @@ def resolve_sparse_mla_impl(impl: str, H: int, C: int, R: int, K: int, dtype) ->
 
 
 def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, valid_BxTxK, *,
-               scale: float, chunk: int, impl: str = "reference", _probs: str = "kernel"):
+               scale: float, chunk: int, impl: str = "reference", _probs: str = "steps"):
   """MLA in latent form over each query's selected keys.
 
   score[t, h, k] = scale (q_lat[t, h] . c[idx[t, k]] + q_rope[t, h] . k_rope[idx[t, k]]),
@@ -624,9 +624,11 @@ def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, 
   "interpret_mma_bwd" (that kernel's backward too, `sparse_mla_mma_gpu.sparse_mla_bwd`), "auto"
   (`resolve_sparse_mla_impl`). With the kernel, a query with no valid key at
   all gets the uniform average of its sequence's row 0 (the reference: of its idx rows).
-  _probs (the MMA kernels' p; for benchmarks/dsa.py until measured): "kernel"
-  (`sparse_mla_probs`, a second pass over the keys) or "steps" (the forward's own P and
-  maxima, `sparse_mla_mma_gpu.probs_from_steps`).
+  _probs (the MMA kernels' p): "steps" (the default: the forward kernel's own P and maxima,
+  `sparse_mla_mma_gpu.probs_from_steps`; p within 2^-8 of the float32 form, bf16 P) or
+  "kernel" (`sparse_mla_probs`, a second pass over the keys). DSA fwd+bwd on one H200
+  with "steps": 65.2 / 314.8 / 751.9 ms at 16k / 64k / 128k against 71.3 / 342.5 / 804.3
+  (twenty-third session, benchmarks/notes_dsa.md).
   """
   if _probs not in ("kernel", "steps"):
     raise ValueError(f"sparse_mla: _probs={_probs!r}: must be 'kernel' or 'steps'")
@@ -636,7 +638,7 @@ def sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, 
 
 
 def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK, valid_BxTxK, *,
-                scale: float, chunk: int, impl: str, probs: str = "kernel"):
+                scale: float, chunk: int, impl: str, probs: str = "steps"):
   T, H = q_lat_BxTxHxC.shape[1], q_lat_BxTxHxC.shape[2]
   ckr_BxSxCR = jnp.concatenate([c_BxSxC, k_rope_BxSxR.astype(c_BxSxC.dtype)], -1)
   C = c_BxSxC.shape[-1]
@@ -662,7 +664,7 @@ def _sparse_mla(q_lat_BxTxHxC, q_rope_BxTxHxR, c_BxSxC, k_rope_BxSxR, idx_BxTxK,
 
 def _sparse_mla_kernel(q_lat_BxTxHxC, q_rope_BxTxHxR, ckr_BxSxCR, idx_BxTxK, valid_BxTxK, *,
                        scale: float, chunk: int, interpret: bool, mma: bool = False,
-                       kernel_bwd: bool = False, probs: str = "kernel"):
+                       kernel_bwd: bool = False, probs: str = "steps"):
   """o_lat from the Mosaic GPU forward kernel (mma: the 16-row MMA one), under a custom VJP
   whose backward is, from the kernel's o and LSE, the MMA kernel's backward
   (`sparse_mla_mma_gpu.sparse_mla_bwd`) with kernel_bwd, else pure JAX (`_sparse_mla_bwd`).

@@ -70,6 +70,7 @@ MAX_WARPGROUPS = 4   # one a chunk of tokens: up to 256 tokens (a decode batch)
 IMPLS = ("wgmma", "rows", "triton")
 ROW_TOKENS = 128     # impl="rows": tokens a warpgroup, one a thread
 BLOCK_TOKENS = 16    # impl="triton": tokens a program
+TRITON_WARPS = 4     # impl="triton": warps a program
 MAX_TRITON_TOKENS = 1024  # impl="triton": the slots' program holds every program's counts
 
 
@@ -607,7 +608,7 @@ def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
   # The interpreter's masked stores write at the masked lanes' (spill) places too; on the
   # GPU they write nothing, and the slot rows are exactly [E * C, D] (no copy to slice).
   spill = B if interpret else 0
-  params = plt.CompilerParams(num_warps=4, num_stages=1)
+  params = plt.CompilerParams(num_warps=TRITON_WARPS, num_stages=1)
   ids8, w8, gid8, rank8, counts = pl.pallas_call(
       functools.partial(_triton_route_kernel, T=T, G=G, E=E, K=K, Kg=Kg, combine=combine),
       grid=(P,), compiler_params=params, interpret=interpret, name="route_tokens",
