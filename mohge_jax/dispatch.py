@@ -537,7 +537,7 @@ class StackedExperts:
     MoHGE-3B layer at batch 256, benchmarks/notes_generate.md, eleventh session) or
     'kernel_rows' (the same kernel with a thread a token, `route_gpu.route_slots(impl=
     "rows")`; as slow on the H200, fifteenth session) or 'kernel_triton' (impl="triton":
-    two Triton launches of 16 tokens a thread block; DECODE_KERNEL_TUNING's, -0.12 ms a
+    two Triton launches of a few tokens a thread block; DECODE_KERNEL_TUNING's, -0.17 ms a
     MoHGE-3B step at batch 256, twenty-third session)."""
     return dict(self.tuning).get("route", "xla")
 
@@ -570,8 +570,8 @@ class StackedExperts:
 # batch 256 on the H200: 2.79 ms against 3.00 with 64, benchmarks/notes_generate.md), the
 # rest as the training kernels'. The routing and slot assignment by the Triton route
 # kernel (`route_gpu.route_slots(impl="triton")`; XLA's where its shapes do not fit):
-# MoHGE-3B at batch 256 3.750 ms a step against 3.866-3.870 with XLA's routing
-# (twenty-third session, each its own process).
+# MoHGE-3B at batch 256 3.66 ms a step against 3.83 with XLA's routing (twenty-third
+# session, each its own process; benchmarks/notes_generate.md).
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128, "route": "kernel_triton"}
 _NOT_CONFIG = ("kernel", "route", "pdl")   # StackedExperts' own tuning keys
 

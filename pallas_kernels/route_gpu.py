@@ -42,12 +42,15 @@ session). Both run all tokens in one thread block: a routing kernel that pays mu
 the tokens over many SMs (benchmarks/notes_generate.md; XLA's whole routing chain is
 worth ~0.36 ms a step, an ablation's bound).
 
-impl="triton" (`_route_triton`, Pallas' Triton backend) does: a thread block of 16 tokens
-routes them (a [16, E] tile: 8 values a thread at E = 64) and ranks its pairs among its
-own (a cumsum down the tokens), writing its pairs an expert; a second launch adds the
-earlier blocks' counts to the ranks, writes the slots, each slot's token (so
-`dispatch.capacity_experts` needs no scatter) and each expert's pairs. Two launches of
-16 blocks at batch 256 in place of XLA's ~10 a layer (not yet timed on a GPU).
+impl="triton" (`_route_triton`, Pallas' Triton backend) does: a thread block of a few
+tokens (`triton_tile`: 4 tokens a warp, 4 in one warp at batch 256) routes them (a [4, E]
+tile: 8 values a thread at E = 64) and ranks its pairs among its own (a cumsum down the
+tokens), writing its pairs an expert; a second launch adds the earlier blocks' counts to
+the ranks, writes the slots, each slot's token (so `dispatch.capacity_experts` needs no
+scatter), each expert's pairs and the slot block's rows. Two launches of 64 blocks at
+batch 256 in place of XLA's ~10 a layer: MoHGE-3B's decode step 3.66 ms against 3.83
+with XLA's routing on the H200 (twenty-third session); the decode default
+(`dispatch.DECODE_KERNEL_TUNING`).
 
 Reference: `reference` (the routing functions and `_capacity_slots`' ranks in plain JAX).
 """
@@ -69,9 +72,17 @@ COMBINES = ("softmax", "renormalize", "raw")
 MAX_WARPGROUPS = 4   # one a chunk of tokens: up to 256 tokens (a decode batch)
 IMPLS = ("wgmma", "rows", "triton")
 ROW_TOKENS = 128     # impl="rows": tokens a warpgroup, one a thread
-BLOCK_TOKENS = 16    # impl="triton": tokens a program
-TRITON_WARPS = 4     # impl="triton": warps a program
 MAX_TRITON_TOKENS = 1024  # impl="triton": the slots' program holds every program's counts
+
+
+def triton_tile(T: int) -> tuple[int, int]:
+  """impl="triton"'s tokens and warps a program for T tokens: 4 tokens a warp, at least 4
+  tokens and at most 64 programs (the slots' programs each read every program's counts,
+  [programs, E] int32). MoHGE-3B at batch 256 on the H200 (ms a step, each its own
+  process; twenty-third session): 4 tokens and 1 warp 3.657-3.673, 4 and 2 3.667, 8 and 2
+  3.677-3.685, 2 and 1 3.688, 16 and 4 3.700-3.727, 16 and 2 3.760, 32 and 4 3.795."""
+  tokens = max(4, 1 << (max(1, -(-T // 64)) - 1).bit_length())
+  return tokens, min(4, tokens // 4)
 
 
 class RouteSlots(NamedTuple):
@@ -485,15 +496,14 @@ def _triton_column(tile, j):
   return jnp.where(col == j, tile, 0).sum(axis=1)
 
 
-def _triton_route_kernel(logits_ref, ids_ref, w_ref, gid_ref, rank_ref, count_ref, *, T, G,
-                         E, K, Kg, combine):
-  """Program i routes tokens [16 i, 16 i + 16): the router's float32 math as
+def _triton_route_kernel(logits_ref, ids_ref, w_ref, gid_ref, rank_ref, count_ref, *, B, T,
+                         G, E, K, Kg, combine):
+  """Program i routes tokens [B i, B i + B): the router's float32 math as
   `routing.two_level_route` / `topk_route` do it (the top-K read from p * q, its values
   divided by the row sum after), each pair's rank among this program's pairs of its expert
   (an exclusive cumsum of the 0/1 choices down the tokens) and this program's pairs an
   expert."""
   i = pl.program_id(0)
-  B = BLOCK_TOKENS
   rows = pl.ds(i * B, B)
   v = logits_ref[rows, pl.ds(G, E)]                                   # [B, E]
   ecol = lax.broadcasted_iota(jnp.int32, (B, E), 1)
@@ -533,7 +543,7 @@ def _triton_route_kernel(logits_ref, ids_ref, w_ref, gid_ref, rank_ref, count_re
   count_ref[i, :] = chosen_i.sum(axis=0)
 
 
-def _triton_slots_kernel(ids_ref, rank_ref, count_ref, *refs, P, E, K, C, with_x):
+def _triton_slots_kernel(ids_ref, rank_ref, count_ref, *refs, B, P, E, K, C, with_x):
   """Program i's pairs' slots: e * C + min(rank, C - 1), the rank being the pair's rank in
   its program plus the earlier programs' pairs of its expert (every program's counts are
   read; rows of count_ref from P on are not written and are masked); each pair's token
@@ -544,7 +554,6 @@ def _triton_slots_kernel(ids_ref, rank_ref, count_ref, *refs, P, E, K, C, with_x
   else:
     slot_ref, tok_ref, over_ref, total_ref = refs
   i = pl.program_id(0)
-  B = BLOCK_TOKENS
   rows = pl.ds(i * B, B)
   counts = count_ref[...]                                             # [Pp, E]
   prog = lax.broadcasted_iota(jnp.int32, counts.shape, 0)
@@ -566,7 +575,7 @@ def _triton_slots_kernel(ids_ref, rank_ref, count_ref, *refs, P, E, K, C, with_x
   lane = lax.broadcasted_iota(jnp.int32, slot_BxCOLS.shape, 0) * COLS + lax.broadcasted_iota(
       jnp.int32, slot_BxCOLS.shape, 1)
   store = _triton_tile(fits, jnp.int32) != 0
-  token = i * BLOCK_TOKENS + lax.broadcasted_iota(jnp.int32, slot_BxCOLS.shape, 0)
+  token = i * B + lax.broadcasted_iota(jnp.int32, slot_BxCOLS.shape, 0)
   plt.store(tok_ref.at[jnp.where(store, slot_BxCOLS, E * C + lane)], token, mask=store)
   if with_x:   # the tokens' rows to their pairs' slots (spill rows as above)
     x_BxD = x_ref[rows, :]
@@ -588,16 +597,17 @@ def _triton_slots_kernel(ids_ref, rank_ref, count_ref, *refs, P, E, K, C, with_x
 
 def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
                   interpret: bool) -> RouteSlots:
-  """route_slots over many SMs: a program (thread block) of 16 tokens routes them and
-  counts its pairs an expert; a second launch turns the counts into slots. Why: the Mosaic
-  GPU kernels above run every token in one thread block (~30 us a MoHGE-3B layer on the
-  H200, issue-bound), XLA's routing chain is ~10 launches (~25 us); here 16 programs
-  of a [16, 64] tile each (8 values a thread), two launches. Pallas' Triton backend: the
+  """route_slots over many SMs: a program (thread block) of a few tokens (`triton_tile`)
+  routes them and counts its pairs an expert; a second launch turns the counts into slots.
+  Why: the Mosaic GPU kernels above run every token in one thread block (~30 us a
+  MoHGE-3B layer on the H200, issue-bound), XLA's routing chain is ~10 launches (~25 us);
+  here 64 programs of a [4, 64] tile each at batch 256 (one warp, 8 values a thread), two
+  launches. Pallas' Triton backend: the
   ranks are a cumsum down the tokens, which Mosaic GPU's Pallas lowering does not have
   (jax 0.11.2; `indexer_gpu` says more)."""
   T = logits.shape[0]
   E = logits.shape[1] - G
-  B = BLOCK_TOKENS
+  B, warps = triton_tile(T)
   P = -(-T // B)
   Pp = 1 << (P - 1).bit_length()   # the counts' rows, a power of two (Triton's blocks)
   Tp = P * B
@@ -608,9 +618,9 @@ def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
   # The interpreter's masked stores write at the masked lanes' (spill) places too; on the
   # GPU they write nothing, and the slot rows are exactly [E * C, D] (no copy to slice).
   spill = B if interpret else 0
-  params = plt.CompilerParams(num_warps=TRITON_WARPS, num_stages=1)
+  params = plt.CompilerParams(num_warps=warps, num_stages=1)
   ids8, w8, gid8, rank8, counts = pl.pallas_call(
-      functools.partial(_triton_route_kernel, T=T, G=G, E=E, K=K, Kg=Kg, combine=combine),
+      functools.partial(_triton_route_kernel, B=B, T=T, G=G, E=E, K=K, Kg=Kg, combine=combine),
       grid=(P,), compiler_params=params, interpret=interpret, name="route_tokens",
       out_shape=(ints, jax.ShapeDtypeStruct((Tp, COLS), jnp.float32), ints, ints,
                  jax.ShapeDtypeStruct((Pp, E), jnp.int32)))(logits)
@@ -619,7 +629,7 @@ def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
   if x is not None:
     out_shape += (jax.ShapeDtypeStruct((E * C + spill, x.shape[1]), x.dtype),)
   slot8, tokens, over, totals, *xs = pl.pallas_call(
-      functools.partial(_triton_slots_kernel, P=P, E=E, K=K, C=C, with_x=x is not None),
+      functools.partial(_triton_slots_kernel, B=B, P=P, E=E, K=K, C=C, with_x=x is not None),
       grid=(P,), compiler_params=params, interpret=interpret, name="route_slots",
       out_shape=out_shape)(ids8, rank8, counts, *([] if x is None else [x]))
   return RouteSlots(expert_ids=ids8[:T, :K], weights=w8[:T, :K],

@@ -116,16 +116,17 @@ def test_reference_equals_float64(rng, router, combine):
     ("mohge", "renormalize", 64, 64, 9, "rows"),     # padded to 128 tokens; 9 overflows C
     ("moe", "raw", 192, 64, None, "rows"),           # padded to 256
     ("moe", "softmax", 128, 64, 5, "rows"),
-    ("mohge", "softmax", 256, 64, None, "triton"),   # 16 programs of 16 tokens
-    ("mohge", "renormalize", 50, 128, 77, "triton"), # padded to 64; 77 overflows C
-    ("moe", "raw", 200, 64, None, "triton"),         # 13 programs: counts' rows padded to 16
+    ("mohge", "softmax", 256, 64, None, "triton"),   # 64 programs of 4 tokens
+    ("mohge", "renormalize", 50, 128, 77, "triton"), # 13 programs (padded to 52, counts'
+                                                     # rows to 16); 77 overflows C
+    ("moe", "raw", 300, 64, None, "triton"),         # 38 programs of 8 tokens (triton_tile)
     ("moe", "softmax", 128, 64, 5, "triton")])
 def test_kernel_in_the_gpu_interpreter_matches_numpy(rng, router, combine, T, E, skew, impl):
   """Ranks carried across chunks (each warpgroup's first token counts the earlier chunks'
   pairs), overflow found (and the clipped slots as the reference clips them); impl="rows"
   pads the tokens to a multiple of 128 without counting the padding's choices, "triton"
-  (Pallas' Triton interpreter) to a multiple of 16, each program's ranks continued from
-  the earlier programs' counts by the second launch."""
+  (Pallas' Triton interpreter) to a multiple of its tile's tokens, each program's ranks
+  continued from the earlier programs' counts by the second launch."""
   kw = dict(MOHGE if router == "mohge" else MOE)
   G = kw["num_groups"]
   C = 64 if skew is None else 32
