@@ -136,13 +136,19 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
   """The benchmark's prefill and decode loop of the 3B models at batch 1 (6 expert rows: far
   below the kernels' 128-row tile) and 256, through the Mosaic GPU expert kernels (forced:
   this host is a CPU) and the decode loop through `all_experts`, `capacity` and (at 256,
-  unrolled) `capacity_kernel`, trace and lower for CUDA: what would first fail on the H200."""
+  unrolled) `capacity_kernel` (with the Triton route kernel, its default), trace and lower
+  for CUDA: what would first fail on the H200."""
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
+
   import pallas_kernels
   from pallas_kernels import gpu
   from mohge_jax import dispatch
   from mohge_jax.model import Transformer
   from mohge_jax.trainer import graph_def
   monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132))
+  # Triton's lowering asks the device for its compute capability: this host has none
+  info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion("NVIDIA H100"))
+  monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: info)
   resolve = dispatch.resolve_backend
   monkeypatch.setattr(dispatch, "resolve_backend",
                       lambda b, *a: "pallas" if b == "auto" else resolve(b, *a))
@@ -174,9 +180,7 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
           state, layers, lengths, lengths, jax.eval_shape(gen.unstack_caches, caches)).lower(
               lowering_platforms=("cuda",)).as_text()
       assert "mosaic_gpu" in text
-
-
-def test_backend_names_are_generates():
+      assert "route_tokens" in text and "route_slots" in text   # the Triton route kernel
   """--decode-backends takes generate's names: model (model.expert_backend, resolved),
   auto (generate's per-batch choice, recorded with what it chose), or a backend itself."""
   m = load_config(str(ROOT / "configs/mohge_3b.yaml")).model
