@@ -531,14 +531,14 @@ class StackedExperts:
 
   @property
   def route(self) -> str:
-    """'xla' (the default: the routing functions and `_capacity_slots`), 'kernel'
-    (`pallas_kernels.route_gpu`: the layer's routing and slot assignment in one launch,
-    where its shapes fit; on the H200 still slower than XLA's ~20 launches, 30 us a
-    MoHGE-3B layer at batch 256, benchmarks/notes_generate.md, eleventh session) or
-    'kernel_rows' (the same kernel with a thread a token, `route_gpu.route_slots(impl=
-    "rows")`; as slow on the H200, fifteenth session) or 'kernel_triton' (impl="triton":
-    two Triton launches of a few tokens a thread block; DECODE_KERNEL_TUNING's, -0.17 ms a
-    MoHGE-3B step at batch 256, twenty-third session)."""
+    """'kernel_triton' (DECODE_KERNEL_TUNING's: `pallas_kernels.route_gpu.route_slots(impl=
+    "triton")`, two Triton launches of a few tokens a thread block, where its shapes fit,
+    else XLA's; -0.17 ms a MoHGE-3B step at batch 256, twenty-third session), 'xla' (the
+    routing functions and `_capacity_slots`; a tuning without a route), 'kernel' (the
+    layer's routing and slot assignment in one Mosaic GPU launch, where its shapes fit; on
+    the H200 slower than XLA's, 30 us a MoHGE-3B layer at batch 256,
+    benchmarks/notes_generate.md, eleventh session) or 'kernel_rows' (the same kernel with
+    a thread a token, impl="rows"; as slow, fifteenth session)."""
     return dict(self.tuning).get("route", "xla")
 
   @property

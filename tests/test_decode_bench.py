@@ -142,7 +142,6 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
 
   import pallas_kernels
   from pallas_kernels import gpu
-  from mohge_jax import dispatch
   from mohge_jax.model import Transformer
   from mohge_jax.trainer import graph_def
   monkeypatch.setattr(pallas_kernels, "get_ops", lambda *a, **k: gpu.GpuOps(num_sms=132))
