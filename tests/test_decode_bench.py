@@ -180,6 +180,9 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
               lowering_platforms=("cuda",)).as_text()
       assert "mosaic_gpu" in text
       assert "route_tokens" in text and "route_slots" in text   # the Triton route kernel
+
+
+def test_backend_names_are_generates():
   """--decode-backends takes generate's names: model (model.expert_backend, resolved),
   auto (generate's per-batch choice, recorded with what it chose), or a backend itself."""
   m = load_config(str(ROOT / "configs/mohge_3b.yaml")).model
