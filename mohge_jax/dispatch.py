@@ -533,7 +533,7 @@ class StackedExperts:
   def route(self) -> str:
     """'kernel_triton' (DECODE_KERNEL_TUNING's: `pallas_kernels.route_gpu.route_slots(impl=
     "triton")`, two Triton launches of a few tokens a thread block, where its shapes fit,
-    else XLA's; -0.17 ms a MoHGE-3B step at batch 256, twenty-third session), 'xla' (the
+    else XLA's; -0.12 ms a MoHGE-3B step at batch 256, twenty-third session), 'xla' (the
     routing functions and `_capacity_slots`; a tuning without a route), 'kernel' (the
     layer's routing and slot assignment in one Mosaic GPU launch, where its shapes fit; on
     the H200 slower than XLA's, 30 us a MoHGE-3B layer at batch 256,
@@ -570,8 +570,8 @@ class StackedExperts:
 # batch 256 on the H200: 2.79 ms against 3.00 with 64, benchmarks/notes_generate.md), the
 # rest as the training kernels'. The routing and slot assignment by the Triton route
 # kernel (`route_gpu.route_slots(impl="triton")`; XLA's where its shapes do not fit):
-# MoHGE-3B at batch 256 3.66 ms a step against 3.83 with XLA's routing (twenty-third
-# session, each its own process; benchmarks/notes_generate.md).
+# MoHGE-3B at batch 256 3.70-3.73 ms a step against 3.83-3.87 with XLA's routing
+# (twenty-third session, each its own process; benchmarks/notes_generate.md).
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128, "route": "kernel_triton"}
 _NOT_CONFIG = ("kernel", "route", "pdl")   # StackedExperts' own tuning keys
 

@@ -43,14 +43,14 @@ the tokens over many SMs (benchmarks/notes_generate.md; XLA's whole routing chai
 worth ~0.36 ms a step, an ablation's bound).
 
 impl="triton" (`_route_triton`, Pallas' Triton backend) does: a thread block of a few
-tokens (`triton_tile`: 4 tokens a warp, 4 in one warp at batch 256) routes them (a [4, E]
+tokens (`triton_tile`: 4 tokens a warp; 16 in 4 warps at batch 256) routes them (a [16, E]
 tile: 8 values a thread at E = 64) and ranks its pairs among its own (a cumsum down the
 tokens), writing its pairs an expert; a second launch adds the earlier blocks' counts to
 the ranks, writes the slots, each slot's token (so `dispatch.capacity_experts` needs no
-scatter), each expert's pairs and the slot block's rows. Two launches of 64 blocks at
-batch 256 in place of XLA's ~10 a layer: MoHGE-3B's decode step 3.66 ms against 3.83
-with XLA's routing on the H200 (twenty-third session); the decode default
-(`dispatch.DECODE_KERNEL_TUNING`).
+scatter), each expert's pairs and the slot block's rows. Two launches of 16 blocks at
+batch 256 in place of XLA's ~10 a layer: MoHGE-3B's decode step 3.70-3.73 ms against
+3.83-3.87 with XLA's routing on the H200 (3.66 with 4-token blocks, MIN_TILE_TOKENS;
+twenty-third session); the decode default (`dispatch.DECODE_KERNEL_TUNING`).
 
 Reference: `reference` (the routing functions and `_capacity_slots`' ranks in plain JAX).
 """
@@ -75,13 +75,19 @@ ROW_TOKENS = 128     # impl="rows": tokens a warpgroup, one a thread
 MAX_TRITON_TOKENS = 1024  # impl="triton": the slots' program holds every program's counts
 
 
+# impl="triton": the fewest tokens a program. MoHGE-3B at batch 256 on the H200 (ms a
+# step, each its own process; twenty-third session): 4 tokens and 1 warp 3.657-3.673, 4 and
+# 2 3.667, 8 and 2 3.677-3.685, 2 and 1 3.688, 16 and 4 3.700-3.727, 16 and 2 3.760, 32 and
+# 4 3.795. 16 until the smaller tiles' outputs are compared with XLA's routing on the GPU
+# (the timings patched the tile in; only 16 x 4 has run the GPU tests): then 4.
+MIN_TILE_TOKENS = 16
+
+
 def triton_tile(T: int) -> tuple[int, int]:
-  """impl="triton"'s tokens and warps a program for T tokens: 4 tokens a warp, at least 4
-  tokens and at most 64 programs (the slots' programs each read every program's counts,
-  [programs, E] int32). MoHGE-3B at batch 256 on the H200 (ms a step, each its own
-  process; twenty-third session): 4 tokens and 1 warp 3.657-3.673, 4 and 2 3.667, 8 and 2
-  3.677-3.685, 2 and 1 3.688, 16 and 4 3.700-3.727, 16 and 2 3.760, 32 and 4 3.795."""
-  tokens = max(4, 1 << (max(1, -(-T // 64)) - 1).bit_length())
+  """impl="triton"'s tokens and warps a program for T tokens: 4 tokens a warp, at least
+  MIN_TILE_TOKENS tokens and at most 64 programs (the slots' programs each read every
+  program's counts, [programs, E] int32)."""
+  tokens = max(MIN_TILE_TOKENS, 1 << (max(1, -(-T // 64)) - 1).bit_length())
   return tokens, min(4, tokens // 4)
 
 
@@ -601,7 +607,7 @@ def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
   routes them and counts its pairs an expert; a second launch turns the counts into slots.
   Why: the Mosaic GPU kernels above run every token in one thread block (~30 us a
   MoHGE-3B layer on the H200, issue-bound), XLA's routing chain is ~10 launches (~25 us);
-  here 64 programs of a [4, 64] tile each at batch 256 (one warp, 8 values a thread), two
+  here 16 programs of a [16, 64] tile each at batch 256 (4 warps, 8 values a thread), two
   launches. Pallas' Triton backend: the
   ranks are a cumsum down the tokens, which Mosaic GPU's Pallas lowering does not have
   (jax 0.11.2; `indexer_gpu` says more)."""

@@ -116,10 +116,9 @@ def test_reference_equals_float64(rng, router, combine):
     ("mohge", "renormalize", 64, 64, 9, "rows"),     # padded to 128 tokens; 9 overflows C
     ("moe", "raw", 192, 64, None, "rows"),           # padded to 256
     ("moe", "softmax", 128, 64, 5, "rows"),
-    ("mohge", "softmax", 256, 64, None, "triton"),   # 64 programs of 4 tokens
-    ("mohge", "renormalize", 50, 128, 77, "triton"), # 13 programs (padded to 52, counts'
-                                                     # rows to 16); 77 overflows C
-    ("moe", "raw", 300, 64, None, "triton"),         # 38 programs of 8 tokens (triton_tile)
+    ("mohge", "softmax", 256, 64, None, "triton"),   # 16 programs of 16 tokens
+    ("mohge", "renormalize", 50, 128, 77, "triton"), # padded to 64; 77 overflows C
+    ("moe", "raw", 300, 64, None, "triton"),         # 19 programs: counts' rows padded to 32
     ("moe", "softmax", 128, 64, 5, "triton")])
 def test_kernel_in_the_gpu_interpreter_matches_numpy(rng, router, combine, T, E, skew, impl):
   """Ranks carried across chunks (each warpgroup's first token counts the earlier chunks'
@@ -136,6 +135,33 @@ def test_kernel_in_the_gpu_interpreter_matches_numpy(rng, router, combine, T, E,
   got = rg.route_slots(logits, combine_weights=combine, capacity=C, interpret=True,
                        impl=impl, **kw)
   _check(got, want)
+
+
+@pytest.mark.parametrize("min_tokens", [4, 8])
+def test_triton_smaller_tiles_route_alike(rng, monkeypatch, min_tokens):
+  """The Triton kernels with fewer tokens a program (route_gpu.MIN_TILE_TOKENS: 4 tokens
+  and 1 warp, 8 and 2; the default's 16 and 4 above) in the interpreter: the same routing,
+  slots, slot tokens, counts and slot rows as the default tile, and numpy's; ragged T."""
+  x_kw = dict(combine_weights="softmax", capacity=64, interpret=True, impl="triton", **MOHGE)
+  for T in (256, 90):
+    logits = _logits(rng, T, 8, 64)
+    x = jnp.asarray(rng.normal(size=(T, 128)), jnp.bfloat16)
+    want = rg.route_slots(logits, x=x, **x_kw)
+    with monkeypatch.context() as m:
+      m.setattr(rg, "MIN_TILE_TOKENS", min_tokens)
+      assert rg.triton_tile(T) == (min_tokens, min_tokens // 4)
+      got = rg.route_slots(logits, x=x, **x_kw)
+    for name in ("expert_ids", "group_ids", "slots", "overflow", "slot_tokens", "counts"):
+      np.testing.assert_array_equal(np.asarray(getattr(got, name)),
+                                    np.asarray(getattr(want, name)), err_msg=name)
+    # the filled slot rows (the others are never written: the kernels' padding)
+    filled = (np.arange(64)[None, :] < np.asarray(want.counts)[:, None]).ravel()   # [E * C]
+    np.testing.assert_array_equal(np.asarray(got.slot_x)[filled],
+                                  np.asarray(want.slot_x)[filled])
+    assert filled.sum() == T * MOHGE["top_k"]
+    # (a row's sums may run in another order in another tile's layout)
+    np.testing.assert_allclose(got.weights, want.weights, rtol=1e-6)
+    _check(got, _numpy_route(logits, 8, MOHGE["top_k_groups"], MOHGE["top_k"], "softmax", 64))
 
 
 def test_kernel_lowers_for_cuda_and_refuses_other_shapes():
@@ -241,9 +267,14 @@ def test_layer_decodes_the_same_with_the_route_kernel(rng, kind, route):
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
 @pytest.mark.parametrize("kind", ["mohge", "moe"])
-def test_layer_decodes_the_same_with_the_triton_route_on_the_gpu(rng, kind):
+@pytest.mark.parametrize("min_tokens", [16, 4])
+def test_layer_decodes_the_same_with_the_triton_route_on_the_gpu(rng, monkeypatch, kind,
+                                                                  min_tokens):
   """The same on the device at a decode batch of 256 tokens, route="kernel_triton" (its
-  slot rows and tokens into the slot kernels) against XLA's routing."""
+  slot rows and tokens into the slot kernels) against XLA's routing; with the default tile
+  and with 4 tokens a program (route_gpu.MIN_TILE_TOKENS = 4: measured faster, the default
+  once this passes on the GPU)."""
+  monkeypatch.setattr(rg, "MIN_TILE_TOKENS", min_tokens)
   _layer_route_equals_xla(rng, kind, "kernel_triton", 256, {})
 
 
