@@ -519,8 +519,7 @@ class StackedExperts:
     return cls(*children, *aux)
 
   def config(self):
-    from pallas_kernels import gpu
-    return gpu.Config(**{k: v for k, v in self.tuning if k not in _NOT_CONFIG})
+    return kernel_config(dict(self.tuning))
 
   @property
   def kernel(self) -> str:
@@ -574,13 +573,15 @@ class StackedExperts:
 # (twenty-third session, each its own process; benchmarks/notes_generate.md).
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128, "route": "kernel_triton"}
 _NOT_CONFIG = ("kernel", "route", "pdl")   # StackedExperts' own tuning keys
-
-
-def decode_kernel_config():
-  """`pallas_kernels.gpu.Config` of DECODE_KERNEL_TUNING (its kernel fields only)."""
-  from pallas_kernels import gpu
-  return gpu.Config(**{k: v for k, v in DECODE_KERNEL_TUNING.items() if k not in _NOT_CONFIG})
 ROUTES = ("xla", "kernel", "kernel_rows", "kernel_triton")   # StackedExperts.route
+
+
+def kernel_config(tuning: dict | None = None):
+  """`pallas_kernels.gpu.Config` of a decode tuning's kernel fields (DECODE_KERNEL_TUNING
+  when None; StackedExperts' own keys left out)."""
+  from pallas_kernels import gpu
+  tuning = DECODE_KERNEL_TUNING if tuning is None else tuning
+  return gpu.Config(**{k: v for k, v in tuning.items() if k not in _NOT_CONFIG})
 
 
 def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
@@ -599,7 +600,7 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
     raise ValueError(f"stack_experts: route={tuning['route']!r}: must be one of {ROUTES}")
   if tuning.get("pdl", 0) not in (0, 1):   # True and False compare equal to 1 and 0
     raise ValueError(f"stack_experts: pdl={tuning['pdl']!r}: must be 0 or 1")
-  cfg = gpu.Config(**{k: v for k, v in tuning.items() if k not in _NOT_CONFIG})
+  cfg = kernel_config(tuning)
   reason = gpu.unsupported_reason([w.shape[1] for w in w_down], w_down[0].shape[2], cfg)
   if reason:
     raise ValueError(f"stack_experts: {reason}")

@@ -164,7 +164,7 @@ def expert_kernels_for_decode(m) -> bool:
   return ((mesh.empty or mesh.size == 1)
           and jnp.dtype(m.dtype) in (jnp.bfloat16, jnp.float16)
           and gpu.unsupported_reason(m.group_widths, m.d_model,
-                                     dispatch.decode_kernel_config()) is None)
+                                     dispatch.kernel_config()) is None)
 
 
 def _ffn(block, h_BxLxD, expert_backend: str | None = None, stacked=None):

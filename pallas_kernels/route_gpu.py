@@ -608,9 +608,8 @@ def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
   Why: the Mosaic GPU kernels above run every token in one thread block (~30 us a
   MoHGE-3B layer on the H200, issue-bound), XLA's routing chain is ~10 launches (~25 us);
   here 16 programs of a [16, 64] tile each at batch 256 (4 warps, 8 values a thread), two
-  launches. Pallas' Triton backend: the
-  ranks are a cumsum down the tokens, which Mosaic GPU's Pallas lowering does not have
-  (jax 0.11.2; `indexer_gpu` says more)."""
+  launches. Pallas' Triton backend: the ranks are a cumsum down the tokens, which Mosaic
+  GPU's Pallas lowering does not have (jax 0.11.2; `indexer_gpu` says more)."""
   T = logits.shape[0]
   E = logits.shape[1] - G
   B, warps = triton_tile(T)

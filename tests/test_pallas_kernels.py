@@ -376,7 +376,7 @@ def test_slot_shares_of_mohge_3b_down_projection():
   the mean (26 against 25.2), where group by group it is 30."""
   from pallas_kernels import gpu, slot_gpu
   from mohge_jax import dispatch
-  cfg = dispatch.decode_kernel_config()
+  cfg = dispatch.kernel_config()
   st = gpu.Stacking.of([(8, w, 1024) for w in (384, 512, 640, 768, 896, 1024, 1152, 1280)])
   layout = slot_gpu._Layout.of(st, 64, False, cfg)
   grouped = dataclasses.replace(layout, interleaved=False)
