@@ -570,7 +570,8 @@ class StackedExperts:
 # rest as the training kernels'. The routing and slot assignment by the Triton route
 # kernel (`route_gpu.route_slots(impl="triton")`; XLA's where its shapes do not fit):
 # MoHGE-3B at batch 256 3.70-3.73 ms a step against 3.83-3.87 with XLA's routing
-# (twenty-third session, each its own process; benchmarks/notes_generate.md).
+# (twenty-third session, each its own process; benchmarks/notes_generate.md), 3.64 with
+# its 4-token tile (twenty-fourth).
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128, "route": "kernel_triton"}
 _NOT_CONFIG = ("kernel", "route", "pdl")   # StackedExperts' own tuning keys
 ROUTES = ("xla", "kernel", "kernel_rows", "kernel_triton")   # StackedExperts.route

@@ -43,14 +43,14 @@ the tokens over many SMs (benchmarks/notes_generate.md; XLA's whole routing chai
 worth ~0.36 ms a step, an ablation's bound).
 
 impl="triton" (`_route_triton`, Pallas' Triton backend) does: a thread block of a few
-tokens (`triton_tile`: 4 tokens a warp; 16 in 4 warps at batch 256) routes them (a [16, E]
+tokens (`triton_tile`: 4 tokens a warp; 4 in 1 warp at batch 256) routes them (a [16, E]
 tile: 8 values a thread at E = 64) and ranks its pairs among its own (a cumsum down the
 tokens), writing its pairs an expert; a second launch adds the earlier blocks' counts to
 the ranks, writes the slots, each slot's token (so `dispatch.capacity_experts` needs no
-scatter), each expert's pairs and the slot block's rows. Two launches of 16 blocks at
+scatter), each expert's pairs and the slot block's rows. Two launches of 64 blocks at
 batch 256 in place of XLA's ~10 a layer: MoHGE-3B's decode step 3.70-3.73 ms against
-3.83-3.87 with XLA's routing on the H200 (3.66 with 4-token blocks, MIN_TILE_TOKENS;
-twenty-third session); the decode default (`dispatch.DECODE_KERNEL_TUNING`).
+3.83-3.87 with XLA's routing on the H200 (twenty-third session), 3.64 with 4-token blocks
+(MIN_TILE_TOKENS, twenty-fourth); the decode default (`dispatch.DECODE_KERNEL_TUNING`).
 
 Reference: `reference` (the routing functions and `_capacity_slots`' ranks in plain JAX).
 """
@@ -79,8 +79,10 @@ MAX_TRITON_TOKENS = 1024  # impl="triton": the slots' program holds every progra
 # step, each its own process; twenty-third session): 4 tokens and 1 warp 3.657-3.673, 4 and
 # 2 3.667, 8 and 2 3.677-3.685, 2 and 1 3.688, 16 and 4 3.700-3.727, 16 and 2 3.760, 32 and
 # 4 3.795. 16 until the smaller tiles' outputs are compared with XLA's routing on the GPU
-# (the timings patched the tile in; only 16 x 4 has run the GPU tests): then 4.
-MIN_TILE_TOKENS = 16
+# 4 x 1 since its outputs matched XLA's routing on the GPU (twenty-fourth session: the
+# routed layer at batch 256, `test_route_gpu.py -m gpu`; 3.643-3.645 against 16 x 4's
+# 3.679-3.706 in the same call).
+MIN_TILE_TOKENS = 4
 
 
 def triton_tile(T: int) -> tuple[int, int]:
@@ -607,7 +609,7 @@ def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
   routes them and counts its pairs an expert; a second launch turns the counts into slots.
   Why: the Mosaic GPU kernels above run every token in one thread block (~30 us a
   MoHGE-3B layer on the H200, issue-bound), XLA's routing chain is ~10 launches (~25 us);
-  here 16 programs of a [16, 64] tile each at batch 256 (4 warps, 8 values a thread), two
+  here 64 programs of a [4, 64] tile each at batch 256 (1 warp, 8 values a thread), two
   launches. Pallas' Triton backend: the ranks are a cumsum down the tokens, which Mosaic
   GPU's Pallas lowering does not have (jax 0.11.2; `indexer_gpu` says more)."""
   T = logits.shape[0]
