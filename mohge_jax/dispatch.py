@@ -403,10 +403,14 @@ def _capacity_slots(expert_ids_TxK: jax.Array, E: int, C: int,
 
 
 def slot_capacity(T: int, K: int, E: int, stacked: StackedExperts | None = None,
-                  capacity_factor: float = 2.0, min_capacity: int = 8) -> int:
+                  capacity_factor: float = 2.0, min_capacity: int = 8,
+                  dropless: bool = False) -> int:
   """The rows per expert of `capacity_experts`' slot block: `expert_capacity`, rounded up
-  to the kernels' row tile when `stacked`."""
-  C = expert_capacity(T, K, E, capacity_factor, min_capacity)
+  to the kernels' row tile when `stacked`; dropless (with `stacked`): T rounded up to the
+  row tile, so that no expert can overflow (`StackedExperts.dropless`)."""
+  C = T if dropless else expert_capacity(T, K, E, capacity_factor, min_capacity)
+  if dropless and stacked is None:
+    raise ValueError("slot_capacity: dropless goes with stacked (the slot kernels' passes)")
   return C if stacked is None else -(-C // stacked.tile_rows) * stacked.tile_rows
 
 
@@ -445,10 +449,23 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
   this C, `slot_capacity`; with `stacked` only): its slots and overflow instead of the
   ranks here; where it also has each slot's token and each expert's pairs (impl "triton")
   no scatter here, and where it has the slot block's rows (`slot_x`) no gather either.
+  Where its slot block has C >= T rows an expert (`slot_capacity(dropless=True)`) and
+  `stacked.kernel` is "slot": no expert can overflow, so no `lax.cond` either: the slot
+  kernels run the row tiles that the fullest expert fills (`slot_gpu.slot_gmm(rows_used=
+  slots.max_count)`: one pass of 64 rows when no expert has more than 64 pairs, as a slot
+  block of C = 64 would). On the H200 the `cond` is a CUDA-graph conditional that cost
+  ~20 us a MoHGE-3B layer at batch 256 (twenty-fourth session's profile).
   chosen_TxE: `Routing.chosen` where the routing has it (`_capacity_slots`)."""
   T, D = x_TxD.shape
   K = expert_ids_TxK.shape[1]
   E = sum(w.shape[0] for w in w_gate_up)
+  if (slots is not None and stacked is not None and stacked.kernel == "slot"
+      and slots.slot_x is not None and slots.max_count is not None
+      and slots.slot_x.shape[0] >= E * T):   # dropless: the kernels' passes, no cond
+    C = slots.slot_x.shape[0] // E
+    y_ExCxD = stacked.ffn(slots.slot_x, rows_used=slots.max_count)
+    y_TxKxD = y_ExCxD.reshape(E * C, D)[slots.slots.reshape(T * K)].reshape(T, K, D)
+    return combine(y_TxKxD, weights_TxK)
   C = slot_capacity(T, K, E, stacked, capacity_factor, min_capacity)
   if stacked is None and C >= T:  # no saving over every token through every expert
     return all_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down)
@@ -541,12 +558,23 @@ class StackedExperts:
     return dict(self.tuning).get("route", "xla")
 
   @property
+  def dropless(self) -> bool:
+    """With the Triton route and the slot kernels: a slot block of C >= T rows an expert
+    (no overflow, no `lax.cond`; the kernels run the row tiles the fullest expert fills:
+    `capacity_experts`). overflow="passes" (DECODE_KERNEL_TUNING's) or "cond" (C from
+    capacity_factor, and a `lax.cond` to `all_experts` when an expert overflows: the
+    twenty-third session's path)."""
+    return self.kernel == "slot" and dict(self.tuning).get("overflow", "cond") == "passes"
+
+  @property
   def tile_rows(self) -> int:
     return self.config().bm
 
-  def ffn(self, x_MxD: jax.Array) -> jax.Array:
+  def ffn(self, x_MxD: jax.Array, rows_used: jax.Array | None = None) -> jax.Array:
     """SwiGLU experts over `x` [E * C, D] in slot layout (C rows an expert, a multiple of
-    tile_rows): [E * C, D] in x's dtype."""
+    tile_rows): [E * C, D] in x's dtype. rows_used (int32 [1], kernel "slot"): only each
+    expert's first rows_used rows are wanted (`slot_gpu.slot_gmm`'s passes; the other
+    rows' outputs are not computed, or left unread)."""
     from pallas_kernels import gpu, slot_gpu
     E = self.gate_up_layout.n * len(self.gate_up_layout.shapes)
     C = x_MxD.shape[0] // E
@@ -555,9 +583,11 @@ class StackedExperts:
       W = max(q for _, q in self.gate_up_layout.shapes) // 2
       pdl = bool(dict(self.tuning).get("pdl", 0))
       h_MxW = slot_gpu.slot_gmm(x_MxD, (self.gate_up, self.gate_up_layout),
-                                rows_per_expert=C, swiglu=True, out_cols=W, cfg=cfg, pdl=pdl)
+                                rows_per_expert=C, swiglu=True, out_cols=W, cfg=cfg, pdl=pdl,
+                                rows_used=rows_used)
       return slot_gpu.slot_gmm(h_MxW, (self.down, self.down_layout), rows_per_expert=C,
-                               swiglu=False, out_cols=x_MxD.shape[1], cfg=cfg, pdl=pdl)
+                               swiglu=False, out_cols=x_MxD.shape[1], cfg=cfg, pdl=pdl,
+                               rows_used=rows_used)
     sizes_E = (C,) * E  # static: the kernels' work table is a constant
     h_MxW = gpu.hgmm(x_MxD, (self.gate_up, self.gate_up_layout), sizes_E,
                      epilogue="swiglu", cfg=cfg)[0]
@@ -572,9 +602,10 @@ class StackedExperts:
 # MoHGE-3B at batch 256 3.70-3.73 ms a step against 3.83-3.87 with XLA's routing
 # (twenty-third session, each its own process; benchmarks/notes_generate.md), 3.64 with
 # its 4-token tile (twenty-fourth).
-DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128, "route": "kernel_triton"}
-_NOT_CONFIG = ("kernel", "route", "pdl")   # StackedExperts' own tuning keys
+DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128, "route": "kernel_triton", "overflow": "passes"}
+_NOT_CONFIG = ("kernel", "route", "pdl", "overflow")   # StackedExperts' own tuning keys
 ROUTES = ("xla", "kernel", "kernel_rows", "kernel_triton")   # StackedExperts.route
+OVERFLOWS = ("passes", "cond")   # StackedExperts.dropless
 
 
 def kernel_config(tuning: dict | None = None):
@@ -590,7 +621,8 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   tuning: `pallas_kernels.gpu.Config` fields over DECODE_KERNEL_TUNING (interpret=True
   runs the kernels in the Pallas interpreter, for tests on CPU), kernel="slot" (the
   default) or "hgmm" (`StackedExperts.kernel`), route="kernel_triton" (the default),
-  "xla", "kernel" or "kernel_rows" (`StackedExperts.route`) and pdl=1 (the slot kernels
+  "xla", "kernel" or "kernel_rows" (`StackedExperts.route`), overflow="passes" (the
+  default) or "cond" (`StackedExperts.dropless`) and pdl=1 (the slot kernels
   launched with programmatic dependent launch, `slot_gpu.slot_gmm(pdl=True)`; right on
   the H200 and no faster, off by default)."""
   from pallas_kernels import gpu
@@ -599,6 +631,9 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
     raise ValueError(f"stack_experts: kernel={tuning['kernel']!r}: must be 'slot' or 'hgmm'")
   if tuning.get("route", "xla") not in ROUTES:
     raise ValueError(f"stack_experts: route={tuning['route']!r}: must be one of {ROUTES}")
+  if tuning.get("overflow", "cond") not in OVERFLOWS:
+    raise ValueError(f"stack_experts: overflow={tuning['overflow']!r}: must be one of "
+                     f"{OVERFLOWS}")
   if tuning.get("pdl", 0) not in (0, 1):   # True and False compare equal to 1 and 0
     raise ValueError(f"stack_experts: pdl={tuning['pdl']!r}: must be 0 or 1")
   cfg = kernel_config(tuning)

@@ -180,12 +180,13 @@ class RoutedFFN(nnx.Module):
                if G else self.expert_router[...])
       logits_TxL = routing.router_logits(x_TxD, w_DxL)
       D = x_TxD.shape[1]   # impl "triton" also copies the tokens' rows to their slots
-      r = route_gpu.route_slots(
+      with_x = impl == "triton" and D & (D - 1) == 0
+      r = route_gpu.route_slots(   # dropless: C >= T, no overflow (capacity_experts)
           logits_TxL, num_groups=G, top_k_groups=m.top_k_groups, top_k=m.top_k,
           combine_weights=m.combine_weights,
-          capacity=slot_capacity(T, m.top_k, m.num_experts, stacked),
-          interpret=stacked.config().interpret, impl=impl,
-          x=x_TxD if impl == "triton" and D & (D - 1) == 0 else None)
+          capacity=slot_capacity(T, m.top_k, m.num_experts, stacked,
+                                 dropless=with_x and stacked.dropless),
+          interpret=stacked.config().interpret, impl=impl, x=x_TxD if with_x else None)
     w_gate_up = [w[...].astype(self.dtype) for w in self.w_gate_up]
     w_down = [w[...].astype(self.dtype) for w in self.w_down]
     with jax.named_scope("routed_experts"):

@@ -105,6 +105,10 @@ class RouteSlots(NamedTuple):
   counts: jax.Array | None = None
   # impl="triton" with x: each slot's token's row of x [E * C, D] (unfilled slots: any value)
   slot_x: jax.Array | None = None
+  # impl="triton": the most pairs any expert got, int32 [1] (`slot_gpu.slot_gmm`'s
+  # rows_used: with C >= T no pair overflows, and the slot kernels run only the row tiles
+  # the fullest expert fills)
+  max_count: jax.Array | None = None
 
 
 def unsupported_reason(T: int, num_groups: int, E: int, top_k_groups: int, top_k: int,
@@ -556,11 +560,11 @@ def _triton_slots_kernel(ids_ref, rank_ref, count_ref, *refs, B, P, E, K, C, wit
   its program plus the earlier programs' pairs of its expert (every program's counts are
   read; rows of count_ref from P on are not written and are masked); each pair's token
   (with_x: and its row of x) stored at its slot (ranks past C - 1 store nothing); program
-  0 also writes each expert's pairs and whether some expert has more than C."""
+  0 also writes each expert's pairs and the most pairs any expert got."""
   if with_x:
-    x_ref, slot_ref, tok_ref, over_ref, total_ref, xs_ref = refs
+    x_ref, slot_ref, tok_ref, max_ref, total_ref, xs_ref = refs
   else:
-    slot_ref, tok_ref, over_ref, total_ref = refs
+    slot_ref, tok_ref, max_ref, total_ref = refs
   i = pl.program_id(0)
   rows = pl.ds(i * B, B)
   counts = count_ref[...]                                             # [Pp, E]
@@ -600,7 +604,7 @@ def _triton_slots_kernel(ids_ref, rank_ref, count_ref, *refs, B, P, E, K, C, wit
   def _():
     total_E = jnp.where(prog < P, counts, 0).sum(axis=0)
     total_ref[...] = total_E
-    over_ref[...] = jnp.full((1,), total_E.max() > C, jnp.int32)
+    max_ref[...] = jnp.full((1,), total_E.max(), jnp.int32)
 
 
 def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
@@ -641,9 +645,9 @@ def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
       out_shape=out_shape)(ids8, rank8, counts, *([] if x is None else [x]))
   return RouteSlots(expert_ids=ids8[:T, :K], weights=w8[:T, :K],
                     group_ids=gid8[:T, :Kg] if G else jnp.zeros((T, 1), jnp.int32),
-                    slots=slot8[:T, :K], overflow=over[0] != 0,
+                    slots=slot8[:T, :K], overflow=over[0] > C,
                     slot_tokens=tokens[:E * C], counts=totals,
-                    slot_x=xs[0][:E * C] if xs else None)
+                    slot_x=xs[0][:E * C] if xs else None, max_count=over)
 
 
 def reference(logits, *, num_groups: int, top_k_groups: int, top_k: int,

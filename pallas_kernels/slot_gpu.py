@@ -233,7 +233,8 @@ def tile_weights(flat, st: gpu.Stacking, cfg: gpu.Config = gpu.Config(), *, swig
 
 
 def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
-             cfg: gpu.Config = gpu.Config(), pdl: bool = False, _ablate: str = ""):
+             cfg: gpu.Config = gpu.Config(), pdl: bool = False, rows_used=None,
+             _ablate: str = ""):
   """Every expert's `rows_per_expert` rows of lhs [E * C, K] times its weights.
 
   rhs: (tiled matrix, gpu.Stacking) from `tile_weights(*gpu.stack_weights(ws))` with the
@@ -248,11 +249,29 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
   start as this one's leave their SMs). Not in the interpreter (it has no such wait; the
   copies' order is the same). _ablate="no_mma" (benchmarks only: a wrong result) skips
   the products: the copies, ring and stores alone.
+
+  rows_used (int32 [1] on the device, e.g. `route_gpu.RouteSlots.max_count`): only the
+  first rows_used rows of each expert's C are needed (the rest are not computed, or are
+  computed and left unread). The kernel then runs in passes, pass p being row tile p of
+  every expert, ceil(rows_used / bm) of them (at least 1, at most C / bm); every pass walks
+  the same per-SM ranges of one row tile's step sequence, and the copy ring runs on across
+  the passes. For a dropless decode: C >= T so that no expert overflows its slot block,
+  and a step whose fullest expert has <= bm pairs (MoHGE-3B at batch 256: C = 256, bm =
+  64, 6 pairs a token over 64 experts) costs what a block of C = bm rows does, with no
+  `lax.cond` around the kernels (a CUDA-graph conditional: ~20 us a MoHGE-3B layer on the
+  H200, twenty-fourth session).
   """
   if _ablate not in ("", "no_mma"):
     raise ValueError(f"slot_gmm: _ablate={_ablate!r}: must be '' or 'no_mma'")
   flat, st = rhs
-  layout = _Layout.of(st, rows_per_expert, swiglu, cfg)
+  if rows_used is not None:
+    if rows_per_expert % cfg.bm:
+      raise ValueError(f"rows per expert {rows_per_expert} is not a multiple of bm={cfg.bm}")
+    if jnp.shape(rows_used) != (1,) or jnp.result_type(rows_used) != jnp.int32:
+      raise ValueError(f"slot_gmm: rows_used must be int32 [1], got "
+                       f"{jnp.result_type(rows_used)} {jnp.shape(rows_used)}")
+  tiles = 1 if rows_used is None else rows_per_expert // cfg.bm   # row tiles in passes
+  layout = _Layout.of(st, rows_per_expert // tiles, swiglu, cfg)
   f_total = st.shapes[0][1] if st.by_rows else sum(q for _, q in st.shapes) * st.n
   bn = cfg.bn_up if swiglu else cfg.bn
   if flat.shape != (f_total // bn * layout.k_blocks * cfg.bk, bn):
@@ -262,12 +281,16 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
     raise ValueError(f"lhs has {lhs.shape[0]} rows, not {rows_per_expert} for each of "
                      f"{st.n * len(st.shapes)} experts")
   ranges = sm_ranges(layout, gpu._num_sms(cfg))
-  return _slot_gmm(lhs, flat, jnp.asarray(ranges), layout=layout, out_cols=out_cols, cfg=cfg,
-                   pdl=bool(pdl), ablate=_ablate)
+  used = jnp.zeros((1,), jnp.int32) if rows_used is None else rows_used
+  return _slot_gmm(lhs, flat, jnp.asarray(ranges), used, layout=layout, tiles=tiles,
+                   passes=rows_used is not None, out_cols=out_cols, cfg=cfg, pdl=bool(pdl),
+                   ablate=_ablate)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "out_cols", "cfg", "pdl", "ablate"))
-def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, pdl=False, ablate=""):
+@functools.partial(jax.jit, static_argnames=("layout", "tiles", "passes", "out_cols", "cfg",
+                                             "pdl", "ablate"))
+def _slot_gmm(lhs, rhs_flat, ranges, used, *, layout, tiles, passes, out_cols, cfg, pdl=False,
+              ablate=""):
   m, _ = lhs.shape
   dtype = lhs.dtype
   bm, bk, steps = cfg.bm, cfg.bk, cfg.steps
@@ -275,19 +298,40 @@ def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, pdl=False, ablate
   bn = cfg.bn_up if swiglu else cfg.bn
   n_rhs = 2 if swiglu else 1
 
-  def body(ranges_ref, lhs_gmem, rhs_gmem, out_gmem, lhs_ring, *scratch):
+  def body(ranges_ref, used_ref, lhs_gmem, rhs_gmem, out_gmem, lhs_ring, *scratch):
     *rhs_rings, o_smem, bar = scratch
     sm = lax.axis_index("sm")
     start, count, n_items = ranges_ref[sm, 0], ranges_ref[sm, 1], ranges_ref[sm, 2]
+    # A cursor is (pass, step within the pass, the layout's cursor of that step); without
+    # passes the pass stays 0 and the step is not counted.
+    cur0 = layout.cursor(start)
+    if passes:
+      n_pass = jnp.clip(lax.div(used_ref[0] + (bm - 1), jnp.int32(bm)), 1, tiles)
+      total, total_items = count * n_pass, n_items * n_pass
+    else:
+      total, total_items = count, n_items
 
-    def fetch(step, cur, lhs=True, rhs=True):
-      """Issue step `step`'s copies (its cursor `cur`) into its ring slot."""
+    def advance(c):
+      p, sl, cur = c
+      if not passes:
+        return p, sl, layout.advance(cur)
+      sl = sl + 1
+      wrap = sl == count   # the SM's range of this pass done: the next pass's first step
+      cur = jax.tree.map(functools.partial(jnp.where, wrap), cur0, layout.advance(cur))
+      return p + wrap.astype(jnp.int32), jnp.where(wrap, 0, sl), cur
+
+    def row_block(c, b):   # the lhs / output row tile of cursor c (blocks b)
+      return b["lhs"][0] * tiles + c[0]
+
+    def fetch(step, c, lhs=True, rhs=True):
+      """Issue step `step`'s copies (its cursor `c`) into its ring slot."""
       slot = lax.rem(step, steps)
-      b = layout.blocks(cur)
+      b = layout.blocks(c[2])
       if lhs:
-        row, k = b["lhs"]
-        plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(row * bm, bm), pl.ds(k * bk, bk)],
-                                lhs_ring.at[slot], bar.at[slot])
+        k = b["lhs"][1]
+        plgpu.copy_gmem_to_smem(
+            lhs_gmem.at[pl.ds(row_block(c, b) * bm, bm), pl.ds(k * bk, bk)],
+            lhs_ring.at[slot], bar.at[slot])
       rk, *fs = b["rhs"]
       for ring, f in zip(rhs_rings if rhs else (), fs):   # block (rk, f) of the tiled matrix
         plgpu.copy_gmem_to_smem(rhs_gmem.at[pl.ds((f * layout.k_blocks + rk) * bk, bk)],
@@ -295,7 +339,7 @@ def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, pdl=False, ablate
 
     # prologue: the first `steps` steps' copies in flight; with pdl the weights' first,
     # while the kernels before this one may still run, the lhs (their output) after the wait
-    cur = layout.cursor(start)
+    cur = (jnp.int32(0), jnp.int32(0), cur0)
     fcur = cur
     parts = ((dict(lhs=False), dict(rhs=False)) if pdl else (dict(),))
     for n, part in enumerate(parts):
@@ -307,10 +351,10 @@ def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, pdl=False, ablate
           plgpu.griddepcontrol_launch_dependents()
         fcur = cur
       for i in range(steps):
-        @pl.when(i < count)
+        @pl.when(i < total)
         def _(i=i, fcur=fcur, part=part):
           fetch(jnp.int32(i), fcur, **part)
-        fcur = layout.advance(fcur)
+        fcur = advance(fcur)
 
     def item(j, carry):
       s0, cur, fcur = carry
@@ -326,13 +370,13 @@ def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, pdl=False, ablate
           plgpu.wgmma_wait(1)     # the step before's products are done: its slot is free,
           nxt = s + steps - 1     # refilled with the step `steps` - 1 ahead (any item's)
 
-          @pl.when((s > 0) & (nxt < count))
+          @pl.when((s > 0) & (nxt < total))
           def _():
             fetch(nxt, fcur)
-          fcur = jax.tree.map(functools.partial(jnp.where, s > 0), layout.advance(fcur), fcur)
-          return s + 1, layout.advance(cur), fcur
+          fcur = jax.tree.map(functools.partial(jnp.where, s > 0), advance(fcur), fcur)
+          return s + 1, advance(cur), fcur
 
-        nk = gpu._pick(cur[0], layout.nk)
+        nk = gpu._pick(cur[2][0], layout.nk)
         return (lax.fori_loop(0, nk, k_step, (s0, cur, fcur)),
                 *[acc[...] for acc in accs])
 
@@ -344,15 +388,15 @@ def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, pdl=False, ablate
       else:
         out = vals[0]
       buf = lax.rem(j, 2)
-      b = layout.blocks(cur)
+      b = layout.blocks(cur[2])
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this buffer's store two items ago
       o_smem[buf] = out.astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[buf], out_gmem.at[pl.ds(b["lhs"][0] * bm, bm),
+      plgpu.copy_smem_to_gmem(o_smem.at[buf], out_gmem.at[pl.ds(row_block(cur, b) * bm, bm),
                                                            pl.ds(b["out_col"] * bn, bn)])
       return s1, cur1, fcur1
 
-    lax.fori_loop(0, n_items, item, (jnp.int32(0), cur, fcur))
+    lax.fori_loop(0, total_items, item, (jnp.int32(0), cur, fcur))
     plgpu.wait_smem_to_gmem(0)
 
   out_type = jax.ShapeDtypeStruct((m, out_cols), dtype)
@@ -360,4 +404,4 @@ def _slot_gmm(lhs, rhs_flat, ranges, *, layout, out_cols, cfg, pdl=False, ablate
              *[plgpu.SMEM((steps, bk, bn), dtype) for _ in range(n_rhs)],
              plgpu.SMEM((2, bm, bn), dtype),
              plgpu.Barrier(num_arrivals=1 + n_rhs, num_barriers=steps))
-  return gpu._kernel(body, out_type, cfg, scratch_types=scratch)(ranges, lhs, rhs_flat)
+  return gpu._kernel(body, out_type, cfg, scratch_types=scratch)(ranges, used, lhs, rhs_flat)

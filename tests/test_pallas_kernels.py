@@ -290,6 +290,46 @@ def test_slot_gmm_pdl_lowers_with_the_wait():
     assert ("mosaic_gpu.uses_pdl" in text) == pdl and ("griddepcontrol.wait" in text) == pdl
 
 
+@pytest.mark.parametrize("used", [1, 64, 65, 150, 192])
+def test_slot_gmm_passes_over_the_used_row_tiles(rng, used):
+  """slot_gmm(rows_used=): C = 192 rows an expert (3 row tiles of 64), of which the first
+  `used` are needed: the kernels run ceil(used / 64) passes of one row tile of every expert
+  (a pass walks the same SM ranges, the copy ring runs on across passes), and those tiles'
+  rows equal the whole block's through the kernels without passes (and the reference), for
+  the up projection with SwiGLU and the down projection (groups innermost), 5 SMs, some
+  with steps across a pass's end in their ring. rows_used must be int32 [1]."""
+  from pallas_kernels import gpu, slot_gpu
+  widths, n, d, rows = (64, 192, 128), 2, 128, 192
+  e = len(widths) * n
+  gs = jnp.full((e,), rows, jnp.int32)
+  _, x, wgu, wd = _problem(rng, jnp.bfloat16, widths=widths, n=n, d=d, m=e * rows, padding=0)
+  cfg = gpu.Config(interpret=True, num_sms=5, **dict(GPU_TILES, steps=3))
+  wmax = max(widths)
+  up = slot_gpu.tile_weights(*gpu.stack_weights(wgu), cfg, swiglu=True)
+  down = slot_gpu.tile_weights(*gpu.stack_weights(wd), cfg, swiglu=False)
+  count = jnp.asarray([used], jnp.int32)
+  tiles = -(-used // 64)
+  done = (np.arange(e * rows) % rows) < tiles * 64            # rows of the passes run
+  width_ok = np.arange(wmax)[None] < _row_width(gs, widths, n, e * rows)[:, None]
+  h_all = slot_gpu.slot_gmm(x, up, rows_per_expert=rows, swiglu=True, out_cols=wmax, cfg=cfg)
+  h = slot_gpu.slot_gmm(x, up, rows_per_expert=rows, swiglu=True, out_cols=wmax, cfg=cfg,
+                        rows_used=count)
+  keep = done[:, None] & width_ok
+  np.testing.assert_array_equal(np.asarray(h)[keep], np.asarray(h_all)[keep])
+  h_ref = R.swiglu_ref(R.hgmm_ref(x, wgu, gs, out_split=True))
+  _close(np.where(keep, np.asarray(h, np.float32), 0), np.where(keep, h_ref, 0), 1e-2)
+  h_in = jnp.where(width_ok, h_all, jnp.nan).astype(jnp.bfloat16)
+  y_all = slot_gpu.slot_gmm(h_in, down, rows_per_expert=rows, swiglu=False, out_cols=d, cfg=cfg)
+  y = slot_gpu.slot_gmm(h_in, down, rows_per_expert=rows, swiglu=False, out_cols=d, cfg=cfg,
+                        rows_used=count)
+  np.testing.assert_array_equal(np.asarray(y)[done], np.asarray(y_all)[done])
+  _close(np.asarray(y, np.float32)[done],
+         np.asarray(R.hgmm_ref(h_ref.astype(jnp.bfloat16), wd, gs, out_cols=d))[done], 1e-2)
+  with pytest.raises(ValueError, match="rows_used must be int32"):
+    slot_gpu.slot_gmm(x, up, rows_per_expert=rows, swiglu=True, out_cols=wmax, cfg=cfg,
+                      rows_used=jnp.asarray(used, jnp.int32))
+
+
 @pytest.mark.parametrize("rows,sms,steps,widths,n", [
     (64, 3, 2, (64, 192, 128), 2),
     (128, 5, 3, (64, 192, 128), 2),

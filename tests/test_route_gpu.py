@@ -4,6 +4,7 @@ reference against float64 numpy, the kernel in the GPU interpreter against the r
 layer through it against the layer without it; the kernel against the reference on a
 Hopper GPU (skipped without one)."""
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -275,6 +276,81 @@ def test_layer_decodes_the_same_with_the_triton_route_on_the_gpu(rng, monkeypatc
   (4 tokens a program, route_gpu.MIN_TILE_TOKENS) and the earlier default's 16."""
   monkeypatch.setattr(rg, "MIN_TILE_TOKENS", min_tokens)
   _layer_route_equals_xla(rng, kind, "kernel_triton", 256, {})
+
+
+def _primitives(jaxpr) -> set[str]:
+  """The primitives of a jaxpr and of the jitted functions it calls (not inside kernels)."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    if eqn.primitive.name in ("jit", "pjit"):
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        names |= _primitives(sub)
+  return names
+
+
+def _dropless(rng, T, skew, interpret):
+  """capacity_experts through the Triton route's slot block of C = T rounded up to 64 rows
+  an expert (dropless) and the slot kernels' passes, against float64 per pair: MoHGE's
+  router (8 groups of 8 experts, widths 128 x 8), expert `skew` chosen by every token
+  (T > 64 pairs: two or more row tiles) or none."""
+  from tests.test_dispatch import _pairs_reference
+  G, N, D, K = 8, 8, 128, MOHGE["top_k"]
+  logits = _logits(rng, T, G, G * N, skew)
+  x = jnp.asarray(rng.normal(size=(T, D)), jnp.bfloat16)
+  wgu = [jnp.asarray(rng.normal(size=(N, D, 256)) / 12, jnp.bfloat16) for _ in range(G)]
+  wd = [jnp.asarray(rng.normal(size=(N, 128, D)) / 12, jnp.bfloat16) for _ in range(G)]
+  stacked = dispatch.stack_experts(wgu, wd, **({"interpret": True, "bn_up": 128}
+                                               if interpret else {}))
+  assert stacked.dropless
+  C = dispatch.slot_capacity(T, K, G * N, stacked, dropless=True)
+  assert C == -(-T // 64) * 64
+
+  def run(logits, x, stacked):
+    r = rg.route_slots(logits, combine_weights="softmax", capacity=C, interpret=interpret,
+                       impl="triton", x=x, **MOHGE)
+    y = dispatch.capacity_experts(x, r.expert_ids, r.weights, wgu, wd, stacked=stacked,
+                                  slots=r)
+    return y, r
+  y, r = jax.jit(run)(logits, x, stacked)
+  ids = np.asarray(r.expert_ids)
+  counts = np.bincount(ids.ravel(), minlength=G * N)
+  assert int(r.max_count[0]) == counts.max() and not bool(r.overflow)
+  assert (counts.max() > 64) == (skew is not None)
+  # no cond around the kernels (the interpreter's kernels hold conds of their own: not looked in)
+  assert "cond" not in _primitives(jax.make_jaxpr(run)(logits, x, stacked).jaxpr)
+  want = _pairs_reference(np.asarray(x, np.float64), ids, np.asarray(r.weights, np.float64),
+                          [np.asarray(a, np.float64) for a in wgu],
+                          [np.asarray(a, np.float64) for a in wd])
+  np.testing.assert_allclose(np.asarray(y), want, rtol=0.03, atol=0.03 * np.abs(want).max())
+  # the same with C from capacity_factor and the cond to all_experts (overflow="cond")
+  cond = dispatch.stack_experts(wgu, wd, overflow="cond", **({"interpret": True, "bn_up": 128}
+                                                              if interpret else {}))
+  assert not cond.dropless
+  Cc = dispatch.slot_capacity(T, K, G * N, cond)
+  r2 = rg.route_slots(logits, combine_weights="softmax", capacity=Cc, interpret=interpret,
+                      impl="triton", x=x, **MOHGE)
+  y2 = jax.jit(lambda x, s: dispatch.capacity_experts(x, r2.expert_ids, r2.weights, wgu, wd,
+                                                      stacked=s, slots=r2))(x, cond)
+  np.testing.assert_allclose(np.asarray(y2), want, rtol=0.03, atol=0.03 * np.abs(want).max())
+  with pytest.raises(ValueError, match="overflow='drop'"):
+    dispatch.stack_experts(wgu, wd, overflow="drop")
+
+
+@pytest.mark.parametrize("T,skew", [(96, 5), (64, None)])
+def test_dropless_slot_block_runs_the_row_tiles_the_fullest_expert_fills(rng, T, skew):
+  """The interpreter: with expert 5 in every token's top-K (96 pairs: two passes of the
+  slot kernels over a C = 128 block) and without (one pass, C = 64)."""
+  _dropless(rng, T, skew, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
+@pytest.mark.parametrize("T,skew", [(256, 5), (256, None), (200, 9)])
+def test_dropless_slot_block_on_the_gpu(rng, T, skew):
+  """The same compiled for the H200 at decode's batch: 256 pairs of expert 5 (four passes
+  over C = 256), no skew (one pass), a ragged batch of 200 (C = 256)."""
+  _dropless(rng, T, skew, interpret=False)
 
 
 def _layer_route_equals_xla(rng, kind, route, T, kw):
