@@ -601,7 +601,9 @@ class StackedExperts:
 # kernel (`route_gpu.route_slots(impl="triton")`; XLA's where its shapes do not fit):
 # MoHGE-3B at batch 256 3.70-3.73 ms a step against 3.83-3.87 with XLA's routing
 # (twenty-third session, each its own process; benchmarks/notes_generate.md), 3.64 with
-# its 4-token tile (twenty-fourth).
+# its 4-token tile (twenty-fourth). The slot block dropless (overflow "passes": C >= T, no
+# cond; `StackedExperts.dropless`): 3.38-3.40 ms against 3.66-3.68 with the cond
+# (twenty-fourth session, same call).
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128, "route": "kernel_triton", "overflow": "passes"}
 _NOT_CONFIG = ("kernel", "route", "pdl", "overflow")   # StackedExperts' own tuning keys
 ROUTES = ("xla", "kernel", "kernel_rows", "kernel_triton")   # StackedExperts.route

@@ -11,7 +11,8 @@ homogeneous MoE, G = 0) and each token-expert pair's slot e * C + c, c its rank 
 e's pairs in token order (`dispatch._capacity_slots`). Returns `RouteSlots`: expert_ids,
 weights, group_ids, slots [T, K] (ranks clipped to C - 1) and overflow (a bool scalar:
 some expert got more than C pairs, so the slots are not valid and the caller must take
-its exact fallback).
+its exact fallback; with impl="triton" also the most pairs any expert got, so that a
+caller with C >= T, which never overflows, runs only the row tiles it needs).
 
 Why a kernel: in XLA this is ~20 launches a routed layer at decode (two top_k's, the
 normalisations, a one-hot running count for the ranks, compares, maxima), ~0.6 ms of a

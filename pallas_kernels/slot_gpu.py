@@ -24,6 +24,9 @@ Here:
 - Outputs go through two SMEM buffers, so a store is not awaited before the next item.
 - The weights are stored tiled (`tile_weights`, once per generation): an item's K loop
   reads one contiguous run.
+- Dropless decode (`rows_used`): a slot block of C >= T rows an expert, of which the
+  kernels run only the row tiles the fullest expert fills, as passes over one row tile's
+  step sequence (a device scalar, so no `lax.cond` around the kernels).
 
 Reference: `reference.hgmm_ref` with every expert's rows = C.
 """
