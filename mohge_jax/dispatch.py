@@ -559,11 +559,12 @@ class StackedExperts:
 
   @property
   def dropless(self) -> bool:
-    """With the Triton route and the slot kernels: a slot block of C >= T rows an expert
-    (no overflow, no `lax.cond`; the kernels run the row tiles the fullest expert fills:
-    `capacity_experts`). overflow="passes" (DECODE_KERNEL_TUNING's) or "cond" (C from
-    capacity_factor, and a `lax.cond` to `all_experts` when an expert overflows: the
-    twenty-third session's path)."""
+    """overflow="passes" (DECODE_KERNEL_TUNING's) with the slot kernels: where the route
+    is the Triton kernel's (it writes the slot block's rows) the slot block has C >= T
+    rows an expert, so no expert overflows and no `lax.cond` guards the kernels, which
+    run the row tiles the fullest expert fills (`capacity_experts`). overflow="cond", or
+    another route: C from capacity_factor and a `lax.cond` to `all_experts` when an
+    expert overflows (the twenty-third session's path)."""
     return self.kernel == "slot" and dict(self.tuning).get("overflow", "cond") == "passes"
 
   @property

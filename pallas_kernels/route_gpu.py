@@ -44,7 +44,7 @@ the tokens over many SMs (benchmarks/notes_generate.md; XLA's whole routing chai
 worth ~0.36 ms a step, an ablation's bound).
 
 impl="triton" (`_route_triton`, Pallas' Triton backend) does: a thread block of a few
-tokens (`triton_tile`: 4 tokens a warp; 4 in 1 warp at batch 256) routes them (a [16, E]
+tokens (`triton_tile`: 4 tokens a warp; 4 in 1 warp at batch 256) routes them (a [4, E]
 tile: 8 values a thread at E = 64) and ranks its pairs among its own (a cumsum down the
 tokens), writing its pairs an expert; a second launch adds the earlier blocks' counts to
 the ranks, writes the slots, each slot's token (so `dispatch.capacity_experts` needs no
@@ -79,10 +79,9 @@ MAX_TRITON_TOKENS = 1024  # impl="triton": the slots' program holds every progra
 # impl="triton": the fewest tokens a program. MoHGE-3B at batch 256 on the H200 (ms a
 # step, each its own process; twenty-third session): 4 tokens and 1 warp 3.657-3.673, 4 and
 # 2 3.667, 8 and 2 3.677-3.685, 2 and 1 3.688, 16 and 4 3.700-3.727, 16 and 2 3.760, 32 and
-# 4 3.795. 16 until the smaller tiles' outputs are compared with XLA's routing on the GPU
-# 4 x 1 since its outputs matched XLA's routing on the GPU (twenty-fourth session: the
-# routed layer at batch 256, `test_route_gpu.py -m gpu`; 3.643-3.645 against 16 x 4's
-# 3.679-3.706 in the same call).
+# 4 3.795. 4 x 1 since its outputs matched XLA's routing on the GPU (twenty-fourth
+# session: the routed layer at batch 256, `test_route_gpu.py -m gpu`; 3.643-3.645 against
+# 16 x 4's 3.679-3.706 in the same call).
 MIN_TILE_TOKENS = 4
 
 
