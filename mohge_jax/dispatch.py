@@ -463,7 +463,12 @@ def capacity_experts(x_TxD, expert_ids_TxK, weights_TxK, w_gate_up, w_down, *,
       and slots.slot_x is not None and slots.max_count is not None
       and slots.slot_x.shape[0] >= E * T):   # dropless: the kernels' passes, no cond
     C = slots.slot_x.shape[0] // E
-    y_ExCxD = stacked.ffn(slots.slot_x, rows_used=slots.max_count)
+    if stacked.sparse and T * K < E:   # fewer pairs than experts: the chosen ones only
+      active_A = (expert_ids_TxK.reshape(K) if T == 1 else   # (a token's K are distinct)
+                  jnp.nonzero(slots.counts, size=T * K, fill_value=-1)[0].astype(jnp.int32))
+      y_ExCxD = stacked.ffn(slots.slot_x, active=active_A)
+    else:
+      y_ExCxD = stacked.ffn(slots.slot_x, rows_used=slots.max_count)
     y_TxKxD = y_ExCxD.reshape(E * C, D)[slots.slots.reshape(T * K)].reshape(T, K, D)
     return combine(y_TxKxD, weights_TxK)
   C = slot_capacity(T, K, E, stacked, capacity_factor, min_capacity)
@@ -568,18 +573,37 @@ class StackedExperts:
     return self.kernel == "slot" and dict(self.tuning).get("overflow", "cond") == "passes"
 
   @property
+  def sparse(self) -> bool:
+    """sparse=1 (off by default: not yet timed on a GPU) with the dropless slot block: a
+    step with fewer token-expert pairs than experts (MoHGE-3B below 11 tokens) runs the
+    chosen experts only (`slot_gpu.slot_gmm_active`), where the slot kernels and
+    `all_experts` read every expert's weights (at batch 1, 64 experts where 6 are hit)."""
+    return self.dropless and dict(self.tuning).get("sparse", 0) == 1
+
+  @property
   def tile_rows(self) -> int:
     return self.config().bm
 
-  def ffn(self, x_MxD: jax.Array, rows_used: jax.Array | None = None) -> jax.Array:
+  def ffn(self, x_MxD: jax.Array, rows_used: jax.Array | None = None,
+          active: jax.Array | None = None) -> jax.Array:
     """SwiGLU experts over `x` [E * C, D] in slot layout (C rows an expert, a multiple of
     tile_rows): [E * C, D] in x's dtype. rows_used (int32 [1], kernel "slot"): only each
     expert's first rows_used rows are wanted (`slot_gpu.slot_gmm`'s passes; the other
-    rows' outputs are not computed, or left unread)."""
+    rows' outputs are not computed, or left unread). active (int32 [A], kernel "slot"):
+    only these experts' first row tile (`slot_gpu.slot_gmm_active`; -1: none)."""
     from pallas_kernels import gpu, slot_gpu
     E = self.gate_up_layout.n * len(self.gate_up_layout.shapes)
     C = x_MxD.shape[0] // E
     cfg = self.config()
+    if self.kernel == "slot" and active is not None:
+      W = max(q for _, q in self.gate_up_layout.shapes) // 2
+      h_MxW = slot_gpu.slot_gmm_active(x_MxD, (self.gate_up, self.gate_up_layout), active,
+                                       rows_per_expert=C, swiglu=True, out_cols=W, cfg=cfg)
+      return slot_gpu.slot_gmm_active(h_MxW, (self.down, self.down_layout), active,
+                                      rows_per_expert=C, swiglu=False,
+                                      out_cols=x_MxD.shape[1], cfg=cfg)
+    if active is not None:
+      raise ValueError("StackedExperts.ffn: active= needs kernel='slot'")
     if self.kernel == "slot":
       W = max(q for _, q in self.gate_up_layout.shapes) // 2
       pdl = bool(dict(self.tuning).get("pdl", 0))
@@ -606,7 +630,7 @@ class StackedExperts:
 # cond; `StackedExperts.dropless`): 3.38-3.40 ms against 3.66-3.68 with the cond
 # (twenty-fourth session, same call).
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128, "route": "kernel_triton", "overflow": "passes"}
-_NOT_CONFIG = ("kernel", "route", "pdl", "overflow")   # StackedExperts' own tuning keys
+_NOT_CONFIG = ("kernel", "route", "pdl", "overflow", "sparse")   # StackedExperts' own keys
 ROUTES = ("xla", "kernel", "kernel_rows", "kernel_triton")   # StackedExperts.route
 OVERFLOWS = ("passes", "cond")   # StackedExperts.dropless
 
@@ -625,7 +649,8 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   runs the kernels in the Pallas interpreter, for tests on CPU), kernel="slot" (the
   default) or "hgmm" (`StackedExperts.kernel`), route="kernel_triton" (the default),
   "xla", "kernel" or "kernel_rows" (`StackedExperts.route`), overflow="passes" (the
-  default) or "cond" (`StackedExperts.dropless`) and pdl=1 (the slot kernels
+  default) or "cond" (`StackedExperts.dropless`), sparse=1 (`StackedExperts.sparse`: the
+  chosen experts only at small batches; off) and pdl=1 (the slot kernels
   launched with programmatic dependent launch, `slot_gpu.slot_gmm(pdl=True)`; right on
   the H200 and no faster, off by default)."""
   from pallas_kernels import gpu
@@ -637,8 +662,9 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   if tuning.get("overflow", "cond") not in OVERFLOWS:
     raise ValueError(f"stack_experts: overflow={tuning['overflow']!r}: must be one of "
                      f"{OVERFLOWS}")
-  if tuning.get("pdl", 0) not in (0, 1):   # True and False compare equal to 1 and 0
-    raise ValueError(f"stack_experts: pdl={tuning['pdl']!r}: must be 0 or 1")
+  for key in ("pdl", "sparse"):   # True and False compare equal to 1 and 0
+    if tuning.get(key, 0) not in (0, 1):
+      raise ValueError(f"stack_experts: {key}={tuning[key]!r}: must be 0 or 1")
   cfg = kernel_config(tuning)
   reason = gpu.unsupported_reason([w.shape[1] for w in w_down], w_down[0].shape[2], cfg)
   if reason:

@@ -408,3 +408,127 @@ def _slot_gmm(lhs, rhs_flat, ranges, used, *, layout, tiles, passes, out_cols, c
              plgpu.SMEM((2, bm, bn), dtype),
              plgpu.Barrier(num_arrivals=1 + n_rhs, num_barriers=steps))
   return gpu._kernel(body, out_type, cfg, scratch_types=scratch)(ranges, used, lhs, rhs_flat)
+
+
+def slot_gmm_active(lhs, rhs, active, *, rows_per_expert: int, swiglu: bool, out_cols: int,
+                    cfg: gpu.Config = gpu.Config()):
+  """`slot_gmm` for the experts listed in `active` only (int32 [A] expert indices, -1 for
+  none; distinct): the first row tile (bm rows) of each listed expert's slot block, the
+  other rows of the output left unwritten. For decode steps whose tokens choose few of the
+  E experts (fewer than E / K tokens; MoHGE-3B at batch 1: 6 of 64), where `slot_gmm`
+  would read every expert's weights: the work items are (listed expert, output column
+  tile), spread over the SMs in turn (item j on SM j mod SMs), each a K loop through a copy
+  ring of `cfg.steps` slots, so a step reads ~A/E of the weights.
+
+  lhs [E * C, K], rhs and the rest as `slot_gmm`'s (C = rows_per_expert, a multiple of bm;
+  the listed experts' pairs in their first bm rows)."""
+  flat, st = rhs
+  bm = cfg.bm
+  if rows_per_expert % bm:
+    raise ValueError(f"rows per expert {rows_per_expert} is not a multiple of bm={bm}")
+  if cfg.steps < 2:
+    raise ValueError(f"slot_gmm_active: needs a ring of at least 2 steps, got {cfg.steps}")
+  if active.ndim != 1 or active.dtype != jnp.int32:
+    raise ValueError(f"slot_gmm_active: active must be int32 [A], got {active.dtype} "
+                     f"{active.shape}")
+  layout = _Layout.of(st, bm, swiglu, cfg)
+  f_total = st.shapes[0][1] if st.by_rows else sum(q for _, q in st.shapes) * st.n
+  bn = cfg.bn_up if swiglu else cfg.bn
+  if flat.shape != (f_total // bn * layout.k_blocks * cfg.bk, bn):
+    raise ValueError(f"slot_gmm_active: rhs {flat.shape} is not the tiled matrix of these "
+                     f"weights ({(f_total // bn * layout.k_blocks * cfg.bk, bn)}): tile_weights")
+  if lhs.shape[0] != rows_per_expert * st.n * len(st.shapes):
+    raise ValueError(f"lhs has {lhs.shape[0]} rows, not {rows_per_expert} for each of "
+                     f"{st.n * len(st.shapes)} experts")
+  return _slot_gmm_active(lhs, flat, active, layout=layout, tiles=rows_per_expert // bm,
+                          out_cols=out_cols, cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "tiles", "out_cols", "cfg"))
+def _slot_gmm_active(lhs, rhs_flat, active, *, layout, tiles, out_cols, cfg):
+  m, _ = lhs.shape
+  dtype = lhs.dtype
+  bm, bk, steps = cfg.bm, cfg.bk, cfg.steps
+  swiglu = layout.swiglu
+  bn = cfg.bn_up if swiglu else cfg.bn
+  n_rhs = 2 if swiglu else 1
+  num_sms = gpu._num_sms(cfg)
+  max_cols = max(layout.cols)
+  n_items = active.shape[0] * max_cols
+  pick = gpu._pick
+
+  def body(active_ref, lhs_gmem, rhs_gmem, out_gmem, lhs_ring, *scratch):
+    *rhs_rings, o_smem, bar = scratch
+    sm = lax.axis_index("sm")
+    mine = lax.div(jnp.int32(n_items) - sm + (num_sms - 1), jnp.int32(num_sms))  # items j = sm + i SMs
+
+    def item(i, carry):
+      s0, stored = carry        # ring steps issued so far; output stores issued so far
+      j = sm + i * num_sms
+      a = lax.div(j, jnp.int32(max_cols))
+      c = j - a * max_cols
+      e = active_ref[a]
+      g = lax.div(jnp.maximum(e, 0), jnp.int32(layout.n))
+      el = jnp.maximum(e, 0) - g * layout.n
+      nk, cols = pick(g, layout.nk), pick(g, layout.cols)
+      valid = (e >= 0) & (c < cols)
+      rk0 = pick(g, layout.k_base) + el * pick(g, layout.k_stride)
+      f = pick(g, layout.f_base) + el * pick(g, layout.f_stride) + c
+      fs = (f, f + cols) if swiglu else (f,)
+      row = (g * layout.n + el) * tiles   # the expert's first row tile
+
+      def fetch(t):   # local K step t into the ring slot of global step s0 + t
+        slot = lax.rem(s0 + t, steps)
+        plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(row * bm, bm), pl.ds(t * bk, bk)],
+                                lhs_ring.at[slot], bar.at[slot])
+        for ring, fb in zip(rhs_rings, fs):
+          plgpu.copy_gmem_to_smem(
+              rhs_gmem.at[pl.ds((fb * layout.k_blocks + rk0 + t) * bk, bk)],
+              ring.at[slot], bar.at[slot])
+
+      @pl.when(valid)
+      def _():
+        for t in range(steps - 1):   # the prologue: all but one slot (the last is refilled
+          @pl.when(t < nk)            # at step 0: the slot the item before finished with)
+          def _(t=t):
+            fetch(jnp.int32(t))
+
+        def acc_scope(*accs):
+          def k_step(t, carry):
+            slot = lax.rem(s0 + t, steps)
+            plgpu.barrier_wait(bar.at[slot])
+            for acc, ring in zip(accs, rhs_rings):
+              plgpu.wgmma(acc, lhs_ring.at[slot], ring.at[slot])
+            plgpu.wgmma_wait(1)   # step t - 1's products are done: its slot is free
+
+            @pl.when(t + steps - 1 < nk)
+            def _():
+              fetch(t + steps - 1)
+            return carry
+          lax.fori_loop(0, nk, k_step, jnp.int32(0))
+          return [acc[...] for acc in accs]
+
+        vals = pl.run_scoped(acc_scope, *[plgpu.ACC((bm, bn)) for _ in range(n_rhs)])
+        if swiglu:
+          gate, up = (v.astype(dtype).astype(jnp.float32) for v in vals)
+          out = gate * gpu._sigmoid(gate) * up
+        else:
+          out = vals[0]
+        buf = lax.rem(stored, 2)
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this buffer's store two ago
+        o_smem[buf] = out.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[buf], out_gmem.at[pl.ds(row * bm, bm),
+                                                             pl.ds(c * bn, bn)])
+
+      return (s0 + jnp.where(valid, nk, 0), stored + valid.astype(jnp.int32))
+
+    lax.fori_loop(0, mine, item, (jnp.int32(0), jnp.int32(0)))
+    plgpu.wait_smem_to_gmem(0)
+
+  out_type = jax.ShapeDtypeStruct((m, out_cols), dtype)
+  scratch = (plgpu.SMEM((steps, bm, bk), dtype),
+             *[plgpu.SMEM((steps, bk, bn), dtype) for _ in range(n_rhs)],
+             plgpu.SMEM((2, bm, bn), dtype),
+             plgpu.Barrier(num_arrivals=1 + n_rhs, num_barriers=steps))
+  return gpu._kernel(body, out_type, cfg, scratch_types=scratch)(active, lhs, rhs_flat)

@@ -330,6 +330,52 @@ def test_slot_gmm_passes_over_the_used_row_tiles(rng, used):
                       rows_used=jnp.asarray(used, jnp.int32))
 
 
+@pytest.mark.parametrize("active,steps", [((4, 0, -1, 3), 2), ((5,), 3), ((-1, -1), 2)])
+def test_slot_gmm_active_computes_the_listed_experts_only(rng, active, steps):
+  """slot_gmm_active: the first row tile of each listed expert (-1: none) equals the whole
+  block's through `slot_gmm`, for the SwiGLU up projection of experts of three widths and
+  the down projection (the items, (listed expert, column tile), spread over 5 SMs in
+  turn; items past a narrower group's columns skipped; the unlisted experts' rows, never
+  written, are not compared). Bad arguments are refused."""
+  from pallas_kernels import gpu, slot_gpu
+  widths, n, d, rows = (64, 192, 128), 2, 128, 128
+  e = len(widths) * n
+  gs = jnp.full((e,), rows, jnp.int32)
+  _, x, wgu, wd = _problem(rng, jnp.bfloat16, widths=widths, n=n, d=d, m=e * rows, padding=0)
+  cfg = gpu.Config(interpret=True, num_sms=5, **dict(GPU_TILES, steps=steps))
+  wmax = max(widths)
+  up = slot_gpu.tile_weights(*gpu.stack_weights(wgu), cfg, swiglu=True)
+  down = slot_gpu.tile_weights(*gpu.stack_weights(wd), cfg, swiglu=False)
+  act = jnp.asarray(active, jnp.int32)
+  listed = np.zeros(e * rows, bool)
+  for a in active:
+    if a >= 0:
+      listed[a * rows:a * rows + 64] = True
+  width_ok = np.arange(wmax)[None] < _row_width(gs, widths, n, e * rows)[:, None]
+  h_all = slot_gpu.slot_gmm(x, up, rows_per_expert=rows, swiglu=True, out_cols=wmax, cfg=cfg)
+  h = slot_gpu.slot_gmm_active(x, up, act, rows_per_expert=rows, swiglu=True,
+                               out_cols=wmax, cfg=cfg)
+  keep = listed[:, None] & width_ok
+  np.testing.assert_array_equal(np.asarray(h)[keep], np.asarray(h_all)[keep])
+  h_in = jnp.where(width_ok, h_all, jnp.nan).astype(jnp.bfloat16)
+  y_all = slot_gpu.slot_gmm(h_in, down, rows_per_expert=rows, swiglu=False, out_cols=d,
+                            cfg=cfg)
+  y = slot_gpu.slot_gmm_active(h_in, down, act, rows_per_expert=rows, swiglu=False,
+                               out_cols=d, cfg=cfg)
+  np.testing.assert_array_equal(np.asarray(y)[listed], np.asarray(y_all)[listed])
+  h_ref = R.swiglu_ref(R.hgmm_ref(x, wgu, gs, out_split=True))
+  if listed.any():
+    _close(np.asarray(y, np.float32)[listed], np.asarray(
+        R.hgmm_ref(h_ref.astype(jnp.bfloat16), wd, gs, out_cols=d))[listed], 1e-2)
+  with pytest.raises(ValueError, match="active must be int32"):
+    slot_gpu.slot_gmm_active(x, up, act.astype(jnp.float32), rows_per_expert=rows,
+                             swiglu=True, out_cols=wmax, cfg=cfg)
+  with pytest.raises(ValueError, match="at least 2 steps"):
+    slot_gpu.slot_gmm_active(x, up, act, rows_per_expert=rows, swiglu=True, out_cols=wmax,
+                             cfg=gpu.Config(interpret=True, num_sms=5,
+                                            **dict(GPU_TILES, steps=1)))
+
+
 @pytest.mark.parametrize("rows,sms,steps,widths,n", [
     (64, 3, 2, (64, 192, 128), 2),
     (128, 5, 3, (64, 192, 128), 2),

@@ -354,6 +354,55 @@ def test_dropless_slot_block_on_the_gpu(rng, T, skew):
   _dropless(rng, T, skew, interpret=False)
 
 
+def _sparse(rng, monkeypatch, T, interpret):
+  """stack_experts(sparse=1) at T tokens (T * K < E): capacity_experts through the Triton
+  route's slot block runs the chosen experts only (`slot_gmm_active`, called once a
+  projection; the listed experts from the token's ids at T = 1, from the counts above),
+  against float64 per pair; experts of four widths (8 groups of 8)."""
+  from pallas_kernels import slot_gpu
+  from tests.test_dispatch import _pairs_reference
+  G, N, D, K = 8, 8, 128, MOHGE["top_k"]
+  widths = (128, 256, 128, 384, 128, 256, 512, 128)
+  logits = _logits(rng, T, G, G * N)
+  x = jnp.asarray(rng.normal(size=(T, D)), jnp.bfloat16)
+  wgu = [jnp.asarray(rng.normal(size=(N, D, 2 * w)) / 12, jnp.bfloat16) for w in widths]
+  wd = [jnp.asarray(rng.normal(size=(N, w, D)) / 12, jnp.bfloat16) for w in widths]
+  kw = {"interpret": True} if interpret else {}
+  stacked = dispatch.stack_experts(wgu, wd, sparse=1, **kw)
+  assert stacked.sparse and not dispatch.stack_experts(wgu, wd, **kw).sparse
+  calls = []
+  real = slot_gpu.slot_gmm_active
+  monkeypatch.setattr(slot_gpu, "slot_gmm_active",
+                      lambda *a, **k: calls.append(a[2].shape) or real(*a, **k))
+  C = dispatch.slot_capacity(T, K, G * N, stacked, dropless=True)
+  r = rg.route_slots(logits, combine_weights="softmax", capacity=C, interpret=interpret,
+                     impl="triton", x=x, **MOHGE)
+  y = jax.jit(lambda x, s: dispatch.capacity_experts(x, r.expert_ids, r.weights, wgu, wd,
+                                                     stacked=s, slots=r))(x, stacked)
+  assert calls == [(T * K,), (T * K,)]   # the up and the down projection, T * K listed
+  want = _pairs_reference(np.asarray(x, np.float64), np.asarray(r.expert_ids),
+                          np.asarray(r.weights, np.float64),
+                          [np.asarray(a, np.float64) for a in wgu],
+                          [np.asarray(a, np.float64) for a in wd])
+  np.testing.assert_allclose(np.asarray(y), want, rtol=0.03, atol=0.03 * np.abs(want).max())
+  with pytest.raises(ValueError, match="sparse=2: must be 0 or 1"):
+    dispatch.stack_experts(wgu, wd, sparse=2, **kw)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_sparse_decode_runs_the_chosen_experts_only(rng, monkeypatch, T):
+  """The interpreter: one token (its 6 experts) and three (up to 18, duplicates merged)."""
+  _sparse(rng, monkeypatch, T, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
+@pytest.mark.parametrize("T", [1, 5, 10])
+def test_sparse_decode_on_the_gpu(rng, monkeypatch, T):
+  """The same compiled for the H200 (10 tokens: 60 pairs, nearly every expert)."""
+  _sparse(rng, monkeypatch, T, interpret=False)
+
+
 def _layer_route_equals_xla(rng, kind, route, T, kw):
   cfg, layer = _layer(rng, kind)
   x = jnp.asarray(rng.normal(size=(2, T // 2, 128)), jnp.bfloat16)
