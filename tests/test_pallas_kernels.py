@@ -330,6 +330,27 @@ def test_slot_gmm_passes_over_the_used_row_tiles(rng, used):
                       rows_used=jnp.asarray(used, jnp.int32))
 
 
+def test_slot_gmm_active_lowers_for_cuda():
+  """slot_gmm_active lowered for the GPU (on any host) at MoHGE-3B's decode shapes (64
+  experts of 8 widths, 6 listed, the decode tiles): both projections lower to Mosaic GPU."""
+  from pallas_kernels import gpu, slot_gpu
+  widths, n, d, C = (384, 512, 640, 768, 896, 1024, 1152, 1280), 8, 1024, 64
+  cfg = gpu.Config(bm=64, bk=128, num_sms=132)
+  for swiglu in (True, False):
+    st = gpu.Stacking.of([(n, d, 2 * w) if swiglu else (n, w, d) for w in widths])
+    bn = cfg.bn_up if swiglu else cfg.bn
+    cols = sum(q for _, q in st.shapes) * n if not st.by_rows else st.shapes[0][1]
+    rows = st.shapes[0][0] if not st.by_rows else sum(p for p, _ in st.shapes) * n
+    flat = jax.ShapeDtypeStruct((cols // bn * rows, bn), jnp.bfloat16)
+    lhs = jax.ShapeDtypeStruct((64 * C, d if swiglu else max(widths)), jnp.bfloat16)
+    out = max(widths) if swiglu else d
+    text = jax.jit(lambda f, x, a, st=st, swiglu=swiglu, out=out: slot_gpu.slot_gmm_active(
+        x, (f, st), a, rows_per_expert=C, swiglu=swiglu, out_cols=out, cfg=cfg)).trace(
+        flat, lhs, jax.ShapeDtypeStruct((6,), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 @pytest.mark.parametrize("active,steps", [((4, 0, -1, 3), 2), ((5,), 3), ((-1, -1), 2)])
 def test_slot_gmm_active_computes_the_listed_experts_only(rng, active, steps):
   """slot_gmm_active: the first row tile of each listed expert (-1: none) equals the whole
