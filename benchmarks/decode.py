@@ -309,6 +309,8 @@ def _profile(decode, args, logdir: str | None, name: str, new_tokens: int,
     out += [{"by": by, "name": r["name"], "category": r["category"], "count": r["count"],
              "ms_per_token_step": r["total_ms"] / new_tokens, "share": r["share"]}
             for r in rows]
+  print(f"  profile {name} timeline (per decode step): "
+        f"{json.dumps(ps.timeline(trace, new_tokens))}", flush=True)
   return out
 
 

@@ -3,6 +3,7 @@
     python -m benchmarks.profile_summary TRACE_OR_LOGDIR [--top 25]
         [--by name|op|source|kernel|category|module]
         [--raw] [--steps N] [--threads REGEX] [--hlo FILES] [--json OUT]
+        [--timeline] [--window MARKER[:INDEX]]
     python -m benchmarks.profile_summary --demo [--logdir DIR]   # profile a toy program here
 
 `capture` profiles a function and returns the trace file that jax writes; `summarise` groups
@@ -345,6 +346,58 @@ def totals(trace_path: str | dict, steps: int | None = None, threads: str | None
           "busy_ms_per_step": busy_ms / steps / devices}
 
 
+def timeline(trace_path: str | dict, steps: int = 1, threads: str | None = None) -> dict:
+  """Where a device's time goes between its first event's start and its last event's end
+  (the first device's, where the trace holds several), per step, in ms: `span`; `idle`
+  (no event running) in `gaps` gaps (a step) of median `median_gap_us`; and by how many
+  events run at once, `running` {0, 1, 2, "3+"}. A latency-bound program shows as idle
+  time (launch gaps) or as one event at a time on a chain of short ones."""
+  events = device_events(trace_path, threads)
+  if not events:
+    raise ValueError("timeline: the trace has no device events")
+  first = _device_key(min(events, key=lambda e: e["ts"]))
+  spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if _device_key(e) == first)
+  edges = sorted([(s, 1) for s, _ in spans] + [(t, -1) for _, t in spans])
+  running = collections.Counter()
+  level, last = 0, edges[0][0]
+  for t, d in edges:
+    running[min(level, 3)] += t - last
+    level, last = level + d, t
+  gaps, end = [], spans[0][0]
+  for s, t in spans:
+    if s > end:
+      gaps.append(s - end)
+    end = max(end, t)
+  per = 1e3 * steps
+  return {"span_ms": (edges[-1][0] - edges[0][0]) / per, "idle_ms": running[0] / per,
+          "gaps": len(gaps) / steps,
+          "median_gap_us": float(sorted(gaps)[len(gaps) // 2]) if gaps else 0.0,
+          "running_ms": {("3+" if k == 3 else k): v / per for k, v in sorted(running.items())}}
+
+
+def window(trace_path: str | dict, marker: str, index: int = 0,
+           threads: str | None = None) -> list[dict]:
+  """The device events from the `index`-th whose name or hlo_op contains `marker` (a
+  kernel that runs once a layer, say) up to the next such one, in start order: [{start_us
+  (from the first), gap_us (idle before it), dur_us, name, hlo_op}]: one layer's kernels
+  and what the device waited between them."""
+  events = sorted(device_events(trace_path, threads), key=lambda e: e["ts"])
+  hits = [i for i, e in enumerate(events)
+          if marker in e["name"] or marker in e.get("args", {}).get("hlo_op", "")]
+  if len(hits) < index + 2:
+    raise ValueError(f"window: {len(hits)} events match {marker!r}; index {index} needs "
+                     f"{index + 2}")
+  a, b = hits[index], hits[index + 1]
+  base = end = events[a]["ts"]
+  rows = []
+  for e in events[a:b]:
+    rows.append({"start_us": e["ts"] - base, "gap_us": max(0.0, e["ts"] - end),
+                 "dur_us": float(e["dur"]), "name": e["name"],
+                 "hlo_op": e.get("args", {}).get("hlo_op", "")})
+    end = max(end, e["ts"] + e["dur"])
+  return rows
+
+
 def capture(fn: Callable, *args: Any, logdir: str, warmup: int = 1, steps: int = 3,
             carry: bool = False) -> str:
   """Profile `steps` calls of `fn(*args)` after `warmup` unprofiled ones (compilation), each
@@ -411,6 +464,11 @@ def main() -> None:
   ap.add_argument("--json", default=None, help="write {trace, totals, rows} here")
   ap.add_argument("--demo", action="store_true", help="profile a toy program first")
   ap.add_argument("--logdir", default=None, help="with --demo: where the trace goes")
+  ap.add_argument("--timeline", action="store_true",
+                  help="also the device's idle time, gaps and concurrency per step")
+  ap.add_argument("--window", default=None, metavar="MARKER[:INDEX]",
+                  help="also the events from the INDEX-th (default 0) whose name or hlo_op "
+                       "contains MARKER to the next one, with the gaps between them")
   ap.add_argument("--hlo", default=None,
                   help="with --by source or kernel: the program's optimised HLO text, files "
                        "or globs, "
@@ -435,6 +493,13 @@ def main() -> None:
   tot = totals(trace, args.steps, args.threads)
   print(path)
   print(format_table(rows, tot))
+  if args.timeline:
+    print("timeline (per step):", json.dumps(timeline(trace, tot["steps"], args.threads)))
+  if args.window:
+    marker, _, index = args.window.partition(":")
+    for r in window(trace, marker, int(index or 0), args.threads):
+      print(f"  +{r['start_us']:8.1f} gap {r['gap_us']:5.1f} dur {r['dur_us']:7.1f}  "
+            f"{r['name'][:60]} {r['hlo_op'][:40]}")
   if args.json:
     with open(args.json, "w") as fh:
       json.dump({"trace": path, "by": args.by, "totals": tot, "rows": rows}, fh, indent=1)

@@ -300,3 +300,49 @@ def test_source_from_compiled_hlo_when_events_lack_the_name_stack(tmp_path, rng,
       _x(0, 1, 0.0, 5.0, "nvjet_sm90_tst_128x48", tf_op="XlaModule:", hlo_op="cublas-gemm.7")]
   rows = ps.summarise(_write(tmp_path / "u.trace.json.gz", ev), top=None, by="source", hlo=hlo)
   assert [r["name"] for r in rows] == ["? nvjet_sm90_tst_128x48 [cublas-gemm]"]
+
+
+def test_timeline_and_window_of_a_synthetic_gpu_trace(tmp_path, rng):
+  """timeline: the device's span, idle time in gaps and time by how many kernels run at
+  once, per step, against a hand count of random kernels on two streams; window: one
+  "layer" (from a marker kernel to the next) in start order with the gaps before each."""
+  D = 1
+  ev = _meta(D, "/device:GPU:0", {1: "Stream #7(Kernel)", 2: "Stream #9(Kernel)"})
+  t, spans, rows, steps = 0.0, [], [], 2
+  for step in range(steps):
+    for layer in range(3):
+      for k in range(4):   # marker, then three kernels; the second overlaps a side kernel
+        gap = float(rng.uniform(0.5, 5.0))
+        dur = float(rng.uniform(2.0, 50.0))
+        t += gap
+        name = "attention_kernel" if k == 0 else f"fusion_{layer}_{k}"
+        ev.append(_x(D, 1, t, dur, name, hlo_op=f"{name}.1"))
+        spans.append((t, t + dur))
+        if (step, layer) == (1, 1):
+          rows.append((name, gap, dur))
+        if k == 2:   # beside it on the other stream, ending within it
+          ev.append(_x(D, 2, t + 0.5, dur / 2, "side_fusion", hlo_op="side.1"))
+          spans.append((t + 0.5, t + 0.5 + dur / 2))
+          if (step, layer) == (1, 1):
+            rows.append(("side_fusion", 0.0, dur / 2))
+        t += dur
+  path = _write(tmp_path / "h.trace.json.gz", ev)
+  tl = ps.timeline(path, steps)
+  span = max(e for _, e in spans) - min(s for s, _ in spans)
+  busy = _union(spans)
+  np.testing.assert_allclose(tl["span_ms"], span / steps / 1e3, rtol=1e-9)
+  np.testing.assert_allclose(tl["idle_ms"], (span - busy) / steps / 1e3, rtol=1e-9)
+  assert tl["gaps"] == (steps * 3 * 4 - 1) / steps   # every kernel on stream 1 but the first
+  side = [(e["ts"], e["ts"] + e["dur"]) for e in ev if e.get("name") == "side_fusion"]
+  np.testing.assert_allclose(tl["running_ms"][2], sum(b - a for a, b in side) / steps / 1e3,
+                             rtol=1e-9)
+  np.testing.assert_allclose(sum(tl["running_ms"].values()), tl["span_ms"], rtol=1e-9)
+  win = ps.window(path, "attention_kernel", index=4)   # step 1, layer 1
+  assert [r["name"] for r in win] == [n for n, _, _ in rows]
+  np.testing.assert_allclose([r["dur_us"] for r in win], [d for _, _, d in rows])
+  # the marker's own gap is not counted (the window starts there); the side kernel starts
+  # while the one before it runs
+  want_gaps = [0.0] + [0.0 if n == "side_fusion" else g for n, g, _ in rows[1:]]
+  np.testing.assert_allclose([r["gap_us"] for r in win], want_gaps, rtol=1e-9, atol=1e-9)
+  with pytest.raises(ValueError, match="0 events match 'nothing'"):
+    ps.window(path, "nothing")
