@@ -265,6 +265,26 @@ def test_layer_decodes_the_same_with_the_route_kernel(rng, kind, route):
   _layer_route_equals_xla(rng, kind, route, 64, dict(bm=64, bn_up=128, interpret=True))
 
 
+def test_shared_experts_after_the_router_decode_the_same(rng):
+  """stack_experts(shared_late=1): the shared experts' input tied to the router's logits by
+  an optimization barrier (they start after the router's GEMM), the layer's output
+  unchanged (the interpreter, MoE's layer through the Triton route)."""
+  cfg, layer = _layer(rng, "moe")
+  x = jnp.asarray(rng.normal(size=(2, 32, 128)), jnp.bfloat16)
+  w = lambda ws: [a[...].astype(jnp.bfloat16) for a in ws]  # noqa: E731
+  kw = dict(bm=64, bn_up=128, interpret=True)
+  ys = {}
+  for late in (0, 1):
+    stacked = dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), shared_late=late,
+                                     **kw)
+    assert stacked.shared_late == bool(late)
+    fn = lambda x, s: layer(x, backend="capacity", stacked=s)[0]  # noqa: E731
+    prims = _primitives(jax.make_jaxpr(fn)(x, stacked).jaxpr)
+    assert ("optimization_barrier" in prims) == bool(late)
+    ys[late] = np.asarray(fn(x, stacked), np.float32)
+  np.testing.assert_array_equal(ys[1], ys[0])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
 @pytest.mark.parametrize("kind", ["mohge", "moe"])
