@@ -460,7 +460,8 @@ def _slot_gmm_active(lhs, rhs_flat, active, *, layout, tiles, out_cols, cfg):
   def body(active_ref, lhs_gmem, rhs_gmem, out_gmem, lhs_ring, *scratch):
     *rhs_rings, o_smem, bar = scratch
     sm = lax.axis_index("sm")
-    mine = lax.div(jnp.int32(n_items) - sm + (num_sms - 1), jnp.int32(num_sms))  # items j = sm + i SMs
+    # this SM's items: j = sm + i * num_sms for i < mine
+    mine = lax.div(jnp.int32(n_items) - sm + (num_sms - 1), jnp.int32(num_sms))
 
     def item(i, carry):
       s0, stored = carry        # ring steps issued so far; output stores issued so far
