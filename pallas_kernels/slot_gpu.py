@@ -235,6 +235,50 @@ def tile_weights(flat, st: gpu.Stacking, cfg: gpu.Config = gpu.Config(), *, swig
   return tiled.reshape(f // bn * k, bn), st
 
 
+def _check_operands(name, lhs, flat, st, layout, rows_per_expert, swiglu, cfg):
+  """The tiled weights' shape (`tile_weights`) and the slot block's rows, or a ValueError."""
+  f_total = st.shapes[0][1] if st.by_rows else sum(q for _, q in st.shapes) * st.n
+  bn = cfg.bn_up if swiglu else cfg.bn
+  want = (f_total // bn * layout.k_blocks * cfg.bk, bn)
+  if flat.shape != want:
+    raise ValueError(f"{name}: rhs {flat.shape} is not the tiled matrix of these weights "
+                     f"({want}): tile_weights")
+  if lhs.shape[0] != rows_per_expert * st.n * len(st.shapes):
+    raise ValueError(f"lhs has {lhs.shape[0]} rows, not {rows_per_expert} for each of "
+                     f"{st.n * len(st.shapes)} experts")
+
+
+def _tiles(cfg, layout):
+  """(bm, bk, ring steps, bn, weight blocks a step: 2 for the SwiGLU up projection)."""
+  swiglu = layout.swiglu
+  return cfg.bm, cfg.bk, cfg.steps, cfg.bn_up if swiglu else cfg.bn, 2 if swiglu else 1
+
+
+def _store_tile(vals, swiglu, buf_smem, dst_gmem):
+  """An item's output tile: silu(gate) * up (gate and up rounded to the output dtype
+  first, as `gpu.hgmm`) or the product, through one of the two SMEM output buffers to
+  dst_gmem; the buffer's store two items ago awaited first, this one not."""
+  dtype = buf_smem.dtype
+  if swiglu:
+    gate, up = (v.astype(dtype).astype(jnp.float32) for v in vals)
+    out = gate * gpu._sigmoid(gate) * up
+  else:
+    out = vals[0]
+  plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+  buf_smem[...] = out.astype(dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(buf_smem, dst_gmem)
+
+
+def _ring_scratch(cfg, layout, dtype):
+  """The copy ring (lhs and weight blocks a step), two output buffers, a barrier a slot."""
+  bm, bk, steps, bn, n_rhs = _tiles(cfg, layout)
+  return (plgpu.SMEM((steps, bm, bk), dtype),
+          *[plgpu.SMEM((steps, bk, bn), dtype) for _ in range(n_rhs)],
+          plgpu.SMEM((2, bm, bn), dtype),
+          plgpu.Barrier(num_arrivals=1 + n_rhs, num_barriers=steps))
+
+
 def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
              cfg: gpu.Config = gpu.Config(), pdl: bool = False, rows_used=None,
              _ablate: str = ""):
@@ -275,14 +319,7 @@ def slot_gmm(lhs, rhs, *, rows_per_expert: int, swiglu: bool, out_cols: int,
                        f"{jnp.result_type(rows_used)} {jnp.shape(rows_used)}")
   tiles = 1 if rows_used is None else rows_per_expert // cfg.bm   # row tiles in passes
   layout = _Layout.of(st, rows_per_expert // tiles, swiglu, cfg)
-  f_total = st.shapes[0][1] if st.by_rows else sum(q for _, q in st.shapes) * st.n
-  bn = cfg.bn_up if swiglu else cfg.bn
-  if flat.shape != (f_total // bn * layout.k_blocks * cfg.bk, bn):
-    raise ValueError(f"slot_gmm: rhs {flat.shape} is not the tiled matrix of these weights "
-                     f"({(f_total // bn * layout.k_blocks * cfg.bk, bn)}): tile_weights")
-  if lhs.shape[0] != rows_per_expert * st.n * len(st.shapes):
-    raise ValueError(f"lhs has {lhs.shape[0]} rows, not {rows_per_expert} for each of "
-                     f"{st.n * len(st.shapes)} experts")
+  _check_operands("slot_gmm", lhs, flat, st, layout, rows_per_expert, swiglu, cfg)
   ranges = sm_ranges(layout, gpu._num_sms(cfg))
   used = jnp.zeros((1,), jnp.int32) if rows_used is None else rows_used
   return _slot_gmm(lhs, flat, jnp.asarray(ranges), used, layout=layout, tiles=tiles,
@@ -296,10 +333,8 @@ def _slot_gmm(lhs, rhs_flat, ranges, used, *, layout, tiles, passes, out_cols, c
               ablate=""):
   m, _ = lhs.shape
   dtype = lhs.dtype
-  bm, bk, steps = cfg.bm, cfg.bk, cfg.steps
+  bm, bk, steps, bn, n_rhs = _tiles(cfg, layout)
   swiglu = layout.swiglu
-  bn = cfg.bn_up if swiglu else cfg.bn
-  n_rhs = 2 if swiglu else 1
 
   def body(ranges_ref, used_ref, lhs_gmem, rhs_gmem, out_gmem, lhs_ring, *scratch):
     *rhs_rings, o_smem, bar = scratch
@@ -385,28 +420,16 @@ def _slot_gmm(lhs, rhs_flat, ranges, used, *, layout, tiles, passes, out_cols, c
 
       (s1, cur1, fcur1), *vals = pl.run_scoped(acc_scope,
                                                *[plgpu.ACC((bm, bn)) for _ in range(n_rhs)])
-      if swiglu:
-        gate, up = (v.astype(dtype).astype(jnp.float32) for v in vals)
-        out = gate * gpu._sigmoid(gate) * up
-      else:
-        out = vals[0]
-      buf = lax.rem(j, 2)
       b = layout.blocks(cur[2])
-      plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this buffer's store two items ago
-      o_smem[buf] = out.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[buf], out_gmem.at[pl.ds(row_block(cur, b) * bm, bm),
-                                                           pl.ds(b["out_col"] * bn, bn)])
+      _store_tile(vals, swiglu, o_smem.at[lax.rem(j, 2)],
+                  out_gmem.at[pl.ds(row_block(cur, b) * bm, bm), pl.ds(b["out_col"] * bn, bn)])
       return s1, cur1, fcur1
 
     lax.fori_loop(0, total_items, item, (jnp.int32(0), cur, fcur))
     plgpu.wait_smem_to_gmem(0)
 
   out_type = jax.ShapeDtypeStruct((m, out_cols), dtype)
-  scratch = (plgpu.SMEM((steps, bm, bk), dtype),
-             *[plgpu.SMEM((steps, bk, bn), dtype) for _ in range(n_rhs)],
-             plgpu.SMEM((2, bm, bn), dtype),
-             plgpu.Barrier(num_arrivals=1 + n_rhs, num_barriers=steps))
+  scratch = _ring_scratch(cfg, layout, dtype)
   return gpu._kernel(body, out_type, cfg, scratch_types=scratch)(ranges, used, lhs, rhs_flat)
 
 
@@ -432,14 +455,7 @@ def slot_gmm_active(lhs, rhs, active, *, rows_per_expert: int, swiglu: bool, out
     raise ValueError(f"slot_gmm_active: active must be int32 [A], got {active.dtype} "
                      f"{active.shape}")
   layout = _Layout.of(st, bm, swiglu, cfg)
-  f_total = st.shapes[0][1] if st.by_rows else sum(q for _, q in st.shapes) * st.n
-  bn = cfg.bn_up if swiglu else cfg.bn
-  if flat.shape != (f_total // bn * layout.k_blocks * cfg.bk, bn):
-    raise ValueError(f"slot_gmm_active: rhs {flat.shape} is not the tiled matrix of these "
-                     f"weights ({(f_total // bn * layout.k_blocks * cfg.bk, bn)}): tile_weights")
-  if lhs.shape[0] != rows_per_expert * st.n * len(st.shapes):
-    raise ValueError(f"lhs has {lhs.shape[0]} rows, not {rows_per_expert} for each of "
-                     f"{st.n * len(st.shapes)} experts")
+  _check_operands("slot_gmm_active", lhs, flat, st, layout, rows_per_expert, swiglu, cfg)
   return _slot_gmm_active(lhs, flat, active, layout=layout, tiles=rows_per_expert // bm,
                           out_cols=out_cols, cfg=cfg)
 
@@ -448,10 +464,8 @@ def slot_gmm_active(lhs, rhs, active, *, rows_per_expert: int, swiglu: bool, out
 def _slot_gmm_active(lhs, rhs_flat, active, *, layout, tiles, out_cols, cfg):
   m, _ = lhs.shape
   dtype = lhs.dtype
-  bm, bk, steps = cfg.bm, cfg.bk, cfg.steps
+  bm, bk, steps, bn, n_rhs = _tiles(cfg, layout)
   swiglu = layout.swiglu
-  bn = cfg.bn_up if swiglu else cfg.bn
-  n_rhs = 2 if swiglu else 1
   num_sms = gpu._num_sms(cfg)
   max_cols = max(layout.cols)
   n_items = active.shape[0] * max_cols
@@ -510,17 +524,8 @@ def _slot_gmm_active(lhs, rhs_flat, active, *, layout, tiles, out_cols, cfg):
           return [acc[...] for acc in accs]
 
         vals = pl.run_scoped(acc_scope, *[plgpu.ACC((bm, bn)) for _ in range(n_rhs)])
-        if swiglu:
-          gate, up = (v.astype(dtype).astype(jnp.float32) for v in vals)
-          out = gate * gpu._sigmoid(gate) * up
-        else:
-          out = vals[0]
-        buf = lax.rem(stored, 2)
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this buffer's store two ago
-        o_smem[buf] = out.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[buf], out_gmem.at[pl.ds(row * bm, bm),
-                                                             pl.ds(c * bn, bn)])
+        _store_tile(vals, swiglu, o_smem.at[lax.rem(stored, 2)],
+                    out_gmem.at[pl.ds(row * bm, bm), pl.ds(c * bn, bn)])
 
       return (s0 + jnp.where(valid, nk, 0), stored + valid.astype(jnp.int32))
 
@@ -528,8 +533,5 @@ def _slot_gmm_active(lhs, rhs_flat, active, *, layout, tiles, out_cols, cfg):
     plgpu.wait_smem_to_gmem(0)
 
   out_type = jax.ShapeDtypeStruct((m, out_cols), dtype)
-  scratch = (plgpu.SMEM((steps, bm, bk), dtype),
-             *[plgpu.SMEM((steps, bk, bn), dtype) for _ in range(n_rhs)],
-             plgpu.SMEM((2, bm, bn), dtype),
-             plgpu.Barrier(num_arrivals=1 + n_rhs, num_barriers=steps))
+  scratch = _ring_scratch(cfg, layout, dtype)
   return gpu._kernel(body, out_type, cfg, scratch_types=scratch)(active, lhs, rhs_flat)
