@@ -180,6 +180,9 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
               lowering_platforms=("cuda",)).as_text()
       assert "mosaic_gpu" in text
       assert "route_tokens" in text and "route_slots" in text   # the Triton route kernel
+      # the dropless slot block: no overflow cond around the kernels (a CUDA-graph
+      # conditional on the H200, ~20 us a layer)
+      assert "stablehlo.case" not in text and "stablehlo.if" not in text
 
 
 def test_backend_names_are_generates():
