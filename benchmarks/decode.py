@@ -17,7 +17,9 @@ from 8 routed rows per expert else all_experts (`generate.decode_expert_backend`
 model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
 `dispatch.all_experts`; `capacity`: `dispatch.capacity_experts`; `capacity_kernel`: the
 same through the Mosaic GPU kernels, unrolled only; NAME[key=value+...] adds a tuning of
-those kernels, e.g. `capacity_kernel[kernel=hgmm+bk=64]`) and layer layout (`--layouts`:
+those kernels, e.g. `capacity_kernel[kernel=hgmm+bk=64]`, or absorb=FORM the attention's
+decode weights (`MLA.decode_weights(absorb=)`; else `generate.decode_absorb`'s), e.g.
+`auto[absorb=query]`) and layer layout (`--layouts`:
 the layer scan, or unrolled over separate per-layer buffers), run --reps times from the
 same prefilled cache after a warm-up run; step time = median over runs of run time / new
 tokens, tokens/s = batch / step time.
@@ -233,10 +235,14 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
   for layout, label, opts in [(lay, b, o) for lay in layouts for b in backends
                                for o in decode_options]:
     backend, tuning = _backend_and_tuning(label)
+    absorb = gen.decode_absorb(m, batch)
+    if tuning and "absorb" in tuning:   # the attention's decode weights, not the kernels'
+      tuning = dict(tuning)
+      absorb = tuning.pop("absorb")
     if layout == "unrolled":
       layers = gen.unstack_layers(nnx.merge(graphdef, state),
                                   stack_experts=gen.stacks_experts(m, backend, batch),
-                                  kernel_tuning=tuning)
+                                  kernel_tuning=tuning, absorb=absorb)
       args = (state, layers, first_B, lengths_B, gen.unstack_caches(caches))
     else:
       layers, args = None, (state, None, first_B, lengths_B, caches)
@@ -263,8 +269,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
                    for r in range(R)]) if R else 0.0
     row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
            "layout": layout, "expert_backend": _backend_name(m, backend, batch)
-           + (f"[{label.split('[', 1)[1]}" if tuning else ""),
-           "decode_options": opts, "compiler_options": DECODE_OPTIONS[opts](),
+           + (f"[{label.split('[', 1)[1]}" if "[" in (label or "") else ""),
+           "absorb": absorb if layout == "unrolled" else "none", "decode_options": opts, "compiler_options": DECODE_OPTIONS[opts](),
            "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
            "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],
            "weight_bytes": mean["fixed_weights"] + mean["experts"],
@@ -395,7 +401,9 @@ def main(argv: list[str] | None = None) -> None:
                        "all_experts (dispatch.all_experts), capacity "
                        "(dispatch.capacity_experts), capacity_kernel (the same through "
                        "the Mosaic GPU kernels); a kernel tuning for dispatch.stack_experts "
-                       "as NAME[key=value+...], e.g. capacity_kernel[kernel=hgmm+bk=64]")
+                       "as NAME[key=value+...], e.g. capacity_kernel[kernel=hgmm+bk=64], "
+                       "and absorb=FORM for the attention's (MLA.decode_weights), e.g. "
+                       "auto[absorb=both]")
   ap.add_argument("--layouts", default="scan,unrolled",
                   help="how the decode step runs the layers: scan (one lax.scan over the "
                        "stacked weights and cache of each stack) and/or unrolled (separate "

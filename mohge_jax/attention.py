@@ -154,9 +154,13 @@ class MLA(nnx.Module):
         m.kv_lora_rank, m.num_heads, m.qk_nope_head_dim + m.v_head_dim)
     return w_CxHxPV[..., :m.qk_nope_head_dim], w_CxHxPV[..., m.qk_nope_head_dim:]
 
-  def decode_weights(self) -> "MLADecodeWeights":
+  def decode_weights(self, absorb: str = "none") -> "MLADecodeWeights":
     """The projections `decode(prepared=)` reads, laid out for it once (see
-    `MLADecodeWeights`), in the compute dtype."""
+    `MLADecodeWeights`), in the compute dtype. absorb ("none", "query", "output", "both"):
+    W_UK multiplied into q_nope's projection (w_q_nope [N, H*C], w_uk None) and/or W_UV
+    into w_o (w_o [H*C, D], w_uv None), in float32 from the stored weights, then cast."""
+    if absorb not in ABSORB_FORMS:
+      raise ValueError(f"MLA.decode_weights: absorb={absorb!r}: must be one of {ABSORB_FORMS}")
     m = self.m
     H, P, R, V, C = (m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim,
                      m.kv_lora_rank)
@@ -173,12 +177,27 @@ class MLA(nnx.Module):
       (w_q_nope, w_in), w_uq = nope_rope(cast(self.w_q)), None
     w_in = jnp.concatenate([w_in, cast(self.w_dkv)], axis=1)
     w_CxHxPV = cast(self.w_ukv).reshape(C, H, P + V)
-    return MLADecodeWeights(w_in, w_uq, w_q_nope, jnp.transpose(w_CxHxPV[..., :P], (1, 2, 0)),
-                            jnp.transpose(w_CxHxPV[..., P:], (1, 0, 2)), cast(self.w_o))
+    w_uk_HxPxC = jnp.transpose(w_CxHxPV[..., :P], (1, 2, 0))
+    w_uv_HxCxV = jnp.transpose(w_CxHxPV[..., P:], (1, 0, 2))
+    w_o = cast(self.w_o)
+    f32 = lambda w: w[...].astype(jnp.float32)  # noqa: E731
+    hi = jax.lax.Precision.HIGHEST
+    w32_CxHxPV = f32(self.w_ukv).reshape(C, H, P + V)
+    if absorb in ("query", "both"):  # q_lat = (x W_q_nope) W_UK = x (W_q_nope W_UK)
+      w32_NxHxPR = f32(self.w_uq if m.q_lora_rank else self.w_q).reshape(-1, H, P + R)
+      w_q_nope = jnp.einsum("nhp,chp->nhc", w32_NxHxPR[..., :P], w32_CxHxPV[..., :P],
+                            precision=hi).reshape(-1, H * C).astype(self.dtype)
+      w_uk_HxPxC = None
+    if absorb in ("output", "both"):  # out = (o_lat W_UV) W_o = o_lat (W_UV W_o)
+      w_o = jnp.einsum("chv,hvd->hcd", w32_CxHxPV[..., P:], f32(self.w_o).reshape(H, V, -1),
+                       precision=hi).reshape(H * C, -1).astype(self.dtype)
+      w_uv_HxCxV = None
+    return MLADecodeWeights(w_in, w_uq, w_q_nope, w_uk_HxPxC, w_uv_HxCxV, w_o)
 
   def _decode_inputs(self, x_Bx1xD, pos_Bx1, prepared: "MLADecodeWeights | None"):
-    """One token per row -> (c_q [B, 1, Q] or None, q_nope [B, H, P], RoPE(q_rope)
-    [B, H, R], the token's cache entry MLACache [B, 1, ...]), from the module's weights or
+    """One token per row -> (c_q [B, 1, Q] or None, q_nope [B, H, P] (absorbed: q_lat
+    [B, H, C]), RoPE(q_rope) [B, H, R], the token's cache entry MLACache [B, 1, ...]), from
+    the module's weights or
     from `prepared`: q_nope's GEMM apart (the absorbed product reads its output whole: a
     column block of a fused GEMM's was copied out first, on the H200 a launch on the decode
     step's serial path), one GEMM for the rest of x's projections, its columns split."""
@@ -189,8 +208,7 @@ class MLA(nnx.Module):
               MLACache(*self.latent(x_Bx1xD, pos_Bx1)))
     m = self.m
     B = x_Bx1xD.shape[0]
-    H, P, R, C, Q = (m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank,
-                     m.q_lora_rank)
+    H, R, C, Q = m.num_heads, m.qk_rope_head_dim, m.kv_lora_rank, m.q_lora_rank
     x_BxD = x_Bx1xD[:, 0]
     y_BxN = jnp.dot(x_BxD, prepared.w_in)  # [q_rope (or c_q) | c_kv | k_rope]
     # Materialised whole before its columns are split (H200 profile, MoHGE-3B batch 256:
@@ -203,12 +221,16 @@ class MLA(nnx.Module):
       cq_Bx1xQ, q_rope_BxHR = cq_BxQ[:, None], jnp.dot(cq_BxQ, prepared.w_uq)
       q_nope_BxHP = jnp.dot(cq_BxQ, prepared.w_q_nope)
     else:
-      q_rope_BxHR, q_nope_BxHP = y_BxN[:, :H * R], jnp.dot(x_BxD, prepared.w_q_nope)
+      # Absorbed, q_lat's GEMM kept apart from w_in's (XLA's dot merger would join GEMMs
+      # of one operand, then copy q_lat's column block out of the joined output).
+      x_q_BxD = (x_BxD if prepared.w_uk_HxPxC is not None
+                 else jax.lax.optimization_barrier(x_BxD))
+      q_rope_BxHR, q_nope_BxHP = y_BxN[:, :H * R], jnp.dot(x_q_BxD, prepared.w_q_nope)
     rope = lambda a_BxJxR: apply_rope(a_BxJxR[:, None], pos_Bx1, self.inv_freq)[:, 0]  # noqa: E731
     q_rope_BxHxR = rope(q_rope_BxHR.reshape(B, H, R))
     k_rope_BxR = rope(y_BxN[:, None, N - R:])[:, 0]
     c_BxC = self.kv_norm(y_BxN[:, N - R - C:N - R])
-    return (cq_Bx1xQ, q_nope_BxHP.reshape(B, H, P), q_rope_BxHxR,
+    return (cq_Bx1xQ, q_nope_BxHP.reshape(B, H, -1), q_rope_BxHxR,
             MLACache(c_BxC[:, None], k_rope_BxR[:, None]))
 
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, *, return_latent=False):
@@ -307,6 +329,8 @@ class MLA(nnx.Module):
     if prepared is None:
       w_uk_CxHxP, w_uv_CxHxV = self._w_uk_uv()
       q_lat_BxHxC = jnp.einsum("bhp,chp->bhc", q_nope_BxHxP, w_uk_CxHxP)
+    elif prepared.w_uk_HxPxC is None:  # absorbed: the query's GEMM gave q_lat
+      q_lat_BxHxC = q_nope_BxHxP
     else:
       q_lat_BxHxC = jnp.einsum("bhp,hpc->bhc", q_nope_BxHxP, prepared.w_uk_HxPxC)
     S = mine.latent.shape[1]
@@ -337,6 +361,8 @@ class MLA(nnx.Module):
     if prepared is None:
       o_BxHxV = jnp.einsum("bhc,chv->bhv", o_lat_BxHxC, w_uv_CxHxV)
       return self._mm(o_BxHxV.reshape(B, 1, H * V), self.w_o), cache
+    if prepared.w_uv_HxCxV is None:  # absorbed: w_o takes the latent output
+      return jnp.dot(o_lat_BxHxC.reshape(B, 1, -1).astype(self.dtype), prepared.w_o), cache
     o_BxHxV = jnp.einsum("bhc,hcv->bhv", o_lat_BxHxC, prepared.w_uv_HxCxV)
     return jnp.dot(o_BxHxV.reshape(B, 1, H * V), prepared.w_o), cache
 
@@ -365,15 +391,19 @@ class MLADecodeWeights(NamedTuple):
     own, whose output the absorbed product reads whole.
   w_uk_HxPxC, w_uv_HxCxV: w_ukv's key and value halves per head, heads leading (the batch
     axis of the absorbed products "bhp,hpc->bhc" and "bhc,hcv->bhv").
-  w_o: [H*V, D]."""
+  w_o: [H*V, D].
+  absorb="query" (`MLA.decode_weights`): w_q_nope is W_q_nope W_UK, [D or Q, H*C] (the
+    query's latent directly) and w_uk_HxPxC None; absorb="output": w_o is W_UV W_o,
+    [H*C, D], and w_uv_HxCxV None; "both": both."""
   w_in: jax.Array
   w_uq: jax.Array | None
   w_q_nope: jax.Array
-  w_uk_HxPxC: jax.Array
-  w_uv_HxCxV: jax.Array
+  w_uk_HxPxC: jax.Array | None
+  w_uv_HxCxV: jax.Array | None
   w_o: jax.Array
 
 
+ABSORB_FORMS = ("none", "query", "output", "both")   # MLA.decode_weights(absorb=)
 # The MLA parameters `MLADecodeWeights` holds (what `MLA.decode(prepared=)` does not read).
 DECODE_WEIGHT_NAMES = ("w_q", "w_dq", "w_uq", "w_dkv", "w_ukv", "w_o")
 

@@ -31,6 +31,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DSA_IMPLS = ("auto", "reference", "pallas", "interpret", "pallas_mma", "interpret_mma",
              "pallas_mma_bwd", "interpret_mma_bwd")
 DECODE_ATTENTION = ("auto", "xla", "pallas")
+DECODE_ABSORB = ("auto", "none", "query", "output", "both")
 DSA_TOPK_METHODS = ("sort", "radix", "sample", "threshold", "fused")
 ROPE_SCALINGS = ("none", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out", "save_dsa_selection")
@@ -116,6 +117,13 @@ class ModelConfig:
   # weights; the cache into L2) before it waits for them. Right on the H200 and no faster
   # (MoHGE-3B batch 256: 3.877/3.860 ms against 3.879/3.853; notes_generate.md): off.
   decode_pdl: bool = False
+  # MLA's decode weights with W_UK and W_UV multiplied into the projections around them
+  # (`MLA.decode_weights(absorb=)`): "query" (x -> q_lat [H*C] in one GEMM, where q_nope's
+  # GEMM and the per-head W_UK product were two launches and a column copy), "output"
+  # (o_lat [H*C] -> the residual in one GEMM, for W_UV's product and w_o), "both", "none",
+  # or "auto": by the batch (`generate.decode_absorb`). The products read more bytes
+  # (H*C columns against H*P, 16 MB against 6 at MoHGE-3B) in fewer, larger GEMMs.
+  decode_absorb: str = "auto"
 
   # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.
   # `layer_ffn` (one entry per layer) overrides both when given.
@@ -491,6 +499,7 @@ def validate(cfg: Config) -> None:
   _one_of(m.dsa_impl, DSA_IMPLS, "model.dsa_impl")
   _one_of(m.dsa_topk_method, DSA_TOPK_METHODS, "model.dsa_topk_method")
   _one_of(m.decode_attention, DECODE_ATTENTION, "model.decode_attention")
+  _one_of(m.decode_absorb, DECODE_ABSORB, "model.decode_absorb")
   if m.decode_attention == "pallas":
     from pallas_kernels import mla_decode_gpu  # noqa: PLC0415 - only for this check
     _require(m.attention == "mla" and m.sparse_attention != "dsa",

@@ -139,17 +139,23 @@ def decode_expert_backend(m, tokens: int) -> str:
   """decode_backend="auto" for `tokens` tokens a step: `dispatch.capacity_experts` from 8
   routed rows per expert on average (tokens * top_k >= 8 * experts), through the Mosaic
   GPU kernels ("capacity_kernel") for experts of several widths on a Hopper GPU that takes
-  them, else in XLA; `dispatch.all_experts` below. On the H200 (unrolled layers;
-  benchmarks/results/decode_h200.json): MoHGE-3B at batch 256 (24 rows per expert)
-  capacity_kernel 4.48 ms a step against capacity 5.25 (ninth session; with the decode
-  kernel `slot_gpu` 4.28-4.49, tenth), all_experts 7.3 and the training kernels 11.1
-  (fifth); batch 128: 4.02 against 4.68 (3.82 tenth); batch 32 (3 rows)
-  all_experts 3.56 against capacity 3.86. One group of equal experts (MoE-3B) is one
+  them, else in XLA; `dispatch.all_experts` below, but for fewer token-expert pairs than
+  experts, where the kernels run the chosen experts only (`StackedExperts.sparse`). On the
+  H200 (unrolled layers; benchmarks/results/decode_h200.json): MoHGE-3B at batch 256 (24
+  rows per expert) capacity_kernel 4.48 ms a step against capacity 5.25 (ninth session;
+  with the decode kernel `slot_gpu` 4.28-4.49, tenth), all_experts 7.3 and the training
+  kernels 11.1 (fifth); batch 128: 4.02 against 4.68 (3.82 tenth); batch 32 (3 rows)
+  all_experts 3.56 against capacity 3.86 (2.394 against the kernels' 2.400,
+  twenty-fifth); batch 8 the kernels' chosen experts 1.782 against all_experts 2.052,
+  batch 1 1.274 against 3.347 (twenty-fifth). One group of equal experts (MoE-3B) is one
   batched product a projection, which XLA runs near the kernels' speed: there batch 256
   took 4.69 ms with the kernels against 4.45 without (calls apart), so XLA's stays."""
+  kernels = expert_kernels_for_decode(m)
+  if tokens * m.top_k < m.num_experts and kernels and dispatch.DECODE_KERNEL_TUNING.get("sparse"):
+    return "capacity_kernel"
   if tokens * m.top_k < 8 * m.num_experts:
     return "all_experts"
-  return "capacity_kernel" if expert_kernels_for_decode(m) else "capacity"
+  return "capacity_kernel" if kernels else "capacity"
 
 
 def expert_kernels_for_decode(m) -> bool:
@@ -284,14 +290,33 @@ def _stack_experts_fn(tuning: tuple[tuple[str, object], ...]):
   return jax.jit(functools.partial(dispatch.stack_experts, **dict(tuning)))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _layer_decode_weights(attn_graphdef, attn_state, i):
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _layer_decode_weights(attn_graphdef, attn_state, i, absorb):
   """Layer i's attention weights of a stack (`attn_state`, stacked) in the decode layout."""
-  return nnx.merge(attn_graphdef, jax.tree.map(lambda a: a[i], attn_state)).decode_weights()
+  return nnx.merge(attn_graphdef, jax.tree.map(lambda a: a[i], attn_state)).decode_weights(
+      absorb)
+
+
+# decode_absorb="auto": W_UK and W_UV multiplied into the projections from this batch on
+# (MLA decode, `MLA.decode_weights(absorb=)`).
+ABSORB_MIN_BATCH = 128
+ABSORB_AUTO = "none"
+
+
+def decode_absorb(m, batch: int) -> str:
+  """MLA.decode_weights' absorb form for decoding `batch` rows: model.decode_absorb, or
+  for "auto" ABSORB_AUTO from ABSORB_MIN_BATCH rows on (the larger products cost reads
+  that small batches are bound by), else "none". Not MLA: "none"."""
+  if m.attention != "mla":
+    return "none"
+  if m.decode_absorb != "auto":
+    return m.decode_absorb
+  return ABSORB_AUTO if batch >= ABSORB_MIN_BATCH else "none"
 
 
 def unstack_layers(model: Transformer, stack_experts: bool = False,
-                   kernel_tuning: dict | None = None) -> list[list[DecodeLayer]]:
+                   kernel_tuning: dict | None = None,
+                   absorb: str = "none") -> list[list[DecodeLayer]]:
   """Per stack, its layers as `DecodeLayer`s, separate arrays made here, outside any jit,
   for `decode_step(..., layers=)`. Held while they are alive, besides the model: a copy of
   every layer's weights, the attention's projections (`attention.DECODE_WEIGHT_NAMES`) as
@@ -300,7 +325,8 @@ def unstack_layers(model: Transformer, stack_experts: bool = False,
   the prepared ones). stack_experts: each routed layer's expert weights also stacked for
   the Mosaic GPU kernels in the compute dtype (`dispatch.stack_experts`, with
   `kernel_tuning` over its defaults and `model.decode_pdl`: a third copy of the expert
-  weights), which decode_backend="capacity_kernel" reads."""
+  weights), which decode_backend="capacity_kernel" reads. absorb: the attention's form
+  (`MLA.decode_weights(absorb=)`; `decode_absorb` picks it by the batch)."""
   tuning = dict(kernel_tuning or {})
   if model.cfg.model.decode_pdl:
     tuning.setdefault("pdl", 1)
@@ -309,7 +335,6 @@ def unstack_layers(model: Transformer, stack_experts: bool = False,
   for stack in model.stacks:
     state = nnx.state(stack.layers)
     attn_graphdef, attn_state = nnx.split(stack.layers.attn)
-    prepare = functools.partial(_layer_decode_weights, attn_graphdef)
 
     def layer_copy(path, a, i):
       names = [getattr(k, "key", None) for k in path[:2]]
@@ -325,7 +350,9 @@ def unstack_layers(model: Transformer, stack_experts: bool = False,
         ffn = nnx.merge(nnx.graphdef(stack.layers), layer_state).ffn
         stacked = stack_fn([w[...].astype(ffn.dtype) for w in ffn.w_gate_up],
                            [w[...].astype(ffn.dtype) for w in ffn.w_down])
-      layers.append(DecodeLayer(layer_state, prepare(attn_state, i), stacked))
+      layers.append(DecodeLayer(layer_state,
+                                _layer_decode_weights(attn_graphdef, attn_state, i, absorb),
+                                stacked))
     out.append(layers)
   return out
 
@@ -400,8 +427,9 @@ def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
   if decode_backend == "capacity_kernel" and not unrolled:
     raise ValueError("decode_backend='capacity_kernel' needs unrolled=True (the experts "
                      "are stacked per layer once, before the decode loop)")
-  layers = (unstack_layers(model, stack_experts=stacks_experts(
-      model.cfg.model, decode_backend, prompts_BxP.shape[0])) if unrolled else None)
+  B = prompts_BxP.shape[0]
+  layers = (unstack_layers(model, stack_experts=stacks_experts(model.cfg.model, decode_backend, B),
+                           absorb=decode_absorb(model.cfg.model, B)) if unrolled else None)
   return _generate(graphdef, state, layers, prompts_BxP, lengths_B, key,
                    max_new_tokens=max_new_tokens, temperature=float(temperature),
                    top_k=int(top_k), top_p=float(top_p),

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mohge_jax import dispatch
 from mohge_jax import generate as gen
 from mohge_jax.attention import DECODE_WEIGHT_NAMES, MLA, MLACache, MLADecodeWeights
 from mohge_jax.config import load_config
@@ -87,23 +88,30 @@ def test_cached_decode_equals_full_forward(rng, extra):
     np.testing.assert_allclose(got[b], full[b, lens[b] - 1:lens[b] + N], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("extra", [[], ["model.q_lora_rank=12"], DSA + ["model.q_lora_rank=12"]])
+@pytest.mark.parametrize("extra,absorb", [
+    ([], "none"), (["model.q_lora_rank=12"], "none"), (DSA + ["model.q_lora_rank=12"], "none"),
+    ([], "query"), ([], "output"), (["model.q_lora_rank=12"], "both"), (DSA, "both")])
 @pytest.mark.parametrize("stacked", [False, True])
-def test_decode_with_prepared_weights_equals_decode_without(rng, extra, stacked):
-  """MLA.decode(prepared=decode_weights()) (fused projections, q_nope's apart, heads-leading
-  W_UK and W_UV) gives the output and cache of MLA.decode from the module's weights, float32, at
-  positions ragged across rows, on a layer's cache or a stack's (`layer`); the prepared
+def test_decode_with_prepared_weights_equals_decode_without(rng, extra, absorb, stacked):
+  """MLA.decode(prepared=decode_weights(absorb)) (fused projections, q_nope's apart,
+  heads-leading W_UK and W_UV; or those multiplied into q_nope's projection and w_o) gives
+  the output and cache of MLA.decode from the module's weights, float32, at positions
+  ragged across rows, on a layer's cache or a stack's (`layer`); unabsorbed, the prepared
   weights hold the projections' numbers once (as many as the module's)."""
   m = load_config(str(ROOT / "configs/tiny.yaml"), TINY + extra).model
   attn = MLA(m, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
-  prepared = attn.decode_weights()
+  prepared = attn.decode_weights(absorb)
+  H, P, V, C = m.num_heads, m.qk_nope_head_dim, m.v_head_dim, m.kv_lora_rank
   own = sum(getattr(attn, n)[...].size for n in DECODE_WEIGHT_NAMES if hasattr(attn, n))
-  assert sum(a.size for a in jax.tree.leaves(prepared)) == own
-  assert prepared.w_uk_HxPxC.shape == (m.num_heads, m.qk_nope_head_dim, m.kv_lora_rank)
-  assert prepared.w_uv_HxCxV.shape == (m.num_heads, m.kv_lora_rank, m.v_head_dim)
+  query, output = absorb in ("query", "both"), absorb in ("output", "both")
+  assert sum(a.size for a in jax.tree.leaves(prepared)) == (
+      own + query * (m.q_lora_rank or m.d_model) * H * (C - P) - query * H * P * C
+      + output * H * C * m.d_model - output * H * V * (C + m.d_model))
+  assert prepared.w_uk_HxPxC is None if query else prepared.w_uk_HxPxC.shape == (H, P, C)
+  assert prepared.w_uv_HxCxV is None if output else prepared.w_uv_HxCxV.shape == (H, C, V)
+  assert prepared.w_o.shape == ((H * C) if output else (H * V), m.d_model)
   assert (prepared.w_uq is None) == (m.q_lora_rank == 0)
-  assert prepared.w_q_nope.shape == (m.q_lora_rank or m.d_model,
-                                    m.num_heads * m.qk_nope_head_dim)
+  assert prepared.w_q_nope.shape == (m.q_lora_rank or m.d_model, H * (C if query else P))
   B, S = 4, 16
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
   lead = (2,) if stacked else ()
@@ -247,7 +255,6 @@ def test_capacity_kernel_decode_backend_matches_capacity(rng, monkeypatch):
   the comparison), logits within bf16's reach on the rows still alike, and the greedy token
   the same wherever capacity's top two logits are further apart than the two backends'
   logits differ. generate takes it, and refuses it with the layer scan."""
-  from mohge_jax import dispatch
   monkeypatch.setattr(dispatch, "DECODE_KERNEL_TUNING", {"bm": 64, "interpret": True})
   model = make_model(int(rng.integers(1 << 30)), [
       "model.d_model=128", "model.group_widths=[128,256]", "model.experts_per_group=2",
@@ -295,7 +302,6 @@ def test_decode_pdl_reaches_the_slot_kernels(rng, monkeypatch):
   """model.decode_pdl: unstack_layers stacks each routed layer's experts with pdl=1 (the
   slot kernels' programmatic dependent launch; `test_dispatch` checks their values), an
   explicit kernel tuning still winning; off: no pdl key."""
-  from mohge_jax import dispatch
   monkeypatch.setattr(dispatch, "DECODE_KERNEL_TUNING", {"bm": 64, "interpret": True})
   flags = ["model.d_model=128", "model.group_widths=[128,256]", "model.experts_per_group=2",
            "model.top_k_groups=1", "model.top_k=2", "model.first_dense_layers=1",
@@ -323,7 +329,8 @@ def test_auto_decode_backend_takes_the_kernels_on_hopper(monkeypatch):
   """On a Hopper GPU (faked) auto's capacity slots go through the Mosaic GPU kernels when
   they take the widths (MoHGE-3B, bf16), and generate then stacks the experts; not for
   widths off the kernels' tiles, float32, one group of experts (MoE-3B), or below 8 rows
-  per expert."""
+  per expert, but for fewer token-expert pairs than experts (the chosen experts only:
+  MoHGE-3B below 11 tokens)."""
   import pallas_kernels
   m = load_config(str(ROOT / "configs/mohge_3b.yaml")).model
   assert not gen.stacks_experts(m, "auto", 256)  # this CPU
@@ -332,7 +339,14 @@ def test_auto_decode_backend_takes_the_kernels_on_hopper(monkeypatch):
                       lambda b="auto": "mosaic_gpu" if b == "auto" else resolve(b))
   assert gen.decode_expert_backend(m, 256) == "capacity_kernel"
   assert gen.decode_expert_backend(m, 85) == "all_experts"
+  assert gen.decode_expert_backend(m, 11) == "all_experts"   # 66 pairs, 64 experts
+  assert gen.decode_expert_backend(m, 10) == "capacity_kernel"
+  assert gen.decode_expert_backend(m, 1) == "capacity_kernel"
   assert gen.stacks_experts(m, "auto", 256) and not gen.stacks_experts(m, "auto", 32)
+  assert gen.stacks_experts(m, "auto", 1)
+  monkeypatch.setitem(dispatch.DECODE_KERNEL_TUNING, "sparse", 0)   # the kernels' whole
+  assert gen.decode_expert_backend(m, 1) == "all_experts"           # block: XLA's instead
+  monkeypatch.setitem(dispatch.DECODE_KERNEL_TUNING, "sparse", 1)
   assert gen.stacks_experts(m, "capacity_kernel", 1)
   assert not gen.stacks_experts(m, "capacity", 256)
   for bad in (["model.group_widths=[384,448,512,576,640,704,768,832]"],
