@@ -16,7 +16,7 @@ from flax import nnx
 from mohge_jax import sparse_attention as dsa
 from mohge_jax.config import ModelConfig
 from mohge_jax.rope import apply_rope, rope_inv_freq
-from pallas_kernels import mla_decode_gpu
+from pallas_kernels import mla_decode_gpu, splitk_gpu
 
 
 class RMSNorm(nnx.Module):
@@ -194,6 +194,15 @@ class MLA(nnx.Module):
       w_uv_HxCxV = None
     return MLADecodeWeights(w_in, w_uq, w_q_nope, w_uk_HxPxC, w_uv_HxCxV, w_o)
 
+  def _decode_mm(self, x_BxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
+    """A decode projection with prepared weights: model.decode_gemm's kernel where it
+    applies (`splitk_gpu.pick_splits`), else jnp.dot."""
+    if self.m.decode_gemm == "splitk" and decode_gemm_kernels():
+      splits = splitk_gpu.pick_splits(*x_BxK.shape, w_KxN.shape[1], x_BxK.dtype)
+      if splits is not None and w_KxN.dtype == x_BxK.dtype:
+        return splitk_gpu.splitk_matmul(x_BxK, w_KxN, splits=splits)
+    return jnp.dot(x_BxK, w_KxN)
+
   def _decode_inputs(self, x_Bx1xD, pos_Bx1, prepared: "MLADecodeWeights | None"):
     """One token per row -> (c_q [B, 1, Q] or None, q_nope [B, H, P] (absorbed: q_lat
     [B, H, C]), RoPE(q_rope) [B, H, R], the token's cache entry MLACache [B, 1, ...]), from
@@ -210,7 +219,7 @@ class MLA(nnx.Module):
     B = x_Bx1xD.shape[0]
     H, R, C, Q = m.num_heads, m.qk_rope_head_dim, m.kv_lora_rank, m.q_lora_rank
     x_BxD = x_Bx1xD[:, 0]
-    y_BxN = jnp.dot(x_BxD, prepared.w_in)  # [q_rope (or c_q) | c_kv | k_rope]
+    y_BxN = self._decode_mm(x_BxD, prepared.w_in)  # [q_rope (or c_q) | c_kv | k_rope]
     # Materialised whole before its columns are split (H200 profile, MoHGE-3B batch 256:
     # attention's GEMMs 0.311 ms a step with the barrier, 0.341 without; notes_generate.md).
     y_BxN = jax.lax.optimization_barrier(y_BxN)
@@ -225,7 +234,7 @@ class MLA(nnx.Module):
       # of one operand, then copy q_lat's column block out of the joined output).
       x_q_BxD = (x_BxD if prepared.w_uk_HxPxC is not None
                  else jax.lax.optimization_barrier(x_BxD))
-      q_rope_BxHR, q_nope_BxHP = y_BxN[:, :H * R], jnp.dot(x_q_BxD, prepared.w_q_nope)
+      q_rope_BxHR, q_nope_BxHP = y_BxN[:, :H * R], self._decode_mm(x_q_BxD, prepared.w_q_nope)
     rope = lambda a_BxJxR: apply_rope(a_BxJxR[:, None], pos_Bx1, self.inv_freq)[:, 0]  # noqa: E731
     q_rope_BxHxR = rope(q_rope_BxHR.reshape(B, H, R))
     k_rope_BxR = rope(y_BxN[:, None, N - R:])[:, 0]
@@ -362,9 +371,10 @@ class MLA(nnx.Module):
       o_BxHxV = jnp.einsum("bhc,chv->bhv", o_lat_BxHxC, w_uv_CxHxV)
       return self._mm(o_BxHxV.reshape(B, 1, H * V), self.w_o), cache
     if prepared.w_uv_HxCxV is None:  # absorbed: w_o takes the latent output
-      return jnp.dot(o_lat_BxHxC.reshape(B, 1, -1).astype(self.dtype), prepared.w_o), cache
-    o_BxHxV = jnp.einsum("bhc,hcv->bhv", o_lat_BxHxC, prepared.w_uv_HxCxV)
-    return jnp.dot(o_BxHxV.reshape(B, 1, H * V), prepared.w_o), cache
+      o_BxN = o_lat_BxHxC.reshape(B, -1).astype(self.dtype)
+    else:
+      o_BxN = jnp.einsum("bhc,hcv->bhv", o_lat_BxHxC, prepared.w_uv_HxCxV).reshape(B, H * V)
+    return self._decode_mm(o_BxN, prepared.w_o)[:, None], cache
 
   def _dsa_select(self, q_Bx1xJxI, w_Bx1xJ, index_key_BxSxI, visible_BxS):
     """The decoded token's top-k cached positions by index score among the visible ones:
@@ -404,6 +414,12 @@ class MLADecodeWeights(NamedTuple):
 
 
 ABSORB_FORMS = ("none", "query", "output", "both")   # MLA.decode_weights(absorb=)
+
+
+def decode_gemm_kernels() -> bool:
+  """Whether this process's default device runs the Mosaic GPU kernels (a Hopper GPU)."""
+  import pallas_kernels  # noqa: PLC0415 - asked for on the decode path only
+  return pallas_kernels.resolve_backend("auto") == "mosaic_gpu"
 # The MLA parameters `MLADecodeWeights` holds (what `MLA.decode(prepared=)` does not read).
 DECODE_WEIGHT_NAMES = ("w_q", "w_dq", "w_uq", "w_dkv", "w_ukv", "w_o")
 

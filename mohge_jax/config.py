@@ -32,6 +32,7 @@ DSA_IMPLS = ("auto", "reference", "pallas", "interpret", "pallas_mma", "interpre
              "pallas_mma_bwd", "interpret_mma_bwd")
 DECODE_ATTENTION = ("auto", "xla", "pallas")
 DECODE_ABSORB = ("auto", "none", "query", "output", "both")
+DECODE_GEMMS = ("auto", "xla", "splitk")
 DSA_TOPK_METHODS = ("sort", "radix", "sample", "threshold", "fused")
 ROPE_SCALINGS = ("none", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out", "save_dsa_selection")
@@ -124,6 +125,12 @@ class ModelConfig:
   # or "auto": by the batch (`generate.decode_absorb`). The products read more bytes
   # (H*C columns against H*P, 16 MB against 6 at MoHGE-3B) in fewer, larger GEMMs.
   decode_absorb: str = "auto"
+  # MLA decode's dense projections (x's inputs [B, D] x [D, N], the output [B, H*V] x w_o):
+  # "xla" (jnp.dot: on the H200 XLA's split-K writes float32 partials and sums them in a
+  # second launch), "splitk" (pallas_kernels/splitk_gpu.py: one launch, the partials summed
+  # in a thread-block cluster's shared memory; Hopper, bf16/f16, B a multiple of 64 up to
+  # 256, else XLA's) or "auto": "xla" until measured.
+  decode_gemm: str = "auto"
 
   # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.
   # `layer_ffn` (one entry per layer) overrides both when given.
@@ -500,6 +507,7 @@ def validate(cfg: Config) -> None:
   _one_of(m.dsa_topk_method, DSA_TOPK_METHODS, "model.dsa_topk_method")
   _one_of(m.decode_attention, DECODE_ATTENTION, "model.decode_attention")
   _one_of(m.decode_absorb, DECODE_ABSORB, "model.decode_absorb")
+  _one_of(m.decode_gemm, DECODE_GEMMS, "model.decode_gemm")
   if m.decode_attention == "pallas":
     from pallas_kernels import mla_decode_gpu  # noqa: PLC0415 - only for this check
     _require(m.attention == "mla" and m.sparse_attention != "dsa",
