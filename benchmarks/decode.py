@@ -18,7 +18,7 @@ model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
 `dispatch.all_experts`; `capacity`: `dispatch.capacity_experts`; `capacity_kernel`: the
 same through the Mosaic GPU kernels, unrolled only; NAME[key=value+...] adds a tuning of
 those kernels, e.g. `capacity_kernel[kernel=hgmm+bk=64]`, or absorb=FORM the attention's
-decode weights (`MLA.decode_weights(absorb=)`; else `generate.decode_absorb`'s), e.g.
+decode weights (`MLA.decode_weights(absorb=)`; else model.decode_absorb), e.g.
 `auto[absorb=query]`) and layer layout (`--layouts`:
 the layer scan, or unrolled over separate per-layer buffers), run --reps times from the
 same prefilled cache after a warm-up run; step time = median over runs of run time / new
@@ -235,7 +235,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
   for layout, label, opts in [(lay, b, o) for lay in layouts for b in backends
                                for o in decode_options]:
     backend, tuning = _backend_and_tuning(label)
-    absorb = gen.decode_absorb(m, batch)
+    absorb = gen.decode_absorb(m)
     if tuning and "absorb" in tuning:   # the attention's decode weights, not the kernels'
       tuning = dict(tuning)
       absorb = tuning.pop("absorb")

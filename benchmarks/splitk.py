@@ -6,7 +6,11 @@
 Per shape (MoHGE-3B's MLA projections at decode: input [1024, 3648], q_nope [1024, 2048],
 output [2048, 1024]) and batch M: one jitted function runs the product over --layers
 distinct weight matrices (as a decode step's layers do, so the weights come from HBM, not
-L2), timed --reps times after a warm-up; us a product = median run time / layers. XLA's
+L2), one after another (each product's input passed through an optimization barrier with
+the product before: a chain, as in a decode step), compiled with the decode programs'
+options (`generate.decode_compiler_options`: the products in one CUDA graph, no launch
+from the host between them), timed --reps times after a warm-up; us a product = median
+run time / layers. XLA's
 `jnp.dot` (its split-K and partial sums included) against the kernel at each split and
 ring depth that the shape takes; the ratio is XLA's time over the kernel's (above 1: the
 kernel is faster). Each kernel output is checked against XLA's in the same run (max
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mohge_jax import generate as gen
 from pallas_kernels import splitk_gpu as sk
 
 SHAPES = {"mla_in": (1024, 3648), "q_nope": (1024, 2048), "mla_out": (2048, 1024)}
@@ -41,6 +46,19 @@ def _time(fn, args, reps):
   return float(np.median(times)), times
 
 
+def _compile(mm, x, ws):
+  """The chain of products over ws, compiled as decode compiles its step."""
+  def chain(x, ws):
+    ys = []
+    for w in ws:
+      y = mm(x, w)
+      x, y = jax.lax.optimization_barrier((x, y))   # the next product after this one
+      ys.append(y)
+    return ys
+  return jax.jit(chain).lower(x, ws).compile(
+      compiler_options=gen.decode_compiler_options() or None)
+
+
 def run(rows, reps, layers, out):
   rng = np.random.default_rng(0)
   results = []
@@ -49,7 +67,7 @@ def run(rows, reps, layers, out):
       x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
       ws = [jnp.asarray(rng.standard_normal((K, N)) / np.sqrt(K), jnp.bfloat16)
             for _ in range(layers)]
-      xla = jax.jit(lambda x, ws: [jnp.dot(x, w) for w in ws])
+      xla = _compile(lambda x, w: jnp.dot(x, w), x, ws)
       t_xla, _ = _time(xla, (x, ws), reps)
       want = np.asarray(xla(x, ws)[0], np.float32)
       scale = float(np.abs(want).max())
@@ -60,9 +78,9 @@ def run(rows, reps, layers, out):
         for depth in (2, 3, 4):
           if sk.unsupported_reason(M, K, N, jnp.bfloat16, splits=splits, depth=depth):
             continue
-          f = jax.jit(lambda x, ws, s=splits, d=depth: [sk.splitk_matmul(x, w, splits=s, depth=d)
-                                                        for w in ws])
           try:
+            f = _compile(lambda x, w, s=splits, d=depth: sk.splitk_matmul(x, w, splits=s, depth=d),
+                         x, ws)
             t, _ = _time(f, (x, ws), reps)
             y1, y2 = (np.asarray(f(x, ws)[0], np.float32) for _ in range(2))
           except Exception as e:  # noqa: BLE001 - a failing variant is reported, the rest run

@@ -197,7 +197,7 @@ class MLA(nnx.Module):
   def _decode_mm(self, x_BxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
     """A decode projection with prepared weights: model.decode_gemm's kernel where it
     applies (`splitk_gpu.pick_splits`), else jnp.dot."""
-    if self.m.decode_gemm == "splitk" and decode_gemm_kernels():
+    if self.m.decode_gemm == "splitk" and splitk_kernels():
       splits = splitk_gpu.pick_splits(*x_BxK.shape, w_KxN.shape[1], x_BxK.dtype)
       if splits is not None and w_KxN.dtype == x_BxK.dtype:
         return splitk_gpu.splitk_matmul(x_BxK, w_KxN, splits=splits)
@@ -416,7 +416,7 @@ class MLADecodeWeights(NamedTuple):
 ABSORB_FORMS = ("none", "query", "output", "both")   # MLA.decode_weights(absorb=)
 
 
-def decode_gemm_kernels() -> bool:
+def splitk_kernels() -> bool:
   """Whether this process's default device runs the Mosaic GPU kernels (a Hopper GPU)."""
   import pallas_kernels  # noqa: PLC0415 - asked for on the decode path only
   return pallas_kernels.resolve_backend("auto") == "mosaic_gpu"

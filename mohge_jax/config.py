@@ -31,8 +31,8 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DSA_IMPLS = ("auto", "reference", "pallas", "interpret", "pallas_mma", "interpret_mma",
              "pallas_mma_bwd", "interpret_mma_bwd")
 DECODE_ATTENTION = ("auto", "xla", "pallas")
-DECODE_ABSORB = ("auto", "none", "query", "output", "both")
-DECODE_GEMMS = ("auto", "xla", "splitk")
+DECODE_ABSORB = ("none", "query", "output", "both")   # attention.ABSORB_FORMS
+DECODE_GEMMS = ("xla", "splitk")
 DSA_TOPK_METHODS = ("sort", "radix", "sample", "threshold", "fused")
 ROPE_SCALINGS = ("none", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out", "save_dsa_selection")
@@ -119,18 +119,20 @@ class ModelConfig:
   # (MoHGE-3B batch 256: 3.877/3.860 ms against 3.879/3.853; notes_generate.md): off.
   decode_pdl: bool = False
   # MLA's decode weights with W_UK and W_UV multiplied into the projections around them
-  # (`MLA.decode_weights(absorb=)`): "query" (x -> q_lat [H*C] in one GEMM, where q_nope's
-  # GEMM and the per-head W_UK product were two launches and a column copy), "output"
-  # (o_lat [H*C] -> the residual in one GEMM, for W_UV's product and w_o), "both", "none",
-  # or "auto": by the batch (`generate.decode_absorb`). The products read more bytes
-  # (H*C columns against H*P, 16 MB against 6 at MoHGE-3B) in fewer, larger GEMMs.
-  decode_absorb: str = "auto"
+  # (`MLA.decode_weights(absorb=)`, the unrolled decode step): "query" (x -> q_lat [H*C]
+  # in one GEMM, where q_nope's GEMM and the per-head W_UK product were two launches and a
+  # column copy), "output" (o_lat [H*C] -> the residual in one GEMM, for W_UV's product
+  # and w_o), "both" or "none". More bytes (16 MB against 6 a projection at MoHGE-3B) in
+  # fewer GEMMs; on the H200 no faster with XLA's GEMMs (MoHGE-3B batch 256: 3.360-3.367
+  # ms a step against 3.345, twenty-fifth session): "none".
+  decode_absorb: str = "none"
   # MLA decode's dense projections (x's inputs [B, D] x [D, N], the output [B, H*V] x w_o):
   # "xla" (jnp.dot: on the H200 XLA's split-K writes float32 partials and sums them in a
-  # second launch), "splitk" (pallas_kernels/splitk_gpu.py: one launch, the partials summed
-  # in a thread-block cluster's shared memory; Hopper, bf16/f16, B a multiple of 64 up to
-  # 256, else XLA's) or "auto": "xla" until measured.
-  decode_gemm: str = "auto"
+  # second launch) or "splitk" (pallas_kernels/splitk_gpu.py: one launch, the partials
+  # summed in a thread-block cluster's shared memory; Hopper, bf16/f16, B a multiple of 64
+  # up to 256, else XLA's). MoHGE-3B batch 256 on the H200: 3.803-3.815 ms a step with
+  # splitk against 3.407 (twenty-fifth session): "xla".
+  decode_gemm: str = "xla"
 
   # FFN per layer: the first `first_dense_layers` are dense, the others `ffn`.
   # `layer_ffn` (one entry per layer) overrides both when given.

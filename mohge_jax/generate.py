@@ -149,21 +149,29 @@ def decode_expert_backend(m, tokens: int) -> str:
   twenty-fifth); batch 8 the kernels' chosen experts 1.782 against all_experts 2.052,
   batch 1 1.274 against 3.347 (twenty-fifth). One group of equal experts (MoE-3B) is one
   batched product a projection, which XLA runs near the kernels' speed: there batch 256
-  took 4.69 ms with the kernels against 4.45 without (calls apart), so XLA's stays."""
-  kernels = expert_kernels_for_decode(m)
-  if tokens * m.top_k < m.num_experts and kernels and dispatch.DECODE_KERNEL_TUNING.get("sparse"):
+  took 4.69 ms with the kernels against 4.45 without (calls apart), so XLA's stays; but
+  the chosen experts only win there too (batch 1 1.274 ms against all_experts' 2.628,
+  batch 8 1.896 against 2.215; twenty-fifth)."""
+  if (tokens * m.top_k < m.num_experts and dispatch.DECODE_KERNEL_TUNING.get("sparse")
+      and _expert_kernels_take(m)):
     return "capacity_kernel"
   if tokens * m.top_k < 8 * m.num_experts:
     return "all_experts"
-  return "capacity_kernel" if kernels else "capacity"
+  return "capacity_kernel" if expert_kernels_for_decode(m) else "capacity"
 
 
 def expert_kernels_for_decode(m) -> bool:
   """Whether decode_backend="auto" runs the decode experts through the Mosaic GPU
   kernels: groups of several widths (`decode_expert_backend`), a Hopper GPU, no mesh of
   several devices, bf16/f16, and widths and d_model the kernels' tiles take."""
+  return m.num_groups >= 2 and _expert_kernels_take(m)
+
+
+def _expert_kernels_take(m) -> bool:
+  """A Hopper GPU, no mesh of several devices, bf16/f16, and widths and d_model the
+  kernels' tiles take."""
   import pallas_kernels  # noqa: PLC0415 - only asked for on the decode path
-  if m.num_groups < 2 or pallas_kernels.resolve_backend("auto") != "mosaic_gpu":
+  if pallas_kernels.resolve_backend("auto") != "mosaic_gpu":
     return False
   from pallas_kernels import gpu  # noqa: PLC0415
   mesh = jax.sharding.get_abstract_mesh()
@@ -297,21 +305,10 @@ def _layer_decode_weights(attn_graphdef, attn_state, i, absorb):
       absorb)
 
 
-# decode_absorb="auto": W_UK and W_UV multiplied into the projections from this batch on
-# (MLA decode, `MLA.decode_weights(absorb=)`).
-ABSORB_MIN_BATCH = 128
-ABSORB_AUTO = "none"
-
-
-def decode_absorb(m, batch: int) -> str:
-  """MLA.decode_weights' absorb form for decoding `batch` rows: model.decode_absorb, or
-  for "auto" ABSORB_AUTO from ABSORB_MIN_BATCH rows on (the larger products cost reads
-  that small batches are bound by), else "none". Not MLA: "none"."""
-  if m.attention != "mla":
-    return "none"
-  if m.decode_absorb != "auto":
-    return m.decode_absorb
-  return ABSORB_AUTO if batch >= ABSORB_MIN_BATCH else "none"
+def decode_absorb(m) -> str:
+  """MLA.decode_weights' absorb form for the unrolled decode step: model.decode_absorb
+  for MLA, "none" otherwise."""
+  return m.decode_absorb if m.attention == "mla" else "none"
 
 
 def unstack_layers(model: Transformer, stack_experts: bool = False,
@@ -326,7 +323,7 @@ def unstack_layers(model: Transformer, stack_experts: bool = False,
   the Mosaic GPU kernels in the compute dtype (`dispatch.stack_experts`, with
   `kernel_tuning` over its defaults and `model.decode_pdl`: a third copy of the expert
   weights), which decode_backend="capacity_kernel" reads. absorb: the attention's form
-  (`MLA.decode_weights(absorb=)`; `decode_absorb` picks it by the batch)."""
+  (`MLA.decode_weights(absorb=)`; generate passes `decode_absorb`'s)."""
   tuning = dict(kernel_tuning or {})
   if model.cfg.model.decode_pdl:
     tuning.setdefault("pdl", 1)
@@ -427,9 +424,9 @@ def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
   if decode_backend == "capacity_kernel" and not unrolled:
     raise ValueError("decode_backend='capacity_kernel' needs unrolled=True (the experts "
                      "are stacked per layer once, before the decode loop)")
-  B = prompts_BxP.shape[0]
-  layers = (unstack_layers(model, stack_experts=stacks_experts(model.cfg.model, decode_backend, B),
-                           absorb=decode_absorb(model.cfg.model, B)) if unrolled else None)
+  m = model.cfg.model
+  layers = (unstack_layers(model, absorb=decode_absorb(m), stack_experts=stacks_experts(
+      m, decode_backend, prompts_BxP.shape[0])) if unrolled else None)
   return _generate(graphdef, state, layers, prompts_BxP, lengths_B, key,
                    max_new_tokens=max_new_tokens, temperature=float(temperature),
                    top_k=int(top_k), top_p=float(top_p),

@@ -330,7 +330,7 @@ def test_auto_decode_backend_takes_the_kernels_on_hopper(monkeypatch):
   they take the widths (MoHGE-3B, bf16), and generate then stacks the experts; not for
   widths off the kernels' tiles, float32, one group of experts (MoE-3B), or below 8 rows
   per expert, but for fewer token-expert pairs than experts (the chosen experts only:
-  MoHGE-3B below 11 tokens)."""
+  MoHGE-3B and MoE-3B below 11 tokens)."""
   import pallas_kernels
   m = load_config(str(ROOT / "configs/mohge_3b.yaml")).model
   assert not gen.stacks_experts(m, "auto", 256)  # this CPU
@@ -355,6 +355,8 @@ def test_auto_decode_backend_takes_the_kernels_on_hopper(monkeypatch):
     assert gen.decode_expert_backend(mb, 256) == "capacity", bad
   moe = load_config(str(ROOT / "configs/moe_3b.yaml")).model  # one group: XLA's product
   assert gen.decode_expert_backend(moe, 256) == "capacity"
+  assert gen.decode_expert_backend(moe, 32) == "all_experts"
+  assert gen.decode_expert_backend(moe, 10) == "capacity_kernel"   # but the chosen only
   assert gen.stacks_experts(moe, "capacity_kernel", 256)  # asked for by name: taken
 
 
@@ -464,24 +466,27 @@ def test_cli_on_workdir_and_export(tmp_path):
 
 
 # (without DSA and query compression: test_generate_decode_options...)
-@pytest.mark.parametrize("extra", [DSA, ["model.q_lora_rank=12"]])
-def test_unrolled_decode_over_separate_layer_buffers_equals_the_scan(rng, extra):
-  """decode_step(layers=unstack_layers(model)) on per-layer caches gives the scan's logits,
-  caches and routes, step after step (the layers read separate buffers, not slices, and
-  the attention's projections from `MLA.decode_weights` only: their copies in the layer
-  states are empty)."""
+@pytest.mark.parametrize("extra,absorb", [(DSA, "none"), (["model.q_lora_rank=12"], "none"),
+                                          (["model.q_lora_rank=12"], "both")])
+def test_unrolled_decode_over_separate_layer_buffers_equals_the_scan(rng, extra, absorb):
+  """decode_step(layers=unstack_layers(model, absorb=)) on per-layer caches gives the
+  scan's logits, caches and routes, step after step (the layers read separate buffers, not
+  slices, and the attention's projections from `MLA.decode_weights` only: their copies in
+  the layer states are empty; absorbed or not)."""
   model = make_model(int(rng.integers(1 << 30)), ["model.first_dense_layers=1", *extra])
   B, P, N = 3, 7, 4
   prompts, lens = ragged(rng, [7, 2, 4], P)
   fed = rng.integers(0, 256, size=(B, N))
   _, caches, _ = gen.prefill(model, jnp.asarray(prompts), jnp.asarray(lens), P + N)
-  layers, flat = gen.unstack_layers(model), gen.unstack_caches(caches)
+  layers, flat = gen.unstack_layers(model, absorb=absorb), gen.unstack_caches(caches)
   assert [len(s) for s in layers] == [s.num for s in model.stacks] == [len(c) for c in flat]
+  assert all((one.attn.w_uk_HxPxC is None) == (absorb == "both") for st in layers for one in st)
   # unstacking again (generate unstacks in every call) traces nothing again
   traced, decode_weights = [], MLA.decode_weights
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(MLA, "decode_weights", lambda self: traced.append(1) or decode_weights(self))
-    again = gen.unstack_layers(model)
+    mp.setattr(MLA, "decode_weights",
+               lambda self, *a: traced.append(1) or decode_weights(self, *a))
+    again = gen.unstack_layers(model, absorb=absorb)
   assert not traced
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                [[(one.state, one.attn) for one in st] for st in again],
