@@ -584,15 +584,6 @@ class StackedExperts:
     return self.dropless and dict(self.tuning).get("sparse", 0) == 1
 
   @property
-  def shared_late(self) -> bool:
-    """shared_late=1 (off until timed): the layer's shared experts start after the router's
-    GEMM (their input tied to its logits), so they run beside the route kernels. On the
-    H200 they start first and delay the router GEMM, on the step's chain, by ~2.5 us a
-    MoHGE-3B layer (twenty-fourth session's profile); they are needed only at the combine,
-    after the slot kernels."""
-    return dict(self.tuning).get("shared_late", 0) == 1
-
-  @property
   def tile_rows(self) -> int:
     return self.config().bm
 
@@ -643,8 +634,7 @@ class StackedExperts:
 # (twenty-fourth session, same call).
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128, "route": "kernel_triton", "overflow": "passes",
                        "sparse": 1}
-_NOT_CONFIG = ("kernel", "route", "pdl", "overflow", "sparse",   # StackedExperts' own keys
-               "shared_late")
+_NOT_CONFIG = ("kernel", "route", "pdl", "overflow", "sparse")   # StackedExperts' own keys
 ROUTES = ("xla", "kernel", "kernel_rows", "kernel_triton")   # StackedExperts.route
 OVERFLOWS = ("passes", "cond")   # StackedExperts.dropless
 
@@ -664,10 +654,9 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   default) or "hgmm" (`StackedExperts.kernel`), route="kernel_triton" (the default),
   "xla", "kernel" or "kernel_rows" (`StackedExperts.route`), overflow="passes" (the
   default) or "cond" (`StackedExperts.dropless`), sparse=1 (the default;
-  `StackedExperts.sparse`: the chosen experts only at small batches), shared_late=1 (`StackedExperts.shared_late`;
-  off) and pdl=1 (the slot kernels
-  launched with programmatic dependent launch, `slot_gpu.slot_gmm(pdl=True)`; right on
-  the H200 and no faster, off by default)."""
+  `StackedExperts.sparse`: the chosen experts only at small batches) and pdl=1 (the slot
+  kernels launched with programmatic dependent launch, `slot_gpu.slot_gmm(pdl=True)`;
+  right on the H200 and no faster, off by default)."""
   from pallas_kernels import gpu
   tuning = {**DECODE_KERNEL_TUNING, **tuning}
   if tuning.get("kernel", "slot") not in ("slot", "hgmm"):
@@ -677,7 +666,7 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
   if tuning.get("overflow", "cond") not in OVERFLOWS:
     raise ValueError(f"stack_experts: overflow={tuning['overflow']!r}: must be one of "
                      f"{OVERFLOWS}")
-  for key in ("pdl", "sparse", "shared_late"):   # True and False compare equal to 1 and 0
+  for key in ("pdl", "sparse"):   # True and False compare equal to 1 and 0
     if tuning.get(key, 0) not in (0, 1):
       raise ValueError(f"stack_experts: {key}={tuning[key]!r}: must be 0 or 1")
   cfg = kernel_config(tuning)

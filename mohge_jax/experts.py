@@ -192,7 +192,4 @@ class RoutedFFN(nnx.Module):
     with jax.named_scope("routed_experts"):
       y_TxD = capacity_experts(x_TxD, r.expert_ids, r.weights, w_gate_up, w_down,
                                stacked=stacked, slots=r)
-    x_shared_TxD = x_TxD
-    if stacked.shared_late:   # the shared experts' GEMMs after the router's (see there)
-      x_shared_TxD, _ = jax.lax.optimization_barrier((x_TxD, logits_TxL))
-    return self._add_shared(x_shared_TxD, y_TxD), r
+    return self._add_shared(x_TxD, y_TxD), r

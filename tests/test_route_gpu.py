@@ -265,26 +265,6 @@ def test_layer_decodes_the_same_with_the_route_kernel(rng, kind, route):
   _layer_route_equals_xla(rng, kind, route, 64, dict(bm=64, bn_up=128, interpret=True))
 
 
-def test_shared_experts_after_the_router_decode_the_same(rng):
-  """stack_experts(shared_late=1): the shared experts' input tied to the router's logits by
-  an optimization barrier (they start after the router's GEMM), the layer's output
-  unchanged (the interpreter, MoE's layer through the Triton route)."""
-  cfg, layer = _layer(rng, "moe")
-  x = jnp.asarray(rng.normal(size=(2, 32, 128)), jnp.bfloat16)
-  w = lambda ws: [a[...].astype(jnp.bfloat16) for a in ws]  # noqa: E731
-  kw = dict(bm=64, bn_up=128, interpret=True)
-  ys = {}
-  for late in (0, 1):
-    stacked = dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), shared_late=late,
-                                     **kw)
-    assert stacked.shared_late == bool(late)
-    fn = lambda x, s: layer(x, backend="capacity", stacked=s)[0]  # noqa: E731
-    prims = _primitives(jax.make_jaxpr(fn)(x, stacked).jaxpr)
-    assert ("optimization_barrier" in prims) == bool(late)
-    ys[late] = np.asarray(fn(x, stacked), np.float32)
-  np.testing.assert_array_equal(ys[1], ys[0])
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
 @pytest.mark.parametrize("kind", ["mohge", "moe"])
@@ -375,8 +355,8 @@ def test_dropless_slot_block_on_the_gpu(rng, T, skew):
 
 
 def _sparse(rng, monkeypatch, T, interpret):
-  """stack_experts(sparse=1) at T tokens (T * K < E): capacity_experts through the Triton
-  route's slot block runs the chosen experts only (`slot_gmm_active`, called once a
+  """stack_experts (sparse=1, the default) at T tokens (T * K < E): capacity_experts
+  through the Triton route's slot block runs the chosen experts only (`slot_gmm_active`, called once a
   projection; the listed experts from the token's ids at T = 1, from the counts above),
   against float64 per pair; experts of four widths (8 groups of 8)."""
   from pallas_kernels import slot_gpu
@@ -388,8 +368,8 @@ def _sparse(rng, monkeypatch, T, interpret):
   wgu = [jnp.asarray(rng.normal(size=(N, D, 2 * w)) / 12, jnp.bfloat16) for w in widths]
   wd = [jnp.asarray(rng.normal(size=(N, w, D)) / 12, jnp.bfloat16) for w in widths]
   kw = {"interpret": True} if interpret else {}
-  stacked = dispatch.stack_experts(wgu, wd, sparse=1, **kw)
-  assert stacked.sparse and not dispatch.stack_experts(wgu, wd, **kw).sparse
+  stacked = dispatch.stack_experts(wgu, wd, **kw)   # sparse=1: DECODE_KERNEL_TUNING's
+  assert stacked.sparse and not dispatch.stack_experts(wgu, wd, sparse=0, **kw).sparse
   calls = []
   real = slot_gpu.slot_gmm_active
   monkeypatch.setattr(slot_gpu, "slot_gmm_active",
