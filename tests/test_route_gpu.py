@@ -356,9 +356,9 @@ def test_dropless_slot_block_on_the_gpu(rng, T, skew):
 
 def _sparse(rng, monkeypatch, T, interpret):
   """stack_experts (sparse=1, the default) at T tokens (T * K < E): capacity_experts
-  through the Triton route's slot block runs the chosen experts only (`slot_gmm_active`, called once a
-  projection; the listed experts from the token's ids at T = 1, from the counts above),
-  against float64 per pair; experts of four widths (8 groups of 8)."""
+  through the Triton route's slot block runs the chosen experts only (`slot_gmm_active`,
+  called once a projection; the listed experts from the token's ids at T = 1, from the
+  counts above), against float64 per pair; experts of four widths (8 groups of 8)."""
   from pallas_kernels import slot_gpu
   from tests.test_dispatch import _pairs_reference
   G, N, D, K = 8, 8, 128, MOHGE["top_k"]
