@@ -12,7 +12,8 @@ options (`generate.decode_compiler_options`: the products in one CUDA graph, no 
 from the host between them), timed --reps times after a warm-up; us a product = median
 run time / layers. XLA's
 `jnp.dot` (its split-K and partial sums included) against the kernel at each split and
-ring depth that the shape takes; the ratio is XLA's time over the kernel's (above 1: the
+ring depth that the shape takes, the partials pulled or pushed (`splitk_matmul(reduce=)`);
+the ratio is XLA's time over the kernel's (above 1: the
 kernel is faster). Each kernel output is checked against XLA's in the same run (max
 error relative to the output's scale; bf16 rounding ~4e-3), and against itself run twice
 (the cluster sums in a fixed order). Needs a Hopper GPU.
@@ -74,28 +75,29 @@ def run(rows, reps, layers, out):
       row = {"shape": name, "M": M, "K": K, "N": N, "xla_us": 1e6 * t_xla / layers}
       print(f"M={M} {name} [{K}, {N}]: xla {row['xla_us']:.2f} us", flush=True)
       results.append(row)
-      for splits in (1, 2, 4, 8):
-        for depth in (2, 3, 4):
-          if sk.unsupported_reason(M, K, N, jnp.bfloat16, splits=splits, depth=depth):
-            continue
-          try:
-            f = _compile(lambda x, w, s=splits, d=depth: sk.splitk_matmul(x, w, splits=s, depth=d),
-                         x, ws)
-            t, _ = _time(f, (x, ws), reps)
-            y1, y2 = (np.asarray(f(x, ws)[0], np.float32) for _ in range(2))
-          except Exception as e:  # noqa: BLE001 - a failing variant is reported, the rest run
-            r = dict(row, splits=splits, depth=depth, error=f"{type(e).__name__}: {e}"[:500])
-            print(f"   splits {splits} depth {depth}: {r['error']}", flush=True)
-            results.append(r)
-            continue
-          r = dict(row, splits=splits, depth=depth, kernel_us=1e6 * t / layers,
-                   ratio=t_xla / t, max_rel_err=float(np.abs(y1 - want).max() / scale),
-                   repeat_equal=bool(np.array_equal(y1, y2)),
-                   ctas=(N // 64) * splits)
+      for splits, depth, reduce in [(s, d, red) for s in (1, 2, 4, 8) for d in (2, 3)
+                                    for red in (("pull",) if s == 1 else sk.REDUCES)]:
+        if sk.unsupported_reason(M, K, N, jnp.bfloat16, splits=splits, depth=depth,
+                                 reduce=reduce):
+          continue
+        key = dict(row, splits=splits, depth=depth, reduce=reduce)
+        name_v = f"splits {splits} depth {depth} {reduce}"
+        try:
+          f = _compile(lambda x, w, s=splits, d=depth, red=reduce: sk.splitk_matmul(
+              x, w, splits=s, depth=d, reduce=red), x, ws)
+          t, _ = _time(f, (x, ws), reps)
+          y1, y2 = (np.asarray(f(x, ws)[0], np.float32) for _ in range(2))
+        except Exception as e:  # noqa: BLE001 - a failing variant is reported, the rest run
+          r = dict(key, error=f"{type(e).__name__}: {e}"[:500])
+          print(f"   {name_v}: {r['error']}", flush=True)
           results.append(r)
-          print(f"   splits {splits} depth {depth} ({r['ctas']} CTAs): {r['kernel_us']:.2f} us, "
-                f"{r['ratio']:.2f}x xla, err {r['max_rel_err']:.1e}, repeat "
-                f"{r['repeat_equal']}", flush=True)
+          continue
+        r = dict(key, kernel_us=1e6 * t / layers, ratio=t_xla / t,
+                 max_rel_err=float(np.abs(y1 - want).max() / scale),
+                 repeat_equal=bool(np.array_equal(y1, y2)), ctas=(N // 64) * splits)
+        results.append(r)
+        print(f"   {name_v} ({r['ctas']} CTAs): {r['kernel_us']:.2f} us, {r['ratio']:.2f}x "
+              f"xla, err {r['max_rel_err']:.1e}, repeat {r['repeat_equal']}", flush=True)
       if out:
         _write(out, results)
   return results
