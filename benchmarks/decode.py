@@ -270,7 +270,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
            "layout": layout, "expert_backend": _backend_name(m, backend, batch)
            + (f"[{label.split('[', 1)[1]}" if "[" in (label or "") else ""),
-           "absorb": absorb if layout == "unrolled" else "none", "decode_options": opts, "compiler_options": DECODE_OPTIONS[opts](),
+           "absorb": absorb if layout == "unrolled" else "none",
+           "decode_options": opts, "compiler_options": DECODE_OPTIONS[opts](),
            "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
            "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],
            "weight_bytes": mean["fixed_weights"] + mean["experts"],

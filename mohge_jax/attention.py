@@ -206,10 +206,10 @@ class MLA(nnx.Module):
   def _decode_inputs(self, x_Bx1xD, pos_Bx1, prepared: "MLADecodeWeights | None"):
     """One token per row -> (c_q [B, 1, Q] or None, q_nope [B, H, P] (absorbed: q_lat
     [B, H, C]), RoPE(q_rope) [B, H, R], the token's cache entry MLACache [B, 1, ...]), from
-    the module's weights or
-    from `prepared`: q_nope's GEMM apart (the absorbed product reads its output whole: a
-    column block of a fused GEMM's was copied out first, on the H200 a launch on the decode
-    step's serial path), one GEMM for the rest of x's projections, its columns split."""
+    the module's weights or from `prepared`: q_nope's GEMM apart (the absorbed product
+    reads its output whole: a column block of a fused GEMM's was copied out first, on the
+    H200 a launch on the decode step's serial path), one GEMM for the rest of x's
+    projections, its columns split."""
     if prepared is None:
       cq_Bx1xQ = self.query_latent(x_Bx1xD)
       q_nope_Bx1xHxP, q_rope_Bx1xHxR = self._query_parts(x_Bx1xD, pos_Bx1, cq_Bx1xQ)
