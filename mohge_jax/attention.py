@@ -198,7 +198,8 @@ class MLA(nnx.Module):
     """A decode projection with prepared weights: model.decode_gemm's kernel where it
     applies (`splitk_gpu.pick_splits`), else jnp.dot."""
     if self.m.decode_gemm == "splitk" and splitk_kernels():
-      splits = splitk_gpu.pick_splits(*x_BxK.shape, w_KxN.shape[1], x_BxK.dtype)
+      splits = splitk_gpu.pick_splits(*x_BxK.shape, w_KxN.shape[1], x_BxK.dtype,
+                                      max_splits=DECODE_SPLITK_MAX)
       if splits is not None and w_KxN.dtype == x_BxK.dtype:
         return splitk_gpu.splitk_matmul(x_BxK, w_KxN, splits=splits)
     return jnp.dot(x_BxK, w_KxN)
@@ -414,6 +415,9 @@ class MLADecodeWeights(NamedTuple):
 
 
 ABSORB_FORMS = ("none", "query", "output", "both")   # MLA.decode_weights(absorb=)
+# model.decode_gemm=splitk: the most splits of K a projection takes (`pick_splits`); at 8
+# (the most it can) MoHGE-3B's step was slower than with XLA's GEMMs (twenty-fifth session).
+DECODE_SPLITK_MAX = 8
 
 
 def splitk_kernels() -> bool:

@@ -74,10 +74,12 @@ def unsupported_reason(M: int, K: int, N: int, dtype, *, splits: int, bn: int = 
 
 
 def pick_splits(M: int, K: int, N: int, dtype, *, bn: int = 64, bk: int = 64,
-                sms: int = 132) -> int | None:
-  """The most splits (1, 2, 4, 8) whose N / bn clusters of S CTAs fit on `sms` SMs at once
-  and that the shapes take; None when none does."""
-  ok = [s for s in (1, 2, 4, 8) if (N // bn) * s <= max(sms, N // bn)
+                sms: int = 132, max_splits: int = MAX_CLUSTER) -> int | None:
+  """The most splits (1, 2, 4, 8; at most max_splits) whose N / bn clusters of S CTAs fit
+  on `sms` SMs at once and that the shapes take; None when none does. (In the chained
+  benchmark one or two splits ran faster than four or eight: 8-CTA clusters may not all
+  find 8 free SMs of one GPC at once. Not yet measured in the decode step.)"""
+  ok = [s for s in (1, 2, 4, 8) if s <= max_splits and (N // bn) * s <= max(sms, N // bn)
         and unsupported_reason(M, K, N, dtype, splits=s, bn=bn, bk=bk) is None]
   return max(ok) if ok else None
 

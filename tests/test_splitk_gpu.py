@@ -91,6 +91,7 @@ def test_pick_splits_fills_the_sms_once():
   assert sk.pick_splits(256, 1024, 216, jnp.bfloat16) is None  # columns off the tile
   assert sk.pick_splits(100, 1024, 1024, jnp.bfloat16) is None  # rows off the tile
   assert sk.pick_splits(256, 192, 1024, jnp.bfloat16) == 1      # K = 3 steps: S=1 only
+  assert sk.pick_splits(256, 2048, 1024, jnp.bfloat16, max_splits=2) == 2
 
 
 @pytest.mark.gpu
