@@ -3,6 +3,8 @@ cluster: the kernel in the GPU interpreter (one split: it has no clusters) again
 its CUDA lowering here at every split, the shape checks and split choice; on a Hopper GPU
 (skipped without one) every split at MLA decode's shapes against float64, the same bits in
 two runs, and MLA's decode step through it against XLA's products."""
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from flax import nnx
 import pallas_kernels as pk
 from pallas_kernels import splitk_gpu as sk
 
+ROOT = Path(__file__).resolve().parents[1]
 HOPPER = pk.resolve_backend("auto") == "mosaic_gpu"
 # MoHGE-3B's decode projections at batch 256 (K, N, the split pick_splits takes):
 # MLA's input [1024, 3648], q_nope's [1024, 2048], the output [2048, 1024]
@@ -123,7 +126,7 @@ def test_mla_decode_through_the_kernel_matches_xla(rng):
   from mohge_jax.config import load_config
   outs = {}
   for gemm in ("xla", "splitk"):
-    m = load_config("configs/mohge_3b.yaml", [f"model.decode_gemm={gemm}"]).model
+    m = load_config(str(ROOT / "configs/mohge_3b.yaml"), [f"model.decode_gemm={gemm}"]).model
     attn = MLA(m, rngs=nnx.Rngs(0))
     prepared = attn.decode_weights()
     B, S = 256, 128
