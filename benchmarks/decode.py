@@ -235,7 +235,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
   for layout, label, opts in [(lay, b, o) for lay in layouts for b in backends
                                for o in decode_options]:
     backend, tuning = _backend_and_tuning(label)
-    absorb = gen.decode_absorb(m)
+    absorb = m.decode_absorb
     if tuning and "absorb" in tuning:   # the attention's decode weights, not the kernels'
       tuning = dict(tuning)
       absorb = tuning.pop("absorb")

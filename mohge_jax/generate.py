@@ -305,12 +305,6 @@ def _layer_decode_weights(attn_graphdef, attn_state, i, absorb):
       absorb)
 
 
-def decode_absorb(m) -> str:
-  """MLA.decode_weights' absorb form for the unrolled decode step: model.decode_absorb
-  for MLA, "none" otherwise."""
-  return m.decode_absorb if m.attention == "mla" else "none"
-
-
 def unstack_layers(model: Transformer, stack_experts: bool = False,
                    kernel_tuning: dict | None = None,
                    absorb: str = "none") -> list[list[DecodeLayer]]:
@@ -323,7 +317,7 @@ def unstack_layers(model: Transformer, stack_experts: bool = False,
   the Mosaic GPU kernels in the compute dtype (`dispatch.stack_experts`, with
   `kernel_tuning` over its defaults and `model.decode_pdl`: a third copy of the expert
   weights), which decode_backend="capacity_kernel" reads. absorb: the attention's form
-  (`MLA.decode_weights(absorb=)`; generate passes `decode_absorb`'s)."""
+  (`MLA.decode_weights(absorb=)`; generate passes model.decode_absorb)."""
   tuning = dict(kernel_tuning or {})
   if model.cfg.model.decode_pdl:
     tuning.setdefault("pdl", 1)
@@ -425,7 +419,7 @@ def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
     raise ValueError("decode_backend='capacity_kernel' needs unrolled=True (the experts "
                      "are stacked per layer once, before the decode loop)")
   m = model.cfg.model
-  layers = (unstack_layers(model, absorb=decode_absorb(m), stack_experts=stacks_experts(
+  layers = (unstack_layers(model, absorb=m.decode_absorb, stack_experts=stacks_experts(
       m, decode_backend, prompts_BxP.shape[0])) if unrolled else None)
   return _generate(graphdef, state, layers, prompts_BxP, lengths_B, key,
                    max_new_tokens=max_new_tokens, temperature=float(temperature),
@@ -565,8 +559,9 @@ def main(argv: list[str]) -> int:
                  choices=["model" if b is None else b for b in DECODE_BACKENDS],
                  help="the decode steps' expert backend: auto (by the batch: capacity from 8 "
                       "routed rows per expert, through the Mosaic GPU kernels on Hopper, else "
-                      "all_experts), model (model.expert_backend), all_experts, capacity, "
-                      "capacity_kernel")
+                      "all_experts; on Hopper below one pair per expert the kernels on the "
+                      "chosen experts only), model (model.expert_backend), all_experts, "
+                      "capacity, capacity_kernel")
   p.add_argument("--scan-layers", action="store_true",
                  help="decode with the layer scan over the stacked weights (less memory: "
                       "the default unrolled decode holds the weights twice; slower)")
