@@ -19,7 +19,9 @@ model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:
 same through the Mosaic GPU kernels, unrolled only; NAME[key=value+...] adds a tuning of
 those kernels, e.g. `capacity_kernel[kernel=hgmm+bk=64]`, or absorb=FORM the attention's
 decode weights (`MLA.decode_weights(absorb=)`; else model.decode_absorb), e.g.
-`auto[absorb=query]`) and layer layout (`--layouts`:
+`auto[absorb=query]`, or unroll=N decode steps a loop iteration (else generate's, `generate.decode_unroll`),
+e.g. `auto[unroll=4]`)
+and layer layout (`--layouts`:
 the layer scan, or unrolled over separate per-layer buffers), run --reps times from the
 same prefilled cache after a warm-up run; step time = median over runs of run time / new
 tokens, tokens/s = batch / step time.
@@ -156,10 +158,12 @@ def _backend_name(m, backend: str | None, batch: int) -> str:
   return backend
 
 
-def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | None = None):
+def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | None = None,
+                unroll: int | None = None):
   """(state, layers, tokens_B, positions_B, caches) -> (tokens [N, B], expert ids
-  [N, R, B, K]): `new_tokens` greedy decode steps in one `lax.scan`, each feeding the token
-  it drew; routed experts through `expert_backend` (`generate.decode_step`). `layers`: None
+  [N, R, B, K]): `new_tokens` greedy decode steps in one `lax.scan` (`unroll` steps a loop
+  iteration; None: generate's, `generate.decode_unroll`), each feeding the token it drew; routed experts through `expert_backend`
+  (`generate.decode_step`). `layers`: None
   (the layer scan over the stacked weights and caches) or `generate.unstack_layers`'s
   separate per-layer buffers, run unrolled, with `caches` from `generate.unstack_caches`."""
   def decode(state, layers, tokens_B, positions_B, caches):
@@ -175,7 +179,8 @@ def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | No
       next_B = _greedy(cfg, logits_BxV)
       return (next_B, positions_B + 1, caches), (next_B, ids_RxBxK)
 
-    _, out = jax.lax.scan(step, (tokens_B, positions_B, caches), None, length=new_tokens)
+    _, out = jax.lax.scan(step, (tokens_B, positions_B, caches), None, length=new_tokens,
+                          unroll=gen.decode_unroll() if unroll is None else unroll)
     return out
   return decode
 
@@ -235,10 +240,11 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
   for layout, label, opts in [(lay, b, o) for lay in layouts for b in backends
                                for o in decode_options]:
     backend, tuning = _backend_and_tuning(label)
-    absorb = m.decode_absorb
-    if tuning and "absorb" in tuning:   # the attention's decode weights, not the kernels'
-      tuning = dict(tuning)
-      absorb = tuning.pop("absorb")
+    tuning = dict(tuning or {})
+    # not the kernels': the attention's decode weights, the decode loop's unrolling
+    absorb = tuning.pop("absorb", m.decode_absorb)
+    unroll = int(tuning.pop("unroll", gen.decode_unroll()))
+    tuning = tuning or None
     if layout == "unrolled":
       layers = gen.unstack_layers(nnx.merge(graphdef, state),
                                   stack_experts=gen.stacks_experts(m, backend, batch),
@@ -247,7 +253,8 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     else:
       layers, args = None, (state, None, first_B, lengths_B, caches)
     t3 = T()
-    decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend)).lower(*args).compile(
+    decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend, unroll)).lower(
+        *args).compile(
         compiler_options=DECODE_OPTIONS[opts]() or None)
     t4 = T()
     out = jax.block_until_ready(decode(*args))  # warm-up
@@ -270,7 +277,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     row = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
            "layout": layout, "expert_backend": _backend_name(m, backend, batch)
            + (f"[{label.split('[', 1)[1]}" if "[" in (label or "") else ""),
-           "absorb": absorb if layout == "unrolled" else "none",
+           "absorb": absorb if layout == "unrolled" else "none", "scan_unroll": unroll,
            "decode_options": opts, "compiler_options": DECODE_OPTIONS[opts](),
            "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
            "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from mohge_jax import routing
+
 BACKENDS = ("reference", "ragged_dot", "tiled", "pallas", "per_expert")
 
 
@@ -526,19 +528,24 @@ class StackedExperts:
   for `capacity_experts(stacked=...)`. Stacking is a copy of
   the expert weights: made once for a whole generation (`stack_experts`), not per step
   (the kernels' training path stacks per call, which at decode cost 2.9 ms a step).
-  tuning: `pallas_kernels.gpu.Config` fields as sorted (name, value) pairs (static)."""
+  tuning: `pallas_kernels.gpu.Config` fields as sorted (name, value) pairs (static).
+  router: None, or the layer's router weights (group columns first) made once as the
+  router product's operand (`routing.router_operand`), which the decode step then reads
+  as they are (`experts.RoutedFFN`)."""
 
-  def __init__(self, gate_up, down, gate_up_layout, down_layout, tuning=()):
-    self.gate_up, self.down = gate_up, down
+  def __init__(self, gate_up, down, gate_up_layout, down_layout, tuning=(), router=None):
+    self.gate_up, self.down, self.router = gate_up, down, router
     self.gate_up_layout, self.down_layout = gate_up_layout, down_layout
     self.tuning = tuple(tuning)
 
   def tree_flatten(self):
-    return (self.gate_up, self.down), (self.gate_up_layout, self.down_layout, self.tuning)
+    return ((self.gate_up, self.down, self.router),
+            (self.gate_up_layout, self.down_layout, self.tuning))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
+    gate_up, down, router = children
+    return cls(gate_up, down, *aux, router=router)
 
   def config(self):
     return kernel_config(dict(self.tuning))
@@ -647,8 +654,10 @@ def kernel_config(tuning: dict | None = None):
   return gpu.Config(**{k: v for k, v in tuning.items() if k not in _NOT_CONFIG})
 
 
-def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
-  """`StackedExperts` of one layer's per-group weights (in the compute dtype, bf16).
+def stack_experts(w_gate_up, w_down, router=None, **tuning) -> StackedExperts:
+  """`StackedExperts` of one layer's per-group weights (in the compute dtype, bf16), and
+  with router (its weights [D, L], group columns first, float32 or bf16) their operand
+  made once (`routing.router_operand`).
   tuning: `pallas_kernels.gpu.Config` fields over DECODE_KERNEL_TUNING (interpret=True
   runs the kernels in the Pallas interpreter, for tests on CPU), kernel="slot" (the
   default) or "hgmm" (`StackedExperts.kernel`), route="kernel_triton" (the default),
@@ -683,4 +692,5 @@ def stack_experts(w_gate_up, w_down, **tuning) -> StackedExperts:
     from pallas_kernels import slot_gpu
     gu, _ = slot_gpu.tile_weights(gu, gu_layout, cfg, swiglu=True)
     down, _ = slot_gpu.tile_weights(down, down_layout, cfg, swiglu=False)
-  return StackedExperts(gu, down, gu_layout, down_layout, tuple(sorted(tuning.items())))
+  return StackedExperts(gu, down, gu_layout, down_layout, tuple(sorted(tuning.items())),
+                        router=None if router is None else routing.router_operand(router))

@@ -64,6 +64,13 @@ class RoutedFFN(nnx.Module):
                           rngs=rngs)
                    if m.num_shared_experts else None)
 
+  def router_weights(self) -> jax.Array:
+    """The router's weights [D, G + E] (MoHGE: group columns first) or [D, E] (MoE), as
+    the decode step's fused routing takes them (`pallas_kernels.route_gpu`)."""
+    if self.kind == "mohge":
+      return jnp.concatenate([self.group_router[...], self.expert_router[...]], axis=1)
+    return self.expert_router[...]
+
   def route(self, x_TxD: jax.Array, forced: routing.Forced | None = None,
             top_k_impl: str = "sort") -> tuple[routing.Routing, dict[str, jax.Array]]:
     """top_k_impl: `routing.select_top_k`'s ("rank" when decoding)."""
@@ -176,9 +183,10 @@ class RoutedFFN(nnx.Module):
         T, G, m.num_experts, m.top_k_groups, m.top_k, impl):
       return None
     with jax.named_scope("router"):
-      w_DxL = (jnp.concatenate([self.group_router[...], self.expert_router[...]], axis=1)
-               if G else self.expert_router[...])
-      logits_TxL = routing.router_logits(x_TxD, w_DxL)
+      if stacked.router is not None and x_TxD.dtype == jnp.bfloat16:
+        logits_TxL = routing.logits_from_operand(x_TxD, stacked.router, G + m.num_experts)
+      else:
+        logits_TxL = routing.router_logits(x_TxD, self.router_weights())
       D = x_TxD.shape[1]   # impl "triton" also copies the tokens' rows to their slots
       with_x = impl == "triton" and D & (D - 1) == 0
       r = route_gpu.route_slots(   # dropless: C >= T, no overflow (capacity_experts)

@@ -340,7 +340,8 @@ def unstack_layers(model: Transformer, stack_experts: bool = False,
       if stack_experts and stack.layers.ffn_kind != "dense":
         ffn = nnx.merge(nnx.graphdef(stack.layers), layer_state).ffn
         stacked = stack_fn([w[...].astype(ffn.dtype) for w in ffn.w_gate_up],
-                           [w[...].astype(ffn.dtype) for w in ffn.w_down])
+                           [w[...].astype(ffn.dtype) for w in ffn.w_down],
+                           ffn.router_weights())
       layers.append(DecodeLayer(layer_state,
                                 _layer_decode_weights(attn_graphdef, attn_state, i, absorb),
                                 stacked))
@@ -426,7 +427,7 @@ def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
                    top_k=int(top_k), top_p=float(top_p),
                    stop_ids=tuple(int(i) for i in stop_ids), pad_id=int(pad_id),
                    record_routes=bool(record_routes), return_mask=bool(return_mask),
-                   decode_backend=decode_backend)
+                   decode_backend=decode_backend, unroll=decode_unroll())
 
 
 # XLA records a GPU program's kernels into command buffers (CUDA graphs). By default
@@ -446,6 +447,19 @@ def decode_compiler_options() -> dict[str, str]:
   return dict(DECODE_COMPILER_OPTIONS) if jax.default_backend() == "gpu" else {}
 
 
+# Decode steps a loop iteration on a GPU. XLA runs the decode loop's `while` outside the
+# command buffers: between iterations the GPU idled ~60 us (the host's turn: the loop's
+# condition, the next launch of the body's graph), ~2% of a MoHGE-3B step at batch 256 on
+# the H200; two steps an iteration: 3.267-3.301 ms a step against 3.350-3.369 (twenty-
+# sixth session, benchmarks/notes_generate.md). Elsewhere 1 (compile time: the CPU tests).
+DECODE_UNROLL = 2
+
+
+def decode_unroll() -> int:
+  """`lax.scan(unroll=)` of the decode loops: DECODE_UNROLL on a GPU backend, else 1."""
+  return DECODE_UNROLL if jax.default_backend() == "gpu" else 1
+
+
 def _generate(graphdef, state, layers, prompts_BxP, lengths_B, key, **kw):
   return _generate_jit(tuple(sorted(decode_compiler_options().items())))(
       graphdef, state, layers, prompts_BxP, lengths_B, key, **kw)
@@ -455,12 +469,12 @@ def _generate(graphdef, state, layers, prompts_BxP, lengths_B, key, **kw):
 def _generate_jit(compiler_options: tuple[tuple[str, str], ...]):
   return jax.jit(_generate_fn, static_argnums=0, static_argnames=(
       "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "pad_id", "record_routes",
-      "return_mask", "decode_backend"), compiler_options=dict(compiler_options) or None)
+      "return_mask", "decode_backend", "unroll"), compiler_options=dict(compiler_options) or None)
 
 
 def _generate_fn(graphdef, state, layers, prompts_BxP, lengths_B, key, *, max_new_tokens,
               temperature, top_k, top_p, stop_ids, pad_id, record_routes, return_mask,
-              decode_backend):
+              decode_backend, unroll):
   model = nnx.merge(graphdef, state)
   B, P = prompts_BxP.shape
   S = P + max_new_tokens
@@ -495,7 +509,7 @@ def _generate_fn(graphdef, state, layers, prompts_BxP, lengths_B, key, *, max_ne
 
   carry = (first, lengths_B, caches, routes, jnp.zeros((B,), jnp.bool_), key)
   carry, (tokens_NxB, logp_NxB, allowed_NxBxV, alive_NxB) = jax.lax.scan(
-      step, carry, None, length=max_new_tokens)
+      step, carry, None, length=max_new_tokens, unroll=unroll)
   mask_BxNxV = None if allowed_NxBxV is None else jnp.swapaxes(allowed_NxBxV, 0, 1)
   return Generated(tokens=tokens_NxB.T, logprobs=logp_NxB.T, sampling_mask=mask_BxNxV,
                    lengths=alive_NxB.sum(0, dtype=jnp.int32), routes=carry[3])

@@ -47,11 +47,41 @@ def router_logits(x_TxD: jax.Array, w_DxL: jax.Array) -> jax.Array:
   float32 products, on the tensor cores. On the H200 the HIGHEST product (float32 FMAs)
   took ~11 us a MoHGE-3B layer at decode, on the step's serial path (benchmarks/
   notes_generate.md, fifteenth session). The gradient (`_bf16_logits_bwd`) at HIGHEST.
+  bf16 weights (a bf16 export): the one product against them (their mid and lo parts
+  would be zeros).
   Other activations: HIGHEST (true float32 on a GPU, six bf16 passes on a TPU)."""
-  w_DxL = w_DxL.astype(jnp.float32)
   if x_TxD.dtype == jnp.bfloat16:
-    return _bf16_logits(x_TxD, w_DxL)
+    return _bf16_logits(x_TxD, w_DxL if w_DxL.dtype == jnp.bfloat16
+                        else w_DxL.astype(jnp.float32))
+  w_DxL = w_DxL.astype(jnp.float32)
   return _f32_product(x_TxD.astype(jnp.float32), w_DxL)
+
+
+def router_operand(w_DxL: jax.Array) -> jax.Array:
+  """The router's weights as the bf16 operand of `logits_from_operand`, made once where
+  the same weights route many steps (decoding: `dispatch.stack_experts(router=)`): bf16
+  weights as they are [D, L], float32 ones as their three bf16 parts side by side
+  [D, 3L] (`bf16_parts`). Per step, `router_logits` makes it again: on the H200 that was
+  14 launches a MoHGE-3B decode step, on the step's serial path (benchmarks/
+  notes_generate.md, twenty-sixth session)."""
+  if w_DxL.dtype == jnp.bfloat16:
+    return w_DxL
+  return jnp.concatenate(bf16_parts(w_DxL), axis=1)
+
+
+def logits_from_operand(x_TxD: jax.Array, w_DxPL: jax.Array, num_logits: int) -> jax.Array:
+  """`router_logits` (bf16 activations, no gradient) from `router_operand`'s [D, P * L]
+  (P = 1 or 3): float32 [T, L], the same sums as router_logits'."""
+  L = num_logits
+  if x_TxD.dtype != jnp.bfloat16 or w_DxPL.dtype != jnp.bfloat16 or w_DxPL.shape[1] not in (
+      L, 3 * L):
+    raise ValueError(f"logits_from_operand: x {x_TxD.dtype}, operand {w_DxPL.dtype}"
+                     f"{list(w_DxPL.shape)} for {L} logits: want bf16 and [D, {L}] or "
+                     f"[D, {3 * L}]")
+  y_TxPL = jnp.dot(x_TxD, w_DxPL, preferred_element_type=jnp.float32)
+  if w_DxPL.shape[1] == L:
+    return y_TxPL
+  return y_TxPL[:, :L] + (y_TxPL[:, L:2 * L] + y_TxPL[:, 2 * L:])
 
 
 def _f32_product(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -76,10 +106,7 @@ def bf16_parts(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 @jax.custom_vjp
 def _bf16_logits(x_TxD: jax.Array, w_DxL: jax.Array) -> jax.Array:
-  L = w_DxL.shape[1]
-  y_Tx3L = jnp.dot(x_TxD, jnp.concatenate(bf16_parts(w_DxL), axis=1),
-                   preferred_element_type=jnp.float32)
-  return y_Tx3L[:, :L] + (y_Tx3L[:, L:2 * L] + y_Tx3L[:, 2 * L:])
+  return logits_from_operand(x_TxD, router_operand(w_DxL), w_DxL.shape[1])
 
 
 def _bf16_logits_fwd(x_TxD, w_DxL):
@@ -87,9 +114,9 @@ def _bf16_logits_fwd(x_TxD, w_DxL):
 
 
 def _bf16_logits_bwd(res, g_TxL):
-  x_TxD, w_DxL = res
-  return (_f32_product(g_TxL, w_DxL.T).astype(x_TxD.dtype),
-          _f32_product(x_TxD.astype(jnp.float32).T, g_TxL))
+  x_TxD, w_DxL = res   # w float32, or bf16 (then its gradient is rounded to bf16)
+  return (_f32_product(g_TxL, w_DxL.T.astype(jnp.float32)).astype(x_TxD.dtype),
+          _f32_product(x_TxD.astype(jnp.float32).T, g_TxL).astype(w_DxL.dtype))
 
 
 _bf16_logits.defvjp(_bf16_logits_fwd, _bf16_logits_bwd)

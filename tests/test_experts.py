@@ -189,6 +189,33 @@ def test_router_logits_and_gradients_against_float64(rng, x_dtype):
                              atol=tol * np.abs(c64 @ w64.T).max())
 
 
+@pytest.mark.parametrize("w_dtype", [jnp.float32, jnp.bfloat16])
+def test_router_operand_made_once_gives_the_same_logits(rng, w_dtype):
+  """logits_from_operand(x, router_operand(w)) (the decode step's, the operand made once)
+  equals router_logits(x, w) bit for bit: float32 weights as three bf16 parts [D, 3L],
+  bf16 weights as they are [D, L]; both float32 products (float64 to float32 rounding).
+  bf16 weights' gradient through router_logits is a float32 product rounded to bf16."""
+  T, D, L = 40, 64, 24
+  x = jnp.asarray(rng.normal(size=(T, D)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(D, L)) * 10.0 ** rng.uniform(-3, 1, size=(D, L)), w_dtype)
+  op = routing.router_operand(w)
+  assert op.dtype == jnp.bfloat16 and op.shape == (D, L if w_dtype == jnp.bfloat16 else 3 * L)
+  got = routing.logits_from_operand(x, op, L)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(routing.router_logits(x, w)))
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  scale = np.abs(x64) @ np.abs(w64)
+  assert np.all(np.abs(np.asarray(got) - x64 @ w64) <= 1e-6 * scale + 1e-30)
+  with pytest.raises(ValueError, match="for 25 logits"):
+    routing.logits_from_operand(x, op, L + 1)
+  if w_dtype == jnp.bfloat16:
+    c = jnp.asarray(rng.normal(size=(T, L)), jnp.float32)
+    dw = jax.grad(lambda w: jnp.sum(routing.router_logits(x, w) * c))(w)
+    assert dw.dtype == jnp.bfloat16
+    want = x64.T @ np.asarray(c, np.float64)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), want, rtol=2 ** -8,
+                               atol=1e-6 * np.abs(want).max())
+
+
 def test_bf16_parts_sum_to_the_weights_exactly(rng):
   """hi + mid + lo == w for float32 w over magnitudes 1e-25..1e25 and both signs; each part
   a bf16 value."""

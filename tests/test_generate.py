@@ -223,6 +223,32 @@ def test_generate_decode_options_sample_the_same(rng, monkeypatch):
     gen.generate(model, prompts, lens, jax.random.key(3), decode_backend="fast", **kw)
 
 
+def test_unrolled_decode_loop_samples_the_same(rng, monkeypatch):
+  """generate with several decode steps a loop iteration (`decode_unroll`, a GPU's
+  DECODE_UNROLL; here 4 over 6 steps: an iteration and a remainder) draws the tokens of one
+  step an iteration (same key, temperature 1) and records the same routes; decode_unroll
+  is DECODE_UNROLL on a GPU backend only."""
+  for backend, want in (("gpu", gen.DECODE_UNROLL), ("cpu", 1), ("tpu", 1)):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert gen.decode_unroll() == want
+  monkeypatch.undo()
+  model = make_model(int(rng.integers(1 << 30)))
+  prompts, lens = ragged(rng, [3, 6, 1], 6)
+  kw = dict(max_new_tokens=6, temperature=1.0, record_routes=True)
+  want = gen.generate(model, prompts, lens, jax.random.key(5), **kw)
+  monkeypatch.setattr(gen, "decode_unroll", lambda: 4)
+  scans = []
+  scan = jax.lax.scan
+  monkeypatch.setattr(jax.lax, "scan", lambda *a, **k: scans.append(k.get("unroll")) or
+                      scan(*a, **k))
+  got = gen.generate(model, prompts, lens, jax.random.key(5), **kw)
+  assert 4 in scans   # traced anew with the unrolled loop
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got.routes.expert_ids),
+                                np.asarray(want.routes.expert_ids))
+
+
 def test_decode_compiler_options_reach_generates_program(rng, monkeypatch):
   """generate compiles its program with `decode_compiler_options`: XLA's command-buffer
   scheduling on a GPU backend, nothing elsewhere. XLA takes the options' names and values

@@ -407,8 +407,13 @@ def _layer_route_equals_xla(rng, kind, route, T, kw):
   cfg, layer = _layer(rng, kind)
   x = jnp.asarray(rng.normal(size=(2, T // 2, 128)), jnp.bfloat16)
   w = lambda ws: [a[...].astype(jnp.bfloat16) for a in ws]  # noqa: E731
-  stacks = {r: dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), route=r, **kw)
+  # the kernel's stack with the router's operand made once (the decode step's), XLA's
+  # routing from the layer's weights
+  stacks = {r: dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down),
+                                      layer.router_weights() if r == route else None,
+                                      route=r, **kw)
             for r in (route, "xla")}
+  assert stacks[route].router.shape == (128, 3 * (64 + (8 if kind == "mohge" else 0)))
   out = {r: layer(x, backend="capacity", stacked=s) for r, s in stacks.items()}
   y_k, aux_k = out[route]
   y_x, aux_x = out["xla"]
