@@ -12,8 +12,7 @@ options (`generate.decode_compiler_options`: the products in one CUDA graph, no 
 from the host between them), timed --reps times after a warm-up; us a product = median
 run time / layers. XLA's
 `jnp.dot` (its split-K and partial sums included) against the kernel at each split and
-ring depth that the shape takes, the partials pulled or pushed (`splitk_matmul(reduce=)`);
-the ratio is XLA's time over the kernel's (above 1: the
+ring depth that the shape takes; the ratio is XLA's time over the kernel's (above 1: the
 kernel is faster). Each kernel output is checked against XLA's in the same run (max
 error relative to the output's scale; bf16 rounding ~4e-3), and against itself run twice
 (the cluster sums in a fixed order). Needs a Hopper GPU.
@@ -75,16 +74,14 @@ def run(rows, reps, layers, out):
       row = {"shape": name, "M": M, "K": K, "N": N, "xla_us": 1e6 * t_xla / layers}
       print(f"M={M} {name} [{K}, {N}]: xla {row['xla_us']:.2f} us", flush=True)
       results.append(row)
-      for splits, depth, reduce in [(s, d, red) for s in (1, 2, 4, 8) for d in (2, 3)
-                                    for red in (("pull",) if s == 1 else sk.REDUCES)]:
-        if sk.unsupported_reason(M, K, N, jnp.bfloat16, splits=splits, depth=depth,
-                                 reduce=reduce):
+      for splits, depth in [(s, d) for s in (1, 2, 4, 8) for d in (2, 3)]:
+        if sk.unsupported_reason(M, K, N, jnp.bfloat16, splits=splits, depth=depth):
           continue
-        key = dict(row, splits=splits, depth=depth, reduce=reduce)
-        name_v = f"splits {splits} depth {depth} {reduce}"
+        key = dict(row, splits=splits, depth=depth)
+        name_v = f"splits {splits} depth {depth}"
         try:
-          f = _compile(lambda x, w, s=splits, d=depth, red=reduce: sk.splitk_matmul(
-              x, w, splits=s, depth=d, reduce=red), x, ws)
+          f = _compile(lambda x, w, s=splits, d=depth: sk.splitk_matmul(
+              x, w, splits=s, depth=d), x, ws)
           t, _ = _time(f, (x, ws), reps)
           y1, y2 = (np.asarray(f(x, ws)[0], np.float32) for _ in range(2))
         except Exception as e:  # noqa: BLE001 - a failing variant is reported, the rest run

@@ -13,13 +13,14 @@ writes its float32 partial tile to its own SMEM, and after a cluster barrier CTA
 sums 64-row tile j of all S partials, read from the peers' SMEM in rank order (the same
 sum every run), and stores it in x's dtype. Nothing goes to memory but y. (A partial's
 row tiles are separate SMEM buffers: a load through a cluster reference lowers only at
-offset 0 in jax 0.11.2.) reduce="push" instead has each CTA store its row tiles into the
-summing CTAs' SMEM (`plgpu.async_store_smem`, counted by the receiver's barrier).
+offset 0 in jax 0.11.2.)
 
-Status (twenty-fifth session, benchmarks/notes_generate.md): "pull" is right on the H200
-and slow (the output projection 26.9 us in MoHGE-3B's decode step at S = 8, against
-XLA's 6.8 + 4.1 for its split-K and sum), the cluster's sum the slow part; "push" lowers
-for CUDA and has not run on a GPU. `model.decode_gemm` keeps XLA's.
+Status (benchmarks/notes_generate.md): right on the H200 and slow (twenty-fifth session:
+the output projection 26.9 us in MoHGE-3B's decode step at S = 8, against XLA's 6.8 + 4.1
+for its split-K and sum, the cluster's sum the slow part; twenty-sixth: with one split,
+no cluster sum, the step 3.646 ms against XLA's 3.39). A form with the partials pushed
+into the summing CTA's SMEM (`plgpu.async_store_smem`, counted by its barrier) hung on
+the H200 and was removed. `model.decode_gemm` keeps XLA's.
 
 Layout of the work: grid N / bn clusters of S CTAs (one warpgroup each); CTA r of cluster
 n streams x[:, r K/S : (r+1) K/S] and w[same rows, n bn : (n+1) bn] in bk-deep steps by
@@ -40,7 +41,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 MAX_CLUSTER = 8   # portable cluster size on Hopper
 MAX_ROWS = 256    # rows of x: the accumulator [M, bn] float32 lives in one warpgroup
 SMEM_BYTES = 227 * 1024
-REDUCES = ("pull", "push")
 
 
 def reference(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
@@ -49,7 +49,7 @@ def reference(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
 
 
 def unsupported_reason(M: int, K: int, N: int, dtype, *, splits: int, bn: int = 64,
-                       bk: int = 64, depth: int = 3, reduce: str = "pull") -> str | None:
+                       bk: int = 64, depth: int = 3) -> str | None:
   """Why these shapes and tiles cannot run (None when they can)."""
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"splitk_matmul takes bfloat16 or float16, got {jnp.dtype(dtype)}"
@@ -57,8 +57,6 @@ def unsupported_reason(M: int, K: int, N: int, dtype, *, splits: int, bn: int = 
     return f"splits={splits}: must be 1..{MAX_CLUSTER} (a thread-block cluster)"
   if M % 64 or not 64 <= M <= MAX_ROWS:
     return f"rows M={M}: must be a multiple of 64 up to {MAX_ROWS}"
-  if reduce not in REDUCES:
-    return f"reduce={reduce!r}: must be one of {REDUCES}"
   if bn % 64 or bk % 64:
     return f"bn={bn}, bk={bk}: must be multiples of 64"
   if N % bn:
@@ -66,7 +64,7 @@ def unsupported_reason(M: int, K: int, N: int, dtype, *, splits: int, bn: int = 
   if K % (splits * bk):
     return f"contraction K={K}: must be a multiple of splits * bk = {splits * bk}"
   item = jnp.dtype(dtype).itemsize
-  partials = (M // 64 if reduce == "pull" else -(-(M // 64) // splits) * splits) * 64 * bn * 4
+  partials = M * bn * 4
   smem = depth * (M * bk + bk * bn) * item + partials + 2 * 64 * bn * item
   if smem > SMEM_BYTES:
     return f"SMEM: {smem} bytes for M={M}, bn={bn}, bk={bk}, depth={depth} (> {SMEM_BYTES})"
@@ -85,43 +83,33 @@ def pick_splits(M: int, K: int, N: int, dtype, *, bn: int = 64, bk: int = 64,
 
 
 def splitk_matmul(x_MxK: jax.Array, w_KxN: jax.Array, *, splits: int, bn: int = 64,
-                  bk: int = 64, depth: int = 3, reduce: str = "pull",
-                  interpret: bool = False) -> jax.Array:
+                  bk: int = 64, depth: int = 3, interpret: bool = False) -> jax.Array:
   """x [M, K] @ w [K, N] -> [M, N] in x's dtype, float32 accumulation (module docstring).
   splits: CTAs a cluster, each 1/splits of K; bn: output columns a cluster; bk: K a ring
-  step; depth: ring slots. reduce: "pull" (the summing CTA reads the peers' partials
-  through cluster references; measured) or "push" (each CTA stores its row tiles into the
-  summing CTAs' SMEM with `plgpu.async_store_smem`, asynchronous, counted by the
-  receiver's barrier, which then sums local SMEM; lowers for CUDA, not yet run on a GPU).
-  interpret: the Pallas GPU interpreter (CPU tests; it has no thread-block clusters, so
+  step; depth: ring slots. interpret: the Pallas GPU interpreter (CPU tests; it has no thread-block clusters, so
   splits=1 only)."""
   M, K = x_MxK.shape
   K2, N = w_KxN.shape
   if K2 != K or x_MxK.dtype != w_KxN.dtype:
     raise ValueError(f"splitk_matmul: x {x_MxK.dtype}{list(x_MxK.shape)} and w "
                      f"{w_KxN.dtype}{list(w_KxN.shape)} do not multiply")
-  reason = unsupported_reason(M, K, N, x_MxK.dtype, splits=splits, bn=bn, bk=bk, depth=depth,
-                              reduce=reduce)
+  reason = unsupported_reason(M, K, N, x_MxK.dtype, splits=splits, bn=bn, bk=bk, depth=depth)
   if interpret and splits > 1:
     reason = f"splits={splits} in the interpreter, which has no thread-block clusters"
   if reason:
     raise ValueError(f"splitk_matmul: {reason}")
-  return _splitk(x_MxK, w_KxN, splits=splits, bn=bn, bk=bk, depth=depth,
-                 reduce="pull" if splits == 1 else reduce, interpret=interpret)
+  return _splitk(x_MxK, w_KxN, splits=splits, bn=bn, bk=bk, depth=depth, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("splits", "bn", "bk", "depth", "reduce",
-                                             "interpret"))
-def _splitk(x_MxK, w_KxN, *, splits, bn, bk, depth, reduce, interpret):
+@functools.partial(jax.jit, static_argnames=("splits", "bn", "bk", "depth", "interpret"))
+def _splitk(x_MxK, w_KxN, *, splits, bn, bk, depth, interpret):
   M, K = x_MxK.shape
   N = w_KxN.shape[1]
   dtype = x_MxK.dtype
   steps = K // splits // bk   # ring steps a CTA
   tiles = M // 64             # 64-row tiles of the output a cluster, summed by CTA j mod S
 
-  owned = -(-tiles // splits)  # row tiles a CTA sums
-
-  def body(x_gmem, w_gmem, y_gmem, x_ring, w_ring, y_smem, bar, done, recv_bar, *parts):
+  def body(x_gmem, w_gmem, y_gmem, x_ring, w_ring, y_smem, bar, done, *parts):
     n = lax.axis_index("n")
     r = lax.axis_index("split")
     k0 = r * steps
@@ -133,31 +121,16 @@ def _splitk(x_MxK, w_KxN, *, splits, bn, bk, depth, reduce, interpret):
     acc_MxN = pl.run_scoped(
         functools.partial(k_loop, x_gmem, w_gmem, x_ring, w_ring, bar, n, k0),
         plgpu.ACC((M, bn)))
-    if reduce == "pull":   # parts[j]: this CTA's row tile j, which CTA j mod S reads
-      for j, part in enumerate(parts):
-        part[...] = acc_MxN[j * 64:(j + 1) * 64]
-      plgpu.commit_smem()   # the warpgroup's stores done before its arrivals below
-      cluster_sync(0)       # every CTA's partial is in its SMEM
-    else:   # parts[o * S + p]: sender p's partial of this CTA's o-th row tile
-      cluster_sync(0)       # every CTA's barriers are set up before a peer arrives on them
-      for j in range(tiles):
-        for sender in range(splits):   # (a static destination: no offset through the cluster)
-          @pl.when(r == sender)
-          def _(j=j, sender=sender):
-            plgpu.async_store_smem(acc_MxN[j * 64:(j + 1) * 64],
-                                   parts[j // splits * splits + sender],
-                                   recv_bar.at[j // splits], cluster_idx=jnp.int32(j % splits),
-                                   cluster_dim="split")
+    for j, part in enumerate(parts):   # parts[j]: this CTA's row tile j, which CTA j mod S reads
+      part[...] = acc_MxN[j * 64:(j + 1) * 64]
+    plgpu.commit_smem()   # the warpgroup's stores done before its arrivals below
+    cluster_sync(0)       # every CTA's partial is in its SMEM
     for j in range(tiles):
       @pl.when(r == j % splits)
       def _(j=j):
-        if reduce == "pull":   # a buffer a row tile: cluster loads take no offset
-          peers = ([parts[j]] if splits == 1 else
-                   [plgpu.cluster_ref(parts[j], {"split": jnp.int32(p)})
-                    for p in range(splits)])
-        else:
-          plgpu.barrier_wait(recv_bar.at[j // splits])   # all S partials have landed
-          peers = parts[j // splits * splits:(j // splits + 1) * splits]
+        # a buffer a row tile: cluster loads take no offset
+        peers = ([parts[j]] if splits == 1 else
+                 [plgpu.cluster_ref(parts[j], {"split": jnp.int32(p)}) for p in range(splits)])
         total = peers[0][...]
         for peer in peers[1:]:   # in rank order: the same float32 sum every run
           total = total + peer[...]
@@ -198,10 +171,7 @@ def _splitk(x_MxK, w_KxN, *, splits, bn, bk, depth, reduce, interpret):
              plgpu.SMEM((2, 64, bn), dtype),
              plgpu.Barrier(num_arrivals=2, num_barriers=depth),
              plgpu.ClusterBarrier(collective_axes=("split",), num_barriers=2),
-             # push: each of the S senders' 128 threads arrives once a row tile
-             plgpu.Barrier(num_arrivals=128 * splits, num_barriers=owned),
-             *[plgpu.SMEM((64, bn), jnp.float32)
-               for _ in range(tiles if reduce == "pull" else owned * splits)])
+             *[plgpu.SMEM((64, bn), jnp.float32) for _ in range(tiles)])
   kernel = plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((M, N), dtype), grid=(N // bn,), grid_names=("n",),
       cluster=(splits,), cluster_names=("split",), scratch_types=scratch,

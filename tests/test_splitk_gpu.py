@@ -47,16 +47,13 @@ def test_interpreter_matches_float64(rng, M, K, N, depth):
   _check(sk.reference(x, w), x, w)   # the pure-JAX form the kernel replaces
 
 
-@pytest.mark.parametrize("M,K,N,splits,reduce", [
-    (256, 2048, 1024, 8, "pull"), (256, 1024, 3648, 2, "pull"), (128, 1024, 2048, 4, "pull"),
-    (64, 512, 128, 1, "pull"), (256, 2048, 1024, 4, "push"), (256, 1024, 3648, 2, "push"),
-    (128, 2048, 1024, 8, "push")])
-def test_lowers_for_cuda(M, K, N, splits, reduce):
+@pytest.mark.parametrize("M,K,N,splits", [
+    (256, 2048, 1024, 8), (256, 1024, 3648, 2), (128, 1024, 2048, 4), (64, 512, 128, 1)])
+def test_lowers_for_cuda(M, K, N, splits):
   """The cluster's CUDA lowering here (Mosaic GPU needs no GPU to lower): every split of
-  MoHGE-3B's decode projections and smaller batches, the partials read by the summing CTA
-  (pull) or stored into its SMEM by their CTAs (push)."""
+  MoHGE-3B's decode projections and smaller batches."""
   args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((M, K), (K, N))]
-  text = jax.jit(lambda x, w: sk.splitk_matmul(x, w, splits=splits, reduce=reduce)).trace(
+  text = jax.jit(lambda x, w: sk.splitk_matmul(x, w, splits=splits)).trace(
       *args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
@@ -79,10 +76,6 @@ def test_refuses_what_it_cannot_run(rng):
     sk.splitk_matmul(x.astype(jnp.float32), w.astype(jnp.float32), splits=1)
   with pytest.raises(ValueError, match="interpreter"):
     sk.splitk_matmul(x, w, splits=2, interpret=True)
-  with pytest.raises(ValueError, match="reduce='tree'"):
-    sk.splitk_matmul(x, w, splits=2, reduce="tree")
-  with pytest.raises(ValueError, match="SMEM"):   # push: 8 partials of a tile to receive
-    sk.splitk_matmul(x[:, :1024], w[:1024, :1024], splits=8, reduce="push")
 
 
 def test_pick_splits_fills_the_sms_once():
@@ -100,20 +93,18 @@ def test_pick_splits_fills_the_sms_once():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("M", [256, 128, 64])
-@pytest.mark.parametrize("reduce", ["pull", "push"])
-def test_on_the_gpu_matches_float64_and_repeats(rng, M, reduce):
+def test_on_the_gpu_matches_float64_and_repeats(rng, M):
   """1, 2 and pick_splits' split of MoHGE-3B's decode projections on the H200 against
-  float64, and the same bits in a second run (the cluster sums in a fixed order); the
-  partials pulled or pushed (where the SMEM takes them)."""
+  float64, and the same bits in a second run (the cluster sums in a fixed order)."""
   for K, N, picked in SHAPES_3B:
     x, w = _operands(rng, M, K, N)
     for splits in sorted({1, 2, picked}):
-      if sk.unsupported_reason(M, K, N, x.dtype, splits=splits, reduce=reduce):
+      if sk.unsupported_reason(M, K, N, x.dtype, splits=splits):
         continue
-      y = sk.splitk_matmul(x, w, splits=splits, reduce=reduce)
+      y = sk.splitk_matmul(x, w, splits=splits)
       _check(y, x, w)
       np.testing.assert_array_equal(
-          np.asarray(sk.splitk_matmul(x, w, splits=splits, reduce=reduce)), np.asarray(y))
+          np.asarray(sk.splitk_matmul(x, w, splits=splits)), np.asarray(y))
 
 
 @pytest.mark.gpu
