@@ -92,6 +92,9 @@ def sampling_mask(logits_BxV: jax.Array, *, vocab_size: int, temperature: float 
     allowed_BxV = jax.nn.one_hot(jnp.argmax(x_BxV, axis=-1), V, dtype=jnp.bool_)
     return allowed_BxV, jnp.where(allowed_BxV, x_BxV, -jnp.inf)
   x_BxV = x_BxV / temperature
+  if top_k == 0 and top_p >= 1.0:   # every valid entry: no sort of the vocabulary a step
+    allowed_BxV = jnp.isfinite(x_BxV)
+    return allowed_BxV, jnp.where(allowed_BxV, x_BxV, -jnp.inf)
   order_BxV = jnp.argsort(-x_BxV, axis=-1, stable=True)
   sorted_BxV = jnp.take_along_axis(x_BxV, order_BxV, axis=-1)
   keep_BxV = jnp.isfinite(sorted_BxV)

@@ -397,6 +397,7 @@ def mask_reference(logits, temperature, top_k, top_p, vocab):
     x = x / temperature
     order = np.argsort(-x, kind="stable")
     keep = order[:top_k] if top_k else order[:vocab]
+    keep = keep[np.isfinite(x[keep])]   # a -inf logit is never drawn
     p = np.exp(x[keep] - x[keep].max())
     p /= p.sum()
     before = np.cumsum(p) - p
@@ -407,8 +408,11 @@ def mask_reference(logits, temperature, top_k, top_p, vocab):
 @pytest.mark.parametrize("temperature,top_k,top_p", [
     (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.5, 20, 0.9), (0.0, 0, 1.0), (1.0, 1, 0.5)])
 def test_sampling_masks_match_numpy(rng, temperature, top_k, top_p):
+  """(Temperature alone, the first case, takes every valid entry without sorting; a -inf
+  logit, as a caller's mask leaves, is never allowed.)"""
   logits = (rng.standard_normal((4, 300)) * 2).astype(np.float32)
   logits[1, :40] = logits[1, 0]  # ties resolve to the lower id
+  logits[2, 7] = -np.inf
   allowed, scaled = gen.sampling_mask(jnp.asarray(logits), vocab_size=V,
                                       temperature=temperature, top_k=top_k, top_p=top_p)
   want = mask_reference(logits, temperature, top_k, top_p, V)
