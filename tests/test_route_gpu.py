@@ -21,7 +21,11 @@ MOE = dict(num_groups=0, top_k_groups=1, top_k=6)
 
 
 def _logits(rng, T, G, E, skew=None):
-  logits = rng.normal(size=(T, G + E)) * 2.0
+  # on a grid of 2^-10: two logits differ by 2^-10 or tie exactly (both sides then take the
+  # lower index). Float32 resolves 2^-10 after the skew's +40 (whose ulp is 2^-18), where
+  # free values a few float32 ulps apart swapped at the k-th choice (the kernel's float32
+  # against numpy's float64; seed 2572318782).
+  logits = np.round(rng.normal(size=(T, G + E)) * 2.0 * 1024) / 1024
   if skew is not None:   # expert `skew` far ahead in every row: more pairs than C
     logits[:, G + skew] += 40.0
     if G:
