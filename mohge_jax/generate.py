@@ -451,10 +451,10 @@ def decode_compiler_options() -> dict[str, str]:
 
 
 # Decode steps a loop iteration on a GPU. XLA runs the decode loop's `while` outside the
-# command buffers: between iterations the GPU idled ~60 us (the host's turn: the loop's
-# condition, the next launch of the body's graph), ~2% of a MoHGE-3B step at batch 256 on
-# the H200; two steps an iteration: 3.267-3.301 ms a step against 3.350-3.369 (twenty-
-# sixth session, benchmarks/notes_generate.md). Elsewhere 1 (compile time: the CPU tests).
+# command buffers: between iterations, where the body's CUDA graph is launched again, the
+# GPU idled ~60 us, ~2% of a MoHGE-3B step at batch 256 on the H200; two steps an
+# iteration: 3.227-3.301 ms a step against 3.294-3.369 (twenty-sixth session, each its own
+# process; benchmarks/notes_generate.md). Elsewhere 1 (compile time: the CPU tests).
 DECODE_UNROLL = 2
 
 

@@ -61,9 +61,9 @@ def router_operand(w_DxL: jax.Array) -> jax.Array:
   """The router's weights as the bf16 operand of `logits_from_operand`, made once where
   the same weights route many steps (decoding: `dispatch.stack_experts(router=)`): bf16
   weights as they are [D, L], float32 ones as their three bf16 parts side by side
-  [D, 3L] (`bf16_parts`). Per step, `router_logits` makes it again: on the H200 that was
-  14 launches a MoHGE-3B decode step, on the step's serial path (benchmarks/
-  notes_generate.md, twenty-sixth session)."""
+  [D, 3L] (`bf16_parts`). Per step, `router_logits` makes it again: 14 launches a
+  MoHGE-3B decode step on the H200, off its critical path (the step no faster without
+  them; benchmarks/notes_generate.md, twenty-sixth session)."""
   if w_DxL.dtype == jnp.bfloat16:
     return w_DxL
   return jnp.concatenate(bf16_parts(w_DxL), axis=1)
