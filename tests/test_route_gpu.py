@@ -142,6 +142,37 @@ def test_kernel_in_the_gpu_interpreter_matches_numpy(rng, router, combine, T, E,
   _check(got, want)
 
 
+@pytest.mark.parametrize("router,w_dtype", [("mohge", jnp.float32), ("moe", jnp.bfloat16)])
+def test_triton_route_computes_the_logits_from_the_router_operand(rng, router, w_dtype):
+  """route_slots(None, x=, router=): the first launch's own product of x and the router's
+  operand (`routing.router_operand`: float32 weights' three bf16 parts, bf16 weights as
+  they are) routes as route_slots(logits_from_operand(x, operand)) (XLA's product): the
+  same experts, groups, slots and slot rows, the combine weights to float32 rounding (the
+  sum over D in another order); a wrong operand is refused."""
+  from mohge_jax import routing
+  kw = dict(MOHGE if router == "mohge" else MOE)
+  G, E, T, D = kw["num_groups"], 64, 40, 128
+  x = jnp.asarray(rng.normal(size=(T, D)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(D, G + E)) * 0.3, w_dtype)
+  op = routing.router_operand(w)
+  assert op.shape == (D, (3 if w_dtype == jnp.float32 else 1) * (G + E))
+  common = dict(combine_weights="softmax", capacity=T, interpret=True, impl="triton", x=x,
+                **kw)
+  want = rg.route_slots(routing.logits_from_operand(x, op, G + E), **common)
+  got = rg.route_slots(None, router=op, **common)
+  for name in ("expert_ids", "group_ids", "slots", "slot_tokens", "counts", "max_count"):
+    np.testing.assert_array_equal(np.asarray(getattr(got, name)),
+                                  np.asarray(getattr(want, name)), err_msg=name)
+  np.testing.assert_allclose(np.asarray(got.weights), np.asarray(want.weights), rtol=1e-5,
+                             atol=1e-7)
+  filled = (np.arange(T)[None, :] < np.asarray(want.counts)[:, None]).ravel()
+  np.testing.assert_array_equal(np.asarray(got.slot_x)[filled], np.asarray(want.slot_x)[filled])
+  with pytest.raises(ValueError, match="router width"):
+    rg.route_slots(None, router=op[:, :-1], **common)
+  with pytest.raises(ValueError, match="logits=None"):
+    rg.route_slots(routing.logits_from_operand(x, op, G + E), router=op, **common)
+
+
 @pytest.mark.parametrize("min_tokens", [8, 16])
 def test_triton_larger_tiles_route_alike(rng, monkeypatch, min_tokens):
   """The Triton kernels with more tokens a program (route_gpu.MIN_TILE_TOKENS: 8 tokens
@@ -229,6 +260,14 @@ def test_triton_kernels_lower_for_cuda_and_refuse_other_shapes():
               jax.ShapeDtypeStruct((T, 1024), jnp.bfloat16)).lower(
                   lowering_platforms=("cuda",)).as_text()
     assert text.count("route_tokens") and text.count("route_slots")
+    for parts in (1, 3):   # the logits from the router's operand in the first launch
+      with mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: info):
+        text = jax.jit(lambda x, op, kw=kw: rg.route_slots(
+            None, combine_weights="softmax", capacity=64, impl="triton", x=x, router=op,
+            **kw)).trace(jax.ShapeDtypeStruct((T, 1024), jnp.bfloat16),
+                         jax.ShapeDtypeStruct((1024, parts * (G + E)), jnp.bfloat16)).lower(
+                             lowering_platforms=("cuda",)).as_text()
+      assert text.count("route_tokens") and text.count("route_slots")
   for T, E, kw, match in ((1025, 64, MOE, "tokens must be 1..1024"),
                           (64, 96, MOE, "experts must be a power of two"),
                           (64, 64, dict(MOE, top_k=9), "top_k must be 1..8"),
@@ -405,6 +444,32 @@ def test_sparse_decode_runs_the_chosen_experts_only(rng, monkeypatch, T):
 def test_sparse_decode_on_the_gpu(rng, monkeypatch, T):
   """The same compiled for the H200 (10 tokens: 60 pairs, nearly every expert)."""
   _sparse(rng, monkeypatch, T, interpret=False)
+
+
+def test_layer_takes_the_router_product_into_the_route_kernel_when_asked(rng, monkeypatch):
+  """StackedExperts.route_logits="kernel": the layer hands the route kernel x and the
+  router's operand (no logits); the default hands it XLA's logits; both route alike. (The
+  experts' product is stubbed: this is the routing's wiring; the kernel's own product is
+  tested above.)"""
+  from mohge_jax import experts as experts_mod
+  _, layer = _layer(rng, "mohge")
+  x = jnp.asarray(rng.normal(size=(2, 16, 128)), jnp.bfloat16)
+  calls, real = [], rg.route_slots
+  monkeypatch.setattr(rg, "route_slots", lambda logits, **k: calls.append(
+      (logits is None, k.get("router") is not None)) or real(logits, **k))
+  monkeypatch.setattr(experts_mod, "capacity_experts",
+                      lambda x_TxD, *a, **k: jnp.zeros(x_TxD.shape, jnp.float32))
+  w = lambda ws: [a[...].astype(jnp.bfloat16) for a in ws]  # noqa: E731
+  ids = {}
+  for mode in ("xla", "kernel"):
+    stacked = dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), layer.router_weights(),
+                                     route="kernel_triton", route_logits=mode, interpret=True)
+    assert stacked.route_logits == mode
+    ids[mode] = np.asarray(layer(x, backend="capacity", stacked=stacked)[1]["expert_ids"])
+  assert calls == [(False, False), (True, True)]
+  np.testing.assert_array_equal(ids["kernel"], ids["xla"])
+  with pytest.raises(ValueError, match="route_logits='fast'"):
+    dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), route_logits="fast")
 
 
 def _layer_route_equals_xla(rng, kind, route, T, kw):
