@@ -147,24 +147,38 @@ def test_triton_route_computes_the_logits_from_the_router_operand(rng, router, w
   """route_slots(None, x=, router=): the first launch's own product of x and the router's
   operand (`routing.router_operand`: float32 weights' three bf16 parts, bf16 weights as
   they are) routes as route_slots(logits_from_operand(x, operand)) (XLA's product): the
-  same experts, groups, slots and slot rows, the combine weights to float32 rounding (the
-  sum over D in another order); a wrong operand is refused."""
+  same experts, groups, slots and slot rows and combine weights (on inputs whose sums
+  over D are exact in float32 in any order); a wrong operand is refused."""
+  _router_operand_routes_alike(rng, router, w_dtype, T=40, D=128, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
+@pytest.mark.parametrize("router,w_dtype", [("mohge", jnp.float32), ("mohge", jnp.bfloat16),
+                                            ("moe", jnp.bfloat16)])
+def test_triton_route_computes_the_logits_on_the_gpu(rng, router, w_dtype):
+  """The same compiled for the H200 at a decode batch of 256 and MoHGE-3B's width."""
+  _router_operand_routes_alike(rng, router, w_dtype, T=256, D=1024, interpret=False)
+
+
+def _router_operand_routes_alike(rng, router, w_dtype, *, T, D, interpret):
   from mohge_jax import routing
   kw = dict(MOHGE if router == "mohge" else MOE)
-  G, E, T, D = kw["num_groups"], 64, 40, 128
-  x = jnp.asarray(rng.normal(size=(T, D)), jnp.bfloat16)
-  w = jnp.asarray(rng.normal(size=(D, G + E)) * 0.3, w_dtype)
+  G, E = kw["num_groups"], 64
+  # x on a 2^-4 grid, w on 2^-6: every product and every partial sum is exact in float32,
+  # so both sums over D (XLA's order, the kernel's) give the same logits, ties included
+  x = jnp.asarray(np.round(rng.normal(size=(T, D)) * 16) / 16, jnp.bfloat16)
+  w = jnp.asarray(np.round(rng.normal(size=(D, G + E)) * 64 * 2 / np.sqrt(D)) / 64, w_dtype)
   op = routing.router_operand(w)
   assert op.shape == (D, (3 if w_dtype == jnp.float32 else 1) * (G + E))
-  common = dict(combine_weights="softmax", capacity=T, interpret=True, impl="triton", x=x,
-                **kw)
+  common = dict(combine_weights="softmax", capacity=T, interpret=interpret, impl="triton",
+                x=x, **kw)
   want = rg.route_slots(routing.logits_from_operand(x, op, G + E), **common)
   got = rg.route_slots(None, router=op, **common)
   for name in ("expert_ids", "group_ids", "slots", "slot_tokens", "counts", "max_count"):
     np.testing.assert_array_equal(np.asarray(getattr(got, name)),
                                   np.asarray(getattr(want, name)), err_msg=name)
-  np.testing.assert_allclose(np.asarray(got.weights), np.asarray(want.weights), rtol=1e-5,
-                             atol=1e-7)
+  np.testing.assert_allclose(np.asarray(got.weights), np.asarray(want.weights), rtol=1e-6)
   filled = (np.arange(T)[None, :] < np.asarray(want.counts)[:, None]).ravel()
   np.testing.assert_array_equal(np.asarray(got.slot_x)[filled], np.asarray(want.slot_x)[filled])
   with pytest.raises(ValueError, match="router width"):
