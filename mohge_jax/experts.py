@@ -200,7 +200,7 @@ class RoutedFFN(nnx.Module):
           capacity=slot_capacity(T, m.top_k, m.num_experts, stacked,
                                  dropless=with_x and stacked.dropless),
           interpret=stacked.config().interpret, impl=impl, x=x_TxD if with_x else None,
-          router=stacked.router if in_kernel else None)
+          router=stacked.router if in_kernel else None, num_experts=m.num_experts)
     w_gate_up = [w[...].astype(self.dtype) for w in self.w_gate_up]
     w_down = [w[...].astype(self.dtype) for w in self.w_down]
     with jax.named_scope("routed_experts"):

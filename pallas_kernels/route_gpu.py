@@ -179,18 +179,19 @@ def _launch(kernel, logits, *, T, W, G, K, Kg, C, interpret, scratch) -> RouteSl
 
 @functools.partial(jax.jit, static_argnames=("num_groups", "top_k_groups", "top_k",
                                              "combine_weights", "capacity", "interpret",
-                                             "impl"))
+                                             "impl", "num_experts"))
 def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
                 combine_weights: str, capacity: int, interpret: bool = False,
-                impl: str = "wgmma", x=None, router=None) -> RouteSlots:
+                impl: str = "wgmma", x=None, router=None,
+                num_experts: int | None = None) -> RouteSlots:
   """See the module docstring. logits: [T, G + E] float32 (G = num_groups, 0 for
   homogeneous top-K). interpret: the Pallas GPU interpreter (CPU tests). impl: "wgmma"
   (a warpgroup a chunk of 64 tokens in the WGMMA layout), "rows" (`_route_rows`: a
   thread a token) or "triton" (`_route_triton`: two Triton launches over many SMs).
   x [T, D] (impl "triton", D a power of two): the tokens' rows, copied to their slots by
   the second launch (`RouteSlots.slot_x`: the slot block's rows, no gather after).
-  router (impl "triton", with bf16 x, logits None): the router's weights as
-  `mohge_jax.routing.router_operand` makes them, bf16 [D, L] or [D, 3L] (L = G + E): the
+  router (impl "triton", with bf16 x and num_experts E, logits None): the router's weights
+  as `mohge_jax.routing.router_operand` makes them, bf16 [D, L] or [D, 3L] (L = G + E): the
   first launch computes the logits from x and them (exact bf16 products summed in float32,
   `routing.logits_from_operand`'s parts in its order; the sum over D in another order),
   so the router's product is not a launch of its own. Not yet timed on a GPU."""
@@ -198,7 +199,12 @@ def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
     if logits is not None or impl != "triton" or x is None or x.dtype != jnp.bfloat16:
       raise ValueError("route_slots: router= computes the logits (pass logits=None) with "
                        "impl='triton' and bf16 x")
-    L = num_groups + _experts_of(router, num_groups, x)
+    L = num_groups + (num_experts or 0)
+    if (num_experts is None or router.dtype != jnp.bfloat16 or router.ndim != 2
+        or router.shape[0] != x.shape[1] or router.shape[1] not in (L, 3 * L)):
+      raise ValueError(f"route_slots: router must be bf16 [D, L] or [D, 3L] with D = x's "
+                       f"{x.shape[1]} and L = num_groups + num_experts = {L}; got "
+                       f"{router.dtype}{list(router.shape)}, num_experts={num_experts}")
     logits = jax.ShapeDtypeStruct((x.shape[0], L), jnp.float32)   # (shapes only)
   T, width = logits.shape
   G, K, Kg, C = num_groups, top_k, top_k_groups, capacity
@@ -471,19 +477,6 @@ def _route_rows(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interp
 
 
 # ----------------------------------------------------------------------------- impl="triton"
-
-
-def _experts_of(router, G, x) -> int:
-  """The experts E of a router operand [D, P * (G + E)], P = 1 or 3 (route_slots(router=))."""
-  D, width = router.shape
-  if router.dtype != jnp.bfloat16 or D != x.shape[1] or router.ndim != 2:
-    raise ValueError(f"route_slots: router must be bf16 [D, P * (G + E)] with D = x's "
-                     f"{x.shape[1]}; got {router.dtype}{list(router.shape)}")
-  for parts in (1, 3):   # the kernel's experts are a power of two >= 16
-    E = width // parts - G
-    if width % parts == 0 and E >= 16 and E & (E - 1) == 0:
-      return E
-  raise ValueError(f"route_slots: router width {width} is not P * ({G} + E), P 1 or 3")
 
 
 def _router_parts(router, L: int) -> int:

@@ -172,7 +172,7 @@ def _router_operand_routes_alike(rng, router, w_dtype, *, T, D, interpret):
   op = routing.router_operand(w)
   assert op.shape == (D, (3 if w_dtype == jnp.float32 else 1) * (G + E))
   common = dict(combine_weights="softmax", capacity=T, interpret=interpret, impl="triton",
-                x=x, **kw)
+                x=x, num_experts=E, **kw)
   want = rg.route_slots(routing.logits_from_operand(x, op, G + E), **common)
   got = rg.route_slots(None, router=op, **common)
   for name in ("expert_ids", "group_ids", "slots", "slot_tokens", "counts", "max_count"):
@@ -181,8 +181,10 @@ def _router_operand_routes_alike(rng, router, w_dtype, *, T, D, interpret):
   np.testing.assert_allclose(np.asarray(got.weights), np.asarray(want.weights), rtol=1e-6)
   filled = (np.arange(T)[None, :] < np.asarray(want.counts)[:, None]).ravel()
   np.testing.assert_array_equal(np.asarray(got.slot_x)[filled], np.asarray(want.slot_x)[filled])
-  with pytest.raises(ValueError, match="router width"):
+  with pytest.raises(ValueError, match="router must be bf16"):
     rg.route_slots(None, router=op[:, :-1], **common)
+  with pytest.raises(ValueError, match="num_experts=None"):
+    rg.route_slots(None, router=op, **{**common, "num_experts": None})
   with pytest.raises(ValueError, match="logits=None"):
     rg.route_slots(routing.logits_from_operand(x, op, G + E), router=op, **common)
 
@@ -278,7 +280,7 @@ def test_triton_kernels_lower_for_cuda_and_refuse_other_shapes():
       with mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: info):
         text = jax.jit(lambda x, op, kw=kw: rg.route_slots(
             None, combine_weights="softmax", capacity=64, impl="triton", x=x, router=op,
-            **kw)).trace(jax.ShapeDtypeStruct((T, 1024), jnp.bfloat16),
+            num_experts=E, **kw)).trace(jax.ShapeDtypeStruct((T, 1024), jnp.bfloat16),
                          jax.ShapeDtypeStruct((1024, parts * (G + E)), jnp.bfloat16)).lower(
                              lowering_platforms=("cuda",)).as_text()
       assert text.count("route_tokens") and text.count("route_slots")
