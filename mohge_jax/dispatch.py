@@ -689,6 +689,10 @@ def stack_experts(w_gate_up, w_down, router=None, **tuning) -> StackedExperts:
   if tuning.get("route_logits", "xla") not in ROUTE_LOGITS:
     raise ValueError(f"stack_experts: route_logits={tuning['route_logits']!r}: must be one "
                      f"of {ROUTE_LOGITS}")
+  if tuning.get("route_logits", "xla") == "kernel" and (
+      router is None or tuning.get("route") != "kernel_triton"):
+    raise ValueError("stack_experts: route_logits='kernel' needs the router's weights "
+                     "(router=) and route='kernel_triton' (the kernel that multiplies them)")
   for key in ("pdl", "sparse"):   # True and False compare equal to 1 and 0
     if tuning.get(key, 0) not in (0, 1):
       raise ValueError(f"stack_experts: {key}={tuning[key]!r}: must be 0 or 1")

@@ -486,6 +486,8 @@ def test_layer_takes_the_router_product_into_the_route_kernel_when_asked(rng, mo
   np.testing.assert_array_equal(ids["kernel"], ids["xla"])
   with pytest.raises(ValueError, match="route_logits='fast'"):
     dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), route_logits="fast")
+  with pytest.raises(ValueError, match="needs the router's weights"):
+    dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), route_logits="kernel")
 
 
 def _layer_route_equals_xla(rng, kind, route, T, kw):
