@@ -20,8 +20,7 @@ same through the Mosaic GPU kernels, unrolled only; NAME[key=value+...] adds a t
 those kernels, e.g. `capacity_kernel[kernel=hgmm+bk=64]`, or absorb=FORM the attention's
 decode weights (`MLA.decode_weights(absorb=)`; else model.decode_absorb), e.g.
 `auto[absorb=query]`, or unroll=N decode steps a loop iteration (else generate's, `generate.decode_unroll`),
-e.g. `auto[unroll=4]`, or loop=python: the loop from Python, chunk=N steps a call
-(default: unroll), each call's cache donated to the next, e.g. `auto[loop=python+chunk=2]`)
+e.g. `auto[unroll=4]`)
 and layer layout (`--layouts`:
 the layer scan, or unrolled over separate per-layer buffers), run --reps times from the
 same prefilled cache after a warm-up run; step time = median over runs of run time / new
@@ -160,14 +159,12 @@ def _backend_name(m, backend: str | None, batch: int) -> str:
 
 
 def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | None = None,
-                unroll: int | None = None, with_carry: bool = False):
+                unroll: int | None = None):
   """(state, layers, tokens_B, positions_B, caches) -> (tokens [N, B], expert ids
   [N, R, B, K]): `new_tokens` greedy decode steps in one `lax.scan` (`unroll` steps a loop
   iteration; None: generate's, `generate.decode_unroll`), each feeding the token it drew;
-  routed experts through `expert_backend` (`generate.decode_step`). with_carry: returns
-  ((tokens_B, positions_B, caches) after the steps, the outputs), for a loop from Python
-  (`_python_loop`). `layers`: None
-  (the layer scan over the stacked weights and caches) or `generate.unstack_layers`'s
+  routed experts through `expert_backend` (`generate.decode_step`). `layers`: None (the
+  layer scan over the stacked weights and caches) or `generate.unstack_layers`'s
   separate per-layer buffers, run unrolled, with `caches` from `generate.unstack_caches`."""
   def decode(state, layers, tokens_B, positions_B, caches):
     model = nnx.merge(graphdef, state)
@@ -182,27 +179,9 @@ def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | No
       next_B = _greedy(cfg, logits_BxV)
       return (next_B, positions_B + 1, caches), (next_B, ids_RxBxK)
 
-    carry, out = jax.lax.scan(step, (tokens_B, positions_B, caches), None,
-                              length=new_tokens,
-                              unroll=gen.decode_unroll() if unroll is None else unroll)
-    return (carry, out) if with_carry else out
-  return decode
-
-
-def _python_loop(chunk_fn, new_tokens: int, chunk: int):
-  """loop=python: the decode loop from Python, `chunk` steps a call of `chunk_fn` (compiled
-  with the caches donated, so each call updates them in place), the calls dispatched
-  one after another without waiting: no XLA `while` whose iterations go through the host.
-  Returns decode(state, layers, tokens_B, positions_B, caches) -> the scan's outputs, which
-  consumes `caches` (pass a copy)."""
-  def decode(state, layers, tokens_B, positions_B, caches):
-    outs = []
-    for _ in range(new_tokens // chunk):
-      (tokens_B, positions_B, caches), out = chunk_fn(state, layers, tokens_B, positions_B,
-                                                      caches)
-      outs.append(out)
-    return tuple(jnp.concatenate(a) for a in zip(*outs))
-  decode.as_text = chunk_fn.as_text   # (`_profile` reads the program's kernel names)
+    _, out = jax.lax.scan(step, (tokens_B, positions_B, caches), None, length=new_tokens,
+                          unroll=gen.decode_unroll() if unroll is None else unroll)
+    return out
   return decode
 
 
@@ -265,11 +244,6 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     # not the kernels': the attention's decode weights, the decode loop's unrolling
     absorb = tuning.pop("absorb", m.decode_absorb)
     unroll = int(tuning.pop("unroll", gen.decode_unroll()))
-    loop = tuning.pop("loop", "scan")   # python: `_python_loop`, `chunk` steps a call
-    chunk = int(tuning.pop("chunk", unroll))
-    if loop not in ("scan", "python") or new_tokens % chunk:
-      raise ValueError(f"{label}: loop must be scan or python, and chunk={chunk} must divide "
-                       f"--new-tokens {new_tokens}")
     tuning = tuning or None
     if layout == "unrolled":
       layers = gen.unstack_layers(nnx.merge(graphdef, state),
@@ -279,30 +253,17 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     else:
       layers, args = None, (state, None, first_B, lengths_B, caches)
     t3 = T()
-    options = DECODE_OPTIONS[opts]() or None
-    if loop == "scan":
-      decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend, unroll)).lower(
-          *args).compile(compiler_options=options)
-
-      def fresh(a=args):   # the scan copies the cache it updates
-        return a
-    else:
-      chunk_fn = jax.jit(make_decode(cfg, graphdef, chunk, backend, unroll, with_carry=True),
-                         donate_argnums=4).lower(*args).compile(compiler_options=options)
-      decode = _python_loop(chunk_fn, new_tokens, chunk)
-
-      def fresh(a=args):   # a copy of the cache for each run (donated), made untimed
-        return (*a[:4], jax.block_until_ready(jax.tree.map(jnp.copy, a[4])))
+    decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend, unroll)).lower(
+        *args).compile(compiler_options=DECODE_OPTIONS[opts]() or None)
     t4 = T()
-    out = jax.block_until_ready(decode(*fresh()))  # warm-up
-    times, run_args = [], None
+    out = jax.block_until_ready(decode(*args))  # warm-up
+    times = []
     for _ in range(reps):
-      run_args = fresh()
       t5 = T()
-      out = jax.block_until_ready(decode(*run_args))
+      out = jax.block_until_ready(decode(*args))
       times.append((T() - t5) / new_tokens)
-    top = _profile(decode, fresh(), profile,
-                   f"b{batch}_{layout}_{label or 'model'}_{opts}", new_tokens, profile_top)
+    top = _profile(decode, args, profile, f"b{batch}_{layout}_{label or 'model'}_{opts}",
+                   new_tokens, profile_top)
     step_s = float(np.median(times))
     tokens_NxB, ids_NxRxBxK = (np.asarray(a) for a in out)
     per_step = [step_bytes(cfg, np.full(batch, prompt_len + t), ids_NxRxBxK[t])
@@ -316,7 +277,6 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
            "layout": layout, "expert_backend": _backend_name(m, backend, batch)
            + (f"[{label.split('[', 1)[1]}" if "[" in (label or "") else ""),
            "absorb": absorb if layout == "unrolled" else "none", "scan_unroll": unroll,
-           "loop": loop if loop == "scan" else f"python, {chunk} steps a call",
            "decode_options": opts, "compiler_options": DECODE_OPTIONS[opts](),
            "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
            "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],
@@ -337,7 +297,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
                                                          == first_tokens_BxN[:, 1]))
     yield row, {"prompts_BxP": np.asarray(prompts_BxP), "tokens_BxN": tokens_BxN,
                 "expert_ids_NxRxBxK": ids_NxRxBxK}
-    del layers, args, decode, out, fresh, run_args
+    del layers, args, decode, out
 
 
 def _profile(decode, args, logdir: str | None, name: str, new_tokens: int,

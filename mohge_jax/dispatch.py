@@ -570,14 +570,6 @@ class StackedExperts:
     return dict(self.tuning).get("route", "xla")
 
   @property
-  def route_logits(self) -> str:
-    """Where the Triton route's logits come from: 'xla' (the default: the router's product
-    by XLA, `routing.logits_from_operand` of `router`) or 'kernel' (its first launch
-    multiplies the tokens by `router` itself, `route_gpu.route_slots(router=)`: one launch
-    and a split-K sum fewer a routed layer; CPU-tested, not yet timed on a GPU)."""
-    return dict(self.tuning).get("route_logits", "xla")
-
-  @property
   def dropless(self) -> bool:
     """overflow="passes" (DECODE_KERNEL_TUNING's) with the slot kernels: where the route
     is the Triton kernel's (it writes the slot block's rows) the slot block has C >= T
@@ -649,9 +641,7 @@ class StackedExperts:
 # (twenty-fourth session, same call).
 DECODE_KERNEL_TUNING = {"bm": 64, "bk": 128, "route": "kernel_triton", "overflow": "passes",
                        "sparse": 1}
-_NOT_CONFIG = ("kernel", "route", "pdl", "overflow", "sparse",   # StackedExperts' own keys
-               "route_logits")
-ROUTE_LOGITS = ("xla", "kernel")   # StackedExperts.route_logits
+_NOT_CONFIG = ("kernel", "route", "pdl", "overflow", "sparse")   # StackedExperts' own keys
 ROUTES = ("xla", "kernel", "kernel_rows", "kernel_triton")   # StackedExperts.route
 OVERFLOWS = ("passes", "cond")   # StackedExperts.dropless
 
@@ -672,8 +662,7 @@ def stack_experts(w_gate_up, w_down, router=None, **tuning) -> StackedExperts:
   runs the kernels in the Pallas interpreter, for tests on CPU), kernel="slot" (the
   default) or "hgmm" (`StackedExperts.kernel`), route="kernel_triton" (the default),
   "xla", "kernel" or "kernel_rows" (`StackedExperts.route`), overflow="passes" (the
-  default) or "cond" (`StackedExperts.dropless`), route_logits="xla" (the default) or
-  "kernel" (`StackedExperts.route_logits`), sparse=1 (the default;
+  default) or "cond" (`StackedExperts.dropless`), sparse=1 (the default;
   `StackedExperts.sparse`: the chosen experts only at small batches) and pdl=1 (the slot
   kernels launched with programmatic dependent launch, `slot_gpu.slot_gmm(pdl=True)`;
   right on the H200 and no faster, off by default)."""
@@ -686,13 +675,6 @@ def stack_experts(w_gate_up, w_down, router=None, **tuning) -> StackedExperts:
   if tuning.get("overflow", "cond") not in OVERFLOWS:
     raise ValueError(f"stack_experts: overflow={tuning['overflow']!r}: must be one of "
                      f"{OVERFLOWS}")
-  if tuning.get("route_logits", "xla") not in ROUTE_LOGITS:
-    raise ValueError(f"stack_experts: route_logits={tuning['route_logits']!r}: must be one "
-                     f"of {ROUTE_LOGITS}")
-  if tuning.get("route_logits", "xla") == "kernel" and (
-      router is None or tuning.get("route") != "kernel_triton"):
-    raise ValueError("stack_experts: route_logits='kernel' needs the router's weights "
-                     "(router=) and route='kernel_triton' (the kernel that multiplies them)")
   for key in ("pdl", "sparse"):   # True and False compare equal to 1 and 0
     if tuning.get(key, 0) not in (0, 1):
       raise ValueError(f"stack_experts: {key}={tuning[key]!r}: must be 0 or 1")

@@ -183,24 +183,18 @@ class RoutedFFN(nnx.Module):
         T, G, m.num_experts, m.top_k_groups, m.top_k, impl):
       return None
     with jax.named_scope("router"):
-      D = x_TxD.shape[1]   # impl "triton" also copies the tokens' rows to their slots
-      with_x = impl == "triton" and D & (D - 1) == 0
-      prepared = stacked.router is not None and x_TxD.dtype == jnp.bfloat16
-      in_kernel = (prepared and with_x and stacked.route_logits == "kernel"
-                   and D % route_gpu.ROUTER_CHUNK == 0)
-      if in_kernel:   # the route's first launch multiplies x by the operand itself
-        logits_TxL = None
-      elif prepared:
+      if stacked.router is not None and x_TxD.dtype == jnp.bfloat16:
         logits_TxL = routing.logits_from_operand(x_TxD, stacked.router, G + m.num_experts)
       else:
         logits_TxL = routing.router_logits(x_TxD, self.router_weights())
+      D = x_TxD.shape[1]   # impl "triton" also copies the tokens' rows to their slots
+      with_x = impl == "triton" and D & (D - 1) == 0
       r = route_gpu.route_slots(   # dropless: C >= T, no overflow (capacity_experts)
           logits_TxL, num_groups=G, top_k_groups=m.top_k_groups, top_k=m.top_k,
           combine_weights=m.combine_weights,
           capacity=slot_capacity(T, m.top_k, m.num_experts, stacked,
                                  dropless=with_x and stacked.dropless),
-          interpret=stacked.config().interpret, impl=impl, x=x_TxD if with_x else None,
-          router=stacked.router if in_kernel else None, num_experts=m.num_experts)
+          interpret=stacked.config().interpret, impl=impl, x=x_TxD if with_x else None)
     w_gate_up = [w[...].astype(self.dtype) for w in self.w_gate_up]
     w_down = [w[...].astype(self.dtype) for w in self.w_down]
     with jax.named_scope("routed_experts"):

@@ -179,33 +179,16 @@ def _launch(kernel, logits, *, T, W, G, K, Kg, C, interpret, scratch) -> RouteSl
 
 @functools.partial(jax.jit, static_argnames=("num_groups", "top_k_groups", "top_k",
                                              "combine_weights", "capacity", "interpret",
-                                             "impl", "num_experts"))
+                                             "impl"))
 def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
                 combine_weights: str, capacity: int, interpret: bool = False,
-                impl: str = "wgmma", x=None, router=None,
-                num_experts: int | None = None) -> RouteSlots:
+                impl: str = "wgmma", x=None) -> RouteSlots:
   """See the module docstring. logits: [T, G + E] float32 (G = num_groups, 0 for
   homogeneous top-K). interpret: the Pallas GPU interpreter (CPU tests). impl: "wgmma"
   (a warpgroup a chunk of 64 tokens in the WGMMA layout), "rows" (`_route_rows`: a
   thread a token) or "triton" (`_route_triton`: two Triton launches over many SMs).
   x [T, D] (impl "triton", D a power of two): the tokens' rows, copied to their slots by
-  the second launch (`RouteSlots.slot_x`: the slot block's rows, no gather after).
-  router (impl "triton", with bf16 x and num_experts E, logits None): the router's weights
-  as `mohge_jax.routing.router_operand` makes them, bf16 [D, L] or [D, 3L] (L = G + E): the
-  first launch computes the logits from x and them (exact bf16 products summed in float32,
-  `routing.logits_from_operand`'s parts in its order; the sum over D in another order),
-  so the router's product is not a launch of its own. Not yet timed on a GPU."""
-  if router is not None:
-    if logits is not None or impl != "triton" or x is None or x.dtype != jnp.bfloat16:
-      raise ValueError("route_slots: router= computes the logits (pass logits=None) with "
-                       "impl='triton' and bf16 x")
-    L = num_groups + (num_experts or 0)
-    if (num_experts is None or router.dtype != jnp.bfloat16 or router.ndim != 2
-        or router.shape[0] != x.shape[1] or router.shape[1] not in (L, 3 * L)):
-      raise ValueError(f"route_slots: router must be bf16 [D, L] or [D, 3L] with D = x's "
-                       f"{x.shape[1]} and L = num_groups + num_experts = {L}; got "
-                       f"{router.dtype}{list(router.shape)}, num_experts={num_experts}")
-    logits = jax.ShapeDtypeStruct((x.shape[0], L), jnp.float32)   # (shapes only)
+  the second launch (`RouteSlots.slot_x`: the slot block's rows, no gather after)."""
   T, width = logits.shape
   G, K, Kg, C = num_groups, top_k, top_k_groups, capacity
   E = width - G
@@ -226,9 +209,8 @@ def route_slots(logits, *, num_groups: int, top_k_groups: int, top_k: int,
     return _route_rows(logits.astype(jnp.float32), G=G, K=K, Kg=Kg, C=C,
                        combine=combine_weights, interpret=interpret)
   if impl == "triton":
-    return _route_triton(None if router is not None else logits.astype(jnp.float32), x,
-                         G=G, K=K, Kg=Kg, C=C, combine=combine_weights, interpret=interpret,
-                         router=router, E=E)
+    return _route_triton(logits.astype(jnp.float32), x, G=G, K=K, Kg=Kg, C=C,
+                         combine=combine_weights, interpret=interpret)
   W = T // ROWS   # warpgroups: one a chunk of tokens
   wg = plgpu.Layout.WGMMA
   row = wg.reduce(1)
@@ -479,27 +461,6 @@ def _route_rows(logits, *, G: int, K: int, Kg: int, C: int, combine: str, interp
 # ----------------------------------------------------------------------------- impl="triton"
 
 
-def _router_parts(router, L: int) -> int:
-  return router.shape[1] // L
-
-
-ROUTER_CHUNK = 16   # impl="triton" with router=: D a step of the in-kernel product
-
-
-def _triton_logits(x_ref, w_ref, rows, col0, n, *, L, parts, D, B):
-  """[B, n] float32: the logits of columns col0 .. col0 + n of x[rows] @ the router operand,
-  its parts summed as `routing.logits_from_operand` does (hi + (mid + lo)); bf16 products
-  exact in float32, summed over D in ROUTER_CHUNK steps."""
-  def body(j, accs):
-    k = pl.ds(j * ROUTER_CHUNK, ROUTER_CHUNK)
-    xs = x_ref[rows, k].astype(jnp.float32)                           # [B, chunk]
-    return tuple(acc + (xs[:, :, None] * w_ref[k, pl.ds(p * L + col0, n)].astype(
-        jnp.float32)[None, :, :]).sum(axis=1) for p, acc in enumerate(accs))
-  zeros = tuple(jnp.zeros((B, n), jnp.float32) for _ in range(parts))
-  accs = lax.fori_loop(0, D // ROUTER_CHUNK, body, zeros)
-  return accs[0] if parts == 1 else accs[0] + (accs[1] + accs[2])
-
-
 def _triton_unsupported_reason(T, G, E, Kg, K) -> str | None:
   pow2 = lambda n: n >= 1 and n & (n - 1) == 0  # noqa: E731
   if not 1 <= T <= MAX_TRITON_TOKENS:
@@ -547,27 +508,20 @@ def _triton_column(tile, j):
   return jnp.where(col == j, tile, 0).sum(axis=1)
 
 
-def _triton_route_kernel(*refs, B, T, G, E, K, Kg, combine, parts, D):
+def _triton_route_kernel(logits_ref, ids_ref, w_ref, gid_ref, rank_ref, count_ref, *, B, T,
+                         G, E, K, Kg, combine):
   """Program i routes tokens [B i, B i + B): the router's float32 math as
   `routing.two_level_route` / `topk_route` do it (the top-K read from p * q, its values
   divided by the row sum after), each pair's rank among this program's pairs of its expert
   (an exclusive cumsum of the 0/1 choices down the tokens) and this program's pairs an
-  expert. refs: (logits, outputs...), or with parts > 0 (x, router operand, outputs...):
-  the logits computed here (`_triton_logits`)."""
+  expert."""
   i = pl.program_id(0)
   rows = pl.ds(i * B, B)
-  if parts:
-    x_ref, op_ref, ids_ref, w_ref, gid_ref, rank_ref, count_ref = refs
-    logits = functools.partial(_triton_logits, x_ref, op_ref, rows, L=G + E, parts=parts,
-                               D=D, B=B)
-  else:
-    logits_ref, ids_ref, w_ref, gid_ref, rank_ref, count_ref = refs
-    logits = lambda col0, n: logits_ref[rows, pl.ds(col0, n)]  # noqa: E731
-  v = logits(G, E)                                                    # [B, E]
+  v = logits_ref[rows, pl.ds(G, E)]                                   # [B, E]
   ecol = lax.broadcasted_iota(jnp.int32, (B, E), 1)
   if G:
     N = E // G
-    u = logits(0, G)                                                  # [B, G]
+    u = logits_ref[rows, pl.ds(0, G)]                                 # [B, G]
     s = 1.0 / (1.0 + jnp.exp(-u))
     gids, _, gsel = _triton_top(s, Kg)
     masked = jnp.where(gsel, s, 0.0)
@@ -654,7 +608,7 @@ def _triton_slots_kernel(ids_ref, rank_ref, count_ref, *refs, B, P, E, K, C, wit
 
 
 def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
-                  interpret: bool, router=None, E: int | None = None) -> RouteSlots:
+                  interpret: bool) -> RouteSlots:
   """route_slots over many SMs: a program (thread block) of a few tokens (`triton_tile`)
   routes them and counts its pairs an expert; a second launch turns the counts into slots.
   Why: the Mosaic GPU kernels above run every token in one thread block (~30 us a
@@ -662,31 +616,25 @@ def _route_triton(logits, x, *, G: int, K: int, Kg: int, C: int, combine: str,
   here 64 programs of a [4, 64] tile each at batch 256 (1 warp, 8 values a thread), two
   launches. Pallas' Triton backend: the ranks are a cumsum down the tokens, which Mosaic
   GPU's Pallas lowering does not have (jax 0.11.2; `indexer_gpu` says more)."""
-  T = x.shape[0] if logits is None else logits.shape[0]
-  E = logits.shape[1] - G if logits is not None else E
+  T = logits.shape[0]
+  E = logits.shape[1] - G
   B, warps = triton_tile(T)
-  parts = 0 if router is None else _router_parts(router, G + E)
-  if parts:   # the product's [B, chunk, E] tile: a few values a thread with 4 warps
-    warps = max(warps, 4)
   P = -(-T // B)
   Pp = 1 << (P - 1).bit_length()   # the counts' rows, a power of two (Triton's blocks)
   Tp = P * B
   if Tp != T:
-    logits = None if logits is None else jnp.pad(logits, ((0, Tp - T), (0, 0)))
+    logits = jnp.pad(logits, ((0, Tp - T), (0, 0)))
     x = None if x is None else jnp.pad(x, ((0, Tp - T), (0, 0)))
   ints = jax.ShapeDtypeStruct((Tp, COLS), jnp.int32)
   # The interpreter's masked stores write at the masked lanes' (spill) places too; on the
   # GPU they write nothing, and the slot rows are exactly [E * C, D] (no copy to slice).
   spill = B if interpret else 0
+  params = plt.CompilerParams(num_warps=warps, num_stages=1)
   ids8, w8, gid8, rank8, counts = pl.pallas_call(
-      functools.partial(_triton_route_kernel, B=B, T=T, G=G, E=E, K=K, Kg=Kg, combine=combine,
-                        parts=parts, D=0 if x is None else x.shape[1]),
-      grid=(P,), interpret=interpret, name="route_tokens",
-      compiler_params=plt.CompilerParams(num_warps=warps, num_stages=1),
+      functools.partial(_triton_route_kernel, B=B, T=T, G=G, E=E, K=K, Kg=Kg, combine=combine),
+      grid=(P,), compiler_params=params, interpret=interpret, name="route_tokens",
       out_shape=(ints, jax.ShapeDtypeStruct((Tp, COLS), jnp.float32), ints, ints,
-                 jax.ShapeDtypeStruct((Pp, E), jnp.int32)))(
-          *((x, router) if parts else (logits,)))
-  params = plt.CompilerParams(num_warps=triton_tile(T)[1], num_stages=1)   # the second's
+                 jax.ShapeDtypeStruct((Pp, E), jnp.int32)))(logits)
   out_shape = (ints, jax.ShapeDtypeStruct((E * C + B * COLS,), jnp.int32),
                jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((E,), jnp.int32))
   if x is not None:

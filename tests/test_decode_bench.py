@@ -103,26 +103,6 @@ def test_decode_benchmark_bytes_and_tokens():
   np.testing.assert_array_equal(rows[0][1]["tokens_BxN"], rows[1][1]["tokens_BxN"])
 
 
-def test_decode_loop_from_python_decodes_the_same():
-  """NAME[loop=python+chunk=2]: the decode loop from Python, two steps a call, each call's
-  cache donated to the next, draws the scan's tokens by the same routes; a chunk that does
-  not divide the new tokens, or another loop, is refused."""
-  cfg = load_config(str(ROOT / "configs/tiny.yaml"), TINY)
-  graphdef, state = decode.init_bf16(cfg)
-  rows = list(decode.run(cfg, graphdef, state, 2, prompt_len=5, new_tokens=4, reps=2,
-                         backends=("all_experts", "all_experts[loop=python+chunk=2]"),
-                         layouts=("unrolled",)))
-  (row, arrays), (row_py, arrays_py) = rows
-  assert (row["loop"], row_py["loop"]) == ("scan", "python, 2 steps a call")
-  assert row_py["step_ms"] > 0
-  np.testing.assert_array_equal(arrays_py["tokens_BxN"], arrays["tokens_BxN"])
-  np.testing.assert_array_equal(arrays_py["expert_ids_NxRxBxK"], arrays["expert_ids_NxRxBxK"])
-  for label in ("all_experts[loop=python+chunk=3]", "all_experts[loop=while]"):
-    with pytest.raises(ValueError, match="loop must be scan or python"):
-      list(decode.run(cfg, graphdef, state, 2, prompt_len=5, new_tokens=4, reps=1,
-                      backends=(label,), layouts=("unrolled",)))
-
-
 def test_decode_benchmark_profile_rows(tmp_path):
   """--profile: the row keeps the decode step's top operations by kernel name, by name
   stack and by distinct kernel (`profile_summary`'s by="kernel"), per decode step."""

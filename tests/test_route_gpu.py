@@ -142,53 +142,6 @@ def test_kernel_in_the_gpu_interpreter_matches_numpy(rng, router, combine, T, E,
   _check(got, want)
 
 
-@pytest.mark.parametrize("router,w_dtype", [("mohge", jnp.float32), ("moe", jnp.bfloat16)])
-def test_triton_route_computes_the_logits_from_the_router_operand(rng, router, w_dtype):
-  """route_slots(None, x=, router=): the first launch's own product of x and the router's
-  operand (`routing.router_operand`: float32 weights' three bf16 parts, bf16 weights as
-  they are) routes as route_slots(logits_from_operand(x, operand)) (XLA's product): the
-  same experts, groups, slots and slot rows and combine weights (on inputs whose sums
-  over D are exact in float32 in any order); a wrong operand is refused."""
-  _router_operand_routes_alike(rng, router, w_dtype, T=40, D=128, interpret=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(pk.resolve_backend("auto") != "mosaic_gpu", reason="needs a Hopper GPU")
-@pytest.mark.parametrize("router,w_dtype", [("mohge", jnp.float32), ("mohge", jnp.bfloat16),
-                                            ("moe", jnp.bfloat16)])
-def test_triton_route_computes_the_logits_on_the_gpu(rng, router, w_dtype):
-  """The same compiled for the H200 at a decode batch of 256 and MoHGE-3B's width."""
-  _router_operand_routes_alike(rng, router, w_dtype, T=256, D=1024, interpret=False)
-
-
-def _router_operand_routes_alike(rng, router, w_dtype, *, T, D, interpret):
-  from mohge_jax import routing
-  kw = dict(MOHGE if router == "mohge" else MOE)
-  G, E = kw["num_groups"], 64
-  # x on a 2^-4 grid, w on 2^-6: every product and every partial sum is exact in float32,
-  # so both sums over D (XLA's order, the kernel's) give the same logits, ties included
-  x = jnp.asarray(np.round(rng.normal(size=(T, D)) * 16) / 16, jnp.bfloat16)
-  w = jnp.asarray(np.round(rng.normal(size=(D, G + E)) * 64 * 2 / np.sqrt(D)) / 64, w_dtype)
-  op = routing.router_operand(w)
-  assert op.shape == (D, (3 if w_dtype == jnp.float32 else 1) * (G + E))
-  common = dict(combine_weights="softmax", capacity=T, interpret=interpret, impl="triton",
-                x=x, num_experts=E, **kw)
-  want = rg.route_slots(routing.logits_from_operand(x, op, G + E), **common)
-  got = rg.route_slots(None, router=op, **common)
-  for name in ("expert_ids", "group_ids", "slots", "slot_tokens", "counts", "max_count"):
-    np.testing.assert_array_equal(np.asarray(getattr(got, name)),
-                                  np.asarray(getattr(want, name)), err_msg=name)
-  np.testing.assert_allclose(np.asarray(got.weights), np.asarray(want.weights), rtol=1e-6)
-  filled = (np.arange(T)[None, :] < np.asarray(want.counts)[:, None]).ravel()
-  np.testing.assert_array_equal(np.asarray(got.slot_x)[filled], np.asarray(want.slot_x)[filled])
-  with pytest.raises(ValueError, match="router must be bf16"):
-    rg.route_slots(None, router=op[:, :-1], **common)
-  with pytest.raises(ValueError, match="num_experts=None"):
-    rg.route_slots(None, router=op, **{**common, "num_experts": None})
-  with pytest.raises(ValueError, match="logits=None"):
-    rg.route_slots(routing.logits_from_operand(x, op, G + E), router=op, **common)
-
-
 @pytest.mark.parametrize("min_tokens", [8, 16])
 def test_triton_larger_tiles_route_alike(rng, monkeypatch, min_tokens):
   """The Triton kernels with more tokens a program (route_gpu.MIN_TILE_TOKENS: 8 tokens
@@ -276,14 +229,6 @@ def test_triton_kernels_lower_for_cuda_and_refuse_other_shapes():
               jax.ShapeDtypeStruct((T, 1024), jnp.bfloat16)).lower(
                   lowering_platforms=("cuda",)).as_text()
     assert text.count("route_tokens") and text.count("route_slots")
-    for parts in (1, 3):   # the logits from the router's operand in the first launch
-      with mock.patch.object(reg.gpu_info_lib, "get_gpu_info", lambda: info):
-        text = jax.jit(lambda x, op, kw=kw: rg.route_slots(
-            None, combine_weights="softmax", capacity=64, impl="triton", x=x, router=op,
-            num_experts=E, **kw)).trace(jax.ShapeDtypeStruct((T, 1024), jnp.bfloat16),
-                         jax.ShapeDtypeStruct((1024, parts * (G + E)), jnp.bfloat16)).lower(
-                             lowering_platforms=("cuda",)).as_text()
-      assert text.count("route_tokens") and text.count("route_slots")
   for T, E, kw, match in ((1025, 64, MOE, "tokens must be 1..1024"),
                           (64, 96, MOE, "experts must be a power of two"),
                           (64, 64, dict(MOE, top_k=9), "top_k must be 1..8"),
@@ -460,34 +405,6 @@ def test_sparse_decode_runs_the_chosen_experts_only(rng, monkeypatch, T):
 def test_sparse_decode_on_the_gpu(rng, monkeypatch, T):
   """The same compiled for the H200 (10 tokens: 60 pairs, nearly every expert)."""
   _sparse(rng, monkeypatch, T, interpret=False)
-
-
-def test_layer_takes_the_router_product_into_the_route_kernel_when_asked(rng, monkeypatch):
-  """StackedExperts.route_logits="kernel": the layer hands the route kernel x and the
-  router's operand (no logits); the default hands it XLA's logits; both route alike. (The
-  experts' product is stubbed: this is the routing's wiring; the kernel's own product is
-  tested above.)"""
-  from mohge_jax import experts as experts_mod
-  _, layer = _layer(rng, "mohge")
-  x = jnp.asarray(rng.normal(size=(2, 16, 128)), jnp.bfloat16)
-  calls, real = [], rg.route_slots
-  monkeypatch.setattr(rg, "route_slots", lambda logits, **k: calls.append(
-      (logits is None, k.get("router") is not None)) or real(logits, **k))
-  monkeypatch.setattr(experts_mod, "capacity_experts",
-                      lambda x_TxD, *a, **k: jnp.zeros(x_TxD.shape, jnp.float32))
-  w = lambda ws: [a[...].astype(jnp.bfloat16) for a in ws]  # noqa: E731
-  ids = {}
-  for mode in ("xla", "kernel"):
-    stacked = dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), layer.router_weights(),
-                                     route="kernel_triton", route_logits=mode, interpret=True)
-    assert stacked.route_logits == mode
-    ids[mode] = np.asarray(layer(x, backend="capacity", stacked=stacked)[1]["expert_ids"])
-  assert calls == [(False, False), (True, True)]
-  np.testing.assert_array_equal(ids["kernel"], ids["xla"])
-  with pytest.raises(ValueError, match="route_logits='fast'"):
-    dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), route_logits="fast")
-  with pytest.raises(ValueError, match="needs the router's weights"):
-    dispatch.stack_experts(w(layer.w_gate_up), w(layer.w_down), route_logits="kernel")
 
 
 def _layer_route_equals_xla(rng, kind, route, T, kw):
