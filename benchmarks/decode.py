@@ -20,7 +20,8 @@ same through the Mosaic GPU kernels, unrolled only; NAME[key=value+...] adds a t
 those kernels, e.g. `capacity_kernel[kernel=hgmm+bk=64]`, or absorb=FORM the attention's
 decode weights (`MLA.decode_weights(absorb=)`; else model.decode_absorb), e.g.
 `auto[absorb=query]`, or unroll=N decode steps a loop iteration (else generate's, `generate.decode_unroll`),
-e.g. `auto[unroll=4]`)
+e.g. `auto[unroll=4]`, or head=auto|kernel|xla the greedy token's output layer (else
+generate's, `generate.GREEDY_HEAD`; `generate.greedy_tokens`), e.g. `auto[head=xla]`)
 and layer layout (`--layouts`:
 the layer scan, or unrolled over separate per-layer buffers), run --reps times from the
 same prefilled cache after a warm-up run; step time = median over runs of run time / new
@@ -159,24 +160,26 @@ def _backend_name(m, backend: str | None, batch: int) -> str:
 
 
 def make_decode(cfg: Config, graphdef, new_tokens: int, expert_backend: str | None = None,
-                unroll: int | None = None):
+                unroll: int | None = None, head: str | None = None):
   """(state, layers, tokens_B, positions_B, caches) -> (tokens [N, B], expert ids
   [N, R, B, K]): `new_tokens` greedy decode steps in one `lax.scan` (`unroll` steps a loop
   iteration; None: generate's, `generate.decode_unroll`), each feeding the token it drew;
-  routed experts through `expert_backend` (`generate.decode_step`). `layers`: None (the
-  layer scan over the stacked weights and caches) or `generate.unstack_layers`'s
-  separate per-layer buffers, run unrolled, with `caches` from `generate.unstack_caches`."""
+  routed experts through `expert_backend` (`generate.decode_step`), the token from the
+  output layer `head` (`generate.greedy_tokens`; None: generate's, `GREEDY_HEAD`).
+  `layers`: None (the layer scan over the stacked weights and caches) or
+  `generate.unstack_layers`'s separate per-layer buffers, run unrolled, with `caches` from
+  `generate.unstack_caches`."""
   def decode(state, layers, tokens_B, positions_B, caches):
     model = nnx.merge(graphdef, state)
 
     def step(carry, _):
       tokens_B, positions_B, caches = carry
-      logits_BxV, caches, routes = gen.decode_step(model, tokens_B, positions_B, caches,
-                                                   expert_backend, layers=layers)
+      next_B, caches, routes = gen.decode_step(model, tokens_B, positions_B, caches,
+                                               expert_backend, layers=layers,
+                                               greedy=head or gen.GREEDY_HEAD)
       ids = [r.expert_ids[:, :, 0] for r in routes if r is not None]
       ids_RxBxK = (jnp.concatenate(ids) if ids
                    else jnp.zeros((0, tokens_B.shape[0], cfg.model.top_k), jnp.int32))
-      next_B = _greedy(cfg, logits_BxV)
       return (next_B, positions_B + 1, caches), (next_B, ids_RxBxK)
 
     _, out = jax.lax.scan(step, (tokens_B, positions_B, caches), None, length=new_tokens,
@@ -244,6 +247,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     # not the kernels': the attention's decode weights, the decode loop's unrolling
     absorb = tuning.pop("absorb", m.decode_absorb)
     unroll = int(tuning.pop("unroll", gen.decode_unroll()))
+    head = tuning.pop("head", gen.GREEDY_HEAD)   # the greedy token's output layer
     tuning = tuning or None
     if layout == "unrolled":
       layers = gen.unstack_layers(nnx.merge(graphdef, state),
@@ -253,7 +257,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
     else:
       layers, args = None, (state, None, first_B, lengths_B, caches)
     t3 = T()
-    decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend, unroll)).lower(
+    decode = jax.jit(make_decode(cfg, graphdef, new_tokens, backend, unroll, head)).lower(
         *args).compile(compiler_options=DECODE_OPTIONS[opts]() or None)
     t4 = T()
     out = jax.block_until_ready(decode(*args))  # warm-up
@@ -277,6 +281,7 @@ def run(cfg: Config, graphdef, state, batch: int, prompt_len: int, new_tokens: i
            "layout": layout, "expert_backend": _backend_name(m, backend, batch)
            + (f"[{label.split('[', 1)[1]}" if "[" in (label or "") else ""),
            "absorb": absorb if layout == "unrolled" else "none", "scan_unroll": unroll,
+           "greedy_head": head,
            "decode_options": opts, "compiler_options": DECODE_OPTIONS[opts](),
            "step_ms": 1e3 * step_s, "step_ms_all": [1e3 * x for x in times],
            "tokens_per_s": batch / step_s, "bytes_per_step": mean["total"],

@@ -138,6 +138,49 @@ def _logits(model: Transformer, x: jax.Array) -> jax.Array:
     return logits_matmul(model.final_norm(x), head_weight(model))
 
 
+# Greedy decoding's output layer (`greedy_tokens`): "auto" takes the fused kernel
+# (`pallas_kernels.head_gpu.greedy_head`: the logits' GEMM with each row's maximum and its
+# index in the epilogue, the float32 logits never written) where it runs (a Hopper GPU, no
+# mesh of several devices, bf16/f16, the shapes its tiles take), else XLA's logits and
+# argmax; "kernel" and "xla" force one.
+GREEDY_HEADS = ("auto", "kernel", "xla")
+
+
+def greedy_tokens(model: Transformer, x_Bx1xD: jax.Array, head: str = "auto") -> jax.Array:
+  """The argmax over the valid vocabulary of the logits of x [B, 1, D] (ties: the lowest
+  id, as `sampling_mask` at temperature 0): int32 [B]. head: GREEDY_HEADS."""
+  if head not in GREEDY_HEADS:
+    raise ValueError(f"greedy head {head!r}: must be one of {GREEDY_HEADS}")
+  vocab = model.cfg.model.vocab_size
+  with jax.named_scope("lm_head"):
+    x_BxD = model.final_norm(x_Bx1xD)[:, 0]
+    w_DxV = head_weight(model)
+    if head == "kernel" or (head == "auto" and _head_kernel_takes(x_BxD, w_DxV)):
+      from pallas_kernels import head_gpu  # noqa: PLC0415 - only on the decode path
+      return head_gpu.greedy_head(x_BxD, w_DxV, vocab)[0]
+    logits_BxV = logits_matmul(x_BxD, w_DxV)
+    valid_V = jnp.arange(logits_BxV.shape[-1]) < vocab
+    return jnp.argmax(jnp.where(valid_V, logits_BxV, -jnp.inf), axis=-1).astype(jnp.int32)
+
+
+def _head_kernel_takes(x_BxD: jax.Array, w_DxV: jax.Array) -> bool:
+  import pallas_kernels  # noqa: PLC0415
+  if pallas_kernels.resolve_backend("auto") != "mosaic_gpu":
+    return False
+  from pallas_kernels import head_gpu  # noqa: PLC0415
+  mesh = jax.sharding.get_abstract_mesh()
+  return ((mesh.empty or mesh.size == 1) and w_DxV.dtype == x_BxD.dtype
+          and head_gpu.unsupported_reason(*x_BxD.shape, w_DxV.shape[1], x_BxD.dtype) is None)
+
+
+def _output(model: Transformer, x_Bx1xD: jax.Array, greedy: str | None) -> jax.Array:
+  """A decode step's output: the logits [B, V] float32 (greedy None) or the greedy tokens
+  [B] int32 (`greedy_tokens`, greedy its head)."""
+  if greedy is None:
+    return _logits(model, x_Bx1xD)[:, 0]
+  return greedy_tokens(model, x_Bx1xD, greedy)
+
+
 def decode_expert_backend(m, tokens: int) -> str:
   """decode_backend="auto" for `tokens` tokens a step: `dispatch.capacity_experts` from 8
   routed rows per expert on average (tokens * top_k >= 8 * experts), through the Mosaic
@@ -242,10 +285,12 @@ def prefill(model: Transformer, tokens_BxP: jax.Array, lengths_B: jax.Array, cac
 
 
 def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
-                caches: list, expert_backend: str | None = None, layers: list | None = None):
-  """One token per row at its position: logits [B, V] float32, the updated caches and per
-  stack the routing ([n, B, 1, ...] ids; None for dense stacks). `expert_backend`: None
-  (model.expert_backend), "all_experts" (`dispatch.all_experts`), "capacity"
+                caches: list, expert_backend: str | None = None, layers: list | None = None,
+                greedy: str | None = None):
+  """One token per row at its position: logits [B, V] float32 (with `greedy`, one of
+  GREEDY_HEADS: the greedy tokens [B] int32 instead, `greedy_tokens`), the updated caches
+  and per stack the routing ([n, B, 1, ...] ids; None for dense stacks). `expert_backend`:
+  None (model.expert_backend), "all_experts" (`dispatch.all_experts`), "capacity"
   (`dispatch.capacity_experts`) or "auto" (one of these two by the batch:
   `decode_expert_backend`).
 
@@ -255,7 +300,8 @@ def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
   stacked arrays inside the step, which XLA may copy (a read and a write of every weight
   each step); separate buffers need no slice."""
   if layers is not None:
-    return _decode_step_unrolled(model, tokens_B, positions_B, caches, expert_backend, layers)
+    return _decode_step_unrolled(model, tokens_B, positions_B, caches, expert_backend, layers,
+                                 greedy)
   x_Bx1xD = _embed(model, tokens_B[:, None])
   new_caches, routes = [], []
   for stack, cache in zip(model.stacks, caches):
@@ -276,7 +322,7 @@ def decode_step(model: Transformer, tokens_B: jax.Array, positions_B: jax.Array,
                                          (state, jnp.arange(stack.num)))
     new_caches.append(cache)
     routes.append(ids)
-  return _logits(model, x_Bx1xD)[:, 0], new_caches, routes
+  return _output(model, x_Bx1xD, greedy), new_caches, routes
 
 
 def stacks_experts(m, decode_backend: str | None, batch: int) -> bool:
@@ -358,7 +404,8 @@ def unstack_caches(caches: list[MLACache]) -> list[list[MLACache]]:
           for cache in caches]
 
 
-def _decode_step_unrolled(model, tokens_B, positions_B, caches, expert_backend, layers):
+def _decode_step_unrolled(model, tokens_B, positions_B, caches, expert_backend, layers,
+                          greedy=None):
   x_Bx1xD = _embed(model, tokens_B[:, None])
   new_caches, routes = [], []
   for stack, stack_caches, stack_layers in zip(model.stacks, caches, layers):
@@ -376,7 +423,7 @@ def _decode_step_unrolled(model, tokens_B, positions_B, caches, expert_backend, 
       ids_n.append(ids)
     new_caches.append(updated)
     routes.append(None if ids_n[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ids_n))
-  return _logits(model, x_Bx1xD)[:, 0], new_caches, routes
+  return _output(model, x_Bx1xD, greedy), new_caches, routes
 
 
 def _routed(routes_per_stack: list) -> routing.Forced:
@@ -458,6 +505,10 @@ def decode_compiler_options() -> dict[str, str]:
 DECODE_UNROLL = 2
 
 
+# The output layer of `generate`'s greedy decode steps (temperature 0; `greedy_tokens`).
+GREEDY_HEAD = "auto"
+
+
 def decode_unroll() -> int:
   """`lax.scan(unroll=)` of the decode loops: DECODE_UNROLL on a GPU backend, else 1."""
   return DECODE_UNROLL if jax.default_backend() == "gpu" else 1
@@ -486,6 +537,7 @@ def _generate_fn(graphdef, state, layers, prompts_BxP, lengths_B, key, *, max_ne
                            temperature=temperature, top_k=top_k, top_p=top_p)
 
   logits_BxV, caches, prompt_routes = prefill(model, prompts_BxP, lengths_B, cache_length(S))
+  V = logits_BxV.shape[-1]
   if layers is not None:
     caches = unstack_caches(caches)
   routes = None
@@ -501,14 +553,18 @@ def _generate_fn(graphdef, state, layers, prompts_BxP, lengths_B, key, *, max_ne
     out = (jnp.where(alive_B, tokens_B, pad_id), jnp.where(alive_B, logp_B, 0.0),
            (allowed_BxV & alive_B[:, None]) if return_mask else None, alive_B)
     done_B = done_B | jnp.isin(tokens_B, jnp.asarray(stop_ids or (-1,), jnp.int32))
-    # Feed the token (also the last one: its routing completes `routes`).
-    logits_BxV, caches, step_routes = decode_step(model, tokens_B, positions_B, caches,
-                                                  decode_backend, layers=layers)
+    # Feed the token (also the last one: its routing completes `routes`). Greedy: the
+    # output layer gives the tokens (`greedy_tokens`), the logits are not made.
+    out_B, caches, step_routes = decode_step(model, tokens_B, positions_B, caches,
+                                             decode_backend, layers=layers,
+                                             greedy=GREEDY_HEAD if temperature == 0 else None)
     if routes is not None:
       routes = jax.tree.map(lambda buf, ids: buf.at[:, rows_B, positions_B].set(ids[:, :, 0]),
                             routes, _routed(step_routes))
     key, sub = jax.random.split(key)
-    return (draw(sub, logits_BxV), positions_B + 1, caches, routes, done_B, key), out
+    drawn = (draw(sub, out_B) if temperature else   # as `sample` at temperature 0
+             (out_B, jnp.zeros((B,), jnp.float32), jax.nn.one_hot(out_B, V, dtype=jnp.bool_)))
+    return (drawn, positions_B + 1, caches, routes, done_B, key), out
 
   carry = (first, lengths_B, caches, routes, jnp.zeros((B,), jnp.bool_), key)
   carry, (tokens_NxB, logp_NxB, allowed_NxBxV, alive_NxB) = jax.lax.scan(

@@ -175,11 +175,13 @@ def test_3b_prefill_and_decode_lower_for_gpu(monkeypatch, config):
     else:  # ... with the decode experts' kernel (`slot_gpu`) over stacked, tiled weights
       layers = jax.eval_shape(lambda s: gen.unstack_layers(nnx.merge(graphdef, s),
                                                            stack_experts=True), state)
-      text = jax.jit(decode.make_decode(cfg, graphdef, N, "capacity_kernel")).trace(
-          state, layers, lengths, lengths, jax.eval_shape(gen.unstack_caches, caches)).lower(
-              lowering_platforms=("cuda",)).as_text()
+      text = jax.jit(decode.make_decode(cfg, graphdef, N, "capacity_kernel", head="kernel")
+                     ).trace(state, layers, lengths, lengths,
+                             jax.eval_shape(gen.unstack_caches, caches)).lower(
+                                 lowering_platforms=("cuda",)).as_text()
       assert "mosaic_gpu" in text
       assert "route_tokens" in text and "route_slots" in text   # the Triton route kernel
+      assert "greedy_head_kernel" in text   # the output layer's argmax in its epilogue
       # the dropless slot block: no overflow cond around the kernels (a CUDA-graph
       # conditional on the H200, ~20 us a layer)
       assert "stablehlo.case" not in text and "stablehlo.if" not in text

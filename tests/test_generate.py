@@ -193,6 +193,29 @@ def test_greedy_is_deterministic_and_stepwise_argmax(rng):
     assert mask.sum() == 6 and np.all(mask[np.arange(6), want])
 
 
+def test_greedy_heads_pick_the_logits_argmax(rng, monkeypatch):
+  """generate.greedy_tokens: head="xla" is the argmax of the step's logits over the valid
+  vocabulary; head="kernel" (the fused output layer, run in the Pallas GPU interpreter)
+  picks a token whose float32 logit is the row's maximum (its sums' order may differ
+  from XLA's, so an exact near-tie may go either way); an unknown head is refused."""
+  from pallas_kernels import head_gpu
+  model = make_model(int(rng.integers(1 << 30)), ["model.d_model=64", "model.dtype=bfloat16",
+                                                  "model.vocab_pad_multiple=128"])
+  x_Bx1xD = jnp.asarray(rng.normal(size=(5, 1, 64)), jnp.bfloat16)
+  logits_BxV = np.asarray(gen._logits(model, x_Bx1xD)[:, 0])
+  assert logits_BxV.shape[1] == 384   # 257 padded: the padded columns must not be picked
+  want_B = np.argmax(logits_BxV[:, :V], axis=-1)
+  np.testing.assert_array_equal(np.asarray(gen.greedy_tokens(model, x_Bx1xD, "xla")), want_B)
+  monkeypatch.setattr(head_gpu, "greedy_head", functools.partial(
+      head_gpu.greedy_head, interpret=True, num_ctas=2))
+  got_B = np.asarray(gen.greedy_tokens(model, x_Bx1xD, "kernel"))
+  best_B = logits_BxV[np.arange(5), want_B]
+  assert np.all(got_B < V)
+  np.testing.assert_allclose(logits_BxV[np.arange(5), got_B], best_B, rtol=1e-5)
+  with pytest.raises(ValueError, match="greedy head 'argmax'"):
+    gen.greedy_tokens(model, x_Bx1xD, "argmax")
+
+
 def test_generate_decode_options_sample_the_same(rng, monkeypatch):
   """generate(decode_backend=..., unrolled=...) draws the tokens of the layer scan with the
   model's expert backend (same key, temperature 1) and records the same routes: the options
