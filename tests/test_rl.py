@@ -71,8 +71,8 @@ SFT, GRPO = 2, 3
 # compilation than two layers.
 TOY = TINY + ["model.num_layers=1", "model.first_dense_layers=0", f"rl.sft_steps={SFT}",
               f"train.steps={GRPO}", "rl.prompts_per_step=2", "rl.group_size=3",
-              "rl.max_new_tokens=8", "rl.prompt_bucket=16", "rl.sft_batch_size=4", "train.ckpt_every=1",
-              "train.keep_checkpoints=100", "train.log_every=100"]
+              "rl.max_new_tokens=8", "rl.prompt_bucket=16", "rl.sft_batch_size=4",
+              "train.ckpt_every=1", "train.keep_checkpoints=100", "train.log_every=100"]
 
 
 def _target(cfg):
