@@ -14,9 +14,12 @@ MICRO = ["model.d_model=32", "model.num_heads=2", "model.kv_lora_rank=16",
          "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
          "model.dense_ffn_width=48", "model.group_widths=[8,16]", "model.experts_per_group=2",
          "model.top_k_groups=1", "model.top_k=2", "model.shared_expert_width=8",
-         "model.num_layers=2", "train.batch_size=8", "train.seq_len=32", "train.steps=2",
+         "model.num_layers=1", "model.first_dense_layers=0", "train.batch_size=8",
+         "train.seq_len=32", "train.steps=2",
          "train.warmup_steps=0", "train.log_every=1", "train.eval_batches=0",
          "train.compile_cache=", "train.lr=1e-2"]
+# One routed layer (no dense first layer): the warm-up's freezing goes by parameter path, not
+# by layer kind, and this layer has attention, indexer, router, shared and routed experts.
 DSA = ["model.sparse_attention=dsa", "model.dsa_index_heads=2", "model.dsa_index_dim=8",
        "model.dsa_index_rope_dim=4", "model.dsa_topk=8", "model.dsa_query_chunk=16"]
 
