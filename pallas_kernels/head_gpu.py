@@ -37,6 +37,10 @@ TILE_N = 128         # vocabulary columns a CTA tile
 TILE_K = 64          # contraction depth a pipeline step (128 bytes of bf16: the swizzle)
 STEPS = 4            # pipeline steps in flight
 H200_SMS = 132       # CTAs when no GPU is attached (lowering for CUDA on a CPU host)
+# generate.greedy_tokens(head="auto") takes the kernel from this batch: it computes 256 rows
+# whatever the batch, ~0.12 ms on the H200, where XLA's logits and argmax take 0.167 ms at
+# 256 rows, 0.093 at 32 and 0.075 at 1 (twenty-seventh session, benchmarks/head.py).
+AUTO_MIN_BATCH = 128
 
 
 def reference(x_BxD: jax.Array, w_DxV: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
