@@ -4,7 +4,8 @@ maximum and its index kept in the epilogue, so the [B, V] float32 logits never r
     tokens_B, best_B = greedy_head(x [B, D], w [D, V], vocab_size)   (reference: `reference`)
 
 tokens_B[b] = argmax over v < vocab_size of x[b] . w[:, v] (float32 accumulation; ties:
-the lowest id, as `jnp.argmax`), best_B its value.
+the lowest id, as `jnp.argmax`), best_B its value. (A row whose best is NaN gets the id V,
+out of range, where `jnp.argmax` gives the NaN's position: a model past repair either way.)
 
 Why: at a decode batch of 256 the output layer of MoHGE-3B (D = 1024, V = 130,688) is
 68.5 GFLOP and 267 MB of weights; XLA runs it as a cuBLAS GEMM that writes 134 MB of
