@@ -2,10 +2,11 @@
 (`pallas_kernels.head_gpu.greedy_head`), at MoHGE-3B's width and vocabulary.
 
     python -m benchmarks.head [--batches 256,32,1] [--tiles 128x4,128x3] [--reps 7]
-        [--out benchmarks/results/head_h200.json]
+        [--out benchmarks/results/head_h200.json] [--interpret --d-model 128 --vocab 500
+        --vocab-padded 512]
 
-Per batch: the time of one output layer (median over --reps of a loop of 20 calls, each
-call's result not waited for), for XLA (`jnp.dot` with float32 output, then argmax over the
+Per batch: the time of one output layer (`benchmarks.kernels.bench`: median over --reps
+of a loop of calls, each call's result not waited for; the committed rows: loops of 20), for XLA (`jnp.dot` with float32 output, then argmax over the
 valid vocabulary: what `generate.greedy_tokens` runs with head="xla") and for the kernel at
 each tile_n x steps; the kernel's tokens against XLA's in the same run (agreement, and
 where they differ, how far apart the two tokens' float32 logits are: a near-tie decided
@@ -15,26 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.kernels import bench  # median time per call, as the kernel benchmark
 from pallas_kernels import head_gpu
-
-
-def _time(fn, *args, calls: int = 20, reps: int = 7) -> float:
-  jax.block_until_ready(fn(*args))
-  runs = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    runs.append((time.perf_counter() - t) / calls)
-  return statistics.median(runs)
 
 
 def main(argv=None) -> None:
@@ -47,6 +35,8 @@ def main(argv=None) -> None:
   ap.add_argument("--tiles", default="128x4,128x3", help="tile_n x pipeline steps")
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--out", default=None)
+  ap.add_argument("--interpret", action="store_true",
+                  help="the kernel in the Pallas GPU interpreter (CPU: the test's small shapes)")
   args = ap.parse_args(argv)
   D, V, vocab = args.d_model, args.vocab_padded, args.vocab
   rng = np.random.default_rng(0)
@@ -58,7 +48,7 @@ def main(argv=None) -> None:
     x = jnp.asarray(rng.normal(size=(B, D)), jnp.bfloat16)
     want_tok, _ = xla(x, w)
     logits = np.asarray(jnp.dot(x, w, preferred_element_type=jnp.float32))[:, :vocab]
-    t_xla = _time(xla, x, w, reps=args.reps)
+    t_xla = bench(xla, x, w, reps=args.reps)
     rows.append({"batch": B, "head": "xla", "us": 1e6 * t_xla, "ratio_to_xla": 1.0})
     print(f"{B:>6} {'xla':<18} {1e6 * t_xla:>9.1f} {1.0:>7.2f}")
     for spec in args.tiles.split(","):
@@ -67,10 +57,11 @@ def main(argv=None) -> None:
       if head_gpu.unsupported_reason(B, D, V, x.dtype, tile_n=tile_n):
         continue
       fn = jax.jit(lambda x, w, tile_n=tile_n, steps=steps: head_gpu.greedy_head(
-          x, w, vocab, tile_n=tile_n, steps=steps))
+          x, w, vocab, tile_n=tile_n, steps=steps, interpret=args.interpret,
+          num_ctas=4 if args.interpret else None))
       try:
         tok, _ = fn(x, w)
-        t = _time(fn, x, w, reps=args.reps)
+        t = bench(fn, x, w, reps=args.reps)
       except Exception as e:  # noqa: BLE001 - a failing tile is a row, not the end
         rows.append({"batch": B, "head": name, "error": repr(e)[:400]})
         print(f"{B:>6} {name:<18} error: {repr(e)[:200]}")

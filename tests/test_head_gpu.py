@@ -74,3 +74,17 @@ def test_kernel_on_the_gpu_equals_the_reference(rng, B):
   want_tok, want_best = hg.reference(x, w, 130656)
   np.testing.assert_array_equal(np.asarray(got_tok), np.asarray(want_tok))
   np.testing.assert_array_equal(np.asarray(got_best), np.asarray(want_best))
+
+
+def test_benchmark_writes_checked_rows(tmp_path):
+  """benchmarks/head.py at small shapes with the kernel interpreted: a row for XLA and for
+  each tile, the kernel's tokens checked against XLA's in the same run."""
+  import json
+  from benchmarks import head
+  out = tmp_path / "head.json"
+  head.main(["--batches", "5", "--d-model", "128", "--vocab", "500", "--vocab-padded", "512",
+             "--tiles", "128x2,64x2", "--reps", "1", "--interpret", "--out", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["head"] for r in rows] == ["xla", "kernel[128x2]", "kernel[64x2]"]
+  for r in rows[1:]:
+    assert r["token_agreement"] >= 0.8 and r["us"] > 0 and r["ratio_to_xla"] > 0
