@@ -151,12 +151,12 @@ def test_paper_config_output_init_std():
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_scanned_and_unrolled_layers_agree(rng, remat):
   """model.scan_layers runs the same stacked parameters as a Python loop over layers:
-  same logits, aux terms and gradients."""
-  cfg = load_config("configs/tiny.yaml", TINY + ["model.num_layers=4", f"model.remat={remat}"])
+  same logits, aux terms and gradients. Two routed layers: a stack the scan runs more than
+  once (three cost the unrolled program a third more compilation, checking nothing more)."""
+  cfg = load_config("configs/tiny.yaml", TINY + [f"model.remat={remat}"])
   model = Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
   graphdef, state = nnx.split(model)
-  unrolled_cfg = load_config("configs/tiny.yaml", TINY + ["model.num_layers=4",
-                                                           f"model.remat={remat}",
+  unrolled_cfg = load_config("configs/tiny.yaml", TINY + [f"model.remat={remat}",
                                                            "model.scan_layers=false"])
   unrolled_def, _ = nnx.split(nnx.eval_shape(lambda: Transformer(unrolled_cfg, rngs=nnx.Rngs(0))))
   tokens = jnp.asarray(rng.integers(0, 257, size=(2, 16)))
@@ -171,13 +171,13 @@ def test_scanned_and_unrolled_layers_agree(rng, remat):
   (l_loop, aux_loop), g_loop = grad(state, unrolled_def)
   np.testing.assert_allclose(float(l_scan), float(l_loop), rtol=1e-5)
   chex.assert_trees_all_close(aux_scan, aux_loop, rtol=1e-5, atol=1e-7)
-  assert aux_scan["group_tokens"].shape == (3, 3)  # three routed layers, three groups
+  assert aux_scan["group_tokens"].shape == (2, 3)  # two routed layers, three groups
   for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop)):  # float32 sums
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                atol=1e-5 * float(jnp.abs(b).max()))
   # The gradient reaches every layer of the stack.
   g_routed = g_scan["stacks"][1]["layers"]["ffn"]["expert_router"][...]
-  assert all(float(jnp.abs(g_routed[i]).max()) > 0 for i in range(3))
+  assert all(float(jnp.abs(g_routed[i]).max()) > 0 for i in range(2))
 
 
 def _count_primitive(jaxpr, name: str) -> int:
