@@ -480,7 +480,8 @@ def generate(model: Transformer, prompts_BxP, lengths_B, key: jax.Array, *,
                    top_k=int(top_k), top_p=float(top_p),
                    stop_ids=tuple(int(i) for i in stop_ids), pad_id=int(pad_id),
                    record_routes=bool(record_routes), return_mask=bool(return_mask),
-                   decode_backend=decode_backend, unroll=decode_unroll())
+                   decode_backend=decode_backend, unroll=decode_unroll(),
+                   greedy_head=GREEDY_HEAD if temperature == 0 else None)
 
 
 # XLA records a GPU program's kernels into command buffers (CUDA graphs). By default
@@ -508,7 +509,8 @@ def decode_compiler_options() -> dict[str, str]:
 DECODE_UNROLL = 2
 
 
-# The output layer of `generate`'s greedy decode steps (temperature 0; `greedy_tokens`).
+# The output layer of `generate`'s greedy decode steps (temperature 0; `greedy_tokens`):
+# read per call (a static argument of the compiled program).
 GREEDY_HEAD = "auto"
 
 
@@ -526,12 +528,12 @@ def _generate(graphdef, state, layers, prompts_BxP, lengths_B, key, **kw):
 def _generate_jit(compiler_options: tuple[tuple[str, str], ...]):
   return jax.jit(_generate_fn, static_argnums=0, static_argnames=(
       "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "pad_id", "record_routes",
-      "return_mask", "decode_backend", "unroll"), compiler_options=dict(compiler_options) or None)
+      "return_mask", "decode_backend", "unroll", "greedy_head"), compiler_options=dict(compiler_options) or None)
 
 
 def _generate_fn(graphdef, state, layers, prompts_BxP, lengths_B, key, *, max_new_tokens,
               temperature, top_k, top_p, stop_ids, pad_id, record_routes, return_mask,
-              decode_backend, unroll):
+              decode_backend, unroll, greedy_head):
   model = nnx.merge(graphdef, state)
   B, P = prompts_BxP.shape
   S = P + max_new_tokens
@@ -560,7 +562,7 @@ def _generate_fn(graphdef, state, layers, prompts_BxP, lengths_B, key, *, max_ne
     # output layer gives the tokens (`greedy_tokens`), the logits are not made.
     out_B, caches, step_routes = decode_step(model, tokens_B, positions_B, caches,
                                              decode_backend, layers=layers,
-                                             greedy=GREEDY_HEAD if temperature == 0 else None)
+                                             greedy=greedy_head)
     if routes is not None:
       routes = jax.tree.map(lambda buf, ids: buf.at[:, rows_B, positions_B].set(ids[:, :, 0]),
                             routes, _routed(step_routes))

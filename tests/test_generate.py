@@ -216,6 +216,33 @@ def test_greedy_heads_pick_the_logits_argmax(rng, monkeypatch):
     gen.greedy_tokens(model, x_Bx1xD, "argmax")
 
 
+def test_greedy_generate_takes_its_tokens_from_the_greedy_head(rng, monkeypatch):
+  """generate at temperature 0 draws through generate.GREEDY_HEAD: the fused kernel
+  (interpreted) gives the tokens and one-hot sampling masks of XLA's logits and argmax (a
+  bf16 model: the same float32 sums up to their order, no near-tie at these sizes)."""
+  from pallas_kernels import head_gpu
+  model = make_model(int(rng.integers(1 << 30)), ["model.d_model=64", "model.dtype=bfloat16",
+                                                  "model.vocab_pad_multiple=128"])
+  calls, kernel = [], head_gpu.greedy_head
+
+  def interpreted(*a, **k):
+    calls.append(a[0].shape)
+    return kernel(*a, **k, interpret=True, num_ctas=2)
+  monkeypatch.setattr(head_gpu, "greedy_head", interpreted)
+  prompts, lens = ragged(rng, [3, 5], 5)
+  outs = {}
+  for head in ("xla", "kernel"):
+    monkeypatch.setattr(gen, "GREEDY_HEAD", head)
+    outs[head] = gen.generate(model, prompts, lens, jax.random.key(0), max_new_tokens=4,
+                              temperature=0.0)
+    assert bool(calls) == (head == "kernel")
+  assert calls[0] == (2, 64)   # the decode steps' output layer
+  np.testing.assert_array_equal(np.asarray(outs["kernel"].tokens),
+                                np.asarray(outs["xla"].tokens))
+  np.testing.assert_array_equal(np.asarray(outs["kernel"].sampling_mask),
+                                np.asarray(outs["xla"].sampling_mask))
+
+
 def test_generate_decode_options_sample_the_same(rng, monkeypatch):
   """generate(decode_backend=..., unrolled=...) draws the tokens of the layer scan with the
   model's expert backend (same key, temperature 1) and records the same routes: the options
