@@ -11,7 +11,8 @@ Random-initialised weights stored in bf16 (what a bf16 export serves; routing of
 weights is not a trained model's), random prompts of exactly --prompt-len tokens per row.
 Per (config, batch): the prompt's prefill (`generate.prefill`, timed apart), then
 --new-tokens decode steps (`generate.decode_step`, greedy: the loop `generate` runs at
-temperature 0, the token from its greedy head) as one jitted `lax.scan`, once per decode expert backend
+temperature 0, the token from its greedy head) as one jitted `lax.scan`, once per decode
+expert backend
 (the names `generate --decode-backend` takes: `auto`, generate's default, capacity
 from 8 routed rows per expert else all_experts (`generate.decode_expert_backend`); `model`:
 model.expert_backend, the Mosaic GPU kernels on the H200; `all_experts`:

@@ -165,14 +165,20 @@ def greedy_tokens(model: Transformer, x_Bx1xD: jax.Array, head: str = "auto") ->
     return jnp.argmax(jnp.where(valid_V, logits_BxV, -jnp.inf), axis=-1).astype(jnp.int32)
 
 
+def _one_hopper_gpu() -> bool:
+  """A Hopper GPU (Mosaic GPU kernels) and no mesh of several devices: where decode's own
+  kernels run."""
+  import pallas_kernels  # noqa: PLC0415 - only asked for on the decode path
+  mesh = jax.sharding.get_abstract_mesh()
+  return (pallas_kernels.resolve_backend("auto") == "mosaic_gpu"
+          and (mesh.empty or mesh.size == 1))
+
+
 def _head_kernel_takes(x_BxD: jax.Array, w_DxV: jax.Array) -> bool:
-  import pallas_kernels  # noqa: PLC0415
-  if pallas_kernels.resolve_backend("auto") != "mosaic_gpu":
+  if not _one_hopper_gpu():
     return False
   from pallas_kernels import head_gpu  # noqa: PLC0415
-  mesh = jax.sharding.get_abstract_mesh()
-  return ((mesh.empty or mesh.size == 1) and w_DxV.dtype == x_BxD.dtype
-          and x_BxD.shape[0] >= head_gpu.AUTO_MIN_BATCH
+  return (w_DxV.dtype == x_BxD.dtype and x_BxD.shape[0] >= head_gpu.AUTO_MIN_BATCH
           and head_gpu.unsupported_reason(*x_BxD.shape, w_DxV.shape[1], x_BxD.dtype) is None)
 
 
@@ -219,13 +225,10 @@ def expert_kernels_for_decode(m) -> bool:
 def _expert_kernels_take(m) -> bool:
   """A Hopper GPU, no mesh of several devices, bf16/f16, and widths and d_model the
   kernels' tiles take."""
-  import pallas_kernels  # noqa: PLC0415 - only asked for on the decode path
-  if pallas_kernels.resolve_backend("auto") != "mosaic_gpu":
+  if not _one_hopper_gpu():
     return False
   from pallas_kernels import gpu  # noqa: PLC0415
-  mesh = jax.sharding.get_abstract_mesh()
-  return ((mesh.empty or mesh.size == 1)
-          and jnp.dtype(m.dtype) in (jnp.bfloat16, jnp.float16)
+  return (jnp.dtype(m.dtype) in (jnp.bfloat16, jnp.float16)
           and gpu.unsupported_reason(m.group_widths, m.d_model,
                                      dispatch.kernel_config()) is None)
 
